@@ -28,3 +28,15 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "train").is_dir():
         pytest.skip("../shared/data/caltech101 not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory) -> Path:
+    """A tiny generated ImageNet-layout set: 4 classes, 6 train + 4 val JPEGs each, 24-120 px, varied aspect.
+
+    Layout: <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg (see loaders/demo_data.py).
+    """
+    from loaders.demo_data import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("demo_data"), num_classes=4, per_class=6, val_per_class=4,
+                             seed=0, min_size=24, max_size=120)
