@@ -1,0 +1,234 @@
+"""Checkpoints: atomic writes, last/best/recovery files, full-state resume and weights-only starts.
+
+Files in the run folder (names as timm's ``CheckpointSaver``):
+- ``last.pth`` after every epoch; ``checkpoint-<epoch>.pth`` for the best ``--checkpoint-hist`` epochs by
+  ``--eval-metric`` and ``model_best.pth`` (hard links to that epoch's ``last.pth`` inode, so no extra writes);
+- ``recovery-<epoch>-<step>.pth`` every ``--recovery-interval`` updates mid-epoch (older ones removed, all
+  of them removed once the epoch's ``last.pth`` exists).
+
+Every write goes to a temporary file in the same folder, is fsync'ed and then renamed over the target, so
+an interrupted or failed save (SIGKILL, full disk) leaves the previous file intact.
+
+A checkpoint holds the model (``state_dict``, timm's layout and names, so timm and ``validate.py`` read it),
+``optimizer``, ``scheduler``, ``state_dict_ema``, ``scaler``, ``args``, ``metric`` and ``train_state``
+(next epoch, batches already done in it, optimizer updates so far, per-rank RNG states, best history):
+enough to continue a run exactly where it stopped. It loads with ``torch.load(weights_only=True)``.
+"""
+import argparse
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+_logger = logging.getLogger(__name__)
+
+LAST = 'last.pth'
+BEST = 'model_best.pth'
+_RECOVERY_RE = re.compile(r'^recovery-(\d+)-(\d+)\.pth$')
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save ``obj`` to ``path`` via temp file + fsync + rename (the old file survives any failure)."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _atomic_link(src: Path, dst: Path) -> None:
+    """Make ``dst`` another name of ``src``'s current contents (hard link, copy where links are unsupported)."""
+    tmp = dst.with_name(f'.{dst.name}.tmp-{os.getpid()}')
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def rng_state() -> Dict:
+    """This process's RNG states (torch CPU/CUDA, numpy, python) in weights_only-loadable types."""
+    np_state = np.random.get_state()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        'python': random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    torch.set_rng_state(state['torch'])
+    n = state['numpy']
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    py = state['python']
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers (its state_dict has timm's names)."""
+    while True:
+        if hasattr(model, 'module') and isinstance(model.module, nn.Module) and type(model).__name__ in (
+                'DistributedDataParallel', 'DataParallel'):
+            model = model.module
+        elif hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _load(path) -> Dict:
+    path = str(path)
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        return load_file(path, device='cpu')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # timm's own train.py stores args as an argparse.Namespace
+        if 'Namespace' not in str(e):
+            raise
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _clean_keys(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for prefix in ('module.', '_orig_mod.'):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def load_weights(model: nn.Module, path, use_ema: bool = False) -> Tuple[List[str], List[str]]:
+    """Weights-only start (``--initial-checkpoint`` / ``--pretrained-path``) from our, timm's or a safetensors file.
+
+    A classifier whose shape differs from the model's (other ``--num-classes``) is left at its fresh
+    initialization. Returns (missing, unexpected) key lists; anything else missing is an error.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    ckpt = _load(path)
+    sd = ckpt
+    if isinstance(ckpt, dict):
+        for key in (('state_dict_ema',) if use_ema else ()) + ('state_dict', 'model'):
+            if isinstance(ckpt.get(key), dict):
+                sd = ckpt[key]
+                break
+    sd = _clean_keys(sd)
+    own = model.state_dict()
+    resized = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    head_keys = [k for k in resized if k.startswith('head.')]
+    if len(head_keys) != len(resized):
+        bad = [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}' for k in resized if k not in head_keys]
+        raise ValueError(f'checkpoint {path} does not fit the model: ' + '; '.join(bad[:5]))
+    for k in head_keys:
+        sd.pop(k)
+    if head_keys:
+        _logger.info(f'classifier {head_keys} re-initialized for {getattr(model, "num_classes", "?")} classes')
+    result = model.load_state_dict(sd, strict=False)
+    missing = [k for k in result.missing_keys if k not in head_keys]
+    if missing:
+        raise ValueError(f'checkpoint {path} lacks {len(missing)} model weights, e.g. {missing[:3]}')
+    if result.unexpected_keys:
+        _logger.warning(f'ignored {len(result.unexpected_keys)} unexpected keys, e.g. {result.unexpected_keys[:3]}')
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def find_resume(output_dir) -> Optional[Path]:
+    """``--resume auto``: the newest of last.pth and recovery-*.pth in the run folder, or None."""
+    out = Path(output_dir)
+    cands = [p for p in [out / LAST, *out.glob('recovery-*.pth')] if p.is_file()]
+    return max(cands, key=lambda p: p.stat().st_mtime_ns) if cands else None
+
+
+def load_checkpoint(path) -> Dict:
+    """Full training checkpoint (for ``--resume``)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f'--resume {path}: no such checkpoint')
+    return _load(path)
+
+
+class CheckpointManager:
+    """Writes last/best/recovery checkpoints in ``out_dir`` (call only on the primary rank)."""
+
+    def __init__(self, out_dir, max_history: int = 10, decreasing: bool = False):
+        self.out_dir = Path(out_dir)
+        self.max_history = max_history
+        self.decreasing = decreasing
+        self.history: List[Tuple[float, int]] = []  # (metric, epoch), best first
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.decreasing else a > b
+
+    @property
+    def best(self) -> Tuple[Optional[float], Optional[int]]:
+        return self.history[0] if self.history else (None, None)
+
+    def save_epoch(self, state: Dict, epoch: int, metric: Optional[float]) -> None:
+        """Write last.pth for a finished epoch; keep it as checkpoint-<epoch>.pth if it ranks in the top N."""
+        state = dict(state, metric=metric, best_history=[list(h) for h in self.history])
+        last = self.out_dir / LAST
+        ranks = metric is not None and (len(self.history) < self.max_history
+                                        or self._better(metric, self.history[-1][0]))
+        if ranks:
+            hist = sorted(self.history + [(metric, epoch)], key=lambda h: h[0], reverse=not self.decreasing)
+            state['best_history'] = [list(h) for h in hist[:self.max_history]]
+        atomic_save(state, last)
+        if ranks:
+            self.history = [tuple(h) for h in state['best_history']]
+            _atomic_link(last, self.out_dir / f'checkpoint-{epoch}.pth')
+            for _, old_epoch in hist[self.max_history:]:
+                (self.out_dir / f'checkpoint-{old_epoch}.pth').unlink(missing_ok=True)
+            if self.history[0][1] == epoch:
+                _atomic_link(last, self.out_dir / BEST)
+        for p in self.out_dir.glob('recovery-*.pth'):
+            p.unlink(missing_ok=True)
+
+    def save_recovery(self, state: Dict, epoch: int, step: int) -> Path:
+        """Mid-epoch save; ``step`` = batches of ``epoch`` already trained. Older recovery files are removed."""
+        path = self.out_dir / f'recovery-{epoch}-{step}.pth'
+        atomic_save(dict(state, best_history=[list(h) for h in self.history]), path)
+        for p in self.out_dir.glob('recovery-*.pth'):
+            if p != path and _RECOVERY_RE.match(p.name):
+                p.unlink(missing_ok=True)
+        return path
+
+    def restore(self, ckpt: Dict) -> None:
+        self.history = [tuple(h) for h in ckpt.get('best_history', [])]

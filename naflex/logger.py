@@ -1,0 +1,136 @@
+"""Run outputs and console logging: log file, summary.csv, TensorBoard events, bad-files list, progress lines.
+
+Only the primary rank writes (the others log warnings to stderr). ``ProgressMeter`` turns the host-side
+clock into the figures a NaFlex run needs on top of timm's ``Train: epoch [step/total] loss lr`` line:
+images/s, valid (non-padding) tokens/s, the fraction of wall time spent waiting for the loader, and ETA.
+With stdout on a terminal a one-line progress bar is redrawn in place.
+"""
+import csv
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterable, Optional
+
+_logger = logging.getLogger('train')
+
+
+def setup_logging(log_file: Optional[Path] = None, primary: bool = True) -> None:
+    """Console (+ file on rank 0) logging with timestamps; non-primary ranks only show warnings."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, '_naflex', False):
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(logging.INFO if primary else logging.WARNING)
+    fmt = logging.Formatter('%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if log_file is not None and primary:
+        handlers.append(logging.FileHandler(log_file))
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._naflex = True
+        root.addHandler(h)
+
+
+def format_seconds(s: float) -> str:
+    s = int(max(0, s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f'{h}:{m:02d}:{sec:02d}'
+
+
+class RunWriter:
+    """summary.csv + TensorBoard scalars + bad_files.txt in the run folder (no-ops when ``out_dir`` is None)."""
+
+    def __init__(self, out_dir: Optional[Path], tensorboard: bool = True):
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self._tb = None
+        if self.out_dir is not None and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(log_dir=str(self.out_dir / 'tensorboard'))
+            except ImportError:  # tensorboard is a declared dependency; keep training if it is missing
+                _logger.warning('tensorboard not installed: no event files will be written')
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        if self._tb is not None:
+            for k, v in values.items():
+                if v is not None:
+                    self._tb.add_scalar(k, v, step)
+
+    def summary(self, row: Dict[str, object]) -> None:
+        """Append one epoch row to summary.csv (header written with the first row)."""
+        if self.out_dir is None:
+            return
+        path = self.out_dir / 'summary.csv'
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, 'a', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def bad_files(self, paths: Iterable[str], epoch: int) -> None:
+        paths = list(paths)
+        if self.out_dir is None or not paths:
+            return
+        with open(self.out_dir / 'bad_files.txt', 'a') as f:
+            for p in paths:
+                f.write(f'{epoch}\t{p}\n')
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+class ProgressMeter:
+    """Host-side timing for one epoch: data wait vs. step time, throughput between log points, ETA."""
+
+    def __init__(self, total_steps: int, start_step: int = 0, show_bar: Optional[bool] = None):
+        self.total = total_steps
+        self.start_step = start_step
+        self.t0 = self.t_last = time.perf_counter()
+        self.data_wait = self.data_wait_since_log = 0.0
+        self.images_since_log = 0
+        self.tokens_since_log = 0.0
+        self.show_bar = sys.stdout.isatty() if show_bar is None else show_bar
+
+    def add_wait(self, seconds: float) -> None:
+        self.data_wait += seconds
+        self.data_wait_since_log += seconds
+
+    def add_batch(self, images: int) -> None:
+        self.images_since_log += images
+
+    def window(self, step: int, tokens: float) -> Dict[str, float]:
+        """Figures since the previous call (``tokens``: valid tokens in the window); resets the window."""
+        now = time.perf_counter()
+        dt = max(now - self.t_last, 1e-9)
+        done = step + 1 - self.start_step
+        per_step = (now - self.t0) / max(done, 1)
+        out = {
+            'images_per_s': self.images_since_log / dt,
+            'tokens_per_s': tokens / dt,
+            'data_wait': min(1.0, self.data_wait_since_log / dt),
+            'eta_s': per_step * (self.total - step - 1),
+        }
+        self.t_last = now
+        self.images_since_log, self.data_wait_since_log = 0, 0.0
+        return out
+
+    def bar(self, step: int, loss: float) -> None:
+        if not self.show_bar:
+            return
+        width = 30
+        filled = int(width * (step + 1) / max(self.total, 1))
+        sys.stdout.write(f'\r[{"#" * filled}{"." * (width - filled)}] {step + 1}/{self.total} loss {loss:.4f}')
+        sys.stdout.flush()
+        if step + 1 >= self.total:
+            sys.stdout.write('\n')
+
+    def epoch_totals(self) -> Dict[str, float]:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        return {'time_s': elapsed, 'data_wait': min(1.0, self.data_wait / elapsed)}
