@@ -1,0 +1,140 @@
+"""Attention restricted to each image, for packed (NaViT) and padded (timm NaFlex) token layouts.
+
+NaViT (arXiv:2307.06304) packs the tokens of several images into one sequence and masks attention so that a
+token only sees tokens of its own image. With per-image offsets (``cu_seqlens``) this needs no padding:
+
+- ``sdpa_dense``: ``F.scaled_dot_product_attention`` with a dense [T, T] block-diagonal boolean mask. O(T^2)
+  memory; the reference backend, runs anywhere (CPU tests).
+- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention over cu_seqlens). CUDA, fp16/bf16.
+- ``flex``: FlexAttention with a document mask; the BlockMask is built once per forward and shared by every
+  layer. Eager on CPU (reference math), fast when compiled on CUDA.
+- ``auto``: ``varlen`` on CUDA when the attention runs in fp16/bf16, else ``sdpa_dense``.
+
+Padded inputs ([B, N, D], timm's dict with ``patch_valid``) always use SDPA with a key-validity mask, which
+gives timm's results on every valid token. All metadata is prepared once per forward in an ``AttnContext``
+with tensor ops only (no host syncs). NaFlex: SigLIP 2 (arXiv:2502.14786).
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ('auto', 'sdpa_dense', 'varlen', 'flex')
+
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover
+    _varlen_attn = None
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover
+    create_block_mask = flex_attention = None
+
+
+def available_backends(device: torch.device) -> tuple:
+    """Backends that can run on ``device`` (for tests and 'auto')."""
+    out = ['sdpa_dense']
+    if flex_attention is not None:
+        out.append('flex')
+    if _varlen_attn is not None and torch.device(device).type == 'cuda':
+        out.append('varlen')
+    return tuple(out)
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Pick a concrete backend. ``dtype`` is the dtype attention will run in (autocast dtype if enabled)."""
+    if name not in BACKENDS:
+        raise ValueError(f'unknown attention backend {name!r}; valid: {BACKENDS}')
+    if name != 'auto':
+        return name
+    device = torch.device(device)
+    if device.type == 'cuda' and _varlen_attn is not None and dtype in (torch.float16, torch.bfloat16):
+        return 'varlen'
+    return 'sdpa_dense'
+
+
+class AttnContext:
+    """Per-forward attention metadata shared by all blocks (and drop-path / pooling).
+
+    Packed layout: tokens [T, D]; ``seg_ids`` [T] image index of each token; ``cu_seqlens`` [B+1] int32;
+    ``max_seqlen`` python int; ``num_images`` B. Padded layout: tokens [B, N, D]; ``key_valid`` [B, N] bool
+    or None (no padding).
+    """
+
+    def __init__(
+            self,
+            backend: str,
+            packed: bool,
+            num_images: int,
+            seg_ids: Optional[torch.Tensor] = None,
+            cu_seqlens: Optional[torch.Tensor] = None,
+            max_seqlen: int = 0,
+            key_valid: Optional[torch.Tensor] = None,
+    ):
+        self.backend = backend
+        self.packed = packed
+        self.num_images = num_images
+        self.seg_ids = seg_ids
+        self.cu_seqlens = cu_seqlens
+        self.max_seqlen = max_seqlen
+        self.key_valid = key_valid
+        self.dense_mask = None
+        self.block_mask = None
+        if packed:
+            if backend == 'sdpa_dense':
+                self.dense_mask = (seg_ids[:, None] == seg_ids[None, :])[None, None]  # [1, 1, T, T]
+            elif backend == 'flex':
+                self.block_mask = _document_block_mask(seg_ids)
+            elif backend == 'varlen':
+                self.cu_seqlens = cu_seqlens.to(torch.int32)
+        elif key_valid is not None:
+            self.dense_mask = key_valid[:, None, None, :]  # [B, 1, 1, N]
+
+    @classmethod
+    def packed_from(cls, backend: str, seg_ids, cu_seqlens, max_seqlen: int, num_images: int, device, dtype):
+        return cls(resolve_backend(backend, device, dtype), True, num_images, seg_ids=seg_ids,
+                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+    @classmethod
+    def padded_from(cls, num_images: int, key_valid: Optional[torch.Tensor] = None):
+        return cls('sdpa_dense', False, num_images, key_valid=key_valid)
+
+
+def _document_block_mask(seg_ids: torch.Tensor):
+    if create_block_mask is None:
+        raise RuntimeError('FlexAttention is not available in this torch build')
+    total = seg_ids.shape[0]
+
+    def same_image(b, h, q_idx, kv_idx):
+        return seg_ids[q_idx] == seg_ids[kv_idx]
+
+    return create_block_mask(same_image, None, None, total, total, device=seg_ids.device)
+
+
+def attend(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: AttnContext,
+        dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Multi-head attention restricted per image.
+
+    Packed: q, k, v [T, H, Dh] -> [T, H, Dh]. Padded: q, k, v [B, H, N, Dh] -> [B, H, N, Dh].
+    """
+    if not ctx.packed:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.dense_mask, dropout_p=dropout_p)
+    if ctx.backend == 'varlen':
+        if dropout_p > 0:
+            raise ValueError("attention dropout is not supported by the 'varlen' backend")
+        cu = ctx.cu_seqlens
+        return _varlen_attn(q, k, v, cu, cu, ctx.max_seqlen, ctx.max_seqlen)
+    qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, T, Dh]
+    if ctx.backend == 'flex':
+        if dropout_p > 0:
+            raise ValueError("attention dropout is not supported by the 'flex' backend")
+        out = flex_attention(qh, kh, vh, block_mask=ctx.block_mask)
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=ctx.dense_mask, dropout_p=dropout_p)
+    return out[0].transpose(0, 1)

@@ -1,0 +1,596 @@
+"""NaFlexViT: a Vision Transformer for native aspect ratio and variable resolution / sequence length.
+
+NaFlex comes from SigLIP 2 (arXiv:2502.14786): patchify the image at its native aspect ratio, embed the
+patches linearly and add a learned position-embedding table resized to the image's patch grid. NaViT
+(arXiv:2307.06304) adds sequence packing (several images in one token sequence with attention restricted to
+each image) and factorized position embeddings; FlexiViT (arXiv:2212.08013) adds variable patch sizes.
+
+Parameter names and shapes equal timm's ``NaFlexVit`` (timm 1.0.31), so timm checkpoints load with
+``strict=True`` and give the same outputs. ``model(x)`` accepts three inputs:
+
+1. an image tensor [B, C, H, W] (H, W multiples of the patch size);
+2. timm's padded NaFlex dict: ``patches`` [B, N, P*P*C] (or [B, N, Ph, Pw, C]), ``patch_coord`` [B, N, 2] (y, x),
+   ``patch_valid`` [B, N] bool;
+3. the packed dict (no padding; detected by ``seq_lens`` / ``cu_seqlens`` keys or 2-D patches):
+   ``patches`` [T, p*p*C], ``patch_coord`` [T, 2], ``seq_lens`` [B], ``cu_seqlens`` [B+1], ``max_seqlen`` (int),
+   ``grid_sizes`` [B, 2] (h, w), optional ``patch_size`` (int).
+
+The packed path runs without host syncs: every per-image quantity (grid size, prefix-token slot, pooling
+segment) is gathered per token with tensor ops, so ``torch.compile(fullgraph=True)`` traces it whole.
+"""
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import BACKENDS, AttnContext, attend
+from .patch_embed import NaFlexEmbeds
+from .pos_embed import grid_coords
+
+POOL_TYPES = ('', 'avg', 'avgmax', 'max', 'token', 'map')
+ACT_LAYERS = ('gelu', 'gelu_tanh')
+
+
+@dataclass
+class NaFlexVitCfg:
+    """Architecture + regularisation hyper-parameters (field names and defaults follow timm's NaFlexVitCfg)."""
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    proj_bias: bool = True
+    init_values: Optional[float] = None  # layer-scale init (enabled when not None)
+    class_token: bool = False
+    reg_tokens: int = 0
+    pos_embed: str = 'learned'  # 'learned', 'factorized', 'none'
+    pos_embed_grid_size: Tuple[int, int] = (16, 16)
+    pos_embed_interp_mode: str = 'bicubic'
+    pos_embed_ar_preserving: bool = False
+    pos_embed_antialias: bool = True
+    pre_norm: bool = False
+    final_norm: bool = True
+    fc_norm: Optional[bool] = None  # None: True for 'avg' pooling
+    global_pool: str = 'map'
+    pool_include_prefix: bool = False
+    attn_pool_num_heads: Optional[int] = None
+    attn_pool_mlp_ratio: Optional[float] = None
+    act_layer: str = 'gelu'
+    drop_rate: float = 0.0
+    pos_drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    fix_init: bool = True
+    attn_backend: str = 'auto'
+
+    def validate(self) -> None:
+        def bad(field, value, valid):
+            raise ValueError(f'invalid {field}={value!r}; valid: {valid}')
+        if self.global_pool not in POOL_TYPES:
+            bad('global_pool', self.global_pool, POOL_TYPES)
+        if self.global_pool == 'token' and not self.class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        if self.pos_embed not in ('learned', 'factorized', 'none', ''):
+            bad('pos_embed', self.pos_embed, ('learned', 'factorized', 'none'))
+        if self.pos_embed_interp_mode not in ('bicubic', 'bilinear'):
+            bad('pos_embed_interp_mode', self.pos_embed_interp_mode, ('bicubic', 'bilinear'))
+        if self.act_layer not in ACT_LAYERS:
+            bad('act_layer', self.act_layer, ACT_LAYERS)
+        if self.attn_backend not in BACKENDS:
+            bad('attn_backend', self.attn_backend, BACKENDS)
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f'embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}')
+        for name in ('drop_rate', 'pos_drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate'):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f'{name} must be in [0, 1), got {getattr(self, name)}')
+
+
+def _layer_norm(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=1e-6)  # timm's LayerNorm default eps
+
+
+def _act(name: str) -> nn.Module:
+    return nn.GELU(approximate='tanh') if name == 'gelu_tanh' else nn.GELU()
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool, ctx: AttnContext) -> torch.Tensor:
+    """Stochastic depth (per image, scaled by 1/keep like timm); packed tokens share their image's draw."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty(ctx.num_images).bernoulli_(keep).div_(keep)
+    if ctx.packed:
+        return x * mask[ctx.seg_ids][:, None]
+    return x * mask[:, None, None]
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act_layer: str = 'gelu', bias: bool = True, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = _act(act_layer)
+        self.drop1 = nn.Dropout(drop)
+        self.norm = nn.Identity()
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.init_values = init_values
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over packed [T, D] or padded [B, N, D] tokens (see ``naflex.attention``)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
+                 proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = _layer_norm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = _layer_norm(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if ctx.packed:
+            num_tokens, dim = x.shape
+            q, k, v = self.qkv(x).reshape(num_tokens, 3, self.num_heads, self.head_dim).unbind(1)  # [T, H, Dh]
+            out = attend(self.q_norm(q), self.k_norm(k), v, ctx, dropout_p).reshape(num_tokens, dim)
+        else:
+            b, n, dim = x.shape
+            qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # [B, H, N, Dh]
+            out = attend(self.q_norm(q), self.k_norm(k), v, ctx, dropout_p).transpose(1, 2).reshape(b, n, dim)
+        return self.proj_drop(self.proj(self.norm(out)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with optional layer scale and per-image stochastic depth (timm's Block)."""
+
+    def __init__(self, cfg: NaFlexVitCfg, drop_path_rate: float = 0.0):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = _layer_norm(dim)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm, cfg.proj_bias,
+                              cfg.attn_drop_rate, cfg.proj_drop_rate)
+        self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
+        self.norm2 = _layer_norm(dim)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.act_layer, cfg.proj_bias, cfg.proj_drop_rate)
+        self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x), ctx)), self.drop_path_rate, self.training, ctx)
+        x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training, ctx)
+        return x
+
+
+class AttentionPoolLatent(nn.Module):
+    """Multi-head attention pooling with one learned latent query (MAP head, timm's AttentionPoolLatent).
+
+    Padded: SDPA over each image's valid tokens. Packed: a segment softmax over each image's tokens
+    (scatter-max, exp, index-add), so no padding and no host sync.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, act_layer: str = 'gelu'):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.q_norm = nn.Identity()
+        self.k_norm = nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+        self.norm = _layer_norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer)
+        nn.init.trunc_normal_(self.latent, std=dim ** -0.5, a=-2 * dim ** -0.5, b=2 * dim ** -0.5)
+
+    def _out(self, x_BD: torch.Tensor) -> torch.Tensor:
+        x_BD = self.proj_drop(self.proj(x_BD))
+        return x_BD + self.mlp(self.norm(x_BD))
+
+    def forward(self, x: torch.Tensor, key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, N, D], key_valid [B, N] bool or None -> [B, D]."""
+        b, n, dim = x.shape
+        q = self.q(self.latent).reshape(1, 1, self.num_heads, self.head_dim).transpose(1, 2).expand(b, -1, -1, -1)
+        k, v = self.kv(x).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = key_valid[:, None, None, :] if key_valid is not None else None
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=mask)
+        return self._out(out.transpose(1, 2).reshape(b, dim))
+
+    def forward_packed(self, x_TD: torch.Tensor, seg_T: torch.Tensor, num_images: int) -> torch.Tensor:
+        """x_TD [T, D] tokens, seg_T [T] image index -> [B, D]."""
+        t, dim = x_TD.shape
+        h, dh = self.num_heads, self.head_dim
+        q_HD = self.q_norm(self.q(self.latent).reshape(h, dh)).float() * dh ** -0.5
+        k, v = self.kv(x_TD).reshape(t, 2, h, dh).unbind(1)
+        score_TH = (self.k_norm(k).float() * q_HD[None]).sum(-1)
+        idx = seg_T[:, None].expand(-1, h)
+        smax = score_TH.new_full((num_images, h), float('-inf'))
+        smax = smax.scatter_reduce(0, idx, score_TH.detach(), reduce='amax', include_self=True)
+        e_TH = torch.exp(score_TH - smax[seg_T])
+        denom = score_TH.new_zeros(num_images, h).index_add(0, seg_T, e_TH)
+        out = score_TH.new_zeros(num_images, h, dh).index_add(0, seg_T, e_TH[..., None] * v.float())
+        out = (out / denom[..., None]).to(x_TD.dtype).reshape(num_images, dim)
+        return self._out(out)
+
+
+def is_packed_batch(x: dict) -> bool:
+    return 'seq_lens' in x or 'cu_seqlens' in x or x['patches'].ndim == 2
+
+
+class NaFlexVit(nn.Module):
+    """NaFlexViT classifier / backbone; see module docstring for inputs."""
+
+    def __init__(self, cfg: Optional[NaFlexVitCfg] = None, num_classes: int = 1000, in_chans: int = 3):
+        super().__init__()
+        cfg = cfg or NaFlexVitCfg()
+        cfg.validate()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.patch_size = cfg.patch_size
+        self.embed_dim = self.num_features = self.head_hidden_size = cfg.embed_dim
+        self.num_reg_tokens = cfg.reg_tokens
+        self.has_class_token = cfg.class_token
+        self.num_prefix_tokens = int(cfg.class_token) + cfg.reg_tokens
+        self.global_pool = cfg.global_pool
+        self.pool_include_prefix = cfg.pool_include_prefix
+        self.attn_backend = cfg.attn_backend
+        self.grad_checkpointing = False
+        self.pretrained_cfg: Dict = {}
+
+        self.embeds = NaFlexEmbeds(
+            patch_size=cfg.patch_size, in_chans=in_chans, embed_dim=cfg.embed_dim, proj_bias=not cfg.pre_norm,
+            class_token=cfg.class_token, reg_tokens=cfg.reg_tokens, pos_embed=cfg.pos_embed,
+            pos_embed_grid_size=tuple(cfg.pos_embed_grid_size), pos_embed_interp_mode=cfg.pos_embed_interp_mode,
+            pos_embed_ar_preserving=cfg.pos_embed_ar_preserving, pos_embed_antialias=cfg.pos_embed_antialias,
+            pos_drop_rate=cfg.pos_drop_rate)
+        self.norm_pre = _layer_norm(cfg.embed_dim) if cfg.pre_norm else nn.Identity()
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
+        self.blocks = nn.Sequential(*[Block(cfg, dpr[i]) for i in range(cfg.depth)])
+        self.feature_info = [
+            dict(module=f'blocks.{i}', num_chs=cfg.embed_dim, reduction=cfg.patch_size) for i in range(cfg.depth)]
+        fc_norm = cfg.fc_norm if cfg.fc_norm is not None else cfg.global_pool == 'avg'
+        self.norm = _layer_norm(cfg.embed_dim) if cfg.final_norm and not fc_norm else nn.Identity()
+        self.attn_pool = AttentionPoolLatent(
+            cfg.embed_dim, cfg.attn_pool_num_heads or cfg.num_heads, cfg.attn_pool_mlp_ratio or cfg.mlp_ratio,
+            cfg.act_layer) if cfg.global_pool == 'map' else None
+        self.fc_norm = _layer_norm(cfg.embed_dim) if cfg.final_norm and fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(cfg.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------------------- setup / API
+    def init_weights(self) -> None:
+        """timm's default ViT init: trunc-normal(0.02) linears, zero biases, then 1/sqrt(2 * layer) rescale."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.embeds.reset_parameters()
+        if self.cfg.fix_init:
+            with torch.no_grad():
+                for layer_id, blk in enumerate(self.blocks, start=1):
+                    blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+                    blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {'embeds.pos_embed', 'embeds.pos_embed_y', 'embeds.pos_embed_x', 'embeds.cls_token',
+                'embeds.reg_token'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(stem=r'^embeds', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def set_attn_backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f'unknown attention backend {name!r}; valid: {BACKENDS}')
+        self.attn_backend = name
+
+    def get_patch_size(self) -> Tuple[int, int]:
+        return (self.patch_size, self.patch_size)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in POOL_TYPES:
+                raise ValueError(f'invalid global_pool={global_pool!r}; valid: {POOL_TYPES}')
+            if global_pool == 'map' and self.attn_pool is None:
+                raise ValueError("cannot add attention pooling in reset_classifier()")
+            if global_pool == 'token' and not self.has_class_token:
+                raise ValueError("global_pool='token' needs a class token")
+            if global_pool != 'map':
+                self.attn_pool = None
+            self.global_pool = global_pool
+        w = self.embeds.proj.weight
+        self.head = nn.Linear(self.embed_dim, num_classes).to(w.device, w.dtype) if num_classes > 0 else nn.Identity()
+
+    @property
+    def default_cfg(self) -> Dict:
+        return self.pretrained_cfg
+
+    # ------------------------------------------------------------------------------------------ embedding
+    def _add_pos(self, x: torch.Tensor, coord: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        if self.embeds.pos_embed_type == 'none':
+            return x
+        return x + self.embeds.pos_embed_tokens(coord, grid).to(x.dtype)
+
+    def _embed_padded(self, patches: torch.Tensor, coord: torch.Tensor, grid: torch.Tensor,
+                      patch_size: Tuple[int, int]) -> torch.Tensor:
+        """patches [B, N, p*p*C], coord [B*N or N, 2], grid [B*N or N, 2] -> [B, prefix + N, D]."""
+        b = patches.shape[0]
+        x = self.embeds.project(patches, patch_size)  # [B, N, D]
+        if self.embeds.pos_embed_type != 'none':
+            pe = self.embeds.pos_embed_tokens(coord.reshape(-1, 2), grid.reshape(-1, 2))
+            x = x + pe.reshape(*coord.shape[:-1], -1).to(x.dtype)  # [B, N, D] or [N, D] (broadcast)
+        prefix = self.embeds.prefix_tokens()
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype)[None].expand(b, -1, -1), x], dim=1)
+        return self.norm_pre(self.embeds.pos_drop(x))
+
+    def _embed_packed(self, batch: Dict) -> Tuple[torch.Tensor, AttnContext, Dict]:
+        """Embed a packed batch and insert each image's prefix tokens in front of its patches."""
+        patches = batch['patches']
+        p = int(batch.get('patch_size') or self.patch_size)
+        patches = patches.reshape(patches.shape[0], -1)
+        num_tokens = patches.shape[0]
+        device = patches.device
+        if 'cu_seqlens' in batch:
+            cu = batch['cu_seqlens'].to(device=device, dtype=torch.long)
+        else:
+            seq_lens = batch['seq_lens'].to(device=device, dtype=torch.long)
+            cu = F.pad(torch.cumsum(seq_lens, 0), (1, 0))
+        num_images = cu.shape[0] - 1
+        seq_lens = cu[1:] - cu[:-1]
+        coord = batch['patch_coord'].to(device=device, dtype=torch.long)
+        tok = torch.arange(num_tokens, device=device)
+        seg = torch.searchsorted(cu[1:], tok, right=True)  # [T] image of each token
+        if 'grid_sizes' in batch:
+            grid_B2 = batch['grid_sizes'].to(device=device, dtype=torch.long)
+        else:  # derive from coordinates (segment max), still no host sync
+            grid_B2 = torch.zeros(num_images, 2, dtype=torch.long, device=device).scatter_reduce(
+                0, seg[:, None].expand(-1, 2), coord, reduce='amax', include_self=True) + 1
+
+        x = self.embeds.project(patches, (p, p))
+        x = self._add_pos(x, coord, grid_B2[seg])
+
+        npre = self.num_prefix_tokens
+        patch_pos = tok + npre * (seg + 1)  # where each patch token lands once prefixes are inserted
+        cu2 = cu + npre * torch.arange(num_images + 1, device=device)
+        total = num_tokens + npre * num_images
+        if npre:
+            prefix_pos = (cu2[:-1, None] + torch.arange(npre, device=device)[None]).reshape(-1)
+            src = torch.empty(total, dtype=torch.long, device=device)
+            src[patch_pos] = tok
+            src[prefix_pos] = num_tokens + torch.arange(npre, device=device).repeat(num_images)
+            x = torch.cat([x, self.embeds.prefix_tokens().to(x.dtype)], dim=0)[src]
+            seg_all = torch.searchsorted(cu2[1:], torch.arange(total, device=device), right=True)
+        else:
+            seg_all = seg
+        x = self.norm_pre(self.embeds.pos_drop(x))
+
+        max_seqlen = int(batch.get('max_seqlen') or num_tokens) + npre
+        attn_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
+        ctx = AttnContext.packed_from(self.attn_backend, seg_all, cu2, max_seqlen, num_images, device, attn_dtype)
+        meta = dict(patch_pos=patch_pos, seg=seg, seq_lens=seq_lens, cu_seqlens=cu2, seg_all=seg_all,
+                    num_images=num_images)
+        return x, ctx, meta
+
+    def _run_blocks(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, ctx, use_reentrant=False)
+            else:
+                x = blk(x, ctx)
+        return x
+
+    # -------------------------------------------------------------------------------------------- forward
+    @staticmethod
+    def _padded_grid(coord: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[B, 2] (h, w) per image from the valid tokens' coordinates."""
+        return torch.where(valid[..., None], coord, torch.zeros_like(coord)).amax(dim=1) + 1
+
+    def _image_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f'image size {h}x{w} is not a multiple of the patch size {p}')
+        nh, nw = h // p, w // p
+        patches = x.reshape(b, c, nh, p, nw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, nh * nw, p * p * c)
+        coord = grid_coords(nh, nw, x.device)
+        grid = coord.new_tensor([nh, nw]).expand(nh * nw, 2)
+        return self._embed_padded(patches, coord, grid, (p, p))
+
+    def _padded_inputs(self, batch: Dict):
+        patches = batch['patches']
+        if patches.ndim == 5:  # [B, N, Ph, Pw, C] variable patch size
+            ps = (patches.shape[2], patches.shape[3])
+            patches = patches.flatten(2)
+        else:
+            p = int(batch.get('patch_size') or self.patch_size)
+            ps = (p, p)
+        coord = batch['patch_coord'].long()
+        valid = batch['patch_valid'].bool()
+        grid = self._padded_grid(coord, valid)  # [B, 2]
+        b, n = valid.shape
+        grid_tok = grid[:, None, :].expand(b, n, 2)
+        x = self._embed_padded(patches, coord, grid_tok, ps)
+        key_valid = torch.cat([valid.new_ones(b, self.num_prefix_tokens), valid], dim=1)
+        return x, valid, AttnContext.padded_from(b, key_valid)
+
+    def forward_features(self, x: Union[torch.Tensor, Dict]) -> Union[torch.Tensor, Dict]:
+        """Image tensor -> [B, prefix + N, D]. Padded dict -> {'patches', 'patch_valid'} (timm's format).
+        Packed dict -> {'tokens': [T + B*prefix, D], plus packing metadata for ``forward_head``}."""
+        if isinstance(x, dict):
+            if is_packed_batch(x):
+                tokens, ctx, meta = self._embed_packed(x)
+                tokens = self.norm(self._run_blocks(tokens, ctx))
+                return dict(tokens=tokens, **meta)
+            tokens, valid, ctx = self._padded_inputs(x)
+            return {'patches': self.norm(self._run_blocks(tokens, ctx)), 'patch_valid': valid}
+        tokens = self._image_tokens(x)
+        return self.norm(self._run_blocks(tokens, AttnContext.padded_from(x.shape[0])))
+
+    def _pool_padded(self, x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        npre = self.num_prefix_tokens
+        if self.attn_pool is not None:
+            kv = x if self.pool_include_prefix else x[:, npre:]
+            if valid is not None and self.pool_include_prefix:
+                valid = torch.cat([valid.new_ones(x.shape[0], npre), valid], dim=1)
+            return self.attn_pool(kv, valid)
+        pool = self.global_pool
+        if pool == 'token':
+            return x[:, 0]
+        if pool == '':
+            return x
+        if not self.pool_include_prefix:
+            x = x[:, npre:]
+        elif valid is not None:
+            valid = torch.cat([valid.new_ones(x.shape[0], npre), valid], dim=1)
+        if valid is None:
+            avg, mx = x.mean(1), x.amax(1)
+        else:
+            w = valid.to(x.dtype)[..., None]
+            avg = (x * w).sum(1) / w.sum(1).clamp(min=1)
+            mx = x.masked_fill(~valid[..., None], torch.finfo(x.dtype).min).amax(1)
+        return {'avg': avg, 'max': mx, 'avgmax': 0.5 * (avg + mx)}[pool]
+
+    def _pool_packed(self, f: Dict) -> torch.Tensor:
+        x, num_images = f['tokens'], f['num_images']
+        if self.pool_include_prefix:
+            sel, seg, counts = x, f['seg_all'], f['seq_lens'] + self.num_prefix_tokens
+        else:
+            sel, seg, counts = x[f['patch_pos']], f['seg'], f['seq_lens']
+        if self.attn_pool is not None:
+            return self.attn_pool.forward_packed(sel, seg, num_images)
+        pool = self.global_pool
+        if pool == 'token':
+            return x[f['cu_seqlens'][:-1]]
+        if pool == '':
+            return x
+        d = x.shape[-1]
+        avg = x.new_zeros(num_images, d, dtype=torch.float32).index_add(0, seg, sel.float())
+        avg = (avg / counts.clamp(min=1)[:, None].float()).to(x.dtype)
+        if pool == 'avg':
+            return avg
+        mx = x.new_full((num_images, d), torch.finfo(x.dtype).min).scatter_reduce(
+            0, seg[:, None].expand(-1, d), sel, reduce='amax', include_self=True)
+        return mx if pool == 'max' else 0.5 * (avg + mx)
+
+    def forward_head(self, x: Union[torch.Tensor, Dict], pre_logits: bool = False,
+                     patch_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pool (per image), fc_norm, dropout, classifier. Accepts any ``forward_features`` output."""
+        if isinstance(x, dict):
+            x = self._pool_packed(x) if 'tokens' in x else self._pool_padded(x['patches'], x['patch_valid'])
+        else:
+            x = self._pool_padded(x, patch_valid)
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Union[torch.Tensor, Dict]) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # -------------------------------------------------------------------------------------- intermediates
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+            return_prefix_tokens: bool = False,
+    ):
+        """Block outputs for an image tensor (timm semantics: int n = last n blocks, list = those blocks)."""
+        if isinstance(x, dict):
+            raise ValueError('forward_intermediates takes image tensors; use forward_features for dict inputs')
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
+        take = take_indices(len(self.blocks), indices)
+        b, _, h, w = x.shape
+        nh, nw = h // self.patch_size, w // self.patch_size
+        tokens = self._image_tokens(x)
+        ctx = AttnContext.padded_from(b)
+        npre = self.num_prefix_tokens
+        outs = []
+        for i, blk in enumerate(self.blocks):
+            tokens = blk(tokens, ctx)
+            if i in take:
+                y = self.norm(tokens) if norm else tokens
+                prefix, y = y[:, :npre], y[:, npre:]
+                if output_fmt == 'NCHW':
+                    y = y.reshape(b, nh, nw, -1).permute(0, 3, 1, 2).contiguous()
+                outs.append((y, prefix) if return_prefix_tokens and npre else y)
+        if intermediates_only:
+            return outs
+        return self.norm(tokens), outs
+
+
+def take_indices(num_blocks: int, indices: Optional[Union[int, List[int]]]) -> List[int]:
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f'last-n ({indices}) is out of range (1 to {num_blocks})')
+        return list(range(num_blocks - indices, num_blocks))
+    return [i if i >= 0 else num_blocks + i for i in indices]
+
+
+class NaFlexFeatures(nn.Module):
+    """``features_only`` wrapper like timm's FeatureGetterNet: list of [B, D, H/p, W/p] block outputs.
+
+    Blocks after the last requested index, the final norm and the head are pruned (state-dict keys
+    are ``model.*`` as in timm).
+    """
+
+    def __init__(self, model: NaFlexVit, out_indices: Union[int, List[int]] = 3, norm: bool = False,
+                 output_fmt: str = 'NCHW'):
+        super().__init__()
+        take = take_indices(len(model.blocks), out_indices)
+        model.blocks = model.blocks[:max(take) + 1]
+        if not norm:
+            model.norm = nn.Identity()
+        model.fc_norm = nn.Identity()
+        model.reset_classifier(0, '')
+        self.model = model
+        self.out_indices = take
+        self.norm = norm
+        self.output_fmt = output_fmt
+        self.feature_info = [model.feature_info[i] for i in take]
+        self.pretrained_cfg = model.pretrained_cfg
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.model.forward_intermediates(
+            x, self.out_indices, norm=self.norm, output_fmt=self.output_fmt, intermediates_only=True)

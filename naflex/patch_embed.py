@@ -1,0 +1,149 @@
+"""Patch embedding for pre-patchified NaFlex inputs, with FlexiViT patch-size resampling.
+
+The embedding is a linear projection of flattened P x P x C patches (P-P-C order, channel fastest, exactly
+like timm's ``batch_patchify(channels_last=True)``), followed by a position embedding computed per token
+(see ``naflex.pos_embed``). Parameter names (``embeds.proj``, ``embeds.pos_embed``, ``embeds.pos_embed_y`` /
+``_x``, ``embeds.cls_token``, ``embeds.reg_token``) equal timm's ``NaFlexEmbeds`` so checkpoints load as-is.
+
+Variable patch size follows FlexiViT (arXiv:2212.08013): the base P x P kernel is mapped to a new size p with
+the pseudo-inverse of the resize operator, ``w_new = w @ pinv(R)``, where ``R`` ([p*p, P*P]) resizes a P x P
+patch to p x p (bicubic, anti-aliased). ``R`` is separable, ``R = Ry (x) Rx``, so ``pinv(R) = pinv(Ry) (x)
+pinv(Rx)``; we invert the two 1-D matrices (in float64) instead of a 256 x p^2 one. NaFlex: SigLIP 2
+(arXiv:2502.14786).
+"""
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .pos_embed import factorized_pos_embed, learned_pos_embed
+
+
+def resize_matrix_1d(old: int, new: int, mode: str = 'bicubic', antialias: bool = True) -> torch.Tensor:
+    """[new, old] float64 matrix of the 1-D resize ``old -> new`` (an identity image resized along one axis)."""
+    eye = torch.eye(old, dtype=torch.float64)[None, None]
+    return F.interpolate(eye, size=(new, old), mode=mode, antialias=antialias, align_corners=False)[0, 0]
+
+
+def flexi_pinv_1d(old: int, new: int, mode: str = 'bicubic', antialias: bool = True) -> torch.Tensor:
+    """[old, new] float64 pseudo-inverse of the 1-D resize matrix (FlexiViT's PI-resize, one axis)."""
+    return torch.linalg.pinv(resize_matrix_1d(old, new, mode, antialias))
+
+
+def resample_patch_weight(
+        weight: torch.Tensor,
+        base_size: Tuple[int, int],
+        new_size: Tuple[int, int],
+        in_chans: int = 3,
+        mode: str = 'bicubic',
+        antialias: bool = True,
+) -> torch.Tensor:
+    """FlexiViT PI-resize of a linear patch-embed weight [D, Ph*Pw*C] (P-P-C order) to [D, ph*pw*C]."""
+    if tuple(base_size) == tuple(new_size):
+        return weight
+    d = weight.shape[0]
+    (bh, bw), (nh, nw) = base_size, new_size
+    py = flexi_pinv_1d(bh, nh, mode, antialias).to(weight.device)  # [bh, nh]
+    px = flexi_pinv_1d(bw, nw, mode, antialias).to(weight.device)  # [bw, nw]
+    w = weight.reshape(d, bh, bw, in_chans).double()
+    w = torch.einsum('dyxc,yY,xX->dYXc', w, py, px)
+    return w.reshape(d, nh * nw * in_chans).to(weight.dtype)
+
+
+class NaFlexEmbeds(nn.Module):
+    """Linear patch projection + per-token position embedding + prefix (class / register) tokens.
+
+    The module does not place tokens into sequences; the model does (packed or padded). It exposes:
+    ``project(patches, patch_size)`` -> [..., D]; ``pos_embed_tokens(coord, grid)`` -> [T, D];
+    ``prefix_tokens()`` -> [num_prefix, D] or None.
+    """
+
+    def __init__(
+            self,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            embed_dim: int = 768,
+            proj_bias: bool = True,
+            class_token: bool = False,
+            reg_tokens: int = 0,
+            pos_embed: str = 'learned',
+            pos_embed_grid_size: Tuple[int, int] = (16, 16),
+            pos_embed_interp_mode: str = 'bicubic',
+            pos_embed_ar_preserving: bool = False,
+            pos_embed_antialias: bool = True,
+            pos_drop_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.patch_size = (patch_size, patch_size)
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.pos_embed_type = pos_embed if pos_embed in ('learned', 'factorized') else 'none'
+        self.pos_embed_interp_mode = pos_embed_interp_mode
+        self.pos_embed_ar_preserving = pos_embed_ar_preserving
+        self.pos_embed_antialias = pos_embed_antialias
+        self.num_prefix_tokens = int(class_token) + reg_tokens
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        self.proj = nn.Linear(patch_size * patch_size * in_chans, embed_dim, bias=proj_bias)
+        self.norm = nn.Identity()  # timm's (unused by NaFlexViT variants) post-projection norm slot
+        gh, gw = pos_embed_grid_size
+        self.pos_embed = self.pos_embed_y = self.pos_embed_x = None
+        if self.pos_embed_type == 'learned':
+            self.pos_embed = nn.Parameter(torch.zeros(1, gh, gw, embed_dim))
+        elif self.pos_embed_type == 'factorized':
+            self.pos_embed_y = nn.Parameter(torch.zeros(1, gh, embed_dim))
+            self.pos_embed_x = nn.Parameter(torch.zeros(1, gw, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self._weight_cache: Dict[Tuple, torch.Tensor] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for tok in (self.cls_token, self.reg_token):
+            if tok is not None:
+                nn.init.normal_(tok, std=1e-6)
+        for pe in (self.pos_embed, self.pos_embed_y, self.pos_embed_x):
+            if pe is not None:
+                nn.init.normal_(pe, std=0.02)
+
+    def _resampled_weight(self, patch_size: Tuple[int, int]) -> torch.Tensor:
+        weight = self.proj.weight
+        if patch_size == self.patch_size:
+            return weight
+        # The pseudo-inverse only depends on sizes; cache it (outside autograd) and apply it to the live weight.
+        key = (patch_size, weight.device)
+        if key not in self._weight_cache:
+            py = flexi_pinv_1d(self.patch_size[0], patch_size[0], self.pos_embed_interp_mode)
+            px = flexi_pinv_1d(self.patch_size[1], patch_size[1], self.pos_embed_interp_mode)
+            self._weight_cache[key] = (py.to(weight.device, torch.float32), px.to(weight.device, torch.float32))
+        py, px = self._weight_cache[key]
+        d = weight.shape[0]
+        w = weight.reshape(d, self.patch_size[0], self.patch_size[1], self.in_chans).float()
+        w = torch.einsum('dyxc,yY,xX->dYXc', w, py, px)
+        return w.reshape(d, -1).to(weight.dtype)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._weight_cache.clear()  # device / dtype moves invalidate cached matrices
+        return super()._apply(fn, *args, **kwargs)
+
+    def project(self, patches: torch.Tensor, patch_size: Tuple[int, int]) -> torch.Tensor:
+        """Linear embedding of flattened (P-P-C) patches [..., p*p*C] -> [..., D], resampling the kernel if needed."""
+        weight = self._resampled_weight(tuple(patch_size))
+        return self.norm(F.linear(patches, weight, self.proj.bias))
+
+    def pos_embed_tokens(self, coord: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """[T, D] position embedding of tokens at ``coord`` [T, 2] (y, x) in grids ``grid`` [T, 2] (h, w)."""
+        if self.pos_embed_type == 'learned':
+            return learned_pos_embed(
+                self.pos_embed, coord, grid, self.pos_embed_interp_mode, self.pos_embed_antialias,
+                self.pos_embed_ar_preserving)
+        if self.pos_embed_type == 'factorized':
+            return factorized_pos_embed(
+                self.pos_embed_y, self.pos_embed_x, coord, grid, self.pos_embed_ar_preserving)
+        raise RuntimeError('model has no position embedding')
+
+    def prefix_tokens(self):
+        """[num_prefix, D] class token then register tokens (timm order), or None."""
+        toks = [t.reshape(-1, self.embed_dim) for t in (self.cls_token, self.reg_token) if t is not None]
+        return torch.cat(toks, dim=0) if toks else None

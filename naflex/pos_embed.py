@@ -1,0 +1,168 @@
+"""Per-token position embeddings for variable grids, without host syncs.
+
+NaFlex (SigLIP 2, arXiv:2502.14786) keeps a learned 16x16 position-embedding table and resizes it to each
+image's patch grid; NaViT (arXiv:2307.06304) adds factorized (separate y / x tables) and aspect-preserving
+variants. timm resizes the table per distinct grid size with ``F.interpolate`` and Python loops over the
+batch (``.item()`` calls, compiler disabled). Here the resize is done per token instead:
+
+Separable interpolation means ``F.interpolate(table, (H, W))[y, x] = sum_ij Wy[y, i] * Wx[x, j] * table[i, j]``,
+where ``Wy`` is the 1-D resize matrix from the table height to ``H`` (and ``Wx`` likewise). Each row of a 1-D
+resize matrix has a closed form (the filter weights PyTorch itself uses), so for every token we compute its
+row of ``Wy`` and ``Wx`` from ``(y, H)`` and ``(x, W)`` with tensor ops only, then do one matmul against the
+flattened table. Everything stays on the device and has static shapes, so it compiles into one graph.
+
+Supported resize kernels (all with ``align_corners=False``, as used by every timm NaFlexViT variant):
+- ``bicubic`` / ``bilinear`` with ``antialias=True``: PyTorch's separable anti-aliased kernels (Keys cubic
+  with a=-0.5 / triangle), support widened by the scale when downsampling, weights normalised over the taps
+  that fall inside the input (border clipping).
+- ``bicubic`` / ``bilinear`` without anti-aliasing: PyTorch's plain kernels (cubic a=-0.75 with clamped border
+  taps / linear with clamped source index). ``linear`` (1-D, factorized tables) uses the bilinear rule.
+"""
+from typing import Optional
+
+import torch
+
+INTERP_MODES = ('bicubic', 'bilinear')
+
+
+def _aa_filter(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """PyTorch's anti-aliasing filters: Keys cubic (a=-0.5) and triangle."""
+    x = x.abs()
+    if mode == 'bicubic':
+        a = -0.5
+        near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+        far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+        return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+    return (1.0 - x).clamp(min=0.0)
+
+
+def axis_weights(
+        pos: torch.Tensor,
+        out_len: torch.Tensor,
+        in_len: int,
+        mode: str = 'bicubic',
+        antialias: bool = True,
+) -> torch.Tensor:
+    """Rows of the 1-D resize matrix ``in_len -> out_len`` for each token.
+
+    Args:
+        pos: [T] output index of each token along this axis (int or float tensor).
+        out_len: [T] output length along this axis for each token (the token's grid size, or max side
+            for aspect-preserving resizes).
+        in_len: length of the learned table along this axis.
+        mode: 'bicubic' or 'bilinear' ('linear' is treated as 'bilinear').
+        antialias: use PyTorch's anti-aliased kernels (matches ``F.interpolate(..., antialias=True)``).
+
+    Returns:
+        [T, in_len] float32 weights ``W`` such that ``W @ table`` equals ``F.interpolate`` of the table to
+        ``out_len``, sampled at ``pos``.
+    """
+    if mode == 'linear':
+        mode = 'bilinear'
+    if mode not in INTERP_MODES:
+        raise ValueError(f'unsupported interpolation mode {mode!r}, expected one of {INTERP_MODES}')
+    pos = pos.to(torch.float32)
+    scale = in_len / out_len.to(torch.float32)  # [T]
+    k = torch.arange(in_len, device=pos.device, dtype=torch.float32)  # input taps
+    if antialias:
+        base_support = 2.0 if mode == 'bicubic' else 1.0
+        down = scale >= 1.0
+        support = torch.where(down, base_support * scale, torch.full_like(scale, base_support))
+        inv_scale = torch.where(down, 1.0 / scale, torch.ones_like(scale))
+        center = scale * (pos + 0.5)
+        w = _aa_filter((k[None, :] + 0.5 - center[:, None]) * inv_scale[:, None], mode)
+        # taps PyTorch visits: [max(int(c - s + .5), 0), min(int(c + s + .5), in_len))
+        lo = torch.floor(center - support + 0.5).clamp(min=0.0)
+        hi = torch.floor(center + support + 0.5).clamp(max=float(in_len))
+        w = torch.where((k[None, :] >= lo[:, None]) & (k[None, :] < hi[:, None]), w, torch.zeros_like(w))
+        return w / w.sum(dim=1, keepdim=True)
+
+    src = scale * (pos + 0.5) - 0.5
+    n = pos.shape[0]
+    if mode == 'bilinear':
+        src = src.clamp(min=0.0)
+        i0 = torch.floor(src)
+        lam = src - i0
+        i0 = i0.long().clamp(max=in_len - 1)
+        i1 = (i0 + 1).clamp(max=in_len - 1)
+        idx = torch.stack([i0, i1], dim=1)
+        wts = torch.stack([1.0 - lam, lam], dim=1)
+    else:
+        a = -0.75
+        i0 = torch.floor(src)
+        t = src - i0
+
+        def near(x):  # |x| <= 1
+            return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+
+        def far(x):  # 1 < |x| < 2
+            return ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+
+        wts = torch.stack([far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)], dim=1)
+        offs = torch.arange(-1, 3, device=pos.device)
+        idx = (i0.long()[:, None] + offs[None, :]).clamp(0, in_len - 1)
+    out = torch.zeros(n, in_len, device=pos.device, dtype=torch.float32)
+    return out.scatter_add(1, idx, wts)
+
+
+def learned_pos_embed(
+        table: torch.Tensor,
+        coord: torch.Tensor,
+        grid: torch.Tensor,
+        mode: str = 'bicubic',
+        antialias: bool = True,
+        ar_preserving: bool = False,
+) -> torch.Tensor:
+    """Position embedding of each token from a learned 2-D table, as timm's NaFlex resize would give it.
+
+    Args:
+        table: [1, Gh, Gw, C] (or [Gh, Gw, C]) learned table.
+        coord: [T, 2] (y, x) patch coordinates.
+        grid: [T, 2] (h, w) grid size of the image each token belongs to.
+        ar_preserving: resize the table to (L, L), L = max(h, w), and take the top-left (h, w) crop.
+
+    Returns:
+        [T, C] float32 position embeddings.
+    """
+    table = table.reshape(table.shape[-3], table.shape[-2], table.shape[-1])
+    gh, gw, c = table.shape
+    out_h, out_w = grid[:, 0], grid[:, 1]
+    if ar_preserving:
+        out_h = out_w = torch.maximum(out_h, out_w)
+    wy = axis_weights(coord[:, 0], out_h, gh, mode, antialias)  # [T, Gh]
+    wx = axis_weights(coord[:, 1], out_w, gw, mode, antialias)  # [T, Gw]
+    w = (wy[:, :, None] * wx[:, None, :]).reshape(-1, gh * gw)
+    return w @ table.reshape(gh * gw, c).float()
+
+
+def factorized_pos_embed(
+        table_y: torch.Tensor,
+        table_x: torch.Tensor,
+        coord: torch.Tensor,
+        grid: torch.Tensor,
+        ar_preserving: bool = False,
+) -> torch.Tensor:
+    """Factorized (NaViT) position embedding: linearly resized y and x tables, summed per token.
+
+    Args:
+        table_y: [1, Gh, C] (or [Gh, C]); table_x: [1, Gw, C] (or [Gw, C]).
+        coord: [T, 2] (y, x); grid: [T, 2] (h, w).
+
+    Returns:
+        [T, C] float32.
+    """
+    table_y = table_y.reshape(-1, table_y.shape[-1]).float()
+    table_x = table_x.reshape(-1, table_x.shape[-1]).float()
+    out_h, out_w = grid[:, 0], grid[:, 1]
+    if ar_preserving:
+        out_h = out_w = torch.maximum(out_h, out_w)
+    wy = axis_weights(coord[:, 0], out_h, table_y.shape[0], 'linear', antialias=False)
+    wx = axis_weights(coord[:, 1], out_w, table_x.shape[0], 'linear', antialias=False)
+    return wy @ table_y + wx @ table_x
+
+
+def grid_coords(h: int, w: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """[h*w, 2] row-major (y, x) coordinates of a full h x w grid."""
+    ys = torch.arange(h, device=device).repeat_interleave(w)
+    xs = torch.arange(w, device=device).repeat(h)
+    return torch.stack([ys, xs], dim=1)

@@ -1,0 +1,120 @@
+"""Registry of NaFlexViT variants and ``create_model`` / ``list_models``.
+
+Each variant is a small ``NaFlexVitCfg`` with the same hyper-parameters as timm 1.0.31's registration of the
+same name (NaFlex from SigLIP 2, arXiv:2502.14786; packing / factorized embeddings from NaViT,
+arXiv:2307.06304), plus tiny variants (depth 2, width 64) for tests and the demo. ``create_model`` rejects an
+unknown name or override with a message listing the valid ones; nothing is downloaded: ``pretrained`` is a
+local file path (see ``naflex.weights``).
+"""
+from dataclasses import fields, replace
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .model import NaFlexFeatures, NaFlexVit, NaFlexVitCfg
+
+_INCEPTION_MEAN = (0.5, 0.5, 0.5)
+_INCEPTION_STD = (0.5, 0.5, 0.5)
+
+
+def _pretrained_cfg(name: str, tag: str = '', num_classes: int = 1000, **kwargs) -> Dict:
+    """A pretrained_cfg like timm's, so ``timm.data.resolve_model_data_config(model)`` works."""
+    return {
+        'url': '', 'hf_hub_id': f'timm/{name}.{tag}' if tag else '', 'architecture': name, 'tag': tag,
+        'custom_load': False, 'input_size': (3, 384, 384), 'fixed_input_size': False,
+        'interpolation': 'bicubic', 'crop_pct': 1.0, 'crop_mode': 'center',
+        'mean': _INCEPTION_MEAN, 'std': _INCEPTION_STD, 'num_classes': num_classes, 'pool_size': None,
+        'first_conv': 'embeds.proj', 'classifier': 'head', 'license': 'apache-2.0', **kwargs,
+    }
+
+
+_BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+_SO150M2 = dict(patch_size=16, embed_dim=832, depth=21, num_heads=13, mlp_ratio=34 / 13, init_values=1e-5,
+                qkv_bias=False, reg_tokens=1)
+_TINY = dict(patch_size=16, embed_dim=64, depth=2, num_heads=4, init_values=1e-5)
+
+# name -> (config, pretrained tag, default num_classes)
+_VARIANTS: Dict[str, Tuple[NaFlexVitCfg, str, int]] = {
+    'naflexvit_base_patch16_gap': (NaFlexVitCfg(
+        **_BASE, init_values=1e-5, global_pool='avg', reg_tokens=4, fc_norm=True), 'e300_s576_in1k', 1000),
+    'naflexvit_base_patch16_par_gap': (NaFlexVitCfg(
+        **_BASE, init_values=1e-5, pos_embed_ar_preserving=True, global_pool='avg', reg_tokens=4, fc_norm=True),
+        'e300_s576_in1k', 1000),
+    'naflexvit_base_patch16_parfac_gap': (NaFlexVitCfg(
+        **_BASE, init_values=1e-5, pos_embed_ar_preserving=True, pos_embed='factorized', global_pool='avg',
+        reg_tokens=4, fc_norm=True), 'e300_s576_in1k', 1000),
+    'naflexvit_base_patch16_map': (NaFlexVitCfg(
+        **_BASE, init_values=1e-5, global_pool='map', reg_tokens=1), 'untrained', 1000),
+    'naflexvit_so150m2_patch16_reg1_gap': (NaFlexVitCfg(
+        **_SO150M2, global_pool='avg', fc_norm=True), 'untrained', 1000),
+    'naflexvit_so150m2_patch16_reg1_map': (NaFlexVitCfg(**_SO150M2, global_pool='map'), 'untrained', 1000),
+    'naflexvit_base_patch16_siglip': (NaFlexVitCfg(
+        **_BASE, act_layer='gelu_tanh', global_pool='map', pos_embed_interp_mode='bilinear'), 'v2_webli', 0),
+    'naflexvit_so400m_patch16_siglip': (NaFlexVitCfg(
+        patch_size=16, embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362, act_layer='gelu_tanh',
+        global_pool='map', pos_embed_interp_mode='bilinear'), 'v2_webli', 0),
+    # tiny variants for tests / demo (same structure as the base variants above)
+    'naflexvit_tiny_test': (NaFlexVitCfg(**_TINY, global_pool='avg', reg_tokens=4, fc_norm=True), '', 1000),
+    'naflexvit_tiny_test_par': (NaFlexVitCfg(
+        **_TINY, pos_embed_ar_preserving=True, global_pool='avg', reg_tokens=4, fc_norm=True), '', 1000),
+    'naflexvit_tiny_test_parfac': (NaFlexVitCfg(
+        **_TINY, pos_embed_ar_preserving=True, pos_embed='factorized', global_pool='avg', reg_tokens=4,
+        fc_norm=True), '', 1000),
+    'naflexvit_tiny_test_map': (NaFlexVitCfg(**_TINY, global_pool='map', reg_tokens=1), '', 1000),
+    'naflexvit_tiny_test_token': (NaFlexVitCfg(
+        **_TINY, class_token=True, reg_tokens=2, global_pool='token'), '', 1000),
+}
+
+_CFG_FIELDS = tuple(f.name for f in fields(NaFlexVitCfg))
+_EXTRA_KWARGS = ('num_classes', 'in_chans', 'features_only', 'out_indices', 'feature_norm')
+
+
+def list_models(pattern: str = '') -> List[str]:
+    """Registered variant names (optionally filtered by a substring)."""
+    return sorted(n for n in _VARIANTS if pattern in n)
+
+
+def get_config(name: str) -> NaFlexVitCfg:
+    if name not in _VARIANTS:
+        raise ValueError(f'unknown model {name!r}; valid: {", ".join(list_models())}')
+    return _VARIANTS[name][0]
+
+
+def valid_overrides() -> Tuple[str, ...]:
+    return _EXTRA_KWARGS + _CFG_FIELDS
+
+
+def create_model(name: str, pretrained: Optional[str] = None, **overrides) -> torch.nn.Module:
+    """Build a registered NaFlexViT variant.
+
+    Args:
+        name: a name from ``list_models()``.
+        pretrained: None, or a local .safetensors / .pth / .pt / .bin file (timm or this project's checkpoint;
+            plain state dict or wrapped in 'state_dict' / 'model' / 'state_dict_ema'). Loaded strictly, except
+            that the classifier is skipped when ``num_classes`` differs from the checkpoint's.
+        **overrides: any ``NaFlexVitCfg`` field (drop_rate, drop_path_rate, global_pool, pos_embed_*,
+            attn_backend, ...) and num_classes, in_chans, features_only, out_indices, feature_norm.
+    """
+    if name not in _VARIANTS:
+        raise ValueError(f'unknown model {name!r}; valid: {", ".join(list_models())}')
+    unknown = sorted(set(overrides) - set(valid_overrides()))
+    if unknown:
+        raise ValueError(f'unknown override(s) {unknown} for {name}; valid: {", ".join(valid_overrides())}')
+    base_cfg, tag, default_classes = _VARIANTS[name]
+    num_classes = overrides.pop('num_classes', default_classes)
+    in_chans = overrides.pop('in_chans', 3)
+    features_only = overrides.pop('features_only', False)
+    out_indices = overrides.pop('out_indices', 3)
+    feature_norm = overrides.pop('feature_norm', False)
+    if 'pos_embed_grid_size' in overrides:
+        overrides['pos_embed_grid_size'] = tuple(overrides['pos_embed_grid_size'])
+    cfg = replace(base_cfg, **overrides)
+    cfg.validate()
+    model = NaFlexVit(cfg, num_classes=num_classes, in_chans=in_chans)
+    model.pretrained_cfg = _pretrained_cfg(name, tag, num_classes=default_classes)
+    if pretrained:
+        from .weights import load_pretrained
+        load_pretrained(model, pretrained)
+    if features_only:
+        return NaFlexFeatures(model, out_indices=out_indices, norm=feature_norm)
+    return model
