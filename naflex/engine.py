@@ -1,0 +1,401 @@
+"""Training engine: one epoch of NaFlex training steps, and the epoch loop with evaluation and checkpoints.
+
+A step takes a device batch (packed tokens by default -- NaViT's "patch n' pack", arXiv:2307.06304 -- or
+timm's padded layout), runs the model under autocast, computes the loss (soft-target cross-entropy when the
+loader produced MixUp/CutMix soft targets, label-smoothing cross-entropy for class indices), scales it and
+back-propagates; every ``--grad-accum-steps`` micro-batches the optimizer updates (gradient clipping, fp16
+GradScaler), the EMA follows and the per-update lr schedule advances.
+
+Loss scaling follows timm's ``train.py --naflex-loader``: a step with ``b`` images at sequence length L
+is weighted by ``(b / -b)`` (``linear``), its square root (``sqrt``) or 1 (``none``); with several ranks
+each rank's loss is also multiplied by ``world * b_rank / b_global`` so that DDP's gradient average weights
+every image equally however the images split across ranks.
+
+No host syncs happen between log steps: losses, image and token counts and the first non-finite step
+are accumulated on the device and read every ``--log-interval`` updates (and before any checkpoint is
+written, so a non-finite loss never reaches a saved file).
+"""
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from naflex import distributed as D
+from naflex.checkpoint import rng_state, unwrap_model
+from naflex.logger import ProgressMeter, format_seconds
+from naflex.optim import clip_gradients
+
+_logger = logging.getLogger('train')
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/inf; the message names the step, sequence length and batch size."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is: ``epoch`` being trained, ``step`` batches of it done, optimizer updates so far."""
+    epoch: int = 0
+    step: int = 0
+    num_updates: int = 0
+
+    def state_dict(self) -> Dict:
+        return {'epoch': self.epoch, 'step': self.step, 'num_updates': self.num_updates}
+
+
+@dataclass
+class Engine:
+    """Everything a training step needs (built by train.py)."""
+    model: nn.Module                      # the module to call (DDP and/or compiled wrapper)
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    schedule: Optional[object] = None     # naflex.schedule.WarmupCosineSchedule
+    amp_dtype: Optional[torch.dtype] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    ema: Optional[nn.Module] = None       # naflex.optim.ModelEma
+    grad_accum_steps: int = 1
+    clip_grad: Optional[float] = None
+    clip_mode: str = 'norm'
+    loss_scale: str = 'linear'            # --naflex-loss-scale
+    batch_size_reference: float = 1.0     # -b
+    smoothing: float = 0.0
+    log_interval: int = 50
+    world_size: int = 1
+    hooks: Optional[object] = None        # test hooks: after_update(engine, state), after_epoch(state) -> stop
+    history: List[Dict] = field(default_factory=list)  # logged (epoch, step, loss) points, for tests/analysis
+
+    @property
+    def module(self) -> nn.Module:
+        return unwrap_model(self.model)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+def classification_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Soft-target CE for [B, C] float targets (mixup/cutmix, smoothing already inside), else label-smoothing CE."""
+    logits = logits.float()
+    if target.is_floating_point():
+        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, target, label_smoothing=smoothing)
+
+
+def batch_size_of(inputs) -> int:
+    if isinstance(inputs, dict):
+        if 'seq_lens' in inputs:
+            return int(inputs['seq_lens'].shape[0])
+        return int(inputs['patches'].shape[0])
+    return int(inputs.shape[0])
+
+
+def seq_len_of(inputs) -> int:
+    """The step's sequence length L (metadata only, no sync)."""
+    if isinstance(inputs, dict):
+        if 'seq_len' in inputs:
+            return int(inputs['seq_len'])
+        if 'seq_lens' in inputs:
+            return int(inputs.get('max_seqlen', inputs['patches'].shape[0]))
+        return int(inputs['patches'].shape[1])
+    return 0
+
+
+def valid_tokens_of(inputs) -> torch.Tensor:
+    if isinstance(inputs, dict):
+        if 'seq_lens' in inputs:
+            return inputs['seq_lens'].sum()
+        if 'patch_valid' in inputs:
+            return inputs['patch_valid'].sum()
+    return torch.zeros((), dtype=torch.long)
+
+
+def loss_weight(batch_size: int, reference: float, mode: str) -> float:
+    """timm's --naflex-loss-scale: weight of a step with ``batch_size`` images relative to ``-b``."""
+    if mode == 'none':
+        return 1.0
+    ratio = batch_size / reference
+    return math.sqrt(ratio) if mode == 'sqrt' else ratio
+
+
+def _mean_lr(optimizer) -> float:
+    lrs = [g['lr'] for g in optimizer.param_groups]
+    return sum(lrs) / len(lrs)
+
+
+def train_one_epoch(
+        engine: Engine,
+        batches,
+        num_steps: int,
+        state: TrainState,
+        recovery_interval: int = 0,
+        save_recovery: Optional[Callable[[TrainState], None]] = None,
+        writer=None,
+) -> Dict[str, float]:
+    """Train ``state.epoch`` from batch ``state.step`` to ``num_steps`` over the device batch iterator ``batches``.
+
+    ``batches`` yields (inputs, target) already on the device and normalized (loaders.DevicePrefetcher),
+    starting at batch ``state.step``. Updates ``state`` in place; returns epoch metrics (identical on all ranks).
+    """
+    model, opt, dev = engine.model, engine.optimizer, engine.device
+    model.train()
+    accum = engine.grad_accum_steps
+    updates_per_epoch = (num_steps + accum - 1) // accum
+    last_accum = num_steps % accum
+    last_accum_start = num_steps - last_accum
+    distributed = engine.world_size > 1 and hasattr(model, 'no_sync')
+    meter = ProgressMeter(num_steps, start_step=state.step)
+
+    # device-side accumulators: [loss*images, images, valid tokens] for the epoch and the log window
+    epoch_sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    window_sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    first_bad = torch.full((), -1, dtype=torch.long, device=dev)
+    pending: Dict[int, tuple] = {}  # step -> (seq len, batch size) since the last finiteness check
+    loss = torch.zeros((), device=dev)
+    opt.zero_grad(set_to_none=True)
+
+    def check_finite():
+        bad = int(first_bad.item())
+        if bad >= 0:
+            seq_len, bs = pending.get(bad, (-1, -1))
+            raise NonFiniteLossError(
+                f'non-finite loss at epoch {state.epoch} step {bad}/{num_steps} (update {state.num_updates}): '
+                f'sequence length {seq_len}, batch size {bs}, lr {_mean_lr(opt):.3e}; stopped without saving '
+                f'(the last good checkpoint is kept). Try a lower --lr, --clip-grad 1.0 or --amp-dtype bfloat16.')
+        pending.clear()
+
+    it = iter(batches)
+    for batch_idx in range(state.step, num_steps):
+        t0 = time.perf_counter()
+        try:
+            inputs, target = next(it)
+        except StopIteration:
+            raise RuntimeError(f'loader ended after {batch_idx} of {num_steps} steps in epoch {state.epoch}') from None
+        meter.add_wait(time.perf_counter() - t0)
+        need_update = (batch_idx + 1) % accum == 0 or batch_idx == num_steps - 1
+        micro = last_accum if (last_accum and batch_idx >= last_accum_start) else accum
+        bs = batch_size_of(inputs)
+        pending[batch_idx] = (seq_len_of(inputs), bs)
+        weight = loss_weight(bs, engine.batch_size_reference, engine.loss_scale) / micro
+        sync_ctx = model.no_sync() if (distributed and not need_update) else contextlib.nullcontext()
+        with sync_ctx:
+            with engine.autocast():
+                logits = model(inputs)
+            loss = classification_loss(logits, target, engine.smoothing)
+            scaled = loss * weight
+            if engine.world_size > 1:
+                # DDP averages over ranks; re-weight so every image counts the same (timm's dist_scale)
+                global_bs = D.all_reduce_sum(torch.tensor(float(bs), device=dev))
+                scaled = scaled * (engine.world_size * bs / global_bs)
+            if engine.scaler is not None:
+                engine.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        loss_d = loss.detach()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_d), batch_idx, first_bad)
+        step_sums = torch.stack([loss_d.double() * bs, torch.tensor(float(bs), dtype=torch.float64, device=dev),
+                                 valid_tokens_of(inputs).to(dev).double()])
+        epoch_sums += step_sums
+        window_sums += step_sums
+        meter.add_batch(bs)
+        if not need_update:
+            continue
+
+        if engine.scaler is not None:
+            if engine.clip_grad is not None:
+                engine.scaler.unscale_(opt)
+                clip_gradients(engine.module.parameters(), engine.clip_grad, engine.clip_mode)
+            engine.scaler.step(opt)
+            engine.scaler.update()
+        else:
+            if engine.clip_grad is not None:
+                clip_gradients(engine.module.parameters(), engine.clip_grad, engine.clip_mode)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        state.num_updates += 1
+        state.step = batch_idx + 1
+        if engine.ema is not None:
+            engine.ema.update(engine.module, step=state.num_updates)
+        update_idx = batch_idx // accum
+        lr = _mean_lr(opt)
+        if update_idx % engine.log_interval == 0 or batch_idx == num_steps - 1:
+            check_finite()
+            w = D.all_reduce_sum(torch.cat([window_sums, loss_d.double().reshape(1)]))
+            e = D.all_reduce_sum(epoch_sums.clone())
+            win_loss = (w[0] / w[1].clamp(min=1)).item()
+            avg_loss = (e[0] / e[1].clamp(min=1)).item()
+            now_loss = w[3].item() / engine.world_size
+            fig = meter.window(batch_idx, w[2].item())
+            fig['images_per_s'] *= engine.world_size
+            engine.history.append({'epoch': state.epoch, 'step': batch_idx, 'loss': now_loss, 'avg': avg_loss})
+            _logger.info(
+                f'Train: {state.epoch} [{update_idx:>4d}/{updates_per_epoch} '
+                f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  Loss: {now_loss:#.3g} ({avg_loss:#.3g})  '
+                f'LR: {lr:.3e}  {fig["images_per_s"]:.1f} img/s  {fig["tokens_per_s"]:.0f} tok/s  '
+                f'data wait {100 * fig["data_wait"]:.0f}%  ETA {format_seconds(fig["eta_s"])}')
+            if writer is not None:
+                writer.scalars({'train/loss': win_loss, 'train/lr': lr, 'train/images_per_s': fig['images_per_s'],
+                                'train/tokens_per_s': fig['tokens_per_s'], 'train/data_wait': fig['data_wait']},
+                               state.num_updates)
+            meter.bar(batch_idx, now_loss)
+            window_sums.zero_()
+        if engine.schedule is not None:
+            engine.schedule.step_update(state.num_updates)
+        if recovery_interval and save_recovery is not None and (update_idx + 1) % recovery_interval == 0 \
+                and batch_idx < num_steps - 1:
+            check_finite()
+            save_recovery(state)
+        if engine.hooks is not None and hasattr(engine.hooks, 'after_update'):
+            engine.hooks.after_update(engine, state)
+
+    check_finite()
+    e = D.all_reduce_sum(epoch_sums.clone())
+    loss_sum, images, tokens = e.tolist()
+    totals = meter.epoch_totals()
+    return {
+        'loss': loss_sum / max(images, 1.0),
+        'images': images,
+        'tokens': tokens,
+        'images_per_s': images / totals['time_s'],
+        'tokens_per_s': tokens / totals['time_s'],
+        'data_wait': totals['data_wait'],
+        'lr': _mean_lr(opt),
+    }
+
+
+def training_checkpoint(engine: Engine, state: TrainState, args=None) -> Dict:
+    """Full training state for checkpoint.CheckpointManager (call on every rank: RNG states are gathered)."""
+    rng = rng_state()
+    if engine.world_size > 1:
+        import torch.distributed as dist
+        rngs = [None] * engine.world_size
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    ckpt = {
+        'arch': getattr(args, 'model', None),
+        'epoch': state.epoch - 1 if state.step == 0 else state.epoch,
+        'state_dict': engine.module.state_dict(),
+        'optimizer': engine.optimizer.state_dict(),
+        'train_state': dict(state.state_dict(), world_size=engine.world_size),
+        'rng': rngs,
+        'version': 2,
+    }
+    if args is not None:
+        ckpt['args'] = {k: v for k, v in vars(args).items()}
+    if engine.schedule is not None:
+        ckpt['scheduler'] = engine.schedule.state_dict()
+    if engine.ema is not None:
+        ckpt['state_dict_ema'] = engine.ema.module.state_dict()
+    if engine.scaler is not None:
+        ckpt['scaler'] = engine.scaler.state_dict()
+    return ckpt
+
+
+def restore_training(engine: Engine, ckpt: Dict, rank: int = 0, load_optimizer: bool = True) -> TrainState:
+    """Load a ``training_checkpoint`` dict into the engine; returns the state to continue from."""
+    from naflex.checkpoint import set_rng_state
+    engine.module.load_state_dict(ckpt['state_dict'])
+    if load_optimizer and 'optimizer' in ckpt:
+        engine.optimizer.load_state_dict(ckpt['optimizer'])
+    if engine.ema is not None and 'state_dict_ema' in ckpt:
+        engine.ema.module.load_state_dict(ckpt['state_dict_ema'])
+    if engine.scaler is not None and 'scaler' in ckpt and load_optimizer:
+        engine.scaler.load_state_dict(ckpt['scaler'])
+    ts = ckpt.get('train_state') or {'epoch': ckpt.get('epoch', -1) + 1, 'step': 0, 'num_updates': 0}
+    state = TrainState(epoch=ts['epoch'], step=ts['step'], num_updates=ts['num_updates'])
+    rngs = ckpt.get('rng') or []
+    if rngs and ts.get('world_size', 1) == engine.world_size and rank < len(rngs):
+        set_rng_state(rngs[rank])
+    if engine.schedule is not None:
+        if 'scheduler' in ckpt:
+            engine.schedule.load_state_dict(ckpt['scheduler'])
+        engine.schedule.step(state.epoch)
+        engine.schedule.step_update(state.num_updates)
+    return state
+
+
+def fit(
+        engine: Engine,
+        train_loader,
+        to_device: Callable,
+        state: TrainState,
+        total_epochs: int,
+        evaluate_fn: Optional[Callable] = None,
+        saver=None,
+        writer=None,
+        args=None,
+        is_primary: bool = True,
+) -> List[Dict]:
+    """The epoch loop: train, evaluate every ``--val-interval`` epochs (model and EMA), write summary.csv,
+    TensorBoard and checkpoints, until ``total_epochs``. Returns the per-epoch result rows.
+
+    ``train_loader`` is the CPU loader (``set_epoch``/``set_start_step``/``len``), ``to_device`` wraps it into a
+    device batch iterator, ``evaluate_fn(model) -> metrics`` runs the shared eval loop, ``saver`` is a
+    checkpoint.CheckpointManager on the primary rank (None elsewhere).
+    """
+    val_interval = getattr(args, 'val_interval', 1) if args is not None else 1
+    recovery_interval = getattr(args, 'recovery_interval', 0) if args is not None else 0
+    eval_metric = getattr(args, 'eval_metric', 'top1') if args is not None else 'top1'
+    results = []
+
+    def save_recovery(st: TrainState):
+        ckpt = training_checkpoint(engine, st, args)  # every rank (RNG gather)
+        if saver is not None:
+            path = saver.save_recovery(ckpt, st.epoch, st.step)
+            _logger.info(f'saved recovery checkpoint {path.name}')
+
+    for epoch in range(state.epoch, total_epochs):
+        state.epoch = epoch
+        if hasattr(train_loader, 'set_epoch'):
+            train_loader.set_epoch(epoch)
+        if state.step and hasattr(train_loader, 'set_start_step'):
+            train_loader.set_start_step(state.step)
+        if args is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch \
+                and hasattr(train_loader, 'mixup_enabled'):
+            train_loader.mixup_enabled = False
+        num_steps = len(train_loader)
+        train_metrics = train_one_epoch(engine, to_device(train_loader), num_steps, state,
+                                        recovery_interval=recovery_interval, save_recovery=save_recovery,
+                                        writer=writer)
+        if hasattr(train_loader, 'set_start_step'):
+            train_loader.set_start_step(0)
+        state.epoch, state.step = epoch + 1, 0
+        if engine.schedule is not None:
+            engine.schedule.step(epoch + 1)
+
+        row = {'epoch': epoch, 'train_loss': train_metrics['loss']}
+        metric = None
+        if evaluate_fn is not None and ((epoch + 1) % val_interval == 0 or epoch + 1 == total_epochs):
+            ev = evaluate_fn(engine.model)
+            row.update(eval_loss=ev['loss'], eval_top1=ev['top1'], eval_top5=ev['top5'])
+            metric = ev[eval_metric]
+            if engine.ema is not None:
+                ev_ema = evaluate_fn(engine.ema.module)
+                row.update(ema_loss=ev_ema['loss'], ema_top1=ev_ema['top1'], ema_top5=ev_ema['top5'])
+                metric = ev_ema[eval_metric]  # like timm: the EMA's metric picks the best checkpoints
+            if writer is not None:
+                writer.bad_files(ev.get('bad_file_paths', []), epoch)
+            _logger.info(f'Eval: {epoch}  loss {ev["loss"]:.4f}  top1 {ev["top1"]:.3f}  top5 {ev["top5"]:.3f}'
+                         + (f'  (EMA top1 {row["ema_top1"]:.3f})' if engine.ema is not None else ''))
+        row.update(lr=train_metrics['lr'], images_per_s=train_metrics['images_per_s'],
+                   tokens_per_s=train_metrics['tokens_per_s'], data_wait=train_metrics['data_wait'])
+        if writer is not None:
+            writer.summary(row)
+            writer.scalars({f'epoch/{k}': v for k, v in row.items() if k != 'epoch'}, epoch)
+        ckpt = training_checkpoint(engine, state, args)
+        if saver is not None:
+            saver.save_epoch(ckpt, epoch, metric)
+            best, best_epoch = saver.best
+            if best is not None:
+                _logger.info(f'checkpoint saved; best {eval_metric} {best:.4f} (epoch {best_epoch})')
+        results.append(row)
+        if engine.hooks is not None and hasattr(engine.hooks, 'after_epoch') and engine.hooks.after_epoch(state):
+            break
+    return results

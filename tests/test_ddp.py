@@ -1,0 +1,106 @@
+"""DDP gradient weighting: 2 gloo processes == 1 process on the same global batch.
+
+The engine multiplies each rank's loss by world * b_rank / b_global, so DDP's gradient average weights
+every image equally even when the images of a step split unevenly across ranks (3 + 5 here). After 3 SGD
+updates the parameters of rank 0 match the single-process run to atol 1e-5 (float32 summation order is the
+only difference).
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import naflex
+from naflex.engine import Engine, TrainState, train_one_epoch
+
+PATCH = 16
+NUM_CLASSES = 4
+
+
+def make_packed(grids, seed):
+    """A packed batch of random normalized images with the given (h, w) patch grids + int targets."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [h * w for h, w in grids]
+    coords = [torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij'), -1).reshape(-1, 2)
+              for h, w in grids]
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    inputs = {
+        'patches': torch.randn(sum(lens), PATCH * PATCH * 3, generator=g),
+        'patch_coord': torch.cat(coords).to(torch.int32),
+        'seq_lens': seq_lens,
+        'cu_seqlens': torch.nn.functional.pad(seq_lens.cumsum(0), (1, 0)).to(torch.int32),
+        'max_seqlen': max(lens),
+        'grid_sizes': torch.tensor(grids, dtype=torch.int32),
+        'patch_size': PATCH,
+    }
+    target = torch.randint(0, NUM_CLASSES, (len(grids),), generator=g)
+    return inputs, target
+
+
+def take(batch, idx):
+    """Sub-batch of the images ``idx`` of a packed batch."""
+    inputs, target = batch
+    lens = inputs['seq_lens'].tolist()
+    starts = inputs['cu_seqlens'].tolist()
+    grids = inputs['grid_sizes'][idx].tolist()
+    sub = make_packed(grids, 0)[0]
+    sub['patches'] = torch.cat([inputs['patches'][starts[i]:starts[i] + lens[i]] for i in idx])
+    return sub, target[idx]
+
+
+GRIDS = [(2, 3), (3, 2), (1, 4), (2, 2), (4, 1), (3, 3), (2, 1), (1, 2)]
+SPLIT = [[0, 1, 2], [3, 4, 5, 6, 7]]  # uneven: 3 images on rank 0, 5 on rank 1
+STEPS = 3
+
+
+def _model():
+    torch.manual_seed(0)
+    return naflex.create_model('naflexvit_tiny_test', num_classes=NUM_CLASSES)
+
+
+def _train(model, batches, world_size):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    eng = Engine(model=model, optimizer=opt, device=torch.device('cpu'), loss_scale='none',
+                 batch_size_reference=8, smoothing=0.1, log_interval=1, world_size=world_size)
+    state = TrainState()
+    metrics = train_one_epoch(eng, iter(batches), len(batches), state)
+    return metrics, state
+
+
+def _worker(rank, port, out):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE='2',
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from naflex.distributed import cleanup, init_distributed
+    info = init_distributed('cpu')
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    batches = [take(make_packed(GRIDS, s), SPLIT[rank]) for s in range(STEPS)]
+    metrics, _ = _train(model, batches, 2)
+    if info.rank == 0:
+        torch.save({'params': {k: v.detach() for k, v in model.module.state_dict().items()}, 'loss': metrics['loss'],
+                    'images': metrics['images']}, out)
+    cleanup()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_matches_single_process(tmp_path):
+    out = tmp_path / 'rank0.pt'
+    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=2, join=True, start_method='spawn')
+    ddp = torch.load(out)
+    single = _model()
+    metrics, state = _train(single, [make_packed(GRIDS, s) for s in range(STEPS)], 1)
+    assert state.num_updates == STEPS
+    assert ddp['images'] == metrics['images'] == STEPS * len(GRIDS)
+    assert ddp['loss'] == pytest.approx(metrics['loss'], rel=1e-5)
+    moved = 0.0
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(ddp['params'][k], v, atol=1e-5, rtol=1e-5, msg=k)
+        moved = max(moved, (v - _model().state_dict()[k]).abs().max().item())
+    assert moved > 1e-3  # training actually changed the weights
