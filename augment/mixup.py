@@ -1,0 +1,118 @@
+"""MixUp / CutMix for a batch of images with different sizes (NaFlex training, SigLIP 2 arXiv:2502.14786;
+images keep their native aspect ratio as in NaViT arXiv:2307.06304, so a batch cannot be stacked).
+
+Images are paired with a neighbour of similar aspect ratio (sorted by w/h, then the order is shuffled inside
+windows of ``local_shuffle`` so pairs change between steps; timm 1.0.31 shuffles a slice *copy* there,
+so its local shuffle does nothing). Each image of a pair is mixed with the other one's pixels inside the
+centred overlap of the two (no resizing):
+
+- MixUp: the overlap is blended ``lam * own + (1 - lam) * other``;
+- CutMix: a random rectangle of ``sqrt(1 - lam)`` x the overlap's sides is pasted from the other image.
+
+The soft target uses the *true* fraction of the image that comes from each source:
+own weight = 1 - (1 - lam) * overlap_area / area (MixUp) or 1 - cut_area / area (CutMix), so targets sum to
+1 and match the pixels exactly (tested). Label smoothing uses timm's one-hot values
+(off = s / C, on = 1 - s + s / C). With an odd batch size one image stays unmixed.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass
+class MixupConfig:
+    num_classes: int
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    prob: float = 1.0          # --mixup-prob: chance a step is mixed at all
+    switch_prob: float = 0.5   # --mixup-switch-prob: chance of CutMix when both are enabled
+    smoothing: float = 0.1     # --smoothing
+    local_shuffle: int = 4
+
+    @property
+    def active(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+def smooth_one_hot(targets: Sequence[int], num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """[B] class indices -> float32 [B, num_classes] (timm's off = s/C, on = 1 - s + s/C)."""
+    t = torch.as_tensor(list(targets), dtype=torch.int64)
+    off = smoothing / num_classes
+    out = torch.full((t.numel(), num_classes), off, dtype=torch.float32)
+    out.scatter_(1, t.view(-1, 1), 1.0 - smoothing + off)
+    return out
+
+
+def pair_by_aspect(sizes_hw: Sequence[Tuple[int, int]], rng: random.Random, local_shuffle: int = 4) -> List[int]:
+    """Indices sorted by aspect (w/h), shuffled within windows; consecutive entries are partners."""
+    order = sorted(range(len(sizes_hw)), key=lambda i: sizes_hw[i][1] / sizes_hw[i][0])
+    if local_shuffle > 1:
+        for start in range(0, len(order), local_shuffle):
+            window = order[start:start + local_shuffle]
+            rng.shuffle(window)
+            order[start:start + local_shuffle] = window  # write back: this is what makes it take effect
+    return order
+
+
+def mix_variable_size(
+        imgs: List[torch.Tensor],
+        targets: Sequence[int],
+        cfg: MixupConfig,
+        rng: random.Random,
+) -> Tuple[List[torch.Tensor], torch.Tensor, List[float], List[Optional[int]]]:
+    """Mix a list of uint8 HWC images of different sizes.
+
+    Returns (images, soft targets [B, C] float32, own-weight per image, partner index per image or None).
+    """
+    n = len(imgs)
+    own = [1.0] * n
+    partner: List[Optional[int]] = [None] * n
+    base = smooth_one_hot(targets, cfg.num_classes, cfg.smoothing)
+    if n < 2 or not cfg.active or rng.random() >= cfg.prob:
+        return imgs, base, own, partner
+
+    if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
+        use_cutmix = rng.random() < cfg.switch_prob
+    else:
+        use_cutmix = cfg.cutmix_alpha > 0
+    alpha = cfg.cutmix_alpha if use_cutmix else cfg.mixup_alpha
+    lam = min(1.0, max(0.0, rng.betavariate(alpha, alpha)))
+
+    order = pair_by_aspect([tuple(x.shape[:2]) for x in imgs], rng, cfg.local_shuffle)
+    out = list(imgs)
+    for a, b in zip(order[0::2], order[1::2]):
+        for i, j in ((a, b), (b, a)):
+            xi, xj = imgs[i], imgs[j]  # always the originals
+            hi, wi = xi.shape[:2]
+            hj, wj = xj.shape[:2]
+            oh, ow = min(hi, hj), min(wi, wj)
+            ti, li = (hi - oh) // 2, (wi - ow) // 2
+            tj, lj = (hj - oh) // 2, (wj - ow) // 2
+            mixed = xi.clone()
+            if use_cutmix:
+                r = math.sqrt(1.0 - lam)
+                ch, cw = int(oh * r), int(ow * r)
+                y = rng.randint(0, oh - ch)
+                x = rng.randint(0, ow - cw)
+                mixed[ti + y:ti + y + ch, li + x:li + x + cw] = xj[tj + y:tj + y + ch, lj + x:lj + x + cw]
+                other_frac = (ch * cw) / float(hi * wi)
+            else:
+                region_i = xi[ti:ti + oh, li:li + ow].float()
+                region_j = xj[tj:tj + oh, lj:lj + ow].float()
+                blended = region_i.mul_(lam).add_(region_j, alpha=1.0 - lam).round_().clamp_(0, 255)
+                mixed[ti:ti + oh, li:li + ow] = blended.to(torch.uint8)
+                other_frac = (1.0 - lam) * (oh * ow) / float(hi * wi)
+            out[i] = mixed
+            own[i] = 1.0 - other_frac
+            partner[i] = j
+    soft = base.clone()
+    for i in range(n):
+        j = partner[i]
+        if j is not None:
+            soft[i] = base[i] * own[i] + base[j] * (1.0 - own[i])
+    return out, soft, own, partner

@@ -1,0 +1,203 @@
+"""Image-folder datasets for NaFlex training/eval (NaViT arXiv:2307.06304 style native-resolution input).
+
+Layouts:
+- ``ROOT/<split>/<class>/**/<image>`` (ImageNet style). ``validation``/``val``/``valid``/``eval`` are
+  accepted for each other like timm's split search.
+- a split given as a text file (``--train-split train.txt``, absolute or relative to ROOT) listing
+  ``<class>/<file>`` paths, one a line, relative to ROOT (or to ROOT/<name of the file without .txt>,
+  or to the text file's folder, whichever holds the first entry).
+
+Class indices are the sorted class-folder names (``sorted()``, exactly torchvision's ImageFolder; for
+ImageNet synsets this equals timm's order). ``class_order='natural'`` gives timm's folder order instead
+(case-insensitive natural sort), which differs from torchvision for names such as ``Faces`` vs ``accordion``.
+
+Scanning uses ``os.scandir`` (file type from the directory entry, no per-file stat). Paths are stored as one
+bytes blob + offsets, so forked DataLoader workers do not copy-on-refcount 1.28M Python strings. The index
+can be cached (``cache_dir``), keyed by the absolute split path and the mtimes of the split and class dirs.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff', '.ppm', '.pgm', '.jfif')
+_SPLIT_ALIASES = (('validation', 'val', 'valid', 'eval', 'evaluation'),)
+
+
+def natural_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', s.lower())]
+
+
+def resolve_split_dir(root: Path, split: str) -> Path:
+    """``root/split``, trying timm's validation aliases; ``split`` may be empty (root is the split dir)."""
+    if not split:
+        return root
+    cand = root / split
+    if cand.is_dir():
+        return cand
+    for group in _SPLIT_ALIASES:
+        if split in group:
+            for alt in group:
+                if (root / alt).is_dir():
+                    return root / alt
+    raise FileNotFoundError(f"split {split!r} not found under {root}")
+
+
+def _scan_class(dir_path: str, rel_prefix: str, out: List[str]) -> None:
+    stack = [(dir_path, rel_prefix)]
+    while stack:
+        d, rel = stack.pop()
+        with os.scandir(d) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if e.is_dir(follow_symlinks=True):
+                stack.append((e.path, rel + e.name + '/'))
+            elif e.name.lower().endswith(IMG_EXTENSIONS):
+                out.append(rel + e.name)
+
+
+def scan_folder(split_dir: Path, class_order: str = 'sorted') -> Tuple[List[str], List[str], List[int]]:
+    """Returns (classes, relative paths, targets) for ``split_dir/<class>/...``."""
+    with os.scandir(split_dir) as it:
+        class_names = [e.name for e in it if e.is_dir(follow_symlinks=True)]
+    classes = sorted(class_names, key=natural_key) if class_order == 'natural' else sorted(class_names)
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {split_dir}")
+    paths: List[str] = []
+    targets: List[int] = []
+    for idx, c in enumerate(classes):
+        before = len(paths)
+        _scan_class(str(split_dir / c), c + '/', paths)
+        targets.extend([idx] * (len(paths) - before))
+    return classes, paths, targets
+
+
+def read_split_file(list_file: Path, root: Path, class_order: str = 'sorted'):
+    """Returns (base dir, classes, relative paths, targets) for a text file of ``<class>/<file>`` lines."""
+    lines = [ln.strip() for ln in list_file.read_text().splitlines()]
+    rels = [ln for ln in lines if ln and not ln.startswith('#')]
+    if not rels:
+        raise ValueError(f"split file {list_file} lists no images")
+    bases = [root, root / list_file.stem, list_file.parent]
+    base = next((b for b in bases if (b / rels[0]).exists()), root)
+    names = {r.split('/', 1)[0] for r in rels}
+    # Classes: the class folders of the base dir when present (labels then match ImageFolder on that dir
+    # even if the list omits a class), otherwise the names used in the list.
+    try:
+        with os.scandir(base) as it:
+            folder_classes = {e.name for e in it if e.is_dir(follow_symlinks=True)}
+    except OSError:
+        folder_classes = set()
+    all_names = folder_classes if names <= folder_classes else names
+    classes = sorted(all_names, key=natural_key) if class_order == 'natural' else sorted(all_names)
+    c2i = {c: i for i, c in enumerate(classes)}
+    targets = [c2i[r.split('/', 1)[0]] for r in rels]
+    return base, classes, rels, targets
+
+
+class ImageFolderDataset:
+    """Index of (path, class index) pairs. ``load``/transforms live in loaders.pipeline; this is just the index.
+
+    ``ImageFolderDataset(root, split)``; ``len(ds)``, ``ds.path(i)``, ``ds.target(i)``, ``ds.targets`` (np.int64),
+    ``ds.classes``, ``ds.class_to_idx``, ``ds[i] -> (path, target)``.
+    """
+
+    def __init__(self, root, split: str = 'train', *, class_order: str = 'sorted', cache_dir=None):
+        self.root = Path(root)
+        split = split or ''
+        list_file = None
+        if split.endswith('.txt'):
+            list_file = Path(split) if Path(split).is_absolute() else self.root / split
+        if list_file is not None:
+            base, classes, rels, targets = read_split_file(list_file, self.root, class_order)
+        else:
+            base = resolve_split_dir(self.root, split)
+            classes, rels, targets = self._scan_cached(base, class_order, cache_dir)
+        self.base = base
+        self.classes = list(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        encoded = [r.encode('utf-8') for r in rels]
+        lens = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(lens, out=self._offsets[1:])
+        self._blob = np.frombuffer(b''.join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self._base_str = str(base)
+
+    @staticmethod
+    def _scan_cached(base: Path, class_order: str, cache_dir):
+        if cache_dir is None:
+            return scan_folder(base, class_order)
+        st = [os.stat(base).st_mtime_ns]
+        with os.scandir(base) as it:
+            st += sorted((e.name, e.stat().st_mtime_ns) for e in it if e.is_dir())
+        key = hashlib.sha1(repr((str(base.resolve()), class_order, st)).encode()).hexdigest()[:16]
+        cache = Path(cache_dir) / f"naflex_index_{key}.pkl"
+        if cache.exists():
+            try:
+                with open(cache, 'rb') as f:
+                    return pickle.load(f)
+            except Exception:
+                pass
+        result = scan_folder(base, class_order)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f'.tmp{os.getpid()}')
+            with open(tmp, 'wb') as f:
+                pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+        return result
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def relpath(self, i: int) -> str:
+        return self._blob[self._offsets[i]:self._offsets[i + 1]].tobytes().decode('utf-8')
+
+    def path(self, i: int) -> str:
+        return os.path.join(self._base_str, self.relpath(i))
+
+    def target(self, i: int) -> int:
+        return int(self.targets[i])
+
+    def __getitem__(self, i: int) -> Tuple[str, int]:
+        return self.path(i), self.target(i)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class ListDataset:
+    """In-memory (path, target) list with the same interface as ImageFolderDataset (tests, custom lists)."""
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], classes: Optional[Iterable[str]] = None):
+        self._paths = [str(p) for p, _ in samples]
+        self.targets = np.asarray([int(t) for _, t in samples], dtype=np.int64)
+        n = int(self.targets.max()) + 1 if len(self.targets) else 0
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(n)]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    def __len__(self):
+        return len(self._paths)
+
+    def path(self, i):
+        return self._paths[i]
+
+    def target(self, i):
+        return int(self.targets[i])
+
+    def __getitem__(self, i):
+        return self.path(i), self.target(i)
+
+    @property
+    def num_classes(self):
+        return len(self.classes)

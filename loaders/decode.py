@@ -1,0 +1,116 @@
+"""Image decoding for the NaFlex pipeline: any PIL-readable file -> RGB, EXIF-upright, cropped and resized.
+
+NaViT (arXiv:2307.06304) / SigLIP 2 NaFlex (arXiv:2502.14786) resize every image to a patch grid that fits
+a sequence length, often far below the source resolution. ``decode_resized`` therefore takes the crop box
+(in upright, full-resolution coordinates) and the output size *before* decoding, so a JPEG can be decoded
+with a reduced DCT (Pillow ``draft``, 1/2, 1/4, 1/8) when the output is at least 2x smaller; the box is
+rescaled to the reduced image with float precision, so the same scene region is covered (only the
+resampling differs).
+
+Mode handling: L, LA, P (palette, with or without transparency), RGBA, CMYK, YCbCr, I;16*/I/F -> RGB.
+Alpha is dropped like torchvision/timm's ``convert('RGB')`` (labels/checkpoints stay comparable); 16-bit
+and 32-bit grey are scaled to 8 bits instead of being clipped.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# EXIF orientations 5..8 swap width and height.
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)
+
+PIL_INTERP = {
+    'nearest': Image.Resampling.NEAREST,
+    'bilinear': Image.Resampling.BILINEAR,
+    'bicubic': Image.Resampling.BICUBIC,
+    'lanczos': Image.Resampling.LANCZOS,
+    'box': Image.Resampling.BOX,
+    'hamming': Image.Resampling.HAMMING,
+}
+
+
+def open_image(path) -> Tuple[Image.Image, int, int, int]:
+    """Open lazily (header only). Returns (img, upright_h, upright_w, exif_orientation)."""
+    img = Image.open(path)
+    orientation = 1
+    try:
+        orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # malformed EXIF must not make a decodable image "bad"
+        orientation = 1
+    w, h = img.size
+    if orientation in _TRANSPOSED:
+        h, w = w, h
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image has no pixels: {w}x{h}")
+    return img, h, w, orientation
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB (see module docstring)."""
+    mode = img.mode
+    if mode == 'RGB':
+        return img
+    if mode == 'P':
+        img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
+        mode = img.mode
+        if mode == 'RGB':
+            return img
+    if mode.startswith('I;16') or mode in ('I', 'F'):
+        arr = np.asarray(img)
+        if mode.startswith('I;16'):
+            arr8 = (arr.astype(np.uint32) >> 8).astype(np.uint8)
+        else:
+            arr = arr.astype(np.float64)
+            top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+            arr8 = np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr8, mode='L').convert('RGB')
+    return img.convert('RGB')
+
+
+def decode_resized(
+        path,
+        box: Optional[Tuple[float, float, float, float]],
+        out_hw: Tuple[int, int],
+        interpolation: str = 'bicubic',
+        draft: bool = True,
+        opened: Optional[Tuple[Image.Image, int, int, int]] = None,
+) -> Image.Image:
+    """Decode ``path`` and return the region ``box`` = (top, left, height, width) of the upright image
+    resized to ``out_hw`` = (h, w) as an RGB PIL image. ``box=None`` means the whole image.
+
+    ``opened`` is the result of :func:`open_image` if the caller already has it (to sample the crop).
+    """
+    img, h, w, orientation = opened if opened is not None else open_image(path)
+    top, left, ch, cw = box if box is not None else (0, 0, h, w)
+    out_h, out_w = out_hw
+    if draft and img.format == 'JPEG':
+        # Smallest DCT scale whose upright image still has >= out pixels across the crop.
+        s = max(out_h / ch, out_w / cw)
+        if s <= 0.5:
+            raw_w, raw_h = img.size
+            # The scale is the same on both axes, so EXIF orientation does not matter here.
+            req = (max(1, int(np.ceil(raw_w * s))), max(1, int(np.ceil(raw_h * s))))
+            try:
+                img.draft('RGB', req)
+            except Exception:
+                pass
+    img.load()
+    if orientation != 1:
+        img = ImageOps.exif_transpose(img)
+    img = to_rgb(img)
+    # Box in the (possibly reduced) upright image.
+    sy, sx = img.height / h, img.width / w
+    pil_box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+    resample = PIL_INTERP[interpolation]
+    if pil_box == (0, 0, img.width, img.height) and (out_w, out_h) == img.size:
+        return img
+    return img.resize((out_w, out_h), resample=resample, box=pil_box)
+
+
+def pil_to_hwc(img: Image.Image):
+    """RGB PIL image -> uint8 torch tensor [H, W, 3] (HWC is already the P-P-C order patches need)."""
+    import torch
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))

@@ -1,0 +1,63 @@
+"""NaFlex evaluation loader: timm's NaFlex eval resize (aspect kept, largest grid fitting ``max_seq_len``,
+no crop; NaViT arXiv:2307.06304 / SigLIP 2 arXiv:2502.14786), packed or padded batches.
+
+Each rank gets a contiguous shard ``[r*n//W, (r+1)*n//W)`` with no padding duplicates, so every image is
+scored exactly once across ranks (sum the per-rank counts). A file that fails to decode is dropped from its
+batch (it cannot be replaced without double counting) and listed in ``inputs['bad_files']``; a batch whose
+files all fail is yielded with B = 0.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import List
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .packing import collate
+from .pipeline import eval_sample
+
+
+class EvalImages(Dataset):
+    def __init__(self, dataset, max_seq_len: int, patch_size: int, interpolation: str = 'bicubic',
+                 draft: bool = False, rank: int = 0, world_size: int = 1):
+        n = len(dataset)
+        self.dataset = dataset
+        self.lo, self.hi = rank * n // world_size, (rank + 1) * n // world_size
+        self.max_seq_len, self.patch_size = max_seq_len, patch_size
+        self.interpolation, self.draft = interpolation, draft
+
+    def __len__(self):
+        return self.hi - self.lo
+
+    def __getitem__(self, i):
+        idx = self.lo + i
+        path = self.dataset.path(idx)
+        try:
+            img = eval_sample(path, self.max_seq_len, self.patch_size, self.interpolation, self.draft)
+        except Exception as e:
+            warnings.warn(f"bad image {path}: {type(e).__name__}: {e}")
+            return None, self.dataset.target(idx), path
+        return img, self.dataset.target(idx), path
+
+
+class EvalCollate:
+    def __init__(self, patch_size: int, packing: bool, max_seq_len: int):
+        self.patch_size, self.packing, self.max_seq_len = patch_size, packing, max_seq_len
+
+    def __call__(self, items):
+        imgs = [x for x, _, _ in items if x is not None]
+        targets = [t for x, t, _ in items if x is not None]
+        bad: List[str] = [p for x, _, p in items if x is None]
+        inputs = collate(imgs, self.patch_size, self.packing, self.max_seq_len, bad)
+        return inputs, torch.tensor(targets, dtype=torch.int64)
+
+
+def make_eval_loader(dataset, *, max_seq_len: int, batch_size: int, patch_size: int = 16, num_workers: int = 4,
+                     rank: int = 0, world_size: int = 1, packing: bool = True, interpolation: str = 'bicubic',
+                     draft: bool = False, pin_memory: bool = False, persistent_workers: bool = False) -> DataLoader:
+    images = EvalImages(dataset, max_seq_len, patch_size, interpolation, draft, rank, world_size)
+    kwargs = dict(persistent_workers=persistent_workers) if num_workers > 0 else {}
+    return DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=EvalCollate(patch_size, packing, max_seq_len), pin_memory=pin_memory,
+                      drop_last=False, **kwargs)

@@ -1,0 +1,48 @@
+"""Per-sample pipeline: file -> uint8 HWC image whose patch grid fits the step's sequence length.
+
+Train (NaViT arXiv:2307.06304 / SigLIP 2 NaFlex arXiv:2502.14786, timm's RandomResizedCropToSequence):
+read the header, sample the crop in upright full-resolution coordinates, decode (JPEG draft when the output is
+>= 2x smaller), crop+resize straight to grid*P (``--train-interpolation``; 'random' = bilinear or bicubic),
+then flip / RandAugment / jitter / grayscale (augment.ImageAugment) on the PIL image.
+
+Eval: timm's NaFlex eval rule (ResizeToSequence): aspect-preserving resize of the whole image to the largest
+grid that fits ``max_seq_len``, no crop. JPEG draft is off by default here so pixels match timm's.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from augment.geometry import fit_grid_to_seq, sample_rrc
+from augment.policy import AugConfig, ImageAugment
+
+from .decode import decode_resized, open_image, pil_to_hwc
+
+
+class TrainSampleBuilder:
+    def __init__(self, aug: AugConfig):
+        self.cfg = aug
+        self.augment = ImageAugment(aug)
+        self.interps = aug.interpolations()
+
+    def __call__(self, path: str, seq_len: int, patch_size: int, rng: random.Random) -> torch.Tensor:
+        opened = open_image(path)
+        _, h, w, _ = opened
+        crop = sample_rrc(h, w, rng, patch_size=patch_size, max_seq_len=seq_len,
+                          scale=self.cfg.scale, ratio=self.cfg.ratio)
+        interp = self.interps[0] if len(self.interps) == 1 else rng.choice(self.interps)
+        out_hw = (crop.grid_h * patch_size, crop.grid_w * patch_size)
+        img = decode_resized(path, (crop.top, crop.left, crop.height, crop.width), out_hw, interp,
+                             draft=self.cfg.draft, opened=opened)
+        img = self.augment(img, rng)
+        return pil_to_hwc(img)
+
+
+def eval_sample(path: str, max_seq_len: int, patch_size: int, interpolation: str = 'bicubic',
+                draft: bool = False) -> torch.Tensor:
+    opened = open_image(path)
+    _, h, w, _ = opened
+    gh, gw = fit_grid_to_seq(h, w, patch_size, max_seq_len)
+    img = decode_resized(path, None, (gh * patch_size, gw * patch_size), interpolation, draft=draft, opened=opened)
+    return pil_to_hwc(img)

@@ -1,0 +1,126 @@
+"""Sequence-length / batch-size schedule for NaFlex training (NaViT arXiv:2307.06304 token budgets,
+FlexiViT arXiv:2212.08013 patch-size randomisation), with timm 1.0.31's semantics.
+
+- Token budget per step: ``tokens_per_batch = -b x max(seq_lens)``; a step at length L holds
+  ``max(1, floor(budget / L / divisor) * divisor)`` images (divisor 8), the last step of the epoch fewer.
+- The multiset of (L, batch size) steps is fixed from ``seed`` (one L drawn uniformly per step until the
+  rank's samples are covered), so every epoch has the same number of steps on every rank.
+- Each epoch: the indices are shuffled from (seed, epoch), padded by wrapping to a multiple of world_size
+  (the only duplicates: ``ceil(n / W) * W - n`` per epoch) and dealt rank-strided, so ranks hold disjoint
+  shards; the step order is permuted from (seed, epoch) and a patch size is drawn per step — all identical
+  on every rank. Everything is a pure function of (seed, epoch, rank, world_size, n): re-runs and resumes are
+  exact.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+def batch_size_for(seq_len: int, tokens_per_batch: int, divisor: int = 8) -> int:
+    """``max(1, floor(tokens_per_batch / seq_len / divisor) * divisor)`` (timm's floor rounding)."""
+    raw = tokens_per_batch / seq_len
+    bs = math.floor(raw / divisor) * divisor if divisor > 1 else int(raw)
+    return max(1, bs)
+
+
+@dataclass(frozen=True)
+class Step:
+    seq_len: int
+    patch_size: int
+    indices: np.ndarray  # dataset indices of this rank's images for the step
+
+
+class SeqLenSchedule:
+    def __init__(
+            self,
+            num_samples: int,
+            seq_lens: Sequence[int] = (128, 256, 576, 784, 1024),
+            tokens_per_batch: int = 64 * 1024,
+            *,
+            seed: int = 42,
+            rank: int = 0,
+            world_size: int = 1,
+            patch_sizes: Sequence[int] = (16,),
+            patch_size_probs: Optional[Sequence[float]] = None,
+            divisor: int = 8,
+            shuffle: bool = True,
+    ):
+        if num_samples <= 0:
+            raise ValueError("empty dataset")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.num_samples = num_samples
+        self.seq_lens = sorted(set(int(s) for s in seq_lens))
+        self.tokens_per_batch = int(tokens_per_batch)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.patch_sizes = [int(p) for p in patch_sizes]
+        if patch_size_probs is None:
+            probs = [1.0] * len(self.patch_sizes)
+        else:
+            if len(patch_size_probs) != len(self.patch_sizes):
+                raise ValueError("patch_size_probs must have one entry per patch size")
+            probs = [float(p) for p in patch_size_probs]
+        if sum(probs) <= 0:
+            raise ValueError("patch_size_probs sum to zero")
+        self.patch_size_probs = [p / sum(probs) for p in probs]
+        self.divisor = divisor
+        self.shuffle = shuffle
+        self.samples_per_rank = -(-num_samples // world_size)
+        self.canonical: List[Tuple[int, int]] = self._canonical()
+        self._cache_epoch = None
+        self._cache_steps: List[Step] = []
+
+    def _canonical(self) -> List[Tuple[int, int]]:
+        rng = random.Random(f"naflex-canonical/{self.seed}")
+        steps, remaining = [], self.samples_per_rank
+        while remaining > 0:
+            L = self.seq_lens[rng.randrange(len(self.seq_lens))]
+            bs = min(batch_size_for(L, self.tokens_per_batch, self.divisor), remaining)
+            steps.append((L, bs))
+            remaining -= bs
+        return steps
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.canonical)
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This rank's dataset indices for ``epoch``, in consumption order (length samples_per_rank)."""
+        n, W = self.num_samples, self.world_size
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, int(epoch), 0x6E61666C]).permutation(n)
+        else:
+            perm = np.arange(n)
+        total = self.samples_per_rank * W
+        if total > n:
+            perm = np.concatenate([perm, perm[:total - n]])
+        return perm[self.rank::W]
+
+    def steps(self, epoch: int) -> List[Step]:
+        if self._cache_epoch == epoch:
+            return self._cache_steps
+        rng = random.Random(f"naflex-epoch/{self.seed}/{int(epoch)}")
+        order = list(range(self.num_steps))
+        if self.shuffle:
+            rng.shuffle(order)
+        indices = self.epoch_indices(epoch)
+        steps, pos = [], 0
+        for k in order:
+            L, bs = self.canonical[k]
+            p = self.patch_sizes[0] if len(self.patch_sizes) == 1 else \
+                rng.choices(self.patch_sizes, weights=self.patch_size_probs)[0]
+            steps.append(Step(L, p, indices[pos:pos + bs]))
+            pos += bs
+        self._cache_epoch, self._cache_steps = epoch, steps
+        return steps
+
+    def step(self, epoch: int, step: int) -> Step:
+        return self.steps(epoch)[step]

@@ -1,0 +1,136 @@
+"""NaFlex training loader: one DataLoader item = one whole step (variable sequence length, NaViT
+arXiv:2307.06304; variable patch size per step, FlexiViT arXiv:2212.08013; SigLIP 2 arXiv:2502.14786 NaFlex).
+
+Design: the sampler lives in the main process and yields step keys ``(epoch, step)``; a map-style dataset
+builds the whole batch for a key inside a worker. So
+- DataLoader workers split steps round-robin with no duplicates, and batches come back in step order;
+- ``set_epoch`` only changes the sampler, so it works with persistent workers;
+- ``set_start_step(k)`` makes the next epoch iteration start at step k (exact mid-epoch resume);
+- every random choice of a sample comes from ``random.Random`` seeded by (seed, epoch, step, slot), so a batch
+  is identical whatever the number of workers, and re-runs are exact.
+
+A file that fails to decode is replaced by another index drawn from the same slot RNG (the step keeps its
+shape) and its path is listed in ``inputs['bad_files']``.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from augment.mixup import MixupConfig, mix_variable_size
+from augment.policy import AugConfig
+
+from .packing import collate
+from .pipeline import TrainSampleBuilder
+from .schedule import SeqLenSchedule
+
+MAX_REPLACEMENTS = 20
+
+
+class StepSampler(Sampler):
+    def __init__(self, schedule: SeqLenSchedule):
+        self.schedule = schedule
+        self.epoch = 0
+        self.start_step = 0
+
+    def __len__(self) -> int:
+        return self.schedule.num_steps - self.start_step
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch, start = self.epoch, self.start_step
+        self.start_step = 0  # resume offset applies to one pass only
+        for s in range(start, self.schedule.num_steps):
+            yield (epoch, s)
+
+
+class StepDataset(Dataset):
+    """Map-style: ``ds[(epoch, step)] -> (inputs, target)`` for the whole step."""
+
+    def __init__(self, dataset, schedule: SeqLenSchedule, aug: AugConfig, mixup: Optional[MixupConfig],
+                 packing: bool = True, seed: int = 42):
+        self.dataset = dataset
+        self.schedule = schedule
+        self.builder = TrainSampleBuilder(aug)
+        self.erasing = self.builder.augment.erasing
+        self.mixup = mixup if (mixup is not None and mixup.active) else None
+        self.packing = packing
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.schedule.num_steps
+
+    def _load(self, idx: int, L: int, P: int, rng: random.Random, bad: List[str]):
+        n = len(self.dataset)
+        for _ in range(MAX_REPLACEMENTS):
+            path = self.dataset.path(idx)
+            try:
+                return self.builder(path, L, P, rng), self.dataset.target(idx)
+            except Exception as e:  # undecodable file: report and replace
+                bad.append(path)
+                warnings.warn(f"bad image {path}: {type(e).__name__}: {e}")
+                idx = rng.randrange(n)
+        raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive undecodable images; last: {bad[-1]}")
+
+    def __getitem__(self, key: Tuple[int, int]):
+        epoch, step_idx = key
+        step = self.schedule.step(epoch, step_idx)
+        L, P = step.seq_len, step.patch_size
+        imgs, targets, bad, rngs = [], [], [], []
+        for slot, idx in enumerate(step.indices.tolist()):
+            rng = random.Random(f"{self.seed}/{epoch}/{step_idx}/{slot}")
+            img, t = self._load(idx, L, P, rng, bad)
+            imgs.append(img)
+            targets.append(t)
+            rngs.append(rng)
+        if self.mixup is not None:
+            mix_rng = random.Random(f"{self.seed}/{epoch}/{step_idx}/mix")
+            imgs, target, _, _ = mix_variable_size(imgs, targets, self.mixup, mix_rng)
+        else:
+            target = torch.tensor(targets, dtype=torch.int64)
+        if self.erasing is not None:
+            imgs = [self.erasing(x, r) for x, r in zip(imgs, rngs)]
+        inputs = collate(imgs, P, self.packing, L, bad)
+        return inputs, target
+
+
+class TrainLoader:
+    """Iterable of ``(inputs, target)`` steps. ``len()`` = steps per epoch (same on every rank)."""
+
+    def __init__(self, step_dataset: StepDataset, *, num_workers: int = 4, pin_memory: bool = False,
+                 persistent_workers: bool = True, prefetch_factor: Optional[int] = 2, epoch: int = 0):
+        self.step_dataset = step_dataset
+        self.schedule = step_dataset.schedule
+        self.sampler = StepSampler(self.schedule)
+        self.sampler.epoch = epoch
+        kwargs = {}
+        if num_workers > 0:
+            kwargs = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+        self.loader = DataLoader(step_dataset, batch_size=None, sampler=self.sampler, num_workers=num_workers,
+                                 pin_memory=pin_memory, **kwargs)
+
+    def __len__(self) -> int:
+        return self.schedule.num_steps
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.epoch = int(epoch)
+
+    def set_start_step(self, step: int) -> None:
+        """The next iteration yields steps ``step .. len(self)-1`` of the current epoch."""
+        if not 0 <= step <= self.schedule.num_steps:
+            raise ValueError(f"start step {step} outside [0, {self.schedule.num_steps}]")
+        self.sampler.start_step = int(step)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    @property
+    def dataset(self):
+        return self.step_dataset.dataset

@@ -1,0 +1,190 @@
+"""Train/eval loader, packing and device prefetch on small generated image folders."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import loaders
+from augment import AugConfig, MixupConfig
+from loaders.packing import pack, pad, patchify_hwc
+from loaders.prefetch import normalize_patches
+
+
+def make_folder(root, num_classes=3, per_class=7, seed=0):
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        d = root / 'train' / f'class{c}'
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            h, w = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(d / f'img{i}.jpg' if i % 2 else d / f'img{i}.png')
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_folder(tmp_path)
+
+
+def small_loader(root, **kw):
+    args = dict(seq_lens=(16, 32, 64), batch_size=4, patch_size=8, num_workers=0, seed=3)
+    args.update(kw)
+    return loaders.create_train_loader(root, 'train', **args)
+
+
+def test_packed_batch_format(folder):
+    ld = small_loader(folder)
+    inputs, target = next(iter(ld))
+    B = inputs['seq_lens'].shape[0]
+    T = int(inputs['seq_lens'].sum())
+    assert inputs['patches'].dtype == torch.uint8 and inputs['patches'].shape == (T, 8 * 8 * 3)
+    assert inputs['patch_coord'].shape == (T, 2) and inputs['patch_coord'].dtype == torch.int32
+    assert inputs['cu_seqlens'].tolist() == [0] + torch.cumsum(inputs['seq_lens'], 0).tolist()
+    assert inputs['cu_seqlens'].dtype == torch.int32 and inputs['seq_lens'].dtype == torch.int32
+    gs = inputs['grid_sizes']
+    assert gs.shape == (B, 2) and (gs[:, 0] * gs[:, 1]).tolist() == inputs['seq_lens'].tolist()
+    assert inputs['max_seqlen'] == int(inputs['seq_lens'].max())
+    assert inputs['patch_size'] == 8 and inputs['bad_files'] == []
+    assert target.dtype == torch.int64 and target.shape == (B,)
+    # coordinates are row-major inside each image's grid
+    cu = inputs['cu_seqlens']
+    for b in range(B):
+        c = inputs['patch_coord'][cu[b]:cu[b + 1]]
+        gh, gw = gs[b].tolist()
+        assert c[:, 0].max() == gh - 1 and c[:, 1].max() == gw - 1 and c[1, 1] == (1 if gw > 1 else 0)
+
+
+def test_padded_batch_format(folder):
+    ld = small_loader(folder, packing=False)
+    inputs, target = next(iter(ld))
+    B, N, D = inputs['patches'].shape
+    L = ld.schedule.step(0, 0).seq_len
+    assert N == L and D == 192 and inputs['patches'].dtype == torch.uint8
+    assert inputs['patch_valid'].shape == (B, N) and inputs['patch_coord'].shape == (B, N, 2)
+    assert (inputs['patches'][~inputs['patch_valid']] == 0).all()
+
+
+def test_patchify_matches_timm_layout():
+    from timm.data.naflex_transforms import patchify_image
+    img = torch.randint(0, 256, (32, 48, 3), dtype=torch.uint8)
+    ours = patchify_hwc(img, 16)
+    ref, coord, _ = patchify_image(img.permute(2, 0, 1).contiguous(), (16, 16), channels_last=True)
+    assert torch.equal(ours, ref)
+    packed = pack([img, img[:16]], 16)
+    assert torch.equal(packed['patch_coord'][:6].long(), coord)
+    padded = pad([img], 16, seq_len=8)
+    assert torch.equal(padded['patches'][0, :6], ref) and padded['patch_valid'][0].sum() == 6
+
+
+def test_prefetcher_normalizes_on_device(folder):
+    ld = small_loader(folder, num_workers=0)
+    mean, std = (0.48, 0.45, 0.40), (0.27, 0.26, 0.28)
+    pf = loaders.DevicePrefetcher(ld, 'cpu', mean=mean, std=std)
+    assert len(pf) == len(ld)
+    raw, _ = next(iter(ld))
+    got, _ = next(iter(pf))
+    p = raw['patches'].float().view(raw['patches'].shape[0], -1, 3)
+    ref = ((p / 255 - torch.tensor(mean)) / torch.tensor(std)).view(raw['patches'].shape)
+    assert got['patches'].dtype == torch.float32
+    torch.testing.assert_close(got['patches'], ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got['seq_lens'], raw['seq_lens']) and got['max_seqlen'] == raw['max_seqlen']
+
+
+def test_normalize_padded_shape():
+    p = torch.randint(0, 256, (2, 5, 12), dtype=torch.uint8)
+    out = normalize_patches(p, torch.tensor([0.5] * 3), torch.tensor([0.5] * 3))
+    torch.testing.assert_close(out, p.float() / 127.5 - 1)
+
+
+def _epoch_keys(ld, epoch):
+    ld.set_epoch(epoch)
+    out = []
+    for inputs, target in ld:
+        out.append((inputs['patches'].clone(), target.clone(), inputs['seq_lens'].clone()))
+    return out
+
+
+def test_deterministic_and_worker_independent(folder):
+    aug = AugConfig(aa='rand-m9-mstd1.0', grayscale_prob=0.2, reprob=0.5)
+    mix = MixupConfig(num_classes=3, mixup_alpha=0.8, cutmix_alpha=1.0)
+    a = _epoch_keys(small_loader(folder, num_workers=0, aug=aug, mixup=mix), 1)
+    b = _epoch_keys(small_loader(folder, num_workers=2, aug=aug, mixup=mix), 1)
+    assert len(a) == len(b) > 1
+    for (pa, ta, la), (pb, tb, lb) in zip(a, b):
+        assert torch.equal(pa, pb) and torch.equal(ta, tb) and torch.equal(la, lb)
+    c = _epoch_keys(small_loader(folder, num_workers=0, aug=aug, mixup=mix), 2)
+    assert any(x[0].shape != y[0].shape or not torch.equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+def test_set_epoch_with_persistent_workers_and_resume(folder):
+    ld = small_loader(folder, num_workers=2, persistent_workers=True)
+    e0 = _epoch_keys(ld, 0)
+    e1 = _epoch_keys(ld, 1)
+    ref1 = _epoch_keys(small_loader(folder, num_workers=0), 1)
+    assert len(e1) == len(ref1) == len(ld)
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(e1, ref1))
+    assert any(x[0].shape != y[0].shape or not torch.equal(x[0], y[0]) for x, y in zip(e0, e1))
+    # exact mid-epoch resume
+    ld.set_epoch(1)
+    ld.set_start_step(2)
+    resumed = [(x['patches'], t) for x, t in ld]
+    assert len(resumed) == len(ld) - 2
+    assert all(torch.equal(r[0], e[0]) and torch.equal(r[1], e[1]) for r, e in zip(resumed, e1[2:]))
+    # start offset is one-shot
+    assert len(_epoch_keys(ld, 1)) == len(ld)
+
+
+def test_train_loader_sees_every_file_once(folder):
+    ld = small_loader(folder)
+    ds = ld.dataset
+    seen = []
+    for epoch in range(2):
+        steps = ld.schedule.steps(epoch)
+        idx = np.concatenate([s.indices for s in steps])
+        assert sorted(idx.tolist()) == list(range(len(ds)))
+        seen.append(idx.tolist())
+    assert seen[0] != seen[1]
+
+
+def test_mixup_targets_are_soft(folder):
+    mix = MixupConfig(num_classes=0, mixup_alpha=0.8, cutmix_alpha=1.0, smoothing=0.1)
+    ld = small_loader(folder, mixup=mix)
+    inputs, target = next(iter(ld))
+    assert target.dtype == torch.float32 and target.shape == (inputs['seq_lens'].shape[0], 3)
+    torch.testing.assert_close(target.sum(1), torch.ones(target.shape[0]))
+
+
+def test_eval_loader_grid_and_sharding(folder):
+    from timm.data.naflex_transforms import get_image_size_for_seq
+    ds = loaders.ImageFolderDataset(folder, 'train')
+    seen = []
+    for rank in range(3):
+        ev = loaders.create_eval_loader(folder, 'train', max_seq_len=64, batch_size=5, patch_size=8,
+                                        num_workers=0, rank=rank, world_size=3)
+        for inputs, target in ev:
+            seen.extend(target.tolist())
+            assert int(inputs['seq_lens'].max()) <= 64
+    assert sorted(seen) == sorted(ds.targets.tolist())
+    ev = loaders.create_eval_loader(folder, 'train', max_seq_len=64, batch_size=64, patch_size=8, num_workers=0)
+    inputs, _ = next(iter(ev))
+    for i in range(len(ds)):
+        w, h = Image.open(ds.path(i)).size
+        _, (th, tw) = get_image_size_for_seq((h, w), 8, 64)
+        assert inputs['grid_sizes'][i].tolist() == [th // 8, tw // 8]
+
+
+def test_create_from_args(folder):
+    import argparse
+    from loaders.args import add_loader_args
+    p = add_loader_args(argparse.ArgumentParser())
+    args = p.parse_args(['--data-dir', str(folder), '--train-split', 'train', '--val-split', 'train',
+                         '--naflex-train-seq-lens', '16', '32', '-b', '4', '-j', '0', '--mixup', '0.8',
+                         '--cutmix', '1.0', '--aa', 'rand-m8-inc1-mstd1.0', '--naflex-max-seq-len', '32'])
+    train, val = loaders.create_loaders_from_args(args, patch_size=8)
+    x, t = next(iter(train))
+    assert t.shape[1] == 3 and int(x['seq_lens'].max()) <= 32
+    x, t = next(iter(val))
+    assert t.dtype == torch.int64 and int(x['seq_lens'].max()) <= 32
