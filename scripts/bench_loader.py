@@ -1,0 +1,116 @@
+"""Benchmark: our NaFlex train loader vs timm 1.0.31's ``create_naflex_loader``, same flags, same folder.
+
+Command (the documented augmentations; ~3-4 min on 2 busy CPU cores with caltech101):
+    python scripts/bench_loader.py --data-dir ../shared/data/caltech101 -j 2 \
+        --aa rand-m8-inc1-mstd1.0 --grayscale-prob .1 --reprob 0 --mixup 0.8 --cutmix 1.0 -b 64 \
+        --naflex-train-seq-lens 128 256 576 784 1024
+Add ``--steps N`` to stop each loader after N steps (default: one full epoch each).
+
+Both are measured at the output of the CPU DataLoader (what the workers produce; no device copy): timm's
+float32 padded batches, our uint8 packed ones. Throughput counts the time after the first batch arrives (worker
+start-up excluded for both); ``valid tokens`` = real image patches (timm: patch_valid.sum(), ours: seq_lens.sum()).
+Runs each loader ``--repeats`` times, alternating, and reports the best run of each (least disturbed by other
+load on a shared machine). Related: NaViT arXiv:2307.06304 (packing), SigLIP 2 arXiv:2502.14786 (NaFlex).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from loaders.args import add_loader_args, aug_config_from_args, mixup_config_from_args  # noqa: E402
+
+
+def build_ours(args, num_classes):
+    import loaders
+    return loaders.create_train_loader(
+        args.data_dir, args.train_split, seq_lens=args.naflex_train_seq_lens, batch_size=args.batch_size,
+        patch_size=16, num_workers=args.workers, seed=args.seed, aug=aug_config_from_args(args),
+        mixup=mixup_config_from_args(args, num_classes), num_classes=num_classes, persistent_workers=False)
+
+
+def build_timm(args, num_classes):
+    from timm.data import create_dataset
+    from timm.data.naflex_loader import create_naflex_loader
+    from timm.data.naflex_mixup import NaFlexMixup
+    ds = create_dataset('', root=args.data_dir, split=args.train_split, is_training=True)
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup_fn = NaFlexMixup(num_classes=num_classes, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                               switch_prob=args.mixup_switch_prob, prob=args.mixup_prob,
+                               label_smoothing=args.smoothing)
+    loader = create_naflex_loader(
+        ds, patch_size=16, train_seq_lens=args.naflex_train_seq_lens, batch_size=args.batch_size,
+        is_training=True, mixup_fn=mixup_fn, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, color_jitter=args.color_jitter,
+        grayscale_prob=args.grayscale_prob, auto_augment=args.aa, interpolation=args.train_interpolation,
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), num_workers=args.workers, seed=args.seed,
+        use_prefetcher=True, device=torch.device('cpu'), persistent_workers=False, pin_memory=False)
+    return getattr(loader, 'loader', loader)  # the DataLoader under timm's NaFlexPrefetchLoader
+
+
+def run(loader, kind, max_steps):
+    n_img = n_tok = steps = 0
+    t_start = time.perf_counter()
+    t_first = None
+    for inputs, target in loader:
+        if t_first is None:
+            t_first = time.perf_counter()
+        else:  # count batches after the first one
+            if kind == 'ours':
+                n_tok += int(inputs['seq_lens'].sum())
+                n_img += int(inputs['seq_lens'].numel())
+            else:
+                n_tok += int(inputs['patch_valid'].sum())
+                n_img += int(inputs['patch_valid'].shape[0])
+        steps += 1
+        if max_steps and steps >= max_steps:
+            break
+    t_end = time.perf_counter()
+    dt = max(1e-9, t_end - (t_first or t_end))
+    return dict(img_s=n_img / dt, tok_s=n_tok / dt, steps=steps, seconds=t_end - t_start)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    add_loader_args(p)
+    p.add_argument('--steps', type=int, default=0, help='stop each run after N steps (0 = one epoch)')
+    p.add_argument('--repeats', type=int, default=1)
+    p.add_argument('--only', choices=('ours', 'timm'), default=None)
+    args = p.parse_args(argv)
+    if args.data_dir is None:
+        p.error('--data-dir is required')
+    torch.set_num_threads(1)
+    num_classes = sum(1 for e in os.scandir(Path(args.data_dir) / args.train_split) if e.is_dir())
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {platform.node()} cpus={os.cpu_count()} "
+          f"torch={torch.__version__} workers={args.workers} -b {args.batch_size} "
+          f"seq_lens={args.naflex_train_seq_lens} aa={args.aa} mixup={args.mixup} cutmix={args.cutmix}")
+    best = {}
+    kinds = [args.only] if args.only else ['timm', 'ours']
+    for rep in range(args.repeats):
+        for kind in kinds:
+            loader = build_ours(args, num_classes) if kind == 'ours' else build_timm(args, num_classes)
+            r = run(loader, kind, args.steps)
+            del loader
+            print(f"{kind:5s} run {rep}: {r['img_s']:8.1f} img/s {r['tok_s'] / 1e3:8.1f}k valid tok/s "
+                  f"({r['steps']} steps, {r['seconds']:.1f}s)", flush=True)
+            if kind not in best or r['tok_s'] > best[kind]['tok_s']:
+                best[kind] = r
+    print("\n| loader | images/s | valid tokens/s |\n|---|---|---|")
+    for kind in kinds:
+        print(f"| {kind} | {best[kind]['img_s']:.1f} | {best[kind]['tok_s'] / 1e3:.1f}k |")
+    if len(best) == 2:
+        print(f"| ours/timm | {best['ours']['img_s'] / best['timm']['img_s']:.2f}x | "
+              f"{best['ours']['tok_s'] / best['timm']['tok_s']:.2f}x |")
+    return best
+
+
+if __name__ == '__main__':
+    main()
