@@ -1,0 +1,169 @@
+"""Augmentations: RandAugment ops never raise, spec parsing, jitter/grayscale/erasing, MixUp/CutMix targets."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from augment import AugConfig, ImageAugment, MixupConfig, RandAugment, RandomErasing, mix_variable_size
+from augment.randaugment import (LEVEL_TO_ARG, OPS, OpContext, RAND_INCREASING_OPS, RAND_OPS, apply_op,
+                                 parse_rand_augment)
+from torchvision.transforms import InterpolationMode
+
+ALL_OPS = sorted(OPS)
+# magnitudes 0..10 by 0.5, plus what mstd noise with a large mmax can reach
+LEVELS = [i / 2 for i in range(21)] + [13.7, 20, 30, 100]
+
+
+def _imgs(h, w, seed=0):
+    arr = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return Image.fromarray(arr), torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+@pytest.mark.parametrize('name', ALL_OPS)
+def test_every_op_every_magnitude_never_raises(name):
+    rng = random.Random(0)
+    for h, w in ((1, 1), (2, 3), (1, 40), (33, 17)):
+        pil, ten = _imgs(h, w)
+        for interp in (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC):
+            ctx = OpContext((128, 128, 128), interp)
+            for level in LEVELS:
+                out = apply_op(name, pil, level, rng, ctx)
+                assert isinstance(out, Image.Image) and out.size == (w, h) and out.mode == 'RGB'
+                out_t = apply_op(name, ten, level, rng, ctx)
+                assert out_t.shape == ten.shape and out_t.dtype == torch.uint8
+
+
+def test_op_sets_are_timms():
+    from timm.data import auto_augment as aa
+    assert RAND_OPS == aa._RAND_TRANSFORMS and RAND_INCREASING_OPS == aa._RAND_INCREASING_TRANSFORMS
+    for name in ALL_OPS:
+        assert name in aa.LEVEL_TO_ARG
+
+
+@pytest.mark.parametrize('name', [n for n in sorted(LEVEL_TO_ARG) if LEVEL_TO_ARG[n] is not None])
+def test_magnitude_mapping_matches_timm(name):
+    from timm.data import auto_augment as aa
+    centre = 1.0 if name.endswith('Increasing') and not name.startswith(('Posterize', 'Solarize')) else 0.0
+    for level in LEVELS[:21]:  # the random sign is drawn differently: compare distance from the neutral value
+        ours = abs(LEVEL_TO_ARG[name](level, random.Random(1)) - centre)
+        theirs = abs(aa.LEVEL_TO_ARG[name](level, {'translate_const': 100})[0] - centre)
+        assert ours == pytest.approx(theirs), (name, level)
+
+
+def test_posterize_zero_bits_and_solarize_256():
+    pil, ten = _imgs(8, 8)
+    ctx = OpContext((128,) * 3, InterpolationMode.BILINEAR)
+    assert np.asarray(apply_op('PosterizeIncreasing', pil, 10, random.Random(0), ctx)).max() == 0
+    assert apply_op('PosterizeIncreasing', ten, 10, random.Random(0), ctx).max() == 0
+    assert np.array_equal(np.asarray(apply_op('Solarize', pil, 10, random.Random(0), ctx)), np.asarray(pil))
+    assert torch.equal(apply_op('Solarize', ten, 10, random.Random(0), ctx), ten)
+
+
+def test_pil_and_tensor_ops_agree_on_pointwise_ops():
+    pil, ten = _imgs(16, 16)
+    ctx = OpContext((128,) * 3, InterpolationMode.BILINEAR)
+    for name in ('Invert', 'Posterize', 'Solarize', 'SolarizeAdd', 'Equalize', 'AutoContrast'):
+        a = torch.from_numpy(np.array(apply_op(name, pil, 5, random.Random(0), ctx))).permute(2, 0, 1)
+        b = apply_op(name, ten, 5, random.Random(0), ctx)
+        assert (a.int() - b.int()).abs().max() <= 1, name
+
+
+def test_parse_spec():
+    s = parse_rand_augment('rand-m8-inc1-mstd1.0')
+    assert s.magnitude == 8 and s.magnitude_std == 1.0 and s.num_layers == 2 and s.prob == 0.5
+    assert s.ops == RAND_INCREASING_OPS
+    s = parse_rand_augment('rand-m9-n3-mstd101-mmax20-p0.7-tweights')
+    assert s.num_layers == 3 and s.magnitude_std == float('inf') and s.magnitude_max == 20 and s.prob == 0.7
+    assert s.weights is not None and abs(sum(s.weights) - 1) < 1e-9
+    with pytest.raises(ValueError):
+        parse_rand_augment('rand-q3')
+    with pytest.raises(ValueError):
+        parse_rand_augment('augmix-m3')
+
+
+def test_mstd_extremes_never_raise():
+    rng = random.Random(0)
+    pil, _ = _imgs(24, 40)
+    for spec in ('rand-m8-inc1-mstd1.0', 'rand-m10-mstd100-mmax30', 'rand-m30-mmax30-inc1-n4-p1.0',
+                 'rand-m0-mstd200', 'rand-m9-mstd0.5-inc1-t3a', 'rand-m9-mstd0.5-tweights', 'rand-m7-t3aw-n3'):
+        ra = RandAugment(spec)
+        for _ in range(60):
+            out = ra(pil, rng)
+            assert out.size == pil.size
+
+
+def test_jitter_only_without_aa_and_grayscale():
+    assert ImageAugment(AugConfig(aa='rand-m9', color_jitter=0.4)).jitter is None
+    assert ImageAugment(AugConfig(aa=None, color_jitter=0.4)).jitter == (0.4, 0.4, 0.4, 0.0)
+    aug = ImageAugment(AugConfig(hflip=0, color_jitter=0, grayscale_prob=1.0))
+    pil, _ = _imgs(10, 12)
+    out = np.asarray(aug(pil, random.Random(0)))
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    flip = ImageAugment(AugConfig(hflip=1.0, color_jitter=0))
+    assert np.array_equal(np.asarray(flip(pil, random.Random(0))), np.asarray(pil)[:, ::-1])
+
+
+@pytest.mark.parametrize('mode', ['const', 'rand', 'pixel'])
+def test_random_erasing_uint8(mode):
+    img = torch.full((40, 30, 3), 7, dtype=torch.uint8)
+    er = RandomErasing(1.0, mode, 3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    out = er(img.clone(), random.Random(1))
+    changed = (out != 7).any(-1)
+    assert out.dtype == torch.uint8 and 0 < changed.float().mean() < 0.9
+    if mode == 'const':
+        assert (out[changed] == 128).all()
+
+
+def _const_img(h, w, v):
+    return torch.full((h, w, 3), v, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize('kind', ['cutmix', 'mixup'])
+def test_mixup_targets_match_pixels(kind):
+    cfg = MixupConfig(num_classes=5, mixup_alpha=0.8 if kind == 'mixup' else 0,
+                      cutmix_alpha=1.0 if kind == 'cutmix' else 0, smoothing=0.0)
+    sizes = [(32, 48), (48, 32), (16, 64), (40, 40), (24, 24), (64, 16), (8, 8)]
+    vals = [0, 200, 40, 120, 80, 160, 240]
+    imgs = [_const_img(h, w, v) for (h, w), v in zip(sizes, vals)]
+    targets = [0, 1, 2, 3, 4, 0, 1]
+    for seed in range(20):
+        out, soft, own, partner = mix_variable_size(imgs, targets, cfg, random.Random(seed))
+        torch.testing.assert_close(soft.sum(1), torch.ones(len(imgs)))
+        assert sum(p is None for p in partner) == 1  # odd batch: one unmixed
+        for i, j in enumerate(partner):
+            x = out[i].float()[..., 0]
+            if j is None:
+                assert torch.equal(out[i], imgs[i])
+                continue
+            vi, vj = vals[i], vals[j]
+            if kind == 'cutmix':
+                frac_j = (x == vj).float().mean().item()
+                tol = 1e-6
+            else:  # pixel value = own*vi + other*vj on average over the image (uint8 rounding: +-0.5)
+                frac_j = ((x.mean().item() - vi) / (vj - vi))
+                tol = 0.5 / abs(vj - vi) + 1e-4
+            assert frac_j == pytest.approx(1 - own[i], abs=tol), (seed, i)
+            expected = torch.zeros(5)
+            expected[targets[i]] += own[i]
+            expected[targets[j]] += 1 - own[i]
+            torch.testing.assert_close(soft[i], expected)
+
+
+def test_mixup_local_shuffle_changes_pairs():
+    cfg = MixupConfig(num_classes=2, cutmix_alpha=1.0, mixup_alpha=0)
+    imgs = [_const_img(16, 16 + i, i) for i in range(16)]
+    pairings = set()
+    for seed in range(10):
+        _, _, _, partner = mix_variable_size(imgs, [0] * 16, cfg, random.Random(seed))
+        pairings.add(tuple(partner))
+    assert len(pairings) > 1
+
+
+def test_mixup_smoothing_and_prob_zero():
+    cfg = MixupConfig(num_classes=4, prob=0.0, smoothing=0.1)
+    imgs = [_const_img(8, 8, 1), _const_img(8, 8, 2)]
+    out, soft, own, _ = mix_variable_size(imgs, [1, 3], cfg, random.Random(0))
+    assert out[0] is imgs[0] and own == [1.0, 1.0]
+    torch.testing.assert_close(soft[0], torch.tensor([0.025, 0.925, 0.025, 0.025]))
