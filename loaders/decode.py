@@ -84,6 +84,13 @@ def decode_resized(
     ``opened`` is the result of :func:`open_image` if the caller already has it (to sample the crop).
     """
     img, h, w, orientation = opened if opened is not None else open_image(path)
+    try:
+        return _decode_region(img, h, w, orientation, box, out_hw, interpolation, draft)
+    finally:
+        img.close()  # release the file handle now, also when decoding fails
+
+
+def _decode_region(img, h, w, orientation, box, out_hw, interpolation, draft):
     top, left, ch, cw = box if box is not None else (0, 0, h, w)
     out_h, out_w = out_hw
     if draft and img.format == 'JPEG':
@@ -104,10 +111,9 @@ def decode_resized(
     # Box in the (possibly reduced) upright image.
     sy, sx = img.height / h, img.width / w
     pil_box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
-    resample = PIL_INTERP[interpolation]
     if pil_box == (0, 0, img.width, img.height) and (out_w, out_h) == img.size:
-        return img
-    return img.resize((out_w, out_h), resample=resample, box=pil_box)
+        return img.copy() if img.mode == 'RGB' else img
+    return img.resize((out_w, out_h), resample=PIL_INTERP[interpolation], box=pil_box)
 
 
 def pil_to_hwc(img: Image.Image):

@@ -1,0 +1,162 @@
+"""Datasets (folder scan, class order, splits), decoding (modes, EXIF, JPEG draft) and bad-file handling."""
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import loaders
+from loaders.bad_files import BadFileTracker, TooManyBadFiles
+from loaders.dataset import ImageFolderDataset
+from loaders.decode import decode_resized, open_image, to_rgb
+
+
+def _rand(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _smooth(h, w):
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([(x * 255 // max(1, w - 1)), (y * 255 // max(1, h - 1)), (x + y) % 256], -1).astype(np.uint8)
+
+
+def make_odd_files(d):
+    """Decodable-but-unusual files and undecodable ones. Returns (good names, bad names)."""
+    d.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_rand(40, 50)).save(d / 'normal.jpg')
+    Image.fromarray(_rand(1, 1)).save(d / 'one_pixel.png')
+    Image.fromarray(_rand(20, 10000)).save(d / 'wide_10000x20.png')  # 10000 wide, 20 high
+    Image.fromarray(_rand(30, 30)).convert('CMYK').save(d / 'cmyk.jpg')
+    Image.fromarray((np.arange(24 * 24).reshape(24, 24) * 100).astype(np.uint16)).save(d / 'sixteen_bit.png')
+    pal = Image.fromarray(_rand(20, 20)).convert('P', palette=Image.Palette.ADAPTIVE, colors=16)
+    pal.info['transparency'] = 0
+    pal.save(d / 'palette_transparent.png', transparency=0)
+    Image.fromarray(_rand(20, 20)).convert('LA').save(d / 'grey_alpha.PNG')
+    buf = io.BytesIO()
+    Image.fromarray(_rand(64, 64)).save(buf, format='JPEG')
+    (d / 'truncated.jpg').write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (d / 'zero_bytes.jpg').write_bytes(b'')
+    (d / 'text.jpg').write_text('this is not an image\n' * 10)
+    good = ['normal.jpg', 'one_pixel.png', 'wide_10000x20.png', 'cmyk.jpg', 'sixteen_bit.png',
+            'palette_transparent.png', 'grey_alpha.PNG']
+    return good, ['truncated.jpg', 'zero_bytes.jpg', 'text.jpg']
+
+
+def test_class_order_matches_torchvision(tmp_path):
+    from torchvision.datasets import ImageFolder
+    for c in ['Faces', 'accordion', 'b10', 'b9', 'Zebra', 'a_b']:
+        (tmp_path / 'train' / c).mkdir(parents=True)
+        Image.fromarray(_rand(8, 8)).save(tmp_path / 'train' / c / 'x.JPEG')
+        Image.fromarray(_rand(8, 8)).save(tmp_path / 'train' / c / 'y.webp')
+    (tmp_path / 'train' / 'Faces' / 'notes.txt').write_text('skip me')
+    ds = ImageFolderDataset(tmp_path, 'train')
+    tv = ImageFolder(str(tmp_path / 'train'))
+    assert ds.classes == tv.classes and ds.class_to_idx == tv.class_to_idx
+    assert sorted((ds.relpath(i), ds.target(i)) for i in range(len(ds))) == sorted(
+        (str(p.relative_to(tmp_path / 'train')), t) for p, t in ((__import__('pathlib').Path(p), t) for p, t in tv.samples))
+    nat = ImageFolderDataset(tmp_path, 'train', class_order='natural')
+    assert nat.classes == ['a_b', 'accordion', 'b9', 'b10', 'Faces', 'Zebra']
+
+
+def test_split_aliases_text_split_and_cache(tmp_path):
+    for split in ('train', 'val'):
+        for c in ('a', 'b'):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(_rand(8, 8, i)).save(tmp_path / split / c / f'{i}.png')
+    assert len(ImageFolderDataset(tmp_path, 'validation')) == 6  # 'validation' -> val/
+    (tmp_path / 'train_sub.txt').write_text('b/1.png\na/2.png\n')
+    sub = ImageFolderDataset(tmp_path / 'train', str(tmp_path / 'train_sub.txt'))
+    assert [sub.target(i) for i in range(2)] == [1, 0] and sub.path(0).endswith('b/1.png')
+    with pytest.raises(FileNotFoundError):
+        ImageFolderDataset(tmp_path, 'test')
+    cache = tmp_path / 'cache'
+    a = ImageFolderDataset(tmp_path, 'train', cache_dir=cache)
+    b = ImageFolderDataset(tmp_path, 'train', cache_dir=cache)
+    assert len(list(cache.iterdir())) == 1 and [a.path(i) for i in range(6)] == [b.path(i) for i in range(6)]
+
+
+def test_decode_modes_to_rgb(tmp_path):
+    good, bad = make_odd_files(tmp_path)
+    for name in good:
+        img = decode_resized(tmp_path / name, None, (16, 16))
+        assert img.mode == 'RGB' and img.size == (16, 16)
+    # 16-bit grey is scaled, not clipped
+    arr = np.asarray(to_rgb(Image.open(tmp_path / 'sixteen_bit.png')))
+    assert arr.max() > 200 and len(np.unique(arr[..., 0])) > 100
+    for name in bad:
+        with pytest.raises(Exception):
+            decode_resized(tmp_path / name, None, (16, 16))
+
+
+def test_exif_orientation(tmp_path):
+    img = Image.fromarray(_smooth(20, 40))  # 40 wide, 20 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    img.save(tmp_path / 'rot.jpg', exif=exif, quality=95)
+    _, h, w, orient = open_image(tmp_path / 'rot.jpg')
+    assert (h, w, orient) == (40, 20, 6)
+    out = decode_resized(tmp_path / 'rot.jpg', None, (40, 20))
+    assert out.size == (20, 40)
+
+
+def test_jpeg_draft_covers_same_region(tmp_path):
+    Image.fromarray(_smooth(1200, 1600)).save(tmp_path / 'big.jpg', quality=95)
+    box = (300, 400, 800, 1000)  # top, left, h, w
+    a = np.asarray(decode_resized(tmp_path / 'big.jpg', box, (96, 120), draft=True)).astype(float)
+    b = np.asarray(decode_resized(tmp_path / 'big.jpg', box, (96, 120), draft=False)).astype(float)
+    assert a.shape == b.shape == (96, 120, 3)
+    assert np.abs(a - b).mean() < 2.0  # same region, only resampling differs
+    img = Image.open(tmp_path / 'big.jpg')
+    img.draft('RGB', (200, 150))
+    assert img.size[0] < 1600  # draft really reduces this file
+
+
+def test_bad_files_replaced_and_reported(tmp_path):
+    good, bad = make_odd_files(tmp_path / 'data' / 'train' / 'odd')
+    for i in range(6):
+        (tmp_path / 'data' / 'train' / 'ok').mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_rand(30, 40, i)).save(tmp_path / 'data' / 'train' / 'ok' / f'{i}.jpg')
+    ld = loaders.create_train_loader(tmp_path / 'data', 'train', seq_lens=(16, 64), batch_size=4, patch_size=8,
+                                     num_workers=0, seed=0)
+    reported = []
+    for epoch in range(3):
+        ld.set_epoch(epoch)
+        for step, (inputs, target) in zip(ld.schedule.steps(epoch), ld):
+            assert inputs['seq_lens'].shape[0] == len(step.indices) == target.shape[0]  # shape kept
+            assert int(inputs['seq_lens'].max()) <= step.seq_len
+            reported += inputs['bad_files']
+    names = {p.rsplit('/', 1)[1] for p in reported}
+    assert names == set(bad)  # every bad file used was reported; no decodable one was
+    tracker = BadFileTracker(tmp_path / 'out', max_fraction=0.5, min_samples=1)
+    tracker.add(reported, 3 * len(ld.dataset))
+    lines = (tmp_path / 'out' / 'bad_files.txt').read_text().split()
+    assert sorted(lines) == sorted(set(reported))
+    ev = loaders.create_eval_loader(tmp_path / 'data', 'train', max_seq_len=16, batch_size=4, patch_size=8,
+                                    num_workers=0)
+    n_ok, ev_bad = 0, []
+    for inputs, target in ev:
+        n_ok += target.shape[0]
+        ev_bad += inputs['bad_files']
+        assert inputs['seq_lens'].shape[0] == target.shape[0]
+    assert n_ok == len(good) + 6 and {p.rsplit('/', 1)[1] for p in ev_bad} == set(bad)
+
+
+def test_bad_file_tracker_threshold(tmp_path, caplog):
+    t = BadFileTracker(tmp_path, max_fraction=0.01, min_samples=100)
+    with caplog.at_level(logging.WARNING):
+        t.update({'bad_files': ['/x/a.jpg'], 'seq_lens': torch.zeros(200)})
+        t.update({'bad_files': ['/x/a.jpg'], 'seq_lens': torch.zeros(200)})
+    assert t.num_failures == 2 and caplog.text.count('/x/a.jpg') == 1  # logged once
+    assert (tmp_path / 'bad_files.txt').read_text() == '/x/a.jpg\n'
+    with pytest.raises(TooManyBadFiles, match='threshold'):
+        t.update({'bad_files': ['/x/b.jpg'] * 5, 'seq_lens': torch.zeros(10)})
+
+
+def test_shared_data_classes_and_eval(shared_data):
+    from torchvision.datasets.folder import find_classes
+    ds = ImageFolderDataset(shared_data, 'train')
+    assert ds.classes == find_classes(str(shared_data / 'train'))[0] and len(ds) == 5784
+    assert len(ImageFolderDataset(shared_data, 'validation')) == 2893
