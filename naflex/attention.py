@@ -134,6 +134,8 @@ def attend(
     if ctx.backend == 'flex':
         if dropout_p > 0:
             raise ValueError("attention dropout is not supported by the 'flex' backend")
+        # contiguous: inductor's CPU flex template fails to lower strided graph inputs (torch 2.14)
+        qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()
         out = flex_attention(qh, kh, vh, block_mask=ctx.block_mask)
     else:
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=ctx.dense_mask, dropout_p=dropout_p)

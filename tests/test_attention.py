@@ -1,0 +1,116 @@
+"""Attention backends (naflex.attention): every backend that runs here equals the dense block-diagonal
+reference, alone and inside the model (NaViT packing, arXiv:2307.06304)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import naflex
+from naflex.attention import AttnContext, attend, available_backends, resolve_backend
+
+from test_model import GRIDS, TOL, make_batches, maxdiff, pair
+
+LENS = [5, 1, 17, 9, 130]  # includes a length-1 image and one longer than FlexAttention's 128 block
+
+
+def _packed_qkv(lens, heads=2, dim=8, device='cpu', dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lens)
+    q, k, v = (torch.randn(total, heads, dim, generator=g).to(device, dtype) for _ in range(3))
+    cu = F.pad(torch.tensor(lens).cumsum(0), (1, 0)).to(device)
+    seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)).to(device)
+    return q, k, v, cu, seg
+
+
+def _per_image_reference(q, k, v, cu):
+    outs = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qi, ki, vi = (t[s:e].transpose(0, 1)[None].float() for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _run(backend, q, k, v, cu, seg):
+    ctx = AttnContext.packed_from(backend, seg, cu, max(LENS), len(LENS), q.device, q.dtype)
+    return attend(q, k, v, ctx)
+
+
+@pytest.mark.parametrize('backend', ['sdpa_dense', 'flex'])
+def test_backend_equals_per_image_attention(backend):
+    q, k, v, cu, seg = _packed_qkv(LENS)
+    out = _run(backend, q, k, v, cu, seg)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, _per_image_reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
+
+
+def test_flex_compiled_cpu():
+    """FlexAttention compiled on CPU (the fast path on GPUs) gives the same result."""
+    q, k, v, cu, seg = _packed_qkv(LENS)
+    compiled = torch.compile(_run, fullgraph=True)
+    out = compiled('flex', q, k, v, cu, seg)
+    torch.testing.assert_close(out, _per_image_reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_resolution_and_errors():
+    assert resolve_backend('auto', torch.device('cpu'), torch.float32) == 'sdpa_dense'
+    assert resolve_backend('auto', torch.device('cpu'), torch.bfloat16) == 'sdpa_dense'
+    assert resolve_backend('flex', torch.device('cpu'), torch.float32) == 'flex'
+    assert set(available_backends(torch.device('cpu'))) >= {'sdpa_dense', 'flex'}
+    with pytest.raises(ValueError, match='sdpa_dense'):
+        resolve_backend('xformers', torch.device('cpu'), torch.float32)
+
+
+@pytest.mark.parametrize('backend', ['sdpa_dense', 'flex'])
+@torch.no_grad()
+def test_model_backends_agree(backend):
+    ours, ref = pair('naflexvit_tiny_test_map')
+    padded, packed = make_batches(GRIDS)
+    ours.set_attn_backend(backend)
+    assert maxdiff(ours(packed), ref(padded)) < TOL
+
+
+def test_flex_backward_is_gpu_only_on_cpu():
+    """torch 2.14's FlexAttention has no CPU backward: training on CPU must use sdpa_dense ('auto' does)."""
+    model = naflex.create_model('naflexvit_tiny_test', attn_backend='flex')
+    _, packed = make_batches(GRIDS[:2])
+    with pytest.raises(NotImplementedError):
+        model(packed).sum().backward()
+
+
+@pytest.mark.cuda
+def test_flex_backward_matches_dense_cuda():
+    model = naflex.create_model('naflexvit_tiny_test').cuda()
+    _, packed = make_batches(GRIDS[:3])
+    packed = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed.items()}
+    grads = {}
+    for backend in ('sdpa_dense', 'flex'):
+        model.zero_grad()
+        model.set_attn_backend(backend)
+        model(packed).square().mean().backward()
+        grads[backend] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads['sdpa_dense'], grads['flex']):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_varlen_equals_reference_cuda():
+    q, k, v, cu, seg = _packed_qkv(LENS, device='cuda', dtype=torch.bfloat16)
+    ref = _per_image_reference(q, k, v, cu)
+    for backend in ('varlen', 'sdpa_dense', 'flex', 'auto'):
+        out = _run(backend, q, k, v, cu, seg)
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+def test_model_varlen_bf16_cuda():
+    ours, _ = pair('naflexvit_tiny_test_map')
+    ours = ours.cuda()
+    _, packed = make_batches(GRIDS)
+    packed = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed.items()}
+    outs = {}
+    for backend in ('varlen', 'sdpa_dense', 'flex'):
+        ours.set_attn_backend(backend)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            outs[backend] = ours(packed).float()
+    assert resolve_backend('auto', torch.device('cuda'), torch.bfloat16) == 'varlen'
+    for backend in ('sdpa_dense', 'flex'):
+        assert maxdiff(outs[backend], outs['varlen']) < 5e-2
