@@ -101,6 +101,8 @@ def evaluate(
     for inputs, target in _device_batches(loader, device, mean, std):
         if isinstance(inputs, dict):
             bad_paths.extend(inputs.get("bad_files", ()) or ())
+        if target.shape[0] == 0:  # every file of this batch failed to decode (shape is host-side: no sync)
+            continue
         with autocast:
             output = model(inputs)
         output = output.float()

@@ -1,0 +1,204 @@
+"""validate.py and naflex.evaluate end to end on the generated demo images with a tiny model.
+
+- per-image logits equal timm's NaFlex validate pipeline (timm eval transform + NaFlexCollator + timm model
+  holding the same weights);
+- packed and padded batches give the same metrics;
+- torchrun with 2 gloo processes on an odd number of images counts each image exactly once;
+- our / timm checkpoint formats (plain, training state, EMA, timm .pth with args, .safetensors) load;
+- one-line errors, bad image files counted, results files and the sweep.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import naflex
+import validate
+from loaders import ImageFolderDataset, make_eval_loader
+from loaders.demo_data import make_demo_dataset
+from naflex.evaluate import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "naflexvit_tiny_test"
+
+
+def timm_twin(model, name=MODEL):
+    """timm's NaFlexVit with our variant's config (every shared NaFlexVitCfg field) and our weights."""
+    import timm
+    from timm.models.naflexvit import NaFlexVitCfg as TimmCfg
+
+    timm_fields = {f.name for f in dataclasses.fields(TimmCfg)}
+    kw = {k: v for k, v in dataclasses.asdict(naflex.get_config(name)).items() if k in timm_fields}
+    tm = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, num_classes=model.num_classes, **kw)
+    tm.load_state_dict(model.state_dict(), strict=True)
+    return tm.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 4-class tiny model with non-trivial weights, saved as our training-state checkpoint."""
+    torch.manual_seed(0)
+    model = naflex.create_model(MODEL, num_classes=4)
+    with torch.no_grad():  # bigger head so logits spread and top-1 is not a tie-break artefact
+        model.head.weight.mul_(50)
+    path = tmp_path_factory.mktemp("ckpt") / "last.pth"
+    torch.save({"state_dict": model.state_dict(), "epoch": 1, "optimizer": {}}, path)
+    return model.eval(), path
+
+
+def _our_logits(model, split_dir, seq_len, packing, bs=5):
+    ds = ImageFolderDataset(split_dir, "")
+    loader = make_eval_loader(ds, max_seq_len=seq_len, batch_size=bs, patch_size=16, num_workers=0,
+                              packing=packing)
+    cfg = model.pretrained_cfg
+    return evaluate(model, loader, "cpu", mean=cfg["mean"], std=cfg["std"], collect_logits=True)
+
+
+@pytest.mark.parametrize("seq_len", [16, 64, 144])
+def test_logits_match_timm_validate_pipeline(demo_dataset, tiny, seq_len):
+    from timm.data import ImageDataset, create_naflex_loader
+
+    model, _ = tiny
+    cfg = model.pretrained_cfg
+    ours = _our_logits(model, demo_dataset / "val", seq_len, packing=True)
+    # timm validate.py --naflex-loader: eval transform + NaFlexCollator (padded to L) + timm model.
+    tds = ImageDataset(str(demo_dataset / "val"))
+    tloader = create_naflex_loader(tds, patch_size=16, max_seq_len=seq_len, batch_size=5, is_training=False,
+                                   interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
+                                   num_workers=0, use_prefetcher=False, device="cpu", pin_memory=False,
+                                   persistent_workers=False)
+    tm = timm_twin(model)
+    logits, targets = [], []
+    with torch.no_grad():
+        for inputs, target in tloader:
+            logits.append(tm(inputs))
+            targets.append(target)
+    ref, ref_t = torch.cat(logits), torch.cat(targets)
+    assert ours["images"] == len(tds) == 16
+    assert torch.equal(ours["targets"], ref_t)
+    torch.testing.assert_close(ours["logits"], ref, atol=2e-4, rtol=1e-4)
+    top1_ref = (ref.argmax(-1) == ref_t).float().mean().item() * 100
+    assert ours["top1"] == pytest.approx(top1_ref)
+
+
+def test_packed_equals_padded(demo_dataset, tiny):
+    model, _ = tiny
+    packed = _our_logits(model, demo_dataset / "val", 64, packing=True)
+    padded = _our_logits(model, demo_dataset / "val", 64, packing=False)
+    torch.testing.assert_close(packed["logits"], padded["logits"], atol=1e-4, rtol=1e-4)
+    for k in ("top1", "top5", "images", "valid_tokens"):
+        assert packed[k] == padded[k], k
+    assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
+
+
+def test_cli_results_files_and_sweep(demo_dataset, tiny, tmp_path, capsys):
+    _, ckpt = tiny
+    base = ["--data-dir", str(demo_dataset), "--model", MODEL, "--checkpoint", str(ckpt), "-j", "0", "-b", "7",
+            "--naflex-loader"]
+    rows = validate.main(base + ["--naflex-max-seq-len", "16", "64", "--results-file", str(tmp_path / "r.csv")])
+    out = capsys.readouterr().out
+    assert [r["seq_len"] for r in rows] == [16, 64]
+    assert "seq_len    16: top1" in out and "valid tok/s" in out
+    text = (tmp_path / "r.csv").read_text().splitlines()
+    assert text[0].startswith("model,checkpoint,seq_len,top1,top5,loss,images")
+    assert "date" in text[0] and len(text) == 3 and str(ckpt) in text[1]
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "r.png").is_file()
+    except ImportError:
+        assert "matplotlib is not installed" in out
+    rows_json = validate.main(base + ["--naflex-max-seq-len", "64", "--results-file", str(tmp_path / "r.json"),
+                                      "--padded"])
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved[0]["seq_len"] == 64 and saved[0]["packed"] is False and saved[0]["model"] == MODEL
+    assert saved[0]["top1"] == rows[1]["top1"] and saved[0]["images"] == 16 == rows_json[0]["images"]
+
+
+def test_checkpoint_formats_and_ema(demo_dataset, tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    model, ckpt = tiny
+    other = naflex.create_model(MODEL, num_classes=4)
+    sd = model.state_dict()
+    # our training state with EMA weights = model, plain weights = another model
+    torch.save({"state_dict": other.state_dict(), "state_dict_ema": sd}, tmp_path / "ema.pth")
+    # timm's train.py checkpoint: args Namespace, DDP prefixes
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "args": argparse.Namespace(lr=1.0),
+                "arch": MODEL}, tmp_path / "timm.pth.tar")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    torch.save(sd, tmp_path / "plain.pth")
+    base = ["--data-dir", str(demo_dataset), "--model", MODEL, "-j", "0", "--naflex-max-seq-len", "36"]
+    ref = validate.main(base + ["--checkpoint", str(ckpt)])[0]
+    for extra in (["--checkpoint", str(tmp_path / "ema.pth"), "--use-ema"],
+                  ["--checkpoint", str(tmp_path / "timm.pth.tar")],
+                  ["--pretrained", str(tmp_path / "model.safetensors")],
+                  ["--checkpoint", str(tmp_path / "plain.pth"), "--num-classes", "4"]):
+        r = validate.main(base + extra)[0]
+        assert (r["top1"], r["loss"]) == (ref["top1"], ref["loss"]), extra
+    no_ema = validate.main(base + ["--checkpoint", str(tmp_path / "ema.pth")])[0]
+    assert no_ema["loss"] != ref["loss"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "naflexvit_nope"], "unknown model 'naflexvit_nope'; valid: "),
+    (["--checkpoint", "/nonexistent/x.pth"], "checkpoint file not found: /nonexistent/x.pth"),
+    (["--num-classes", "10"], "class-count mismatch: the dataset has 4 classes but the model has 10 outputs"),
+    (["--data-dir", "/nonexistent/data"], "dataset folder not found: /nonexistent/data"),
+    (["--pretrained"], "nothing is downloaded"),
+])
+def test_one_line_errors(demo_dataset, extra, message, capsys):
+    args = ["--data-dir", str(demo_dataset), "--model", MODEL, "-j", "0", "--naflex-max-seq-len", "16"] + extra
+    with pytest.raises(SystemExit) as e:
+        validate.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("validate.py: error: ") and message in err[0]
+
+
+def test_checkpoint_class_mismatch(demo_dataset, tmp_path, capsys):
+    torch.save({"state_dict": naflex.create_model(MODEL, num_classes=7).state_dict()}, tmp_path / "c7.pth")
+    with pytest.raises(SystemExit):
+        validate.main(["--data-dir", str(demo_dataset), "--model", MODEL, "-j", "0",
+                       "--checkpoint", str(tmp_path / "c7.pth")])
+    err = capsys.readouterr().err
+    assert "class-count mismatch: the dataset has 4 classes but the model has 7 outputs" in err
+
+
+def test_bad_files_reported_and_counted(demo_dataset, tiny, tmp_path, capsys):
+    _, ckpt = tiny
+    root = tmp_path / "data"
+    shutil.copytree(demo_dataset / "val", root / "val")
+    (root / "val" / "01_square" / "zz_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (root / "val" / "02_triangle" / "zz_empty.jpg").write_bytes(b"")
+    r = validate.main(["--data-dir", str(root), "--model", MODEL, "--checkpoint", str(ckpt), "-j", "0",
+                       "-b", "4", "--naflex-max-seq-len", "16"])[0]
+    assert r["images"] == 16 and r["bad_files"] == 2
+    err = capsys.readouterr().err
+    assert "zz_broken.jpg" in err and "zz_empty.jpg" in err
+
+
+def test_torchrun_two_gloo_processes_odd_images(tiny, tmp_path):
+    _, ckpt = tiny
+    root = make_demo_dataset(tmp_path / "odd", num_classes=4, per_class=0, val_per_class=3, seed=3,
+                             min_size=24, max_size=80)
+    (root / "val" / "03_cross" / "val_03_00002.jpg").unlink()  # 11 images: shards of 5 and 6
+    args = ["--data-dir", str(root), "--model", MODEL, "--checkpoint", str(ckpt), "-j", "0", "-b", "2",
+            "--device", "cpu", "--naflex-max-seq-len", "36"]
+    single = validate.main(args)[0]
+    assert single["images"] == 11
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "validate.py")] + args + ["--results-file", str(tmp_path / "dist.json")]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "dist.json").read_text())
+    assert row["world_size"] == 2 and row["images"] == 11
+    assert row["top1"] == single["top1"] and row["top5"] == single["top5"]
+    assert row["loss"] == pytest.approx(single["loss"], abs=1e-4)
