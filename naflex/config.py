@@ -3,8 +3,7 @@
 Flags keep timm's ``train.py`` names, meanings and defaults (epochs 300, warmup-epochs 5, sched cosine,
 min-lr 0, smoothing 0.1, naflex-max-seq-len 576, checkpoint-hist 10, seed 42, log-interval 50, ...), so the
 NaFlexViT model card command runs as written. Additions of ours: ``--no-naflex-packing`` (timm-style padded
-batches instead of packed sequences, NaViT arXiv:2307.06304 "patch n' pack"), ``--attn-backend``,
-``--max-bad-files``.
+batches instead of packed sequences, NaViT arXiv:2307.06304 "patch n' pack"), ``--attn-backend``.
 
 ``-c/--config file.yaml`` sets defaults (unknown keys are an error); flags given on the command line win.
 The resolved configuration is what ``train.py`` writes to ``<output>/args.yaml``. ``check_args`` turns
@@ -123,7 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help='scale the loss by (step batch / -b) like timm')
     g.add_argument('--no-naflex-packing', action='store_true', default=False,
                    help='timm-style padded batches instead of packed sequences')
-    g.add_argument('--max-bad-files', type=int, default=100, help='stop once more files than this fail to decode')
 
     g = p.add_argument_group('Run')
     g.add_argument('--seed', type=int, default=42, help='random seed')

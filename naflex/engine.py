@@ -18,16 +18,18 @@ written, so a non-finite loss never reaches a saved file).
 import contextlib
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from naflex import distributed as D
-from naflex.checkpoint import rng_state, unwrap_model
+from naflex.checkpoint import rng_state, set_rng_state, unwrap_model
 from naflex.logger import ProgressMeter, format_seconds
 from naflex.optim import clip_gradients
 
@@ -44,6 +46,7 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     num_updates: int = 0
+    rng: Optional[Dict] = None  # RNG state to continue a mid-epoch resume with (else seeded per epoch)
 
     def state_dict(self) -> Dict:
         return {'epoch': self.epoch, 'step': self.step, 'num_updates': self.num_updates}
@@ -67,6 +70,8 @@ class Engine:
     smoothing: float = 0.0
     log_interval: int = 50
     world_size: int = 1
+    rank: int = 0
+    seed: int = 42
     hooks: Optional[object] = None        # test hooks: after_update(engine, state), after_epoch(state) -> stop
     history: List[Dict] = field(default_factory=list)  # logged (epoch, step, loss) points, for tests/analysis
 
@@ -124,6 +129,14 @@ def loss_weight(batch_size: int, reference: float, mode: str) -> float:
     return math.sqrt(ratio) if mode == 'sqrt' else ratio
 
 
+def seed_everything(seed: int, rank: int = 0, epoch: int = 0) -> None:
+    """Seed torch / numpy / python RNGs from (seed, rank, epoch)."""
+    s = (seed + 1_000_003 * rank + 7_919 * epoch) % (2 ** 31)
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
 def _mean_lr(optimizer) -> float:
     lrs = [g['lr'] for g in optimizer.param_groups]
     return sum(lrs) / len(lrs)
@@ -171,13 +184,22 @@ def train_one_epoch(
         pending.clear()
 
     it = iter(batches)
-    for batch_idx in range(state.step, num_steps):
+    start_step = state.step
+    for batch_idx in range(start_step, num_steps):
         t0 = time.perf_counter()
         try:
             inputs, target = next(it)
         except StopIteration:
             raise RuntimeError(f'loader ended after {batch_idx} of {num_steps} steps in epoch {state.epoch}') from None
         meter.add_wait(time.perf_counter() - t0)
+        if batch_idx == start_step:
+            # Pin the model's RNG stream (dropout, drop-path) after the loader started (starting DataLoader
+            # workers draws from the global RNG), so a resumed run replays exactly what an uninterrupted one does.
+            if state.rng is not None:
+                set_rng_state(state.rng)
+                state.rng = None
+            else:
+                seed_everything(engine.seed, engine.rank, state.epoch)
         need_update = (batch_idx + 1) % accum == 0 or batch_idx == num_steps - 1
         micro = last_accum if (last_accum and batch_idx >= last_accum_start) else accum
         bs = batch_size_of(inputs)
@@ -300,7 +322,6 @@ def training_checkpoint(engine: Engine, state: TrainState, args=None) -> Dict:
 
 def restore_training(engine: Engine, ckpt: Dict, rank: int = 0, load_optimizer: bool = True) -> TrainState:
     """Load a ``training_checkpoint`` dict into the engine; returns the state to continue from."""
-    from naflex.checkpoint import set_rng_state
     engine.module.load_state_dict(ckpt['state_dict'])
     if load_optimizer and 'optimizer' in ckpt:
         engine.optimizer.load_state_dict(ckpt['optimizer'])
@@ -311,8 +332,8 @@ def restore_training(engine: Engine, ckpt: Dict, rank: int = 0, load_optimizer: 
     ts = ckpt.get('train_state') or {'epoch': ckpt.get('epoch', -1) + 1, 'step': 0, 'num_updates': 0}
     state = TrainState(epoch=ts['epoch'], step=ts['step'], num_updates=ts['num_updates'])
     rngs = ckpt.get('rng') or []
-    if rngs and ts.get('world_size', 1) == engine.world_size and rank < len(rngs):
-        set_rng_state(rngs[rank])
+    if state.step and rngs and ts.get('world_size', 1) == engine.world_size and rank < len(rngs):
+        state.rng = rngs[rank]  # applied when the resumed epoch starts (see train_one_epoch)
     if engine.schedule is not None:
         if 'scheduler' in ckpt:
             engine.schedule.load_state_dict(ckpt['scheduler'])

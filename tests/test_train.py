@@ -1,0 +1,153 @@
+"""End to end: the model card command on the tiny model and generated data, exact resume, SIGKILL recovery,
+non-finite loss stop, padded (--no-naflex-packing) batches.
+
+The card's flags are kept as written; the tiny run adds --device cpu, a tiny model, short epochs and small
+sequence lengths (token budget -b 4 x 64 -> 4..8 images per step, ~4 steps per epoch).
+"""
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+CARD = ('--amp --amp-dtype bfloat16 --model naflexvit_base_patch16_gap --naflex-loader -b 64 --opt nadamw --lr 3e-4 '
+        '--warmup-lr 0 --sched-on-updates --aa rand-m8-inc1-mstd1.0 --weight-decay .1 --grayscale-prob .1 '
+        '--drop-path 0.2 --reprob 0 --mixup 0.8 --cutmix 1.0 --remode pixel -j 8').split()
+TINY = ('--model naflexvit_tiny_test -b 4 -j 0 --device cpu --epochs 2 --warmup-epochs 1 '
+        '--naflex-train-seq-lens 32 64 --naflex-max-seq-len 64 --log-interval 1').split()
+
+
+def card_argv(data, out, experiment, *extra):
+    # later flags win: the tiny overrides follow the card command
+    return ['--data-dir', str(data), *CARD, *TINY, '--output', str(out), '--experiment', experiment, *extra]
+
+
+class Hooks:
+    """Test hooks the engine calls: record logged losses, stop after an epoch, poison weights, SIGKILL."""
+
+    def __init__(self, stop_after_epoch=None, poison_at=None, kill_at=None):
+        self.stop_after_epoch, self.poison_at, self.kill_at = stop_after_epoch, poison_at, kill_at
+        self.engine = None
+
+    def after_update(self, engine, state):
+        self.engine = engine
+        if self.poison_at == (state.epoch, state.step):
+            with torch.no_grad():
+                engine.module.head.weight.fill_(float('nan'))
+        if self.kill_at == (state.epoch, state.step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_epoch(self, state):
+        return self.stop_after_epoch is not None and state.epoch > self.stop_after_epoch
+
+    @property
+    def losses(self):
+        return [(h['epoch'], h['step'], h['loss']) for h in self.engine.history]
+
+
+def _weights(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['state_dict']
+
+
+def _summary(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='module')
+def reference(demo_dataset, tmp_path_factory):
+    """The uninterrupted 2-epoch card run (also the end-to-end test's subject)."""
+    out = tmp_path_factory.mktemp('ref')
+    hooks = Hooks()
+    results = train.main(card_argv(demo_dataset, out, 'ref', '--recovery-interval', '2'), hooks=hooks)
+    return out / 'ref', hooks, results
+
+
+def test_card_command_end_to_end(reference):
+    run, hooks, results = reference
+    assert [r['epoch'] for r in results] == [0, 1]
+    for name in ('args.yaml', 'summary.csv', 'train.log', 'last.pth', 'model_best.pth', 'checkpoint-0.pth'):
+        assert (run / name).is_file(), name
+    assert not list(run.glob('recovery-*.pth'))  # removed once the epoch's last.pth exists
+    assert list((run / 'tensorboard').glob('events.out.tfevents.*'))
+    rows = _summary(run / 'summary.csv')
+    assert [int(r['epoch']) for r in rows] == [0, 1]
+    for key in ('train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr', 'images_per_s', 'tokens_per_s'):
+        assert all(torch.isfinite(torch.tensor(float(r[key]))) for r in rows), key
+    import yaml
+    saved = yaml.safe_load((run / 'args.yaml').read_text())
+    assert saved['opt'] == 'nadamw' and saved['epochs'] == 2 and saved['smoothing'] == 0.1
+    assert saved['checkpoint_hist'] == 10 and saved['num_classes'] == 4 and saved['mixup'] == 0.8
+    ckpt = torch.load(run / 'last.pth', map_location='cpu', weights_only=True)
+    assert ckpt['epoch'] == 1 and ckpt['train_state']['epoch'] == 2 and ckpt['arch'] == 'naflexvit_tiny_test'
+    assert {'optimizer', 'scheduler', 'rng', 'metric'} <= set(ckpt)
+    log = (run / 'train.log').read_text()
+    assert 'img/s' in log and 'tok/s' in log and 'data wait' in log and 'ETA' in log
+    assert len(hooks.losses) >= 4 and all(torch.isfinite(torch.tensor(l)) for *_, l in hooks.losses)
+    # per-update warmup from 0 over epoch 0 (4 updates), then cosine down to --min-lr 0 at the end (timm logs
+    # the lr set for the next update)
+    assert float(rows[0]['lr']) == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert float(rows[1]['lr']) == 0.0
+
+
+def test_stop_and_resume_matches_uninterrupted(reference, demo_dataset, tmp_path):
+    ref_run, ref_hooks, _ = reference
+    first = Hooks(stop_after_epoch=0)
+    train.main(card_argv(demo_dataset, tmp_path, 'r'), hooks=first)
+    assert (tmp_path / 'r' / 'last.pth').is_file() and len(_summary(tmp_path / 'r' / 'summary.csv')) == 1
+    second = Hooks()
+    train.main(card_argv(demo_dataset, tmp_path, 'r', '--resume', 'auto'), hooks=second)
+    for k, v in _weights(ref_run / 'last.pth').items():
+        assert torch.equal(v, _weights(tmp_path / 'r' / 'last.pth')[k]), k
+    assert first.losses + second.losses == ref_hooks.losses
+    rows, ref_rows = _summary(tmp_path / 'r' / 'summary.csv'), _summary(ref_run / 'summary.csv')
+    assert [r['train_loss'] for r in rows] == [r['train_loss'] for r in ref_rows]
+
+
+def test_sigkill_mid_epoch_then_resume_auto(reference, demo_dataset, tmp_path):
+    ref_run, ref_hooks, _ = reference
+    script = (f'import sys; sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})\n'
+              'import train, test_train\n'
+              f'train.main({card_argv(demo_dataset, tmp_path, "k", "--recovery-interval", "2")!r}, '
+              'hooks=test_train.Hooks(kill_at=(1, 2)))\n')
+    proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run = tmp_path / 'k'
+    assert (run / 'recovery-1-2.pth').is_file()
+    assert not list(run.glob('.*tmp*'))
+    hooks = Hooks()
+    train.main(card_argv(demo_dataset, tmp_path, 'k', '--recovery-interval', '2', '--resume', 'auto'), hooks=hooks)
+    # the resumed run restarted at epoch 1 step 2 and replays the uninterrupted run exactly
+    assert hooks.losses[0][:2] == (1, 2)
+    assert hooks.losses == [h for h in ref_hooks.losses if (h[0], h[1]) >= (1, 2)]
+    for k, v in _weights(ref_run / 'last.pth').items():
+        assert torch.equal(v, _weights(run / 'last.pth')[k]), k
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(demo_dataset, tmp_path, capsys):
+    hooks = Hooks(poison_at=(1, 1))
+    with pytest.raises(SystemExit) as exc:
+        train.main(card_argv(demo_dataset, tmp_path, 'nan'), hooks=hooks)
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert 'non-finite loss at epoch 1 step 1/' in err and 'sequence length' in err and 'batch size' in err
+    last = torch.load(tmp_path / 'nan' / 'last.pth', map_location='cpu', weights_only=True)
+    assert last['epoch'] == 0  # epoch 0's checkpoint, untouched
+    assert all(torch.isfinite(v).all() for v in last['state_dict'].values())
+    assert not list((tmp_path / 'nan').glob('recovery-*.pth'))
+
+
+def test_padded_batches(demo_dataset, tmp_path):
+    """--no-naflex-packing: timm-style padded batches train and evaluate too (1 short epoch)."""
+    rows = train.main(card_argv(demo_dataset, tmp_path, 'pad', '--no-naflex-packing', '--epochs', '1',
+                                '--warmup-epochs', '0'))
+    assert len(rows) == 1 and rows[0]['eval_top1'] >= 0
+    assert torch.isfinite(torch.tensor(rows[0]['train_loss']))
