@@ -1,0 +1,148 @@
+"""train.py's configuration surface: frozen flag list, timm defaults, -c YAML defaults, one-line errors."""
+import pytest
+import yaml
+
+import train
+from naflex.config import ConfigError, build_parser, parse_args
+
+# Changing the CLI is a deliberate act: update this list (and the README) in the same commit.
+FROZEN_FLAGS = [
+    '--aa', '--amp', '--amp-dtype', '--attn-backend', '--batch-size', '--checkpoint-hist', '--clip-grad',
+    '--clip-mode', '--color-jitter', '--config', '--cooldown-epochs', '--cutmix', '--data-dir', '--device',
+    '--drop', '--drop-path', '--epochs', '--eval-metric', '--experiment', '--gp', '--grad-accum-steps',
+    '--grad-checkpointing', '--grayscale-prob', '--help', '--hflip', '--initial-checkpoint', '--layer-decay',
+    '--layer-decay-min-scale', '--log-interval', '--lr', '--lr-base', '--lr-base-scale', '--lr-base-size',
+    '--mean', '--min-lr', '--mixup', '--mixup-off-epoch', '--mixup-prob', '--mixup-switch-prob', '--model',
+    '--model-ema', '--model-ema-decay', '--model-ema-warmup', '--momentum', '--naflex-loader',
+    '--naflex-loss-scale', '--naflex-max-seq-len', '--naflex-patch-size-probs', '--naflex-patch-sizes',
+    '--naflex-train-seq-lens', '--no-naflex-packing', '--no-resume-opt', '--num-classes', '--opt', '--opt-betas',
+    '--opt-eps', '--output', '--pin-mem', '--pretrained', '--pretrained-path', '--ratio', '--recount',
+    '--recovery-interval', '--remode', '--reprob', '--resume', '--scale', '--sched', '--sched-on-updates', '--seed',
+    '--smoothing', '--std', '--torchcompile', '--torchcompile-mode', '--train-interpolation', '--train-split',
+    '--val-interval', '--val-split', '--validation-batch-size', '--vflip', '--warmup-epochs', '--warmup-lr',
+    '--warmup-prefix', '--weight-decay', '--workers',
+]
+
+CARD = ('--data-dir /data/imagenet/ --amp --amp-dtype bfloat16 --model naflexvit_base_patch16_gap --naflex-loader '
+        '-b 64 --opt nadamw --lr 3e-4 --warmup-lr 0 --sched-on-updates --aa rand-m8-inc1-mstd1.0 --weight-decay .1 '
+        '--grayscale-prob .1 --drop-path 0.2 --reprob 0 --mixup 0.8 --cutmix 1.0 --remode pixel -j 8').split()
+
+
+def test_flag_list_is_frozen():
+    flags = sorted(s for a in build_parser()._actions for s in a.option_strings if s.startswith('--'))
+    assert flags == sorted(FROZEN_FLAGS)
+
+
+def test_every_default_declared_once():
+    dests = [a.dest for a in build_parser()._actions]
+    assert len(dests) == len(set(dests))
+
+
+def test_card_command_and_timm_defaults():
+    args, text = parse_args(CARD)
+    assert (args.opt, args.lr, args.warmup_lr, args.sched_on_updates, args.batch_size) == ('nadamw', 3e-4, 0, True, 64)
+    assert (args.amp, args.amp_dtype, args.mixup, args.cutmix, args.workers) == (True, 'bfloat16', 0.8, 1.0, 8)
+    # flags the card leaves to timm's defaults
+    assert (args.epochs, args.warmup_epochs, args.sched, args.min_lr, args.smoothing) == (300, 5, 'cosine', 0, 0.1)
+    assert (args.naflex_max_seq_len, args.checkpoint_hist, args.seed, args.log_interval) == (576, 10, 42, 50)
+    assert args.naflex_train_seq_lens == [128, 256, 576, 784, 1024] and args.naflex_loss_scale == 'linear'
+    assert (args.model_ema_decay, args.cooldown_epochs, args.eval_metric) == (0.9998, 0, 'top1')
+    assert yaml.safe_load(text)['opt'] == 'nadamw'
+
+
+def test_yaml_config_sets_defaults_cli_wins(tmp_path):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('epochs: 7\nlr: 0.001\nnaflex-train-seq-lens: [64, 128]\nmodel_ema: true\n')
+    args, _ = parse_args(['-c', str(cfg), '--data-dir', 'x', '--lr', '0.002'])
+    assert (args.epochs, args.lr, args.naflex_train_seq_lens, args.model_ema) == (7, 0.002, [64, 128], True)
+
+
+@pytest.mark.parametrize('content,match', [
+    ('epoch: 7\n', 'unknown keys: epoch'),
+    ('- 1\n- 2\n', 'mapping'),
+    ('a: [1\n', 'not valid YAML'),
+])
+def test_bad_yaml(tmp_path, content, match):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text(content)
+    with pytest.raises(ConfigError, match=match):
+        parse_args(['-c', str(cfg), '--data-dir', 'x'])
+
+
+@pytest.mark.parametrize('extra,match', [
+    (['--resume', 'a.pth', '--initial-checkpoint', 'b.pth'], '--resume restores the full training state'),
+    (['--min-lr', '1e-2'], '--min-lr 0.01 is above --lr 0.0003'),
+    (['--opt', 'lamb'], '--opt lamb is not supported'),
+    (['--naflex-patch-size-probs', '0.5', '0.5'], 'needs --naflex-patch-sizes'),
+    (['--opt-betas', '0.9'], 'two values'),
+    (['--device', 'tpu'], "use 'cuda' or 'cpu'"),
+])
+def test_contradictory_flags_one_line(extra, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(CARD + extra)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith('train.py: error:') and match in err
+
+
+def _main_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('train.py: error:'), err
+    return err[0]
+
+
+def _tiny(data, tmp_path, *extra):
+    return ['--data-dir', str(data), '--model', 'naflexvit_tiny_test', '--device', 'cpu', '-j', '0',
+            '--output', str(tmp_path), '--experiment', 'e', *extra]
+
+
+def test_missing_and_empty_data_dir(tmp_path, capsys):
+    assert 'does not exist' in _main_error(_tiny(tmp_path / 'nope', tmp_path), capsys)
+    (tmp_path / 'empty' / 'train').mkdir(parents=True)
+    assert 'no training images' in _main_error(_tiny(tmp_path / 'empty', tmp_path), capsys)
+
+
+def test_class_folders_differ(demo_dataset, tmp_path, capsys):
+    import shutil
+    data = tmp_path / 'd'
+    shutil.copytree(demo_dataset, data)
+    victim = sorted((data / 'val').iterdir())[0]
+    victim.rename(victim.with_name('zz_extra'))
+    msg = _main_error(_tiny(data, tmp_path), capsys)
+    assert 'class folders differ' in msg and 'zz_extra' in msg
+
+
+def test_unknown_model(demo_dataset, tmp_path, capsys):
+    msg = _main_error(_tiny(demo_dataset, tmp_path, '--model', 'resnet50'), capsys)
+    assert "unknown model 'resnet50'" in msg and 'naflexvit_tiny_test' in msg
+
+
+def test_cuda_asked_but_absent(demo_dataset, tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip('has CUDA')
+    msg = _main_error(_tiny(demo_dataset, tmp_path, '--device', 'cuda'), capsys)
+    assert 'no CUDA device' in msg and '--device cpu' in msg
+
+
+def test_resume_auto_needs_experiment(demo_dataset, capsys):
+    msg = _main_error(['--data-dir', str(demo_dataset), '--device', 'cpu', '--resume', 'auto'], capsys)
+    assert '--experiment' in msg
+
+
+def test_out_of_memory_advice(demo_dataset, tmp_path, capsys):
+    import torch
+
+    class Boom:
+        def after_update(self, engine, state):
+            raise torch.OutOfMemoryError('CUDA out of memory')
+
+    with pytest.raises(SystemExit) as exc:
+        train.main(_tiny(demo_dataset, tmp_path, '-b', '2', '--naflex-train-seq-lens', '16', '--epochs', '1'),
+                   hooks=Boom())
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'out of GPU memory' in err[0] and '-b' in err[0] and 'seq-lens' in err[0]
