@@ -1,0 +1,123 @@
+"""Checkpoint files: atomic writes survive failures, best-N retention, resume discovery, weights-only starts
+(timm checkpoints with argparse args, resized classifier), RNG round trip."""
+import argparse
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import naflex
+from naflex.checkpoint import (CheckpointManager, atomic_save, find_resume, load_weights, rng_state,
+                               set_rng_state, unwrap_model)
+
+
+def test_atomic_save_failure_keeps_previous(tmp_path, monkeypatch):
+    path = tmp_path / 'last.pth'
+    atomic_save({'v': torch.tensor([1.0])}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b'partial garbage')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(torch, 'save', broken_save)
+    with pytest.raises(OSError, match='disk full'):
+        atomic_save({'v': torch.tensor([2.0])}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)['v'].item() == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['last.pth']  # no temp file left behind
+
+
+def _state(epoch):
+    return {'state_dict': {'w': torch.full((2,), float(epoch))}, 'epoch': epoch}
+
+
+def test_best_history_and_links(tmp_path):
+    mgr = CheckpointManager(tmp_path, max_history=2)
+    for epoch, metric in enumerate([10.0, 30.0, 20.0, 5.0, 40.0]):
+        mgr.save_epoch(_state(epoch), epoch, metric)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ['checkpoint-1.pth', 'checkpoint-4.pth', 'last.pth', 'model_best.pth']
+    assert mgr.best == (40.0, 4)
+    load = lambda n: torch.load(tmp_path / n, weights_only=True)  # noqa: E731
+    assert load('checkpoint-1.pth')['epoch'] == 1 and load('model_best.pth')['epoch'] == 4
+    assert load('last.pth')['best_history'] == [[40.0, 4], [30.0, 1]]
+    # a resumed manager continues the same ranking
+    mgr2 = CheckpointManager(tmp_path, max_history=2)
+    mgr2.restore(load('last.pth'))
+    mgr2.save_epoch(_state(5), 5, 35.0)
+    assert sorted(p.name for p in tmp_path.glob('checkpoint-*')) == ['checkpoint-4.pth', 'checkpoint-5.pth']
+
+
+def test_decreasing_metric(tmp_path):
+    mgr = CheckpointManager(tmp_path, max_history=1, decreasing=True)
+    for epoch, loss in enumerate([2.0, 1.0, 3.0]):
+        mgr.save_epoch(_state(epoch), epoch, loss)
+    assert mgr.best == (1.0, 1) and (tmp_path / 'checkpoint-1.pth').exists()
+
+
+def test_recovery_files_and_find_resume(tmp_path):
+    mgr = CheckpointManager(tmp_path)
+    assert find_resume(tmp_path) is None
+    mgr.save_epoch(_state(0), 0, 1.0)
+    time.sleep(0.01)
+    mgr.save_recovery(_state(1), 1, 4)
+    time.sleep(0.01)
+    p = mgr.save_recovery(_state(1), 1, 8)
+    assert sorted(x.name for x in tmp_path.glob('recovery-*')) == ['recovery-1-8.pth']
+    assert find_resume(tmp_path) == p
+    mgr.save_epoch(_state(1), 1, 2.0)
+    assert not list(tmp_path.glob('recovery-*')) and find_resume(tmp_path).name == 'last.pth'
+
+
+def test_rng_round_trip():
+    state = rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_weights_from_timm_checkpoint_with_resized_head(tmp_path):
+    """A timm train.py checkpoint (args as argparse.Namespace, 'module.' prefix, 1000 classes) starts a 4-class run."""
+    src = naflex.create_model('naflexvit_tiny_test')
+    sd = {f'module.{k}': v for k, v in src.state_dict().items()}
+    path = tmp_path / 'timm.pth.tar'
+    torch.save({'epoch': 3, 'state_dict': sd, 'args': argparse.Namespace(model='x'), 'version': 2}, path)
+    dst = naflex.create_model('naflexvit_tiny_test', num_classes=4)
+    head_before = dst.head.weight.clone()
+    load_weights(dst, path)
+    for k, v in src.state_dict().items():
+        if not k.startswith('head.'):
+            assert torch.equal(dst.state_dict()[k], v), k
+    assert torch.equal(dst.head.weight, head_before) and dst.head.weight.shape == (4, 64)
+
+
+def test_weights_prefer_ema_only_when_asked(tmp_path):
+    model = naflex.create_model('naflexvit_tiny_test', num_classes=4)
+    ema = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    path = tmp_path / 'ours.pth'
+    torch.save({'state_dict': model.state_dict(), 'state_dict_ema': ema}, path)
+    other = naflex.create_model('naflexvit_tiny_test', num_classes=4)
+    load_weights(other, path, use_ema=True)
+    assert all(v.abs().sum() == 0 for v in other.state_dict().values())
+    load_weights(other, path)
+    assert torch.equal(other.head.weight, model.head.weight)
+
+
+def test_weights_mismatch_is_an_error(tmp_path):
+    path = tmp_path / 'x.pth'
+    torch.save({'state_dict': {'embeds.pos_embed': torch.zeros(1, 2, 2, 64)}}, path)
+    with pytest.raises(ValueError, match='does not fit the model'):
+        load_weights(naflex.create_model('naflexvit_tiny_test'), path)
+    with pytest.raises(FileNotFoundError):
+        load_weights(naflex.create_model('naflexvit_tiny_test'), tmp_path / 'missing.pth')
+
+
+def test_unwrap_compiled_and_ddp_like():
+    model = naflex.create_model('naflexvit_tiny_test')
+    compiled = torch.compile(model)
+    assert unwrap_model(compiled) is model
+    assert list(unwrap_model(compiled).state_dict()) == list(model.state_dict())
+    assert not any(k.startswith(('module.', '_orig_mod.')) for k in unwrap_model(compiled).state_dict())
