@@ -104,3 +104,25 @@ def test_two_process_gloo_matches_single_process(tmp_path):
         torch.testing.assert_close(ddp['params'][k], v, atol=1e-5, rtol=1e-5, msg=k)
         moved = max(moved, (v - _model().state_dict()[k]).abs().max().item())
     assert moved > 1e-3  # training actually changed the weights
+
+
+def test_torchrun_two_processes_end_to_end(demo_dataset, tmp_path):
+    """`torchrun --nproc_per_node 2 train.py ...` on CPU (gloo): trains, evaluates, only rank 0 writes files."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_free_port()),
+           'train.py', '--data-dir', str(demo_dataset), '--model', 'naflexvit_tiny_test', '--device', 'cpu',
+           '-b', '4', '-j', '0', '--epochs', '1', '--warmup-epochs', '0', '--naflex-train-seq-lens', '32', '64',
+           '--naflex-max-seq-len', '64', '--opt', 'adamw', '--lr', '1e-3', '--mixup', '0.8', '--log-interval', '1',
+           '--output', str(tmp_path), '--experiment', 'ddp']
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / 'ddp'
+    assert [p.name for p in tmp_path.iterdir()] == ['ddp']
+    assert (run / 'last.pth').is_file() and (run / 'summary.csv').read_text().count('\n') == 2
+    log = (run / 'train.log').read_text()
+    assert 'rank 0 of 2' in log and 'Eval: 0' in log
+    ckpt = torch.load(run / 'last.pth', weights_only=True)
+    assert ckpt['train_state']['world_size'] == 2 and len(ckpt['rng']) == 2
