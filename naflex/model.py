@@ -317,6 +317,10 @@ class NaFlexVit(nn.Module):
             raise ValueError(f'unknown attention backend {name!r}; valid: {BACKENDS}')
         self.attn_backend = name
 
+    def prewarm_patch_sizes(self, sizes) -> None:
+        """Precompute FlexiViT resampling matrices for other patch sizes (before torch.compile)."""
+        self.embeds.prewarm_patch_sizes(sizes)
+
     def get_patch_size(self) -> Tuple[int, int]:
         return (self.patch_size, self.patch_size)
 

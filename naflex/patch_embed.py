@@ -31,6 +31,15 @@ def flexi_pinv_1d(old: int, new: int, mode: str = 'bicubic', antialias: bool = T
     return torch.linalg.pinv(resize_matrix_1d(old, new, mode, antialias))
 
 
+def apply_pinv(weight: torch.Tensor, py: torch.Tensor, px: torch.Tensor, in_chans: int = 3) -> torch.Tensor:
+    """Map a linear patch-embed weight [D, Ph*Pw*C] (P-P-C order) through per-axis pseudo-inverses
+    ``py`` [Ph, ph], ``px`` [Pw, pw] -> [D, ph*pw*C]. Computed in the matrices' dtype, returned in the weight's."""
+    d = weight.shape[0]
+    w = weight.reshape(d, py.shape[0], px.shape[0], in_chans).to(py.dtype)
+    w = torch.einsum('dyxc,yY,xX->dYXc', w, py, px)
+    return w.reshape(d, -1).to(weight.dtype)
+
+
 def resample_patch_weight(
         weight: torch.Tensor,
         base_size: Tuple[int, int],
@@ -42,13 +51,9 @@ def resample_patch_weight(
     """FlexiViT PI-resize of a linear patch-embed weight [D, Ph*Pw*C] (P-P-C order) to [D, ph*pw*C]."""
     if tuple(base_size) == tuple(new_size):
         return weight
-    d = weight.shape[0]
-    (bh, bw), (nh, nw) = base_size, new_size
-    py = flexi_pinv_1d(bh, nh, mode, antialias).to(weight.device)  # [bh, nh]
-    px = flexi_pinv_1d(bw, nw, mode, antialias).to(weight.device)  # [bw, nw]
-    w = weight.reshape(d, bh, bw, in_chans).double()
-    w = torch.einsum('dyxc,yY,xX->dYXc', w, py, px)
-    return w.reshape(d, nh * nw * in_chans).to(weight.dtype)
+    py = flexi_pinv_1d(base_size[0], new_size[0], mode, antialias).to(weight.device)
+    px = flexi_pinv_1d(base_size[1], new_size[1], mode, antialias).to(weight.device)
+    return apply_pinv(weight, py, px, in_chans)
 
 
 class NaFlexEmbeds(nn.Module):
@@ -111,17 +116,20 @@ class NaFlexEmbeds(nn.Module):
         weight = self.proj.weight
         if patch_size == self.patch_size:
             return weight
-        # The pseudo-inverse only depends on sizes; cache it (outside autograd) and apply it to the live weight.
+        # The pseudo-inverses only depend on sizes: cache them (float32, like timm) and apply to the live weight
+        # so gradients flow to ``proj.weight``.
         key = (patch_size, weight.device)
         if key not in self._weight_cache:
-            py = flexi_pinv_1d(self.patch_size[0], patch_size[0], self.pos_embed_interp_mode)
-            px = flexi_pinv_1d(self.patch_size[1], patch_size[1], self.pos_embed_interp_mode)
-            self._weight_cache[key] = (py.to(weight.device, torch.float32), px.to(weight.device, torch.float32))
+            self._weight_cache[key] = tuple(
+                flexi_pinv_1d(b, n, self.pos_embed_interp_mode).to(weight.device, torch.float32)
+                for b, n in zip(self.patch_size, patch_size))
         py, px = self._weight_cache[key]
-        d = weight.shape[0]
-        w = weight.reshape(d, self.patch_size[0], self.patch_size[1], self.in_chans).float()
-        w = torch.einsum('dyxc,yY,xX->dYXc', w, py, px)
-        return w.reshape(d, -1).to(weight.dtype)
+        return apply_pinv(weight, py, px, self.in_chans)
+
+    def prewarm_patch_sizes(self, sizes) -> None:
+        """Build the resampling matrices for ``sizes`` now (call before torch.compile, after ``.to(device)``)."""
+        for p in sizes:
+            self._resampled_weight((p, p) if isinstance(p, int) else tuple(p))
 
     def _apply(self, fn, *args, **kwargs):
         self._weight_cache.clear()  # device / dtype moves invalidate cached matrices
