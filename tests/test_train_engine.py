@@ -1,0 +1,134 @@
+"""Engine step semantics on synthetic packed batches: losses, timm's NaFlex loss scale, gradient accumulation,
+fp16 GradScaler, EMA, clipping, and the no-host-sync rule between log steps."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+import naflex
+from naflex.engine import Engine, TrainState, classification_loss, loss_weight, train_one_epoch
+from naflex.optim import ModelEma
+from test_ddp import GRIDS, make_packed, take
+
+
+def test_losses_match_timm():
+    torch.manual_seed(0)
+    logits, hard = torch.randn(6, 5), torch.randint(0, 5, (6,))
+    soft = F.softmax(torch.randn(6, 5), -1)
+    torch.testing.assert_close(classification_loss(logits, hard, 0.1), LabelSmoothingCrossEntropy(0.1)(logits, hard))
+    torch.testing.assert_close(classification_loss(logits, soft, 0.1), SoftTargetCrossEntropy()(logits, soft))
+    torch.testing.assert_close(classification_loss(logits, hard, 0.0), F.cross_entropy(logits, hard))
+
+
+def test_loss_weight_is_timms_naflex_scale():
+    # timm train.py: local_scale = batch_size / batch_size_reference (-b), sqrt'ed for 'sqrt', 1 for 'none'
+    assert loss_weight(512, 64, 'linear') == 8.0
+    assert loss_weight(512, 64, 'sqrt') == pytest.approx(math.sqrt(8))
+    assert loss_weight(512, 64, 'none') == 1.0
+
+
+def _model(drop_path=0.0):
+    torch.manual_seed(0)
+    return naflex.create_model('naflexvit_tiny_test', num_classes=4, drop_path_rate=drop_path)
+
+
+def _engine(model, **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    base = dict(model=model, optimizer=opt, device=torch.device('cpu'), loss_scale='none', batch_size_reference=8,
+                log_interval=100)
+    base.update(kw)
+    return Engine(**base)
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_grad_accumulation_equals_big_batch():
+    """2 micro-batches of 4 with --grad-accum-steps 2 == one batch of 8 (equal sizes, loss scale none)."""
+    batch = make_packed(GRIDS, 1)
+    a = _model()
+    eng = _engine(a, grad_accum_steps=2)
+    state = TrainState()
+    train_one_epoch(eng, iter([take(batch, [0, 1, 2, 3]), take(batch, [4, 5, 6, 7])]), 2, state)
+    assert state.num_updates == 1 and state.step == 2
+    b = _model()
+    train_one_epoch(_engine(b), iter([batch]), 1, TrainState())
+    for k, v in _params(b).items():
+        torch.testing.assert_close(_params(a)[k], v, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_linear_loss_scale_weights_small_batches_less():
+    """With 'linear' a step of 4 images at -b 8 moves the weights half as far (SGD) as with 'none'."""
+    batch = take(make_packed(GRIDS, 2), [0, 1, 2, 3])
+    moves = {}
+    for mode in ('none', 'linear'):
+        m = _model()
+        before = _params(m)
+        train_one_epoch(_engine(m, loss_scale=mode), iter([batch]), 1, TrainState())
+        moves[mode] = torch.cat([(m.state_dict()[k] - v).flatten() for k, v in before.items()])
+    torch.testing.assert_close(moves['linear'], 0.5 * moves['none'], atol=1e-7, rtol=1e-4)
+
+
+def test_fp16_grad_scaler_and_clipping_on_cpu():
+    m = _model()
+    scaler = torch.amp.GradScaler('cpu')
+    eng = _engine(m, amp_dtype=torch.float16, scaler=scaler, clip_grad=1e-3, clip_mode='norm', log_interval=1)
+    before = _params(m)
+    metrics = train_one_epoch(eng, iter([make_packed(GRIDS, s) for s in range(2)]), 2, TrainState())
+    assert math.isfinite(metrics['loss']) and scaler.get_scale() > 0
+    # SGD lr 0.5 with a clipped gradient norm of 1e-3 moves the weights by at most 2 * 0.5 * 1e-3
+    move = torch.cat([(m.state_dict()[k] - v).flatten() for k, v in before.items()]).norm()
+    assert 0 < move <= 2 * 0.5 * 1e-3 * 1.01
+
+
+def test_ema_follows_updates():
+    m = _model()
+    ema = ModelEma(m, decay=0.5)
+    init = _params(m)
+    eng = _engine(m, ema=ema)
+    train_one_epoch(eng, iter([make_packed(GRIDS, s) for s in range(2)]), 2, TrainState())
+    # first update copies, second averages: ema = 0.5 * w1 + 0.5 * w2 != w2, and differs from the init
+    w = m.state_dict()
+    k = 'head.weight'
+    assert not torch.equal(ema.module.state_dict()[k], w[k]) and not torch.equal(ema.module.state_dict()[k], init[k])
+
+
+def test_no_host_sync_between_log_steps(monkeypatch):
+    """Between log points the step loop (model included) never reads a device value (item/tolist/bool/cpu...)."""
+    m = _model()
+    eng = _engine(m, log_interval=100)
+    batches = [make_packed(GRIDS, s) for s in range(3)]
+    calls = []
+
+    def spy(name):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, **k):
+            calls.append(name)
+            return orig(self, *a, **k)
+        return wrapped
+
+    for name in ('item', 'tolist', '__bool__', '__float__', '__int__', 'cpu', 'numpy'):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    state = TrainState()
+
+    class Stop:
+        def after_update(self, engine, st):
+            if st.step == 2:
+                raise KeyboardInterrupt  # stop before the final (logged) step
+
+    eng.hooks = Stop()
+    with pytest.raises(KeyboardInterrupt):
+        train_one_epoch(eng, iter(batches), 3, state)
+    # only the first update (update_idx 0) is a log step: its reads happen once, none after it
+    n_first = len(calls)
+    state2 = TrainState(step=1)
+    m2 = _model()
+    eng2 = _engine(m2, log_interval=100, hooks=Stop())
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        train_one_epoch(eng2, iter(batches[1:]), 3, state2)
+    assert calls == [] and n_first > 0
