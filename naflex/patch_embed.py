@@ -141,14 +141,17 @@ class NaFlexEmbeds(nn.Module):
         return self.norm(F.linear(patches, weight, self.proj.bias))
 
     def pos_embed_tokens(self, coord: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """[T, D] position embedding of tokens at ``coord`` [T, 2] (y, x) in grids ``grid`` [T, 2] (h, w)."""
-        if self.pos_embed_type == 'learned':
-            return learned_pos_embed(
-                self.pos_embed, coord, grid, self.pos_embed_interp_mode, self.pos_embed_antialias,
-                self.pos_embed_ar_preserving)
-        if self.pos_embed_type == 'factorized':
-            return factorized_pos_embed(
-                self.pos_embed_y, self.pos_embed_x, coord, grid, self.pos_embed_ar_preserving)
+        """[T, D] float32 position embedding of tokens at ``coord`` [T, 2] (y, x) in grids ``grid`` [T, 2] (h, w).
+
+        Computed in float32 even under autocast (timm resizes the table in float32 too)."""
+        with torch.autocast(coord.device.type, enabled=False):
+            if self.pos_embed_type == 'learned':
+                return learned_pos_embed(
+                    self.pos_embed, coord, grid, self.pos_embed_interp_mode, self.pos_embed_antialias,
+                    self.pos_embed_ar_preserving)
+            if self.pos_embed_type == 'factorized':
+                return factorized_pos_embed(
+                    self.pos_embed_y, self.pos_embed_x, coord, grid, self.pos_embed_ar_preserving)
         raise RuntimeError('model has no position embedding')
 
     def prefix_tokens(self):

@@ -322,3 +322,15 @@ def test_compile_fullgraph_packed_no_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     assert maxdiff(compiled(packed), model(packed)) < TOL
+
+
+@torch.no_grad()
+def test_autocast_bf16_cpu_close_to_fp32():
+    """Mixed precision runs the packed path (pos embed stays fp32) and stays close to fp32 logits."""
+    ours, _ = pair('naflexvit_tiny_test_map')
+    _, packed = make_batches(GRIDS[:3])
+    ref = ours(packed)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = ours(packed)
+    assert out.dtype == torch.bfloat16
+    assert maxdiff(out.float(), ref) < 0.1 * ref.abs().max().item()
