@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Set, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models._features import FeatureInfo
 from torch.utils.checkpoint import checkpoint
 
 from .attention import BACKENDS, AttnContext, attend
@@ -592,7 +593,7 @@ class NaFlexFeatures(nn.Module):
         self.out_indices = take
         self.norm = norm
         self.output_fmt = output_fmt
-        self.feature_info = [model.feature_info[i] for i in take]
+        self.feature_info = FeatureInfo(model.feature_info, take)  # timm's helper: .channels(), .reduction()
         self.pretrained_cfg = model.pretrained_cfg
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:

@@ -97,6 +97,9 @@ def create_model(name: str, pretrained: Optional[str] = None, **overrides) -> to
     """
     if name not in _VARIANTS:
         raise ValueError(f'unknown model {name!r}; valid: {", ".join(list_models())}')
+    if pretrained is True:
+        raise ValueError('pretrained=True would need a download; pass the path of a local .safetensors / .pth / '
+                         '.bin file instead (e.g. a timm checkpoint)')
     unknown = sorted(set(overrides) - set(valid_overrides()))
     if unknown:
         raise ValueError(f'unknown override(s) {unknown} for {name}; valid: {", ".join(valid_overrides())}')

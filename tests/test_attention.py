@@ -91,6 +91,30 @@ def test_flex_backward_matches_dense_cuda():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@torch.no_grad()
+def test_varlen_plumbing_on_cpu(monkeypatch):
+    """The 'varlen' call receives flash-attention's contract (int32 cu_seqlens incl. prefix tokens, [T, H, Dh]);
+    checked on CPU with a reference stand-in for the CUDA kernel."""
+    calls = []
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+        assert cu_q.dtype == torch.int32 and cu_q is cu_k and max_q == max_k
+        assert q.ndim == 3 and q.shape == k.shape == v.shape
+        assert int(cu_q[-1]) == q.shape[0] and max_q >= int((cu_q[1:] - cu_q[:-1]).max())
+        calls.append(cu_q.clone())
+        return _per_image_reference(q, k, v, cu_q.long())
+
+    import naflex.attention as attention
+    monkeypatch.setattr(attention, '_varlen_attn', fake_varlen)
+    ours, ref = pair('naflexvit_tiny_test')
+    padded, packed = make_batches(GRIDS)
+    ours.set_attn_backend('varlen')
+    assert maxdiff(ours(packed), ref(padded)) < TOL
+    assert len(calls) == len(ours.blocks)
+    lens = packed['seq_lens'].long() + ours.num_prefix_tokens
+    assert torch.equal(calls[0].long(), F.pad(lens.cumsum(0), (1, 0)))
+
+
 @pytest.mark.cuda
 def test_varlen_equals_reference_cuda():
     q, k, v, cu, seg = _packed_qkv(LENS, device='cuda', dtype=torch.bfloat16)

@@ -236,6 +236,8 @@ def test_registry_and_overrides():
         naflex.create_model('naflexvit_tiny_test', drop_pth_rate=0.1)
     with pytest.raises(ValueError, match='global_pool'):
         naflex.create_model('naflexvit_tiny_test', global_pool='mean')
+    with pytest.raises(ValueError, match='local'):
+        naflex.create_model('naflexvit_tiny_test', pretrained=True)
     with pytest.raises(ValueError, match='attn_backend'):
         naflex.create_model('naflexvit_tiny_test', attn_backend='flash9')
     m = naflex.create_model('naflexvit_tiny_test', num_classes=7, drop_rate=0.1, pos_embed_grid_size=[8, 8])
@@ -297,7 +299,7 @@ def test_features_only_and_forward_head_like_timm():
     assert [o.shape for o in outs] == [(2, 64, 14, 10)] * 2
     for a, b in zip(outs, touts):
         assert maxdiff(a, b) < TOL
-    assert [f['reduction'] for f in feat.feature_info] == [16, 16]
+    assert feat.feature_info.reduction() == [16, 16] and feat.feature_info.channels() == [64, 64]
     default = naflex.create_model('naflexvit_tiny_test', features_only=True, out_indices=1)
     assert len(default(x)) == 1
 
