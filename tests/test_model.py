@@ -336,3 +336,27 @@ def test_autocast_bf16_cpu_close_to_fp32():
         out = ours(packed)
     assert out.dtype == torch.bfloat16
     assert maxdiff(out.float(), ref) < 0.1 * ref.abs().max().item()
+
+
+@torch.no_grad()
+def test_model_card_usage_with_timm_transforms(tmp_path):
+    """The model card's snippet with naflex.create_model in place of timm.create_model (tiny variant)."""
+    from PIL import Image
+    from safetensors.torch import save_file
+    ref = randomize_(timm_twin('naflexvit_tiny_test')).eval()
+    save_file(ref.state_dict(), str(tmp_path / 'model.safetensors'))
+    model = naflex.create_model('naflexvit_tiny_test', pretrained=str(tmp_path / 'model.safetensors')).eval()
+    img = Image.fromarray(torch.randint(0, 256, (300, 500, 3), dtype=torch.uint8).numpy())
+    data_config = timm.data.resolve_model_data_config(model)
+    transforms = timm.data.create_transform(**data_config, is_training=False)
+    x = transforms(img).unsqueeze(0)
+    logits = model(x)
+    assert logits.shape == (1, 1000)
+    assert maxdiff(logits, ref(x)) < TOL
+    assert maxdiff(logits.softmax(-1).topk(5).values, ref(x).softmax(-1).topk(5).values) < TOL
+    tokens = model.forward_features(x)
+    assert tokens.shape == (1, 580, 64)
+    assert model.forward_head(tokens, pre_logits=True).shape == (1, 64)
+    assert naflex.create_model('naflexvit_tiny_test', num_classes=0)(x).shape == (1, 64)
+    feats = naflex.create_model('naflexvit_tiny_test', features_only=True, out_indices=2)(x)
+    assert [f.shape for f in feats] == [(1, 64, 24, 24)] * 2
