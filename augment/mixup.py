@@ -64,8 +64,9 @@ def mix_variable_size(
         targets: Sequence[int],
         cfg: MixupConfig,
         rng: random.Random,
+        inplace: bool = False,
 ) -> Tuple[List[torch.Tensor], torch.Tensor, List[float], List[Optional[int]]]:
-    """Mix a list of uint8 HWC images of different sizes.
+    """Mix a list of uint8 HWC images of different sizes (``inplace=True`` overwrites the inputs).
 
     Returns (images, soft targets [B, C] float32, own-weight per image, partner index per image or None).
     """
@@ -86,26 +87,27 @@ def mix_variable_size(
     order = pair_by_aspect([tuple(x.shape[:2]) for x in imgs], rng, cfg.local_shuffle)
     out = list(imgs)
     for a, b in zip(order[0::2], order[1::2]):
+        ha, wa = imgs[a].shape[:2]
+        hb, wb = imgs[b].shape[:2]
+        oh, ow = min(ha, hb), min(wa, wb)
+        corner = {a: ((ha - oh) // 2, (wa - ow) // 2), b: ((hb - oh) // 2, (wb - ow) // 2)}
+        # Everything one image gives the other lies in its centred overlap: keep the originals of those two
+        # regions, then write each mixed image (in place when allowed, else into a copy).
+        src = {k: imgs[k][corner[k][0]:corner[k][0] + oh, corner[k][1]:corner[k][1] + ow].clone() for k in (a, b)}
         for i, j in ((a, b), (b, a)):
-            xi, xj = imgs[i], imgs[j]  # always the originals
-            hi, wi = xi.shape[:2]
-            hj, wj = xj.shape[:2]
-            oh, ow = min(hi, hj), min(wi, wj)
-            ti, li = (hi - oh) // 2, (wi - ow) // 2
-            tj, lj = (hj - oh) // 2, (wj - ow) // 2
-            mixed = xi.clone()
+            hi, wi = imgs[i].shape[:2]
+            ti, li = corner[i]
+            mixed = imgs[i] if inplace else imgs[i].clone()
             if use_cutmix:
                 r = math.sqrt(1.0 - lam)
                 ch, cw = int(oh * r), int(ow * r)
                 y = rng.randint(0, oh - ch)
                 x = rng.randint(0, ow - cw)
-                mixed[ti + y:ti + y + ch, li + x:li + x + cw] = xj[tj + y:tj + y + ch, lj + x:lj + x + cw]
+                mixed[ti + y:ti + y + ch, li + x:li + x + cw] = src[j][y:y + ch, x:x + cw]
                 other_frac = (ch * cw) / float(hi * wi)
             else:
-                region_i = xi[ti:ti + oh, li:li + ow].float()
-                region_j = xj[tj:tj + oh, lj:lj + ow].float()
-                blended = region_i.mul_(lam).add_(region_j, alpha=1.0 - lam).round_().clamp_(0, 255)
-                mixed[ti:ti + oh, li:li + ow] = blended.to(torch.uint8)
+                blended = src[i].float().mul_(lam).add_(src[j].float(), alpha=1.0 - lam).add_(0.5)
+                mixed[ti:ti + oh, li:li + ow] = blended  # float -> uint8 truncates: +0.5 rounds
                 other_frac = (1.0 - lam) * (oh * ow) / float(hi * wi)
             out[i] = mixed
             own[i] = 1.0 - other_frac

@@ -35,6 +35,9 @@ class AugConfig:
     mean: Tuple[float, float, float] = (0.5, 0.5, 0.5)  # model mean (RA fill colour, erasing values)
     std: Tuple[float, float, float] = (0.5, 0.5, 0.5)
     draft: bool = True                                # JPEG reduced-DCT decoding when downscaling >= 2x
+    # Rotate/Shear resampling in RandAugment. None: 'bilinear' when interpolation is 'random' (speed; timm
+    # draws bilinear or bicubic per op), else ``interpolation`` like timm. 'random' gives timm's behaviour.
+    ra_interpolation: Optional[str] = None
 
     def interpolations(self) -> Tuple[str, ...]:
         return ('bilinear', 'bicubic') if self.interpolation == 'random' else (self.interpolation,)
@@ -50,7 +53,8 @@ class ImageAugment:
         if cfg.aa:
             if not cfg.aa.startswith('rand'):
                 raise ValueError(f"only RandAugment specs ('rand-...') are supported for --aa, got {cfg.aa!r}")
-            self.rand_augment = RandAugment(cfg.aa, fill=fill, interpolation=cfg.interpolation)
+            ra_interp = cfg.ra_interpolation or ('bilinear' if cfg.interpolation == 'random' else cfg.interpolation)
+            self.rand_augment = RandAugment(cfg.aa, fill=fill, interpolation=ra_interp)
         # timm: jitter is disabled whenever an AA policy is given (unless '3a' is in the spec).
         use_jitter = self.rand_augment is None or '3a' in (cfg.aa or '')
         self.jitter = parse_color_jitter(cfg.color_jitter) if use_jitter else None

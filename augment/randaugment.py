@@ -16,6 +16,11 @@ Deliberate differences from timm 1.0.31 (documented, tested):
   (PIL's raw matrix); the shear amount (tan = 0.3 * level / 10) is the same, the image is just not
   shifted sideways.
 - On tensors, bicubic affine resampling is done bilinear (torchvision's tensor ``affine`` has no bicubic).
+- TranslateXRel/YRel on PIL images shift by whole pixels (crop + paste; the <= 0.5 px sub-pixel part is
+  dropped) instead of resampling through PIL's slow generic affine path.
+- The training policy (augment.policy) resamples Rotate/Shear bilinear when ``--train-interpolation random``
+  (timm picks bilinear or bicubic per op; PIL's bicubic affine costs ~3x bilinear) unless
+  ``AugConfig.ra_interpolation='random'`` asks for timm's choice.
 """
 from __future__ import annotations
 
@@ -126,6 +131,23 @@ def _affine(img, ctx: OpContext, *, angle=0.0, translate=(0.0, 0.0), shear=(0.0,
                     interpolation=_geom_interp(img, ctx.interpolation), fill=list(ctx.fill))
 
 
+def op_translate(img, dx: float, dy: float, ctx: OpContext):
+    """Translate by (dx, dy) pixels (content moves by -dx, -dy like timm's PIL matrix), fill the uncovered border.
+
+    PIL images: shifted by whole pixels (rounded) with a crop + paste, ~30x cheaper than PIL's generic
+    resampling affine path; the sub-pixel part (<= 0.5 px) of timm's shift is dropped. Tensors: F.affine.
+    """
+    if not isinstance(img, Image.Image):
+        return _affine(img, ctx, translate=(-dx, -dy))
+    ix, iy = int(round(dx)), int(round(dy))
+    w, h = img.size
+    out = Image.new(img.mode, (w, h), ctx.fill if img.mode == 'RGB' else ctx.fill[0])
+    if abs(ix) < w and abs(iy) < h:
+        src = img.crop((max(0, ix), max(0, iy), min(w, w + ix), min(h, h + iy)))
+        out.paste(src, (max(0, -ix), max(0, -iy)))
+    return out
+
+
 def op_posterize(img, bits, ctx):
     bits = int(bits)
     if bits >= 8:
@@ -183,8 +205,8 @@ OPS: Dict[str, Callable] = {
     # timm's factor is tan(shear angle); torchvision takes degrees.
     'ShearX': lambda img, a, ctx: _affine(img, ctx, shear=(math.degrees(math.atan(a)), 0.0)),
     'ShearY': lambda img, a, ctx: _affine(img, ctx, shear=(0.0, math.degrees(math.atan(a)))),
-    'TranslateXRel': lambda img, a, ctx: _affine(img, ctx, translate=(a * _size_hw(img)[1], 0.0)),
-    'TranslateYRel': lambda img, a, ctx: _affine(img, ctx, translate=(0.0, a * _size_hw(img)[0])),
+    'TranslateXRel': lambda img, a, ctx: op_translate(img, a * _size_hw(img)[1], 0.0, ctx),
+    'TranslateYRel': lambda img, a, ctx: op_translate(img, 0.0, a * _size_hw(img)[0], ctx),
     'Desaturate': lambda img, a, ctx: F.adjust_saturation(img, min(1.0, max(0.0, 1.0 - a))),
     'GaussianBlur': op_gaussian_blur,
 }
@@ -261,6 +283,8 @@ class RandAugment:
     """``RandAugment('rand-m8-inc1-mstd1.0', fill=(128,)*3, interpolation='random')(img, rng)``."""
 
     def __init__(self, spec: str, *, fill: Sequence[int] = (128, 128, 128), interpolation: str = 'random'):
+        """``interpolation``: resampling of Rotate/Shear: 'random' (bilinear or bicubic per op, timm's default),
+        or one mode."""
         self.spec_str = spec
         self.spec = parse_rand_augment(spec)
         self.fill = tuple(int(v) for v in fill)

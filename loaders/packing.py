@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.utils.data
 
 
 def _grid(img_HWC: torch.Tensor, P: int):
@@ -39,13 +40,25 @@ def _coords(gh: int, gw: int, dtype) -> torch.Tensor:
     return torch.stack([ys, xs], dim=1)
 
 
+def _empty_uint8(*shape) -> torch.Tensor:
+    """In a DataLoader worker, allocate straight in shared memory: the batch then crosses to the main
+    process without the extra copy ``share_memory_()`` makes when a worker returns an ordinary tensor."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(*shape, dtype=torch.uint8)
+    n = 1
+    for s in shape:
+        n *= int(s)
+    storage = torch.UntypedStorage._new_shared(max(1, n))
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+
+
 def pack(imgs: Sequence[torch.Tensor], patch_size: int, bad_files: Optional[List[str]] = None) -> Dict:
     P = patch_size
     grids = [_grid(x, P)[:2] for x in imgs]
     lens = [gh * gw for gh, gw in grids]
     total = sum(lens)
     c = imgs[0].shape[2] if imgs else 3
-    patches = torch.empty(total, P * P * c, dtype=torch.uint8)
+    patches = _empty_uint8(total, P * P * c)
     coords = torch.empty(total, 2, dtype=torch.int32)
     off = 0
     for x, (gh, gw), n in zip(imgs, grids, lens):

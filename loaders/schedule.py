@@ -4,7 +4,8 @@ FlexiViT arXiv:2212.08013 patch-size randomisation), with timm 1.0.31's semantic
 - Token budget per step: ``tokens_per_batch = -b x max(seq_lens)``; a step at length L holds
   ``max(1, floor(budget / L / divisor) * divisor)`` images (divisor 8), the last step of the epoch fewer.
 - The multiset of (L, batch size) steps is fixed from ``seed`` (one L drawn uniformly per step until the
-  rank's samples are covered), so every epoch has the same number of steps on every rank.
+  rank's samples are covered; the same draws as timm, so the same multiset as timm for a given seed), so
+  every epoch has the same number of steps on every rank.
 - Each epoch: the indices are shuffled from (seed, epoch), padded by wrapping to a multiple of world_size
   (the only duplicates: ``ceil(n / W) * W - n`` per epoch) and dealt rank-strided, so ranks hold disjoint
   shards; the step order is permuted from (seed, epoch) and a patch size is drawn per step — all identical
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 
 def batch_size_for(seq_len: int, tokens_per_batch: int, divisor: int = 8) -> int:
@@ -76,10 +78,13 @@ class SeqLenSchedule:
         self._cache_steps: List[Step] = []
 
     def _canonical(self) -> List[Tuple[int, int]]:
-        rng = random.Random(f"naflex-canonical/{self.seed}")
+        # Same draws as timm (torch.Generator seeded with ``seed``, one randint per step), so for a given
+        # seed the epoch's multiset of (L, batch size) equals timm's and benchmarks compare like with like.
+        g = torch.Generator()
+        g.manual_seed(self.seed)
         steps, remaining = [], self.samples_per_rank
         while remaining > 0:
-            L = self.seq_lens[rng.randrange(len(self.seq_lens))]
+            L = self.seq_lens[int(torch.randint(0, len(self.seq_lens), (1,), generator=g))]
             bs = min(batch_size_for(L, self.tokens_per_batch, self.divisor), remaining)
             steps.append((L, bs))
             remaining -= bs

@@ -167,3 +167,12 @@ def test_mixup_smoothing_and_prob_zero():
     out, soft, own, _ = mix_variable_size(imgs, [1, 3], cfg, random.Random(0))
     assert out[0] is imgs[0] and own == [1.0, 1.0]
     torch.testing.assert_close(soft[0], torch.tensor([0.025, 0.925, 0.025, 0.025]))
+
+
+@pytest.mark.parametrize('dx,dy', [(7, 0), (-5, 0), (0, 9), (0, -3), (40, 0), (0, -33)])
+def test_translate_matches_timm_for_whole_pixels(dx, dy):
+    from augment.randaugment import op_translate
+    pil, _ = _imgs(30, 40)
+    ctx = OpContext((128, 128, 128), InterpolationMode.BILINEAR)
+    ref = pil.transform(pil.size, Image.AFFINE, (1, 0, dx, 0, 1, dy), resample=Image.NEAREST, fillcolor=(128,) * 3)
+    assert np.array_equal(np.asarray(op_translate(pil, dx, dy, ctx)), np.asarray(ref))

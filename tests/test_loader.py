@@ -188,3 +188,16 @@ def test_create_from_args(folder):
     assert t.shape[1] == 3 and int(x['seq_lens'].max()) <= 32
     x, t = next(iter(val))
     assert t.dtype == torch.int64 and int(x['seq_lens'].max()) <= 32
+
+
+@pytest.mark.cuda
+def test_prefetcher_cuda_matches_cpu(folder):
+    ld = small_loader(folder, num_workers=1, pin_memory=True)
+    cpu = [x['patches'] for x, _ in loaders.DevicePrefetcher(ld, 'cpu')]
+    ld.set_epoch(0)
+    gpu = list(loaders.DevicePrefetcher(ld, 'cuda', dtype=torch.bfloat16))
+    assert len(gpu) == len(cpu)
+    for (x, t), ref in zip(gpu, cpu):
+        assert x['patches'].is_cuda and x['patches'].dtype == torch.bfloat16 and x['cu_seqlens'].is_cuda
+        torch.testing.assert_close(x['patches'].float().cpu(), ref, atol=1e-2, rtol=1e-2)
+        assert t.is_cuda

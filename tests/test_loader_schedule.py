@@ -55,3 +55,20 @@ def test_patch_size_probs():
     assert 0.7 < frac16 < 0.8
     with pytest.raises(ValueError):
         SeqLenSchedule(10, LENS, 1024, patch_sizes=(8, 16), patch_size_probs=(1,))
+
+
+def test_canonical_multiset_equals_timm():
+    import torch
+    from timm.data.naflex_dataset import NaFlexMapDatasetWrapper
+
+    class Fake(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5784
+
+        def __getitem__(self, i):
+            return None, 0
+
+    for seed in (0, 42):
+        ref = NaFlexMapDatasetWrapper(Fake(), seq_lens=LENS, max_tokens_per_batch=64 * 1024, seed=seed)
+        ours = SeqLenSchedule(5784, LENS, 64 * 1024, seed=seed)
+        assert ours.canonical == ref._canonical_batch_schedule
