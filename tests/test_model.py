@@ -360,3 +360,18 @@ def test_model_card_usage_with_timm_transforms(tmp_path):
     assert naflex.create_model('naflexvit_tiny_test', num_classes=0)(x).shape == (1, 64)
     feats = naflex.create_model('naflexvit_tiny_test', features_only=True, out_indices=2)(x)
     assert [f.shape for f in feats] == [(1, 64, 24, 24)] * 2
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compile_dynamic_one_graph_for_all_packings():
+    """With dynamic shapes, batches with different token counts / image counts reuse one graph."""
+    from torch._dynamo.utils import counters
+    model = naflex.create_model('naflexvit_tiny_test_map').eval()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend='aot_eager')
+    for grids in ([(3, 5), (4, 4), (2, 7)], [(6, 5), (4, 4)], [(9, 9), (1, 3), (2, 2), (5, 5)]):
+        _, packed = make_batches(grids)
+        assert maxdiff(compiled(packed), model(packed)) < TOL
+    assert counters['stats']['unique_graphs'] == 1
