@@ -151,3 +151,20 @@ def test_padded_batches(demo_dataset, tmp_path):
                                 '--warmup-epochs', '0'))
     assert len(rows) == 1 and rows[0]['eval_top1'] >= 0
     assert torch.isfinite(torch.tensor(rows[0]['train_loss']))
+
+
+def test_ema_and_initial_checkpoint_with_other_num_classes(reference, demo_dataset, tmp_path):
+    """--initial-checkpoint from a 4-class run into a 5-class model (head re-initialized), EMA evaluated and saved."""
+    ref_run, _, _ = reference
+    rows = train.main(card_argv(demo_dataset, tmp_path, 'ema', '--epochs', '1', '--warmup-epochs', '0',
+                                '--initial-checkpoint', str(ref_run / 'last.pth'), '--num-classes', '5',
+                                '--model-ema', '--model-ema-decay', '0.9'))
+    assert 'ema_top1' in rows[0] and 'eval_top1' in rows[0]
+    ckpt = torch.load(tmp_path / 'ema' / 'last.pth', map_location='cpu', weights_only=True)
+    assert ckpt['state_dict_ema']['head.weight'].shape == (5, 64)
+    assert not torch.equal(ckpt['state_dict_ema']['head.weight'], ckpt['state_dict']['head.weight'])
+    start = _weights(ref_run / 'last.pth')
+    assert not torch.equal(ckpt['state_dict']['embeds.proj.weight'], start['embeds.proj.weight'])  # it trained
+    # the EMA (decay 0.9 over ~4 updates) stays close to the starting weights it was seeded from
+    ema_gap = (ckpt['state_dict_ema']['embeds.proj.weight'] - start['embeds.proj.weight']).abs().max()
+    assert ema_gap < (ckpt['state_dict']['embeds.proj.weight'] - start['embeds.proj.weight']).abs().max()
