@@ -33,6 +33,7 @@ class MixupConfig:
     switch_prob: float = 0.5   # --mixup-switch-prob: chance of CutMix when both are enabled
     smoothing: float = 0.1     # --smoothing
     local_shuffle: int = 4
+    off_epoch: int = 0         # --mixup-off-epoch: no mixing from this epoch on (0 = never off)
 
     @property
     def active(self) -> bool:
@@ -65,6 +66,7 @@ def mix_variable_size(
         cfg: MixupConfig,
         rng: random.Random,
         inplace: bool = False,
+        epoch: Optional[int] = None,
 ) -> Tuple[List[torch.Tensor], torch.Tensor, List[float], List[Optional[int]]]:
     """Mix a list of uint8 HWC images of different sizes (``inplace=True`` overwrites the inputs).
 
@@ -74,7 +76,8 @@ def mix_variable_size(
     own = [1.0] * n
     partner: List[Optional[int]] = [None] * n
     base = smooth_one_hot(targets, cfg.num_classes, cfg.smoothing)
-    if n < 2 or not cfg.active or rng.random() >= cfg.prob:
+    off = cfg.off_epoch and epoch is not None and epoch >= cfg.off_epoch
+    if n < 2 or not cfg.active or off or rng.random() >= cfg.prob:
         return imgs, base, own, partner
 
     if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:

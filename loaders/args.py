@@ -33,6 +33,7 @@ LOADER_FLAGS = {
     'cutmix': ('--cutmix', 0.0, dict(type=float, help='CutMix alpha (0 = off)')),
     'mixup_prob': ('--mixup-prob', 1.0, dict(type=float, help='probability a step is mixed')),
     'mixup_switch_prob': ('--mixup-switch-prob', 0.5, dict(type=float, help='CutMix vs MixUp when both on')),
+    'mixup_off_epoch': ('--mixup-off-epoch', 0, dict(type=int, help='turn MixUp/CutMix off from this epoch')),
     'smoothing': ('--smoothing', 0.1, dict(type=float, help='label smoothing')),
     'train_interpolation': ('--train-interpolation', 'random', dict(help='random|bilinear|bicubic')),
     'naflex_train_seq_lens': ('--naflex-train-seq-lens', [128, 256, 576, 784, 1024],
@@ -78,12 +79,12 @@ def mixup_config_from_args(args, num_classes: int = 0) -> Optional[MixupConfig]:
         return None
     return MixupConfig(num_classes=num_classes, mixup_alpha=mixup, cutmix_alpha=cutmix,
                        prob=_get(args, 'mixup_prob'), switch_prob=_get(args, 'mixup_switch_prob'),
-                       smoothing=_get(args, 'smoothing'))
+                       smoothing=_get(args, 'smoothing'), off_epoch=_get(args, 'mixup_off_epoch'))
 
 
 def create_loaders_from_args(args, *, rank: int = 0, world_size: int = 1, num_classes: Optional[int] = None,
                              mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), patch_size: int = 16,
-                             eval_interpolation: str = 'bicubic', pin_memory: bool = False,
+                             eval_interpolation: str = 'bicubic', pin_memory: Optional[bool] = None,
                              root=None) -> Tuple[object, object]:
     """(train_loader, eval_loader) from timm-named flags. ``root`` overrides args.data_dir / args.data."""
     root = root or getattr(args, 'data_dir', None) or getattr(args, 'data', None)

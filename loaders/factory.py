@@ -15,6 +15,12 @@ from .schedule import SeqLenSchedule
 from .train_loader import StepDataset, TrainLoader
 
 
+def _pin(pin_memory: Optional[bool]) -> bool:
+    """Default: pin host batches when CUDA is available (the prefetcher then copies them asynchronously)."""
+    import torch
+    return torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+
+
 def _as_dataset(root, split, class_order='sorted', cache_dir=None):
     if hasattr(root, 'path') and hasattr(root, 'target'):
         return root  # already a dataset (ImageFolderDataset / ListDataset)
@@ -39,7 +45,7 @@ def create_train_loader(
         mixup: Optional[MixupConfig] = None,
         num_classes: Optional[int] = None,
         epoch: int = 0,
-        pin_memory: bool = False,
+        pin_memory: Optional[bool] = None,
         persistent_workers: bool = True,
         prefetch_factor: int = 2,
         class_order: str = 'sorted',
@@ -57,7 +63,7 @@ def create_train_loader(
     if mixup is not None and not mixup.num_classes:
         mixup.num_classes = num_classes or dataset.num_classes
     step_ds = StepDataset(dataset, schedule, aug or AugConfig(), mixup, packing=packing, seed=seed)
-    return TrainLoader(step_ds, num_workers=num_workers, pin_memory=pin_memory,
+    return TrainLoader(step_ds, num_workers=num_workers, pin_memory=_pin(pin_memory),
                        persistent_workers=persistent_workers, prefetch_factor=prefetch_factor, epoch=epoch)
 
 
@@ -74,7 +80,7 @@ def create_eval_loader(
         packing: bool = True,
         interpolation: str = 'bicubic',
         draft: bool = False,
-        pin_memory: bool = False,
+        pin_memory: Optional[bool] = None,
         class_order: str = 'sorted',
         cache_dir=None,
 ):
@@ -82,4 +88,4 @@ def create_eval_loader(
     dataset = _as_dataset(root, split, class_order, cache_dir)
     return make_eval_loader(dataset, max_seq_len=max_seq_len, batch_size=batch_size, patch_size=patch_size,
                             num_workers=num_workers, rank=rank, world_size=world_size, packing=packing,
-                            interpolation=interpolation, draft=draft, pin_memory=pin_memory)
+                            interpolation=interpolation, draft=draft, pin_memory=_pin(pin_memory))

@@ -88,7 +88,8 @@ class StepDataset(Dataset):
             rngs.append(rng)
         if self.mixup is not None:
             mix_rng = random.Random(f"{self.seed}/{epoch}/{step_idx}/mix")
-            imgs, target, _, _ = mix_variable_size(imgs, targets, self.mixup, mix_rng, inplace=True)
+            imgs, target, _, _ = mix_variable_size(imgs, targets, self.mixup, mix_rng, inplace=True,
+                                                  epoch=epoch)
         else:
             target = torch.tensor(targets, dtype=torch.int64)
         if self.erasing is not None:

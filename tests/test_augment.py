@@ -176,3 +176,12 @@ def test_translate_matches_timm_for_whole_pixels(dx, dy):
     ctx = OpContext((128, 128, 128), InterpolationMode.BILINEAR)
     ref = pil.transform(pil.size, Image.AFFINE, (1, 0, dx, 0, 1, dy), resample=Image.NEAREST, fillcolor=(128,) * 3)
     assert np.array_equal(np.asarray(op_translate(pil, dx, dy, ctx)), np.asarray(ref))
+
+
+def test_mixup_off_epoch():
+    cfg = MixupConfig(num_classes=3, off_epoch=2, smoothing=0.0)
+    imgs = [_const_img(8, 8, 1), _const_img(8, 8, 2)]
+    _, soft, own, _ = mix_variable_size(imgs, [0, 1], cfg, random.Random(0), epoch=2)
+    assert own == [1.0, 1.0] and torch.equal(soft, torch.eye(3)[:2])
+    _, _, own, _ = mix_variable_size(imgs, [0, 1], cfg, random.Random(0), epoch=1)
+    assert own[0] < 1.0
