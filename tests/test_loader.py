@@ -157,6 +157,16 @@ def test_mixup_targets_are_soft(folder):
     torch.testing.assert_close(target.sum(1), torch.ones(target.shape[0]))
 
 
+def test_set_mixup_off_keeps_soft_targets(folder):
+    mix = MixupConfig(num_classes=0, mixup_alpha=0.8, cutmix_alpha=1.0, smoothing=0.0)
+    ld = small_loader(folder, mixup=mix, num_workers=1)
+    _, t_on = next(iter(ld))
+    ld.set_mixup(False)
+    _, t_off = next(iter(ld))
+    assert t_off.shape == t_on.shape and (t_off.max(1).values == 1).all()
+    assert (t_on.max(1).values < 1).any()
+
+
 def test_eval_loader_grid_and_sharding(folder):
     from timm.data.naflex_transforms import get_image_size_for_seq
     ds = loaders.ImageFolderDataset(folder, 'train')
