@@ -153,6 +153,21 @@ def test_pool_include_prefix_matches_timm():
         assert maxdiff(ours(packed), ref(padded)) < TOL
 
 
+@pytest.mark.parametrize('overrides', [
+    dict(qk_norm=True), dict(pre_norm=True), dict(pos_embed_antialias=False),
+    dict(pos_embed_interp_mode='bilinear'), dict(pos_embed='none'), dict(pos_embed_grid_size=(12, 20)),
+    dict(act_layer='gelu_tanh', mlp_ratio=3.0, qkv_bias=False), dict(init_values=0.0, reg_tokens=0)])  # None would be dropped by timm.create_model
+@torch.no_grad()
+def test_config_overrides_match_timm(overrides):
+    ours, ref = pair('naflexvit_tiny_test_par', **overrides)
+    padded, packed = make_batches(GRIDS[:4])
+    ref_out = ref(padded)
+    assert maxdiff(ours(padded), ref_out) < TOL
+    assert maxdiff(ours(packed), ref_out) < TOL
+    x = torch.randn(1, 3, 112, 336)
+    assert maxdiff(ours(x), ref(x)) < TOL
+
+
 @pytest.mark.parametrize('p', [8, 12, 24, 32])
 @torch.no_grad()
 def test_variable_patch_size_matches_timm(p):
