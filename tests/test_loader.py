@@ -211,3 +211,14 @@ def test_prefetcher_cuda_matches_cpu(folder):
         assert x['patches'].is_cuda and x['patches'].dtype == torch.bfloat16 and x['cu_seqlens'].is_cuda
         torch.testing.assert_close(x['patches'].float().cpu(), ref, atol=1e-2, rtol=1e-2)
         assert t.is_cuda
+
+
+def test_variable_patch_size_per_step(folder):
+    ld = small_loader(folder, seq_lens=(16, 32), patch_sizes=(8, 16), patch_size_probs=(1, 1), batch_size=2)
+    seen = set()
+    for (inputs, _), step in zip(ld, ld.schedule.steps(0)):
+        P = step.patch_size
+        assert inputs['patch_size'] == P and inputs['patches'].shape[1] == P * P * 3
+        assert int(inputs['seq_lens'].max()) <= step.seq_len
+        seen.add(P)
+    assert seen == {8, 16}
