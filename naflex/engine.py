@@ -287,6 +287,7 @@ def train_one_epoch(
         'images_per_s': images / totals['time_s'],
         'tokens_per_s': tokens / totals['time_s'],
         'data_wait': totals['data_wait'],
+        'time_s': totals['time_s'],
         'lr': _mean_lr(opt),
     }
 
@@ -378,9 +379,8 @@ def fit(
             train_loader.set_epoch(epoch)
         if state.step and hasattr(train_loader, 'set_start_step'):
             train_loader.set_start_step(state.step)
-        if args is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch \
-                and hasattr(train_loader, 'mixup_enabled'):
-            train_loader.mixup_enabled = False
+        if args is not None and args.mixup_off_epoch and hasattr(train_loader, 'set_mixup'):
+            train_loader.set_mixup(epoch < args.mixup_off_epoch)  # then int targets -> label-smoothing CE
         num_steps = len(train_loader)
         train_metrics = train_one_epoch(engine, to_device(train_loader), num_steps, state,
                                         recovery_interval=recovery_interval, save_recovery=save_recovery,
@@ -417,6 +417,9 @@ def fit(
             if best is not None:
                 _logger.info(f'checkpoint saved; best {eval_metric} {best:.4f} (epoch {best_epoch})')
         results.append(row)
+        epoch_s = train_metrics['time_s']
+        _logger.info(f'epoch {epoch} done in {format_seconds(epoch_s)}; run ETA '
+                     f'{format_seconds(epoch_s * (total_epochs - epoch - 1))}')
         if engine.hooks is not None and hasattr(engine.hooks, 'after_epoch') and engine.hooks.after_epoch(state):
             break
     return results

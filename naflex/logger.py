@@ -72,12 +72,13 @@ class RunWriter:
             w.writerow(row)
 
     def bad_files(self, paths: Iterable[str], epoch: int) -> None:
+        """Append undecodable eval files (one path a line, like loaders.BadFileTracker for training)."""
         paths = list(paths)
         if self.out_dir is None or not paths:
             return
         with open(self.out_dir / 'bad_files.txt', 'a') as f:
             for p in paths:
-                f.write(f'{epoch}\t{p}\n')
+                f.write(f'{p}\n')
 
     def close(self) -> None:
         if self._tb is not None:
