@@ -14,6 +14,7 @@ Padded inputs ([B, N, D], timm's dict with ``patch_valid``) always use SDPA with
 gives timm's results on every valid token. All metadata is prepared once per forward in an ``AttnContext``
 with tensor ops only (no host syncs). NaFlex: SigLIP 2 (arXiv:2502.14786).
 """
+import importlib.util
 from typing import Optional
 
 import torch
@@ -21,23 +22,24 @@ import torch.nn.functional as F
 
 BACKENDS = ('auto', 'sdpa_dense', 'varlen', 'flex')
 
-try:  # torch >= 2.10
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # pragma: no cover
-    _varlen_attn = None
+_HAS_VARLEN = importlib.util.find_spec('torch.nn.attention.varlen') is not None  # torch >= 2.10
 
-try:
+
+def _varlen_attn(*args, **kwargs):
+    # imported on first use: the module pulls in torch._dynamo, which costs seconds at import time
+    from torch.nn.attention.varlen import varlen_attn
+    return varlen_attn(*args, **kwargs)
+
+
+def _flex():
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-except ImportError:  # pragma: no cover
-    create_block_mask = flex_attention = None
+    return create_block_mask, flex_attention
 
 
 def available_backends(device: torch.device) -> tuple:
     """Backends that can run on ``device`` (for tests and 'auto')."""
-    out = ['sdpa_dense']
-    if flex_attention is not None:
-        out.append('flex')
-    if _varlen_attn is not None and torch.device(device).type == 'cuda':
+    out = ['sdpa_dense', 'flex']
+    if _HAS_VARLEN and torch.device(device).type == 'cuda':
         out.append('varlen')
     return tuple(out)
 
@@ -49,7 +51,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if name != 'auto':
         return name
     device = torch.device(device)
-    if device.type == 'cuda' and _varlen_attn is not None and dtype in (torch.float16, torch.bfloat16):
+    if device.type == 'cuda' and _HAS_VARLEN and dtype in (torch.float16, torch.bfloat16):
         return 'varlen'
     return 'sdpa_dense'
 
@@ -102,8 +104,7 @@ class AttnContext:
 
 
 def _document_block_mask(seg_ids: torch.Tensor):
-    if create_block_mask is None:
-        raise RuntimeError('FlexAttention is not available in this torch build')
+    create_block_mask, _ = _flex()
     total = seg_ids.shape[0]
 
     def same_image(b, h, q_idx, kv_idx):
@@ -136,7 +137,7 @@ def attend(
             raise ValueError("attention dropout is not supported by the 'flex' backend")
         # contiguous: inductor's CPU flex template fails to lower strided graph inputs (torch 2.14)
         qh, kh, vh = qh.contiguous(), kh.contiguous(), vh.contiguous()
-        out = flex_attention(qh, kh, vh, block_mask=ctx.block_mask)
+        out = _flex()[1](qh, kh, vh, block_mask=ctx.block_mask)
     else:
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=ctx.dense_mask, dropout_p=dropout_p)
     return out[0].transpose(0, 1)

@@ -25,7 +25,6 @@ from typing import Dict, List, Optional, Set, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models._features import FeatureInfo
 from torch.utils.checkpoint import checkpoint
 
 from .attention import BACKENDS, AttnContext, attend
@@ -593,6 +592,7 @@ class NaFlexFeatures(nn.Module):
         self.out_indices = take
         self.norm = norm
         self.output_fmt = output_fmt
+        from timm.models._features import FeatureInfo  # lazy: importing timm costs seconds
         self.feature_info = FeatureInfo(model.feature_info, take)  # timm's helper: .channels(), .reduction()
         self.pretrained_cfg = model.pretrained_cfg
 
