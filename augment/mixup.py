@@ -97,6 +97,8 @@ def mix_variable_size(
         # Everything one image gives the other lies in its centred overlap: keep the originals of those two
         # regions, then write each mixed image (in place when allowed, else into a copy).
         src = {k: imgs[k][corner[k][0]:corner[k][0] + oh, corner[k][1]:corner[k][1] + ow].clone() for k in (a, b)}
+        if not use_cutmix:  # float copies once per pair; lerp(other, own, lam) = lam * own + (1 - lam) * other
+            fsrc = {k: src[k].float() for k in (a, b)}
         for i, j in ((a, b), (b, a)):
             hi, wi = imgs[i].shape[:2]
             ti, li = corner[i]
@@ -109,7 +111,7 @@ def mix_variable_size(
                 mixed[ti + y:ti + y + ch, li + x:li + x + cw] = src[j][y:y + ch, x:x + cw]
                 other_frac = (ch * cw) / float(hi * wi)
             else:
-                blended = src[i].float().mul_(lam).add_(src[j].float(), alpha=1.0 - lam).add_(0.5)
+                blended = torch.lerp(fsrc[j], fsrc[i], lam).add_(0.5)
                 mixed[ti:ti + oh, li:li + ow] = blended  # float -> uint8 truncates: +0.5 rounds
                 other_frac = (1.0 - lam) * (oh * ow) / float(hi * wi)
             out[i] = mixed
