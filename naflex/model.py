@@ -348,18 +348,18 @@ class NaFlexVit(nn.Module):
 
     # ------------------------------------------------------------------------------------------ embedding
     def _add_pos(self, x: torch.Tensor, coord: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """x [..., D] plus the position embedding of tokens at coord [..., 2] in grids grid [..., 2]
+        (coord / grid may omit the batch dim of x; they then broadcast)."""
         if self.embeds.pos_embed_type == 'none':
             return x
-        return x + self.embeds.pos_embed_tokens(coord, grid).to(x.dtype)
+        pe = self.embeds.pos_embed_tokens(coord.reshape(-1, 2), grid.reshape(-1, 2))
+        return x + pe.reshape(*coord.shape[:-1], -1).to(x.dtype)
 
     def _embed_padded(self, patches: torch.Tensor, coord: torch.Tensor, grid: torch.Tensor,
                       patch_size: Tuple[int, int]) -> torch.Tensor:
-        """patches [B, N, p*p*C], coord [B*N or N, 2], grid [B*N or N, 2] -> [B, prefix + N, D]."""
+        """patches [B, N, p*p*C], coord / grid [B, N, 2] or [N, 2] (shared) -> [B, prefix + N, D]."""
         b = patches.shape[0]
-        x = self.embeds.project(patches, patch_size)  # [B, N, D]
-        if self.embeds.pos_embed_type != 'none':
-            pe = self.embeds.pos_embed_tokens(coord.reshape(-1, 2), grid.reshape(-1, 2))
-            x = x + pe.reshape(*coord.shape[:-1], -1).to(x.dtype)  # [B, N, D] or [N, D] (broadcast)
+        x = self._add_pos(self.embeds.project(patches, patch_size), coord, grid)  # [B, N, D]
         prefix = self.embeds.prefix_tokens()
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype)[None].expand(b, -1, -1), x], dim=1)
