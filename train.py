@@ -193,7 +193,10 @@ def run(argv=None, hooks=None):
             ckpt = load_checkpoint(resume)
         except FileNotFoundError as e:
             raise UserError(str(e)) from None
-        state = restore_training(engine, ckpt, dist.rank, load_optimizer=not args.no_resume_opt)
+        try:
+            state = restore_training(engine, ckpt, dist.rank, not args.no_resume_opt, updates_per_epoch)
+        except ValueError as e:
+            raise UserError(f'--resume {resume}: {e}') from None
         if saver is not None:
             saver.restore(ckpt)
         _logger.info(f'resumed from {resume}: epoch {state.epoch}, step {state.step}, update {state.num_updates}')

@@ -321,19 +321,39 @@ def training_checkpoint(engine: Engine, state: TrainState, args=None) -> Dict:
     return ckpt
 
 
-def restore_training(engine: Engine, ckpt: Dict, rank: int = 0, load_optimizer: bool = True) -> TrainState:
-    """Load a ``training_checkpoint`` dict into the engine; returns the state to continue from."""
-    engine.module.load_state_dict(ckpt['state_dict'])
+def restore_training(engine: Engine, ckpt: Dict, rank: int = 0, load_optimizer: bool = True,
+                     updates_per_epoch: Optional[int] = None) -> TrainState:
+    """Load a ``training_checkpoint`` dict (or a timm train.py checkpoint) into the engine; returns the state to
+    continue from. A mid-epoch checkpoint written with another world size restarts its epoch from step 0
+    (the loader's step schedule depends on the number of ranks)."""
+    try:
+        engine.module.load_state_dict(ckpt['state_dict'])
+    except RuntimeError as e:
+        raise ValueError(f'the checkpoint weights do not fit the model: {str(e).splitlines()[0]}') from None
     if load_optimizer and 'optimizer' in ckpt:
-        engine.optimizer.load_state_dict(ckpt['optimizer'])
+        try:
+            engine.optimizer.load_state_dict(ckpt['optimizer'])
+        except (ValueError, KeyError, RuntimeError) as e:
+            name = type(engine.optimizer).__name__
+            raise ValueError(f'the optimizer state in the checkpoint does not fit this {name} ({e}); '
+                             'pass --no-resume-opt to resume the weights only') from None
     if engine.ema is not None and 'state_dict_ema' in ckpt:
         engine.ema.module.load_state_dict(ckpt['state_dict_ema'])
     if engine.scaler is not None and 'scaler' in ckpt and load_optimizer:
         engine.scaler.load_state_dict(ckpt['scaler'])
-    ts = ckpt.get('train_state') or {'epoch': ckpt.get('epoch', -1) + 1, 'step': 0, 'num_updates': 0}
+    ts = ckpt.get('train_state')
+    if ts is None:  # timm checkpoint: 'epoch' is the last finished epoch
+        epoch = ckpt.get('epoch', -1) + 1
+        ts = {'epoch': epoch, 'step': 0, 'num_updates': epoch * (updates_per_epoch or 0)}
     state = TrainState(epoch=ts['epoch'], step=ts['step'], num_updates=ts['num_updates'])
+    same_world = ts.get('world_size', engine.world_size) == engine.world_size
+    if state.step and not same_world:
+        _logger.warning(f'checkpoint is from {ts["world_size"]} processes, this run has {engine.world_size}: '
+                        f'restarting epoch {state.epoch} from its first step')
+        state.num_updates -= (state.step + engine.grad_accum_steps - 1) // engine.grad_accum_steps
+        state.step = 0
     rngs = ckpt.get('rng') or []
-    if state.step and rngs and ts.get('world_size', 1) == engine.world_size and rank < len(rngs):
+    if state.step and rngs and rank < len(rngs):
         state.rng = rngs[rank]  # applied when the resumed epoch starts (see train_one_epoch)
     if engine.schedule is not None:
         if 'scheduler' in ckpt:

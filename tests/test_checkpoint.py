@@ -121,3 +121,30 @@ def test_unwrap_compiled_and_ddp_like():
     assert unwrap_model(compiled) is model
     assert list(unwrap_model(compiled).state_dict()) == list(model.state_dict())
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in unwrap_model(compiled).state_dict())
+
+
+def test_resume_timm_checkpoint_state():
+    """A timm train.py checkpoint (no train_state, timm NAdamW state) resumes at epoch+1; its optimizer state
+    does not fit torch's NAdam, which is one clear error unless --no-resume-opt."""
+    from timm.optim.nadamw import NAdamW
+
+    from naflex.engine import Engine, restore_training
+    from naflex.schedule import WarmupCosineSchedule
+    model = naflex.create_model('naflexvit_tiny_test', num_classes=4)
+    timm_opt = NAdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    timm_opt.step()
+    ckpt = {'state_dict': model.state_dict(), 'epoch': 2, 'optimizer': timm_opt.state_dict(), 'version': 2}
+    other = naflex.create_model('naflexvit_tiny_test', num_classes=4)
+    opt = torch.optim.NAdam(other.parameters(), lr=1e-3, decoupled_weight_decay=True)
+    sched = WarmupCosineSchedule(opt, epochs=10, updates_per_epoch=5, on_updates=True, warmup_epochs=1)
+    eng = Engine(model=other, optimizer=opt, device=torch.device('cpu'), schedule=sched)
+    with pytest.raises(ValueError, match='--no-resume-opt'):
+        restore_training(eng, ckpt, updates_per_epoch=5)
+    state = restore_training(eng, ckpt, load_optimizer=False, updates_per_epoch=5)
+    assert (state.epoch, state.step, state.num_updates) == (3, 0, 15)
+    assert opt.param_groups[0]['lr'] == pytest.approx(sched.lr_at(15, 1e-3))
+    assert torch.equal(other.head.weight, model.head.weight)
+    with pytest.raises(ValueError, match='do not fit the model'):
+        restore_training(Engine(model=naflex.create_model('naflexvit_tiny_test', num_classes=3), optimizer=opt,
+                                device=torch.device('cpu')), ckpt, load_optimizer=False)
