@@ -138,3 +138,20 @@ def test_model_varlen_bf16_cuda():
     assert resolve_backend('auto', torch.device('cuda'), torch.bfloat16) == 'varlen'
     for backend in ('sdpa_dense', 'flex'):
         assert maxdiff(outs[backend], outs['varlen']) < 5e-2
+
+
+@pytest.mark.cuda
+def test_packed_train_step_has_no_host_sync_cuda():
+    """NaViT-style packed forward + backward with varlen in bf16 issues no device->host synchronisation."""
+    model = naflex.create_model('naflexvit_tiny_test_map', drop_path_rate=0.1).cuda().train()
+    _, packed = make_batches(GRIDS)
+    packed = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed.items()}
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        model(packed).float().sum().backward()  # warm-up (lazy inits may sync once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            model(packed).float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
