@@ -146,3 +146,12 @@ def test_out_of_memory_advice(demo_dataset, tmp_path, capsys):
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'out of GPU memory' in err[0] and '-b' in err[0] and 'seq-lens' in err[0]
+
+
+def test_saved_args_yaml_reloads_as_config(tmp_path):
+    """A run's args.yaml is a valid -c file that reproduces the same configuration."""
+    args, text = parse_args(CARD + ['--epochs', '9'])
+    path = tmp_path / 'args.yaml'
+    path.write_text(text)
+    again, _ = parse_args(['-c', str(path)])
+    assert vars(again) == dict(vars(args), config=str(path))
