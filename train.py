@@ -122,12 +122,31 @@ def _output_dir(args, dist):
     return Path(broadcast_object(str(out) if out else None))
 
 
+class OutOfMemory(Exception):
+    """Device memory ran out; the message names the flags to lower."""
+
+
+def _oom_message(args) -> str:
+    longest = max(args.naflex_train_seq_lens)
+    return (f'out of GPU memory with -b {args.batch_size} x longest sequence {longest} = '
+            f'{args.batch_size * longest} tokens per step: lower -b (e.g. -b {max(1, args.batch_size // 2)}), drop '
+            f'{longest} from --naflex-train-seq-lens, or add --grad-checkpointing')
+
+
 def run(argv=None, hooks=None):
+    from naflex.config import parse_args
+    args, _ = parse_args(argv)
+    try:
+        return _train(args, hooks)
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(_oom_message(args)) from None
+
+
+def _train(args, hooks=None):
     from torch.nn.parallel import DistributedDataParallel
 
     from loaders import BadFileTracker, DevicePrefetcher
     from naflex.checkpoint import CheckpointManager, find_resume, load_checkpoint
-    from naflex.config import parse_args
     from naflex.distributed import init_distributed
     from naflex.engine import Engine, TrainState, fit, restore_training, seed_everything
     from naflex.evaluate import evaluate
@@ -135,7 +154,6 @@ def run(argv=None, hooks=None):
     from naflex.optim import ModelEma, create_optimizer
     from naflex.schedule import create_schedule
 
-    args, _ = parse_args(argv)
     dist = init_distributed(args.device)
     out_dir = _output_dir(args, dist)
     setup_logging(out_dir / 'train.log', dist.is_primary)
@@ -239,14 +257,9 @@ def main(argv=None, hooks=None):
     except (ConfigError, UserError, DeviceError) as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         raise SystemExit(2) from None
-    except (NonFiniteLossError, TooManyBadFiles) as e:
+    except (NonFiniteLossError, TooManyBadFiles, OutOfMemory) as e:
         _logger.error(str(e))
         print(f'train.py: error: {e}', file=sys.stderr)
-        raise SystemExit(1) from None
-    except torch.OutOfMemoryError:
-        print('train.py: error: out of GPU memory: lower -b/--batch-size (tokens per step = b x max '
-              '--naflex-train-seq-lens) or drop the longest of --naflex-train-seq-lens; --grad-checkpointing '
-              'also helps', file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         cleanup()

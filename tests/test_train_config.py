@@ -145,7 +145,8 @@ def test_out_of_memory_advice(demo_dataset, tmp_path, capsys):
                    hooks=Boom())
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and 'out of GPU memory' in err[0] and '-b' in err[0] and 'seq-lens' in err[0]
+    assert len(err) == 1 and 'out of GPU memory with -b 2 x longest sequence 16 = 32 tokens per step' in err[0]
+    assert 'lower -b (e.g. -b 1)' in err[0] and 'drop 16 from --naflex-train-seq-lens' in err[0]
 
 
 def test_saved_args_yaml_reloads_as_config(tmp_path):
