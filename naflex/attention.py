@@ -5,10 +5,13 @@ token only sees tokens of its own image. With per-image offsets (``cu_seqlens``)
 
 - ``sdpa_dense``: ``F.scaled_dot_product_attention`` with a dense [T, T] block-diagonal boolean mask. O(T^2)
   memory; the reference backend, runs anywhere (CPU tests).
+- ``sdpa_padded``: scatter the packed tokens into [B, max_seqlen] (``max_seqlen`` is host metadata, so no
+  sync), SDPA with a key-validity mask, gather back. O(B * max_seqlen^2) like timm's padded batches; any
+  device and dtype.
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention over cu_seqlens). CUDA, fp16/bf16.
 - ``flex``: FlexAttention with a document mask; the BlockMask is built once per forward and shared by every
   layer. Eager on CPU (reference math), fast when compiled on CUDA.
-- ``auto``: ``varlen`` on CUDA when the attention runs in fp16/bf16, else ``sdpa_dense``.
+- ``auto``: ``varlen`` on CUDA when the attention runs in fp16/bf16, else ``sdpa_padded``.
 
 Padded inputs ([B, N, D], timm's dict with ``patch_valid``) always use SDPA with a key-validity mask, which
 gives timm's results on every valid token. All metadata is prepared once per forward in an ``AttnContext``
@@ -20,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ('auto', 'sdpa_dense', 'varlen', 'flex')
+BACKENDS = ('auto', 'sdpa_dense', 'sdpa_padded', 'varlen', 'flex')
 
 _HAS_VARLEN = importlib.util.find_spec('torch.nn.attention.varlen') is not None  # torch >= 2.10
 
@@ -38,7 +41,7 @@ def _flex():
 
 def available_backends(device: torch.device) -> tuple:
     """Backends that can run on ``device`` (for tests and 'auto')."""
-    out = ['sdpa_dense', 'flex']
+    out = ['sdpa_dense', 'sdpa_padded', 'flex']
     if _HAS_VARLEN and torch.device(device).type == 'cuda':
         out.append('varlen')
     return tuple(out)
@@ -53,7 +56,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     device = torch.device(device)
     if device.type == 'cuda' and _HAS_VARLEN and dtype in (torch.float16, torch.bfloat16):
         return 'varlen'
-    return 'sdpa_dense'
+    return 'sdpa_padded'
 
 
 class AttnContext:
@@ -90,6 +93,11 @@ class AttnContext:
                 self.block_mask = _document_block_mask(seg_ids)
             elif backend == 'varlen':
                 self.cu_seqlens = cu_seqlens.to(torch.int32)
+            elif backend == 'sdpa_padded':
+                cu = cu_seqlens.long()
+                self.pad_index = (seg_ids, torch.arange(seg_ids.shape[0], device=seg_ids.device) - cu[seg_ids])
+                slots = torch.arange(max_seqlen, device=seg_ids.device)
+                self.dense_mask = (slots[None, :] < (cu[1:] - cu[:-1])[:, None])[:, None, None, :]  # [B,1,1,N]
         elif key_valid is not None:
             self.dense_mask = key_valid[:, None, None, :]  # [B, 1, 1, N]
 
@@ -131,6 +139,11 @@ def attend(
             raise ValueError("attention dropout is not supported by the 'varlen' backend")
         cu = ctx.cu_seqlens
         return _varlen_attn(q, k, v, cu, cu, ctx.max_seqlen, ctx.max_seqlen)
+    if ctx.backend == 'sdpa_padded':
+        shape = (ctx.num_images, ctx.max_seqlen) + tuple(q.shape[1:])
+        qp, kp, vp = (t.new_zeros(shape).index_put(ctx.pad_index, t).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=ctx.dense_mask, dropout_p=dropout_p)
+        return out.transpose(1, 2)[ctx.pad_index]  # [T, H, Dh]
     qh, kh, vh = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, T, Dh]
     if ctx.backend == 'flex':
         if dropout_p > 0:

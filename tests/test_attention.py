@@ -34,7 +34,7 @@ def _run(backend, q, k, v, cu, seg):
     return attend(q, k, v, ctx)
 
 
-@pytest.mark.parametrize('backend', ['sdpa_dense', 'flex'])
+@pytest.mark.parametrize('backend', ['sdpa_dense', 'sdpa_padded', 'flex'])
 def test_backend_equals_per_image_attention(backend):
     q, k, v, cu, seg = _packed_qkv(LENS)
     out = _run(backend, q, k, v, cu, seg)
@@ -51,15 +51,16 @@ def test_flex_compiled_cpu():
 
 
 def test_auto_resolution_and_errors():
-    assert resolve_backend('auto', torch.device('cpu'), torch.float32) == 'sdpa_dense'
-    assert resolve_backend('auto', torch.device('cpu'), torch.bfloat16) == 'sdpa_dense'
+    assert resolve_backend('auto', torch.device('cpu'), torch.float32) == 'sdpa_padded'
+    assert resolve_backend('auto', torch.device('cpu'), torch.bfloat16) == 'sdpa_padded'
+    assert resolve_backend('auto', torch.device('cuda'), torch.float32) == 'sdpa_padded'
     assert resolve_backend('flex', torch.device('cpu'), torch.float32) == 'flex'
-    assert set(available_backends(torch.device('cpu'))) >= {'sdpa_dense', 'flex'}
+    assert set(available_backends(torch.device('cpu'))) >= {'sdpa_dense', 'sdpa_padded', 'flex'}
     with pytest.raises(ValueError, match='sdpa_dense'):
         resolve_backend('xformers', torch.device('cpu'), torch.float32)
 
 
-@pytest.mark.parametrize('backend', ['sdpa_dense', 'flex'])
+@pytest.mark.parametrize('backend', ['sdpa_dense', 'sdpa_padded', 'flex', 'auto'])
 @torch.no_grad()
 def test_model_backends_agree(backend):
     ours, ref = pair('naflexvit_tiny_test_map')
@@ -69,11 +70,24 @@ def test_model_backends_agree(backend):
 
 
 def test_flex_backward_is_gpu_only_on_cpu():
-    """torch 2.14's FlexAttention has no CPU backward: training on CPU must use sdpa_dense ('auto' does)."""
+    """torch 2.14's FlexAttention has no CPU backward: training on CPU uses an SDPA backend ('auto' does)."""
     model = naflex.create_model('naflexvit_tiny_test', attn_backend='flex')
     _, packed = make_batches(GRIDS[:2])
     with pytest.raises(NotImplementedError):
         model(packed).sum().backward()
+
+
+def test_padded_backward_matches_dense():
+    model = naflex.create_model('naflexvit_tiny_test_map')
+    _, packed = make_batches(GRIDS[:3])
+    grads = {}
+    for backend in ('sdpa_dense', 'sdpa_padded'):
+        model.zero_grad()
+        model.set_attn_backend(backend)
+        model(packed).square().mean().backward()
+        grads[backend] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads['sdpa_dense'], grads['sdpa_padded']):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.cuda
@@ -119,7 +133,7 @@ def test_varlen_plumbing_on_cpu(monkeypatch):
 def test_varlen_equals_reference_cuda():
     q, k, v, cu, seg = _packed_qkv(LENS, device='cuda', dtype=torch.bfloat16)
     ref = _per_image_reference(q, k, v, cu)
-    for backend in ('varlen', 'sdpa_dense', 'flex', 'auto'):
+    for backend in ('varlen', 'sdpa_dense', 'sdpa_padded', 'flex', 'auto'):
         out = _run(backend, q, k, v, cu, seg)
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
@@ -131,12 +145,12 @@ def test_model_varlen_bf16_cuda():
     _, packed = make_batches(GRIDS)
     packed = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed.items()}
     outs = {}
-    for backend in ('varlen', 'sdpa_dense', 'flex'):
+    for backend in ('varlen', 'sdpa_dense', 'sdpa_padded', 'flex'):
         ours.set_attn_backend(backend)
         with torch.autocast('cuda', dtype=torch.bfloat16):
             outs[backend] = ours(packed).float()
     assert resolve_backend('auto', torch.device('cuda'), torch.bfloat16) == 'varlen'
-    for backend in ('sdpa_dense', 'flex'):
+    for backend in ('sdpa_dense', 'sdpa_padded', 'flex'):
         assert maxdiff(outs[backend], outs['varlen']) < 5e-2
 
 
