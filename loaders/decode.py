@@ -44,6 +44,7 @@ def open_image(path) -> Tuple[Image.Image, int, int, int]:
     if orientation in _TRANSPOSED:
         h, w = w, h
     if h <= 0 or w <= 0:
+        img.close()
         raise ValueError(f"image has no pixels: {w}x{h}")
     return img, h, w, orientation
 

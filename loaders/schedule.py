@@ -106,7 +106,7 @@ class SeqLenSchedule:
             perm = np.arange(n)
         total = self.samples_per_rank * W
         if total > n:
-            perm = np.concatenate([perm, perm[:total - n]])
+            perm = np.resize(perm, total)  # wrap around the shuffled order (cyclically if W > n)
         return perm[self.rank::W]
 
     def steps(self, epoch: int) -> List[Step]:
