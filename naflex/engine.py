@@ -174,8 +174,14 @@ def train_one_epoch(
     opt.zero_grad(set_to_none=True)
 
     def check_finite():
-        bad = int(first_bad.item())
-        if bad >= 0:
+        # earliest non-finite step on any rank (all ranks stop together instead of hanging in a collective)
+        never = torch.full((), num_steps, dtype=torch.long, device=dev)
+        first = torch.where(first_bad < 0, never, first_bad)
+        if engine.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        bad = int(first.item())
+        if bad < num_steps:
             seq_len, bs = pending.get(bad, (-1, -1))
             raise NonFiniteLossError(
                 f'non-finite loss at epoch {state.epoch} step {bad}/{num_steps} (update {state.num_updates}): '
@@ -253,8 +259,7 @@ def train_one_epoch(
             win_loss = (w[0] / w[1].clamp(min=1)).item()
             avg_loss = (e[0] / e[1].clamp(min=1)).item()
             now_loss = w[3].item() / engine.world_size
-            fig = meter.window(batch_idx, w[2].item())
-            fig['images_per_s'] *= engine.world_size
+            fig = meter.window(batch_idx, tokens=w[2].item(), images=w[1].item())
             engine.history.append({'epoch': state.epoch, 'step': batch_idx, 'loss': now_loss, 'avg': avg_loss})
             _logger.info(
                 f'Train: {state.epoch} [{update_idx:>4d}/{updates_per_epoch} '

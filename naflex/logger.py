@@ -106,14 +106,15 @@ class ProgressMeter:
     def add_batch(self, images: int) -> None:
         self.images_since_log += images
 
-    def window(self, step: int, tokens: float) -> Dict[str, float]:
-        """Figures since the previous call (``tokens``: valid tokens in the window); resets the window."""
+    def window(self, step: int, tokens: float, images: Optional[float] = None) -> Dict[str, float]:
+        """Figures since the previous call; ``tokens`` / ``images``: valid tokens / images in the window over all
+        ranks (default images: this process's count). Resets the window."""
         now = time.perf_counter()
         dt = max(now - self.t_last, 1e-9)
         done = step + 1 - self.start_step
         per_step = (now - self.t0) / max(done, 1)
         out = {
-            'images_per_s': self.images_since_log / dt,
+            'images_per_s': (self.images_since_log if images is None else images) / dt,
             'tokens_per_s': tokens / dt,
             'data_wait': min(1.0, self.data_wait_since_log / dt),
             'eta_s': per_step * (self.total - step - 1),

@@ -126,3 +126,40 @@ def test_torchrun_two_processes_end_to_end(demo_dataset, tmp_path):
     assert 'rank 0 of 2' in log and 'Eval: 0' in log
     ckpt = torch.load(run / 'last.pth', weights_only=True)
     assert ckpt['train_state']['world_size'] == 2 and len(ckpt['rng']) == 2
+
+
+def _nan_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE='2',
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from naflex.distributed import cleanup, init_distributed
+    from naflex.engine import NonFiniteLossError
+    init_distributed('cpu')
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    batches = [take(make_packed(GRIDS, s), SPLIT[rank]) for s in range(STEPS)]
+    if rank == 1:
+        batches[1][0]['patches'][:] = float('nan')  # only rank 1 sees a non-finite loss at step 1
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    eng = Engine(model=model, optimizer=opt, device=torch.device('cpu'), loss_scale='none', log_interval=100,
+                 world_size=2)
+    try:
+        train_one_epoch(eng, iter(batches), len(batches), TrainState())
+        msg = 'finished'
+    except NonFiniteLossError as e:
+        msg = str(e)
+    with open(os.path.join(out_dir, f'rank{rank}.txt'), 'w') as f:
+        f.write(msg)
+    cleanup()
+
+
+def test_non_finite_loss_on_one_rank_stops_all(tmp_path):
+    ctx = mp.start_processes(_nan_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False,
+                             start_method='spawn')
+    deadline = 120
+    import time
+    t0 = time.time()
+    while not ctx.join(timeout=5):
+        assert time.time() - t0 < deadline, 'ranks hung after a non-finite loss'
+    for rank in (0, 1):
+        msg = (tmp_path / f'rank{rank}.txt').read_text()
+        assert msg.startswith('non-finite loss at epoch 0 step 1/3'), msg
