@@ -25,6 +25,7 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 AMP_DTYPES = ("bfloat16", "float16")
+CPU_PACKED_MAX_TOKENS = 16384  # above this many tokens per batch, CPU evaluation switches to padded batches
 
 
 class ValidateError(Exception):
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="dataset root holding <split>/<class>/*.jpg")
     p.add_argument("--split", default="val", help="split folder under the root (default: val)")
     p.add_argument("--model", "-m", default="naflexvit_base_patch16_gap", help="model name (naflex.list_models())")
-    p.add_argument("--checkpoint", default="", help="our checkpoint (plain/EMA/training state) or a timm .pth/.safetensors")
+    p.add_argument("--checkpoint", default="",
+                   help="our checkpoint (plain/EMA/training state) or a timm .pth/.safetensors")
     p.add_argument("--pretrained", nargs="?", const=True, default=None,
                    help="pretrained weights file given to create_model (timm .safetensors/.pth or ours)")
     p.add_argument("--use-ema", action="store_true", help="load the EMA weights ('state_dict_ema') of a checkpoint")
@@ -215,13 +217,23 @@ def run(args) -> list[dict]:
     try:
         dist_info = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:  # DeviceError: e.g. --device cuda without a GPU
-        raise ValidateError(str(e)) from None
+        raise ValidateError(str(e).replace("to train on the CPU", "to run on the CPU")) from None
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     model = model.to(device).eval()
     patch_size = model.patch_size
-    if not args.padded and hasattr(model, "set_attn_backend"):
+    packing = not args.padded
+    max_tokens = args.batch_size * max(args.naflex_max_seq_len)
+    dense_cpu = device.type == "cpu" and args.attn_backend in ("auto", "sdpa_dense")
+    if packing and dense_cpu and max_tokens > CPU_PACKED_MAX_TOKENS:
+        # On CPU packed attention is SDPA over a dense [T, T] block-diagonal mask: O(T^2) memory and time.
+        # Padded batches give the same metrics (tested) at O(B L^2).
+        if rank == 0:
+            print(f"note: packed attention on CPU needs a dense {max_tokens}x{max_tokens} mask at "
+                  f"-b {args.batch_size}; evaluating with padded batches instead (same metrics)")
+        packing = False
+    if packing and hasattr(model, "set_attn_backend"):
         model.set_attn_backend(args.attn_backend)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
@@ -233,7 +245,7 @@ def run(args) -> list[dict]:
     for seq_len in args.naflex_max_seq_len:
         loader = make_eval_loader(
             dataset, max_seq_len=seq_len, batch_size=args.batch_size, patch_size=patch_size,
-            num_workers=args.workers, rank=rank, world_size=world_size, packing=not args.padded,
+            num_workers=args.workers, rank=rank, world_size=world_size, packing=packing,
             interpolation=cfg.get("interpolation", "bicubic"), pin_memory=device.type == "cuda")
         m = evaluate(model, loader, device, amp_dtype=amp_dtype, world_size=world_size, mean=mean, std=std,
                      log_interval=args.log_freq)
@@ -244,7 +256,7 @@ def run(args) -> list[dict]:
             "top1": round(m["top1"], 4), "top5": round(m["top5"], 4), "loss": round(m["loss"], 5),
             "images": m["images"], "bad_files": m["bad_files"],
             "images_per_s": round(m["images_per_s"], 2), "valid_tokens_per_s": round(m["valid_tokens_per_s"], 1),
-            "packed": not args.padded, "amp": args.amp_dtype if args.amp else "float32",
+            "packed": packing, "amp": args.amp_dtype if args.amp else "float32",
             "device": device.type, "world_size": world_size,
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
         }
