@@ -2,9 +2,10 @@
 
 Our parameter names equal timm's (SigLIP 2 NaFlex, arXiv:2502.14786), so the published timm checkpoints
 (``naflexvit_base_patch16_*.e300_s576_in1k``) load as they are. Accepted files: ``.safetensors``, ``.pth``,
-``.pt``, ``.bin``, ``.ckpt`` holding a plain state dict or one wrapped under 'state_dict_ema', 'state_dict'
-or 'model' (DDP 'module.' prefixes are stripped). Nothing is downloaded. Any problem (missing file, unreadable
-file, missing / unexpected / mis-shaped tensors) raises one clear error.
+``.pt``, ``.bin``, ``.ckpt`` holding a plain state dict or one wrapped under 'state_dict_ema', 'model_ema',
+'state_dict' or 'model', EMA first as timm's ``load_state_dict(use_ema=True)`` (DDP 'module.' prefixes are
+stripped). Nothing is downloaded. Any problem (missing file, unreadable file, missing / unexpected /
+mis-shaped tensors) raises one clear error.
 """
 import os
 from typing import Dict
@@ -12,7 +13,7 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-_WRAPPER_KEYS = ('state_dict_ema', 'state_dict', 'model')  # checked in this order, like timm's clean loader
+_WRAPPER_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')  # this order, like timm's load_state_dict
 _HEAD_KEYS = ('head.weight', 'head.bias')
 
 

@@ -28,12 +28,22 @@ def _save(path, state, wrap=None):
 
 
 @pytest.mark.parametrize('fname,wrap', [('w.safetensors', None), ('w.pth', None), ('w.bin', None),
-                                        ('c.pth', 'state_dict'), ('c.pth', 'model'), ('c.pth.tar', 'state_dict_ema')])
+                                        ('c.pth', 'state_dict'), ('c.pth', 'model'), ('c.pth.tar', 'state_dict_ema'),
+                                        ('c.pth', 'model_ema')])
 @torch.no_grad()
 def test_loads_timm_weights_in_any_container(tmp_path, ref, fname, wrap):
     path = _save(tmp_path / fname, ref.state_dict(), wrap)
     model = naflex.create_model(NAME, pretrained=str(path)).eval()
     x = torch.randn(2, 3, 128, 192)
+    assert maxdiff(model(x), ref(x)) < TOL
+
+
+@torch.no_grad()
+def test_ema_weights_preferred_like_timm(tmp_path, ref):
+    plain = {k: torch.zeros_like(v) for k, v in ref.state_dict().items()}
+    torch.save({'state_dict': plain, 'state_dict_ema': ref.state_dict()}, str(tmp_path / 'ckpt.pth'))
+    model = naflex.create_model(NAME, pretrained=str(tmp_path / 'ckpt.pth')).eval()
+    x = torch.randn(1, 3, 64, 64)
     assert maxdiff(model(x), ref(x)) < TOL
 
 
