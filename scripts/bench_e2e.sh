@@ -9,14 +9,16 @@
 #   Environment: IMAGES (train images used, a per-class subset; default 4096, 0 = all), DEVICE (cuda if present),
 #   MODEL (default naflexvit_base_patch16_gap on cuda, naflexvit_tiny_test on cpu), BATCH (-b, default 64 on
 #   cuda, 8 on cpu), SEQ_LENS (default "128 256 576 784 1024" on cuda, "64 128" on cpu), OUT (bench/e2e).
-# Runtime: GPU (H100/H200), 4096 images: ~2-3 min per run including start-up. CPU smoke (tiny model, IMAGES=256):
-#   ~2-4 min on 2 cores.
+# Runtime: GPU (H100/H200), 4096 images: ~2-3 min per run including start-up, + ~1 min for the validation part.
+# CPU smoke (tiny model, IMAGES=200, measured 45 s on 2 shared cores):
+#   IMAGES=200 bash scripts/bench_e2e.sh ../.snapshots/pytorch-image-models demo_data
 #
 # Both runs train one epoch over the same images with the same flags (documented command + --epochs 1, no eval),
 # so they take the same number of steps up to the random sequence-length draw. Reported per run: steps, images/s
 # and tokens/s over the whole epoch (incl. the first steps), and the fraction of step time spent waiting for data.
 # Ours: from summary.csv (valid tokens). timm: from its per-step log lines (--log-interval 1: time, images and
 # data time of each update); timm does not log token counts, so its tokens/s is padded tokens (batch x L).
+# Then both validate.py scripts score our last.pth on the same images (SKIP_VALIDATE=1 skips this part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TIMM_DIR="${1:?usage: bash scripts/bench_e2e.sh TIMM_CHECKOUT DATA_DIR [WORKERS]}"
@@ -105,3 +107,35 @@ print(f"{'timm':6s} {timm['steps']:6d} {timm['img_s']:9.1f} {timm['tok_s']:11.0f
 print(f"ratio ours/timm images/s: {ours['img_s'] / timm['img_s']:.2f}x")
 EOF
 echo "logs: $OUT/ours-$STAMP.log  $OUT/timm-$STAMP.log"
+
+# Validation speed on the same images: our validate.py vs timm's validate.py --naflex-loader, our last.pth.
+[ "${SKIP_VALIDATE:-0}" = "1" ] && exit 0
+cp "$TIMM_DIR/validate.py" "$OUT/timm_validate.py"
+CKPT="$(cd "$OUT/ours-$STAMP" && pwd)/last.pth"
+NUM_CLASSES="$(ls -d "$ROOT"/train/*/ | wc -l)"
+NUM_IMAGES="$(find -L "$ROOT/train" -type f | wc -l)"
+if [ "$DEVICE" = "cuda" ]; then VAL_LEN="${VAL_LEN:-576}"; VB=256; else VAL_LEN="${VAL_LEN:-128}"; VB=32; fi
+t0=$(date +%s)
+"$PY" validate.py --data-dir "$ROOT" --split train --model "$MODEL" --checkpoint "$CKPT" \
+    --naflex-max-seq-len "$VAL_LEN" -b "$VB" -j "$WORKERS" "${DEV_FLAGS[@]}" > "$OUT/ours-val-$STAMP.log" 2>&1 \
+    || { echo "our validate.py failed; see $OUT/ours-val-$STAMP.log" >&2; exit 1; }
+ours_val_wall=$(( $(date +%s) - t0 ))
+t0=$(date +%s)
+(cd "$OUT" && "$PY" timm_validate.py "$ROOT" --split train "${TIMM_MODEL[@]}" --checkpoint "$CKPT" \
+    --num-classes "$NUM_CLASSES" --naflex-loader --naflex-max-seq-len "$VAL_LEN" -b "$VB" -j "$WORKERS" \
+    --log-freq 1 "${TIMM_DEV[@]}") > "$OUT/timm-val-$STAMP.log" 2>&1 \
+    || { echo "timm's validate.py failed; see $OUT/timm-val-$STAMP.log" >&2; tail -5 "$OUT/timm-val-$STAMP.log" >&2; exit 1; }
+timm_val_wall=$(( $(date +%s) - t0 ))
+"$PY" - "$OUT/ours-val-$STAMP.log" "$OUT/timm-val-$STAMP.log" "$NUM_IMAGES" "$ours_val_wall" "$timm_val_wall" \
+    "$VAL_LEN" <<'EOF'
+import re, sys
+ours_log, timm_log, n, ow, tw, L = sys.argv[1:]
+m = re.search(r"top1\s+([\d.]+).*?images (\d+).*?([\d.]+) img/s", open(ours_log).read())
+times = [float(t) for t in re.findall(r"Test: \[\s*\d+/\d+\]\s+Time: ([\d.]+)s", open(timm_log).read())]
+acc = re.findall(r"\* Acc@1 ([\d.]+)", open(timm_log).read())
+timm_rate = int(n) / sum(times) if times else float("nan")
+print(f"validation at L={L} on {n} images (img/s over the eval loop; wall incl. start-up)")
+print(f"ours  {float(m.group(3)):9.1f} img/s  top1 {m.group(1)}  wall {ow}s")
+print(f"timm  {timm_rate:9.1f} img/s  top1 {acc[-1] if acc else '?'}  wall {tw}s")
+print(f"ratio ours/timm validation images/s: {float(m.group(3)) / timm_rate:.2f}x")
+EOF
