@@ -12,7 +12,8 @@ start-up excluded for both); ``valid tokens`` = real image patches (timm: patch_
 Runs each loader ``--repeats`` times, alternating, and reports the best run of each (least disturbed by other
 load on a shared machine). It also prints valid tokens per CPU-second (main process + workers, from getrusage;
 all batches; exact for full-epoch runs: with --steps the prefetched extra batches are counted as CPU only),
-which other load on a shared machine disturbs much less than wall-clock rates. Related: NaViT arXiv:2307.06304 (packing), SigLIP 2 arXiv:2502.14786 (NaFlex).
+which other load on a shared machine disturbs much less than wall-clock rates.
+Related: NaViT arXiv:2307.06304 (packing), SigLIP 2 arXiv:2502.14786 (NaFlex).
 """
 from __future__ import annotations
 

@@ -222,3 +222,16 @@ def test_variable_patch_size_per_step(folder):
         assert int(inputs['seq_lens'].max()) <= step.seq_len
         seen.add(P)
     assert seen == {8, 16}
+
+
+def test_shared_data_one_step_documented_flags(shared_data):
+    from loaders.schedule import batch_size_for
+    ld = loaders.create_train_loader(
+        shared_data, 'train', seq_lens=(128, 256), batch_size=8, num_workers=0, seed=0,
+        aug=AugConfig(aa='rand-m8-inc1-mstd1.0', grayscale_prob=0.1), mixup=MixupConfig(num_classes=0))
+    step = ld.schedule.step(0, 0)
+    inputs, target = next(iter(ld))
+    assert target.shape == (batch_size_for(step.seq_len, 8 * 256), 101)
+    assert int(inputs['seq_lens'].max()) <= step.seq_len and inputs['bad_files'] == []
+    # most crops fill the sequence well (the largest grid that fits L)
+    assert float(inputs['seq_lens'].float().mean()) > 0.8 * step.seq_len
