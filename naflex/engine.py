@@ -165,9 +165,12 @@ def train_one_epoch(
     distributed = engine.world_size > 1 and hasattr(model, 'no_sync')
     meter = ProgressMeter(num_steps, start_step=state.step)
 
-    # device-side accumulators: [loss*images, images, valid tokens] for the epoch and the log window
-    epoch_sums = torch.zeros(3, dtype=torch.float64, device=dev)
-    window_sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    # device-side accumulators [loss*images, valid tokens] for the epoch and the log window; image counts are
+    # known on the host. Per-step updates only launch kernels with host scalars: no copies, no syncs.
+    epoch_sums = torch.zeros(2, dtype=torch.float64, device=dev)
+    window_sums = torch.zeros(2, dtype=torch.float64, device=dev)
+    epoch_images = window_images = 0
+    one = torch.ones((), dtype=torch.float32, device=dev)
     first_bad = torch.full((), -1, dtype=torch.long, device=dev)
     pending: Dict[int, tuple] = {}  # step -> (seq len, batch size) since the last finiteness check
     loss = torch.zeros((), device=dev)
@@ -219,7 +222,7 @@ def train_one_epoch(
             scaled = loss * weight
             if engine.world_size > 1:
                 # DDP averages over ranks; re-weight so every image counts the same (timm's dist_scale)
-                global_bs = D.all_reduce_sum(torch.tensor(float(bs), device=dev))
+                global_bs = D.all_reduce_sum(one * bs)
                 scaled = scaled * (engine.world_size * bs / global_bs)
             if engine.scaler is not None:
                 engine.scaler.scale(scaled).backward()
@@ -227,10 +230,11 @@ def train_one_epoch(
                 scaled.backward()
         loss_d = loss.detach()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_d), batch_idx, first_bad)
-        step_sums = torch.stack([loss_d.double() * bs, torch.tensor(float(bs), dtype=torch.float64, device=dev),
-                                 valid_tokens_of(inputs).to(dev).double()])
+        step_sums = torch.stack([loss_d.double() * bs, valid_tokens_of(inputs).to(dev).double()])
         epoch_sums += step_sums
         window_sums += step_sums
+        epoch_images += bs
+        window_images += bs
         meter.add_batch(bs)
         if not need_update:
             continue
@@ -254,12 +258,12 @@ def train_one_epoch(
         lr = _mean_lr(opt)
         if update_idx % engine.log_interval == 0 or batch_idx == num_steps - 1:
             check_finite()
-            w = D.all_reduce_sum(torch.cat([window_sums, loss_d.double().reshape(1)]))
-            e = D.all_reduce_sum(epoch_sums.clone())
-            win_loss = (w[0] / w[1].clamp(min=1)).item()
-            avg_loss = (e[0] / e[1].clamp(min=1)).item()
-            now_loss = w[3].item() / engine.world_size
-            fig = meter.window(batch_idx, tokens=w[2].item(), images=w[1].item())
+            counts = torch.tensor([window_images, epoch_images], dtype=torch.float64).to(dev)
+            sums = torch.cat([window_sums, epoch_sums, loss_d.double().reshape(1), counts])
+            w_loss, w_tok, e_loss, _, now, w_img, e_img = D.all_reduce_sum(sums).tolist()
+            win_loss, avg_loss = w_loss / max(w_img, 1.0), e_loss / max(e_img, 1.0)
+            now_loss = now / engine.world_size
+            fig = meter.window(batch_idx, tokens=w_tok, images=w_img)
             engine.history.append({'epoch': state.epoch, 'step': batch_idx, 'loss': now_loss, 'avg': avg_loss})
             _logger.info(
                 f'Train: {state.epoch} [{update_idx:>4d}/{updates_per_epoch} '
@@ -272,6 +276,7 @@ def train_one_epoch(
                                state.num_updates)
             meter.bar(batch_idx, now_loss)
             window_sums.zero_()
+            window_images = 0
         if engine.schedule is not None:
             engine.schedule.step_update(state.num_updates)
         if recovery_interval and save_recovery is not None and (update_idx + 1) % recovery_interval == 0 \
@@ -282,8 +287,8 @@ def train_one_epoch(
             engine.hooks.after_update(engine, state)
 
     check_finite()
-    e = D.all_reduce_sum(epoch_sums.clone())
-    loss_sum, images, tokens = e.tolist()
+    counts = torch.tensor([epoch_images], dtype=torch.float64).to(dev)
+    loss_sum, tokens, images = D.all_reduce_sum(torch.cat([epoch_sums, counts])).tolist()
     totals = meter.epoch_totals()
     return {
         'loss': loss_sum / max(images, 1.0),

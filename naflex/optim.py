@@ -15,6 +15,7 @@
 import copy
 import fnmatch
 import logging
+import weakref
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -127,20 +128,32 @@ class ModelEma(nn.Module):
             return self.decay
         return max(0.0, min(self.decay, 1 - (1 + step) ** (-2 / 3)))
 
+    def _pairs(self, model: nn.Module):
+        """(ema float tensors, model float tensors, other pairs), built once per model object."""
+        ref = self.__dict__.get('_pairs_for')  # a weakref, kept out of nn.Module's submodule registry
+        if ref is None or ref() is not model:
+            ema_f, model_f, other = [], [], []
+            model_sd = model.state_dict(keep_vars=True)
+            for key, ema_v in self.module.state_dict(keep_vars=True).items():
+                model_v = model_sd[key]
+                if ema_v.is_floating_point():
+                    ema_f.append(ema_v.data)
+                    model_f.append(model_v)
+                else:
+                    other.append((ema_v.data, model_v))
+            self.__dict__['_cache'] = (ema_f, model_f, other)
+            self.__dict__['_pairs_for'] = weakref.ref(model)
+        return self.__dict__['_cache']
+
     @torch.no_grad()
     def update(self, model: nn.Module, step: Optional[int] = None) -> None:
         weight = 1.0 - self.get_decay(step)
-        ema_f, model_f = [], []
-        ema_sd, model_sd = self.module.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
-        for key, ema_v in ema_sd.items():
-            model_v = model_sd[key].detach()
-            if ema_v.is_floating_point():
-                ema_f.append(ema_v.data)
-                model_f.append(model_v.to(device=ema_v.device, dtype=ema_v.dtype))
-            else:
-                ema_v.data.copy_(model_v)
+        ema_f, model_f, other = self._pairs(model)
+        for ema_v, model_v in other:
+            ema_v.copy_(model_v.detach())
         if ema_f:
-            torch._foreach_lerp_(ema_f, model_f, weight)
+            src = [m.detach().to(device=e.device, dtype=e.dtype) for e, m in zip(ema_f, model_f)]
+            torch._foreach_lerp_(ema_f, src, weight)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
