@@ -1,12 +1,14 @@
-"""Random erasing (Zhong et al. 2017, as in timm's RandomErasing) on uint8 HWC images, per image.
+"""Random erasing for NaFlex training, with the semantics of timm's NaFlex ``PatchRandomErasing`` ('region'
+mode): rectangles aligned to the patch grid, on uint8 HWC images in the worker.
 
 In the NaFlex pipeline (NaViT arXiv:2307.06304, SigLIP 2 arXiv:2502.14786) tokens stay uint8 until the GPU,
-so erasing runs in the worker on the uint8 image before patchify. timm erases normalized float pixels with
-0 ('const'), a per-channel N(0,1) colour ('rand') or per-pixel N(0,1) noise ('pixel'); here the same values
-are mapped back through the model's mean/std to uint8 (``255 * (mean + std * z)``, rounded and clipped to
-[0, 255], which truncates the normal tails beyond (0 - mean)/std and (1 - mean)/std). Rectangle sampling is
-timm's: count in [1, recount], area fraction 0.02..1/3 of the image split over the count, log-uniform
-aspect 0.3..1/0.3, 10 attempts per rectangle.
+so erasing runs on the uint8 image before patchify (timm erases normalised patches in its GPU prefetcher).
+Per image, with probability ``prob``: ``count`` = randint(1, recount) rectangles; each one covers an area
+fraction uniform in [0.02, 1/3] of the patch grid with log-uniform aspect in [0.3, 1/0.3] (10 attempts, a
+rectangle must fit in the grid). Fill, as timm's modes in normalised space: 'const' = 0 (the mean colour),
+'rand' = one N(0, 1) colour per rectangle, 'pixel' = N(0, 1) per pixel, mapped back to uint8 through the
+model's mean/std (``255 * (mean + std * z)``, rounded and clipped to [0, 255]: the normal's tails beyond the
+pixel range are truncated — the one difference from timm).
 """
 from __future__ import annotations
 
@@ -40,23 +42,29 @@ class RandomErasing:
         v = (self.mean + self.std * z) * 255.0
         return v.round_().clamp_(0, 255).to(torch.uint8).expand(h, w, c)
 
-    def __call__(self, img_HWC: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        """Erase in place (and return) ``img_HWC`` uint8 [H, W, 3]."""
+    def __call__(self, img_HWC: torch.Tensor, rng: random.Random, patch_size: int = 1) -> torch.Tensor:
+        """Erase in place (and return) ``img_HWC`` uint8 [H, W, 3]; rectangles on the ``patch_size`` grid."""
         if self.prob <= 0 or rng.random() >= self.prob:
             return img_HWC
-        h, w, c = img_HWC.shape
-        area = h * w
-        count = 1 if self.max_count == 1 else rng.randint(1, self.max_count)
+        H, W, c = img_HWC.shape
+        P = patch_size
+        gh, gw = H // P, W // P
+        if gh == 0 or gw == 0:
+            return img_HWC
+        total = gh * gw
+        count = rng.randint(1, self.max_count)
         gen = torch.Generator().manual_seed(rng.getrandbits(62))
         for _ in range(count):
             for _attempt in range(10):
-                target = rng.uniform(self.min_area, self.max_area) * area / count
+                target = rng.uniform(self.min_area, self.max_area) * total
                 aspect = math.exp(rng.uniform(*self.log_aspect))
-                eh = int(round(math.sqrt(target * aspect)))
-                ew = int(round(math.sqrt(target / aspect)))
-                if 0 < eh < h and 0 < ew < w:
-                    top = rng.randint(0, h - eh)
-                    left = rng.randint(0, w - ew)
-                    img_HWC[top:top + eh, left:left + ew] = self._fill((eh, ew, c), gen)
-                    break
+                h = int(round(math.sqrt(target * aspect)))
+                w = int(round(math.sqrt(target / aspect)))
+                if not (0 < h <= gh and 0 < w <= gw):
+                    continue
+                top = rng.randint(0, gh - h)
+                left = rng.randint(0, gw - w)
+                y0, x0 = top * P, left * P
+                img_HWC[y0:y0 + h * P, x0:x0 + w * P] = self._fill((h * P, w * P, c), gen)
+                break
         return img_HWC

@@ -99,7 +99,7 @@ class StepDataset(Dataset):
         else:
             target = torch.tensor(targets, dtype=torch.int64)
         if self.erasing is not None:
-            imgs = [self.erasing(x, r) for x, r in zip(imgs, rngs)]
+            imgs = [self.erasing(x, r, P) for x, r in zip(imgs, rngs)]
         inputs = collate(imgs, P, self.packing, L, bad)
         return inputs, target
 

@@ -106,14 +106,19 @@ def test_jitter_only_without_aa_and_grayscale():
 
 
 @pytest.mark.parametrize('mode', ['const', 'rand', 'pixel'])
-def test_random_erasing_uint8(mode):
-    img = torch.full((40, 30, 3), 7, dtype=torch.uint8)
+def test_random_erasing_uint8_patch_aligned(mode):
+    img = torch.full((40, 32, 3), 7, dtype=torch.uint8)
     er = RandomErasing(1.0, mode, 3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    out = er(img.clone(), random.Random(1))
-    changed = (out != 7).any(-1)
-    assert out.dtype == torch.uint8 and 0 < changed.float().mean() < 0.9
-    if mode == 'const':
-        assert (out[changed] == 128).all()
+    for seed in range(10):
+        out = er(img.clone(), random.Random(seed), patch_size=8)
+        changed = (out != 7).any(-1)
+        assert out.dtype == torch.uint8 and 0 < changed.float().mean() < 1
+        # whole patches only: every 8x8 patch is untouched or (almost surely) all changed
+        per_patch = changed.view(5, 8, 4, 8).permute(0, 2, 1, 3).reshape(20, 64).float().mean(1)
+        assert ((per_patch == 0) | (per_patch > 0.9)).all()
+        if mode == 'const':
+            assert (out[changed] == 128).all()
+    assert torch.equal(RandomErasing(0.0)(img.clone(), random.Random(0), 8), img)
 
 
 def _const_img(h, w, v):
