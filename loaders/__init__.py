@@ -10,7 +10,7 @@ Public API
     aug=AugConfig(), mixup=None|MixupConfig, num_classes=None, epoch=0, pin_memory=None (= CUDA available),
     persistent_workers=True, prefetch_factor=2, class_order='sorted', cache_dir=None) -> TrainLoader``
     ``len(loader)`` steps per epoch (same on every rank), ``loader.set_epoch(e)``, ``loader.set_start_step(k)``
-    (next pass yields steps k..len-1: exact mid-epoch resume). Token budget = batch_size x max(seq_lens);
+    (next pass yields steps k..len-1: exact mid-epoch resume), ``loader.set_mixup(enabled)``. Token budget = batch_size x max(seq_lens);
     a step at length L holds floor(budget / L / 8) * 8 images.
 ``create_eval_loader(root, split='validation', *, max_seq_len=576, batch_size=64, patch_size=16, num_workers=4,
     rank=0, world_size=1, packing=True, interpolation='bicubic', draft=False, pin_memory=None, class_order='sorted',
