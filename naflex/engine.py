@@ -163,7 +163,7 @@ def train_one_epoch(
     last_accum = num_steps % accum
     last_accum_start = num_steps - last_accum
     distributed = engine.world_size > 1 and hasattr(model, 'no_sync')
-    meter = ProgressMeter(num_steps, start_step=state.step)
+    meter = ProgressMeter(num_steps, start_step=state.step, show_bar=None if engine.rank == 0 else False)
 
     # device-side accumulators [loss*images, valid tokens] for the epoch and the log window; image counts are
     # known on the host. Per-step updates only launch kernels with host scalars: no copies, no syncs.
@@ -258,6 +258,7 @@ def train_one_epoch(
         lr = _mean_lr(opt)
         if update_idx % engine.log_interval == 0 or batch_idx == num_steps - 1:
             check_finite()
+            meter.clear_bar()
             counts = torch.tensor([window_images, epoch_images], dtype=torch.float64).to(dev)
             sums = torch.cat([window_sums, epoch_sums, loss_d.double().reshape(1), counts])
             w_loss, w_tok, e_loss, _, now, w_img, e_img = D.all_reduce_sum(sums).tolist()
@@ -274,9 +275,10 @@ def train_one_epoch(
                 writer.scalars({'train/loss': win_loss, 'train/lr': lr, 'train/images_per_s': fig['images_per_s'],
                                 'train/tokens_per_s': fig['tokens_per_s'], 'train/data_wait': fig['data_wait']},
                                state.num_updates)
-            meter.bar(batch_idx, now_loss)
             window_sums.zero_()
             window_images = 0
+        else:
+            meter.bar(batch_idx)
         if engine.schedule is not None:
             engine.schedule.step_update(state.num_updates)
         if recovery_interval and save_recovery is not None and (update_idx + 1) % recovery_interval == 0 \
@@ -287,6 +289,7 @@ def train_one_epoch(
             engine.hooks.after_update(engine, state)
 
     check_finite()
+    meter.clear_bar()
     counts = torch.tensor([epoch_images], dtype=torch.float64).to(dev)
     loss_sum, tokens, images = D.all_reduce_sum(torch.cat([epoch_sums, counts])).tolist()
     totals = meter.epoch_totals()

@@ -123,15 +123,19 @@ class ProgressMeter:
         self.images_since_log, self.data_wait_since_log = 0, 0.0
         return out
 
-    def bar(self, step: int, loss: float) -> None:
+    def bar(self, step: int) -> None:
+        """Redraw a one-line progress bar in place (terminal only); ``clear_bar`` before printing a log line."""
         if not self.show_bar:
             return
         width = 30
         filled = int(width * (step + 1) / max(self.total, 1))
-        sys.stdout.write(f'\r[{"#" * filled}{"." * (width - filled)}] {step + 1}/{self.total} loss {loss:.4f}')
+        sys.stdout.write(f'\r[{"#" * filled}{"." * (width - filled)}] {step + 1}/{self.total}')
         sys.stdout.flush()
-        if step + 1 >= self.total:
-            sys.stdout.write('\n')
+
+    def clear_bar(self) -> None:
+        if self.show_bar:
+            sys.stdout.write('\r\033[K')
+            sys.stdout.flush()
 
     def epoch_totals(self) -> Dict[str, float]:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
