@@ -29,6 +29,7 @@ Batches: ``(inputs, target)``. Packed inputs: {'patches': uint8 [T, P*P*3], 'pat
 'patch_coord': int64 [B, L, 2], 'patch_valid': bool [B, L], 'patch_size': int, 'bad_files': [...]}.
 target: int64 [B], or float32 [B, num_classes] soft targets when MixUp/CutMix is configured.
 """
+from .args import add_loader_args, create_loaders_from_args
 from .bad_files import BadFileTracker, TooManyBadFiles
 from .dataset import ImageFolderDataset, ListDataset
 from .eval_loader import make_eval_loader
@@ -39,12 +40,7 @@ from .schedule import SeqLenSchedule, batch_size_for
 from .train_loader import TrainLoader
 
 __all__ = [
-    'BadFileTracker', 'DevicePrefetcher', 'ImageFolderDataset', 'ListDataset', 'SeqLenSchedule',
+    'BadFileTracker', 'DevicePrefetcher', 'add_loader_args', 'ImageFolderDataset', 'ListDataset', 'SeqLenSchedule',
     'TooManyBadFiles', 'TrainLoader', 'batch_size_for', 'create_eval_loader', 'create_loaders_from_args',
     'create_train_loader', 'make_eval_loader', 'normalize_patches', 'pack', 'pad', 'patchify_hwc',
 ]
-
-
-def create_loaders_from_args(*a, **kw):
-    from .args import create_loaders_from_args as _f
-    return _f(*a, **kw)
