@@ -166,6 +166,9 @@ def _train(args, hooks=None):
 
     train_ds, val_ds = _datasets(args)
     num_classes = args.num_classes or len(train_ds.classes)
+    if num_classes < len(train_ds.classes):
+        raise UserError(f'--num-classes {num_classes} is below the {len(train_ds.classes)} class folders in '
+                        f'{args.data_dir}/{args.train_split}')
     model = _model(args, num_classes)
     cfg = getattr(model, 'pretrained_cfg', {}) or {}
     mean, std = tuple(args.mean or cfg.get('mean', (0.5,) * 3)), tuple(args.std or cfg.get('std', (0.5,) * 3))

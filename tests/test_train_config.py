@@ -120,6 +120,11 @@ def test_unknown_model(demo_dataset, tmp_path, capsys):
     assert "unknown model 'resnet50'" in msg and 'naflexvit_tiny_test' in msg
 
 
+def test_too_few_classes(demo_dataset, tmp_path, capsys):
+    assert '--num-classes 3 is below the 4 class folders' in _main_error(
+        _tiny(demo_dataset, tmp_path, '--num-classes', '3'), capsys)
+
+
 def test_cuda_asked_but_absent(demo_dataset, tmp_path, capsys):
     import torch
     if torch.cuda.is_available():
