@@ -159,6 +159,8 @@ def _create_model(args, num_dataset_classes: int):
                                                     ("shape", shapes)) if items)
             raise ValidateError(f"{path} does not fit {args.model}: {detail}")
         model.load_state_dict(state)
+    if state is None:
+        print(f"note: no --checkpoint / --pretrained given: evaluating randomly initialized {args.model}")
     if model.num_classes != num_dataset_classes:
         raise ValidateError(
             f"class-count mismatch: the dataset has {num_dataset_classes} classes but the model has "
