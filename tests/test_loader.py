@@ -235,3 +235,14 @@ def test_shared_data_one_step_documented_flags(shared_data):
     assert int(inputs['seq_lens'].max()) <= step.seq_len and inputs['bad_files'] == []
     # most crops fill the sequence well (the largest grid that fits L)
     assert float(inputs['seq_lens'].float().mean()) > 0.8 * step.seq_len
+
+
+def test_prefetcher_matches_timm_prefetcher_normalization(folder):
+    from timm.data.naflex_loader import NaFlexPrefetchLoader
+    ld = small_loader(folder, packing=False)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    ours = [x['patches'] for x, _ in loaders.DevicePrefetcher(ld, 'cpu', mean=mean, std=std)]
+    batches = [({k: v for k, v in x.items() if isinstance(v, torch.Tensor)}, t) for x, t in ld]
+    ref = [x['patches'] for x, _ in NaFlexPrefetchLoader(batches, mean=mean, std=std, device=torch.device('cpu'))]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
