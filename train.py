@@ -76,8 +76,9 @@ def _model(args, num_classes):
             _logger.info(f'loaded weights from {path}')
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if args.attn_backend != 'auto' and hasattr(model, 'set_attn_backend'):
-        model.set_attn_backend(args.attn_backend)
+    model.set_attn_backend(args.attn_backend)
+    if args.naflex_patch_sizes and args.torchcompile:
+        model.prewarm_patch_sizes(args.naflex_patch_sizes)  # resampling matrices built outside the graph
     return model
 
 

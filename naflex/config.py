@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import yaml
 
+from naflex.attention import BACKENDS as ATTN_BACKENDS
 from naflex.optim import CLIP_MODES, OPTIMIZERS
 from naflex.schedule import SCHEDULES
 
@@ -22,8 +23,15 @@ class ConfigError(ValueError):
     """A configuration mistake the user can fix; train.py prints it as one line and exits with status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors become a ConfigError (one line from train.py, no usage dump)."""
+
+    def error(self, message):
+        raise ConfigError(f'{message} (see train.py --help)')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog='train.py', description='Train a NaFlexViT (timm-compatible flags).',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file whose keys set flag defaults')
@@ -51,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--grad-checkpointing', action='store_true', default=False, help='activation checkpointing')
     g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, help='torch.compile the model')
     g.add_argument('--torchcompile-mode', default=None, help='torch.compile mode')
-    g.add_argument('--attn-backend', default='auto', help="attention backend: auto, sdpa_dense, varlen, flex")
+    g.add_argument('--attn-backend', default='auto', choices=ATTN_BACKENDS, help='attention kernel')
     g.add_argument('--drop', type=float, default=0.0, help='dropout rate')
     g.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate')
 

@@ -76,6 +76,8 @@ def test_bad_yaml(tmp_path, content, match):
     (['--naflex-patch-size-probs', '0.5', '0.5'], 'needs --naflex-patch-sizes'),
     (['--opt-betas', '0.9'], 'two values'),
     (['--device', 'tpu'], "use 'cuda' or 'cpu'"),
+    (['--attn-backend', 'foo'], "invalid choice: 'foo'"),
+    (['--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
 ])
 def test_contradictory_flags_one_line(extra, match, capsys):
     with pytest.raises(SystemExit) as exc:
