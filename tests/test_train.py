@@ -168,3 +168,15 @@ def test_ema_and_initial_checkpoint_with_other_num_classes(reference, demo_datas
     # the EMA (decay 0.9 over ~4 updates) stays close to the starting weights it was seeded from
     ema_gap = (ckpt['state_dict_ema']['embeds.proj.weight'] - start['embeds.proj.weight']).abs().max()
     assert ema_gap < (ckpt['state_dict']['embeds.proj.weight'] - start['embeds.proj.weight']).abs().max()
+
+
+def test_stop_and_resume_with_a_loader_worker(demo_dataset, tmp_path):
+    """-j 1 (a DataLoader worker process): stopping after epoch 0 and resuming still replays the run exactly."""
+    ref = Hooks()
+    train.main(card_argv(demo_dataset, tmp_path, 'ref', '-j', '1'), hooks=ref)
+    first, second = Hooks(stop_after_epoch=0), Hooks()
+    train.main(card_argv(demo_dataset, tmp_path, 'r', '-j', '1'), hooks=first)
+    train.main(card_argv(demo_dataset, tmp_path, 'r', '-j', '1', '--resume', 'auto'), hooks=second)
+    assert first.losses + second.losses == ref.losses
+    for k, v in _weights(tmp_path / 'ref' / 'last.pth').items():
+        assert torch.equal(v, _weights(tmp_path / 'r' / 'last.pth')[k]), k
