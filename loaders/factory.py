@@ -4,7 +4,7 @@ a dataset, a schedule and a DataLoader. See loaders/__init__.py for the API summ
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 from augment.mixup import MixupConfig
 from augment.policy import AugConfig

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import warnings
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler

@@ -1,5 +1,4 @@
 """Train/eval loader, packing and device prefetch on small generated image folders."""
-import random
 
 import numpy as np
 import pytest
