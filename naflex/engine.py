@@ -73,7 +73,7 @@ class Engine:
     rank: int = 0
     seed: int = 42
     hooks: Optional[object] = None        # test hooks: after_update(engine, state), after_epoch(state) -> stop
-    history: List[Dict] = field(default_factory=list)  # logged (epoch, step, loss) points, for tests/analysis
+    history: List[Dict] = field(default_factory=list)  # recent logged (epoch, step, loss) points (tests/analysis)
 
     @property
     def module(self) -> nn.Module:
@@ -101,15 +101,17 @@ def batch_size_of(inputs) -> int:
     return int(inputs.shape[0])
 
 
-def seq_len_of(inputs) -> int:
-    """The step's sequence length L (metadata only, no sync)."""
+def describe_seq_len(inputs) -> str:
+    """The step's sequence length for messages (metadata only, no sync). Packed batches without a 'seq_len'
+    entry only bound it by their longest image."""
     if isinstance(inputs, dict):
         if 'seq_len' in inputs:
-            return int(inputs['seq_len'])
+            return str(int(inputs['seq_len']))
         if 'seq_lens' in inputs:
-            return int(inputs.get('max_seqlen', inputs['patches'].shape[0]))
-        return int(inputs['patches'].shape[1])
-    return 0
+            return (f">= {int(inputs.get('max_seqlen', 0))} (longest image; "
+                    f"{int(inputs['patches'].shape[0])} packed tokens)")
+        return str(int(inputs['patches'].shape[1]))
+    return 'n/a (image tensor)'
 
 
 def valid_tokens_of(inputs) -> torch.Tensor:
@@ -212,7 +214,7 @@ def train_one_epoch(
         need_update = (batch_idx + 1) % accum == 0 or batch_idx == num_steps - 1
         micro = last_accum if (last_accum and batch_idx >= last_accum_start) else accum
         bs = batch_size_of(inputs)
-        pending[batch_idx] = (seq_len_of(inputs), bs)
+        pending[batch_idx] = (describe_seq_len(inputs), bs)
         weight = loss_weight(bs, engine.batch_size_reference, engine.loss_scale) / micro
         sync_ctx = model.no_sync() if (distributed and not need_update) else contextlib.nullcontext()
         with sync_ctx:
@@ -266,6 +268,7 @@ def train_one_epoch(
             now_loss = now / engine.world_size
             fig = meter.window(batch_idx, tokens=w_tok, images=w_img)
             engine.history.append({'epoch': state.epoch, 'step': batch_idx, 'loss': now_loss, 'avg': avg_loss})
+            del engine.history[:-10000]
             _logger.info(
                 f'Train: {state.epoch} [{update_idx:>4d}/{updates_per_epoch} '
                 f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  Loss: {now_loss:#.3g} ({avg_loss:#.3g})  '
