@@ -13,6 +13,7 @@ and 32-bit grey are scaled to 8 bits instead of being clipped.
 """
 from __future__ import annotations
 
+import io
 from typing import Optional, Tuple
 
 import numpy as np
@@ -33,8 +34,14 @@ PIL_INTERP = {
 
 
 def open_image(path) -> Tuple[Image.Image, int, int, int]:
-    """Open lazily (header only). Returns (img, upright_h, upright_w, exif_orientation)."""
-    img = Image.open(path)
+    """Open lazily (header only). Returns (img, upright_h, upright_w, exif_orientation).
+
+    The file is read in one call and decoded from memory (PIL would otherwise issue dozens of small reads
+    per JPEG), which also leaves no open file handle behind.
+    """
+    with open(path, 'rb') as f:
+        data = f.read()
+    img = Image.open(io.BytesIO(data))
     orientation = 1
     try:
         orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)

@@ -111,9 +111,9 @@ def test_jpeg_draft_covers_same_region(tmp_path):
     b = np.asarray(decode_resized(tmp_path / 'big.jpg', box, (96, 120), draft=False)).astype(float)
     assert a.shape == b.shape == (96, 120, 3)
     assert np.abs(a - b).mean() < 2.0  # same region, only resampling differs
-    img = Image.open(tmp_path / 'big.jpg')
-    img.draft('RGB', (200, 150))
-    assert img.size[0] < 1600  # draft really reduces this file
+    with Image.open(tmp_path / 'big.jpg') as img:
+        img.draft('RGB', (200, 150))
+        assert img.size[0] < 1600  # draft really reduces this file
 
 
 def test_bad_files_replaced_and_reported(tmp_path):
