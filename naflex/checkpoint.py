@@ -193,6 +193,8 @@ class CheckpointManager:
         self.max_history = max_history
         self.decreasing = decreasing
         self.history: List[Tuple[float, int]] = []  # (metric, epoch), best first
+        for stale in self.out_dir.glob('.*.tmp-*'):  # left by a process killed mid-save
+            stale.unlink(missing_ok=True)
 
     def _better(self, a: float, b: float) -> bool:
         return a < b if self.decreasing else a > b

@@ -58,7 +58,9 @@ def test_decreasing_metric(tmp_path):
 
 
 def test_recovery_files_and_find_resume(tmp_path):
+    (tmp_path / '.last.pth.tmp-123').write_bytes(b'half a checkpoint')  # a save killed midway
     mgr = CheckpointManager(tmp_path)
+    assert not list(tmp_path.iterdir())
     assert find_resume(tmp_path) is None
     mgr.save_epoch(_state(0), 0, 1.0)
     time.sleep(0.01)
