@@ -14,6 +14,11 @@ every image equally however the images split across ranks.
 No host syncs happen between log steps: losses, image and token counts and the first non-finite step
 are accumulated on the device and read every ``--log-interval`` updates (and before any checkpoint is
 written, so a non-finite loss never reaches a saved file).
+
+Exact resume: each epoch's RNG stream (dropout, drop-path) is seeded from (seed, rank, epoch) once its first
+batch has arrived, and a mid-epoch checkpoint carries every rank's RNG state, so a run stopped and resumed
+(after an epoch or a recovery save, even SIGKILLed) repeats an uninterrupted run bit for bit on the same
+hardware (tests/test_train.py).
 """
 import contextlib
 import logging
