@@ -150,3 +150,18 @@ def test_resume_timm_checkpoint_state():
     with pytest.raises(ValueError, match='do not fit the model'):
         restore_training(Engine(model=naflex.create_model('naflexvit_tiny_test', num_classes=3), optimizer=opt,
                                 device=torch.device('cpu')), ckpt, load_optimizer=False)
+
+
+def test_our_checkpoint_loads_in_timm(tmp_path):
+    """last.pth written by the trainer loads strictly into timm's NaFlexVit of the same shape."""
+    import timm
+    from timm.models import load_checkpoint
+
+    from naflex.engine import Engine, TrainState, training_checkpoint
+    model = naflex.create_model('naflexvit_tiny_test', num_classes=4)
+    eng = Engine(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), device=torch.device('cpu'))
+    CheckpointManager(tmp_path).save_epoch(training_checkpoint(eng, TrainState(epoch=1)), 0, 1.0)
+    ref = timm.create_model('naflexvit_base_patch16_gap', embed_dim=64, depth=2, num_heads=4, num_classes=4)
+    load_checkpoint(ref, str(tmp_path / 'last.pth'), strict=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(ref.state_dict()[k], v), k
