@@ -5,8 +5,9 @@ Command (GPU, the documented config: NaFlexViT-B/16, L per step from 128/256/576
 -b 64 x max(L) = 65,536 tokens per step, bf16 autocast, NAdamW, drop-path 0.2):
     python scripts/bench_model.py --device cuda --model naflexvit_base_patch16_gap --steps 30 [--compile]
 CPU smoke check (tiny model, small budget):
-    python scripts/bench_model.py --device cpu --model naflexvit_tiny_test -b 4 --seq-lens 32 64 --steps 3
-Runtime: GPU ~2-4 min (3 variants x (warmup + steps), longer with --compile); CPU smoke ~20 s.
+    python scripts/bench_model.py --device cpu --model naflexvit_tiny_test -b 16 --seq-lens 64 128 256 \
+        --steps 12 --rounds 3
+Runtime: GPU ~2-4 min (3 variants x (warmup + steps), longer with --compile); CPU smoke ~40 s.
 
 Every variant runs the same step schedule on the same synthetic batches (images with random aspect ratios whose
 patch grids fill the step's sequence length like timm's NaFlex transforms do), so the comparison isolates the
@@ -49,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--attn-backend", default="auto", help="our attention backend for packed input")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--peak-tflops", type=float, default=None, help="dense peak for MFU (default: by GPU name)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="interleave the variants over this many rounds (for noisy, shared machines)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     return p.parse_args(argv)
@@ -135,11 +138,12 @@ def flops_per_step(model, grids, num_prefix):
     return 3 * fwd
 
 
-def bench_variant(variant, model, batches, schedule, args, device, amp_dtype):
+def make_step(variant, model, batches, device, amp_dtype, compile_model):
+    """One training step (forward, label-smoothed CE, backward, NAdamW) of ``model`` on the batch of length L."""
     model.train()
     opt = torch.optim.NAdam(model.parameters(), lr=3e-4, weight_decay=0.1, decoupled_weight_decay=True,
                             foreach=device.type == "cuda")
-    fwd = torch.compile(model) if args.compile else model
+    fwd = torch.compile(model) if compile_model else model
     autocast = torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
     key = "packed" if variant == "ours_packed" else "padded"
 
@@ -151,29 +155,17 @@ def bench_variant(variant, model, batches, schedule, args, device, amp_dtype):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return step
 
+
+def run_steps(step, steps, device) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    sync()
     t0 = time.perf_counter()
-    for L, _ in schedule[:args.warmup]:
+    for L, _ in steps:
         step(L)
     sync()
-    warm_s = time.perf_counter() - t0
-    timed = schedule[args.warmup:]
-    t0 = time.perf_counter()
-    for L, _ in timed:
-        step(L)
-    sync()
-    dt = time.perf_counter() - t0
-    images = sum(batches[L]["num_images"] for L, _ in timed)
-    tokens = sum(batches[L]["valid_tokens"] for L, _ in timed)
-    flops = sum(batches[L]["flops"] for L, _ in timed)
-    r = {"variant": variant, "steps": len(timed), "time_s": dt, "warmup_s": warm_s,
-         "images_per_s": images / dt, "valid_tokens_per_s": tokens / dt, "tflops": flops / dt / 1e12}
-    if device.type == "cuda":
-        r["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return r
+    return time.perf_counter() - t0
 
 
 def main(argv=None):
@@ -206,8 +198,7 @@ def main(argv=None):
     print(f"# {args.model} on {gpu}, torch {torch.__version__}, {amp_name}, budget {budget} tokens/step, "
           f"L in {args.seq_lens}, {args.steps} timed steps, compile={args.compile}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    results = []
-    for variant in args.variants:
+    def build(variant):
         if variant == "timm_padded":
             model = timm_twin(ours, args.model, args.drop_path)
         else:
@@ -215,18 +206,58 @@ def main(argv=None):
             model.load_state_dict(ours.state_dict())
             if variant == "ours_packed" and hasattr(model, "set_attn_backend"):
                 model.set_attn_backend(args.attn_backend)
-        model.to(device)
-        r = bench_variant(variant, model, batches, schedule, args, device, amp_dtype)
+        return make_step(variant, model.to(device), batches, device, amp_dtype, args.compile)
+
+    warmup, timed = schedule[:args.warmup], schedule[args.warmup:]
+    # rounds == 1: one variant after the other (each alone in memory: peak memory is its own).
+    # rounds > 1: all variants resident, the timed steps split into rounds that the variants run in turn (the
+    # same steps for each), so load changes on a shared machine hit every variant alike; no peak memory then.
+    chunks = [timed[i::args.rounds] for i in range(args.rounds)]
+    stats = {v: {"warmup_s": 0.0, "time_s": 0.0, "images": 0, "tokens": 0, "flops": 0}
+             for v in args.variants}
+    steps_fn = {}
+
+    def timed_chunk(v, chunk):
+        dt = run_steps(steps_fn[v], chunk, device)
+        st = stats[v]
+        imgs = sum(batches[L]["num_images"] for L, _ in chunk)
+        toks = sum(batches[L]["valid_tokens"] for L, _ in chunk)
+        st["time_s"] += dt
+        st["images"] += imgs
+        st["tokens"] += toks
+        st["flops"] += sum(batches[L]["flops"] for L, _ in chunk)
+
+    for v in args.variants:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        steps_fn[v] = build(v)
+        stats[v]["warmup_s"] = run_steps(steps_fn[v], warmup, device)
+        if args.rounds == 1:
+            timed_chunk(v, timed)
+            if device.type == "cuda":
+                stats[v]["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            del steps_fn[v]
+    for chunk in (chunks if args.rounds > 1 else []):
+        for v in args.variants:
+            timed_chunk(v, chunk)
+
+    results = []
+    for v in args.variants:
+        st = stats[v]
+        r = {"variant": v, "steps": len(timed), "time_s": st["time_s"], "warmup_s": st["warmup_s"],
+             "images_per_s": st["images"] / st["time_s"], "valid_tokens_per_s": st["tokens"] / st["time_s"],
+             "tflops": st["flops"] / st["time_s"] / 1e12}
+        if "peak_mem_gib" in st:
+            r["peak_mem_gib"] = st["peak_mem_gib"]
         if peak and device.type == "cuda":
             r["mfu"] = r["tflops"] / peak
         results.append(r)
         extra = (f"  {r['tflops']:.1f} TFLOP/s" + (f"  MFU {100 * r['mfu']:.1f}%" if "mfu" in r else "")
-                 + f"  peak mem {r['peak_mem_gib']:.1f} GiB") if device.type == "cuda" else ""
-        print(f"{variant:12s} {r['images_per_s']:9.1f} img/s {r['valid_tokens_per_s']:11.0f} valid tok/s"
+                 + (f"  peak mem {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else "")
+                 if device.type == "cuda" else "")
+        print(f"{v:12s} {r['images_per_s']:9.1f} img/s {r['valid_tokens_per_s']:11.0f} valid tok/s"
               f"  (warmup {r['warmup_s']:.1f}s){extra}", flush=True)
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     ref = next((r for r in results if r["variant"] == "timm_padded"), None)
     if ref:
         for r in results:
