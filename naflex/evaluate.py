@@ -31,7 +31,7 @@ def count_valid_tokens(inputs) -> torch.Tensor:
         if "patch_valid" in inputs:
             return inputs["patch_valid"].sum()
         patches = inputs["patches"]
-        return torch.tensor(patches.shape[0] * patches.shape[1], device=patches.device)
+        return torch.full((), patches.shape[0] * patches.shape[1], device=patches.device)
     # Plain image tensor: no token notion; count pixels / 256 would be arbitrary, so report 0.
     return torch.zeros((), dtype=torch.long, device=inputs.device)
 
@@ -116,7 +116,7 @@ def evaluate(
         hit = topk == target[:, None]
         sums += torch.stack([
             loss.double(), hit[:, 0].sum().double(), hit.any(dim=-1).sum().double(),
-            torch.tensor(float(target.shape[0]), dtype=torch.float64, device=device),
+            torch.full((), float(target.shape[0]), dtype=torch.float64, device=device),  # fill kernel, no copy
             count_valid_tokens(inputs).double(),
         ])
         if collect_logits:
