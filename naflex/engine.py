@@ -432,7 +432,10 @@ def fit(
         if engine.schedule is not None:
             engine.schedule.step(epoch + 1)
 
-        row = {'epoch': epoch, 'train_loss': train_metrics['loss']}
+        row = {'epoch': epoch, 'train_loss': train_metrics['loss'], 'eval_loss': None, 'eval_top1': None,
+               'eval_top5': None}
+        if engine.ema is not None:
+            row.update(ema_loss=None, ema_top1=None, ema_top5=None)
         metric = None
         if evaluate_fn is not None and ((epoch + 1) % val_interval == 0 or epoch + 1 == total_epochs):
             ev = evaluate_fn(engine.model)

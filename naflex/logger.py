@@ -65,11 +65,15 @@ class RunWriter:
             return
         path = self.out_dir / 'summary.csv'
         new = not path.exists() or path.stat().st_size == 0
+        fields = list(row)
+        if not new:  # keep the existing header (a resumed run appends to it)
+            with open(path, newline='') as f:
+                fields = next(csv.reader(f), fields)
         with open(path, 'a', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
+            w = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
             if new:
                 w.writeheader()
-            w.writerow(row)
+            w.writerow({k: ('' if v is None else v) for k, v in row.items()})
 
     def bad_files(self, paths: Iterable[str], epoch: int) -> None:
         """Append undecodable eval files (one path a line, like loaders.BadFileTracker for training)."""

@@ -180,3 +180,11 @@ def test_stop_and_resume_with_a_loader_worker(demo_dataset, tmp_path):
     assert first.losses + second.losses == ref.losses
     for k, v in _weights(tmp_path / 'ref' / 'last.pth').items():
         assert torch.equal(v, _weights(tmp_path / 'r' / 'last.pth')[k]), k
+
+
+def test_val_interval_rows(demo_dataset, tmp_path):
+    """--val-interval 3 over 2 epochs: epoch 0 has no eval (empty cells), the last epoch always has one."""
+    train.main(card_argv(demo_dataset, tmp_path, 'vi', '--val-interval', '3', '--epochs', '2', '--mixup', '0',
+                         '--cutmix', '0'))
+    rows = _summary(tmp_path / 'vi' / 'summary.csv')
+    assert [r['eval_top1'] for r in rows][0] == '' and float(rows[1]['eval_top1']) >= 0  # last epoch always evaluates
