@@ -1,9 +1,10 @@
 """DDP gradient weighting: 2 gloo processes == 1 process on the same global batch.
 
 The engine multiplies each rank's loss by world * b_rank / b_global, so DDP's gradient average weights
-every image equally even when the images of a step split unevenly across ranks (3 + 5 here). After 3 SGD
-updates the parameters of rank 0 match the single-process run to atol 1e-5 (float32 summation order is the
-only difference).
+every image equally even when the images of a step split unevenly across ranks (3 + 5 here). After 3 steps
+(SGD with momentum; also with --grad-accum-steps 2) the parameters of rank 0 match the single-process run to
+atol/rtol 1e-5 (float32 summation order is the only difference). Also: torchrun end to end, and a non-finite
+loss on one rank stopping every rank.
 """
 import os
 import socket
@@ -60,10 +61,11 @@ def _model():
     return naflex.create_model('naflexvit_tiny_test', num_classes=NUM_CLASSES)
 
 
-def _train(model, batches, world_size):
+def _train(model, batches, world_size, accum=1):
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     eng = Engine(model=model, optimizer=opt, device=torch.device('cpu'), loss_scale='none',
-                 batch_size_reference=8, smoothing=0.1, log_interval=1, world_size=world_size)
+                 batch_size_reference=8, smoothing=0.1, log_interval=1, world_size=world_size,
+                 grad_accum_steps=accum)
     state = TrainState()
     metrics = train_one_epoch(eng, iter(batches), len(batches), state)
     return metrics, state
@@ -75,12 +77,15 @@ def _worker(rank, port, out):
     torch.set_num_threads(1)
     from naflex.distributed import cleanup, init_distributed
     info = init_distributed('cpu')
-    model = torch.nn.parallel.DistributedDataParallel(_model())
     batches = [take(make_packed(GRIDS, s), SPLIT[rank]) for s in range(STEPS)]
-    metrics, _ = _train(model, batches, 2)
+    result = {}
+    for accum in (1, 2):  # accum 2: the first micro-batch of each update runs under DDP's no_sync
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        metrics, _ = _train(model, batches, 2, accum)
+        result[accum] = {'params': {k: v.detach() for k, v in model.module.state_dict().items()},
+                         'loss': metrics['loss'], 'images': metrics['images']}
     if info.rank == 0:
-        torch.save({'params': {k: v.detach() for k, v in model.module.state_dict().items()}, 'loss': metrics['loss'],
-                    'images': metrics['images']}, out)
+        torch.save(result, out)
     cleanup()
 
 
@@ -90,13 +95,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_matches_single_process(tmp_path):
-    out = tmp_path / 'rank0.pt'
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=2, join=True, start_method='spawn')
-    ddp = torch.load(out)
+_DDP_RESULTS = {}  # one 2-process spawn serves both parametrizations
+
+
+@pytest.mark.parametrize('accum', [1, 2])
+def test_two_process_gloo_matches_single_process(tmp_path_factory, accum):
+    """accum 2 over 3 steps: updates of 2 micro-batches (DDP no_sync on the first) and a final one of 1."""
+    if not _DDP_RESULTS:
+        out = tmp_path_factory.mktemp('ddp') / 'rank0.pt'
+        mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=2, join=True, start_method='spawn')
+        _DDP_RESULTS.update(torch.load(out))
+    ddp = _DDP_RESULTS[accum]
     single = _model()
-    metrics, state = _train(single, [make_packed(GRIDS, s) for s in range(STEPS)], 1)
-    assert state.num_updates == STEPS
+    metrics, state = _train(single, [make_packed(GRIDS, s) for s in range(STEPS)], 1, accum)
+    assert state.num_updates == -(-STEPS // accum)
     assert ddp['images'] == metrics['images'] == STEPS * len(GRIDS)
     assert ddp['loss'] == pytest.approx(metrics['loss'], rel=1e-5)
     moved = 0.0
