@@ -77,7 +77,9 @@ ours_wall=$(( $(date +%s) - t0 ))
 t0=$(date +%s)
 TIMM_DEV=("${DEV_FLAGS[@]}")
 if [ "$DEVICE" != "cuda" ]; then TIMM_DEV=(--device cpu); fi
-(cd "$OUT" && "$PY" timm_train.py "${CARD[@]}" "${TIMM_DEV[@]}" "${TIMM_MODEL[@]}" --log-interval 1 \
+NUM_CLASSES="$(ls -d "$ROOT"/train/*/ | wc -l)"  # ours infers it from the folders; timm defaults to 1000
+(cd "$OUT" && "$PY" timm_train.py "${CARD[@]}" "${TIMM_DEV[@]}" "${TIMM_MODEL[@]}" --num-classes "$NUM_CLASSES" \
+    --log-interval 1 \
     --output . --experiment "timm-$STAMP") > "$OUT/timm-$STAMP.log" 2>&1 \
     || { echo "timm's train.py failed; see $OUT/timm-$STAMP.log" >&2; tail -5 "$OUT/timm-$STAMP.log" >&2; exit 1; }
 timm_wall=$(( $(date +%s) - t0 ))
@@ -112,7 +114,6 @@ echo "logs: $OUT/ours-$STAMP.log  $OUT/timm-$STAMP.log"
 [ "${SKIP_VALIDATE:-0}" = "1" ] && exit 0
 cp "$TIMM_DIR/validate.py" "$OUT/timm_validate.py"
 CKPT="$(cd "$OUT/ours-$STAMP" && pwd)/last.pth"
-NUM_CLASSES="$(ls -d "$ROOT"/train/*/ | wc -l)"
 NUM_IMAGES="$(find -L "$ROOT/train" -type f | wc -l)"
 if [ "$DEVICE" = "cuda" ]; then VAL_LEN="${VAL_LEN:-576}"; VB=256; else VAL_LEN="${VAL_LEN:-128}"; VB=32; fi
 t0=$(date +%s)
