@@ -197,7 +197,8 @@ def plot_results(rows: list[dict], path) -> Path | None:
     ax.plot([r["seq_len"] for r in rows], [r["top1"] for r in rows], marker="o")
     ax.set_xlabel("sequence length (patches)")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"{rows[0]['model']}")
+    ckpt = Path(rows[0]["checkpoint"]).name if rows[0].get("checkpoint") else "random init"
+    ax.set_title(f"{rows[0]['model']} ({ckpt})", fontsize=10)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     out = Path(path)
