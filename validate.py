@@ -25,7 +25,6 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 AMP_DTYPES = ("bfloat16", "float16")
-CPU_PACKED_MAX_TOKENS = 16384  # above this many tokens per batch, CPU evaluation switches to padded batches
 
 
 class ValidateError(Exception):
@@ -227,15 +226,6 @@ def run(args) -> list[dict]:
     model = model.to(device).eval()
     patch_size = model.patch_size
     packing = not args.padded
-    max_tokens = args.batch_size * max(args.naflex_max_seq_len)
-    dense_cpu = device.type == "cpu" and args.attn_backend in ("auto", "sdpa_dense")
-    if packing and dense_cpu and max_tokens > CPU_PACKED_MAX_TOKENS:
-        # On CPU packed attention is SDPA over a dense [T, T] block-diagonal mask: O(T^2) memory and time.
-        # Padded batches give the same metrics (tested) at O(B L^2).
-        if rank == 0:
-            print(f"note: packed attention on CPU needs a dense {max_tokens}x{max_tokens} mask at "
-                  f"-b {args.batch_size}; evaluating with padded batches instead (same metrics)")
-        packing = False
     if packing and hasattr(model, "set_attn_backend"):
         model.set_attn_backend(args.attn_backend)
     cfg = getattr(model, "pretrained_cfg", None) or {}

@@ -121,17 +121,6 @@ def test_cli_results_files_and_sweep(demo_dataset, tiny, tmp_path, capsys):
     assert saved[0]["top1"] == rows[1]["top1"] and saved[0]["images"] == 16 == rows_json[0]["images"]
 
 
-def test_cpu_falls_back_to_padded_for_huge_packed_batches(demo_dataset, tiny, capsys):
-    _, ckpt = tiny
-    base = ["--data-dir", str(demo_dataset), "--model", MODEL, "--checkpoint", str(ckpt), "-j", "0",
-            "--naflex-max-seq-len", "36", "--device", "cpu"]
-    small = validate.main(base + ["-b", "8"])[0]
-    big = validate.main(base + ["-b", str(validate.CPU_PACKED_MAX_TOKENS // 36 + 1)])[0]
-    assert small["packed"] is True and big["packed"] is False
-    assert "evaluating with padded batches instead" in capsys.readouterr().out
-    assert (small["top1"], small["images"]) == (big["top1"], big["images"])
-
-
 def test_checkpoint_formats_and_ema(demo_dataset, tiny, tmp_path):
     from safetensors.torch import save_file
 
