@@ -68,7 +68,9 @@ def aug_config_from_args(args, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> Aug
     return AugConfig(
         scale=tuple(_get(args, 'scale')), ratio=tuple(_get(args, 'ratio')),
         interpolation=_get(args, 'train_interpolation'), hflip=_get(args, 'hflip'), aa=getattr(args, 'aa', None),
-        color_jitter=_get(args, 'color_jitter'), grayscale_prob=_get(args, 'grayscale_prob'),
+        # timm: --color-jitter None means no jitter (not the default), so read it as given when present.
+        color_jitter=getattr(args, 'color_jitter') if hasattr(args, 'color_jitter') else
+        LOADER_FLAG_DEFAULTS['color_jitter'], grayscale_prob=_get(args, 'grayscale_prob'),
         reprob=_get(args, 'reprob'), remode=_get(args, 'remode'), recount=_get(args, 'recount'),
         mean=tuple(mean), std=tuple(std))
 

@@ -193,6 +193,9 @@ def test_create_from_args(folder):
                          '--naflex-train-seq-lens', '16', '32', '-b', '4', '-j', '0', '--mixup', '0.8',
                          '--cutmix', '1.0', '--aa', 'rand-m8-inc1-mstd1.0', '--naflex-max-seq-len', '32'])
     train, val = loaders.create_loaders_from_args(args, patch_size=8)
+    from loaders.args import aug_config_from_args
+    assert aug_config_from_args(argparse.Namespace(color_jitter=None)).color_jitter is None
+    assert aug_config_from_args(argparse.Namespace()).color_jitter == 0.4
     x, t = next(iter(train))
     assert t.shape[1] == 3 and int(x['seq_lens'].max()) <= 32
     x, t = next(iter(val))
