@@ -7,7 +7,6 @@ atol/rtol 1e-5 (float32 summation order is the only difference). Also: torchrun 
 loss on one rank stopping every rank.
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -71,12 +70,18 @@ def _train(model, batches, world_size, accum=1):
     return metrics, state
 
 
-def _worker(rank, port, out):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE='2',
-                      LOCAL_RANK=str(rank))
+def _init_gloo(rank, store):
+    """Join a 2-process gloo group through a file store (no TCP port to race for with other test runs)."""
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=2)
+
+
+def _worker(rank, store, out):
     from naflex.distributed import cleanup, init_distributed
-    info = init_distributed('cpu')
+    _init_gloo(rank, store)
+    info = init_distributed('cpu')  # picks up the existing group
     batches = [take(make_packed(GRIDS, s), SPLIT[rank]) for s in range(STEPS)]
     result = {}
     for accum in (1, 2):  # accum 2: the first micro-batch of each update runs under DDP's no_sync
@@ -89,12 +94,6 @@ def _worker(rank, port, out):
     cleanup()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 _DDP_RESULTS = {}  # one 2-process spawn serves both parametrizations
 
 
@@ -103,7 +102,8 @@ def test_two_process_gloo_matches_single_process(tmp_path_factory, accum):
     """accum 2 over 3 steps: updates of 2 micro-batches (DDP no_sync on the first) and a final one of 1."""
     if not _DDP_RESULTS:
         out = tmp_path_factory.mktemp('ddp') / 'rank0.pt'
-        mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=2, join=True, start_method='spawn')
+        store = out.parent / 'store'
+        mp.start_processes(_worker, args=(str(store), str(out)), nprocs=2, join=True, start_method='spawn')
         _DDP_RESULTS.update(torch.load(out))
     ddp = _DDP_RESULTS[accum]
     single = _model()
@@ -124,7 +124,7 @@ def test_torchrun_two_processes_end_to_end(demo_dataset, tmp_path):
     import sys
     from pathlib import Path
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(_free_port()),
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
            'train.py', '--data-dir', str(demo_dataset), '--model', 'naflexvit_tiny_test', '--device', 'cpu',
            '-b', '4', '-j', '0', '--epochs', '1', '--warmup-epochs', '0', '--naflex-train-seq-lens', '32', '64',
            '--naflex-max-seq-len', '64', '--opt', 'adamw', '--lr', '1e-3', '--mixup', '0.8', '--log-interval', '1',
@@ -140,13 +140,10 @@ def test_torchrun_two_processes_end_to_end(demo_dataset, tmp_path):
     assert ckpt['train_state']['world_size'] == 2 and len(ckpt['rng']) == 2
 
 
-def _nan_worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE='2',
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from naflex.distributed import cleanup, init_distributed
+def _nan_worker(rank, store, out_dir):
+    from naflex.distributed import cleanup
     from naflex.engine import NonFiniteLossError
-    init_distributed('cpu')
+    _init_gloo(rank, store)
     model = torch.nn.parallel.DistributedDataParallel(_model())
     batches = [take(make_packed(GRIDS, s), SPLIT[rank]) for s in range(STEPS)]
     if rank == 1:
@@ -165,7 +162,7 @@ def _nan_worker(rank, port, out_dir):
 
 
 def test_non_finite_loss_on_one_rank_stops_all(tmp_path):
-    ctx = mp.start_processes(_nan_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False,
+    ctx = mp.start_processes(_nan_worker, args=(str(tmp_path / 'store'), str(tmp_path)), nprocs=2, join=False,
                              start_method='spawn')
     deadline = 120
     import time
