@@ -1,0 +1,275 @@
+#!/usr/bin/env bash
+# One-call GPU check for issue 7: the CUDA tests, then every benchmark with timm 1.0.31 measured in the same run
+# (train step eager + compiled, loader, end-to-end train.py, validate.py at 576, loader CPU profile).
+#
+# Prepare here, once (~5 s; writes the git-ignored bench/caltech_subset, bench/timm_scripts, bench/wheels):
+#     python scripts/make_bench_subset.py
+# Device (one `run` call; ~7-8 min on an H100/H200; the steps stop at BUDGET_S=480 s in all):
+#     run(command="bash scripts/device_check.sh", timeout_s=570,
+#         carry=["bench/caltech_subset", "bench/timm_scripts", "bench/wheels"])
+# CPU dry run here (tiny model, few steps, <= 2 workers; ~4-6 min on 2 shared cores):
+#     bash scripts/device_check.sh --cpu-smoke
+#
+# Environment: OUT (results folder; the device tool sets it; default bench/device_out), BUDGET_S (seconds for all
+# steps; default 480 GPU, 600 CPU), ONLY="eager compiled" (run only these steps), SKIP="cpu_tests ...",
+# DATA (subset, default bench/caltech_subset), TIMM_SCRIPTS (default bench/timm_scripts), REPEAT (each train image
+# listed REPEAT times, as symlinks made on the machine, so 16 workers reach steady state: default 3 on GPU).
+# Steps, in priority order, each under its own `timeout` clamped to what is left of BUDGET_S (a step that would
+# get less than its minimum is reported "not run"):
+#   env          nvidia-smi, versions, bf16 matmul TFLOP/s; installs the carried timm 1.0.31 wheel into
+#                /tmp/naflex_site when the machine's timm differs; the project runs from PYTHONPATH=repo
+#                (no install needed; INSTALL=1 also runs `pip install --no-deps --no-build-isolation -e .`)
+#   cuda_tests   pytest -m cuda tests (varlen/flex/dense backends agree on CUDA, no host sync, prefetcher)
+#   eager        scripts/bench_model.py: ours packed (varlen) / ours padded / timm padded, NaFlexViT-B/16, bf16,
+#                NAdamW, drop-path 0.2, L in 128..1024, 64x1024 tokens/step; peak memory per variant
+#   compiled     same with --compile, ours packed vs timm padded; TORCH_LOGS=recompiles counts recompiles
+#   e2e          scripts/bench_e2e.sh: our train.py vs timm's train.py (card flags, -j 16), then our validate.py
+#                vs timm's validate.py --naflex-loader at 576 on the same images
+#   loader       scripts/bench_loader.py -j 16, documented augmentations, ours vs timm
+#   profile      scripts/profile_loader.py: per-stage CPU ms/image on this machine's CPU, ours vs timm
+#   compiled_flex  ours packed compiled with --attn-backend flex (only if time is left)
+#   cpu_tests    tests/test_attention.py tests/test_model.py on the machine (only if time is left)
+# Results in $OUT (at most 8 files come back from the device): device_check.log (everything printed),
+# summary.md (status per step + headline figures), results.tar.gz (every log/JSON/CSV, no checkpoints),
+# bench_model_eager.json, bench_model_compiled.json, profile_loader.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+MODE=gpu
+for a in "$@"; do
+    case "$a" in
+        --cpu-smoke) MODE=cpu ;;
+        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $a (see --help)" >&2; exit 2 ;;
+    esac
+done
+PY="${PYTHON:-python3}"
+export PYTHON="$PY"
+OUT="${OUT:-bench/device_out}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+STAMP="$(date +%Y%m%d-%H%M%S)"
+RUN="$PWD/bench/device_run/$STAMP"
+mkdir -p "$RUN"
+DATA="${DATA:-bench/caltech_subset}"
+TIMM_SCRIPTS="${TIMM_SCRIPTS:-bench/timm_scripts}"
+TIMM_WANT="1.0.31"
+if [ "$MODE" = gpu ]; then BUDGET_S="${BUDGET_S:-480}"; REPEAT="${REPEAT:-3}"; else BUDGET_S="${BUDGET_S:-600}"; REPEAT="${REPEAT:-1}"; fi
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+T0=$(date +%s)
+ROWS=()
+
+# run_step NAME LIMIT_S MIN_S 'shell command'
+run_step() {
+    local name=$1 limit=$2 min=$3 cmd=$4
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
+    if [[ " ${SKIP:-} " == *" $name "* ]]; then ROWS+=("| $name | skipped (SKIP) | | |"); return 0; fi
+    local left=$(( BUDGET_S - ($(date +%s) - T0) ))
+    if [ "$left" -lt "$min" ]; then
+        echo "== $name: not run, ${left}s of BUDGET_S left (needs >= ${min}s)"
+        ROWS+=("| $name | not run: ${left}s left of BUDGET_S (< ${min}s) | | |")
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo
+    echo "== $name  (timeout ${limit}s, t=$(( $(date +%s) - T0 ))s)  $cmd"
+    local t rc status dt
+    t=$(date +%s)
+    timeout -k 15 "$limit" bash -c "$cmd" > "$RUN/$name.log" 2>&1
+    rc=$?
+    dt=$(( $(date +%s) - t ))
+    status=ok
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status="TIMEOUT after ${limit}s"
+    elif [ $rc -ne 0 ]; then status="FAILED rc=$rc"; fi
+    ROWS+=("| $name | $status | ${dt}s | $name.log |")
+    grep -v "\[__recompiles\]" "$RUN/$name.log" | tail -n "${TAIL:-30}"  # full log (recompile reasons) kept
+    echo "-- $name: $status in ${dt}s"
+}
+
+env_step() {
+    echo "== env  $(date -u '+%Y-%m-%d %H:%M:%S UTC')  mode=$MODE  budget=${BUDGET_S}s  run dir $RUN"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu \
+            --format=csv 2>&1
+    fi
+    echo "cpus $(nproc), mem $(free -g 2>/dev/null | awk '/Mem:/{print $2 " GiB"}')"
+    (git rev-parse --short HEAD 2>/dev/null && git status --short 2>/dev/null | head -20) | sed 's/^/git: /'
+    local have
+    have=$("$PY" -c 'import timm; print(timm.__version__)' 2>/dev/null || echo none)
+    if [ "$have" != "$TIMM_WANT" ]; then
+        local whl
+        whl=$(ls bench/wheels/timm-"$TIMM_WANT"-*.whl 2>/dev/null | head -1)
+        if [ -n "$whl" ]; then
+            echo "timm $have here; installing the carried $whl into /tmp/naflex_site"
+            timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+                --target /tmp/naflex_site "$whl" && export PYTHONPATH="$PYTHONPATH:/tmp/naflex_site"
+        else
+            echo "WARNING: timm $have here and no bench/wheels/timm-$TIMM_WANT-*.whl: the reference is not $TIMM_WANT"
+        fi
+    fi
+    if [ "${INSTALL:-0}" = 1 ]; then
+        timeout 180 "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+            || echo "pip install -e . failed; the project runs from PYTHONPATH=$PWD"
+    fi
+    (cd /tmp && "$PY" - "$MODE" <<'EOF'
+import sys, platform
+import torch, torchvision, PIL, timm
+import naflex, loaders, augment, train, validate  # the project imports from PYTHONPATH
+print(f"python {platform.python_version()}  torch {torch.__version__}  torchvision {torchvision.__version__}  "
+      f"timm {timm.__version__} ({timm.__file__})  Pillow {PIL.__version__}")
+from torch.nn.attention import varlen  # noqa: F401  (varlen_attn needs torch >= 2.10)
+if sys.argv[1] == "gpu":
+    import time
+    d = torch.device("cuda")
+    p = torch.cuda.get_device_properties(d)
+    print(f"cuda {torch.version.cuda}  {p.name}  {p.multi_processor_count} SMs  {p.total_memory / 2**30:.0f} GiB")
+    a = torch.randn(8192, 8192, device=d, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=d, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    print(f"bf16 matmul 8192^3: {10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12:.0f} TFLOP/s (mean of 10)")
+EOF
+    ) || echo "WARNING: environment check failed (see above)"
+}
+
+make_repeat_data() {  # train/<class>/r<k>_<file> symlinks to the subset (k < REPEAT); val/ -> the subset's val/
+    "$PY" - "$DATA" "$RUN/data_x$REPEAT" "$REPEAT" <<'EOF'
+import os, sys
+from pathlib import Path
+src, dst, k = Path(sys.argv[1]).resolve(), Path(sys.argv[2]), int(sys.argv[3])
+n = 0
+for c in sorted(os.listdir(src / "train")):
+    (dst / "train" / c).mkdir(parents=True, exist_ok=True)
+    for f in sorted(os.listdir(src / "train" / c)):
+        for r in range(k):
+            os.symlink(src / "train" / c / f, dst / "train" / c / f"r{r}_{f}")
+            n += 1
+if (src / "val").is_dir():
+    os.symlink(src / "val", dst / "val")
+print(f"{dst}: {n} train entries ({k} x the subset)")
+EOF
+}
+
+summarize() {
+    {
+        echo "# device_check.sh ($MODE) $(date -u '+%Y-%m-%d %H:%M UTC'), $(( $(date +%s) - T0 ))s of ${BUDGET_S}s"
+        echo
+        echo "| step | status | time | log |"
+        echo "|---|---|---|---|"
+        printf '%s\n' "${ROWS[@]}"
+        echo
+        "$PY" - "$RUN" <<'EOF'
+import json, re, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+env = (run / "env.log").read_text() if (run / "env.log").exists() else ""
+for ln in env.splitlines():
+    if ln.startswith(("python ", "cuda ", "bf16 matmul", "name,", "NVIDIA", "cpus ")) or "NVIDIA" in ln:
+        print(f"    {ln}")
+def load(name):
+    p = run / f"bench_model_{name}.json"
+    return {r["variant"]: r for r in json.loads(p.read_text())["results"]} if p.exists() else {}
+def recompiles(name):
+    p = run / f"{name}.log"
+    if not p.exists():
+        return {}
+    out = {}  # dynamo frames recompiled (TORCH_LOGS=recompiles), by the file of the frame: timm's model or ours
+    for ln in p.read_text().splitlines():
+        m = re.search(r"Recompiling function \S+ in (\S+)", ln)
+        if m:
+            v = "timm_padded" if "timm/models/" in m.group(1) else "ours_packed"
+            out[v] = out.get(v, 0) + 1
+    for ln in p.read_text().splitlines():  # variants that ran, 0 when never recompiled
+        m = re.match(r"(ours_packed|ours_padded|timm_padded)\s+[\d.]+ img/s", ln)
+        if m:
+            out.setdefault(m.group(1), 0)
+    return out
+eager, comp, flex = load("eager"), load("compiled"), load("compiled_flex")
+rc, rcf = recompiles("compiled"), recompiles("compiled_flex")
+if eager or comp:
+    print("\n| train step | img/s | valid tok/s | TFLOP/s | MFU | peak mem GiB | warmup s | recompiles |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for tag, res, rcs in (("eager", eager, {}), ("compiled", comp, rc), ("compiled flex", flex, rcf)):
+        for v, r in res.items():
+            print(f"| {v} {tag} | {r['images_per_s']:.0f} | {r['valid_tokens_per_s'] / 1e3:.0f}k | "
+                  f"{r.get('tflops', 0):.0f} | {100 * r.get('mfu', 0):.1f}% | {r.get('peak_mem_gib', float('nan')):.1f} | "
+                  f"{r['warmup_s']:.1f} | {rcs.get(v, '') if tag != 'eager' else ''} |")
+    ref = eager.get("timm_padded")
+    if ref:
+        for tag, res in (("eager", eager), ("compiled", comp), ("compiled flex", flex)):
+            for v, r in res.items():
+                if (v, tag) != ("timm_padded", "eager"):
+                    print(f"ratio {v} {tag} / timm_padded eager: {r['valid_tokens_per_s'] / ref['valid_tokens_per_s']:.2f}x")
+    if "ours_packed" in comp and "timm_padded" in comp:
+        print(f"ratio ours_packed compiled / timm_padded compiled: "
+              f"{comp['ours_packed']['valid_tokens_per_s'] / comp['timm_padded']['valid_tokens_per_s']:.2f}x")
+for name, pat in (("e2e", r"^(\s+steps|ours |timm |ratio|validation)"), ("loader", r"^\|"),
+                  ("profile", r"^(# |\| \*\*total|ours/timm|timm dropped)")):
+    p = run / f"{name}.log"
+    if p.exists():
+        lines = [ln for ln in p.read_text().splitlines() if re.match(pat, ln)]
+        if lines:
+            print(f"\n{name}:\n" + "\n".join(lines))
+EOF
+    } > "$RUN/summary.md"
+}
+
+main() {
+    echo "== device_check.sh $MODE  $(date -u '+%Y-%m-%d %H:%M:%S UTC')  OUT=$OUT"
+    if [ ! -d "$DATA/train" ]; then
+        echo "error: $DATA/train not found; run: python scripts/make_bench_subset.py" >&2
+        return 2
+    fi
+    [ -f "$TIMM_SCRIPTS/train.py" ] || echo "WARNING: $TIMM_SCRIPTS/train.py missing: e2e will fail (make_bench_subset.py)"
+    env_step 2>&1 | tee "$RUN/env.log"
+    # the timm wheel's PYTHONPATH entry must reach the steps: env_step ran in a pipeline (subshell)
+    if [ -d /tmp/naflex_site/timm ]; then export PYTHONPATH="$PYTHONPATH:/tmp/naflex_site"; fi
+    make_repeat_data
+    local D="$RUN/data_x$REPEAT"
+    local AUG="--aa rand-m8-inc1-mstd1.0 --grayscale-prob .1 --reprob 0 --mixup 0.8 --cutmix 1.0"
+    local BM="$PY scripts/bench_model.py"
+    if [ "$MODE" = gpu ]; then
+        BM="$BM --device cuda --model naflexvit_base_patch16_gap -b 64 --seq-lens 128 256 576 784 1024 --drop-path 0.2 --amp-dtype bfloat16"
+        run_step cuda_tests 150 30 "$PY -m pytest -q -rs -p no:cacheprovider -m cuda tests"
+        run_step eager 150 60 "$BM --steps 20 --warmup 5 --json $RUN/bench_model_eager.json"
+        run_step compiled 240 90 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed timm_padded --steps 15 --warmup 5 --json $RUN/bench_model_compiled.json"
+        run_step e2e 240 90 "OUT=$RUN/e2e IMAGES=0 bash scripts/bench_e2e.sh $TIMM_SCRIPTS $D 16"
+        run_step loader 120 40 "$PY scripts/bench_loader.py --data-dir $D -j 16 $AUG -b 64 --naflex-train-seq-lens 128 256 576 784 1024"
+        run_step profile 60 20 "$PY scripts/profile_loader.py --data-dir $DATA --cycles 2 --json $RUN/profile_loader.json"
+        run_step compiled_flex 150 90 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --attn-backend flex --steps 10 --warmup 5 --json $RUN/bench_model_compiled_flex.json"
+        local XD=""
+        "$PY" -c "import xdist" 2>/dev/null && XD="-n 8"
+        run_step cpu_tests 120 60 "$PY -m pytest -q -rs -p no:cacheprovider $XD tests/test_attention.py tests/test_model.py"
+    else
+        BM="$BM --device cpu --model naflexvit_tiny_test -b 4 --seq-lens 32 64"
+        run_step cuda_tests 120 30 "$PY -m pytest -q -rs -p no:cacheprovider -m cuda tests"
+        run_step eager 90 20 "$BM --steps 3 --warmup 2 --json $RUN/bench_model_eager.json"
+        run_step compiled 240 60 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed timm_padded --steps 3 --warmup 2 --json $RUN/bench_model_compiled.json"
+        run_step e2e 200 60 "OUT=$RUN/e2e IMAGES=101 bash scripts/bench_e2e.sh $TIMM_SCRIPTS $D 2"
+        run_step loader 90 20 "$PY scripts/bench_loader.py --data-dir $D -j 2 $AUG -b 8 --naflex-train-seq-lens 64 128 --steps 3"
+        run_step profile 60 15 "$PY scripts/profile_loader.py --data-dir $DATA --cycles 1 --fraction 0.05 --json $RUN/profile_loader.json"
+        ROWS+=("| compiled_flex | GPU only | | |" "| cpu_tests | not in the smoke run (CI runs them) | | |")
+    fi
+    summarize
+    # What comes back (<= 8 files): the log (tee), the summary, the JSONs, one archive of the rest.
+    cp "$RUN/summary.md" "$OUT/summary.md"
+    for j in bench_model_eager bench_model_compiled profile_loader; do
+        [ -f "$RUN/$j.json" ] && cp "$RUN/$j.json" "$OUT/$j.json"
+    done
+    tar czf "$OUT/results.tar.gz" -C "$(dirname "$RUN")" --exclude='*.pth' --exclude='*.pth.tar' \
+        --exclude='data_x*' --exclude='data-*' --exclude='__pycache__' "$STAMP" 2>/dev/null \
+        || echo "WARNING: could not write results.tar.gz"
+    echo
+    echo "================ summary ($RUN/summary.md; files in $OUT) ================"
+    cat "$RUN/summary.md"
+    grep -q "FAILED\|TIMEOUT" "$RUN/summary.md" && return 1
+    return 0
+}
+
+main 2>&1 | tee -a "$OUT/device_check.log"
+exit "${PIPESTATUS[0]}"
