@@ -15,7 +15,9 @@ Call ``main(argv)`` from Python (tests do); importing this module has no side ef
 """
 import logging
 import math
+import signal
 import sys
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -237,6 +239,12 @@ def _train(args, hooks=None):
         return evaluate(m, eval_loader, dist.device, amp_dtype=amp_dtype, world_size=dist.world_size,
                         mean=mean, std=std)
 
+    def on_sigterm(signum, frame):  # preemption: checkpoint at the next update boundary, then exit
+        engine.stop_requested = True
+        _logger.warning('SIGTERM received: saving a recovery checkpoint at the next update')
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     writer = RunWriter(out_dir if dist.is_primary else None)
     _logger.info(f'training epochs {state.epoch}..{total_epochs - 1}, {updates_per_epoch} updates/epoch')
     try:
@@ -245,6 +253,8 @@ def _train(args, hooks=None):
                       args=args, is_primary=dist.is_primary)
     finally:
         writer.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if saver is not None and saver.best[0] is not None:
         _logger.info(f'*** best {args.eval_metric}: {saver.best[0]:.4f} (epoch {saver.best[1]})')
     return results
@@ -255,12 +265,15 @@ def main(argv=None, hooks=None):
     from loaders import TooManyBadFiles
     from naflex.config import ConfigError
     from naflex.distributed import DeviceError, cleanup
-    from naflex.engine import NonFiniteLossError
+    from naflex.engine import NonFiniteLossError, StopRequested
     try:
         return run(argv, hooks)
     except (ConfigError, UserError, DeviceError) as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         raise SystemExit(2) from None
+    except StopRequested as e:
+        _logger.warning(str(e))
+        raise SystemExit(143) from None  # 128 + SIGTERM, what schedulers expect from a terminated job
     except (NonFiniteLossError, TooManyBadFiles, OutOfMemory) as e:
         _logger.error(str(e))
         print(f'train.py: error: {e}', file=sys.stderr)

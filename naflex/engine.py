@@ -45,6 +45,10 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/inf; the message names the step, sequence length and batch size."""
 
 
+class StopRequested(RuntimeError):
+    """SIGTERM (preemption) was received; a checkpoint to resume from has been written."""
+
+
 @dataclass
 class TrainState:
     """Where the run is: ``epoch`` being trained, ``step`` batches of it done, optimizer updates so far."""
@@ -79,6 +83,7 @@ class Engine:
     seed: int = 42
     hooks: Optional[object] = None        # test hooks: after_update(engine, state), after_epoch(state) -> stop
     history: List[Dict] = field(default_factory=list)  # recent logged (epoch, step, loss) points (tests/analysis)
+    stop_requested: bool = False          # set by train.py's SIGTERM handler; acted on at an update boundary
 
     @property
     def module(self) -> nn.Module:
@@ -200,6 +205,7 @@ def train_one_epoch(
         pending.clear()
 
     it = iter(batches)
+    stop_all = False
     start_step = state.step
     for batch_idx in range(start_step, num_steps):
         t0 = time.perf_counter()
@@ -266,9 +272,11 @@ def train_one_epoch(
         if update_idx % engine.log_interval == 0 or batch_idx == num_steps - 1:
             check_finite()
             meter.clear_bar()
-            counts = torch.tensor([window_images, epoch_images], dtype=torch.float64).to(dev)
+            counts = torch.tensor([window_images, epoch_images, float(engine.stop_requested)],
+                                  dtype=torch.float64).to(dev)
             sums = torch.cat([window_sums, epoch_sums, loss_d.double().reshape(1), counts])
-            w_loss, w_tok, e_loss, _, now, w_img, e_img = D.all_reduce_sum(sums).tolist()
+            w_loss, w_tok, e_loss, _, now, w_img, e_img, stops = D.all_reduce_sum(sums).tolist()
+            stop_all = stops > 0  # every rank sees the same value, so all stop at this update
             win_loss, avg_loss = w_loss / max(w_img, 1.0), e_loss / max(e_img, 1.0)
             now_loss = now / engine.world_size
             fig = meter.window(batch_idx, tokens=w_tok, images=w_img)
@@ -289,6 +297,14 @@ def train_one_epoch(
             meter.bar(batch_idx)
         if engine.schedule is not None:
             engine.schedule.step_update(state.num_updates)
+        # SIGTERM: one process stops at the next update; with several, ranks agree at the next log step
+        if (stop_all if engine.world_size > 1 else engine.stop_requested) and batch_idx < num_steps - 1:
+            check_finite()
+            if save_recovery is not None:
+                save_recovery(state)
+            raise StopRequested(f'stopped on SIGTERM at epoch {state.epoch} step {state.step}/{num_steps} '
+                                f'after saving a recovery checkpoint; continue with --resume auto')
+        stop_all = False
         if recovery_interval and save_recovery is not None and (update_idx + 1) % recovery_interval == 0 \
                 and batch_idx < num_steps - 1:
             check_finite()
@@ -298,8 +314,8 @@ def train_one_epoch(
 
     check_finite()
     meter.clear_bar()
-    counts = torch.tensor([epoch_images], dtype=torch.float64).to(dev)
-    loss_sum, tokens, images = D.all_reduce_sum(torch.cat([epoch_sums, counts])).tolist()
+    counts = torch.tensor([epoch_images, float(engine.stop_requested)], dtype=torch.float64).to(dev)
+    loss_sum, tokens, images, stops = D.all_reduce_sum(torch.cat([epoch_sums, counts])).tolist()
     totals = meter.epoch_totals()
     return {
         'loss': loss_sum / max(images, 1.0),
@@ -310,6 +326,7 @@ def train_one_epoch(
         'data_wait': totals['data_wait'],
         'time_s': totals['time_s'],
         'lr': _mean_lr(opt),
+        'stop': stops > 0,
     }
 
 
@@ -461,6 +478,9 @@ def fit(
             if best is not None:
                 _logger.info(f'checkpoint saved; best {eval_metric} {best:.4f} (epoch {best_epoch})')
         results.append(row)
+        if train_metrics['stop']:
+            raise StopRequested(f'stopped on SIGTERM after epoch {epoch} (checkpoint saved); '
+                                'continue with --resume auto')
         epoch_s = train_metrics['time_s']
         _logger.info(f'epoch {epoch} done in {format_seconds(epoch_s)}; run ETA '
                      f'{format_seconds(epoch_s * (total_epochs - epoch - 1))}')

@@ -172,3 +172,36 @@ def test_non_finite_loss_on_one_rank_stops_all(tmp_path):
     for rank in (0, 1):
         msg = (tmp_path / f'rank{rank}.txt').read_text()
         assert msg.startswith('non-finite loss at epoch 0 step 1/3'), msg
+
+
+def _stop_worker(rank, store, out_dir):
+    from naflex.distributed import cleanup
+    from naflex.engine import StopRequested
+    _init_gloo(rank, store)
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    batches = [take(make_packed(GRIDS, s), SPLIT[rank]) for s in range(STEPS)]
+
+    class Sigterm:  # only rank 1 "receives SIGTERM", after its first update
+        def after_update(self, engine, state):
+            if rank == 1 and state.step == 1:
+                engine.stop_requested = True
+
+    saved = []
+    eng = Engine(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), device=torch.device('cpu'),
+                 loss_scale='none', log_interval=1, world_size=2, hooks=Sigterm())
+    try:
+        train_one_epoch(eng, iter(batches), len(batches), TrainState(), save_recovery=lambda st: saved.append(st.step))
+        msg = 'finished'
+    except StopRequested as e:
+        msg = f'{e} saved={saved}'
+    with open(os.path.join(out_dir, f'rank{rank}.txt'), 'w') as f:
+        f.write(msg)
+    cleanup()
+
+
+def test_sigterm_on_one_rank_stops_all_at_the_same_step(tmp_path):
+    mp.start_processes(_stop_worker, args=(str(tmp_path / 'store'), str(tmp_path)), nprocs=2, join=True,
+                       start_method='spawn')
+    for rank in (0, 1):
+        msg = (tmp_path / f'rank{rank}.txt').read_text()
+        assert msg.startswith('stopped on SIGTERM at epoch 0 step 2/3') and msg.endswith('saved=[2]'), msg

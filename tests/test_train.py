@@ -188,3 +188,24 @@ def test_val_interval_rows(demo_dataset, tmp_path):
                          '--cutmix', '0'))
     rows = _summary(tmp_path / 'vi' / 'summary.csv')
     assert [r['eval_top1'] for r in rows][0] == '' and float(rows[1]['eval_top1']) >= 0  # last epoch always evaluates
+
+
+def test_sigterm_saves_and_resumes_exactly(reference, demo_dataset, tmp_path):
+    """SIGTERM (preemption) mid-epoch: recovery checkpoint at the next update, exit 143, exact resume."""
+    ref_run, ref_hooks, _ = reference
+
+    class Term(Hooks):
+        def after_update(self, engine, state):
+            super().after_update(engine, state)
+            if (state.epoch, state.step) == (1, 1):
+                os.kill(os.getpid(), signal.SIGTERM)  # handled by train.py: sets a flag, no exit here
+
+    with pytest.raises(SystemExit) as exc:
+        train.main(card_argv(demo_dataset, tmp_path, 't'), hooks=Term())
+    assert exc.value.code == 143
+    assert [p.name for p in (tmp_path / 't').glob('recovery-*')] == ['recovery-1-2.pth']
+    hooks = Hooks()
+    train.main(card_argv(demo_dataset, tmp_path, 't', '--resume', 'auto'), hooks=hooks)
+    assert hooks.losses == [h for h in ref_hooks.losses if (h[0], h[1]) >= (1, 2)]
+    for k, v in _weights(ref_run / 'last.pth').items():
+        assert torch.equal(v, _weights(tmp_path / 't' / 'last.pth')[k]), k
