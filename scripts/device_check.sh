@@ -11,7 +11,7 @@
 #     bash scripts/device_check.sh --cpu-smoke
 #
 # Environment: OUT (results folder; the device tool sets it; default bench/device_out), BUDGET_S (seconds for all
-# steps; default 480 GPU, 600 CPU), ONLY="eager compiled" (run only these steps), SKIP="cpu_tests ...",
+# steps; default 480 GPU, 600 CPU), ONLY="eager compiled_ours" (run only these steps), SKIP="cpu_tests ...",
 # DATA (subset, default bench/caltech_subset), TIMM_SCRIPTS (default bench/timm_scripts), REPEAT (each train image
 # listed REPEAT times, as symlinks made on the machine, so 16 workers reach steady state: default 3 on GPU).
 # Steps, in priority order, each under its own `timeout` clamped to what is left of BUDGET_S (a step that would
@@ -22,16 +22,19 @@
 #   cuda_tests   pytest -m cuda tests (varlen/flex/dense backends agree on CUDA, no host sync, prefetcher)
 #   eager        scripts/bench_model.py: ours packed (varlen) / ours padded / timm padded, NaFlexViT-B/16, bf16,
 #                NAdamW, drop-path 0.2, L in 128..1024, 64x1024 tokens/step; peak memory per variant
-#   compiled     same with --compile, ours packed vs timm padded; TORCH_LOGS=recompiles counts recompiles
+#   compiled_ours  same with --compile, ours packed (TORCH_LOGS=recompiles: recompile count; warmup_s holds the
+#                compile time); compiled_timm (timm padded compiled) runs later, as a separate step, so a slow
+#                compile of one cannot lose the other's result
 #   e2e          scripts/bench_e2e.sh: our train.py vs timm's train.py (card flags, -j 16), then our validate.py
 #                vs timm's validate.py --naflex-loader at 576 on the same images
 #   loader       scripts/bench_loader.py -j 16, documented augmentations, ours vs timm
 #   profile      scripts/profile_loader.py: per-stage CPU ms/image on this machine's CPU, ours vs timm
+#   compiled_timm  timm padded compiled (see compiled_ours)
 #   compiled_flex  ours packed compiled with --attn-backend flex (only if time is left)
 #   cpu_tests    tests/test_attention.py tests/test_model.py on the machine (only if time is left)
 # Results in $OUT (at most 8 files come back from the device): device_check.log (everything printed),
 # summary.md (status per step + headline figures), results.tar.gz (every log/JSON/CSV, no checkpoints),
-# bench_model_eager.json, bench_model_compiled.json, profile_loader.json.
+# bench_model_eager.json, bench_model_compiled_ours.json, bench_model_compiled_timm.json, profile_loader.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,7 +42,7 @@ MODE=gpu
 for a in "$@"; do
     case "$a" in
         --cpu-smoke) MODE=cpu ;;
-        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
         *) echo "unknown argument: $a (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -189,8 +192,8 @@ def recompiles(name):
         if m:
             out.setdefault(m.group(1), 0)
     return out
-eager, comp, flex = load("eager"), load("compiled"), load("compiled_flex")
-rc, rcf = recompiles("compiled"), recompiles("compiled_flex")
+eager, comp, flex = load("eager"), {**load("compiled_ours"), **load("compiled_timm")}, load("compiled_flex")
+rc, rcf = {**recompiles("compiled_ours"), **recompiles("compiled_timm")}, recompiles("compiled_flex")
 if eager or comp:
     print("\n| train step | img/s | valid tok/s | TFLOP/s | MFU | peak mem GiB | warmup s | recompiles |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -209,7 +212,7 @@ if eager or comp:
         print(f"ratio ours_packed compiled / timm_padded compiled: "
               f"{comp['ours_packed']['valid_tokens_per_s'] / comp['timm_padded']['valid_tokens_per_s']:.2f}x")
 for name, pat in (("e2e", r"^(\s+steps|ours |timm |ratio|validation)"), ("loader", r"^\|"),
-                  ("profile", r"^(# |\| \*\*total|ours/timm|timm dropped)")):
+                  ("profile", r"^(# |(ours|timm): \d+ images|ours/timm|timm dropped)")):
     p = run / f"{name}.log"
     if p.exists():
         lines = [ln for ln in p.read_text().splitlines() if re.match(pat, ln)]
@@ -237,10 +240,11 @@ main() {
         BM="$BM --device cuda --model naflexvit_base_patch16_gap -b 64 --seq-lens 128 256 576 784 1024 --drop-path 0.2 --amp-dtype bfloat16"
         run_step cuda_tests 150 30 "$PY -m pytest -q -rs -p no:cacheprovider -m cuda tests"
         run_step eager 150 60 "$BM --steps 20 --warmup 5 --json $RUN/bench_model_eager.json"
-        run_step compiled 240 90 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed timm_padded --steps 15 --warmup 5 --json $RUN/bench_model_compiled.json"
+        run_step compiled_ours 180 90 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --steps 15 --warmup 5 --json $RUN/bench_model_compiled_ours.json"
         run_step e2e 240 90 "OUT=$RUN/e2e IMAGES=0 bash scripts/bench_e2e.sh $TIMM_SCRIPTS $D 16"
         run_step loader 120 40 "$PY scripts/bench_loader.py --data-dir $D -j 16 $AUG -b 64 --naflex-train-seq-lens 128 256 576 784 1024"
         run_step profile 60 20 "$PY scripts/profile_loader.py --data-dir $DATA --cycles 2 --json $RUN/profile_loader.json"
+        run_step compiled_timm 180 90 "TORCH_LOGS=recompiles $BM --compile --variants timm_padded --steps 15 --warmup 5 --json $RUN/bench_model_compiled_timm.json"
         run_step compiled_flex 150 90 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --attn-backend flex --steps 10 --warmup 5 --json $RUN/bench_model_compiled_flex.json"
         local XD=""
         "$PY" -c "import xdist" 2>/dev/null && XD="-n 8"
@@ -249,7 +253,8 @@ main() {
         BM="$BM --device cpu --model naflexvit_tiny_test -b 4 --seq-lens 32 64"
         run_step cuda_tests 120 30 "$PY -m pytest -q -rs -p no:cacheprovider -m cuda tests"
         run_step eager 90 20 "$BM --steps 3 --warmup 2 --json $RUN/bench_model_eager.json"
-        run_step compiled 240 60 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed timm_padded --steps 3 --warmup 2 --json $RUN/bench_model_compiled.json"
+        run_step compiled_ours 200 60 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --steps 3 --warmup 2 --json $RUN/bench_model_compiled_ours.json"
+        run_step compiled_timm 200 60 "TORCH_LOGS=recompiles $BM --compile --variants timm_padded --steps 3 --warmup 2 --json $RUN/bench_model_compiled_timm.json"
         run_step e2e 200 60 "OUT=$RUN/e2e IMAGES=101 bash scripts/bench_e2e.sh $TIMM_SCRIPTS $D 2"
         run_step loader 90 20 "$PY scripts/bench_loader.py --data-dir $D -j 2 $AUG -b 8 --naflex-train-seq-lens 64 128 --steps 3"
         run_step profile 60 15 "$PY scripts/profile_loader.py --data-dir $DATA --cycles 1 --fraction 0.05 --json $RUN/profile_loader.json"
@@ -258,7 +263,7 @@ main() {
     summarize
     # What comes back (<= 8 files): the log (tee), the summary, the JSONs, one archive of the rest.
     cp "$RUN/summary.md" "$OUT/summary.md"
-    for j in bench_model_eager bench_model_compiled profile_loader; do
+    for j in bench_model_eager bench_model_compiled_ours bench_model_compiled_timm profile_loader; do
         [ -f "$RUN/$j.json" ] && cp "$RUN/$j.json" "$OUT/$j.json"
     done
     tar czf "$OUT/results.tar.gz" -C "$(dirname "$RUN")" --exclude='*.pth' --exclude='*.pth.tar' \
