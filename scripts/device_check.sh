@@ -4,8 +4,9 @@
 #
 # Prepare here, once (~5 s; writes the git-ignored bench/caltech_subset, bench/timm_scripts, bench/wheels):
 #     python scripts/make_bench_subset.py
-# Device (one `run` call; ~7-8 min on an H100/H200; the steps stop at BUDGET_S=480 s in all):
-#     run(command="bash scripts/device_check.sh", timeout_s=570,
+# Device (one `run` call; ~6-8 min on an H100/H200; the steps stop at BUDGET_S=480 s in all, + <= 20 s to kill
+# a step at its limit and pack the results; rerun a part while the machine is warm: ONLY="compiled_timm" BUDGET_S=200):
+#     run(command="bash scripts/device_check.sh", timeout_s=540,
 #         carry=["bench/caltech_subset", "bench/timm_scripts", "bench/wheels"])
 # CPU dry run here (tiny model, few steps, <= 2 workers; ~4-6 min on 2 shared cores):
 #     bash scripts/device_check.sh --cpu-smoke
@@ -42,7 +43,7 @@ MODE=gpu
 for a in "$@"; do
     case "$a" in
         --cpu-smoke) MODE=cpu ;;
-        -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
         *) echo "unknown argument: $a (see --help)" >&2; exit 2 ;;
     esac
 done
