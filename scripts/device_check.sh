@@ -43,7 +43,7 @@ MODE=gpu
 for a in "$@"; do
     case "$a" in
         --cpu-smoke) MODE=cpu ;;
-        -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
         *) echo "unknown argument: $a (see --help)" >&2; exit 2 ;;
     esac
 done
