@@ -70,6 +70,17 @@ def _train(model, batches, world_size, accum=1):
     return metrics, state
 
 
+def _finish():
+    """Tear down after the DDP objects are gone: destroying the group under a live DDP reducer can make gloo
+    abort at exit ('terminate called without an active exception')."""
+    import gc
+
+    import torch.distributed as dist
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _init_gloo(rank, store):
     """Join a 2-process gloo group through a file store (no TCP port to race for with other test runs)."""
     import torch.distributed as dist
@@ -79,7 +90,7 @@ def _init_gloo(rank, store):
 
 
 def _worker(rank, store, out):
-    from naflex.distributed import cleanup, init_distributed
+    from naflex.distributed import init_distributed
     _init_gloo(rank, store)
     info = init_distributed('cpu')  # picks up the existing group
     batches = [take(make_packed(GRIDS, s), SPLIT[rank]) for s in range(STEPS)]
@@ -91,7 +102,8 @@ def _worker(rank, store, out):
                          'loss': metrics['loss'], 'images': metrics['images']}
     if info.rank == 0:
         torch.save(result, out)
-    cleanup()
+    del model
+    _finish()
 
 
 _DDP_RESULTS = {}  # one 2-process spawn serves both parametrizations
@@ -141,7 +153,6 @@ def test_torchrun_two_processes_end_to_end(demo_dataset, tmp_path):
 
 
 def _nan_worker(rank, store, out_dir):
-    from naflex.distributed import cleanup
     from naflex.engine import NonFiniteLossError
     _init_gloo(rank, store)
     model = torch.nn.parallel.DistributedDataParallel(_model())
@@ -158,7 +169,8 @@ def _nan_worker(rank, store, out_dir):
         msg = str(e)
     with open(os.path.join(out_dir, f'rank{rank}.txt'), 'w') as f:
         f.write(msg)
-    cleanup()
+    del model, eng
+    _finish()
 
 
 def test_non_finite_loss_on_one_rank_stops_all(tmp_path):
@@ -175,7 +187,6 @@ def test_non_finite_loss_on_one_rank_stops_all(tmp_path):
 
 
 def _stop_worker(rank, store, out_dir):
-    from naflex.distributed import cleanup
     from naflex.engine import StopRequested
     _init_gloo(rank, store)
     model = torch.nn.parallel.DistributedDataParallel(_model())
@@ -196,7 +207,8 @@ def _stop_worker(rank, store, out_dir):
         msg = f'{e} saved={saved}'
     with open(os.path.join(out_dir, f'rank{rank}.txt'), 'w') as f:
         f.write(msg)
-    cleanup()
+    del model, eng
+    _finish()
 
 
 def test_sigterm_on_one_rank_stops_all_at_the_same_step(tmp_path):
