@@ -11,7 +11,8 @@ centred overlap of the two (no resizing):
 
 The soft target uses the *true* fraction of the image that comes from each source:
 own weight = 1 - (1 - lam) * overlap_area / area (MixUp) or 1 - cut_area / area (CutMix), so targets sum to
-1 and match the pixels exactly (tested). Label smoothing uses timm's one-hot values
+1 and match the pixels (tested; CutMix exactly, MixUp up to uint8 quantisation of the blended values:
+tensors round, Pillow's blend truncates, i.e. at most 1 grey level). Label smoothing uses timm's one-hot values
 (off = s / C, on = 1 - s + s / C). With an odd batch size one image stays unmixed.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from PIL import Image
 
 
 @dataclass
@@ -60,15 +62,47 @@ def pair_by_aspect(sizes_hw: Sequence[Tuple[int, int]], rng: random.Random, loca
     return order
 
 
+# Images are uint8 HWC tensors or RGB PIL images (the loader mixes PIL images: Pillow's 8-bit blend/paste
+# are several times cheaper than float tensor arithmetic).
+
+def _hw(x) -> Tuple[int, int]:
+    return (x.height, x.width) if isinstance(x, Image.Image) else tuple(x.shape[:2])
+
+
+def _region(x, top: int, left: int, h: int, w: int):
+    if isinstance(x, Image.Image):
+        return x.crop((left, top, left + w, top + h))
+    return x[top:top + h, left:left + w].clone()
+
+
+def _copy(x):
+    return x.copy() if isinstance(x, Image.Image) else x.clone()
+
+
+def _paste(dst, src, top: int, left: int) -> None:
+    if isinstance(dst, Image.Image):
+        dst.paste(src, (left, top))
+    else:
+        dst[top:top + src.shape[0], left:left + src.shape[1]] = src
+
+
+def _blend(own, other, lam: float):
+    """lam * own + (1 - lam) * other, rounded to uint8."""
+    if isinstance(own, Image.Image):
+        return Image.blend(other, own, lam)
+    return torch.lerp(other.float(), own.float(), lam).add_(0.5).to(torch.uint8)  # +0.5: truncation rounds
+
+
 def mix_variable_size(
-        imgs: List[torch.Tensor],
+        imgs: List,
         targets: Sequence[int],
         cfg: MixupConfig,
         rng: random.Random,
         inplace: bool = False,
         epoch: Optional[int] = None,
-) -> Tuple[List[torch.Tensor], torch.Tensor, List[float], List[Optional[int]]]:
-    """Mix a list of uint8 HWC images of different sizes (``inplace=True`` overwrites the inputs).
+) -> Tuple[List, torch.Tensor, List[float], List[Optional[int]]]:
+    """Mix a list of images of different sizes: uint8 HWC tensors or RGB PIL images (``inplace=True``
+    overwrites the inputs).
 
     Returns (images, soft targets [B, C] float32, own-weight per image, partner index per image or None).
     """
@@ -87,32 +121,29 @@ def mix_variable_size(
     alpha = cfg.cutmix_alpha if use_cutmix else cfg.mixup_alpha
     lam = min(1.0, max(0.0, rng.betavariate(alpha, alpha)))
 
-    order = pair_by_aspect([tuple(x.shape[:2]) for x in imgs], rng, cfg.local_shuffle)
+    sizes = [_hw(x) for x in imgs]
+    order = pair_by_aspect(sizes, rng, cfg.local_shuffle)
     out = list(imgs)
     for a, b in zip(order[0::2], order[1::2]):
-        ha, wa = imgs[a].shape[:2]
-        hb, wb = imgs[b].shape[:2]
+        (ha, wa), (hb, wb) = sizes[a], sizes[b]
         oh, ow = min(ha, hb), min(wa, wb)
         corner = {a: ((ha - oh) // 2, (wa - ow) // 2), b: ((hb - oh) // 2, (wb - ow) // 2)}
         # Everything one image gives the other lies in its centred overlap: keep the originals of those two
         # regions, then write each mixed image (in place when allowed, else into a copy).
-        src = {k: imgs[k][corner[k][0]:corner[k][0] + oh, corner[k][1]:corner[k][1] + ow].clone() for k in (a, b)}
-        if not use_cutmix:  # float copies once per pair; lerp(other, own, lam) = lam * own + (1 - lam) * other
-            fsrc = {k: src[k].float() for k in (a, b)}
+        src = {k: _region(imgs[k], corner[k][0], corner[k][1], oh, ow) for k in (a, b)}
         for i, j in ((a, b), (b, a)):
-            hi, wi = imgs[i].shape[:2]
+            hi, wi = sizes[i]
             ti, li = corner[i]
-            mixed = imgs[i] if inplace else imgs[i].clone()
+            mixed = imgs[i] if inplace else _copy(imgs[i])
             if use_cutmix:
                 r = math.sqrt(1.0 - lam)
                 ch, cw = int(oh * r), int(ow * r)
                 y = rng.randint(0, oh - ch)
                 x = rng.randint(0, ow - cw)
-                mixed[ti + y:ti + y + ch, li + x:li + x + cw] = src[j][y:y + ch, x:x + cw]
+                _paste(mixed, _region(src[j], y, x, ch, cw), ti + y, li + x)
                 other_frac = (ch * cw) / float(hi * wi)
             else:
-                blended = torch.lerp(fsrc[j], fsrc[i], lam).add_(0.5)
-                mixed[ti:ti + oh, li:li + ow] = blended  # float -> uint8 truncates: +0.5 rounds
+                _paste(mixed, _blend(src[i], src[j], lam), ti, li)
                 other_frac = (1.0 - lam) * (oh * ow) / float(hi * wi)
             out[i] = mixed
             own[i] = 1.0 - other_frac

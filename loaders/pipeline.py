@@ -27,6 +27,11 @@ class TrainSampleBuilder:
         self.interps = aug.interpolations()
 
     def __call__(self, path: str, seq_len: int, patch_size: int, rng: random.Random) -> torch.Tensor:
+        """uint8 HWC tensor [grid_h * P, grid_w * P, 3]."""
+        return pil_to_hwc(self.build_pil(path, seq_len, patch_size, rng))
+
+    def build_pil(self, path: str, seq_len: int, patch_size: int, rng: random.Random):
+        """The same image as an RGB PIL image (the loader mixes PIL images, then converts)."""
         opened = open_image(path)
         _, h, w, _ = opened
         crop = sample_rrc(h, w, rng, patch_size=patch_size, max_seq_len=seq_len,
@@ -35,8 +40,7 @@ class TrainSampleBuilder:
         out_hw = (crop.grid_h * patch_size, crop.grid_w * patch_size)
         img = decode_resized(path, (crop.top, crop.left, crop.height, crop.width), out_hw, interp,
                              draft=self.cfg.draft, opened=opened)
-        img = self.augment(img, rng)
-        return pil_to_hwc(img)
+        return self.augment(img, rng)
 
 
 def eval_sample(path: str, max_seq_len: int, patch_size: int, interpolation: str = 'bicubic',

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from augment.mixup import MixupConfig, mix_variable_size
 from augment.policy import AugConfig
 
+from .decode import pil_to_hwc
 from .packing import collate
 from .pipeline import TrainSampleBuilder
 from .schedule import SeqLenSchedule
@@ -71,7 +72,7 @@ class StepDataset(Dataset):
         for _ in range(MAX_REPLACEMENTS):
             path = self.dataset.path(idx)
             try:
-                return self.builder(path, L, P, rng), self.dataset.target(idx)
+                return self.builder.build_pil(path, L, P, rng), self.dataset.target(idx)
             except Exception as e:  # undecodable file: report and replace
                 bad.append(path)
                 warnings.warn(f"bad image {path}: {type(e).__name__}: {e}")
@@ -98,6 +99,7 @@ class StepDataset(Dataset):
                                                   epoch=epoch)
         else:
             target = torch.tensor(targets, dtype=torch.int64)
+        imgs = [pil_to_hwc(x) for x in imgs]
         if self.erasing is not None:
             imgs = [self.erasing(x, r, P) for x, r in zip(imgs, rngs)]
         inputs = collate(imgs, P, self.packing, L, bad)

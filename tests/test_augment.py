@@ -125,8 +125,9 @@ def _const_img(h, w, v):
     return torch.full((h, w, 3), v, dtype=torch.uint8)
 
 
+@pytest.mark.parametrize('as_pil', [False, True])
 @pytest.mark.parametrize('kind', ['cutmix', 'mixup'])
-def test_mixup_targets_match_pixels(kind):
+def test_mixup_targets_match_pixels(kind, as_pil):
     cfg = MixupConfig(num_classes=5, mixup_alpha=0.8 if kind == 'mixup' else 0,
                       cutmix_alpha=1.0 if kind == 'cutmix' else 0, smoothing=0.0)
     sizes = [(32, 48), (48, 32), (16, 64), (40, 40), (24, 24), (64, 16), (8, 8)]
@@ -134,7 +135,10 @@ def test_mixup_targets_match_pixels(kind):
     imgs = [_const_img(h, w, v) for (h, w), v in zip(sizes, vals)]
     targets = [0, 1, 2, 3, 4, 0, 1]
     for seed in range(20):
-        out, soft, own, partner = mix_variable_size(imgs, targets, cfg, random.Random(seed))
+        inputs = [Image.fromarray(x.numpy()) for x in imgs] if as_pil else imgs
+        out, soft, own, partner = mix_variable_size(inputs, targets, cfg, random.Random(seed), inplace=as_pil)
+        if as_pil:
+            out = [torch.from_numpy(np.array(x)) for x in out]
         torch.testing.assert_close(soft.sum(1), torch.ones(len(imgs)))
         assert sum(p is None for p in partner) == 1  # odd batch: one unmixed
         for i, j in enumerate(partner):
@@ -146,9 +150,9 @@ def test_mixup_targets_match_pixels(kind):
             if kind == 'cutmix':
                 frac_j = (x == vj).float().mean().item()
                 tol = 1e-6
-            else:  # pixel value = own*vi + other*vj on average over the image (uint8 rounding: +-0.5)
-                frac_j = ((x.mean().item() - vi) / (vj - vi))
-                tol = 0.5 / abs(vj - vi) + 1e-4
+            else:  # pixel value = own*vi + other*vj on average over the image, up to uint8 quantisation
+                frac_j = ((x.mean().item() - vi) / (vj - vi))  # (tensors round: 0.5 level; PIL truncates: 1)
+                tol = (1.0 if as_pil else 0.5) / abs(vj - vi) + 1e-4
             assert frac_j == pytest.approx(1 - own[i], abs=tol), (seed, i)
             expected = torch.zeros(5)
             expected[targets[i]] += own[i]
