@@ -1,6 +1,6 @@
 """Benchmark: our NaFlex train loader vs timm 1.0.31's ``create_naflex_loader``, same flags, same folder.
 
-Command (the documented augmentations; ~3-4 min on 2 busy CPU cores with caltech101):
+Command (the documented augmentations; ~1-2 min per --repeats on 2 shared CPU cores with caltech101):
     python scripts/bench_loader.py --data-dir ../shared/data/caltech101 -j 2 \
         --aa rand-m8-inc1-mstd1.0 --grayscale-prob .1 --reprob 0 --mixup 0.8 --cutmix 1.0 -b 64 \
         --naflex-train-seq-lens 128 256 576 784 1024
