@@ -14,10 +14,12 @@ EMA in naflex/optim.py, the lr schedule in naflex/schedule.py, checkpoints in na
 Call ``main(argv)`` from Python (tests do); importing this module has no side effects.
 """
 import logging
+import gc
 import math
 import signal
 import sys
 import threading
+import traceback
 from datetime import datetime
 from pathlib import Path
 
@@ -261,25 +263,35 @@ def _train(args, hooks=None):
 
 
 def main(argv=None, hooks=None):
-    """CLI entry: run training, turning the errors users hit into one line on stderr (exit status 1 or 2)."""
+    """CLI entry: run training, turning the errors users hit into one line on stderr (exit status 1, 2 or 143).
+
+    ``hooks`` (tests only): an object with optional ``after_update(engine, state)`` / ``after_epoch(state)``.
+    """
     from loaders import TooManyBadFiles
     from naflex.config import ConfigError
     from naflex.distributed import DeviceError, cleanup
     from naflex.engine import NonFiniteLossError, StopRequested
+    code, message = None, None
     try:
         return run(argv, hooks)
     except (ConfigError, UserError, DeviceError) as e:
-        print(f'train.py: error: {e}', file=sys.stderr)
-        raise SystemExit(2) from None
+        code, message = 2, f'train.py: error: {e}'
+        traceback.clear_frames(e.__traceback__)
     except StopRequested as e:
         _logger.warning(str(e))
-        raise SystemExit(143) from None  # 128 + SIGTERM, what schedulers expect from a terminated job
+        code = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
+        traceback.clear_frames(e.__traceback__)
     except (NonFiniteLossError, TooManyBadFiles, OutOfMemory) as e:
         _logger.error(str(e))
-        print(f'train.py: error: {e}', file=sys.stderr)
-        raise SystemExit(1) from None
+        code, message = 1, f'train.py: error: {e}'
+        # free the failed step's frames (DDP reducer included) before the process group goes away
+        traceback.clear_frames(e.__traceback__)
     finally:
+        gc.collect()
         cleanup()
+    if message:
+        print(message, file=sys.stderr)
+    raise SystemExit(code)
 
 
 if __name__ == '__main__':
