@@ -217,7 +217,7 @@ def _train(args, hooks=None):
     if resume is not None:
         try:
             ckpt = load_checkpoint(resume)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             raise UserError(str(e)) from None
         try:
             state = restore_training(engine, ckpt, dist.rank, not args.no_resume_opt, updates_per_epoch)

@@ -84,38 +84,14 @@ def _open_dataset(args):
 
 
 def _read_checkpoint(path: str, use_ema: bool) -> dict:
-    """State dict from our checkpoints (plain / training state with 'state_dict' and 'state_dict_ema') or timm's
-    (.pth with args, or .safetensors); DDP 'module.' and torch.compile '_orig_mod.' prefixes are stripped."""
-    import torch
+    """State dict of any file naflex.weights reads (ours, timm's .pth / .safetensors); with --use-ema only the
+    EMA copy ('state_dict_ema' / 'model_ema') is accepted, without it only the plain weights."""
+    from naflex.weights import read_state_dict
 
-    if path.endswith(".safetensors"):
-        from naflex.weights import read_state_dict
-        if use_ema:
-            raise ValidateError(f"--use-ema: {path} is a .safetensors file (plain weights, no EMA copy)")
-        return read_state_dict(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "Namespace" not in str(e):  # timm's train.py stores args as an argparse.Namespace
-            raise ValidateError(f"cannot read checkpoint {path}: {type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict_ema" if use_ema else "state_dict"), dict):
-        obj = obj["state_dict_ema" if use_ema else "state_dict"]
-    elif use_ema:
-        raise ValidateError(f"--use-ema: {path} holds no 'state_dict_ema' (train with --model-ema)")
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValidateError(f"{path} does not hold a model state dict")
-    out = {}
-    for k, v in obj.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
+        return read_state_dict(path, use_ema=use_ema, require_ema=use_ema)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValidateError(str(e)) from None
 
 
 def _create_model(args, num_dataset_classes: int):

@@ -14,7 +14,6 @@ A checkpoint holds the model (``state_dict``, timm's layout and names, so timm a
 (next epoch, batches already done in it, optimizer updates so far, per-rank RNG states, best history):
 enough to continue a run exactly where it stopped. It loads with ``torch.load(weights_only=True)``.
 """
-import argparse
 import logging
 import os
 import random
@@ -25,6 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
+
+from .weights import read_file, read_state_dict
 
 _logger = logging.getLogger(__name__)
 
@@ -112,46 +113,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _load(path) -> Dict:
-    path = str(path)
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path, device='cpu')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # timm's own train.py stores args as an argparse.Namespace
-        if 'Namespace' not in str(e):
-            raise
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def _clean_keys(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        for prefix in ('module.', '_orig_mod.'):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
 def load_weights(model: nn.Module, path, use_ema: bool = False) -> Tuple[List[str], List[str]]:
     """Weights-only start (``--initial-checkpoint`` / ``--pretrained-path``) from our, timm's or a safetensors file.
 
     A classifier whose shape differs from the model's (other ``--num-classes``) is left at its fresh
     initialization. Returns (missing, unexpected) key lists; anything else missing is an error.
     """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f'checkpoint not found: {path}')
-    ckpt = _load(path)
-    sd = ckpt
-    if isinstance(ckpt, dict):
-        for key in (('state_dict_ema',) if use_ema else ()) + ('state_dict', 'model'):
-            if isinstance(ckpt.get(key), dict):
-                sd = ckpt[key]
-                break
-    sd = _clean_keys(sd)
+    sd = read_state_dict(path, use_ema=use_ema)
     own = model.state_dict()
     resized = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
     head_keys = [k for k in resized if k.startswith('head.')]
@@ -179,10 +147,10 @@ def find_resume(output_dir) -> Optional[Path]:
 
 
 def load_checkpoint(path) -> Dict:
-    """Full training checkpoint (for ``--resume``)."""
+    """Full training checkpoint (for ``--resume``); FileNotFoundError / ValueError, one line each."""
     if not Path(path).is_file():
         raise FileNotFoundError(f'--resume {path}: no such checkpoint')
-    return _load(path)
+    return read_file(path)
 
 
 class CheckpointManager:

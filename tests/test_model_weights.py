@@ -98,3 +98,27 @@ def test_unreadable_file_is_a_clear_error(tmp_path):
     torch.save({'epoch': 1}, str(junk))
     with pytest.raises(ValueError, match='state dict'):
         naflex.create_model(NAME, pretrained=str(junk))
+
+
+def test_read_state_dict_is_the_one_reader(tmp_path):
+    """timm train.py checkpoint (args Namespace), DDP + torch.compile prefixes, explicit EMA choice."""
+    import argparse
+
+    from naflex.weights import read_file, read_state_dict
+    plain = {'a.w': torch.ones(2), 'b.w': torch.ones(3)}
+    ema = {'module._orig_mod.a.w': torch.zeros(2), '_orig_mod.b.w': torch.zeros(3)}
+    path = tmp_path / 'timm.pth.tar'
+    torch.save({'state_dict': plain, 'state_dict_ema': ema, 'args': argparse.Namespace(lr=1.0)}, str(path))
+    assert isinstance(read_file(path)['args'], argparse.Namespace)
+    assert sorted(read_state_dict(path)) == ['a.w', 'b.w']
+    assert all(v.sum() == 0 for v in read_state_dict(path).values())  # EMA first, like timm
+    assert all(v.sum() > 0 for v in read_state_dict(path, use_ema=False).values())
+    torch.save({'model': plain}, str(tmp_path / 'no_ema.pth'))
+    assert sorted(read_state_dict(tmp_path / 'no_ema.pth')) == ['a.w', 'b.w']  # falls back to plain
+    with pytest.raises(ValueError, match='holds no EMA weights'):
+        read_state_dict(tmp_path / 'no_ema.pth', require_ema=True)
+    junk = tmp_path / 'junk.pth'
+    junk.write_bytes(b'\x80\x02 not a pickle')
+    with pytest.raises(ValueError, match='could not read') as e:
+        read_state_dict(junk)
+    assert '\n' not in str(e.value)

@@ -146,6 +146,15 @@ def test_checkpoint_formats_and_ema(demo_dataset, tiny, tmp_path):
     assert no_ema["loss"] != ref["loss"]
 
 
+def test_use_ema_without_ema_weights_is_one_line(demo_dataset, tiny, capsys):
+    _, ckpt = tiny  # plain weights only
+    with pytest.raises(SystemExit):
+        validate.main(["--data-dir", str(demo_dataset), "--model", MODEL, "-j", "0", "--use-ema",
+                       "--checkpoint", str(ckpt)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no EMA weights" in err[0]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--model", "naflexvit_nope"], "unknown model 'naflexvit_nope'; valid: "),
     (["--checkpoint", "/nonexistent/x.pth"], "checkpoint file not found: /nonexistent/x.pth"),
