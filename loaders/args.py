@@ -1,9 +1,9 @@
 """Build the NaFlex loaders from an argparse Namespace whose flag names are timm train.py's
 (NaViT arXiv:2307.06304 / FlexiViT arXiv:2212.08013 / SigLIP 2 arXiv:2502.14786 data flags).
 
-The trainer owns the CLI (naflex/config.py); this module only reads attributes, falling back to
-``LOADER_FLAG_DEFAULTS`` (timm's defaults) for any that are missing. ``add_loader_args(parser)`` registers the
-same flags for standalone tools (scripts/bench_loader.py) so names and defaults live in one place.
+The trainer owns the CLI (naflex/config.py declares every flag and default once); this module only reads
+attributes, falling back to ``LOADER_FLAG_DEFAULTS`` (config's defaults) for any that are missing.
+``add_loader_args(parser)`` copies the same flags onto standalone tools' parsers (scripts/bench_loader.py).
 """
 from __future__ import annotations
 
@@ -15,47 +15,32 @@ from augment.policy import AugConfig
 
 from .factory import create_eval_loader, create_train_loader
 
-# dest name -> (flag, default, argparse kwargs)
-LOADER_FLAGS = {
-    'data_dir': ('--data-dir', None, dict(help='dataset root holding the split folders')),
-    'train_split': ('--train-split', 'train', dict(help='train split folder or .txt list of <class>/<file>')),
-    'val_split': ('--val-split', 'validation', dict(help='validation split folder or .txt list')),
-    'scale': ('--scale', [0.08, 1.0], dict(type=float, nargs=2, help='RRC area fraction range')),
-    'ratio': ('--ratio', [3. / 4., 4. / 3.], dict(type=float, nargs=2, help='RRC aspect multiplier range')),
-    'hflip': ('--hflip', 0.5, dict(type=float, help='horizontal flip probability')),
-    'aa': ('--aa', None, dict(help="RandAugment spec, e.g. 'rand-m8-inc1-mstd1.0'")),
-    'color_jitter': ('--color-jitter', 0.4, dict(type=float, help='colour jitter (only without --aa)')),
-    'grayscale_prob': ('--grayscale-prob', 0.0, dict(type=float, help='random grayscale probability')),
-    'reprob': ('--reprob', 0.0, dict(type=float, help='random erasing probability')),
-    'remode': ('--remode', 'pixel', dict(help='random erasing mode: pixel|rand|const')),
-    'recount': ('--recount', 1, dict(type=int, help='random erasing max rectangles')),
-    'mixup': ('--mixup', 0.0, dict(type=float, help='MixUp alpha (0 = off)')),
-    'cutmix': ('--cutmix', 0.0, dict(type=float, help='CutMix alpha (0 = off)')),
-    'mixup_prob': ('--mixup-prob', 1.0, dict(type=float, help='probability a step is mixed')),
-    'mixup_switch_prob': ('--mixup-switch-prob', 0.5, dict(type=float, help='CutMix vs MixUp when both on')),
-    'mixup_off_epoch': ('--mixup-off-epoch', 0, dict(type=int, help='turn MixUp/CutMix off from this epoch')),
-    'smoothing': ('--smoothing', 0.1, dict(type=float, help='label smoothing')),
-    'train_interpolation': ('--train-interpolation', 'random', dict(help='random|bilinear|bicubic')),
-    'naflex_train_seq_lens': ('--naflex-train-seq-lens', [128, 256, 576, 784, 1024],
-                              dict(type=int, nargs='+', help='train sequence lengths')),
-    'naflex_max_seq_len': ('--naflex-max-seq-len', 576, dict(type=int, help='eval sequence length')),
-    'naflex_patch_sizes': ('--naflex-patch-sizes', None, dict(type=int, nargs='+', help='per-step patch sizes')),
-    'naflex_patch_size_probs': ('--naflex-patch-size-probs', None, dict(type=float, nargs='+')),
-    'batch_size': ('--batch-size', 128, dict(type=int, help='images per step at max(seq_lens) (token budget)')),
-    'validation_batch_size': ('--validation-batch-size', None, dict(type=int)),
-    'workers': ('--workers', 4, dict(type=int, help='DataLoader workers')),
-    'seed': ('--seed', 42, dict(type=int)),
-}
-LOADER_FLAG_DEFAULTS = {k: v[1] for k, v in LOADER_FLAGS.items()}
-_SHORT = {'batch_size': '-b', 'workers': '-j'}
+# train.py flags the loaders read. Their option strings, types, help and defaults (timm's) are declared once,
+# in naflex/config.py's parser; this module copies them from there.
+LOADER_DESTS = (
+    'data_dir', 'train_split', 'val_split', 'batch_size', 'validation_batch_size', 'scale', 'ratio', 'hflip',
+    'color_jitter', 'grayscale_prob', 'aa', 'reprob', 'remode', 'recount', 'mixup', 'cutmix', 'mixup_prob',
+    'mixup_switch_prob', 'mixup_off_epoch', 'smoothing', 'train_interpolation', 'naflex_train_seq_lens',
+    'naflex_max_seq_len', 'naflex_patch_sizes', 'naflex_patch_size_probs', 'seed', 'workers',
+)
+
+
+def _loader_actions() -> list:
+    from naflex.config import build_parser
+    actions = [a for a in build_parser()._actions if a.dest in LOADER_DESTS]
+    assert len(actions) == len(LOADER_DESTS), 'LOADER_DESTS names a flag naflex/config.py does not declare'
+    return actions
+
+
+LOADER_FLAG_DEFAULTS = {a.dest: a.default for a in _loader_actions()}
 
 
 def add_loader_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> argparse.ArgumentParser:
-    for dest, (flag, default, kw) in LOADER_FLAGS.items():
-        if dest in skip:
-            continue
-        names = [_SHORT[dest], flag] if dest in _SHORT else [flag]
-        parser.add_argument(*names, dest=dest, default=default, **kw)
+    """Register train.py's loader flags (same names, types, help and defaults) on a standalone tool's parser."""
+    for a in _loader_actions():
+        if a.dest not in skip:
+            parser.add_argument(*a.option_strings, dest=a.dest, default=a.default, type=a.type, nargs=a.nargs,
+                                choices=a.choices, metavar=a.metavar, help=a.help)
     return parser
 
 
@@ -70,7 +55,7 @@ def aug_config_from_args(args, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> Aug
         interpolation=_get(args, 'train_interpolation'), hflip=_get(args, 'hflip'), aa=getattr(args, 'aa', None),
         # timm: --color-jitter None means no jitter (not the default), so read it as given when present.
         color_jitter=getattr(args, 'color_jitter') if hasattr(args, 'color_jitter') else
-        LOADER_FLAG_DEFAULTS['color_jitter'], grayscale_prob=_get(args, 'grayscale_prob'),
+        LOADER_FLAG_DEFAULTS['color_jitter'], grayscale_prob=_get(args, 'grayscale_prob') or 0.0,  # None: off
         reprob=_get(args, 'reprob'), remode=_get(args, 'remode'), recount=_get(args, 'recount'),
         mean=tuple(mean), std=tuple(std))
 

@@ -38,6 +38,20 @@ def test_every_default_declared_once():
     assert len(dests) == len(set(dests))
 
 
+def test_loader_flags_are_config_flags():
+    """loaders.add_loader_args copies train.py's flags: same option strings and defaults, declared once."""
+    import argparse
+
+    from loaders.args import LOADER_FLAG_DEFAULTS, add_loader_args
+    ours = {a.dest: a for a in build_parser()._actions}
+    theirs = [a for a in add_loader_args(argparse.ArgumentParser())._actions if a.dest != 'help']
+    assert {a.dest for a in theirs} == set(LOADER_FLAG_DEFAULTS)
+    for a in theirs:
+        assert (a.option_strings, a.default, a.nargs) == (ours[a.dest].option_strings, ours[a.dest].default,
+                                                          ours[a.dest].nargs), a.dest
+        assert LOADER_FLAG_DEFAULTS[a.dest] == a.default
+
+
 def test_card_command_and_timm_defaults():
     args, text = parse_args(CARD)
     assert (args.opt, args.lr, args.warmup_lr, args.sched_on_updates, args.batch_size) == ('nadamw', 3e-4, 0, True, 64)
