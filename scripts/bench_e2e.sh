@@ -8,22 +8,30 @@
 #     WORKERS        loader workers per run (default 16 on GPU, 2 on CPU)
 #   Environment: IMAGES (train images used, a per-class subset; default 4096, 0 = all), DEVICE (cuda if present),
 #   MODEL (default naflexvit_base_patch16_gap on cuda, naflexvit_tiny_test on cpu), BATCH (-b, default 64 on
-#   cuda, 8 on cpu), SEQ_LENS (default "128 256 576 784 1024" on cuda, "64 128" on cpu), OUT (bench/e2e).
+#   cuda, 8 on cpu), SEQ_LENS (default "128 256 576 784 1024" on cuda, "64 128" on cpu), OUT (bench/e2e),
+#   PYTHON (default python, else python3), EPOCHS (epochs per run, default 1; the table reports the last one),
+#   EXTRA_TRAIN_ARGS (appended to our train.py's flags, e.g. "--torchcompile"), TIMM_TRAIN_ARGS (appended to
+#   timm's train.py's, e.g. "--torchcompile"), STEADY_SKIP (updates at the start of the last epoch left out of
+#   the steady-state figures: start-up, worker spin-up, compiles; default 10 on cuda, 3 on cpu),
+#   OURS_LOG_INTERVAL (our --log-interval, default 10: the steady figures use its windows).
 # Runtime: GPU (H100/H200), 4096 images: ~2-3 min per run including start-up, + ~1 min for the validation part.
 # CPU smoke (tiny model, IMAGES=200, measured 45 s on 2 shared cores):
 #   IMAGES=200 bash scripts/bench_e2e.sh ../.snapshots/pytorch-image-models demo_data
 #
-# Both runs train one epoch over the same images with the same flags (documented command + --epochs 1, no eval),
-# so they take the same number of steps up to the random sequence-length draw. Reported per run: steps, images/s
-# and tokens/s over the whole epoch (incl. the first steps), and the fraction of step time spent waiting for data.
-# Ours: from summary.csv (valid tokens). timm: from its per-step log lines (--log-interval 1: time, images and
+# Both runs train EPOCHS epochs over the same images with the same flags (documented command, no eval), so they
+# take the same number of steps up to the random sequence-length draw. Reported per run, for the last epoch:
+# steps, images/s, tokens/s and the fraction of step time spent waiting for data, (a) over the whole epoch (incl.
+# its first steps) and (b) steady state: the epoch's updates from STEADY_SKIP on (start-up and compiles excluded).
+# Ours: (a) from summary.csv (valid tokens); (b) from the train log's windows (one line per OURS_LOG_INTERVAL
+# updates: img/s, tok/s, data wait of the window), combined time-weighted assuming equal tokens per update (the
+# loader fills a token budget per step). timm: from its per-step log lines (--log-interval 1: time, images and
 # data time of each update); timm does not log token counts, so its tokens/s is padded tokens (batch x L).
 # Then both validate.py scripts score our last.pth on the same images (SKIP_VALIDATE=1 skips this part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TIMM_DIR="${1:?usage: bash scripts/bench_e2e.sh TIMM_CHECKOUT DATA_DIR [WORKERS]}"
 DATA="${2:?usage: bash scripts/bench_e2e.sh TIMM_CHECKOUT DATA_DIR [WORKERS]}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python >/dev/null 2>&1 && echo python || echo python3)}"
 DEVICE="${DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
 if [ "$DEVICE" = "cuda" ]; then
     WORKERS="${3:-16}"; MODEL="${MODEL:-naflexvit_base_patch16_gap}"; BATCH="${BATCH:-64}"
@@ -33,6 +41,11 @@ else
     SEQ_LENS="${SEQ_LENS:-64 128}"; DEV_FLAGS=(--device cpu)
 fi
 IMAGES="${IMAGES:-4096}"
+EPOCHS="${EPOCHS:-1}"
+OURS_LOG_INTERVAL="${OURS_LOG_INTERVAL:-10}"
+if [ "$DEVICE" = "cuda" ]; then STEADY_SKIP="${STEADY_SKIP:-10}"; else STEADY_SKIP="${STEADY_SKIP:-3}"; fi
+read -r -a EXTRA_OURS <<< "${EXTRA_TRAIN_ARGS:-}"
+read -r -a EXTRA_TIMM <<< "${TIMM_TRAIN_ARGS:-}"
 OUT="${OUT:-bench/e2e}"
 STAMP="$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
@@ -58,19 +71,21 @@ print(dst)
 EOF
 )"
 
-# The model card's command (+ one epoch, no eval, log every step for the timm parser).
+# The model card's command (+ EPOCHS epochs, no eval, log every step for the timm parser).
 CARD=(--naflex-loader -b "$BATCH" --opt nadamw --lr 3e-4 --warmup-lr 0 --sched-on-updates
       --aa rand-m8-inc1-mstd1.0 --weight-decay .1 --grayscale-prob .1 --drop-path 0.2 --reprob 0
       --mixup 0.8 --cutmix 1.0 --remode pixel -j "$WORKERS" --naflex-train-seq-lens $SEQ_LENS
-      --epochs 1 --val-split "" --data-dir "$ROOT" --train-split train)
+      --epochs "$EPOCHS" --val-split "" --data-dir "$ROOT" --train-split train)
 TIMM_MODEL=(--model "$MODEL")
 if [ "$MODEL" = "naflexvit_tiny_test" ]; then  # same architecture in timm
     TIMM_MODEL=(--model naflexvit_base_patch16_gap --model-kwargs embed_dim=64 depth=2 num_heads=4)
 fi
-echo "== $STAMP  device $DEVICE  model $MODEL  -b $BATCH  L {$SEQ_LENS}  -j $WORKERS  data $ROOT"
+echo "== $STAMP  device $DEVICE  model $MODEL  -b $BATCH  L {$SEQ_LENS}  -j $WORKERS  epochs $EPOCHS  data $ROOT"
+echo "   ours extra: ${EXTRA_TRAIN_ARGS:-none}  timm extra: ${TIMM_TRAIN_ARGS:-none}  steady state from update $STEADY_SKIP"
 
 t0=$(date +%s)
-"$PY" train.py "${CARD[@]}" "${DEV_FLAGS[@]}" --model "$MODEL" --log-interval 10 \
+"$PY" train.py "${CARD[@]}" "${DEV_FLAGS[@]}" --model "$MODEL" --log-interval "$OURS_LOG_INTERVAL" \
+    ${EXTRA_OURS[@]+"${EXTRA_OURS[@]}"} \
     --output "$OUT" --experiment "ours-$STAMP" > "$OUT/ours-$STAMP.log" 2>&1 \
     || { echo "our train.py failed; see $OUT/ours-$STAMP.log" >&2; tail -5 "$OUT/ours-$STAMP.log" >&2; exit 1; }
 ours_wall=$(( $(date +%s) - t0 ))
@@ -79,34 +94,61 @@ TIMM_DEV=("${DEV_FLAGS[@]}")
 if [ "$DEVICE" != "cuda" ]; then TIMM_DEV=(--device cpu); fi
 NUM_CLASSES="$(ls -d "$ROOT"/train/*/ | wc -l)"  # ours infers it from the folders; timm defaults to 1000
 (cd "$OUT" && "$PY" timm_train.py "${CARD[@]}" "${TIMM_DEV[@]}" "${TIMM_MODEL[@]}" --num-classes "$NUM_CLASSES" \
-    --log-interval 1 \
+    --log-interval 1 ${EXTRA_TIMM[@]+"${EXTRA_TIMM[@]}"} \
     --output . --experiment "timm-$STAMP") > "$OUT/timm-$STAMP.log" 2>&1 \
     || { echo "timm's train.py failed; see $OUT/timm-$STAMP.log" >&2; tail -5 "$OUT/timm-$STAMP.log" >&2; exit 1; }
 timm_wall=$(( $(date +%s) - t0 ))
 
 "$PY" - "$OUT/ours-$STAMP/summary.csv" "$OUT/timm-$STAMP.log" "$ours_wall" "$timm_wall" "$BATCH" "$SEQ_LENS" \
-    "$OUT/ours-$STAMP.log" <<'EOF'
+    "$OUT/ours-$STAMP.log" "$STEADY_SKIP" <<'EOF'
 import csv, re, sys
-summary, timm_log, ours_wall, timm_wall, b, seq_lens, ours_log = sys.argv[1:]
-seq_lens = [int(s) for s in seq_lens.split()]
+summary, timm_log, ours_wall, timm_wall, b, seq_lens, ours_log, skip = sys.argv[1:]
+seq_lens, skip = [int(s) for s in seq_lens.split()], int(skip)
 budget = int(b) * max(seq_lens)
 bs_to_L = {max(1, budget // L // 8 * 8): L for L in seq_lens}
-row = list(csv.DictReader(open(summary)))[0]
-m = re.search(r"(\d+) steps/epoch", open(ours_log).read())
+row = list(csv.DictReader(open(summary)))[-1]  # the last epoch
+text = open(ours_log).read()
+m = re.search(r"(\d+) steps/epoch", text)
 ours = dict(steps=int(m.group(1)) if m else -1, img_s=float(row["images_per_s"]),
             tok_s=float(row["tokens_per_s"]), wait=float(row["data_wait"]))
-pat = re.compile(r"Train: \d+ \[\s*(\d+)/(\d+).*?Time: ([\d.]+)s,\s+([\d.]+)/s.*?Data: ([\d.]+) ")
-steps = [(float(t), float(r), float(d)) for _, _, t, r, d in pat.findall(open(timm_log).read())]
+# ours, steady: windows between consecutive log lines of the last epoch that start at update >= skip; window
+# time ~ updates / tok_s (equal tokens per update), so rates combine weighted by updates / tok_s.
+lines = [(int(e), int(i), float(r), float(t), float(w)) for e, i, r, t, w in re.findall(
+    r"Train: (\d+) \[\s*(\d+)/\d+.*?([\d.]+) img/s\s+([\d.]+) tok/s\s+data wait (\d+)%", text)]
+last = max((e for e, *_ in lines), default=0)
+lines = [x for x in lines if x[0] == last]
+win = [(i - p, r, t, w / 100) for (_, p, *_), (_, i, r, t, w) in zip(lines, lines[1:]) if p + 1 >= skip and t > 0]
+if win:
+    wt = [n / t for n, _, t, _ in win]
+    ours.update(st_steps=sum(n for n, *_ in win), st_img_s=sum(x * r for x, (_, r, _, _) in zip(wt, win)) / sum(wt),
+                st_tok_s=sum(n for n, *_ in win) / sum(wt), st_wait=sum(x * w for x, (*_, w) in zip(wt, win)) / sum(wt))
+pat = re.compile(r"Train: (\d+) \[\s*(\d+)/(\d+).*?Time: ([\d.]+)s,\s+([\d.]+)/s.*?Data: ([\d.]+) ")
+steps = [(int(e), int(i), float(t), float(r), float(d)) for e, i, _, t, r, d in pat.findall(open(timm_log).read())]
 if not steps:
     sys.exit(f"no timm Train: lines parsed from {timm_log}; see that log")
-time_s = sum(t for t, _, _ in steps)
-imgs = [round(t * r) for t, r, _ in steps]
-tok = sum(n * bs_to_L.get(n, max(seq_lens)) for n in imgs)
-timm = dict(steps=len(steps), img_s=sum(imgs) / time_s, tok_s=tok / time_s, wait=sum(d for *_, d in steps) / time_s)
-print(f"{'':6s} {'steps':>6s} {'img/s':>9s} {'tokens/s':>11s} {'data wait':>10s} {'wall s':>7s}")
-print(f"{'ours':6s} {ours['steps']:6d} {ours['img_s']:9.1f} {ours['tok_s']:11.0f} {100 * ours['wait']:9.1f}% {int(ours_wall):7d}  (valid tokens)")
-print(f"{'timm':6s} {timm['steps']:6d} {timm['img_s']:9.1f} {timm['tok_s']:11.0f} {100 * timm['wait']:9.1f}% {int(timm_wall):7d}  (padded tokens)")
+last = max(e for e, *_ in steps)
+steps = [x for x in steps if x[0] == last]
+def rates(sel):
+    time_s = sum(t for _, _, t, _, _ in sel)
+    imgs = [round(t * r) for _, _, t, r, _ in sel]
+    tok = sum(n * bs_to_L.get(n, max(seq_lens)) for n in imgs)
+    return len(sel), sum(imgs) / time_s, tok / time_s, sum(d for *_, d in sel) / time_s
+timm = dict(zip(("steps", "img_s", "tok_s", "wait"), rates(steps)))
+steady = [x for x in steps if x[1] >= skip]
+if steady:
+    timm.update(zip(("st_steps", "st_img_s", "st_tok_s", "st_wait"), rates(steady)))
+def fmt(d):
+    st = (f"{d['st_steps']:7d} {d['st_img_s']:9.1f} {d['st_tok_s']:11.0f} {100 * d['st_wait']:9.1f}%"
+          if "st_img_s" in d else f"{'n/a':>7s} {'':9s} {'':11s} {'':10s}")
+    return f"{d['steps']:6d} {d['img_s']:9.1f} {d['tok_s']:11.0f} {100 * d['wait']:9.1f}%  {st}"
+print(f"last epoch ({last}): whole epoch | steady state (updates >= {skip})")
+print(f"{'':6s} {'steps':>6s} {'img/s':>9s} {'tokens/s':>11s} {'data wait':>10s}  {'steps':>7s} {'img/s':>9s} "
+      f"{'tokens/s':>11s} {'data wait':>10s} {'wall s':>7s}")
+print(f"{'ours':6s} {fmt(ours)} {int(ours_wall):7d}  (valid tokens)")
+print(f"{'timm':6s} {fmt(timm)} {int(timm_wall):7d}  (padded tokens)")
 print(f"ratio ours/timm images/s: {ours['img_s'] / timm['img_s']:.2f}x")
+if "st_img_s" in ours and "st_img_s" in timm:
+    print(f"ratio ours/timm images/s, steady state: {ours['st_img_s'] / timm['st_img_s']:.2f}x")
 EOF
 echo "logs: $OUT/ours-$STAMP.log  $OUT/timm-$STAMP.log"
 
