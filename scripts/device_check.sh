@@ -11,7 +11,8 @@
 # CPU dry run here (tiny model, few steps, <= 2 workers; ~4-6 min on 2 shared cores):
 #     bash scripts/device_check.sh --cpu-smoke
 #
-# Environment: OUT (results folder; the device tool sets it; default bench/device_out), BUDGET_S (seconds for all
+# Environment: E2E_TRAIN_ARGS / E2E_TIMM_ARGS (extra flags for our / timm's train.py in e2e, e.g. --torchcompile),
+# OUT (results folder; the device tool sets it; default bench/device_out), BUDGET_S (seconds for all
 # steps; default 480 GPU, 600 CPU), ONLY="eager compiled_ours" (run only these steps), SKIP="cpu_tests ...",
 # DATA (subset, default bench/caltech_subset), TIMM_SCRIPTS (default bench/timm_scripts), REPEAT (each train image
 # listed REPEAT times, as symlinks made on the machine, so 16 workers reach steady state: default 3 on GPU).
@@ -21,21 +22,29 @@
 #                /tmp/naflex_site when the machine's timm differs; the project runs from PYTHONPATH=repo
 #                (no install needed; INSTALL=1 also runs `pip install --no-deps --no-build-isolation -e .`)
 #   cuda_tests   pytest -m cuda tests (varlen/flex/dense backends agree on CUDA, no host sync, prefetcher)
-#   eager        scripts/bench_model.py: ours packed (varlen) / ours padded / timm padded, NaFlexViT-B/16, bf16,
-#                NAdamW, drop-path 0.2, L in 128..1024, 64x1024 tokens/step; peak memory per variant
-#   compiled_ours  same with --compile, ours packed (TORCH_LOGS=recompiles: recompile count; warmup_s holds the
-#                compile time); compiled_timm (timm padded compiled) runs later, as a separate step, so a slow
-#                compile of one cannot lose the other's result
-#   e2e          scripts/bench_e2e.sh: our train.py vs timm's train.py (card flags, -j 16), then our validate.py
-#                vs timm's validate.py --naflex-loader at 576 on the same images
+#   eager        scripts/bench_model.py: ours packed (varlen) / ours padded / timm padded / vit_plain (timm
+#                VisionTransformer, same size, no masks: the upper bound), NaFlexViT-B/16, bf16, NAdamW (ours:
+#                naflex.optim as train.py; timm: timm's), drop-path 0.2, L in 128..1024, 64x1024 tokens/step;
+#                peak memory per variant
+#   compiled_ours  same with --compile (dynamic=True for ours), ours packed, + --profile (torch.profiler top-15
+#                table); compile time, frames compiled, recompiles and graphs come from bench_model's JSON
+#                (torch._dynamo compile callbacks/counters; TORCH_LOGS=recompiles only adds the reasons to the
+#                log); compiled_timm (timm padded compiled as timm's train.py does: automatic dynamic) runs
+#                later, as a separate step, so a slow compile of one cannot lose the other's result
+#   e2e          scripts/bench_e2e.sh: our train.py vs timm's train.py (card flags, -j 16; whole epoch and steady
+#                state from update 10), then our validate.py vs timm's validate.py --naflex-loader at 576 on the
+#                same images. E2E_TRAIN_ARGS / E2E_TIMM_ARGS (e.g. "--torchcompile") go to our / timm's train.py
 #   loader       scripts/bench_loader.py -j 16, documented augmentations, ours vs timm
 #   profile      scripts/profile_loader.py: per-stage CPU ms/image on this machine's CPU, ours vs timm
 #   compiled_timm  timm padded compiled (see compiled_ours)
 #   compiled_flex  ours packed compiled with --attn-backend flex (only if time is left)
+#   compiled_plain vit_plain compiled (the compiled no-mask upper bound; only if time is left)
 #   cpu_tests    tests/test_attention.py tests/test_model.py on the machine (only if time is left)
 # Results in $OUT (at most 8 files come back from the device): device_check.log (everything printed),
 # summary.md (status per step + headline figures), results.tar.gz (every log/JSON/CSV, no checkpoints),
 # bench_model_eager.json, bench_model_compiled_ours.json, bench_model_compiled_timm.json, profile_loader.json.
+# summary.md's train-step table: first calls s = the first step of each L (synced; compile included), compile s
+# = time in torch.compile's compile events, recompiles / graphs / timed compiles (must be 0) from the JSON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -178,41 +187,34 @@ for ln in env.splitlines():
 def load(name):
     p = run / f"bench_model_{name}.json"
     return {r["variant"]: r for r in json.loads(p.read_text())["results"]} if p.exists() else {}
-def recompiles(name):
-    p = run / f"{name}.log"
-    if not p.exists():
-        return {}
-    out = {}  # dynamo frames recompiled (TORCH_LOGS=recompiles), by the file of the frame: timm's model or ours
-    for ln in p.read_text().splitlines():
-        m = re.search(r"Recompiling function \S+ in (\S+)", ln)
-        if m:
-            v = "timm_padded" if "timm/models/" in m.group(1) else "ours_packed"
-            out[v] = out.get(v, 0) + 1
-    for ln in p.read_text().splitlines():  # variants that ran, 0 when never recompiled
-        m = re.match(r"(ours_packed|ours_padded|timm_padded)\s+[\d.]+ img/s", ln)
-        if m:
-            out.setdefault(m.group(1), 0)
-    return out
-eager, comp, flex = load("eager"), {**load("compiled_ours"), **load("compiled_timm")}, load("compiled_flex")
-rc, rcf = {**recompiles("compiled_ours"), **recompiles("compiled_timm")}, recompiles("compiled_flex")
+eager, comp = load("eager"), {**load("compiled_ours"), **load("compiled_timm")}
+flex, plain = load("compiled_flex"), load("compiled_plain")
 if eager or comp:
-    print("\n| train step | img/s | valid tok/s | TFLOP/s | MFU | peak mem GiB | warmup s | recompiles |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for tag, res, rcs in (("eager", eager, {}), ("compiled", comp, rc), ("compiled flex", flex, rcf)):
+    print("\n| train step | img/s | valid tok/s | TFLOP/s | MFU | peak mem GiB | warmup s | first calls s | compile s "
+          "| frames | recompiles | graphs | timed compiles |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for tag, res in (("eager", eager), ("compiled", comp), ("compiled flex", flex), ("compiled", plain)):
         for v, r in res.items():
+            cells = [r.get(k, "") for k in ("dynamo_compiles", "recompiles", "graphs", "timed_compiles")]
+            cs = f"{r['compile_s']:.1f}" if "compile_s" in r else ""
             print(f"| {v} {tag} | {r['images_per_s']:.0f} | {r['valid_tokens_per_s'] / 1e3:.0f}k | "
                   f"{r.get('tflops', 0):.0f} | {100 * r.get('mfu', 0):.1f}% | {r.get('peak_mem_gib', float('nan')):.1f} | "
-                  f"{r['warmup_s']:.1f} | {rcs.get(v, '') if tag != 'eager' else ''} |")
+                  f"{r['warmup_s']:.1f} | {r.get('first_calls_total_s', float('nan')):.1f} | {cs} | "
+                  + " | ".join(str(c) for c in cells) + " |")
     ref = eager.get("timm_padded")
     if ref:
-        for tag, res in (("eager", eager), ("compiled", comp), ("compiled flex", flex)):
+        for tag, res in (("eager", eager), ("compiled", comp), ("compiled flex", flex), ("compiled", plain)):
             for v, r in res.items():
                 if (v, tag) != ("timm_padded", "eager"):
                     print(f"ratio {v} {tag} / timm_padded eager: {r['valid_tokens_per_s'] / ref['valid_tokens_per_s']:.2f}x")
     if "ours_packed" in comp and "timm_padded" in comp:
         print(f"ratio ours_packed compiled / timm_padded compiled: "
               f"{comp['ours_packed']['valid_tokens_per_s'] / comp['timm_padded']['valid_tokens_per_s']:.2f}x")
-for name, pat in (("e2e", r"^(\s+steps|ours |timm |ratio|validation)"), ("loader", r"^\|"),
+    for name, res in (("compiled_ours", comp), ("eager", eager)):
+        if res.get("ours_packed", {}).get("profile"):
+            print(f"\ntorch.profiler, ours_packed ({name}), top 15:\n```\n{res['ours_packed']['profile']}```")
+            break
+for name, pat in (("e2e", r"^(\s+steps|last epoch|ours |timm |ratio|validation)"), ("loader", r"^\|"),
                   ("profile", r"^(# |(ours|timm): \d+ images|ours/timm|timm dropped)")):
     p = run / f"{name}.log"
     if p.exists():
@@ -237,29 +239,33 @@ main() {
     local D="$RUN/data_x$REPEAT"
     local AUG="--aa rand-m8-inc1-mstd1.0 --grayscale-prob .1 --reprob 0 --mixup 0.8 --cutmix 1.0"
     local BM="$PY scripts/bench_model.py"
+    local E2E_ENV
+    E2E_ENV="EXTRA_TRAIN_ARGS=$(printf %q "${E2E_TRAIN_ARGS:-}") TIMM_TRAIN_ARGS=$(printf %q "${E2E_TIMM_ARGS:-}")"
     if [ "$MODE" = gpu ]; then
         BM="$BM --device cuda --model naflexvit_base_patch16_gap -b 64 --seq-lens 128 256 576 784 1024 --drop-path 0.2 --amp-dtype bfloat16"
         run_step cuda_tests 150 30 "$PY -m pytest -q -rs -p no:cacheprovider -m cuda tests"
-        run_step eager 150 60 "$BM --steps 20 --warmup 5 --json $RUN/bench_model_eager.json"
-        run_step compiled_ours 180 90 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --steps 15 --warmup 5 --json $RUN/bench_model_compiled_ours.json"
-        run_step e2e 240 90 "OUT=$RUN/e2e IMAGES=0 bash scripts/bench_e2e.sh $TIMM_SCRIPTS $D 16"
+        run_step eager 150 60 "$BM --variants ours_packed ours_padded timm_padded vit_plain --steps 20 --warmup 5 --json $RUN/bench_model_eager.json"
+        run_step compiled_ours 180 90 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --steps 15 --warmup 5 --profile --json $RUN/bench_model_compiled_ours.json"
+        run_step e2e 240 90 "OUT=$RUN/e2e IMAGES=0 $E2E_ENV bash scripts/bench_e2e.sh $TIMM_SCRIPTS $D 16"
         run_step loader 120 40 "$PY scripts/bench_loader.py --data-dir $D -j 16 $AUG -b 64 --naflex-train-seq-lens 128 256 576 784 1024"
         run_step profile 60 20 "$PY scripts/profile_loader.py --data-dir $DATA --cycles 2 --json $RUN/profile_loader.json"
         run_step compiled_timm 180 90 "TORCH_LOGS=recompiles $BM --compile --variants timm_padded --steps 15 --warmup 5 --json $RUN/bench_model_compiled_timm.json"
         run_step compiled_flex 150 90 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --attn-backend flex --steps 10 --warmup 5 --json $RUN/bench_model_compiled_flex.json"
+        run_step compiled_plain 150 90 "$BM --compile --variants vit_plain --steps 10 --warmup 5 --json $RUN/bench_model_compiled_plain.json"
         local XD=""
         "$PY" -c "import xdist" 2>/dev/null && XD="-n 8"
         run_step cpu_tests 120 60 "$PY -m pytest -q -rs -p no:cacheprovider $XD tests/test_attention.py tests/test_model.py"
     else
         BM="$BM --device cpu --model naflexvit_tiny_test -b 4 --seq-lens 32 64"
         run_step cuda_tests 120 30 "$PY -m pytest -q -rs -p no:cacheprovider -m cuda tests"
-        run_step eager 90 20 "$BM --steps 3 --warmup 2 --json $RUN/bench_model_eager.json"
-        run_step compiled_ours 200 60 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --steps 3 --warmup 2 --json $RUN/bench_model_compiled_ours.json"
+        run_step eager 90 20 "$BM --variants ours_packed ours_padded timm_padded vit_plain --steps 3 --warmup 2 --json $RUN/bench_model_eager.json"
+        run_step compiled_ours 200 60 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --steps 3 --warmup 2 --profile --json $RUN/bench_model_compiled_ours.json"
         run_step compiled_timm 200 60 "TORCH_LOGS=recompiles $BM --compile --variants timm_padded --steps 3 --warmup 2 --json $RUN/bench_model_compiled_timm.json"
-        run_step e2e 200 60 "OUT=$RUN/e2e IMAGES=101 bash scripts/bench_e2e.sh $TIMM_SCRIPTS $D 2"
+        run_step e2e 200 60 "OUT=$RUN/e2e IMAGES=101 OURS_LOG_INTERVAL=2 $E2E_ENV bash scripts/bench_e2e.sh $TIMM_SCRIPTS $D 2"
         run_step loader 90 20 "$PY scripts/bench_loader.py --data-dir $D -j 2 $AUG -b 8 --naflex-train-seq-lens 64 128 --steps 3"
         run_step profile 60 15 "$PY scripts/profile_loader.py --data-dir $DATA --cycles 1 --fraction 0.05 --json $RUN/profile_loader.json"
-        ROWS+=("| compiled_flex | GPU only | | |" "| cpu_tests | not in the smoke run (CI runs them) | | |")
+        ROWS+=("| compiled_flex | GPU only | | |" "| compiled_plain | GPU only | | |"
+               "| cpu_tests | not in the smoke run (CI runs them) | | |")
     fi
     summarize
     # What comes back (<= 8 files): the log (tee), the summary, the JSONs, one archive of the rest.
