@@ -178,8 +178,6 @@ def _train(args, hooks=None):
     cfg = getattr(model, 'pretrained_cfg', {}) or {}
     mean, std = tuple(args.mean or cfg.get('mean', (0.5,) * 3)), tuple(args.std or cfg.get('std', (0.5,) * 3))
     train_loader, eval_loader = _loaders(args, train_ds, val_ds, num_classes, model.patch_size, mean, std, dist)
-    if args.mixup_off_epoch and not hasattr(train_loader, 'set_mixup'):
-        _logger.warning('--mixup-off-epoch: this loader cannot switch MixUp/CutMix off; the flag is ignored')
     _resolve_lr(args, dist.world_size)
     if dist.is_primary:  # the resolved configuration (incl. derived lr / num_classes)
         import yaml

@@ -166,6 +166,18 @@ def test_set_mixup_off_keeps_soft_targets(folder):
     assert (t_on.max(1).values < 1).any()
 
 
+def test_mixup_off_epoch_flag_stops_mixing_at_that_epoch(folder):
+    """--mixup-off-epoch 1 (through mixup_config_from_args): epoch 0 mixes, epoch 1 has one-hot soft targets."""
+    import argparse
+    from loaders.args import mixup_config_from_args
+    mix = mixup_config_from_args(argparse.Namespace(mixup=0.8, cutmix=1.0, mixup_off_epoch=1, smoothing=0.0))
+    ld = small_loader(folder, mixup=mix)
+    assert any((t.max(1).values < 1).any() for _, t in ld)
+    ld.set_epoch(1)
+    for _, t in ld:
+        assert t.dtype == torch.float32 and (t.max(1).values == 1).all()
+
+
 def test_eval_loader_grid_and_sharding(folder):
     from timm.data.naflex_transforms import get_image_size_for_seq
     ds = loaders.ImageFolderDataset(folder, 'train')
