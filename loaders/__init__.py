@@ -25,7 +25,7 @@ Public API
 
 Batches: ``(inputs, target)``. Packed inputs: {'patches': uint8 [T, P*P*3], 'patch_coord': int32 [T, 2],
 'seq_lens': int32 [B], 'cu_seqlens': int32 [B+1], 'max_seqlen': int, 'grid_sizes': int32 [B, 2],
-'patch_size': int, 'bad_files': list[str]}. Padded (packing=False): {'patches': uint8 [B, L, P*P*3],
+'patch_size': int, 'seq_len': int (the step's sequence length L; eval: max_seq_len), 'bad_files': list[str]}. Padded (packing=False): {'patches': uint8 [B, L, P*P*3],
 'patch_coord': int64 [B, L, 2], 'patch_valid': bool [B, L], 'patch_size': int, 'bad_files': [...]}.
 target: int64 [B], or float32 [B, num_classes] soft targets when MixUp/CutMix is configured.
 """

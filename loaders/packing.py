@@ -2,7 +2,8 @@
 
 Packed (default): all images' tokens concatenated with no padding:
   {'patches': uint8 [T, P*P*3], 'patch_coord': int32 [T, 2] (y, x), 'seq_lens': int32 [B],
-   'cu_seqlens': int32 [B+1], 'max_seqlen': int, 'grid_sizes': int32 [B, 2] (h, w), 'patch_size': int}
+   'cu_seqlens': int32 [B+1], 'max_seqlen': int, 'grid_sizes': int32 [B, 2] (h, w), 'patch_size': int,
+   'seq_len': int (the step's sequence length L images were resized for; when the caller knows it)}
 Padded (timm-compatible, ``packing=False``): {'patches': uint8 [B, N, P*P*3], 'patch_coord': int64 [B, N, 2],
   'patch_valid': bool [B, N], 'patch_size': int}, N = the step's sequence length (timm pads to it).
 
@@ -52,7 +53,8 @@ def _empty_uint8(*shape) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
 
 
-def pack(imgs: Sequence[torch.Tensor], patch_size: int, bad_files: Optional[List[str]] = None) -> Dict:
+def pack(imgs: Sequence[torch.Tensor], patch_size: int, bad_files: Optional[List[str]] = None,
+         seq_len: Optional[int] = None) -> Dict:
     P = patch_size
     grids = [_grid(x, P)[:2] for x in imgs]
     lens = [gh * gw for gh, gw in grids]
@@ -69,7 +71,7 @@ def pack(imgs: Sequence[torch.Tensor], patch_size: int, bad_files: Optional[List
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     if lens:
         torch.cumsum(seq_lens, 0, out=cu[1:])
-    return {
+    out = {
         'patches': patches,
         'patch_coord': coords,
         'seq_lens': seq_lens,
@@ -79,6 +81,9 @@ def pack(imgs: Sequence[torch.Tensor], patch_size: int, bad_files: Optional[List
         'patch_size': P,
         'bad_files': list(bad_files or []),
     }
+    if seq_len is not None:  # the step's L (max_seqlen is only the longest image, usually below it)
+        out['seq_len'] = int(seq_len)
+    return out
 
 
 def pad(imgs: Sequence[torch.Tensor], patch_size: int, seq_len: Optional[int] = None,
@@ -104,5 +109,5 @@ def pad(imgs: Sequence[torch.Tensor], patch_size: int, seq_len: Optional[int] = 
 
 def collate(imgs, patch_size: int, packing: bool, seq_len: Optional[int], bad_files=None) -> Dict:
     if packing:
-        return pack(imgs, patch_size, bad_files)
+        return pack(imgs, patch_size, bad_files, seq_len)
     return pad(imgs, patch_size, seq_len, bad_files)

@@ -112,14 +112,13 @@ def batch_size_of(inputs) -> int:
 
 
 def describe_seq_len(inputs) -> str:
-    """The step's sequence length for messages (metadata only, no sync). Packed batches without a 'seq_len'
-    entry only bound it by their longest image."""
+    """The step's sequence length L for messages (metadata only, no sync): the loader's 'seq_len' entry,
+    the padded length for padded batches."""
     if isinstance(inputs, dict):
         if 'seq_len' in inputs:
             return str(int(inputs['seq_len']))
-        if 'seq_lens' in inputs:
-            return (f">= {int(inputs.get('max_seqlen', 0))} (longest image; "
-                    f"{int(inputs['patches'].shape[0])} packed tokens)")
+        if 'seq_lens' in inputs:  # a packed batch built without the loader: only its longest image is known
+            return f"unknown (longest image {int(inputs.get('max_seqlen', 0))} tokens)"
         return str(int(inputs['patches'].shape[1]))
     return 'n/a (image tensor)'
 

@@ -56,6 +56,18 @@ def test_packed_batch_format(folder):
         assert c[:, 0].max() == gh - 1 and c[:, 1].max() == gw - 1 and c[1, 1] == (1 if gw > 1 else 0)
 
 
+def test_packed_batches_carry_the_step_seq_len(folder):
+    """'seq_len' = the step's L from the schedule (train) or max_seq_len (eval); max_seqlen only bounds it."""
+    from naflex.engine import describe_seq_len
+    ld = small_loader(folder)
+    for k, (inputs, _) in enumerate(ld):
+        L = ld.schedule.step(0, k).seq_len
+        assert inputs['seq_len'] == L and inputs['max_seqlen'] <= L and int(inputs['seq_lens'].max()) <= L
+        assert describe_seq_len(inputs) == str(L)
+    ev = loaders.create_eval_loader(folder, 'train', max_seq_len=48, batch_size=4, patch_size=8, num_workers=0)
+    assert all(inputs['seq_len'] == 48 for inputs, _ in ev)
+
+
 def test_padded_batch_format(folder):
     ld = small_loader(folder, packing=False)
     inputs, target = next(iter(ld))

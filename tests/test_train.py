@@ -7,6 +7,7 @@ sequence lengths (token budget -b 4 x 64 -> 4..8 images per step, ~4 steps per e
 import csv
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(demo_dataset, tmp_path,
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert 'non-finite loss at epoch 1 step 1/' in err and 'sequence length' in err and 'batch size' in err
+    assert re.search(r'sequence length (32|64), batch size', err), err  # the step's L (--naflex-train-seq-lens)
     last = torch.load(tmp_path / 'nan' / 'last.pth', map_location='cpu', weights_only=True)
     assert last['epoch'] == 0  # epoch 0's checkpoint, untouched
     assert all(torch.isfinite(v).all() for v in last['state_dict'].values())
