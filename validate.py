@@ -194,8 +194,8 @@ def run(args) -> list[dict]:
     model = _create_model(args, len(dataset.classes))
     try:
         dist_info = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:  # DeviceError: e.g. --device cuda without a GPU
-        raise ValidateError(str(e).replace("to train on the CPU", "to run on the CPU")) from None
+    except RuntimeError as e:  # DeviceError (e.g. --device cuda without a GPU), process-group setup
+        raise ValidateError(str(e)) from None
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -41,7 +41,7 @@ def init_distributed(device: str = 'cuda', timeout_min: int = 30) -> DistInfo:
     if kind == 'cuda':
         if not torch.cuda.is_available():
             raise DeviceError('--device cuda was asked for but no CUDA device is available; '
-                              'pass --device cpu to train on the CPU')
+                              'pass --device cpu to run on the CPU')
         if world_size > 1:
             index = local_rank
         else:

@@ -171,6 +171,17 @@ def test_one_line_errors(demo_dataset, extra, message, capsys):
     assert len(err) == 1 and err[0].startswith("validate.py: error: ") and message in err[0]
 
 
+def test_cuda_asked_but_absent_is_one_neutral_line(demo_dataset, tiny, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    _, ckpt = tiny
+    with pytest.raises(SystemExit):
+        validate.main(["--data-dir", str(demo_dataset), "--model", MODEL, "-j", "0", "--checkpoint", str(ckpt),
+                       "--device", "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA device" in err[0] and "pass --device cpu to run on the CPU" in err[0]
+
+
 def test_checkpoint_class_mismatch(demo_dataset, tmp_path, capsys):
     torch.save({"state_dict": naflex.create_model(MODEL, num_classes=7).state_dict()}, tmp_path / "c7.pth")
     with pytest.raises(SystemExit):
