@@ -2,7 +2,7 @@
 
 - ``shared_data``: path to ``../shared/data/caltech101`` (real JPEGs); tests using it skip when it is absent.
 - ``cuda`` marker: skipped without a CUDA device.
-- Threads are capped so the suite behaves on a 2-core machine.
+- Threads are capped so the suite behaves on a 2-core machine, and restored after every test.
 """
 import os
 from pathlib import Path
@@ -21,6 +21,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _restore_num_threads():
+    """Scripts called in-process (profile_loader, bench_loader) set torch's thread count; tests that compare
+    runs bit for bit must not inherit it from an earlier test."""
+    num_threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(num_threads)
 
 
 @pytest.fixture(scope="session")
