@@ -35,6 +35,7 @@ from torch import nn
 
 from naflex import distributed as D
 from naflex.checkpoint import rng_state, set_rng_state, unwrap_model
+from naflex.evaluate import count_valid_tokens
 from naflex.logger import ProgressMeter, format_seconds
 from naflex.optim import clip_gradients
 
@@ -121,15 +122,6 @@ def describe_seq_len(inputs) -> str:
             return f"unknown (longest image {int(inputs.get('max_seqlen', 0))} tokens)"
         return str(int(inputs['patches'].shape[1]))
     return 'n/a (image tensor)'
-
-
-def valid_tokens_of(inputs) -> torch.Tensor:
-    if isinstance(inputs, dict):
-        if 'seq_lens' in inputs:
-            return inputs['seq_lens'].sum()
-        if 'patch_valid' in inputs:
-            return inputs['patch_valid'].sum()
-    return torch.zeros((), dtype=torch.long)
 
 
 def loss_weight(batch_size: int, reference: float, mode: str) -> float:
@@ -242,7 +234,7 @@ def train_one_epoch(
                 scaled.backward()
         loss_d = loss.detach()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_d), batch_idx, first_bad)
-        step_sums = torch.stack([loss_d.double() * bs, valid_tokens_of(inputs).to(dev).double()])
+        step_sums = torch.stack([loss_d.double() * bs, count_valid_tokens(inputs).to(dev).double()])
         epoch_sums += step_sums
         window_sums += step_sums
         epoch_images += bs
