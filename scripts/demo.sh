@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Quick start: install, generate the embedded demo dataset, train a tiny NaFlexViT, validate it.
 #   bash scripts/demo.sh                 (CPU, or the GPU when one is present)
-# Runtime: ~3-6 min on 2 CPU cores after the install (first run: + pip install of torch etc.).
-# Measured (2026-11-28, 2 shared CPU cores, 2m34s-5m56s by load): 10-class demo set (chance 10%),
-# 15 epochs -> last epoch 81.0% top-1 at seq len 64 and at 144 (best epoch 85.0%); same over reruns (seeded).
+# Runtime: ~30 s on 2 quiet CPU cores after the install (first run: + ~75 s pip install of torch etc.).
+# Measured (2026-11-28, 2 CPU cores, fresh clone): 10-class demo set (chance 10%), 15 epochs in 23 s ->
+# last epoch 81.0% top-1 at seq len 64, 81.5% at 144 (best epoch 84.5%); the same over reruns (seeded).
 # Knobs (environment): NAFLEX_VENV (default .venv), DEMO_EPOCHS (15), DEMO_DEVICE (cuda if available, else cpu),
 # DEMO_DATA (demo_data), DEMO_OUTPUT (output/demo).
 set -euo pipefail
