@@ -160,6 +160,7 @@ def _train(args, hooks=None):
     from naflex.schedule import create_schedule
 
     dist = init_distributed(args.device)
+    train_ds, val_ds = _datasets(args)  # before the output dir exists: a bad --data-dir leaves nothing behind
     out_dir = _output_dir(args, dist)
     setup_logging(out_dir / 'train.log', dist.is_primary)
     _logger.info(f'{"torchrun: rank %d of %d, " % (dist.rank, dist.world_size) if dist.distributed else ""}'
@@ -169,7 +170,6 @@ def _train(args, hooks=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    train_ds, val_ds = _datasets(args)
     num_classes = args.num_classes or len(train_ds.classes)
     if num_classes < len(train_ds.classes):
         raise UserError(f'--num-classes {num_classes} is below the {len(train_ds.classes)} class folders in '

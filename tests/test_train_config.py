@@ -116,7 +116,8 @@ def _tiny(data, tmp_path, *extra):
 
 
 def test_missing_and_empty_data_dir(tmp_path, capsys):
-    assert 'does not exist' in _main_error(_tiny(tmp_path / 'nope', tmp_path), capsys)
+    assert 'does not exist' in _main_error(_tiny(tmp_path / 'nope', tmp_path / 'out'), capsys)
+    assert not (tmp_path / 'out').exists()  # a failed start leaves no empty run folder behind
     (tmp_path / 'empty' / 'train').mkdir(parents=True)
     assert 'no training images' in _main_error(_tiny(tmp_path / 'empty', tmp_path), capsys)
 
