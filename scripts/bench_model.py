@@ -81,12 +81,13 @@ def parse_args(argv=None):
 
 
 def step_schedule(seq_lens, budget, steps, seed):
-    """(L, batch) per step: L uniform from the list, batch = floor(budget / L / 8) * 8 (>= 1), like timm."""
+    """(L, batch) per step: L uniform from the list, batch = floor(budget / L / 8) * 8 (>= 1), the loader's rule."""
+    from loaders.schedule import batch_size_for
     rng = random.Random(seed)
     out = []
     for i in range(steps):
         L = seq_lens[i % len(seq_lens)] if i < len(seq_lens) else rng.choice(seq_lens)
-        out.append((L, max(1, budget // L // 8 * 8)))
+        out.append((L, batch_size_for(L, budget)))
     return out
 
 
