@@ -25,6 +25,21 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _best_grid_at_breakpoints(a: int, b: int, pa: int, pb: int, max_seq_len: int) -> Tuple[int, int]:
+    """Best grid fitting max_seq_len over the breakpoints r = ga*pa/a (axis a's grid exactly ga, the other
+    max(1, ceil(b*r/pb)), r <= MAX_SCALE); the first to reach the maximum wins, (1, 1) if nothing beats it."""
+    best, best_n = (1, 1), 1
+    for ga in range(1, max_seq_len + 1):
+        if ga * pa > MAX_SCALE * a:
+            break
+        gb = max(1, _ceil_div(b * ga * pa, a * pb))
+        if ga * gb > max_seq_len:
+            break
+        if ga * gb > best_n:
+            best, best_n = (ga, gb), ga * gb
+    return best
+
+
 def fit_grid_to_seq(h: int, w: int, patch_size: int | Tuple[int, int], max_seq_len: int) -> Tuple[int, int]:
     """Largest (grid_h, grid_w) for an h x w image, aspect kept, with grid_h * grid_w <= max_seq_len.
 
@@ -36,30 +51,15 @@ def fit_grid_to_seq(h: int, w: int, patch_size: int | Tuple[int, int], max_seq_l
     ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
     if h <= 0 or w <= 0 or max_seq_len <= 0:
         raise ValueError(f"bad size {h}x{w} or max_seq_len {max_seq_len}")
-    best = (1, 1)
-    best_n = 1
-    # Breakpoint r = gh*ph/h (grid height exactly gh): width grid = ceil(w*gh*ph/(h*pw)).
-    # Only r <= MAX_SCALE counts: gh*ph <= MAX_SCALE*h.
-    for gh in range(1, max_seq_len + 1):
-        if gh * ph > MAX_SCALE * h:
-            break
-        gw = max(1, _ceil_div(w * gh * ph, h * pw))
-        if gh * gw > max_seq_len:
-            break
-        if gh * gw > best_n:
-            best, best_n = (gh, gw), gh * gw
-    for gw in range(1, max_seq_len + 1):
-        if gw * pw > MAX_SCALE * w:
-            break
-        gh = max(1, _ceil_div(h * gw * pw, w * ph))
-        if gh * gw > max_seq_len:
-            break
-        if gh * gw > best_n:
-            best, best_n = (gh, gw), gh * gw
+    # Breakpoints where the height grid is whole, then where the width grid is (ties: the height one).
+    best = _best_grid_at_breakpoints(h, w, ph, pw, max_seq_len)
+    gw, gh = _best_grid_at_breakpoints(w, h, pw, ph, max_seq_len)
+    if gh * gw > best[0] * best[1]:
+        best = (gh, gw)
     # The cap itself (r = 100) when every breakpoint below it fits.
     gh = max(1, _ceil_div(h * MAX_SCALE, ph))
     gw = max(1, _ceil_div(w * MAX_SCALE, pw))
-    if gh * gw <= max_seq_len and gh * gw > best_n:
+    if gh * gw <= max_seq_len and gh * gw > best[0] * best[1]:
         best = (gh, gw)
     return best
 
