@@ -34,6 +34,11 @@ def natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', s.lower())]
 
 
+def sort_classes(names, class_order: str = 'sorted') -> List[str]:
+    """Class names in label order: ``sorted()`` (torchvision), or timm's natural sort for 'natural'."""
+    return sorted(names, key=natural_key) if class_order == 'natural' else sorted(names)
+
+
 def resolve_split_dir(root: Path, split: str) -> Path:
     """``root/split``, trying timm's validation aliases; ``split`` may be empty (root is the split dir)."""
     if not split:
@@ -66,7 +71,7 @@ def scan_folder(split_dir: Path, class_order: str = 'sorted') -> Tuple[List[str]
     """Returns (classes, relative paths, targets) for ``split_dir/<class>/...``."""
     with os.scandir(split_dir) as it:
         class_names = [e.name for e in it if e.is_dir(follow_symlinks=True)]
-    classes = sorted(class_names, key=natural_key) if class_order == 'natural' else sorted(class_names)
+    classes = sort_classes(class_names, class_order)
     if not classes:
         raise FileNotFoundError(f"no class folders in {split_dir}")
     paths: List[str] = []
@@ -95,7 +100,7 @@ def read_split_file(list_file: Path, root: Path, class_order: str = 'sorted'):
     except OSError:
         folder_classes = set()
     all_names = folder_classes if names <= folder_classes else names
-    classes = sorted(all_names, key=natural_key) if class_order == 'natural' else sorted(all_names)
+    classes = sort_classes(all_names, class_order)
     c2i = {c: i for i, c in enumerate(classes)}
     targets = [c2i[r.split('/', 1)[0]] for r in rels]
     return base, classes, rels, targets
