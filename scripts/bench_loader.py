@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from loaders import ImageFolderDataset  # noqa: E402
 from loaders.args import add_loader_args, aug_config_from_args, mixup_config_from_args  # noqa: E402
 
 
@@ -111,7 +112,7 @@ def main(argv=None):
     if args.data_dir is None:
         p.error('--data-dir is required')
     torch.set_num_threads(1)
-    num_classes = sum(1 for e in os.scandir(Path(args.data_dir) / args.train_split) if e.is_dir())
+    num_classes = ImageFolderDataset(args.data_dir, args.train_split).num_classes  # the loaders' own class scan
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {platform.node()} cpus={os.cpu_count()} "
           f"torch={torch.__version__} workers={args.workers} -b {args.batch_size} "
           f"seq_lens={args.naflex_train_seq_lens} aa={args.aa} mixup={args.mixup} cutmix={args.cutmix}")
