@@ -72,14 +72,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """In-place mean over ranks; returns ``t``."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return t
-
-
 def broadcast_object(obj, src: int = 0):
     """Rank ``src``'s python object on every rank (e.g. the resolved output dir or resume path)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -87,8 +79,3 @@ def broadcast_object(obj, src: int = 0):
         dist.broadcast_object_list(box, src=src)
         return box[0]
     return obj
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
