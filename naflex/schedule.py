@@ -16,7 +16,7 @@ The schedule is a pure function of ``t``: nothing but the base lrs is state, so 
 current epoch/update count (``state_dict`` is kept for checkpoint completeness).
 """
 import math
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
@@ -86,9 +86,6 @@ class WarmupCosineSchedule:
         """Call after each optimizer update with the total number of updates done so far."""
         if self.on_updates:
             self._apply(num_updates)
-
-    def current_lrs(self) -> List[float]:
-        return [group['lr'] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> Dict:
         return {'base_lrs': list(self.base_lrs)}
