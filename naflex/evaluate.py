@@ -38,13 +38,9 @@ def count_valid_tokens(inputs) -> torch.Tensor:
 
 def _device_batches(loader: Iterable, device: torch.device, mean, std):
     """Wrap a CPU loader in loaders.DevicePrefetcher unless it already yields device-normalized batches."""
-    try:
-        from loaders import DevicePrefetcher
-    except ImportError:  # pragma: no cover - loaders always ships it; keep evaluate importable on its own
-        DevicePrefetcher = None
-    if DevicePrefetcher is not None and isinstance(loader, DevicePrefetcher):
-        return loader
-    if getattr(loader, "yields_device_batches", False) or DevicePrefetcher is None:
+    from loaders import DevicePrefetcher
+
+    if isinstance(loader, DevicePrefetcher) or getattr(loader, "yields_device_batches", False):
         return loader
     return DevicePrefetcher(loader, device, mean, std)
 
