@@ -2,7 +2,8 @@
 
 The NaFlex model (SigLIP 2, arXiv:2502.14786) with NaViT packing (arXiv:2307.06304) must equal timm's
 NaFlexVit to 1e-4 in fp32 eval, and packed batches must equal the padded form of the same images.
-Helpers here (``timm_twin``, ``make_batches``, ``randomize_``) are reused by the other model test files.
+Helpers here (``timm_twin``, ``make_batches``, ``randomize_``, ``assert_images_match``, ``assert_batches_match``) are
+reused by the other model test files.
 """
 from dataclasses import fields
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 import naflex
 from naflex.model import NaFlexVitCfg
+from naflex.pos_embed import grid_coords
 
 TOL = 1e-4
 TINY = ['naflexvit_tiny_test', 'naflexvit_tiny_test_par', 'naflexvit_tiny_test_parfac', 'naflexvit_tiny_test_map',
@@ -59,8 +61,7 @@ def make_batches(grids, p: int = 16, seed: int = 0, unflatten: bool = False):
     toks, coords = [], []
     for h, w in grids:
         toks.append(patchify(torch.randn(3, h * p, w * p, generator=g), p))
-        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
-        coords.append(torch.stack([yy.flatten(), xx.flatten()], 1))
+        coords.append(grid_coords(h, w))
     lens = torch.tensor([t.shape[0] for t in toks])
     b, n = len(grids), int(lens.max())
     patches = torch.zeros(b, n, p * p * 3)
@@ -88,23 +89,35 @@ def maxdiff(a, b) -> float:
     return (a - b).abs().max().item()
 
 
+def assert_images_match(ours, ref, shapes):
+    """ours and timm's ref give the same output (shape, and values to TOL) on a random image batch of each shape."""
+    for shape in shapes:
+        x = torch.randn(*shape)
+        out, ref_out = ours(x), ref(x)
+        assert out.shape == ref_out.shape, shape
+        assert maxdiff(out, ref_out) < TOL, shape
+
+
+def assert_batches_match(ours, ref, grids, check_padded=True, **batch_kwargs):
+    """ours on the packed batch (and, if ``check_padded``, on timm's padded dict) equals ref on the padded dict."""
+    padded, packed = make_batches(grids, **batch_kwargs)
+    ref_out = ref(padded)
+    if check_padded:
+        assert maxdiff(ours(padded), ref_out) < TOL
+    out = ours(packed)
+    assert out.shape == ref_out.shape
+    assert maxdiff(out, ref_out) < TOL
+
+
 # ------------------------------------------------------------------------------------------ equivalence
 @pytest.mark.parametrize('name', TINY)
 @torch.no_grad()
 def test_tiny_matches_timm_all_inputs(name):
     ours, ref = pair(name)
     assert list(ours.state_dict()) == list(ref.state_dict())
-    for shape in [(2, 3, 384, 384), (2, 3, 160, 288)]:
-        x = torch.randn(*shape)
-        out = ours(x)
-        assert out.shape == (2, 1000)
-        assert maxdiff(out, ref(x)) < TOL, shape
-    padded, packed = make_batches(GRIDS)
-    ref_out = ref(padded)
-    assert maxdiff(ours(padded), ref_out) < TOL
-    out = ours(packed)
-    assert out.shape == (len(GRIDS), 1000)
-    assert maxdiff(out, ref_out) < TOL
+    assert ref.num_classes == 1000
+    assert_images_match(ours, ref, [(2, 3, 384, 384), (2, 3, 160, 288)])
+    assert_batches_match(ours, ref, GRIDS)
 
 
 @torch.no_grad()
@@ -136,21 +149,16 @@ def test_packed_without_optional_keys():
 @torch.no_grad()
 def test_global_pool_overrides_match_timm(pool):
     ours, ref = pair('naflexvit_tiny_test_token', global_pool=pool, num_classes=0 if pool == '' else 10)
-    padded, packed = make_batches(GRIDS[:3])
-    x = torch.randn(2, 3, 192, 128)
-    assert maxdiff(ours(x), ref(x)) < TOL
+    assert_images_match(ours, ref, [(2, 3, 192, 128)])
     if pool:
-        assert maxdiff(ours(padded), ref(padded)) < TOL
-        assert maxdiff(ours(packed), ref(padded)) < TOL
+        assert_batches_match(ours, ref, GRIDS[:3])
 
 
 @torch.no_grad()
 def test_pool_include_prefix_matches_timm():
     for name in ('naflexvit_tiny_test', 'naflexvit_tiny_test_map'):
         ours, ref = pair(name, pool_include_prefix=True)
-        padded, packed = make_batches(GRIDS[:3])
-        assert maxdiff(ours(padded), ref(padded)) < TOL
-        assert maxdiff(ours(packed), ref(padded)) < TOL
+        assert_batches_match(ours, ref, GRIDS[:3])
 
 
 @pytest.mark.parametrize('overrides', [
@@ -160,12 +168,8 @@ def test_pool_include_prefix_matches_timm():
 @torch.no_grad()
 def test_config_overrides_match_timm(overrides):
     ours, ref = pair('naflexvit_tiny_test_par', **overrides)
-    padded, packed = make_batches(GRIDS[:4])
-    ref_out = ref(padded)
-    assert maxdiff(ours(padded), ref_out) < TOL
-    assert maxdiff(ours(packed), ref_out) < TOL
-    x = torch.randn(1, 3, 112, 336)
-    assert maxdiff(ours(x), ref(x)) < TOL
+    assert_batches_match(ours, ref, GRIDS[:4])
+    assert_images_match(ours, ref, [(1, 3, 112, 336)])
 
 
 @pytest.mark.parametrize('p', [8, 12, 24, 32])
@@ -174,10 +178,7 @@ def test_variable_patch_size_matches_timm(p):
     """FlexiViT PI-resize of the patch embedding (arXiv:2212.08013) equals timm's for the same weights."""
     ours, ref = pair('naflexvit_tiny_test')
     grids = [(6, 5), (3, 9)] if p >= 24 else [(9, 7), (20, 4)]
-    padded5, packed = make_batches(grids, p=p, unflatten=True)
-    ref_out = ref(padded5)
-    assert maxdiff(ours(padded5), ref_out) < TOL
-    assert maxdiff(ours(packed), ref_out) < TOL
+    assert_batches_match(ours, ref, grids, p=p, unflatten=True)
 
 
 # ------------------------------------------------------------------------------------------ training bits
