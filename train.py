@@ -152,6 +152,7 @@ def _train(args, hooks=None):
 
     from loaders import BadFileTracker, DevicePrefetcher
     from naflex.checkpoint import CheckpointManager, find_resume, load_checkpoint
+    from naflex.config import args_yaml
     from naflex.distributed import init_distributed
     from naflex.engine import Engine, TrainState, fit, restore_training, seed_everything
     from naflex.evaluate import evaluate
@@ -180,9 +181,8 @@ def _train(args, hooks=None):
     train_loader, eval_loader = _loaders(args, train_ds, val_ds, num_classes, model.patch_size, mean, std, dist)
     _resolve_lr(args, dist.world_size)
     if dist.is_primary:  # the resolved configuration (incl. derived lr / num_classes)
-        import yaml
         args.num_classes = num_classes
-        (out_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), default_flow_style=False))
+        (out_dir / 'args.yaml').write_text(args_yaml(args))
     _logger.info(f'model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, '
                  f'{num_classes} classes, {len(train_ds)} train images, {len(train_loader)} steps/epoch')
 

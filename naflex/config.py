@@ -174,7 +174,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
         _load_yaml_defaults(parser, cfg_args.config)
     args = parser.parse_args(argv)
     check_args(args)
-    return args, yaml.safe_dump(vars(args), default_flow_style=False, sort_keys=True)
+    return args, args_yaml(args)
+
+
+def args_yaml(args: argparse.Namespace) -> str:
+    """``args`` as the YAML text of ``<output>/args.yaml`` (a valid ``-c`` file)."""
+    return yaml.safe_dump(vars(args), default_flow_style=False, sort_keys=True)
 
 
 def check_args(args: argparse.Namespace) -> None:
