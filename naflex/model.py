@@ -452,8 +452,7 @@ class NaFlexVit(nn.Module):
         b, n = valid.shape
         grid_tok = grid[:, None, :].expand(b, n, 2)
         x = self._embed_padded(patches, coord, grid_tok, ps)
-        key_valid = torch.cat([valid.new_ones(b, self.num_prefix_tokens), valid], dim=1)
-        return x, valid, AttnContext.padded_from(b, key_valid)
+        return x, valid, AttnContext.padded_from(b, self._with_prefix_valid(valid))
 
     def forward_features(self, x: Union[torch.Tensor, Dict]) -> Union[torch.Tensor, Dict]:
         """Image tensor -> [B, prefix + N, D]. Padded dict -> {'patches', 'patch_valid'} (timm's format).
@@ -468,22 +467,22 @@ class NaFlexVit(nn.Module):
         tokens = self._image_tokens(x)
         return self.norm(self._run_blocks(tokens, AttnContext.padded_from(x.shape[0])))
 
+    def _with_prefix_valid(self, valid: torch.Tensor) -> torch.Tensor:
+        """[B, N] patch validity -> [B, prefix + N] (prefix tokens are always valid)."""
+        return torch.cat([valid.new_ones(valid.shape[0], self.num_prefix_tokens), valid], dim=1)
+
     def _pool_padded(self, x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
-        npre = self.num_prefix_tokens
-        if self.attn_pool is not None:
-            kv = x if self.pool_include_prefix else x[:, npre:]
-            if valid is not None and self.pool_include_prefix:
-                valid = torch.cat([valid.new_ones(x.shape[0], npre), valid], dim=1)
-            return self.attn_pool(kv, valid)
-        pool = self.global_pool
+        pool = self.global_pool  # 'map' exactly when self.attn_pool is set
         if pool == 'token':
             return x[:, 0]
         if pool == '':
             return x
         if not self.pool_include_prefix:
-            x = x[:, npre:]
+            x = x[:, self.num_prefix_tokens:]
         elif valid is not None:
-            valid = torch.cat([valid.new_ones(x.shape[0], npre), valid], dim=1)
+            valid = self._with_prefix_valid(valid)
+        if self.attn_pool is not None:
+            return self.attn_pool(x, valid)
         if valid is None:
             avg, mx = x.mean(1), x.amax(1)
         else:
@@ -494,17 +493,17 @@ class NaFlexVit(nn.Module):
 
     def _pool_packed(self, f: Dict) -> torch.Tensor:
         x, num_images = f['tokens'], f['num_images']
+        pool = self.global_pool  # 'map' exactly when self.attn_pool is set
+        if pool == 'token':
+            return x[f['cu_seqlens'][:-1]]
+        if pool == '':
+            return x
         if self.pool_include_prefix:
             sel, seg, counts = x, f['seg_all'], f['seq_lens'] + self.num_prefix_tokens
         else:
             sel, seg, counts = x[f['patch_pos']], f['seg'], f['seq_lens']
         if self.attn_pool is not None:
             return self.attn_pool.forward_packed(sel, seg, num_images)
-        pool = self.global_pool
-        if pool == 'token':
-            return x[f['cu_seqlens'][:-1]]
-        if pool == '':
-            return x
         d = x.shape[-1]
         avg = x.new_zeros(num_images, d, dtype=torch.float32).index_add(0, seg, sel.float())
         avg = (avg / counts.clamp(min=1)[:, None].float()).to(x.dtype)
