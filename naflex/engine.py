@@ -411,9 +411,9 @@ def fit(
     device batch iterator, ``evaluate_fn(model) -> metrics`` runs the shared eval loop, ``saver`` is a
     checkpoint.CheckpointManager on the primary rank (None elsewhere).
     """
-    val_interval = getattr(args, 'val_interval', 1) if args is not None else 1
-    recovery_interval = getattr(args, 'recovery_interval', 0) if args is not None else 0
-    eval_metric = getattr(args, 'eval_metric', 'top1') if args is not None else 'top1'
+    val_interval = getattr(args, 'val_interval', 1)  # getattr(None, ...) gives the default too
+    recovery_interval = getattr(args, 'recovery_interval', 0)
+    eval_metric = getattr(args, 'eval_metric', 'top1')
     results = []
 
     def save_recovery(st: TrainState):
