@@ -74,10 +74,14 @@ def list_models(pattern: str = '') -> List[str]:
     return sorted(n for n in _VARIANTS if pattern in n)
 
 
-def get_config(name: str) -> NaFlexVitCfg:
+def _variant(name: str) -> Tuple[NaFlexVitCfg, str, int]:
     if name not in _VARIANTS:
         raise ValueError(f'unknown model {name!r}; valid: {", ".join(list_models())}')
-    return _VARIANTS[name][0]
+    return _VARIANTS[name]
+
+
+def get_config(name: str) -> NaFlexVitCfg:
+    return _variant(name)[0]
 
 
 def valid_overrides() -> Tuple[str, ...]:
@@ -95,15 +99,13 @@ def create_model(name: str, pretrained: Optional[str] = None, **overrides) -> to
         **overrides: any ``NaFlexVitCfg`` field (drop_rate, drop_path_rate, global_pool, pos_embed_*,
             attn_backend, ...) and num_classes, in_chans, features_only, out_indices, feature_norm.
     """
-    if name not in _VARIANTS:
-        raise ValueError(f'unknown model {name!r}; valid: {", ".join(list_models())}')
+    base_cfg, tag, default_classes = _variant(name)
     if pretrained is True:
         raise ValueError('pretrained=True would need a download; pass the path of a local .safetensors / .pth / '
                          '.bin file instead (e.g. a timm checkpoint)')
     unknown = sorted(set(overrides) - set(valid_overrides()))
     if unknown:
         raise ValueError(f'unknown override(s) {unknown} for {name}; valid: {", ".join(valid_overrides())}')
-    base_cfg, tag, default_classes = _VARIANTS[name]
     num_classes = overrides.pop('num_classes', default_classes)
     in_chans = overrides.pop('in_chans', 3)
     features_only = overrides.pop('features_only', False)
@@ -111,9 +113,7 @@ def create_model(name: str, pretrained: Optional[str] = None, **overrides) -> to
     feature_norm = overrides.pop('feature_norm', False)
     if 'pos_embed_grid_size' in overrides:
         overrides['pos_embed_grid_size'] = tuple(overrides['pos_embed_grid_size'])
-    cfg = replace(base_cfg, **overrides)
-    cfg.validate()
-    model = NaFlexVit(cfg, num_classes=num_classes, in_chans=in_chans)
+    model = NaFlexVit(replace(base_cfg, **overrides), num_classes=num_classes, in_chans=in_chans)  # validates cfg
     model.pretrained_cfg = _pretrained_cfg(name, tag, num_classes=default_classes)
     if pretrained:
         from .weights import load_pretrained
