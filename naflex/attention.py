@@ -47,11 +47,16 @@ def available_backends(device: torch.device) -> tuple:
     return tuple(out)
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Pick a concrete backend. ``dtype`` is the dtype attention will run in (autocast dtype if enabled)."""
+def check_backend(name: str) -> str:
+    """``name`` if it is one of ``BACKENDS``, else a ValueError listing them."""
     if name not in BACKENDS:
         raise ValueError(f'unknown attention backend {name!r}; valid: {BACKENDS}')
-    if name != 'auto':
+    return name
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Pick a concrete backend. ``dtype`` is the dtype attention will run in (autocast dtype if enabled)."""
+    if check_backend(name) != 'auto':
         return name
     device = torch.device(device)
     if device.type == 'cuda' and _HAS_VARLEN and dtype in (torch.float16, torch.bfloat16):

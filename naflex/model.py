@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import BACKENDS, AttnContext, attend
+from .attention import BACKENDS, AttnContext, attend, check_backend
 from .patch_embed import NaFlexEmbeds
 from .pos_embed import grid_coords
 
@@ -313,9 +313,7 @@ class NaFlexVit(nn.Module):
         self.grad_checkpointing = enable
 
     def set_attn_backend(self, name: str) -> None:
-        if name not in BACKENDS:
-            raise ValueError(f'unknown attention backend {name!r}; valid: {BACKENDS}')
-        self.attn_backend = name
+        self.attn_backend = check_backend(name)
 
     def prewarm_patch_sizes(self, sizes) -> None:
         """Precompute FlexiViT resampling matrices for other patch sizes (before torch.compile)."""
