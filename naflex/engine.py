@@ -239,7 +239,6 @@ def train_one_epoch(
         window_sums += step_sums
         epoch_images += bs
         window_images += bs
-        meter.add_batch(bs)
         if not need_update:
             continue
 

@@ -99,32 +99,27 @@ class ProgressMeter:
         self.start_step = start_step
         self.t0 = self.t_last = time.perf_counter()
         self.data_wait = self.data_wait_since_log = 0.0
-        self.images_since_log = 0
-        self.tokens_since_log = 0.0
         self.show_bar = sys.stdout.isatty() if show_bar is None else show_bar
 
     def add_wait(self, seconds: float) -> None:
         self.data_wait += seconds
         self.data_wait_since_log += seconds
 
-    def add_batch(self, images: int) -> None:
-        self.images_since_log += images
-
-    def window(self, step: int, tokens: float, images: Optional[float] = None) -> Dict[str, float]:
+    def window(self, step: int, tokens: float, images: float) -> Dict[str, float]:
         """Figures since the previous call; ``tokens`` / ``images``: valid tokens / images in the window over all
-        ranks (default images: this process's count). Resets the window."""
+        ranks (the engine counts them). Resets the window."""
         now = time.perf_counter()
         dt = max(now - self.t_last, 1e-9)
         done = step + 1 - self.start_step
         per_step = (now - self.t0) / max(done, 1)
         out = {
-            'images_per_s': (self.images_since_log if images is None else images) / dt,
+            'images_per_s': images / dt,
             'tokens_per_s': tokens / dt,
             'data_wait': min(1.0, self.data_wait_since_log / dt),
             'eta_s': per_step * (self.total - step - 1),
         }
         self.t_last = now
-        self.images_since_log, self.data_wait_since_log = 0, 0.0
+        self.data_wait_since_log = 0.0
         return out
 
     def bar(self, step: int) -> None:
