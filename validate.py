@@ -98,8 +98,10 @@ def _create_model(args, num_dataset_classes: int):
     """Model with the checkpoint's weights loaded strictly; one-line errors for every mismatch."""
     import naflex
 
-    if args.model not in naflex.list_models():
-        raise ValidateError(f"unknown model '{args.model}'; valid: {', '.join(naflex.list_models())}")
+    try:
+        naflex.get_config(args.model)  # unknown name: registry's message, before any checkpoint is read
+    except ValueError as e:
+        raise ValidateError(str(e)) from None
     if args.pretrained is True:
         raise ValidateError("nothing is downloaded: pass --pretrained PATH to a local weights file "
                             "(e.g. the model card's model.safetensors)")
