@@ -19,7 +19,7 @@ The packed path runs without host syncs: every per-image quantity (grid size, pr
 segment) is gathered per token with tensor ops, so ``torch.compile(fullgraph=True)`` traces it whole.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Set, Tuple, Union
 
 import torch
@@ -328,12 +328,9 @@ class NaFlexVit(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in POOL_TYPES:
-                raise ValueError(f'invalid global_pool={global_pool!r}; valid: {POOL_TYPES}')
+            replace(self.cfg, global_pool=global_pool).validate()  # the constructor's pool checks
             if global_pool == 'map' and self.attn_pool is None:
                 raise ValueError("cannot add attention pooling in reset_classifier()")
-            if global_pool == 'token' and not self.has_class_token:
-                raise ValueError("global_pool='token' needs a class token")
             if global_pool != 'map':
                 self.attn_pool = None
             self.global_pool = global_pool

@@ -326,6 +326,10 @@ def test_bad_inputs_give_clear_errors():
         model(torch.randn(1, 3, 100, 96))
     with pytest.raises(ValueError, match='backend'):
         model.set_attn_backend('nope')
+    with pytest.raises(ValueError, match='global_pool'):
+        model.reset_classifier(10, 'mean')
+    with pytest.raises(ValueError, match='class_token'):
+        model.reset_classifier(10, 'token')
 
 
 @torch.no_grad()
