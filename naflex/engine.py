@@ -427,8 +427,6 @@ def fit(
             train_loader.set_epoch(epoch)
         if state.step and hasattr(train_loader, 'set_start_step'):
             train_loader.set_start_step(state.step)
-        if args is not None and args.mixup_off_epoch and hasattr(train_loader, 'set_mixup'):
-            train_loader.set_mixup(epoch < args.mixup_off_epoch)  # targets stay smoothed soft targets
         num_steps = len(train_loader)
         train_metrics = train_one_epoch(engine, to_device(train_loader), num_steps, state,
                                         recovery_interval=recovery_interval, save_recovery=save_recovery,
