@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Evaluate a NaFlexViT checkpoint at one or more sequence lengths (thin CLI over naflex.evaluate).
+"""Evaluate a NaFlexViT checkpoint at one or more sequence lengths (thin CLI over naflex.train.evaluate).
 
     python validate.py --data-dir /imagenet --model naflexvit_base_patch16_gap \\
         --pretrained naflexvit_base_patch16_gap.e300_s576_in1k.safetensors \\
@@ -32,27 +32,33 @@ class ValidateError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loaders.config import EvalLoaderConfig
+    from naflex.model import ATTN_BACKENDS, DEFAULT_MODEL
+    ev = EvalLoaderConfig()
     p = argparse.ArgumentParser(description="Evaluate a NaFlexViT model at one or more sequence lengths.")
     p.add_argument("data", nargs="?", default=None, help="dataset root (same as --data-dir)")
     p.add_argument("--data-dir", default=None, help="dataset root holding <split>/<class>/*.jpg")
     p.add_argument("--split", default="val", help="split folder under the root (default: val)")
-    p.add_argument("--model", "-m", default="naflexvit_base_patch16_gap", help="model name (naflex.list_models())")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model name (naflex.list_models())")
     p.add_argument("--checkpoint", default="",
                    help="our checkpoint (plain/EMA/training state) or a timm .pth/.safetensors")
     p.add_argument("--pretrained", nargs="?", const=True, default=None,
                    help="pretrained weights file given to create_model (timm .safetensors/.pth or ours)")
     p.add_argument("--use-ema", action="store_true", help="load the EMA weights ('state_dict_ema') of a checkpoint")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
-    p.add_argument("--naflex-max-seq-len", type=int, nargs="+", default=[576],
-                   help="one or more sequence lengths to evaluate at (default: 576)")
+    p.add_argument("--naflex-max-seq-len", type=int, nargs="+", default=[ev.max_seq_len],
+                   help=f"one or more sequence lengths to evaluate at (default: {ev.max_seq_len})")
     p.add_argument("--naflex-loader", action="store_true", help="accepted for timm compatibility (always NaFlex)")
     p.add_argument("--padded", action="store_true", help="timm's padded batches instead of packed ones")
-    p.add_argument("-b", "--batch-size", type=int, default=256, help="images per batch (default: 256)")
-    p.add_argument("-j", "--workers", type=int, default=4, help="data loader workers (default: 4)")
+    p.add_argument("-b", "--batch-size", type=int, default=ev.batch_size,
+                   help=f"images per batch (default: {ev.batch_size})")
+    p.add_argument("-j", "--workers", type=int, default=ev.num_workers,
+                   help=f"data loader workers (default: {ev.num_workers})")
     p.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
     p.add_argument("--amp-dtype", default="bfloat16", choices=AMP_DTYPES, help="autocast dtype (default: bfloat16)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    p.add_argument("--attn-backend", default="auto", help="attention backend for packed batches (default: auto)")
+    p.add_argument("--attn-backend", default="auto", choices=ATTN_BACKENDS,
+                   help="attention backend for packed batches (default: auto)")
     p.add_argument("--torchcompile", nargs="?", const="inductor", default=None, help="torch.compile the model")
     p.add_argument("--results-file", default="", help="write results to .csv or .json (by extension)")
     p.add_argument("--results-format", default=None, choices=("csv", "json"), help="override the file format")
@@ -84,9 +90,9 @@ def _open_dataset(args):
 
 
 def _read_checkpoint(path: str, use_ema: bool) -> dict:
-    """State dict of any file naflex.weights reads (ours, timm's .pth / .safetensors); with --use-ema only the
+    """State dict of any file naflex.model.weights reads (ours, timm's .pth / .safetensors); with --use-ema only the
     EMA copy ('state_dict_ema' / 'model_ema') is accepted, without it only the plain weights."""
-    from naflex.weights import read_state_dict
+    from naflex.model.weights import read_state_dict
 
     try:
         return read_state_dict(path, use_ema=use_ema, require_ema=use_ema)
@@ -125,18 +131,11 @@ def _create_model(args, num_dataset_classes: int):
     except ValueError as e:
         raise ValidateError(str(e).splitlines()[0]) from None
     if state is not None:
-        own = model.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-                  if k in state and own[k].shape != state[k].shape]
-        if missing or unexpected or shapes:
-            detail = "; ".join(f"{label} {items[:3]}" + (f" (+{len(items) - 3})" if len(items) > 3 else "")
-                               for label, items in (("missing", missing), ("unexpected", unexpected),
-                                                    ("shape", shapes)) if items)
-            raise ValidateError(f"{path} does not fit {args.model}: {detail}")
-        model.load_state_dict(state)
-    if state is None:
+        try:
+            naflex.load_into(model, state, source=path)
+        except naflex.WeightsMismatch as e:
+            raise ValidateError(str(e)) from None
+    else:
         print(f"note: no --checkpoint / --pretrained given: evaluating randomly initialized {args.model}")
     if model.num_classes != num_dataset_classes:
         raise ValidateError(
@@ -188,9 +187,10 @@ def plot_results(rows: list[dict], path) -> Path | None:
 def run(args) -> list[dict]:
     import torch
 
+    import naflex
     from loaders import make_eval_loader
-    from naflex.distributed import init_distributed
-    from naflex.evaluate import evaluate
+    from naflex.train.distributed import init_distributed
+    from naflex.train.evaluate import evaluate
 
     dataset = _open_dataset(args)
     model = _create_model(args, len(dataset.classes))
@@ -206,8 +206,7 @@ def run(args) -> list[dict]:
     packing = not args.padded
     if packing and hasattr(model, "set_attn_backend"):
         model.set_attn_backend(args.attn_backend)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+    norm = naflex.data_config(model)
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile, dynamic=True)
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
@@ -217,9 +216,9 @@ def run(args) -> list[dict]:
         loader = make_eval_loader(
             dataset, max_seq_len=seq_len, batch_size=args.batch_size, patch_size=patch_size,
             num_workers=args.workers, rank=rank, world_size=world_size, packing=packing,
-            interpolation=cfg.get("interpolation", "bicubic"), pin_memory=device.type == "cuda")
-        m = evaluate(model, loader, device, amp_dtype=amp_dtype, world_size=world_size, mean=mean, std=std,
-                     log_interval=args.log_freq)
+            interpolation=norm["interpolation"], pin_memory=device.type == "cuda")
+        m = evaluate(model, loader, device, amp_dtype=amp_dtype, world_size=world_size, mean=norm["mean"],
+                     std=norm["std"], log_interval=args.log_freq)
         for path in m["bad_file_paths"]:
             print(f"bad image file (skipped): {path}", file=sys.stderr)
         row = {
@@ -259,7 +258,7 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(2)
     finally:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from naflex.distributed import cleanup
+            from naflex.train.distributed import cleanup
             cleanup()
 
 

@@ -1,18 +1,20 @@
 """Per-image augmentations and batch MixUp/CutMix for NaFlex training (NaViT arXiv:2307.06304,
-FlexiViT arXiv:2212.08013, SigLIP 2 arXiv:2502.14786).
+FlexiViT arXiv:2212.08013, SigLIP 2 arXiv:2502.14786). Imports nothing else of the project.
 
+- ``config``: ``AugConfig`` (timm flag names, the one home of their defaults, ``validate()``).
 - ``geometry``: ``fit_grid_to_seq`` (timm's NaFlex size-for-sequence rule), ``sample_rrc`` (random-resized-crop
   to the sequence grid).
 - ``randaugment``: ``RandAugment(spec)`` with timm's spec strings, op set and magnitudes (torchvision v2 ops).
 - ``photometric``: colour jitter, random grayscale. ``erasing``: random erasing on uint8 images.
 - ``mixup``: ``MixupConfig``, ``mix_variable_size`` (area-exact soft targets).
-- ``policy``: ``AugConfig`` (timm flag names) and ``ImageAugment`` (flip -> RA -> jitter -> grayscale).
+- ``policy``: ``ImageAugment``: flip -> RA -> jitter -> grayscale, and erasing after the batch is mixed.
 """
+from .config import AugConfig
+from .erasing import RandomErasing
 from .geometry import CropParams, fit_grid_to_seq, sample_rrc
 from .mixup import MixupConfig, mix_variable_size, smooth_one_hot
-from .policy import AugConfig, ImageAugment
+from .policy import ImageAugment
 from .randaugment import RandAugment, parse_rand_augment
-from .erasing import RandomErasing
 
 __all__ = [
     'AugConfig', 'CropParams', 'ImageAugment', 'MixupConfig', 'RandAugment', 'RandomErasing',

@@ -18,13 +18,15 @@ from typing import Sequence
 
 import torch
 
+from .config import ERASE_MODES, NORM_MEAN, NORM_STD
+
 
 class RandomErasing:
     def __init__(self, prob: float = 0.25, mode: str = 'pixel', max_count: int = 1, *,
-                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                 mean: Sequence[float] = NORM_MEAN, std: Sequence[float] = NORM_STD,
                  min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3):
-        if mode not in ('pixel', 'rand', 'const'):
-            raise ValueError(f"remode must be pixel|rand|const, got {mode!r}")
+        if mode not in ERASE_MODES:
+            raise ValueError(f"remode must be one of {'|'.join(ERASE_MODES)}, got {mode!r}")
         self.prob, self.mode, self.max_count = prob, mode, max(1, int(max_count))
         self.mean = torch.tensor([float(m) for m in mean])
         self.std = torch.tensor([float(s) for s in std])

@@ -20,10 +20,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
+
+from .config import Problems, is_prob
 
 
 @dataclass
@@ -40,6 +42,18 @@ class MixupConfig:
     @property
     def active(self) -> bool:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def validate(self, name: Optional[Callable[[str], str]] = None) -> None:
+        """Raise ValueError naming every bad value (``name`` maps field names to what the user typed)."""
+        p = Problems(name)
+        p.need(self.mixup_alpha >= 0, 'mixup_alpha', 'must be >= 0')
+        p.need(self.cutmix_alpha >= 0, 'cutmix_alpha', 'must be >= 0')
+        p.need(is_prob(self.prob), 'prob', f'must be a probability in [0, 1], got {self.prob}')
+        p.need(is_prob(self.switch_prob), 'switch_prob', f'must be a probability in [0, 1], got {self.switch_prob}')
+        p.need(0 <= self.smoothing < 1, 'smoothing', f'must be in [0, 1), got {self.smoothing}')
+        p.need(self.off_epoch >= 0, 'off_epoch', 'must be >= 0 (0 = never off)')
+        p.need(self.local_shuffle >= 1, 'local_shuffle', 'must be >= 1')
+        p.raise_any()
 
 
 def smooth_one_hot(targets: Sequence[int], num_classes: int, smoothing: float = 0.0) -> torch.Tensor:

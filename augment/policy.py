@@ -1,50 +1,27 @@
 """Per-image training augmentation policy for NaFlex training (SigLIP 2 arXiv:2502.14786, NaViT
-arXiv:2307.06304): the config with timm's flag names and the post-crop photometric/geometric chain.
+arXiv:2307.06304): the post-crop photometric/geometric chain that ``AugConfig`` (augment.config) describes.
 
 Order (as timm's transforms_factory): [random-resized-crop to the sequence grid, done at decode time by
-loaders.pipeline] -> horizontal flip -> RandAugment (``--aa``) -> colour jitter (only when no ``--aa``)
--> random grayscale. Random erasing (``--reprob``) runs later on the uint8 image, after MixUp/CutMix,
-like timm where it runs in the prefetcher after mixing.
+loaders.pipeline] -> horizontal flip -> vertical flip -> RandAugment (``--aa``) -> colour jitter (only when no
+``--aa``) -> random grayscale (``__call__``, on PIL images) ... [MixUp/CutMix over the batch] ... random
+erasing (``--reprob``, ``after_mix``, on the uint8 image), like timm where erasing runs in the prefetcher after
+mixing. The loaders call the two stages in that order; this module decides what each stage does.
 """
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
 
 from torchvision.transforms.v2 import functional as F
 
+from .config import AugConfig
 from .erasing import RandomErasing
 from .photometric import color_jitter, parse_color_jitter, random_grayscale
 from .randaugment import RandAugment
 
 
-@dataclass
-class AugConfig:
-    """Training augmentation flags (timm train.py names in comments). Defaults are timm's."""
-    scale: Tuple[float, float] = (0.08, 1.0)          # --scale
-    ratio: Tuple[float, float] = (3 / 4, 4 / 3)       # --ratio (multiplier of the source aspect)
-    interpolation: str = 'random'                     # --train-interpolation: random|bilinear|bicubic|...
-    hflip: float = 0.5                                # --hflip
-    aa: Optional[str] = None                          # --aa, e.g. 'rand-m8-inc1-mstd1.0'
-    color_jitter: Union[None, float, Sequence[float]] = 0.4  # --color-jitter (ignored with --aa)
-    grayscale_prob: float = 0.0                       # --grayscale-prob
-    reprob: float = 0.0                               # --reprob
-    remode: str = 'pixel'                             # --remode
-    recount: int = 1                                  # --recount
-    mean: Tuple[float, float, float] = (0.5, 0.5, 0.5)  # model mean (RA fill colour, erasing values)
-    std: Tuple[float, float, float] = (0.5, 0.5, 0.5)
-    draft: bool = True                                # JPEG reduced-DCT decoding when downscaling >= 2x
-    # Rotate/Shear resampling in RandAugment. None: 'bilinear' when interpolation is 'random' (speed; timm
-    # draws bilinear or bicubic per op), else ``interpolation`` like timm. 'random' gives timm's behaviour.
-    ra_interpolation: Optional[str] = None
-
-    def interpolations(self) -> Tuple[str, ...]:
-        return ('bilinear', 'bicubic') if self.interpolation == 'random' else (self.interpolation,)
-
-
 class ImageAugment:
-    """flip -> RandAugment -> colour jitter (no AA only) -> grayscale, on a PIL image or uint8 CHW tensor."""
+    """flip -> RandAugment -> colour jitter (no AA only) -> grayscale on a PIL image or uint8 CHW tensor;
+    ``after_mix``: random erasing on the uint8 HWC image once the batch has been mixed."""
 
     def __init__(self, cfg: AugConfig):
         self.cfg = cfg
@@ -64,6 +41,8 @@ class ImageAugment:
     def __call__(self, img, rng: random.Random):
         if self.cfg.hflip > 0 and rng.random() < self.cfg.hflip:
             img = F.horizontal_flip(img)
+        if self.cfg.vflip > 0 and rng.random() < self.cfg.vflip:
+            img = F.vertical_flip(img)
         if self.rand_augment is not None:
             img = self.rand_augment(img, rng)
         if self.jitter is not None:
@@ -71,3 +50,9 @@ class ImageAugment:
         if self.cfg.grayscale_prob > 0:
             img = random_grayscale(img, self.cfg.grayscale_prob, rng)
         return img
+
+    def after_mix(self, img_HWC, rng: random.Random, patch_size: int):
+        """Random erasing (patch-aligned rectangles, in place) on a uint8 [H, W, 3] image; identity when off."""
+        if self.erasing is None:
+            return img_HWC
+        return self.erasing(img_HWC, rng, patch_size)

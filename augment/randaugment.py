@@ -225,6 +225,12 @@ class RandAugmentSpec:
     weights: Optional[List[float]] = None  # weighted choice (without replacement) when set
 
 
+def rand_augment_help() -> str:
+    """One line on the spec strings ``parse_rand_augment`` accepts (for error messages)."""
+    return ("supported: RandAugment specs 'rand-<section>-...' with sections m<magnitude> n<ops> p<prob> "
+            "mstd<std> mmax<max> inc<0|1> t<weights|3a|3aw>, e.g. 'rand-m8-inc1-mstd1.0'")
+
+
 def parse_rand_augment(spec: str) -> RandAugmentSpec:
     """Parse timm's ``rand-...`` string. Unknown sections raise ValueError."""
     parts = spec.split('-')

@@ -8,19 +8,21 @@ files all fail is yielded with B = 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .config import EvalLoaderConfig, resolve_pin_memory
 from .packing import collate
 from .pipeline import eval_sample
 
 
 class EvalImages(Dataset):
-    def __init__(self, dataset, max_seq_len: int, patch_size: int, interpolation: str = 'bicubic',
-                 draft: bool = False, rank: int = 0, world_size: int = 1):
+    def __init__(self, dataset, max_seq_len: int, patch_size: int, interpolation: str, draft: bool,
+                 rank: int = 0, world_size: int = 1):
         n = len(dataset)
         self.dataset = dataset
         self.lo, self.hi = rank * n // world_size, (rank + 1) * n // world_size
@@ -53,11 +55,14 @@ class EvalCollate:
         return inputs, torch.tensor(targets, dtype=torch.int64)
 
 
-def make_eval_loader(dataset, *, max_seq_len: int, batch_size: int, patch_size: int = 16, num_workers: int = 4,
-                     rank: int = 0, world_size: int = 1, packing: bool = True, interpolation: str = 'bicubic',
-                     draft: bool = False, pin_memory: bool = False, persistent_workers: bool = False) -> DataLoader:
-    images = EvalImages(dataset, max_seq_len, patch_size, interpolation, draft, rank, world_size)
-    kwargs = dict(persistent_workers=persistent_workers) if num_workers > 0 else {}
-    return DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=EvalCollate(patch_size, packing, max_seq_len), pin_memory=pin_memory,
+def make_eval_loader(dataset, cfg: Optional[EvalLoaderConfig] = None, *, rank: int = 0, world_size: int = 1,
+                     persistent_workers: bool = False, **fields) -> DataLoader:
+    """DataLoader over this rank's shard of ``dataset``; config fields may be given as keywords."""
+    cfg = dataclasses.replace(cfg or EvalLoaderConfig(), **fields)
+    cfg.validate()
+    images = EvalImages(dataset, cfg.max_seq_len, cfg.patch_size, cfg.interpolation, cfg.draft, rank, world_size)
+    kwargs = dict(persistent_workers=persistent_workers) if cfg.num_workers > 0 else {}
+    return DataLoader(images, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
+                      collate_fn=EvalCollate(cfg.patch_size, cfg.packing, cfg.max_seq_len),
+                      pin_memory=resolve_pin_memory(cfg.pin_memory),
                       drop_last=False, **kwargs)

@@ -15,8 +15,10 @@ import random
 import torch
 
 from augment.geometry import fit_grid_to_seq, sample_rrc
-from augment.policy import AugConfig, ImageAugment
+from augment.config import AugConfig
+from augment.policy import ImageAugment
 
+from .config import EvalLoaderConfig
 from .decode import decode_resized, open_image, pil_to_hwc
 
 
@@ -43,8 +45,8 @@ class TrainSampleBuilder:
         return self.augment(img, rng)
 
 
-def eval_sample(path: str, max_seq_len: int, patch_size: int, interpolation: str = 'bicubic',
-                draft: bool = False) -> torch.Tensor:
+def eval_sample(path: str, max_seq_len: int, patch_size: int, interpolation: str = EvalLoaderConfig.interpolation,
+                draft: bool = EvalLoaderConfig.draft) -> torch.Tensor:
     opened = open_image(path)
     _, h, w, _ = opened
     gh, gw = fit_grid_to_seq(h, w, patch_size, max_seq_len)

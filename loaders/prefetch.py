@@ -28,8 +28,8 @@ def normalize_patches(patches: torch.Tensor, mean: torch.Tensor, std: torch.Tens
 
 
 class DevicePrefetcher:
-    def __init__(self, loader, device, mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 std: Sequence[float] = (0.5, 0.5, 0.5), dtype: torch.dtype = torch.float32):
+    def __init__(self, loader, device, mean: Sequence[float], std: Sequence[float],
+                 dtype: torch.dtype = torch.float32):
         self.loader = loader
         self.device = torch.device(device)
         self.dtype = dtype

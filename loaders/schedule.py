@@ -22,6 +22,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .config import TrainLoaderConfig
+
 
 def batch_size_for(seq_len: int, tokens_per_batch: int, divisor: int = 8) -> int:
     """``max(1, floor(tokens_per_batch / seq_len / divisor) * divisor)`` (timm's floor rounding)."""
@@ -41,10 +43,10 @@ class SeqLenSchedule:
     def __init__(
             self,
             num_samples: int,
-            seq_lens: Sequence[int] = (128, 256, 576, 784, 1024),
-            tokens_per_batch: int = 64 * 1024,
+            seq_lens: Sequence[int],
+            tokens_per_batch: int,
             *,
-            seed: int = 42,
+            seed: int = TrainLoaderConfig.seed,
             rank: int = 0,
             world_size: int = 1,
             patch_sizes: Sequence[int] = (16,),

@@ -6,7 +6,7 @@ builds the whole batch for a key inside a worker. So
 - DataLoader workers split steps round-robin with no duplicates, and batches come back in step order;
 - ``set_epoch`` only changes the sampler, so it works with persistent workers;
 - ``set_start_step(k)`` makes the next epoch iteration start at step k (exact mid-epoch resume);
-- ``set_mixup(False)`` turns MixUp/CutMix off (``--mixup-off-epoch``; MixupConfig.off_epoch does it too);
+- MixUp/CutMix stops at ``MixupConfig.off_epoch`` (``--mixup-off-epoch``); targets stay soft after that;
 - every random choice of a sample comes from ``random.Random`` seeded by (seed, epoch, step, slot), so a batch
   is identical whatever the number of workers, and re-runs are exact.
 
@@ -15,7 +15,6 @@ shape) and its path is listed in ``inputs['bad_files']``.
 """
 from __future__ import annotations
 
-import dataclasses
 import random
 import warnings
 from typing import Iterator, List, Optional, Tuple
@@ -23,8 +22,8 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from augment.config import AugConfig
 from augment.mixup import MixupConfig, mix_variable_size
-from augment.policy import AugConfig
 
 from .decode import pil_to_hwc
 from .packing import collate
@@ -39,27 +38,25 @@ class StepSampler(Sampler):
         self.schedule = schedule
         self.epoch = 0
         self.start_step = 0
-        self.mixup_enabled = True
 
     def __len__(self) -> int:
         return self.schedule.num_steps - self.start_step
 
-    def __iter__(self) -> Iterator[Tuple[int, int, bool]]:
-        epoch, start, mix = self.epoch, self.start_step, self.mixup_enabled
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch, start = self.epoch, self.start_step
         self.start_step = 0  # resume offset applies to one pass only
         for s in range(start, self.schedule.num_steps):
-            yield (epoch, s, mix)
+            yield (epoch, s)
 
 
 class StepDataset(Dataset):
-    """Map-style: ``ds[(epoch, step[, mixup_enabled])] -> (inputs, target)`` for the whole step."""
+    """Map-style: ``ds[(epoch, step)] -> (inputs, target)`` for the whole step."""
 
-    def __init__(self, dataset, schedule: SeqLenSchedule, aug: AugConfig, mixup: Optional[MixupConfig],
-                 packing: bool = True, seed: int = 42):
+    def __init__(self, dataset, schedule: SeqLenSchedule, aug: AugConfig, mixup: Optional[MixupConfig], *,
+                 packing: bool, seed: int):
         self.dataset = dataset
         self.schedule = schedule
         self.builder = TrainSampleBuilder(aug)
-        self.erasing = self.builder.augment.erasing
         self.mixup = mixup if (mixup is not None and mixup.active) else None
         self.packing = packing
         self.seed = seed
@@ -79,9 +76,8 @@ class StepDataset(Dataset):
                 idx = rng.randrange(n)
         raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive undecodable images; last: {bad[-1]}")
 
-    def __getitem__(self, key):
-        epoch, step_idx = key[0], key[1]
-        mix_on = key[2] if len(key) > 2 else True
+    def __getitem__(self, key: Tuple[int, int]):
+        epoch, step_idx = key
         step = self.schedule.step(epoch, step_idx)
         L, P = step.seq_len, step.patch_size
         imgs, targets, bad, rngs = [], [], [], []
@@ -92,16 +88,12 @@ class StepDataset(Dataset):
             targets.append(t)
             rngs.append(rng)
         if self.mixup is not None:
-            # Disabled mixing keeps the soft-target format (smoothed one-hot) so the loss does not change type.
-            cfg = self.mixup if mix_on else dataclasses.replace(self.mixup, prob=0.0)
+            # From MixupConfig.off_epoch on, targets keep the soft format (smoothed one-hot) so the loss keeps its type.
             mix_rng = random.Random(f"{self.seed}/{epoch}/{step_idx}/mix")
-            imgs, target, _, _ = mix_variable_size(imgs, targets, cfg, mix_rng, inplace=True,
-                                                  epoch=epoch)
+            imgs, target, _, _ = mix_variable_size(imgs, targets, self.mixup, mix_rng, inplace=True, epoch=epoch)
         else:
             target = torch.tensor(targets, dtype=torch.int64)
-        imgs = [pil_to_hwc(x) for x in imgs]
-        if self.erasing is not None:
-            imgs = [self.erasing(x, r, P) for x, r in zip(imgs, rngs)]
+        imgs = [self.builder.augment.after_mix(pil_to_hwc(x), r, P) for x, r in zip(imgs, rngs)]
         inputs = collate(imgs, P, self.packing, L, bad)
         return inputs, target
 
@@ -109,8 +101,8 @@ class StepDataset(Dataset):
 class TrainLoader:
     """Iterable of ``(inputs, target)`` steps. ``len()`` = steps per epoch (same on every rank)."""
 
-    def __init__(self, step_dataset: StepDataset, *, num_workers: int = 4, pin_memory: bool = False,
-                 persistent_workers: bool = True, prefetch_factor: Optional[int] = 2, epoch: int = 0):
+    def __init__(self, step_dataset: StepDataset, *, num_workers: int, pin_memory: bool, persistent_workers: bool,
+                 prefetch_factor: Optional[int], epoch: int = 0):
         self.step_dataset = step_dataset
         self.schedule = step_dataset.schedule
         self.sampler = StepSampler(self.schedule)
@@ -130,10 +122,6 @@ class TrainLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = int(epoch)
-
-    def set_mixup(self, enabled: bool) -> None:
-        """Switch MixUp/CutMix on/off from the next pass (works with persistent workers; targets stay soft)."""
-        self.sampler.mixup_enabled = bool(enabled)
 
     def set_start_step(self, step: int) -> None:
         """The next iteration yields steps ``step .. len(self)-1`` of the current epoch."""

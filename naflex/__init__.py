@@ -1,11 +1,11 @@
-"""NaFlexViT model and training library.
+"""NaFlexViT: the model library (``naflex.model``) and the trainer built on it (``naflex.train``).
 
-NaFlex (SigLIP 2, arXiv:2502.14786) vision transformers with NaViT-style sequence packing (arXiv:2307.06304)
-and FlexiViT patch-size flexibility (arXiv:2212.08013); timm-checkpoint compatible.
+``import naflex`` gives the model library's API (``create_model``, ``list_models``, ...) and loads nothing of
+the trainer or the data pipeline. NaFlex: SigLIP 2 (arXiv:2502.14786); packing: NaViT (arXiv:2307.06304);
+variable patch size: FlexiViT (arXiv:2212.08013).
 """
-from .attention import BACKENDS as ATTN_BACKENDS
-from .model import NaFlexFeatures, NaFlexVit, NaFlexVitCfg
-from .registry import create_model, get_config, list_models
+from .model import (ATTN_BACKENDS, DEFAULT_MODEL, NaFlexFeatures, NaFlexVit, NaFlexVitCfg, WeightsMismatch,
+                    create_model, data_config, get_config, list_models, load_into, read_state_dict)
 
-__all__ = ['ATTN_BACKENDS', 'NaFlexFeatures', 'NaFlexVit', 'NaFlexVitCfg', 'create_model', 'get_config',
-           'list_models']
+__all__ = ['ATTN_BACKENDS', 'DEFAULT_MODEL', 'NaFlexFeatures', 'NaFlexVit', 'NaFlexVitCfg', 'WeightsMismatch',
+           'create_model', 'data_config', 'get_config', 'list_models', 'load_into', 'read_state_dict']

@@ -18,7 +18,6 @@ Related: NaViT arXiv:2307.06304 (packing), SigLIP 2 arXiv:2502.14786 (NaFlex).
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import platform
@@ -32,16 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from loaders import ImageFolderDataset  # noqa: E402
-from loaders.args import add_loader_args, aug_config_from_args, mixup_config_from_args  # noqa: E402
+import loaders  # noqa: E402
+from naflex.model import batch as B  # noqa: E402
+from naflex.train.cli import build_parser, config_from_args  # noqa: E402
+
+LOADER_FLAGS = ('dataset', 'aug', 'naflex', 'run')  # train.py's flag groups the loaders read
 
 
 def build_ours(args, num_classes):
-    import loaders
-    return loaders.create_train_loader(
-        args.data_dir, args.train_split, seq_lens=args.naflex_train_seq_lens, batch_size=args.batch_size,
-        patch_size=16, num_workers=args.workers, seed=args.seed, aug=aug_config_from_args(args),
-        mixup=mixup_config_from_args(args, num_classes), num_classes=num_classes, persistent_workers=False)
+    cfg = config_from_args(args, build_parser(LOADER_FLAGS))
+    return loaders.create_train_loader(args.data_dir, args.train_split, cfg.loader, aug=cfg.aug, mixup=cfg.mixup,
+                                       num_classes=num_classes, patch_size=16, persistent_workers=False)
 
 
 def build_timm(args, num_classes):
@@ -80,10 +80,7 @@ def run(loader, kind, max_steps):
     t_first = None
     it = iter(loader)
     for inputs, target in it:
-        if kind == 'ours':
-            tok, img = int(inputs['seq_lens'].sum()), int(inputs['seq_lens'].numel())
-        else:
-            tok, img = int(inputs['patch_valid'].sum()), int(inputs['patch_valid'].shape[0])
+        tok, img = int(B.valid_tokens(inputs)), B.num_images(inputs)
         all_tok += tok
         if t_first is None:
             t_first = time.perf_counter()
@@ -103,16 +100,16 @@ def run(loader, kind, max_steps):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    add_loader_args(p)
+    p = build_parser(LOADER_FLAGS, prog='bench_loader.py')
+    p.description = __doc__.split('\n')[0]
     p.add_argument('--steps', type=int, default=0, help='stop each run after N steps (0 = one epoch)')
     p.add_argument('--repeats', type=int, default=1)
     p.add_argument('--only', choices=('ours', 'timm'), default=None)
     args = p.parse_args(argv)
-    if args.data_dir is None:
+    if not args.data_dir:
         p.error('--data-dir is required')
     torch.set_num_threads(1)
-    num_classes = ImageFolderDataset(args.data_dir, args.train_split).num_classes  # the loaders' own class scan
+    num_classes = loaders.ImageFolderDataset(args.data_dir, args.train_split).num_classes  # the loaders' class scan
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {platform.node()} cpus={os.cpu_count()} "
           f"torch={torch.__version__} workers={args.workers} -b {args.batch_size} "
           f"seq_lens={args.naflex_train_seq_lens} aa={args.aa} mixup={args.mixup} cutmix={args.cutmix}")

@@ -14,7 +14,7 @@ default automatic-dynamic for timm's and vit_plain, as timm's train.py compiles)
 max-autotune-no-cudagraphs), --variants ... vit_plain (timm VisionTransformer, same depth/width, unmasked
 sequences of exactly L tokens: the no-mask upper bound), --profile (torch.profiler top-15 table of a few
 ours_packed steps), --timm-opt timm|naflex (timm's variant steps timm's NAdamW, as timm's train.py, by default).
-Optimizers: ours and vit_plain use naflex.optim.create_optimizer (what train.py builds: NAdamW, foreach on CUDA,
+Optimizers: ours and vit_plain use naflex.train.optim.create_optimizer (what train.py builds: NAdamW, foreach on CUDA,
 no weight decay on 1-d/pos-embed params).
 Compile figures per variant (JSON and printout): first_call_s (wall time of the first step of each sequence
 length, synced; includes compilation), compile_s (time inside torch.compile's compile events, dynamo frames and
@@ -185,14 +185,13 @@ def flops_per_step(model, grids, num_prefix):
 
 
 def make_optimizer(variant, model, timm_opt):
-    """What each side's train.py builds: naflex.optim.create_optimizer (ours), timm's NAdamW (timm's)."""
+    """What each side's train.py builds: naflex.train.optim.create_optimizer (ours), timm's NAdamW (timm's)."""
     if variant == "timm_padded" and timm_opt == "timm":
         from timm.optim import create_optimizer_v2
         return create_optimizer_v2(model, opt="nadamw", lr=3e-4, weight_decay=0.1)
-    from naflex.optim import create_optimizer
-    ns = argparse.Namespace(opt="nadamw", lr=3e-4, weight_decay=0.1, layer_decay=None, layer_decay_min_scale=0.0,
-                            opt_eps=None, opt_betas=None, momentum=0.9)
-    return create_optimizer(model, ns)
+    from naflex.train.config import OptimConfig
+    from naflex.train.optim import create_optimizer
+    return create_optimizer(model, OptimConfig(opt="nadamw", lr=3e-4, weight_decay=0.1))
 
 
 def compile_kwargs(variant, args):

@@ -24,7 +24,7 @@
 #   cuda_tests   pytest -m cuda tests (varlen/flex/dense backends agree on CUDA, no host sync, prefetcher)
 #   eager        scripts/bench_model.py: ours packed (varlen) / ours padded / timm padded / vit_plain (timm
 #                VisionTransformer, same size, no masks: the upper bound), NaFlexViT-B/16, bf16, NAdamW (ours:
-#                naflex.optim as train.py; timm: timm's), drop-path 0.2, L in 128..1024, 64x1024 tokens/step;
+#                naflex.train.optim as train.py; timm: timm's), drop-path 0.2, L in 128..1024, 64x1024 tokens/step;
 #                peak memory per variant
 #   compiled_ours  same with --compile (dynamic=True for ours), ours packed, + --profile (torch.profiler top-15
 #                table); compile time, frames compiled, recompiles and graphs come from bench_model's JSON

@@ -27,7 +27,7 @@ NaViT arXiv:2307.06304 (packing), SigLIP 2 arXiv:2502.14786 (NaFlex).
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import os
@@ -48,7 +48,7 @@ from augment.geometry import sample_rrc  # noqa: E402
 from augment.mixup import mix_variable_size  # noqa: E402
 from augment.photometric import color_jitter, random_grayscale  # noqa: E402
 from augment.policy import ImageAugment  # noqa: E402
-from loaders.args import add_loader_args, aug_config_from_args, mixup_config_from_args  # noqa: E402
+from naflex.train.cli import build_parser, config_from_args  # noqa: E402
 from loaders.dataset import ImageFolderDataset  # noqa: E402
 from loaders.decode import decode_resized, open_image, pil_to_hwc  # noqa: E402
 from loaders.packing import pack  # noqa: E402
@@ -255,8 +255,8 @@ def table(name, timer, n_img, tokens, wall):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_loader_args(p)
+    p = build_parser(("dataset", "aug", "naflex", "run"), prog="profile_loader.py")
+    p.description = __doc__.split("\n")[0]
     p.set_defaults(data_dir=str(DEFAULT_DATA), **DOCUMENTED)
     p.add_argument("--cycles", type=int, default=3, help="passes over the sequence-length list")
     p.add_argument("--fraction", type=float, default=0.25, help="share of each step's images processed")
@@ -270,8 +270,9 @@ def main(argv=None):
     P, seq_lens = args.patch_size, list(args.naflex_train_seq_lens)
     steps = plan_steps(len(ds), seq_lens, args.batch_size, args.cycles, args.fraction, args.seed)
     n_total = sum(len(i) for _, i in steps)
-    aug_cfg = aug_config_from_args(args)
-    mix_cfg = mixup_config_from_args(args, ds.num_classes)
+    cfg = config_from_args(args, p)
+    aug_cfg = cfg.aug
+    mix_cfg = None if cfg.mixup is None else dataclasses.replace(cfg.mixup, num_classes=ds.num_classes)
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

@@ -1,11 +1,11 @@
-"""Attention backends (naflex.attention): every backend that runs here equals the dense block-diagonal
+"""Attention backends (naflex.model.attention): every backend that runs here equals the dense block-diagonal
 reference, alone and inside the model (NaViT packing, arXiv:2307.06304)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import naflex
-from naflex.attention import AttnContext, attend, available_backends, resolve_backend
+from naflex.model.attention import AttnContext, attend, available_backends, resolve_backend
 
 from test_model import GRIDS, TOL, assert_batches_match, make_batches, maxdiff, pair
 
@@ -117,7 +117,7 @@ def test_varlen_plumbing_on_cpu(monkeypatch):
         calls.append(cu_q.clone())
         return _per_image_reference(q, k, v, cu_q.long())
 
-    import naflex.attention as attention
+    import naflex.model.attention as attention
     monkeypatch.setattr(attention, '_varlen_attn', fake_varlen)
     ours, ref = pair('naflexvit_tiny_test')
     padded, packed = make_batches(GRIDS)

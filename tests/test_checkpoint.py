@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import naflex
-from naflex.checkpoint import (CheckpointManager, atomic_save, find_resume, load_weights, rng_state,
+from naflex.train.checkpoint import (CheckpointManager, atomic_save, find_resume, load_weights, rng_state,
                                set_rng_state, unwrap_model)
 
 
@@ -130,8 +130,10 @@ def test_resume_timm_checkpoint_state():
     does not fit torch's NAdam, which is one clear error unless --no-resume-opt."""
     from timm.optim.nadamw import NAdamW
 
-    from naflex.engine import Engine, restore_training
-    from naflex.schedule import WarmupCosineSchedule
+    from naflex.train.checkpoint import restore_training
+    from naflex.train.config import TrainConfig
+    from naflex.train.engine import Trainer
+    from naflex.train.schedule import WarmupCosineSchedule
     model = naflex.create_model('naflexvit_tiny_test', num_classes=4)
     timm_opt = NAdamW(model.parameters(), lr=1e-3)
     model(torch.randn(1, 3, 32, 32)).sum().backward()
@@ -140,16 +142,16 @@ def test_resume_timm_checkpoint_state():
     other = naflex.create_model('naflexvit_tiny_test', num_classes=4)
     opt = torch.optim.NAdam(other.parameters(), lr=1e-3, decoupled_weight_decay=True)
     sched = WarmupCosineSchedule(opt, epochs=10, updates_per_epoch=5, on_updates=True, warmup_epochs=1)
-    eng = Engine(model=other, optimizer=opt, device=torch.device('cpu'), schedule=sched)
+    eng = Trainer(other, opt, TrainConfig(device='cpu'), batch_size_reference=1, schedule=sched)
     with pytest.raises(ValueError, match='--no-resume-opt'):
         restore_training(eng, ckpt, updates_per_epoch=5)
     state = restore_training(eng, ckpt, load_optimizer=False, updates_per_epoch=5)
     assert (state.epoch, state.step, state.num_updates) == (3, 0, 15)
     assert opt.param_groups[0]['lr'] == pytest.approx(sched.lr_at(15, 1e-3))
     assert torch.equal(other.head.weight, model.head.weight)
-    with pytest.raises(ValueError, match='do not fit the model'):
-        restore_training(Engine(model=naflex.create_model('naflexvit_tiny_test', num_classes=3), optimizer=opt,
-                                device=torch.device('cpu')), ckpt, load_optimizer=False)
+    with pytest.raises(ValueError, match='does not fit the model'):
+        restore_training(Trainer(naflex.create_model('naflexvit_tiny_test', num_classes=3), opt,
+                                 TrainConfig(device='cpu'), batch_size_reference=1), ckpt, load_optimizer=False)
 
 
 def test_our_checkpoint_loads_in_timm(tmp_path):
@@ -157,9 +159,12 @@ def test_our_checkpoint_loads_in_timm(tmp_path):
     import timm
     from timm.models import load_checkpoint
 
-    from naflex.engine import Engine, TrainState, training_checkpoint
+    from naflex.train.checkpoint import TrainState, training_checkpoint
+    from naflex.train.config import TrainConfig
+    from naflex.train.engine import Trainer
     model = naflex.create_model('naflexvit_tiny_test', num_classes=4)
-    eng = Engine(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), device=torch.device('cpu'))
+    eng = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), TrainConfig(device='cpu'),
+                  batch_size_reference=1)
     CheckpointManager(tmp_path).save_epoch(training_checkpoint(eng, TrainState(epoch=1)), 0, 1.0)
     ref = timm.create_model('naflexvit_base_patch16_gap', embed_dim=64, depth=2, num_heads=4, num_classes=4)
     load_checkpoint(ref, str(tmp_path / 'last.pth'), strict=True)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import loaders
-from loaders.bad_files import BadFileTracker, TooManyBadFiles
+from naflex.train.bad_files import BadFileTracker, TooManyBadFiles
 from loaders.dataset import ImageFolderDataset
 from loaders.decode import decode_resized, open_image, to_rgb
 

@@ -13,7 +13,8 @@ import torch
 import torch.multiprocessing as mp
 
 import naflex
-from naflex.engine import Engine, TrainState, train_one_epoch
+from naflex.train.config import TrainConfig
+from naflex.train.engine import TrainState, Trainer, train_one_epoch
 
 PATCH = 16
 NUM_CLASSES = 4
@@ -62,9 +63,8 @@ def _model():
 
 def _train(model, batches, world_size, accum=1):
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    eng = Engine(model=model, optimizer=opt, device=torch.device('cpu'), loss_scale='none',
-                 batch_size_reference=8, smoothing=0.1, log_interval=1, world_size=world_size,
-                 grad_accum_steps=accum)
+    cfg = TrainConfig(device='cpu', loss_scale='none', smoothing=0.1, log_interval=1, grad_accum_steps=accum)
+    eng = Trainer(model, opt, cfg, batch_size_reference=8, world_size=world_size)
     state = TrainState()
     metrics = train_one_epoch(eng, iter(batches), len(batches), state)
     return metrics, state
@@ -90,7 +90,7 @@ def _init_gloo(rank, store):
 
 
 def _worker(rank, store, out):
-    from naflex.distributed import init_distributed
+    from naflex.train.distributed import init_distributed
     _init_gloo(rank, store)
     info = init_distributed('cpu')  # picks up the existing group
     batches = [take(make_packed(GRIDS, s), SPLIT[rank]) for s in range(STEPS)]
@@ -153,15 +153,15 @@ def test_torchrun_two_processes_end_to_end(demo_dataset, tmp_path):
 
 
 def _nan_worker(rank, store, out_dir):
-    from naflex.engine import NonFiniteLossError
+    from naflex.train.engine import NonFiniteLossError
     _init_gloo(rank, store)
     model = torch.nn.parallel.DistributedDataParallel(_model())
     batches = [take(make_packed(GRIDS, s), SPLIT[rank]) for s in range(STEPS)]
     if rank == 1:
         batches[1][0]['patches'][:] = float('nan')  # only rank 1 sees a non-finite loss at step 1
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    eng = Engine(model=model, optimizer=opt, device=torch.device('cpu'), loss_scale='none', log_interval=100,
-                 world_size=2)
+    eng = Trainer(model, opt, TrainConfig(device='cpu', loss_scale='none', log_interval=100, smoothing=0.0),
+                  batch_size_reference=1, world_size=2)
     try:
         train_one_epoch(eng, iter(batches), len(batches), TrainState())
         msg = 'finished'
@@ -187,19 +187,25 @@ def test_non_finite_loss_on_one_rank_stops_all(tmp_path):
 
 
 def _stop_worker(rank, store, out_dir):
-    from naflex.engine import StopRequested
+    from naflex.train.engine import StopRequested
     _init_gloo(rank, store)
     model = torch.nn.parallel.DistributedDataParallel(_model())
     batches = [take(make_packed(GRIDS, s), SPLIT[rank]) for s in range(STEPS)]
 
     class Sigterm:  # only rank 1 "receives SIGTERM", after its first update
+        requested = False
+
         def after_update(self, engine, state):
             if rank == 1 and state.step == 1:
-                engine.stop_requested = True
+                self.requested = True
+
+        def wants_stop(self):
+            return self.requested
 
     saved = []
-    eng = Engine(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), device=torch.device('cpu'),
-                 loss_scale='none', log_interval=1, world_size=2, hooks=Sigterm())
+    eng = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                  TrainConfig(device='cpu', loss_scale='none', log_interval=1, smoothing=0.0), batch_size_reference=1,
+                  world_size=2, callbacks=[Sigterm()])
     try:
         train_one_epoch(eng, iter(batches), len(batches), TrainState(), save_recovery=lambda st: saved.append(st.step))
         msg = 'finished'

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import validate
-from naflex.config import parse_args
+from naflex.train.cli import parse_args
 
 DEMO = Path(__file__).resolve().parents[1] / "scripts" / "demo.sh"
 SUBST = {'"$DATA"': "demo_data", '"$DEVICE"': "cpu", '"${AMP[@]}"': "", '"$EPOCHS"': "15", '"$OUTPUT"': "output",

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import naflex
 from naflex.model import NaFlexVitCfg
-from naflex.pos_embed import grid_coords
+from naflex.model.batch import grid_coords
 
 TOL = 1e-4
 TINY = ['naflexvit_tiny_test', 'naflexvit_tiny_test_par', 'naflexvit_tiny_test_parfac', 'naflexvit_tiny_test_map',

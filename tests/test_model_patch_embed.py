@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.layers import resample_patch_embed
 
 import naflex
-from naflex.patch_embed import resample_patch_weight
+from naflex.model.patch_embed import resample_patch_weight
 
 from test_model import make_batches
 

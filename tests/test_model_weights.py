@@ -104,7 +104,7 @@ def test_read_state_dict_is_the_one_reader(tmp_path):
     """timm train.py checkpoint (args Namespace), DDP + torch.compile prefixes, explicit EMA choice."""
     import argparse
 
-    from naflex.weights import read_file, read_state_dict
+    from naflex.model.weights import read_file, read_state_dict
     plain = {'a.w': torch.ones(2), 'b.w': torch.ones(3)}
     ema = {'module._orig_mod.a.w': torch.zeros(2), '_orig_mod.b.w': torch.zeros(3)}
     path = tmp_path / 'timm.pth.tar'

@@ -1,6 +1,4 @@
 """Parameter grouping equals timm's, the torch NAdamW tracks timm's NAdamW, clipping and EMA behave as timm's."""
-import argparse
-
 import pytest
 import timm
 import torch
@@ -8,7 +6,8 @@ from timm.optim import create_optimizer_v2
 from timm.optim.nadamw import NAdamW
 from timm.utils.model_ema import ModelEmaV3
 
-from naflex.optim import ModelEma, clip_gradients, create_optimizer, param_groups
+from naflex.train.config import OptimConfig
+from naflex.train.optim import ModelEma, clip_gradients, create_optimizer, param_groups
 
 
 def _vit():
@@ -33,10 +32,7 @@ def test_groups_match_timm(layer_decay):
 
 
 def _args(**kw):
-    base = dict(opt='nadamw', lr=1e-2, weight_decay=0.1, opt_eps=None, opt_betas=None, momentum=0.9,
-                layer_decay=None, layer_decay_min_scale=0.0)
-    base.update(kw)
-    return argparse.Namespace(**base)
+    return OptimConfig(**dict(dict(opt='nadamw', lr=1e-2, weight_decay=0.1, momentum=0.9), **kw))
 
 
 def test_nadamw_tracks_timm():
@@ -68,7 +64,7 @@ def test_optimizer_kinds():
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults['nesterov'] and sgd.defaults['momentum'] == 0.9
     mom = create_optimizer(model, _args(opt='momentum'))
     assert not mom.defaults['nesterov']
-    adamw = create_optimizer(model, _args(opt='adamw', opt_eps=1e-6, opt_betas=[0.9, 0.95]))
+    adamw = create_optimizer(model, _args(opt='adamw', eps=1e-6, betas=(0.9, 0.95)))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults['betas'] == (0.9, 0.95)
     assert adamw.defaults['eps'] == 1e-6
     with pytest.raises(ValueError, match='valid: nadamw'):

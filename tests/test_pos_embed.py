@@ -1,4 +1,4 @@
-"""Per-token position embeddings (naflex.pos_embed) against F.interpolate / timm's per-size resize.
+"""Per-token position embeddings (naflex.model.pos_embed) against F.interpolate / timm's per-size resize.
 
 NaFlex (SigLIP 2, arXiv:2502.14786) resizes a learned 16x16 table to each image's grid; NaViT
 (arXiv:2307.06304) adds factorized and aspect-preserving variants. Our closed-form per-token weights must
@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from naflex.pos_embed import axis_weights, factorized_pos_embed, grid_coords, learned_pos_embed
+from naflex.model.batch import grid_coords
+from naflex.model.pos_embed import axis_weights, factorized_pos_embed, learned_pos_embed
 
 SIZES = list(range(1, 41)) + [47, 64, 97, 128, 255]
 

@@ -1,11 +1,10 @@
 """Our warmup+cosine schedule equals timm's CosineLRScheduler (built by create_scheduler_v2) on a grid of steps."""
-import argparse
-
 import pytest
 import torch
 from timm.scheduler import create_scheduler_v2
 
-from naflex.schedule import WarmupCosineSchedule, create_schedule
+from naflex.train.config import ScheduleConfig
+from naflex.train.schedule import WarmupCosineSchedule, create_schedule
 
 
 def _opt(lr=3e-4, lr_scales=(1.0,)):
@@ -32,9 +31,9 @@ def test_matches_timm(epochs, warmup, warmup_lr, min_lr, cooldown, on_updates, u
     ref, ref_epochs = create_scheduler_v2(
         timm_opt, sched='cosine', num_epochs=epochs, warmup_epochs=warmup, warmup_lr=warmup_lr, min_lr=min_lr,
         cooldown_epochs=cooldown, warmup_prefix=prefix, step_on_epochs=not on_updates, updates_per_epoch=upe)
-    args = argparse.Namespace(
+    args = ScheduleConfig(
         epochs=epochs, warmup_epochs=warmup, warmup_prefix=prefix, cooldown_epochs=cooldown, sched='cosine',
-        sched_on_updates=on_updates, warmup_lr=warmup_lr, min_lr=min_lr)
+        on_updates=on_updates, warmup_lr=warmup_lr, min_lr=min_lr)
     assert create_schedule(args, _opt(), upe)[1] == ref_epochs
     # initial lr (before any step) matches too
     assert [g['lr'] for g in ours_opt.param_groups] == pytest.approx([g['lr'] for g in timm_opt.param_groups])

@@ -3,7 +3,7 @@ import pytest
 import yaml
 
 import train
-from naflex.config import ConfigError, build_parser, parse_args
+from naflex.train.cli import ConfigError, build_parser, parse_args
 
 # Changing the CLI is a deliberate act: update this list (and the README) in the same commit.
 FROZEN_FLAGS = [
@@ -39,17 +39,25 @@ def test_every_default_declared_once():
 
 
 def test_loader_flags_are_config_flags():
-    """loaders.add_loader_args copies train.py's flags: same option strings and defaults, declared once."""
-    import argparse
-
-    from loaders.args import LOADER_FLAG_DEFAULTS, add_loader_args
+    """A tool's subset of train.py's flags (the loader benchmarks) is the same flags, and every flag's default
+    is its config field's default: the dataclasses are the one place defaults are declared."""
+    from naflex.train.cli import config_from_args
     ours = {a.dest: a for a in build_parser()._actions}
-    theirs = [a for a in add_loader_args(argparse.ArgumentParser())._actions if a.dest != 'help']
-    assert {a.dest for a in theirs} == set(LOADER_FLAG_DEFAULTS)
-    for a in theirs:
+    subset = build_parser(groups=('dataset', 'aug', 'naflex', 'run'))
+    for a in subset._actions:
         assert (a.option_strings, a.default, a.nargs) == (ours[a.dest].option_strings, ours[a.dest].default,
                                                           ours[a.dest].nargs), a.dest
-        assert LOADER_FLAG_DEFAULTS[a.dest] == a.default
+    parser = build_parser()
+    cfg = config_from_args(parser.parse_args([]), parser)
+    cli_only = {('mixup', 'mixup_alpha'), ('mixup', 'cutmix_alpha'), ('eval', 'batch_size'),
+                ('run', 'resume_opt'), ('loader', 'packing'), ('eval', 'packing'), ('loader', 'pin_memory'),
+                ('eval', 'pin_memory')}  # flags whose CLI default means 'off' / 'same as another flag'
+    from naflex.train.config import Config
+    defaults = Config()
+    for (section, field), flag in parser.flag_of.items():
+        if (section, field) in cli_only or section == 'mixup':
+            continue
+        assert getattr(getattr(cfg, section), field) == getattr(getattr(defaults, section), field), flag
 
 
 def test_card_command_and_timm_defaults():

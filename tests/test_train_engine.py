@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import naflex
-from naflex.engine import Engine, TrainState, classification_loss, loss_weight, train_one_epoch
-from naflex.optim import ModelEma
+from naflex.train.config import TrainConfig
+from naflex.train.engine import TrainState, Trainer, classification_loss, loss_weight, train_one_epoch
+from naflex.train.optim import ModelEma
 from test_ddp import GRIDS, make_packed, take
 
 
@@ -34,12 +35,11 @@ def _model(drop_path=0.0):
     return naflex.create_model('naflexvit_tiny_test', num_classes=4, drop_path_rate=drop_path)
 
 
-def _engine(model, **kw):
+def _engine(model, ema=None, clip_grad=None, clip_mode='norm', callbacks=(), **cfg):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    base = dict(model=model, optimizer=opt, device=torch.device('cpu'), loss_scale='none', batch_size_reference=8,
-                log_interval=100)
-    base.update(kw)
-    return Engine(**base)
+    cfg = TrainConfig(**dict(dict(device='cpu', loss_scale='none', log_interval=100, smoothing=0.0), **cfg))
+    return Trainer(model, opt, cfg, batch_size_reference=8, ema=ema, clip_grad=clip_grad, clip_mode=clip_mode,
+                   callbacks=callbacks)
 
 
 def _params(model):
@@ -74,8 +74,8 @@ def test_linear_loss_scale_weights_small_batches_less():
 
 def test_fp16_grad_scaler_and_clipping_on_cpu():
     m = _model()
-    scaler = torch.amp.GradScaler('cpu')
-    eng = _engine(m, amp_dtype=torch.float16, scaler=scaler, clip_grad=1e-3, clip_mode='norm', log_interval=1)
+    eng = _engine(m, amp=True, amp_dtype='float16', clip_grad=1e-3, clip_mode='norm', log_interval=1)
+    scaler = eng.scaler
     before = _params(m)
     metrics = train_one_epoch(eng, iter([make_packed(GRIDS, s) for s in range(2)]), 2, TrainState())
     assert math.isfinite(metrics['loss']) and scaler.get_scale() > 0
@@ -120,14 +120,14 @@ def test_no_host_sync_between_log_steps(monkeypatch):
             if st.step == 2:
                 raise KeyboardInterrupt  # stop before the final (logged) step
 
-    eng.hooks = Stop()
+    eng.callbacks.items.append(Stop())
     with pytest.raises(KeyboardInterrupt):
         train_one_epoch(eng, iter(batches), 3, state)
     # only the first update (update_idx 0) is a log step: its reads happen once, none after it
     n_first = len(calls)
     state2 = TrainState(step=1)
     m2 = _model()
-    eng2 = _engine(m2, log_interval=100, hooks=Stop())
+    eng2 = _engine(m2, log_interval=100, callbacks=[Stop()])
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         train_one_epoch(eng2, iter(batches[1:]), 3, state2)

@@ -1,4 +1,4 @@
-"""validate.py and naflex.evaluate end to end on the generated demo images with a tiny model.
+"""validate.py and naflex.train.evaluate end to end on the generated demo images with a tiny model.
 
 - per-image logits equal timm's NaFlex validate pipeline (timm eval transform + NaFlexCollator + timm model
   holding the same weights);
@@ -23,7 +23,7 @@ import naflex
 import validate
 from loaders import ImageFolderDataset, make_eval_loader
 from loaders.demo_data import make_demo_dataset
-from naflex.evaluate import evaluate
+from naflex.train.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "naflexvit_tiny_test"

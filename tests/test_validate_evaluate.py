@@ -1,4 +1,4 @@
-"""naflex.evaluate on hand-made batches: metric arithmetic, soft targets, and the all-reduce over 2 gloo ranks."""
+"""naflex.train.evaluate on hand-made batches: metric arithmetic, soft targets, and the all-reduce over 2 gloo ranks."""
 import os
 import socket
 
@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from naflex.evaluate import evaluate
+from naflex.train.evaluate import evaluate
 
 
 class _Echo(torch.nn.Module):

@@ -21,10 +21,10 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from .config import CLIP_MODES, OPTIMIZERS, OptimConfig
+
 _logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ('nadamw', 'adamw', 'sgd', 'momentum')
-CLIP_MODES = ('norm', 'value')
 # mu_t = beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay)) == beta1 for any t >= 1 (0.96 ** 1e6 underflows to 0).
 _NADAM_CONSTANT_MOMENTUM = 1e6
 
@@ -64,29 +64,28 @@ def param_groups(
     return list(groups.values())
 
 
-def create_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
-    """Build the optimizer named by ``--opt`` with timm's flag semantics (lr, weight decay, eps, betas, momentum)."""
-    name = args.opt.lower()
+def create_optimizer(model: nn.Module, cfg: OptimConfig, lr: Optional[float] = None) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.opt`` names, with timm's semantics for lr, weight decay, eps, betas and momentum.
+    ``lr``: the resolved peak lr (``OptimConfig.resolved_lr``), default ``cfg.lr``."""
+    name = cfg.opt.lower()
     if name not in OPTIMIZERS:
-        raise ValueError(f'unknown optimizer {args.opt!r}; valid: {", ".join(OPTIMIZERS)}')
-    groups = param_groups(model, args.weight_decay, args.layer_decay, args.layer_decay_min_scale)
+        raise ValueError(f'unknown optimizer {cfg.opt!r}; valid: {", ".join(OPTIMIZERS)}')
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.layer_decay_min_scale)
     params = [p for g in groups for p in g['params']]
     on_cuda = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
-    kw: Dict = {'lr': args.lr, 'weight_decay': args.weight_decay}
+    kw: Dict = {'lr': cfg.lr if lr is None else lr, 'weight_decay': cfg.weight_decay}
     if name in ('nadamw', 'adamw'):
-        if args.opt_eps is not None:
-            kw['eps'] = args.opt_eps
-        if args.opt_betas is not None:
-            kw['betas'] = tuple(args.opt_betas)
+        if cfg.eps is not None:
+            kw['eps'] = cfg.eps
+        if cfg.betas is not None:
+            kw['betas'] = tuple(cfg.betas)
     if name == 'nadamw':
-        opt = torch.optim.NAdam(groups, decoupled_weight_decay=True, momentum_decay=_NADAM_CONSTANT_MOMENTUM,
-                                foreach=True if on_cuda else None, **kw)
-    elif name == 'adamw':
-        opt = torch.optim.AdamW(groups, **({'fused': True} if on_cuda else {}), **kw)
-    else:
-        opt = torch.optim.SGD(groups, momentum=args.momentum, nesterov=name == 'sgd',
-                              **({'fused': True} if on_cuda else {}), **kw)
-    return opt
+        return torch.optim.NAdam(groups, decoupled_weight_decay=True, momentum_decay=_NADAM_CONSTANT_MOMENTUM,
+                                 foreach=True if on_cuda else None, **kw)
+    fused = {'fused': True} if on_cuda else {}
+    if name == 'adamw':
+        return torch.optim.AdamW(groups, **fused, **kw)
+    return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=name == 'sgd', **fused, **kw)
 
 
 def clip_gradients(params: Iterable[torch.Tensor], value: float, mode: str = 'norm') -> Optional[torch.Tensor]:

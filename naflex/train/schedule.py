@@ -20,7 +20,9 @@ from typing import Dict
 
 import torch
 
-SCHEDULES = ('cosine', 'constant')
+from .config import ScheduleConfig
+
+KINDS = ('cosine', 'constant')
 
 
 class WarmupCosineSchedule:
@@ -40,8 +42,8 @@ class WarmupCosineSchedule:
             warmup_prefix: bool = False,
             kind: str = 'cosine',
     ):
-        if kind not in SCHEDULES:
-            raise ValueError(f'unknown schedule {kind!r}; valid: {", ".join(SCHEDULES)}')
+        if kind not in KINDS:
+            raise ValueError(f'unknown schedule {kind!r}; valid: {", ".join(KINDS)}')
         if epochs <= 0:
             raise ValueError(f'epochs must be > 0, got {epochs}')
         if on_updates and updates_per_epoch <= 0:
@@ -94,21 +96,12 @@ class WarmupCosineSchedule:
         self.base_lrs = list(state['base_lrs'])
 
 
-def create_schedule(args, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
-    """Build the schedule from parsed flags; returns ``(schedule or None, total_epochs)``."""
-    total = args.epochs + (args.warmup_epochs if args.warmup_prefix else 0) + args.cooldown_epochs
-    if args.sched == 'none':
-        return None, total
+def create_schedule(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
+    """The schedule ``cfg`` describes; returns ``(schedule or None, total_epochs)``."""
+    if cfg.sched == 'none':
+        return None, cfg.total_epochs
     sched = WarmupCosineSchedule(
-        optimizer,
-        epochs=args.epochs,
-        updates_per_epoch=updates_per_epoch,
-        on_updates=args.sched_on_updates,
-        warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr,
-        min_lr=args.min_lr,
-        cooldown_epochs=args.cooldown_epochs,
-        warmup_prefix=args.warmup_prefix,
-        kind=args.sched,
-    )
-    return sched, total
+        optimizer, epochs=cfg.epochs, updates_per_epoch=updates_per_epoch, on_updates=cfg.on_updates,
+        warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
+        cooldown_epochs=cfg.cooldown_epochs, warmup_prefix=cfg.warmup_prefix, kind=cfg.sched)
+    return sched, cfg.total_epochs

@@ -18,14 +18,16 @@ import logging
 import os
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .weights import read_file, read_state_dict
+from naflex.model import load_into
+from naflex.model.weights import read_file, read_state_dict, state_dict_from
 
 _logger = logging.getLogger(__name__)
 
@@ -113,30 +115,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def load_weights(model: nn.Module, path, use_ema: bool = False) -> Tuple[List[str], List[str]]:
-    """Weights-only start (``--initial-checkpoint`` / ``--pretrained-path``) from our, timm's or a safetensors file.
-
-    A classifier whose shape differs from the model's (other ``--num-classes``) is left at its fresh
-    initialization. Returns (missing, unexpected) key lists; anything else missing is an error.
-    """
-    sd = read_state_dict(path, use_ema=use_ema)
-    own = model.state_dict()
-    resized = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    head_keys = [k for k in resized if k.startswith('head.')]
-    if len(head_keys) != len(resized):
-        bad = [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}' for k in resized if k not in head_keys]
-        raise ValueError(f'checkpoint {path} does not fit the model: ' + '; '.join(bad[:5]))
-    for k in head_keys:
-        sd.pop(k)
-    if head_keys:
-        _logger.info(f'classifier {head_keys} re-initialized for {getattr(model, "num_classes", "?")} classes')
-    result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if k not in head_keys]
-    if missing:
-        raise ValueError(f'checkpoint {path} lacks {len(missing)} model weights, e.g. {missing[:3]}')
-    if result.unexpected_keys:
-        _logger.warning(f'ignored {len(result.unexpected_keys)} unexpected keys, e.g. {result.unexpected_keys[:3]}')
-    return list(result.missing_keys), list(result.unexpected_keys)
+def load_weights(model: nn.Module, path, use_ema: bool = False) -> None:
+    """Weights-only start (``--initial-checkpoint`` / ``--pretrained-path``) from our, timm's or a safetensors
+    file; a classifier of another shape (other ``--num-classes``) keeps its fresh initialization."""
+    skipped = load_into(model, read_state_dict(path, use_ema=use_ema), source=f'checkpoint {path}', reinit_head=True)
+    if skipped:
+        _logger.info(f'classifier {skipped} re-initialized for {getattr(model, "num_classes", "?")} classes')
 
 
 def find_resume(output_dir) -> Optional[Path]:
@@ -202,3 +186,84 @@ class CheckpointManager:
 
     def restore(self, ckpt: Dict) -> None:
         self.history = [tuple(h) for h in ckpt.get('best_history', [])]
+
+
+@dataclass
+class TrainState:
+    """Where the run is: ``epoch`` being trained, ``step`` batches of it done, optimizer updates so far."""
+    epoch: int = 0
+    step: int = 0
+    num_updates: int = 0
+    rng: Optional[Dict] = None  # RNG state to continue a mid-epoch resume with (else seeded per epoch)
+
+    def state_dict(self) -> Dict:
+        return {'epoch': self.epoch, 'step': self.step, 'num_updates': self.num_updates}
+
+
+def training_checkpoint(trainer, state: TrainState, meta: Optional[Dict] = None) -> Dict:
+    """The full training state of a ``naflex.train.engine.Trainer`` for CheckpointManager (call on every rank:
+    the RNG states are gathered). ``meta``: 'arch' and 'args' (the resolved flags) to store alongside."""
+    rng = rng_state()
+    if trainer.world_size > 1:
+        import torch.distributed as dist
+        rngs = [None] * trainer.world_size
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    ckpt = dict(meta or {}, **{
+        'epoch': state.epoch - 1 if state.step == 0 else state.epoch,
+        'state_dict': trainer.module.state_dict(),
+        'optimizer': trainer.optimizer.state_dict(),
+        'train_state': dict(state.state_dict(), world_size=trainer.world_size),
+        'rng': rngs,
+        'version': 2,
+    })
+    for key, part in (('scheduler', trainer.schedule), ('scaler', trainer.scaler)):
+        if part is not None:
+            ckpt[key] = part.state_dict()
+    if trainer.ema is not None:
+        ckpt['state_dict_ema'] = trainer.ema.module.state_dict()
+    return ckpt
+
+
+def _resume_state(ckpt: Dict, world_size: int, accum: int, updates_per_epoch: Optional[int]) -> TrainState:
+    ts = ckpt.get('train_state')
+    if ts is None:  # timm checkpoint: 'epoch' is the last finished epoch
+        epoch = ckpt.get('epoch', -1) + 1
+        ts = {'epoch': epoch, 'step': 0, 'num_updates': epoch * (updates_per_epoch or 0)}
+    state = TrainState(epoch=ts['epoch'], step=ts['step'], num_updates=ts['num_updates'])
+    if state.step and ts.get('world_size', world_size) != world_size:
+        _logger.warning(f'checkpoint is from {ts["world_size"]} processes, this run has {world_size}: '
+                        f'restarting epoch {state.epoch} from its first step')
+        state.num_updates -= (state.step + accum - 1) // accum
+        state.step = 0
+    return state
+
+
+def restore_training(trainer, ckpt: Dict, load_optimizer: bool = True,
+                     updates_per_epoch: Optional[int] = None) -> TrainState:
+    """Load a ``training_checkpoint`` dict (or a timm train.py checkpoint) into the trainer; returns the state to
+    continue from. A mid-epoch checkpoint written with another world size restarts its epoch from step 0
+    (the loader's step schedule depends on the number of ranks)."""
+    load_into(trainer.module, state_dict_from(ckpt, use_ema=False), source='the checkpoint')
+    if load_optimizer and 'optimizer' in ckpt:
+        try:
+            trainer.optimizer.load_state_dict(ckpt['optimizer'])
+        except (ValueError, KeyError, RuntimeError) as e:
+            name = type(trainer.optimizer).__name__
+            raise ValueError(f'the optimizer state in the checkpoint does not fit this {name} ({e}); '
+                             'pass --no-resume-opt to resume the weights only') from None
+    if trainer.ema is not None and 'state_dict_ema' in ckpt:
+        trainer.ema.module.load_state_dict(ckpt['state_dict_ema'])
+    if trainer.scaler is not None and 'scaler' in ckpt and load_optimizer:
+        trainer.scaler.load_state_dict(ckpt['scaler'])
+    state = _resume_state(ckpt, trainer.world_size, trainer.cfg.grad_accum_steps, updates_per_epoch)
+    rngs = ckpt.get('rng') or []
+    if state.step and trainer.rank < len(rngs):
+        state.rng = rngs[trainer.rank]  # applied when the resumed epoch starts (Trainer.begin_epoch)
+    if trainer.schedule is not None:
+        if 'scheduler' in ckpt:
+            trainer.schedule.load_state_dict(ckpt['scheduler'])
+        trainer.schedule.step(state.epoch)
+        trainer.schedule.step_update(state.num_updates)
+    return state

@@ -11,9 +11,7 @@ Parameter names and shapes equal timm's ``NaFlexVit`` (timm 1.0.31), so timm che
 1. an image tensor [B, C, H, W] (H, W multiples of the patch size);
 2. timm's padded NaFlex dict: ``patches`` [B, N, P*P*C] (or [B, N, Ph, Pw, C]), ``patch_coord`` [B, N, 2] (y, x),
    ``patch_valid`` [B, N] bool;
-3. the packed dict (no padding; detected by ``seq_lens`` / ``cu_seqlens`` keys or 2-D patches):
-   ``patches`` [T, p*p*C], ``patch_coord`` [T, 2], ``seq_lens`` [B], ``cu_seqlens`` [B+1], ``max_seqlen`` (int),
-   ``grid_sizes`` [B, 2] (h, w), optional ``patch_size`` (int).
+3. the packed dict (no padding); both dict layouts are specified in ``naflex.model.batch``.
 
 The packed path runs without host syncs: every per-image quantity (grid size, prefix-token slot, pooling
 segment) is gathered per token with tensor ops, so ``torch.compile(fullgraph=True)`` traces it whole.
@@ -28,8 +26,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import BACKENDS, AttnContext, attend, check_backend
+from .batch import grid_coords, is_packed
 from .patch_embed import NaFlexEmbeds
-from .pos_embed import grid_coords
 
 POOL_TYPES = ('', 'avg', 'avgmax', 'max', 'token', 'map')
 ACT_LAYERS = ('gelu', 'gelu_tanh')
@@ -236,10 +234,6 @@ class AttentionPoolLatent(nn.Module):
         out = score_TH.new_zeros(num_images, h, dh).index_add(0, seg_T, e_TH[..., None] * v.float())
         out = (out / denom[..., None]).to(x_TD.dtype).reshape(num_images, dim)
         return self._out(out)
-
-
-def is_packed_batch(x: dict) -> bool:
-    return 'seq_lens' in x or 'cu_seqlens' in x or x['patches'].ndim == 2
 
 
 class NaFlexVit(nn.Module):
@@ -453,7 +447,7 @@ class NaFlexVit(nn.Module):
         """Image tensor -> [B, prefix + N, D]. Padded dict -> {'patches', 'patch_valid'} (timm's format).
         Packed dict -> {'tokens': [T + B*prefix, D], plus packing metadata for ``forward_head``}."""
         if isinstance(x, dict):
-            if is_packed_batch(x):
+            if is_packed(x):
                 tokens, ctx, meta = self._embed_packed(x)
                 tokens = self.norm(self._run_blocks(tokens, ctx))
                 return dict(tokens=tokens, **meta)

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .model import NaFlexFeatures, NaFlexVit, NaFlexVitCfg
+from .naflexvit import NaFlexFeatures, NaFlexVit, NaFlexVitCfg
 
 _INCEPTION_MEAN = (0.5, 0.5, 0.5)
 _INCEPTION_STD = (0.5, 0.5, 0.5)
@@ -65,6 +65,8 @@ _VARIANTS: Dict[str, Tuple[NaFlexVitCfg, str, int]] = {
         **_TINY, class_token=True, reg_tokens=2, global_pool='token'), '', 1000),
 }
 
+DEFAULT_MODEL = 'naflexvit_base_patch16_gap'  # the model card's model: train.py's and validate.py's --model default
+
 _CFG_FIELDS = tuple(f.name for f in fields(NaFlexVitCfg))
 _EXTRA_KWARGS = ('num_classes', 'in_chans', 'features_only', 'out_indices', 'feature_norm')
 
@@ -82,6 +84,14 @@ def _variant(name: str) -> Tuple[NaFlexVitCfg, str, int]:
 
 def get_config(name: str) -> NaFlexVitCfg:
     return _variant(name)[0]
+
+
+def data_config(model: torch.nn.Module) -> Dict:
+    """The input normalization and eval resize a model was trained with: ``mean``, ``std``, ``interpolation``
+    (from its ``pretrained_cfg``; the registry's variants all use SigLIP's 0.5 / 0.5 and bicubic)."""
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return {'mean': tuple(cfg.get('mean', _INCEPTION_MEAN)), 'std': tuple(cfg.get('std', _INCEPTION_STD)),
+            'interpolation': cfg.get('interpolation', 'bicubic')}
 
 
 def valid_overrides() -> Tuple[str, ...]:

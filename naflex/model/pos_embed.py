@@ -18,8 +18,6 @@ Supported resize kernels (all with ``align_corners=False``, as used by every tim
 - ``bicubic`` / ``bilinear`` without anti-aliasing: PyTorch's plain kernels (cubic a=-0.75 with clamped border
   taps / linear with clamped source index). ``linear`` (1-D, factorized tables) uses the bilinear rule.
 """
-from typing import Optional
-
 import torch
 
 INTERP_MODES = ('bicubic', 'bilinear')
@@ -160,9 +158,3 @@ def factorized_pos_embed(
     wx = axis_weights(coord[:, 1], out_w, table_x.shape[0], 'linear', antialias=False)
     return wy @ table_y + wx @ table_x
 
-
-def grid_coords(h: int, w: int, device: Optional[torch.device] = None) -> torch.Tensor:
-    """[h*w, 2] row-major (y, x) coordinates of a full h x w grid."""
-    ys = torch.arange(h, device=device).repeat_interleave(w)
-    xs = torch.arange(w, device=device).repeat(h)
-    return torch.stack([ys, xs], dim=1)

@@ -9,12 +9,12 @@ torch.compile '_orig_mod.' prefixes are stripped. Everything loads with ``weight
 downloaded. Any problem (missing file, unreadable file, no state dict, missing / unexpected / mis-shaped
 tensors) raises one clear one-line error.
 
-Callers keep only their own policy: ``naflex.checkpoint`` (resume objects, classifier re-init),
-``validate.py`` (strict load, class-count check) and ``load_pretrained`` here (``create_model(pretrained=)``).
+``load_into`` is the one way a state dict enters a model (strict, or with a re-initialized classifier), with
+one mismatch message for ``create_model(pretrained=)``, ``validate.py``, ``--initial-checkpoint`` and ``--resume``.
 """
 import argparse
 import os
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
@@ -80,24 +80,42 @@ def read_state_dict(path, use_ema: bool = True, require_ema: bool = False) -> Di
     return state_dict_from(read_file(path), use_ema=use_ema, require_ema=require_ema, path=os.fspath(path))
 
 
-def load_pretrained(model: nn.Module, path: str) -> None:
-    """Load ``path`` into ``model`` strictly; the classifier is skipped if the model's head differs in shape
-    (e.g. ``num_classes`` overridden, or 0)."""
-    state = read_state_dict(path)
+class WeightsMismatch(ValueError):
+    """A state dict does not fit a model; the message lists missing / unexpected / mis-shaped tensors."""
+
+
+def _listing(label: str, items: List[str], shown: int = 5) -> str:
+    more = f' (+{len(items) - shown} more)' if len(items) > shown else ''
+    return f'{label}: {items[:shown]}{more}'
+
+
+def load_into(model: nn.Module, state: Dict[str, torch.Tensor], *, source: str = 'the checkpoint',
+              reinit_head: bool = False) -> List[str]:
+    """Load ``state`` into ``model``: every tensor must be present with its shape, nothing may be left over.
+
+    ``reinit_head``: a classifier (``head.*``) whose shape differs from the model's, or that the model does not
+    have (``num_classes=0``), keeps the model's fresh initialization instead (another ``--num-classes``).
+    Returns the head keys skipped that way. Anything else raises ``WeightsMismatch``, one line naming up to
+    five keys of each kind with their counts: the one message train.py, validate.py and ``create_model`` print.
+    """
     own = model.state_dict()
-    head_mismatch = any(k in state and (k not in own or own[k].shape != state[k].shape) for k in _HEAD_KEYS)
-    if head_mismatch:
-        state = {k: v for k, v in state.items() if k not in _HEAD_KEYS}
-    missing = sorted(k for k in own if k not in state and not (head_mismatch and k in _HEAD_KEYS))
+    skipped = []
+    if reinit_head:
+        skipped = [k for k in _HEAD_KEYS if k in state and (k not in own or own[k].shape != state[k].shape)]
+        state = {k: v for k, v in state.items() if k not in skipped}
+    missing = sorted(k for k in own if k not in state and k not in skipped)
     unexpected = sorted(k for k in state if k not in own)
     shapes = sorted(f'{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
                     for k in state if k in own and state[k].shape != own[k].shape)
     if missing or unexpected or shapes:
-        parts = []
-        for label, items in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', shapes)):
-            if items:
-                more = f' (+{len(items) - 8} more)' if len(items) > 8 else ''
-                parts.append(f'{label}: {items[:8]}{more}')
-        raise ValueError(f'weights in {path!r} do not match {type(model).__name__} '
-                         f'({model.pretrained_cfg.get("architecture", "?")}): ' + '; '.join(parts))
-    model.load_state_dict(state, strict=not head_mismatch)
+        arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture', type(model).__name__)
+        parts = [_listing(label, items) for label, items in
+                 (('missing', missing), ('unexpected', unexpected), ('shape mismatch', shapes)) if items]
+        raise WeightsMismatch(f'{source} does not fit the model {arch}: ' + '; '.join(parts))
+    model.load_state_dict(state, strict=not skipped)
+    return skipped
+
+
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """``create_model(pretrained=path)``: strict, except that a classifier of another shape is re-initialized."""
+    load_into(model, read_state_dict(path), source=repr(os.fspath(path)), reinit_head=True)

@@ -1,6 +1,6 @@
 """Bookkeeping for files that failed to decode (NaFlex training, SigLIP 2 arXiv:2502.14786 pipeline).
 
-Loaders replace such a file by another sample (the step keeps its shape) and list its path in the batch's
+The loaders replace such a file by another sample (the step keeps its shape) and list its path in the batch's
 ``'bad_files'``. The trainer feeds every batch to ``BadFileTracker.update``: each new path is logged once,
 all are counted, written one per line to ``<output>/bad_files.txt``, and ``check()`` raises once failures
 exceed ``max_fraction`` (default 1%) of the samples seen (after ``min_samples`` to avoid tiny-denominator trips).
@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Dict, Iterable, Optional
+
+from naflex.model import batch as B
 
 _log = logging.getLogger(__name__)
 
@@ -31,15 +33,8 @@ class BadFileTracker:
 
     def update(self, inputs: Dict, num_samples: Optional[int] = None) -> None:
         """Record one batch. Pops 'bad_files' from ``inputs``; ``num_samples`` defaults to the batch size."""
-        bad = inputs.pop('bad_files', None) or []
-        if num_samples is None:
-            if 'seq_lens' in inputs:
-                num_samples = int(inputs['seq_lens'].shape[0])
-            elif 'patch_valid' in inputs:
-                num_samples = int(inputs['patch_valid'].shape[0])
-            else:
-                num_samples = 0
-        self.add(bad, num_samples)
+        bad = B.pop_bad_files(inputs)
+        self.add(bad, B.num_images(inputs) if num_samples is None else num_samples)
 
     def add(self, bad_paths: Iterable[str], num_samples: int) -> None:
         self.num_samples += int(num_samples)

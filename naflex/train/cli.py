@@ -1,0 +1,311 @@
+"""train.py's command line: timm's flag names and meanings, mapped onto the typed configs (naflex.train.config).
+
+Each flag is declared once, with the config field it sets (``to=``); its default is read from that field, so the
+dataclasses stay the only home of the defaults (timm's train.py values: epochs 300, warmup-epochs 5, sched
+cosine, smoothing 0.1, naflex-max-seq-len 576, checkpoint-hist 10, seed 42, ...) and the NaFlexViT model card
+command runs as written. Additions of ours: ``--no-naflex-packing`` (timm-style padded batches instead of
+packed sequences, NaViT arXiv:2307.06304), ``--attn-backend``.
+
+``-c/--config file.yaml`` sets defaults (unknown keys are an error); flags given on the command line win. The
+resolved namespace is what ``train.py`` writes to ``<output>/args.yaml`` (a valid ``-c`` file).
+``config_from_args`` builds the ``Config``; ``check_args`` validates all of it and reports every problem in
+one ``ConfigError`` line that names the flags, before anything is read or created on disk.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from augment.config import INTERPOLATIONS
+from augment.mixup import MixupConfig
+
+from naflex.model import ATTN_BACKENDS
+
+from .config import AMP_DTYPES, CLIP_MODES, EVAL_METRICS, LOSS_SCALES, OPTIMIZERS, SCHEDULES, Config
+
+_DEFAULTS = Config(mixup=MixupConfig(num_classes=0))  # where every flag's default is read from
+_UNSET = object()
+
+Target = Tuple[str, str, Optional[Callable]]  # (config section, field, value conversion)
+
+
+class ConfigError(ValueError):
+    """A configuration mistake the user can fix; train.py prints it as one line and exits with status 2."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once: help texts that already say what the default means keep their wording."""
+
+    def _get_help_string(self, action):
+        return action.help if 'default' in (action.help or '') else super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors become a ConfigError, and which records the config field of every flag."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.targets: Dict[str, List[Target]] = {}    # dest -> the config fields it sets
+        self.flag_of: Dict[Tuple[str, str], str] = {}  # (section, field) -> '-b/--batch-size'
+
+    def error(self, message):
+        raise ConfigError(f'{message} (see train.py --help)')
+
+
+def _flag(parser: _Parser, group, *names, to=(), default=_UNSET, **kw) -> None:
+    """``group.add_argument`` whose default is the config field ``to`` = (section, field[, convert]) (or a
+    list of them: one flag, several fields), unless ``default`` is given (CLI-only meaning)."""
+    targets = [to] if to and isinstance(to[0], str) else list(to)
+    targets = [(t[0], t[1], t[2] if len(t) > 2 else None) for t in targets]
+    if default is _UNSET:
+        section, field, _ = targets[0]
+        default = getattr(getattr(_DEFAULTS, section), field)
+    if isinstance(default, tuple) and kw.get('nargs') in ('+', '*'):
+        default = list(default)  # argparse yields lists; args.yaml stays plain YAML
+    action = group.add_argument(*names, default=default, **kw)
+    parser.targets[action.dest] = targets
+    for section, field, _ in targets:
+        parser.flag_of.setdefault((section, field), '/'.join(names))
+
+
+def _not(v):
+    return not v
+
+
+def _tuple(v):
+    return None if v is None else tuple(v)
+
+
+def _dataset_flags(p: _Parser) -> None:
+    g = p.add_argument_group('Dataset')
+    _flag(p, g, '--data-dir', to=('data', 'root'), metavar='DIR', help='root with one folder per split, class subfolders')
+    _flag(p, g, '--train-split', to=('data', 'train_split'), help='training split folder')
+    _flag(p, g, '--val-split', to=('data', 'val_split'), help="eval split folder ('val' is found too); '' = none")
+    _flag(p, g, '--num-classes', to=('model', 'num_classes'), type=int,
+          help='classifier size (default: number of class folders)')
+
+
+def _model_flags(p: _Parser) -> None:
+    g = p.add_argument_group('Model')
+    m = lambda f, conv=None: ('model', f, conv)  # noqa: E731
+    _flag(p, g, '--model', to=m('name'), help='model name (naflex.list_models())')
+    _flag(p, g, '--pretrained', to=m('pretrained'), action='store_true', help='start from the registry weights')
+    _flag(p, g, '--pretrained-path', to=m('pretrained_path'), metavar='PATH',
+          help='start from these weights (head resized)')
+    _flag(p, g, '--initial-checkpoint', to=m('initial_checkpoint'), metavar='PATH',
+          help='weights-only start (head resized)')
+    _flag(p, g, '--resume', to=('run', 'resume'), metavar='PATH', help="full-state resume from PATH, or 'auto'")
+    _flag(p, g, '--no-resume-opt', to=('run', 'resume_opt', _not), default=False, action='store_true',
+          help='resume weights but not optimizer')
+    _flag(p, g, '--gp', to=m('global_pool'), metavar='POOL', help='global pool override')
+    _flag(p, g, '--mean', to=m('mean', _tuple), type=float, nargs='+', help='normalization mean override')
+    _flag(p, g, '--std', to=m('std', _tuple), type=float, nargs='+', help='normalization std override')
+    _flag(p, g, '--grad-accum-steps', to=('train', 'grad_accum_steps'), type=int,
+          help='micro-batches per optimizer update')
+    _flag(p, g, '--grad-checkpointing', to=m('grad_checkpointing'), action='store_true', help='activation checkpointing')
+    _flag(p, g, '--torchcompile', to=m('torchcompile'), nargs='?', const='inductor', help='torch.compile the model')
+    _flag(p, g, '--torchcompile-mode', to=m('torchcompile_mode'), help='torch.compile mode')
+    _flag(p, g, '--attn-backend', to=m('attn_backend'), choices=ATTN_BACKENDS, help='attention kernel')
+    _flag(p, g, '--drop', to=m('drop_rate'), type=float, help='dropout rate')
+    _flag(p, g, '--drop-path', to=m('drop_path_rate'), type=float, help="stochastic depth rate (default: the model's)")
+    g = p.add_argument_group('Device and precision')
+    _flag(p, g, '--device', to=('train', 'device'), help="'cuda' or 'cpu' (torchrun picks cuda:LOCAL_RANK)")
+    _flag(p, g, '--amp', to=('train', 'amp'), action='store_true', help='mixed precision autocast')
+    _flag(p, g, '--amp-dtype', to=('train', 'amp_dtype'), choices=AMP_DTYPES, help='autocast dtype')
+
+
+def _optim_flags(p: _Parser) -> None:
+    g = p.add_argument_group('Optimizer')
+    o = lambda f, conv=None: ('optim', f, conv)  # noqa: E731
+    _flag(p, g, '--opt', to=o('opt'), help=f'optimizer: {", ".join(OPTIMIZERS)}')
+    _flag(p, g, '--opt-eps', to=o('eps'), type=float, help='optimizer epsilon')
+    _flag(p, g, '--opt-betas', to=o('betas', _tuple), type=float, nargs='+', help='optimizer betas')
+    _flag(p, g, '--momentum', to=o('momentum'), type=float, help='SGD momentum')
+    _flag(p, g, '--weight-decay', to=o('weight_decay'), type=float, help='decoupled weight decay')
+    _flag(p, g, '--clip-grad', to=o('clip_grad'), type=float, help='gradient clip threshold (off by default)')
+    _flag(p, g, '--clip-mode', to=o('clip_mode'), choices=CLIP_MODES, help='gradient clipping mode')
+    _flag(p, g, '--layer-decay', to=o('layer_decay'), type=float, help='layer-wise lr decay factor')
+    _flag(p, g, '--layer-decay-min-scale', to=o('layer_decay_min_scale'), type=float,
+          help='floor of the layer-wise lr scale')
+    g = p.add_argument_group('Learning-rate schedule')
+    s = lambda f: ('sched', f)  # noqa: E731
+    _flag(p, g, '--sched', to=s('sched'), choices=SCHEDULES, help='lr schedule')
+    _flag(p, g, '--sched-on-updates', to=s('on_updates'), action='store_true', help='step the schedule per update')
+    _flag(p, g, '--lr', to=o('lr'), type=float, help='peak lr (default: --lr-base scaled by global batch)')
+    _flag(p, g, '--lr-base', to=o('lr_base'), type=float, help='lr for a global batch of --lr-base-size')
+    _flag(p, g, '--lr-base-size', to=o('lr_base_size'), type=int, help='batch size --lr-base refers to')
+    _flag(p, g, '--lr-base-scale', to=o('lr_base_scale'), choices=('', 'linear', 'sqrt'),
+          help="lr scaling with batch ('' = sqrt for adam-type, linear otherwise)")
+    _flag(p, g, '--warmup-lr', to=s('warmup_lr'), type=float, help='lr at the start of warmup')
+    _flag(p, g, '--min-lr', to=s('min_lr'), type=float, help='lr floor of the cosine')
+    _flag(p, g, '--epochs', to=s('epochs'), type=int, help='epochs of the schedule')
+    _flag(p, g, '--warmup-epochs', to=s('warmup_epochs'), type=int, help='linear warmup epochs (inside --epochs)')
+    _flag(p, g, '--warmup-prefix', to=s('warmup_prefix'), action='store_true', help='warmup before the cosine')
+    _flag(p, g, '--cooldown-epochs', to=s('cooldown_epochs'), type=int, help='epochs at --min-lr after the schedule')
+
+
+def _grayscale(v):
+    return v or 0.0  # timm: None means off
+
+
+def _aug_flags(p: _Parser) -> None:
+    g = p.add_argument_group('Augmentation and regularization')
+    a = lambda f, conv=None: ('aug', f, conv)  # noqa: E731
+    x = lambda f: ('mixup', f)  # noqa: E731
+    _flag(p, g, '--scale', to=a('scale', _tuple), type=float, nargs='+', help='random-resized-crop area range')
+    _flag(p, g, '--ratio', to=a('ratio', _tuple), type=float, nargs='+', help='random-resized-crop aspect')
+    _flag(p, g, '--hflip', to=a('hflip'), type=float, help='horizontal flip probability')
+    _flag(p, g, '--vflip', to=a('vflip'), type=float, help='vertical flip probability')
+    _flag(p, g, '--color-jitter', to=a('color_jitter'), type=float, help='color jitter strength (without --aa)')
+    _flag(p, g, '--grayscale-prob', to=a('grayscale_prob', _grayscale), type=float, help='random grayscale probability')
+    _flag(p, g, '--aa', to=a('aa'), help="RandAugment spec, e.g. 'rand-m8-inc1-mstd1.0'")
+    _flag(p, g, '--reprob', to=a('reprob'), type=float, help='random erasing probability')
+    _flag(p, g, '--remode', to=a('remode'), help='random erasing mode')
+    _flag(p, g, '--recount', to=a('recount'), type=int, help='random erasing count')
+    # timm: no MixUp/CutMix unless asked for (MixupConfig's alphas are the values used once it is on)
+    _flag(p, g, '--mixup', to=x('mixup_alpha'), default=0.0, type=float, help='mixup alpha (0 = off)')
+    _flag(p, g, '--cutmix', to=x('cutmix_alpha'), default=0.0, type=float, help='cutmix alpha (0 = off)')
+    _flag(p, g, '--mixup-prob', to=x('prob'), type=float, help='probability of mixup/cutmix per batch')
+    _flag(p, g, '--mixup-switch-prob', to=x('switch_prob'), type=float, help='cutmix instead of mixup probability')
+    _flag(p, g, '--mixup-off-epoch', to=x('off_epoch'), type=int, help='turn mixup off from this epoch (0 = never)')
+    _flag(p, g, '--smoothing', to=[('train', 'smoothing'), x('smoothing')], type=float, help='label smoothing')
+    _flag(p, g, '--train-interpolation', to=a('interpolation'), metavar='|'.join(INTERPOLATIONS),
+          help='training resize interpolation')
+    g = p.add_argument_group('EMA')
+    _flag(p, g, '--model-ema', to=('ema', 'enabled'), action='store_true', help='keep an EMA of the weights')
+    _flag(p, g, '--model-ema-decay', to=('ema', 'decay'), type=float, help='EMA decay per update')
+    _flag(p, g, '--model-ema-warmup', to=('ema', 'warmup'), action='store_true', help='ramp the EMA decay up')
+
+
+def _naflex_flags(p: _Parser) -> None:
+    g = p.add_argument_group('NaFlex')
+    g.add_argument('--naflex-loader', action='store_true', default=False,
+                   help='accepted for timm compatibility; the NaFlex loader is always used')
+    _flag(p, g, '-b', '--batch-size', to=('loader', 'batch_size'), type=int,
+          help='per-process images per step at the longest sequence length (token budget b x max L)')
+    _flag(p, g, '-vb', '--validation-batch-size', to=('eval', 'batch_size'), default=None, type=int,
+          help='eval batch size (default -b)')
+    _flag(p, g, '--naflex-train-seq-lens', to=('loader', 'seq_lens', _tuple), type=int, nargs='+',
+          help='training sequence lengths, one drawn per step')
+    _flag(p, g, '--naflex-max-seq-len', to=('eval', 'max_seq_len'), type=int, help='eval sequence length')
+    _flag(p, g, '--naflex-patch-sizes', to=('loader', 'patch_sizes', _tuple), type=int, nargs='+',
+          help='variable patch sizes (FlexiViT)')
+    _flag(p, g, '--naflex-patch-size-probs', to=('loader', 'patch_size_probs', _tuple), type=float, nargs='+',
+          help='patch size weights')
+    _flag(p, g, '--naflex-loss-scale', to=('train', 'loss_scale'), choices=LOSS_SCALES,
+          help='scale the loss by (step batch / -b) like timm')
+    _flag(p, g, '--no-naflex-packing', to=[('loader', 'packing', _not), ('eval', 'packing', _not)], default=False,
+          action='store_true', help='timm-style padded batches instead of packed sequences')
+
+
+def _run_flags(p: _Parser) -> None:
+    g = p.add_argument_group('Run')
+    t = lambda f: ('train', f)  # noqa: E731
+    _flag(p, g, '--seed', to=[t('seed'), ('loader', 'seed')], type=int, help='random seed')
+    _flag(p, g, '--log-interval', to=t('log_interval'), type=int, help='log every N updates')
+    _flag(p, g, '--val-interval', to=t('val_interval'), type=int, help='evaluate every N epochs')
+    _flag(p, g, '--recovery-interval', to=t('recovery_interval'), type=int, help='mid-epoch recovery save every N updates')
+    _flag(p, g, '--checkpoint-hist', to=t('checkpoint_hist'), type=int, help='best checkpoints kept')
+    _flag(p, g, '-j', '--workers', to=[('loader', 'num_workers'), ('eval', 'num_workers')], type=int,
+          help='loader worker processes per rank')
+    _flag(p, g, '--pin-mem', to=[('loader', 'pin_memory', _pin), ('eval', 'pin_memory', _pin)], default=False,
+          action='store_true', help='pin host memory (always on for CUDA)')
+    _flag(p, g, '--output', to=('run', 'output'), metavar='PATH', help='output root')
+    _flag(p, g, '--experiment', to=('run', 'experiment'), help='run folder name (default: date-model)')
+    _flag(p, g, '--eval-metric', to=t('eval_metric'), choices=EVAL_METRICS, help='best-checkpoint metric')
+
+
+def _pin(v):
+    return True if v else None  # None: pinned whenever CUDA is available
+
+
+FLAG_GROUPS = {'dataset': _dataset_flags, 'model': _model_flags, 'optim': _optim_flags, 'aug': _aug_flags,
+               'naflex': _naflex_flags, 'run': _run_flags}
+
+
+def build_parser(groups: Sequence[str] = tuple(FLAG_GROUPS), prog: str = 'train.py') -> _Parser:
+    """train.py's parser; ``groups`` picks flag groups for tools that take a subset (the loader benchmarks)."""
+    p = _Parser(prog=prog, description='Train a NaFlexViT (timm-compatible flags).', formatter_class=_HelpFormatter)
+    p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file whose keys set flag defaults')
+    for name in groups:
+        FLAG_GROUPS[name](p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace, parser: Optional[_Parser] = None) -> Config:
+    """The typed configuration the flags describe (nothing is validated or resolved here)."""
+    parser = parser or build_parser()
+    parts: Dict[str, dict] = {s: {} for s in Config.SECTIONS}
+    for dest, targets in parser.targets.items():
+        if not hasattr(args, dest):
+            continue
+        for section, field, conv in targets:
+            value = getattr(args, dest)
+            parts[section][field] = conv(value) if conv is not None else value
+    if parts['eval'].get('batch_size') is None and 'batch_size' in parts['loader']:
+        parts['eval']['batch_size'] = parts['loader']['batch_size']  # -vb defaults to -b
+    mix = parts.pop('mixup')
+    on = mix.get('mixup_alpha', 0) > 0 or mix.get('cutmix_alpha', 0) > 0
+    cfg = Config(**{s: dataclasses.replace(getattr(_DEFAULTS, s), **v) for s, v in parts.items()})
+    cfg.mixup = MixupConfig(num_classes=0, **mix) if on else None
+    return cfg
+
+
+def flag_namer(parser: _Parser) -> Callable[[str, str], str]:
+    """(section, field) -> the flag that sets it, for messages."""
+    return lambda section, field: parser.flag_of.get((section, field), f'{section}.{field}')
+
+
+def _load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> None:
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f'config file not found: {path}') from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f'config file {path} is not valid YAML: {str(e).splitlines()[0]}') from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f'config file {path} must hold a mapping of flag names to values')
+    known = {a.dest for a in parser._actions}
+    cfg = {k.replace('-', '_'): v for k, v in cfg.items()}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(f'config file {path} has unknown keys: {", ".join(unknown)}')
+    cfg.pop('config', None)
+    parser.set_defaults(**cfg)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
+    """Parse flags (after ``-c`` YAML defaults) and check them; returns the namespace and its args.yaml text."""
+    parser = build_parser()
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument('-c', '--config', default='')
+    cfg_args, _ = config_parser.parse_known_args(argv)
+    if cfg_args.config:
+        _load_yaml_defaults(parser, cfg_args.config)
+    args = parser.parse_args(argv)
+    check_args(args, parser)
+    return args, args_yaml(args)
+
+
+def args_yaml(args: argparse.Namespace, **resolved) -> str:
+    """``args`` (with ``resolved`` values such as the derived lr) as the YAML text of args.yaml (a ``-c`` file)."""
+    return yaml.safe_dump(dict(vars(args), **resolved), default_flow_style=False, sort_keys=True)
+
+
+def check_args(args: argparse.Namespace, parser: Optional[_Parser] = None) -> Config:
+    """Validate every part of the configuration; ConfigError (one line naming the flags) on any problem."""
+    parser = parser or build_parser()
+    cfg = config_from_args(args, parser)
+    try:
+        cfg.validate(flag_namer(parser))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
+__all__ = ['ConfigError', 'args_yaml', 'build_parser', 'check_args', 'config_from_args',
+           'flag_namer', 'parse_args']

@@ -1,0 +1,239 @@
+"""The trainer's typed configuration: one dataclass per concern, the one home of each default, ``validate()``.
+
+Defaults are timm train.py's (epochs 300, warmup-epochs 5, cosine, min-lr 0, smoothing 0.1, checkpoint-hist 10,
+log-interval 50, ...), so the NaFlexViT model card command (SigLIP 2 NaFlex, arXiv:2502.14786) means what it
+means in timm. ``Config`` bundles these with the data and augmentation configs their own packages own
+(loaders.config, augment.config, augment.mixup) and the model options; ``Config.validate`` checks every part,
+and the settings that only make sense together, before anything is created on disk.
+
+``validate(name)`` reports field names; the CLI passes ``name`` to print its flags instead (naflex.train.cli).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Tuple
+
+from augment.config import AugConfig, Problems
+from augment.mixup import MixupConfig
+from loaders.config import DatasetConfig, EvalLoaderConfig, TrainLoaderConfig
+from naflex.model import ATTN_BACKENDS, DEFAULT_MODEL, NaFlexVitCfg, get_config
+
+OPTIMIZERS = ('nadamw', 'adamw', 'sgd', 'momentum')
+CLIP_MODES = ('norm', 'value')
+SCHEDULES = ('cosine', 'constant', 'none')
+LOSS_SCALES = ('none', 'sqrt', 'linear')
+EVAL_METRICS = ('top1', 'top5', 'loss')
+AMP_DTYPES = ('float16', 'bfloat16')
+
+Namer = Optional[Callable[[str], str]]
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build and how to start it (the architecture itself: naflex.model's registry)."""
+    name: str = DEFAULT_MODEL                           # --model
+    num_classes: Optional[int] = None                   # --num-classes (None: one per class folder)
+    pretrained: bool = False                            # --pretrained
+    pretrained_path: Optional[str] = None               # --pretrained-path (EMA weights preferred)
+    initial_checkpoint: str = ''                        # --initial-checkpoint
+    global_pool: Optional[str] = None                   # --gp
+    drop_rate: float = NaFlexVitCfg.drop_rate           # --drop
+    drop_path_rate: Optional[float] = None              # --drop-path (None: the variant's)
+    attn_backend: str = NaFlexVitCfg.attn_backend       # --attn-backend
+    grad_checkpointing: bool = False                    # --grad-checkpointing
+    mean: Optional[Tuple[float, ...]] = None            # --mean (None: the model's)
+    std: Optional[Tuple[float, ...]] = None             # --std
+    torchcompile: Optional[str] = None                  # --torchcompile [backend]
+    torchcompile_mode: Optional[str] = None             # --torchcompile-mode
+
+    def overrides(self, num_classes: int) -> dict:
+        """Keyword overrides for ``naflex.create_model``."""
+        kw = dict(num_classes=num_classes, drop_rate=self.drop_rate)
+        if self.drop_path_rate is not None:
+            kw['drop_path_rate'] = self.drop_path_rate
+        if self.global_pool is not None:
+            kw['global_pool'] = self.global_pool
+        return kw
+
+    def validate(self, name: Namer = None) -> None:
+        p = Problems(name)
+        try:
+            get_config(self.name)
+        except ValueError as e:
+            p.items.append(str(e))
+        p.need(self.attn_backend in ATTN_BACKENDS, 'attn_backend', f'{self.attn_backend!r}: valid {ATTN_BACKENDS}')
+        p.need(self.num_classes is None or self.num_classes >= 1, 'num_classes', 'must be >= 1')
+        p.need(0 <= self.drop_rate < 1, 'drop_rate', 'must be in [0, 1)')
+        p.need(self.drop_path_rate is None or 0 <= self.drop_path_rate < 1, 'drop_path_rate', 'must be in [0, 1)')
+        p.need(self.mean is None or len(self.mean) == 3, 'mean', 'takes three values')
+        p.need(self.std is None or len(self.std) == 3, 'std', 'takes three values')
+        p.need(not (self.initial_checkpoint and self.pretrained_path), 'initial_checkpoint',
+               f'and {p.name("pretrained_path")} both give start weights: pass one')
+        p.raise_any()
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and gradient clipping (naflex.train.optim builds it)."""
+    opt: str = 'sgd'                                    # --opt
+    lr: Optional[float] = None                          # --lr (None: lr_base scaled by the global batch)
+    lr_base: float = 0.1                                # --lr-base
+    lr_base_size: int = 256                             # --lr-base-size
+    lr_base_scale: str = ''                             # --lr-base-scale ('' = sqrt for adam-type, else linear)
+    eps: Optional[float] = None                         # --opt-eps
+    betas: Optional[Tuple[float, float]] = None         # --opt-betas
+    momentum: float = 0.9                               # --momentum
+    weight_decay: float = 2e-5                          # --weight-decay
+    clip_grad: Optional[float] = None                   # --clip-grad
+    clip_mode: str = 'norm'                             # --clip-mode
+    layer_decay: Optional[float] = None                 # --layer-decay
+    layer_decay_min_scale: float = 0.0                  # --layer-decay-min-scale
+
+    def resolved_lr(self, global_batch: int) -> float:
+        """timm: without --lr, --lr-base scaled by global batch / --lr-base-size (sqrt for adam-type)."""
+        if self.lr:
+            return self.lr
+        ratio = global_batch / self.lr_base_size
+        scale = self.lr_base_scale or ('sqrt' if 'adam' in self.opt.lower() else 'linear')
+        return self.lr_base * (math.sqrt(ratio) if scale == 'sqrt' else ratio)
+
+    def validate(self, name: Namer = None) -> None:
+        p = Problems(name)
+        p.need(self.opt.lower() in OPTIMIZERS, 'opt', f'{self.opt} is not supported; valid: {", ".join(OPTIMIZERS)}')
+        p.need(self.lr is None or self.lr > 0, 'lr', 'must be > 0')
+        p.need(self.lr_base > 0 and self.lr_base_size >= 1, 'lr_base', f'and {p.name("lr_base_size")} must be > 0')
+        p.need(self.lr_base_scale in ('', 'linear', 'sqrt'), 'lr_base_scale', "must be '', 'linear' or 'sqrt'")
+        p.need(self.eps is None or self.eps > 0, 'eps', 'must be > 0')
+        p.need(self.betas is None or len(self.betas) == 2, 'betas', 'takes two values')
+        p.need(self.weight_decay >= 0, 'weight_decay', 'must be >= 0')
+        p.need(self.clip_grad is None or self.clip_grad > 0, 'clip_grad', 'must be > 0')
+        p.need(self.clip_mode in CLIP_MODES, 'clip_mode', f'must be one of {", ".join(CLIP_MODES)}')
+        p.need(self.layer_decay is None or 0 < self.layer_decay <= 1, 'layer_decay', 'must be in (0, 1]')
+        p.raise_any()
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule (naflex.train.schedule): warmup inside ``epochs``, cosine to ``min_lr``."""
+    sched: str = 'cosine'                               # --sched
+    on_updates: bool = False                            # --sched-on-updates
+    warmup_lr: float = 1e-5                             # --warmup-lr
+    min_lr: float = 0.0                                 # --min-lr
+    epochs: int = 300                                   # --epochs
+    warmup_epochs: int = 5                              # --warmup-epochs
+    warmup_prefix: bool = False                         # --warmup-prefix
+    cooldown_epochs: int = 0                            # --cooldown-epochs
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + (self.warmup_epochs if self.warmup_prefix else 0) + self.cooldown_epochs
+
+    def validate(self, name: Namer = None) -> None:
+        p = Problems(name)
+        p.need(self.sched in SCHEDULES, 'sched', f'must be one of {", ".join(SCHEDULES)}')
+        p.need(self.epochs >= 1, 'epochs', 'must be >= 1')
+        p.need(self.warmup_epochs >= 0 and self.cooldown_epochs >= 0, 'warmup_epochs',
+               f'and {p.name("cooldown_epochs")} must be >= 0')
+        p.need(not (self.sched == 'none' and self.on_updates), 'on_updates', f'has no effect with {p.name("sched")} none')
+        p.raise_any()
+
+
+@dataclass
+class EmaConfig:
+    """Exponential moving average of the weights (timm ModelEmaV3 semantics)."""
+    enabled: bool = False                               # --model-ema
+    decay: float = 0.9998                               # --model-ema-decay
+    warmup: bool = False                                # --model-ema-warmup
+
+    def validate(self, name: Namer = None) -> None:
+        p = Problems(name)
+        p.need(0 < self.decay < 1, 'decay', 'must be in (0, 1)')
+        p.raise_any()
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: precision, accumulation, loss, logging, evaluation and checkpoint cadence."""
+    device: str = 'cuda'                                # --device ('cuda', 'cuda:N' or 'cpu')
+    amp: bool = False                                   # --amp
+    amp_dtype: str = 'float16'                          # --amp-dtype
+    grad_accum_steps: int = 1                           # --grad-accum-steps
+    loss_scale: str = 'linear'                          # --naflex-loss-scale
+    smoothing: float = MixupConfig.smoothing            # --smoothing (the same flag sets MixupConfig's)
+    seed: int = TrainLoaderConfig.seed                  # --seed (the same flag seeds the loader)
+    log_interval: int = 50                              # --log-interval (updates)
+    val_interval: int = 1                               # --val-interval (epochs)
+    recovery_interval: int = 0                          # --recovery-interval (updates; 0 = off)
+    checkpoint_hist: int = 10                           # --checkpoint-hist
+    eval_metric: str = 'top1'                           # --eval-metric
+
+    def validate(self, name: Namer = None) -> None:
+        p = Problems(name)
+        p.need(self.device.split(':')[0] in ('cuda', 'cpu'), 'device', f"{self.device}: use 'cuda' or 'cpu'")
+        p.need(self.amp_dtype in AMP_DTYPES, 'amp_dtype', f'must be one of {", ".join(AMP_DTYPES)}')
+        p.need(self.grad_accum_steps >= 1, 'grad_accum_steps', 'must be >= 1')
+        p.need(self.loss_scale in LOSS_SCALES, 'loss_scale', f'must be one of {", ".join(LOSS_SCALES)}')
+        p.need(0 <= self.smoothing < 1, 'smoothing', 'must be in [0, 1)')
+        p.need(self.log_interval >= 1 and self.val_interval >= 1, 'log_interval',
+               f'and {p.name("val_interval")} must be >= 1')
+        p.need(self.recovery_interval >= 0, 'recovery_interval', 'must be >= 0')
+        p.need(self.checkpoint_hist >= 1, 'checkpoint_hist', 'must be >= 1')
+        p.need(self.eval_metric in EVAL_METRICS, 'eval_metric', f'must be one of {", ".join(EVAL_METRICS)}')
+        p.raise_any()
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives and what it continues from."""
+    output: str = './output/train'                      # --output
+    experiment: str = ''                                # --experiment (default: date-model)
+    resume: str = ''                                    # --resume PATH | auto
+    resume_opt: bool = True                             # --no-resume-opt turns it off
+
+    def validate(self, name: Namer = None) -> None:
+        p = Problems(name)
+        p.need(not (self.resume == 'auto' and not self.experiment), 'resume',
+               f'auto continues the run in --output/--experiment: pass {p.name("experiment")} NAME')
+        p.raise_any()
+
+
+@dataclass
+class Config:
+    """Everything a training run is configured by."""
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+    loader: TrainLoaderConfig = field(default_factory=TrainLoaderConfig)
+    eval: EvalLoaderConfig = field(default_factory=EvalLoaderConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    mixup: Optional[MixupConfig] = None                 # None: no MixUp/CutMix
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    SECTIONS = ('data', 'loader', 'eval', 'aug', 'mixup', 'model', 'optim', 'sched', 'ema', 'train', 'run')
+
+    def validate(self, name: Optional[Callable[[str, str], str]] = None) -> None:
+        """Every part's ``validate`` plus the cross checks; one ValueError listing all problems.
+        ``name(section, field)`` is what the user typed for that field (default: ``section.field``)."""
+        name = name or (lambda section, f: f'{section}.{f}')
+        problems = []
+        for section in self.SECTIONS:
+            part = getattr(self, section)
+            if part is not None:
+                try:
+                    part.validate(lambda f, s=section: name(s, f))
+                except ValueError as e:
+                    problems.append(str(e))
+        p = Problems()
+        lr, min_lr = self.optim.lr, self.sched.min_lr
+        p.need(lr is None or min_lr <= lr, f'{name("sched", "min_lr")} {min_lr}', f'is above {name("optim", "lr")} {lr}')
+        p.need(not (self.run.resume and (self.model.initial_checkpoint or self.model.pretrained_path
+                                         or self.model.pretrained)),
+               name('run', 'resume'), 'restores the full training state; drop --initial-checkpoint/'
+               '--pretrained-path/--pretrained')
+        problems.extend(p.items)
+        if problems:
+            raise ValueError('; '.join(problems))
