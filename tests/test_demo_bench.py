@@ -1,11 +1,11 @@
-"""Smoke tests for scripts/bench_model.py: it runs tiny on CPU, and its three variants compute the same function."""
+"""Smoke tests for scripts/bench/bench_model.py: it runs tiny on CPU, and its three variants compute the same function."""
 import random
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
 import bench_model  # noqa: E402
 
 import naflex  # noqa: E402

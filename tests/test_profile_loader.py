@@ -1,4 +1,4 @@
-"""scripts/profile_loader.py: its stage-by-stage copy of our pipeline computes exactly what the loader computes
+"""scripts/bench/profile_loader.py: its stage-by-stage copy of our pipeline computes exactly what the loader computes
 (so its per-stage times describe the real loader), and the script runs end to end on a tiny folder.
 NaViT arXiv:2307.06304 / SigLIP 2 arXiv:2502.14786 NaFlex data pipeline."""
 import importlib.util
@@ -13,7 +13,7 @@ from augment.policy import AugConfig, ImageAugment
 from loaders.dataset import ImageFolderDataset
 from loaders.pipeline import TrainSampleBuilder
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "profile_loader.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "profile_loader.py"
 
 
 def _load():

@@ -3,13 +3,13 @@
 # (train step eager + compiled, loader, end-to-end train.py, validate.py at 576, loader CPU profile).
 #
 # Prepare here, once (~5 s; writes the git-ignored bench/caltech_subset, bench/timm_scripts, bench/wheels):
-#     python scripts/make_bench_subset.py
+#     python scripts/bench/make_bench_subset.py
 # Device (one `run` call; ~6-8 min on an H100/H200; the steps stop at BUDGET_S=480 s in all, + <= 20 s to kill
 # a step at its limit and pack the results; rerun a part while the machine is warm: ONLY="compiled_timm" BUDGET_S=200):
-#     run(command="bash scripts/device_check.sh", timeout_s=540,
+#     run(command="bash scripts/bench/device_check.sh", timeout_s=540,
 #         carry=["bench/caltech_subset", "bench/timm_scripts", "bench/wheels"])
 # CPU dry run here (tiny model, few steps, <= 2 workers; ~4-6 min on 2 shared cores):
-#     bash scripts/device_check.sh --cpu-smoke
+#     bash scripts/bench/device_check.sh --cpu-smoke
 #
 # Environment: E2E_TRAIN_ARGS / E2E_TIMM_ARGS (extra flags for our / timm's train.py in e2e, e.g. --torchcompile),
 # OUT (results folder; the device tool sets it; default bench/device_out), BUDGET_S (seconds for all
@@ -22,7 +22,7 @@
 #                /tmp/naflex_site when the machine's timm differs; the project runs from PYTHONPATH=repo
 #                (no install needed; INSTALL=1 also runs `pip install --no-deps --no-build-isolation -e .`)
 #   cuda_tests   pytest -m cuda tests (varlen/flex/dense backends agree on CUDA, no host sync, prefetcher)
-#   eager        scripts/bench_model.py: ours packed (varlen) / ours padded / timm padded / vit_plain (timm
+#   eager        scripts/bench/bench_model.py: ours packed (varlen) / ours padded / timm padded / vit_plain (timm
 #                VisionTransformer, same size, no masks: the upper bound), NaFlexViT-B/16, bf16, NAdamW (ours:
 #                naflex.train.optim as train.py; timm: timm's), drop-path 0.2, L in 128..1024, 64x1024 tokens/step;
 #                peak memory per variant
@@ -31,11 +31,11 @@
 #                (torch._dynamo compile callbacks/counters; TORCH_LOGS=recompiles only adds the reasons to the
 #                log); compiled_timm (timm padded compiled as timm's train.py does: automatic dynamic) runs
 #                later, as a separate step, so a slow compile of one cannot lose the other's result
-#   e2e          scripts/bench_e2e.sh: our train.py vs timm's train.py (card flags, -j 16; whole epoch and steady
+#   e2e          scripts/bench/bench_e2e.sh: our train.py vs timm's train.py (card flags, -j 16; whole epoch and steady
 #                state from update 10), then our validate.py vs timm's validate.py --naflex-loader at 576 on the
 #                same images. E2E_TRAIN_ARGS / E2E_TIMM_ARGS (e.g. "--torchcompile") go to our / timm's train.py
-#   loader       scripts/bench_loader.py -j 16, documented augmentations, ours vs timm
-#   profile      scripts/profile_loader.py: per-stage CPU ms/image on this machine's CPU, ours vs timm
+#   loader       scripts/bench/bench_loader.py -j 16, documented augmentations, ours vs timm
+#   profile      scripts/bench/profile_loader.py: per-stage CPU ms/image on this machine's CPU, ours vs timm
 #   compiled_timm  timm padded compiled (see compiled_ours)
 #   compiled_flex  ours packed compiled with --attn-backend flex (only if time is left)
 #   compiled_plain vit_plain compiled (the compiled no-mask upper bound; only if time is left)
@@ -46,7 +46,7 @@
 # summary.md's train-step table: first calls s = the first step of each L (synced; compile included), compile s
 # = time in torch.compile's compile events, recompiles / graphs / timed compiles (must be 0) from the JSON.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 MODE=gpu
 for a in "$@"; do
@@ -228,7 +228,7 @@ EOF
 main() {
     echo "== device_check.sh $MODE  $(date -u '+%Y-%m-%d %H:%M:%S UTC')  OUT=$OUT"
     if [ ! -d "$DATA/train" ]; then
-        echo "error: $DATA/train not found; run: python scripts/make_bench_subset.py" >&2
+        echo "error: $DATA/train not found; run: python scripts/bench/make_bench_subset.py" >&2
         return 2
     fi
     [ -f "$TIMM_SCRIPTS/train.py" ] || echo "WARNING: $TIMM_SCRIPTS/train.py missing: e2e will fail (make_bench_subset.py)"
@@ -238,7 +238,7 @@ main() {
     make_repeat_data
     local D="$RUN/data_x$REPEAT"
     local AUG="--aa rand-m8-inc1-mstd1.0 --grayscale-prob .1 --reprob 0 --mixup 0.8 --cutmix 1.0"
-    local BM="$PY scripts/bench_model.py"
+    local BM="$PY scripts/bench/bench_model.py"
     local E2E_ENV
     E2E_ENV="EXTRA_TRAIN_ARGS=$(printf %q "${E2E_TRAIN_ARGS:-}") TIMM_TRAIN_ARGS=$(printf %q "${E2E_TIMM_ARGS:-}")"
     if [ "$MODE" = gpu ]; then
@@ -246,9 +246,9 @@ main() {
         run_step cuda_tests 150 30 "$PY -m pytest -q -rs -p no:cacheprovider -m cuda tests"
         run_step eager 150 60 "$BM --variants ours_packed ours_padded timm_padded vit_plain --steps 20 --warmup 5 --json $RUN/bench_model_eager.json"
         run_step compiled_ours 180 90 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --steps 15 --warmup 5 --profile --json $RUN/bench_model_compiled_ours.json"
-        run_step e2e 240 90 "OUT=$RUN/e2e IMAGES=0 $E2E_ENV bash scripts/bench_e2e.sh $TIMM_SCRIPTS $D 16"
-        run_step loader 120 40 "$PY scripts/bench_loader.py --data-dir $D -j 16 $AUG -b 64 --naflex-train-seq-lens 128 256 576 784 1024"
-        run_step profile 60 20 "$PY scripts/profile_loader.py --data-dir $DATA --cycles 2 --json $RUN/profile_loader.json"
+        run_step e2e 240 90 "OUT=$RUN/e2e IMAGES=0 $E2E_ENV bash scripts/bench/bench_e2e.sh $TIMM_SCRIPTS $D 16"
+        run_step loader 120 40 "$PY scripts/bench/bench_loader.py --data-dir $D -j 16 $AUG -b 64 --naflex-train-seq-lens 128 256 576 784 1024"
+        run_step profile 60 20 "$PY scripts/bench/profile_loader.py --data-dir $DATA --cycles 2 --json $RUN/profile_loader.json"
         run_step compiled_timm 180 90 "TORCH_LOGS=recompiles $BM --compile --variants timm_padded --steps 15 --warmup 5 --json $RUN/bench_model_compiled_timm.json"
         run_step compiled_flex 150 90 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --attn-backend flex --steps 10 --warmup 5 --json $RUN/bench_model_compiled_flex.json"
         run_step compiled_plain 150 90 "$BM --compile --variants vit_plain --steps 10 --warmup 5 --json $RUN/bench_model_compiled_plain.json"
@@ -261,9 +261,9 @@ main() {
         run_step eager 90 20 "$BM --variants ours_packed ours_padded timm_padded vit_plain --steps 3 --warmup 2 --json $RUN/bench_model_eager.json"
         run_step compiled_ours 200 60 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --steps 3 --warmup 2 --profile --json $RUN/bench_model_compiled_ours.json"
         run_step compiled_timm 200 60 "TORCH_LOGS=recompiles $BM --compile --variants timm_padded --steps 3 --warmup 2 --json $RUN/bench_model_compiled_timm.json"
-        run_step e2e 200 60 "OUT=$RUN/e2e IMAGES=101 OURS_LOG_INTERVAL=2 $E2E_ENV bash scripts/bench_e2e.sh $TIMM_SCRIPTS $D 2"
-        run_step loader 90 20 "$PY scripts/bench_loader.py --data-dir $D -j 2 $AUG -b 8 --naflex-train-seq-lens 64 128 --steps 3"
-        run_step profile 60 15 "$PY scripts/profile_loader.py --data-dir $DATA --cycles 1 --fraction 0.05 --json $RUN/profile_loader.json"
+        run_step e2e 200 60 "OUT=$RUN/e2e IMAGES=101 OURS_LOG_INTERVAL=2 $E2E_ENV bash scripts/bench/bench_e2e.sh $TIMM_SCRIPTS $D 2"
+        run_step loader 90 20 "$PY scripts/bench/bench_loader.py --data-dir $D -j 2 $AUG -b 8 --naflex-train-seq-lens 64 128 --steps 3"
+        run_step profile 60 15 "$PY scripts/bench/profile_loader.py --data-dir $DATA --cycles 1 --fraction 0.05 --json $RUN/profile_loader.json"
         ROWS+=("| compiled_flex | GPU only | | |" "| compiled_plain | GPU only | | |"
                "| cpu_tests | not in the smoke run (CI runs them) | | |")
     fi

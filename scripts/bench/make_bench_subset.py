@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Prepare what the one-call GPU check (scripts/device_check.sh) carries to the device machine.
+"""Prepare what the one-call GPU check (scripts/bench/device_check.sh) carries to the device machine.
 
 Command (from the repo root; ~1-5 s, copying ~46 MiB):
-    python scripts/make_bench_subset.py                       # subset + timm scripts + timm wheel
-    python scripts/make_bench_subset.py --no-timm-wheel       # offline: subset + timm scripts only
+    python scripts/bench/make_bench_subset.py                       # subset + timm scripts + timm wheel
+    python scripts/bench/make_bench_subset.py --no-timm-wheel       # offline: subset + timm scripts only
 Runtime: ~3-10 s on 2 shared cores (+ one ~2.8 MB pip download for the wheel).
 
 Writes (all under the git-ignored bench/, never committed):
@@ -13,7 +13,7 @@ Writes (all under the git-ignored bench/, never committed):
   under its byte share (train 70%, val 30% of --max-mib, default 46 MiB of JPEG bytes, ~54 MiB on disk;
   55 MiB at most).
 - bench/timm_scripts/{train.py,validate.py}: timm's reference scripts from a pytorch-image-models checkout
-  (scripts/bench_e2e.sh takes this folder as TIMM_CHECKOUT; they import timm from the installed package).
+  (scripts/bench/bench_e2e.sh takes this folder as TIMM_CHECKOUT; they import timm from the installed package).
 - bench/wheels/timm-1.0.31-py3-none-any.whl: the reference timm, installed on the device only when its own timm
   differs (the device has no network).
 
@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SRC = REPO.parent / "shared" / "data" / "caltech101"
 DEFAULT_TIMM = REPO.parent / ".snapshots" / "pytorch-image-models"
 MARKER = "SUBSET.txt"
@@ -102,7 +102,7 @@ def main(argv=None):
             p.error(f"{dst} exists and was not made by this script; remove it yourself")
         shutil.rmtree(dst)
     budget = int(args.max_mib * 2 ** 20)
-    lines = [f"subset of {args.src} made by scripts/make_bench_subset.py --max-mib {args.max_mib} "
+    lines = [f"subset of {args.src} made by scripts/bench/make_bench_subset.py --max-mib {args.max_mib} "
              f"--train-share {args.train_share}"]
     for split, share in (("train", args.train_share), ("val", 1.0 - args.train_share)):
         if not (args.src / split).is_dir():

@@ -3,9 +3,9 @@
 
 Command (GPU, the documented config: NaFlexViT-B/16, L per step from 128/256/576/784/1024, token budget
 -b 64 x max(L) = 65,536 tokens per step, bf16 autocast, NAdamW, drop-path 0.2):
-    python scripts/bench_model.py --device cuda --model naflexvit_base_patch16_gap --steps 30 [--compile]
+    python scripts/bench/bench_model.py --device cuda --model naflexvit_base_patch16_gap --steps 30 [--compile]
 CPU smoke check (tiny model, small budget):
-    python scripts/bench_model.py --device cpu --model naflexvit_tiny_test -b 16 --seq-lens 64 128 256 \
+    python scripts/bench/bench_model.py --device cpu --model naflexvit_tiny_test -b 16 --seq-lens 64 128 256 \
         --steps 12 --rounds 3
 Runtime: GPU ~2-4 min (3 variants x (warmup + steps), longer with --compile); CPU smoke ~40 s.
 
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 VARIANTS = ("ours_packed", "ours_padded", "timm_padded")

@@ -2,10 +2,10 @@
 """Where the NaFlex train loader's CPU time goes, per image and per stage: ours and timm 1.0.31's, same images.
 
 Command (the documented augmentations; ~15-25 s on 2 shared cores with the defaults):
-    python scripts/profile_loader.py --data-dir ../shared/data/caltech101 \
+    python scripts/bench/profile_loader.py --data-dir ../shared/data/caltech101 \
         --aa rand-m8-inc1-mstd1.0 --grayscale-prob .1 --mixup 0.8 --cutmix 1.0 -b 64 \
         --naflex-train-seq-lens 128 256 576 784 1024
-    (those are the defaults: ``python scripts/profile_loader.py`` alone does the same; --json FILE saves the table)
+    (those are the defaults: ``python scripts/bench/profile_loader.py`` alone does the same; --json FILE saves the table)
 Runtime: ~15-25 s with caltech101 (3 cycles x 5 sequence lengths, 1/4 of each step's images = 768 images per
 pipeline, plus the whole-call cross-check); ``--cycles 1 --fraction 0.03`` takes ~5 s.
 
@@ -38,7 +38,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -54,7 +54,7 @@ from loaders.decode import decode_resized, open_image, pil_to_hwc  # noqa: E402
 from loaders.packing import pack  # noqa: E402
 from loaders.schedule import batch_size_for  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "caltech101"
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "caltech101"
 DOCUMENTED = dict(aa="rand-m8-inc1-mstd1.0", grayscale_prob=0.1, mixup=0.8, cutmix=1.0, batch_size=64, reprob=0.0)
 
 

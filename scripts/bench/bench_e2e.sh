@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end training throughput: our train.py vs timm's train.py, the model card's flags, same image folder.
 #
-#   bash scripts/bench_e2e.sh TIMM_CHECKOUT DATA_DIR [WORKERS]
+#   bash scripts/bench/bench_e2e.sh TIMM_CHECKOUT DATA_DIR [WORKERS]
 #     TIMM_CHECKOUT  a clone of github.com/huggingface/pytorch-image-models (its train.py is copied out and run
 #                    against the installed timm package, so the reference is the installed timm 1.0.31)
 #     DATA_DIR       ImageNet-layout folder with train/<class>/*.jpg (e.g. ../shared/data/caltech101)
@@ -16,7 +16,7 @@
 #   OURS_LOG_INTERVAL (our --log-interval, default 10: the steady figures use its windows).
 # Runtime: GPU (H100/H200), 4096 images: ~2-3 min per run including start-up, + ~1 min for the validation part.
 # CPU smoke (tiny model, IMAGES=200, measured 45 s on 2 shared cores):
-#   IMAGES=200 bash scripts/bench_e2e.sh ../.snapshots/pytorch-image-models demo_data
+#   IMAGES=200 bash scripts/bench/bench_e2e.sh ../.snapshots/pytorch-image-models demo_data
 #
 # Both runs train EPOCHS epochs over the same images with the same flags (documented command, no eval), so they
 # take the same number of steps up to the random sequence-length draw. Reported per run, for the last epoch:
@@ -28,9 +28,9 @@
 # data time of each update); timm does not log token counts, so its tokens/s is padded tokens (batch x L).
 # Then both validate.py scripts score our last.pth on the same images (SKIP_VALIDATE=1 skips this part).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-TIMM_DIR="${1:?usage: bash scripts/bench_e2e.sh TIMM_CHECKOUT DATA_DIR [WORKERS]}"
-DATA="${2:?usage: bash scripts/bench_e2e.sh TIMM_CHECKOUT DATA_DIR [WORKERS]}"
+cd "$(dirname "$0")/../.."
+TIMM_DIR="${1:?usage: bash scripts/bench/bench_e2e.sh TIMM_CHECKOUT DATA_DIR [WORKERS]}"
+DATA="${2:?usage: bash scripts/bench/bench_e2e.sh TIMM_CHECKOUT DATA_DIR [WORKERS]}"
 PY="${PYTHON:-$(command -v python >/dev/null 2>&1 && echo python || echo python3)}"
 DEVICE="${DEVICE:-$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
 if [ "$DEVICE" = "cuda" ]; then

@@ -1,7 +1,7 @@
 """Benchmark: our NaFlex train loader vs timm 1.0.31's ``create_naflex_loader``, same flags, same folder.
 
 Command (the documented augmentations; ~1-2 min per --repeats on 2 shared CPU cores with caltech101):
-    python scripts/bench_loader.py --data-dir ../shared/data/caltech101 -j 2 \
+    python scripts/bench/bench_loader.py --data-dir ../shared/data/caltech101 -j 2 \
         --aa rand-m8-inc1-mstd1.0 --grayscale-prob .1 --reprob 0 --mixup 0.8 --cutmix 1.0 -b 64 \
         --naflex-train-seq-lens 128 256 576 784 1024
 Add ``--steps N`` to stop each loader after N steps (default: one full epoch each).
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
