@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-from augment.config import Problems
+from augment.config import INTERPOLATIONS, Problems
 
 CLASS_ORDERS = ('sorted', 'natural')
 
@@ -85,4 +85,8 @@ class EvalLoaderConfig:
         p.need(self.max_seq_len > 0, 'max_seq_len', 'must be > 0')
         p.need(self.batch_size >= 1, 'batch_size', 'must be >= 1')
         p.need(self.num_workers >= 0, 'num_workers', 'must be >= 0')
+        p.need(self.patch_size >= 1, 'patch_size', 'must be >= 1')
+        # 'random' is a training-only choice: evaluation resizes every image the same way
+        p.need(self.interpolation in INTERPOLATIONS and self.interpolation != 'random', 'interpolation',
+               f'{self.interpolation!r} is not one of {", ".join(i for i in INTERPOLATIONS if i != "random")}')
         p.raise_any()

@@ -5,7 +5,8 @@ Layouts:
   accepted for each other like timm's split search.
 - a split given as a text file (``--train-split train.txt``, absolute or relative to ROOT) listing
   ``<class>/<file>`` paths, one a line, relative to ROOT (or to ROOT/<name of the file without .txt>,
-  or to the text file's folder, whichever holds the first entry).
+  or to the text file's folder, whichever holds the first entry). Every listed file must be there: a list
+  that does not match the folders is an error naming the folder it was resolved against.
 
 Class indices are the sorted class-folder names (``sorted()``, exactly torchvision's ImageFolder; for
 ImageNet synsets this equals timm's order). ``class_order='natural'`` gives timm's folder order instead
@@ -83,22 +84,62 @@ def scan_folder(split_dir: Path, class_order: str = 'sorted') -> Tuple[List[str]
     return classes, paths, targets
 
 
+def _missing_files(base: Path, rels: Sequence[str]) -> List[str]:
+    """The listed relative paths that are not files under ``base`` (one ``scandir`` per folder, no stat per file)."""
+    listing: dict = {}
+    missing = []
+    for rel in rels:
+        parent, _, name = rel.rpartition('/')
+        names = listing.get(parent)
+        if names is None:
+            try:
+                with os.scandir(base / parent) as it:
+                    names = {e.name for e in it if not e.is_dir(follow_symlinks=True)}
+            except OSError:
+                names = set()
+            listing[parent] = names
+        if name not in names:
+            missing.append(rel)
+    return missing
+
+
+def _subdirs(folder: Path) -> List[Path]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(Path(e.path) for e in it if e.is_dir(follow_symlinks=True))
+    except OSError:
+        return []
+
+
 def read_split_file(list_file: Path, root: Path, class_order: str = 'sorted'):
-    """Returns (base dir, classes, relative paths, targets) for a text file of ``<class>/<file>`` lines."""
+    """Returns (base dir, classes, relative paths, targets) for a text file of ``<class>/<file>`` lines.
+
+    The listed paths resolve from the first of ROOT, ROOT/<file name without .txt> and the file's own folder that
+    holds the first entry; every entry is checked there, so a list that does not match the folders fails here,
+    in one line naming the folder, instead of as missing files in every loader worker.
+    """
+    if not list_file.is_file():
+        raise FileNotFoundError(f"split file {list_file} not found (a .txt split is an absolute path or relative "
+                                f"to the data root {root})")
     lines = [ln.strip() for ln in list_file.read_text().splitlines()]
     rels = [ln for ln in lines if ln and not ln.startswith('#')]
     if not rels:
         raise ValueError(f"split file {list_file} lists no images")
-    bases = [root, root / list_file.stem, list_file.parent]
-    base = next((b for b in bases if (b / rels[0]).exists()), root)
+    bases = list(dict.fromkeys([root, root / list_file.stem, list_file.parent]))
+    base = next((b for b in bases if (b / rels[0]).is_file()), None)
+    if base is None:
+        hint = next((f"; it is in {d}: prefix the entries with '{d.name}/' or move the list into {d}"
+                     for d in _subdirs(root) if (d / rels[0]).is_file()), '')
+        raise FileNotFoundError(f"split file {list_file}: its first entry {rels[0]!r} is in none of "
+                                f"{', '.join(map(str, bases))} (listed paths resolve from one of these folders){hint}")
+    missing = _missing_files(base, rels)
+    if missing:
+        raise FileNotFoundError(f"split file {list_file}: {len(missing)} of {len(rels)} listed files are not in "
+                                f"{base}, e.g. {', '.join(missing[:3])}")
     names = {r.split('/', 1)[0] for r in rels}
     # Classes: the class folders of the base dir when present (labels then match ImageFolder on that dir
     # even if the list omits a class), otherwise the names used in the list.
-    try:
-        with os.scandir(base) as it:
-            folder_classes = {e.name for e in it if e.is_dir(follow_symlinks=True)}
-    except OSError:
-        folder_classes = set()
+    folder_classes = {d.name for d in _subdirs(base)}
     all_names = folder_classes if names <= folder_classes else names
     classes = sort_classes(all_names, class_order)
     c2i = {c: i for i, c in enumerate(classes)}

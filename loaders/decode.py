@@ -17,7 +17,7 @@ import io
 from typing import Optional, Tuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # EXIF orientations 5..8 swap width and height.
 _EXIF_ORIENTATION = 0x0112
@@ -33,15 +33,35 @@ PIL_INTERP = {
 }
 
 
+class UndecodableImage(Exception):
+    """Reading or decoding an image file failed: missing or unreadable, not an image, truncated, no pixels,
+    a pixel mode that cannot become RGB. Only this is a "bad file" that the loaders replace (train) or drop
+    (eval) and report; any other exception while building a sample is a bug or a bad setting and propagates."""
+
+
+def resample_filter(interpolation: str) -> Image.Resampling:
+    """Pillow's filter for an interpolation name (a ValueError listing the names, not a bad file)."""
+    try:
+        return PIL_INTERP[interpolation]
+    except KeyError:
+        raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(PIL_INTERP)}") from None
+
+
 def open_image(path) -> Tuple[Image.Image, int, int, int]:
-    """Open lazily (header only). Returns (img, upright_h, upright_w, exif_orientation).
+    """Open lazily (header only). Returns (img, upright_h, upright_w, exif_orientation); UndecodableImage if the
+    file cannot be read or is not an image.
 
     The file is read in one call and decoded from memory (PIL would otherwise issue dozens of small reads
     per JPEG), which also leaves no open file handle behind.
     """
-    with open(path, 'rb') as f:
-        data = f.read()
-    img = Image.open(io.BytesIO(data))
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as e:  # its own text names the in-memory buffer, not the file
+        raise UndecodableImage('empty file' if not data else 'not an image format Pillow can read') from e
+    except Exception as e:  # OSError (missing, unreadable), PIL's DecompressionBombError, ...
+        raise UndecodableImage(f'{type(e).__name__}: {e}') from e
     orientation = 1
     try:
         orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
@@ -52,7 +72,7 @@ def open_image(path) -> Tuple[Image.Image, int, int, int]:
         h, w = w, h
     if h <= 0 or w <= 0:
         img.close()
-        raise ValueError(f"image has no pixels: {w}x{h}")
+        raise UndecodableImage(f"image has no pixels: {w}x{h}")
     return img, h, w, orientation
 
 
@@ -92,36 +112,52 @@ def decode_resized(
     ``opened`` is the result of :func:`open_image` if the caller already has it (to sample the crop).
     """
     img, h, w, orientation = opened if opened is not None else open_image(path)
-    try:
-        return _decode_region(img, h, w, orientation, box, out_hw, interpolation, draft)
+    try:  # a bad interpolation name is a ValueError (the caller's mistake), never UndecodableImage
+        return _decode_region(img, h, w, orientation, box, out_hw, resample_filter(interpolation), draft)
     finally:
         img.close()  # release the file handle now, also when decoding fails
 
 
-def _decode_region(img, h, w, orientation, box, out_hw, interpolation, draft):
+def _draft_scale(img, h, w, box, out_hw, draft):
+    """The JPEG draft request (reduced-DCT size) for this crop and output, or None."""
     top, left, ch, cw = box if box is not None else (0, 0, h, w)
-    out_h, out_w = out_hw
-    if draft and img.format == 'JPEG':
-        # Smallest DCT scale whose upright image still has >= out pixels across the crop.
-        s = max(out_h / ch, out_w / cw)
-        if s <= 0.5:
-            raw_w, raw_h = img.size
-            # The scale is the same on both axes, so EXIF orientation does not matter here.
-            req = (max(1, int(np.ceil(raw_w * s))), max(1, int(np.ceil(raw_h * s))))
+    if not (draft and img.format == 'JPEG'):
+        return None
+    # Smallest DCT scale whose upright image still has >= out pixels across the crop.
+    s = max(out_hw[0] / ch, out_hw[1] / cw)
+    if s > 0.5:
+        return None
+    raw_w, raw_h = img.size
+    # The scale is the same on both axes, so EXIF orientation does not matter here.
+    return max(1, int(np.ceil(raw_w * s))), max(1, int(np.ceil(raw_h * s)))
+
+
+def _decode_upright(img, orientation, draft_size):
+    """The pixels, upright and RGB; every failure here comes from the file's content (UndecodableImage)."""
+    try:
+        if draft_size is not None:
             try:
-                img.draft('RGB', req)
+                img.draft('RGB', draft_size)
             except Exception:
                 pass
-    img.load()
-    if orientation != 1:
-        img = ImageOps.exif_transpose(img)
-    img = to_rgb(img)
+        img.load()
+        if orientation != 1:
+            img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except Exception as e:  # truncated data, broken chunks, unsupported mode, ...
+        raise UndecodableImage(f'{type(e).__name__}: {e}') from e
+
+
+def _decode_region(img, h, w, orientation, box, out_hw, resample, draft):
+    top, left, ch, cw = box if box is not None else (0, 0, h, w)
+    out_h, out_w = out_hw
+    img = _decode_upright(img, orientation, _draft_scale(img, h, w, box, out_hw, draft))
     # Box in the (possibly reduced) upright image.
     sy, sx = img.height / h, img.width / w
     pil_box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
     if pil_box == (0, 0, img.width, img.height) and (out_w, out_h) == img.size:
         return img.copy() if img.mode == 'RGB' else img
-    return img.resize((out_w, out_h), resample=PIL_INTERP[interpolation], box=pil_box)
+    return img.resize((out_w, out_h), resample=resample, box=pil_box)
 
 
 def pil_to_hwc(img: Image.Image):

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import EvalLoaderConfig, resolve_pin_memory
+from .decode import UndecodableImage
 from .packing import collate
 from .pipeline import eval_sample
 
@@ -37,8 +38,8 @@ class EvalImages(Dataset):
         path = self.dataset.path(idx)
         try:
             img = eval_sample(path, self.max_seq_len, self.patch_size, self.interpolation, self.draft)
-        except Exception as e:
-            warnings.warn(f"bad image {path}: {type(e).__name__}: {e}")
+        except UndecodableImage as e:  # a bad setting or a bug propagates instead of blaming the file
+            warnings.warn(f"bad image {path}: {e}")
             return None, self.dataset.target(idx), path
         return img, self.dataset.target(idx), path
 

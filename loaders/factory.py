@@ -36,6 +36,10 @@ def create_train_loader(root, split: str = 'train', cfg: Optional[TrainLoaderCon
     ``num_classes`` of 0 there means ``num_classes`` here, else the dataset's class count."""
     cfg = dataclasses.replace(cfg or TrainLoaderConfig(), **fields)
     cfg.validate()
+    aug = aug or AugConfig()
+    aug.validate()  # a bad spec fails here, in one line, not as a failure inside every worker
+    if mixup is not None:
+        mixup.validate()
     dataset = open_dataset(root, split)
     sizes = list(cfg.patch_sizes) if cfg.patch_sizes else [cfg.patch_size]
     schedule = SeqLenSchedule(len(dataset), cfg.seq_lens, cfg.batch_size * max(cfg.seq_lens), seed=cfg.seed,
@@ -43,7 +47,7 @@ def create_train_loader(root, split: str = 'train', cfg: Optional[TrainLoaderCon
                               patch_size_probs=cfg.patch_size_probs)
     if mixup is not None and not mixup.num_classes:
         mixup = dataclasses.replace(mixup, num_classes=num_classes or dataset.num_classes)
-    step_ds = StepDataset(dataset, schedule, aug or AugConfig(), mixup, packing=cfg.packing, seed=cfg.seed)
+    step_ds = StepDataset(dataset, schedule, aug, mixup, packing=cfg.packing, seed=cfg.seed)
     return TrainLoader(step_ds, num_workers=cfg.num_workers, pin_memory=resolve_pin_memory(cfg.pin_memory),
                        persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor, epoch=epoch)
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from augment.config import AugConfig
 from augment.mixup import MixupConfig, mix_variable_size
 
-from .decode import pil_to_hwc
+from .decode import UndecodableImage, pil_to_hwc
 from .packing import collate
 from .pipeline import TrainSampleBuilder
 from .schedule import SeqLenSchedule
@@ -70,9 +70,9 @@ class StepDataset(Dataset):
             path = self.dataset.path(idx)
             try:
                 return self.builder.build_pil(path, L, P, rng), self.dataset.target(idx)
-            except Exception as e:  # undecodable file: report and replace
+            except UndecodableImage as e:  # only a file that cannot be read or decoded is replaced
                 bad.append(path)
-                warnings.warn(f"bad image {path}: {type(e).__name__}: {e}")
+                warnings.warn(f"bad image {path}: {e}")
                 idx = rng.randrange(n)
         raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive undecodable images; last: {bad[-1]}")
 
