@@ -228,14 +228,20 @@ class RandAugmentSpec:
 def rand_augment_help() -> str:
     """One line on the spec strings ``parse_rand_augment`` accepts (for error messages)."""
     return ("supported: RandAugment specs 'rand-<section>-...' with sections m<magnitude> n<ops> p<prob> "
-            "mstd<std> mmax<max> inc<0|1> t<weights|3a|3aw>, e.g. 'rand-m8-inc1-mstd1.0'")
+            "mstd<std> mmax<max> inc<0|1> t<weights|3a|3aw>, e.g. 'rand-m8-inc1-mstd1.0' (timm's AutoAugment "
+            "'original'/'v0' and AugMix 'augmix-...' policies are not implemented)")
+
+
+# spec section -> (RandAugmentSpec field, value type); 'inc' picks the op set instead of setting a field
+_SECTIONS = {'m': ('magnitude', int), 'n': ('num_layers', int), 'p': ('prob', float),
+             'mstd': ('magnitude_std', float), 'mmax': ('magnitude_max', int), 'inc': (None, int)}
 
 
 def parse_rand_augment(spec: str) -> RandAugmentSpec:
-    """Parse timm's ``rand-...`` string. Unknown sections raise ValueError."""
+    """Parse timm's ``rand-...`` string. Unknown sections and values that are not numbers raise ValueError."""
     parts = spec.split('-')
     if parts[0] != 'rand':
-        raise ValueError(f"RandAugment spec must start with 'rand': {spec!r}")
+        raise ValueError("a RandAugment spec starts with 'rand-'")
     out = RandAugmentSpec()
     increasing = False
     op_set = None
@@ -248,22 +254,25 @@ def parse_rand_augment(spec: str) -> RandAugmentSpec:
         m = re.match(r'^([a-z]+)(\d.*)$', part)
         if not m:
             raise ValueError(f"bad RandAugment section {part!r} in {spec!r}")
-        key, val = m.groups()
-        if key == 'mstd':
-            std = float(val)
-            out.magnitude_std = float('inf') if std > 100 else std
-        elif key == 'mmax':
-            out.magnitude_max = int(val)
-        elif key == 'inc':
-            increasing = bool(int(val))
-        elif key == 'm':
-            out.magnitude = int(val)
-        elif key == 'n':
-            out.num_layers = int(val)
-        elif key == 'p':
-            out.prob = float(val)
-        else:
+        key, text = m.groups()
+        if key not in _SECTIONS:
             raise ValueError(f"unknown RandAugment section {part!r} in {spec!r}")
+        field_name, kind = _SECTIONS[key]
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"RandAugment section {part!r} in {spec!r}: {key} takes "
+                             f"{'an integer' if kind is int else 'a number'}") from None
+        if key == 'inc':
+            increasing = bool(value)
+        elif key == 'mstd':
+            out.magnitude_std = float('inf') if value > 100 else value  # timm: > 100 means uniform in [0, m]
+        else:
+            setattr(out, field_name, value)
+    return _with_op_set(out, op_set, increasing)
+
+
+def _with_op_set(out: RandAugmentSpec, op_set: Optional[str], increasing: bool) -> RandAugmentSpec:
     if op_set in ('weights', '3aw'):
         table = RAND_WEIGHTED_0 if op_set == 'weights' else RAND_WEIGHTED_3A
         out.ops = list(table)

@@ -105,6 +105,48 @@ def test_jitter_only_without_aa_and_grayscale():
     assert np.array_equal(np.asarray(flip(pil, random.Random(0))), np.asarray(pil)[:, ::-1])
 
 
+def test_vflip_flips_rows_after_hflip():
+    pil, ten = _imgs(10, 12)
+    arr = np.asarray(pil)
+    vflip = ImageAugment(AugConfig(hflip=0, vflip=1.0, color_jitter=0))
+    assert np.array_equal(np.asarray(vflip(pil, random.Random(0))), arr[::-1])
+    assert torch.equal(vflip(ten, random.Random(0)), ten.flip(-2))  # uint8 CHW tensors too
+    both = ImageAugment(AugConfig(hflip=1.0, vflip=1.0, color_jitter=0))
+    assert np.array_equal(np.asarray(both(pil, random.Random(0))), arr[::-1, ::-1])
+    never = ImageAugment(AugConfig(hflip=0, vflip=0.0, color_jitter=0))
+    assert np.array_equal(np.asarray(never(pil, random.Random(0))), arr)
+    half = ImageAugment(AugConfig(hflip=0, vflip=0.5, color_jitter=0))
+    rng = random.Random(0)
+    flipped = sum(np.array_equal(np.asarray(half(pil, rng)), arr[::-1]) for _ in range(400))
+    assert 150 < flipped < 250
+
+
+# Specs AugConfig.validate accepts, at their edges: every one must run on any image without raising.
+EDGE_SPECS = ['rand-m0', 'rand-m30', 'rand-m10-mmax0', 'rand-n0', 'rand-n10', 'rand-p0', 'rand-p1.5', 'rand-mstd101',
+              'rand-t3a', 'rand-tweights', 'rand-t3aw', 'rand-m9-n3-mstd0.5-inc1', 'rand', 'rand--m5', 'rand-inc7',
+              'rand-m8-t3a-mstd200']
+
+
+@pytest.mark.parametrize('interpolation', ['random', 'lanczos', 'nearest'])
+def test_every_accepted_aa_spec_runs_on_any_image(interpolation):
+    for spec in EDGE_SPECS:
+        cfg = AugConfig(aa=spec, interpolation=interpolation, vflip=0.5, grayscale_prob=0.5)
+        cfg.validate()
+        aug, rng = ImageAugment(cfg), random.Random(0)
+        for h, w in ((1, 1), (1, 7), (7, 1), (33, 5)):
+            pil, _ = _imgs(h, w)
+            for _ in range(10):
+                out = aug(pil, rng)
+                assert out.size == (w, h) and out.mode == 'RGB', spec
+
+
+@pytest.mark.parametrize('spec', ['v0', 'original', 'augmix-m5', '3a', 'rand-m8x', 'rand-n-1', 'rand-tfoo',
+                                  'rand-zz3', 'rand_m9', 'rand-mstd-1'])
+def test_unsupported_aa_specs_are_rejected_by_the_config_check(spec):
+    with pytest.raises(ValueError, match="supported: RandAugment specs"):
+        AugConfig(aa=spec).validate()
+
+
 @pytest.mark.parametrize('mode', ['const', 'rand', 'pixel'])
 def test_random_erasing_uint8_patch_aligned(mode):
     img = torch.full((40, 32, 3), 7, dtype=torch.uint8)
