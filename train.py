@@ -43,15 +43,16 @@ def run(argv=None, hooks=None):
         raise OutOfMemory(_oom_message(cfg)) from None
 
 
-def _resume(trainer, cfg, out_dir: Path, saver, updates_per_epoch: int):
-    """The state to start from: a fresh one, or what ``--resume`` (PATH or auto) restores."""
+def _resume(trainer, cfg, out_dir: Path, updates_per_epoch: int):
+    """(state to start from, the checkpoint it came from or None): a fresh state, or what ``--resume`` (PATH or
+    auto) restores."""
     from naflex.train.build import UserError
     from naflex.train.checkpoint import TrainState, find_resume, load_checkpoint, restore_training
     resume = find_resume(out_dir) if cfg.run.resume == 'auto' else (Path(cfg.run.resume) if cfg.run.resume else None)
     if cfg.run.resume == 'auto' and resume is None:
         _logger.info(f'--resume auto: no checkpoint in {out_dir} yet, starting from scratch')
     if resume is None:
-        return TrainState()
+        return TrainState(), None
     try:
         ckpt = load_checkpoint(resume)
         state = restore_training(trainer, ckpt, cfg.run.resume_opt, updates_per_epoch)
@@ -59,10 +60,8 @@ def _resume(trainer, cfg, out_dir: Path, saver, updates_per_epoch: int):
         raise UserError(str(e)) from None
     except ValueError as e:
         raise UserError(f'--resume {resume}: {e}') from None
-    if saver is not None:
-        saver.restore(ckpt)
     _logger.info(f'resumed from {resume}: epoch {state.epoch}, step {state.step}, update {state.num_updates}')
-    return state
+    return state, ckpt
 
 
 def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
@@ -88,12 +87,28 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     return trainer, total_epochs
 
 
+def _open_run_folder(out_dir: Path, dist, cfg, resolved_args: str, resumed_from):
+    """Create the run folder once every input is checked: train.log (from the run's first line), args.yaml (the
+    configuration actually used) and, on rank 0, the checkpoint manager (returned; None on other ranks)."""
+    from naflex.train.build import create_run_dir
+    from naflex.train.checkpoint import CheckpointManager
+    from naflex.train.logger import attach_log_file
+    create_run_dir(out_dir, dist)
+    attach_log_file(out_dir / 'train.log')
+    if not dist.is_primary:
+        return None
+    (out_dir / 'args.yaml').write_text(resolved_args)
+    saver = CheckpointManager(out_dir, cfg.train.checkpoint_hist, decreasing=cfg.train.eval_metric == 'loss')
+    if resumed_from is not None:
+        saver.restore(resumed_from)
+    return saver
+
+
 def _train(cfg, args, hooks=None):
     from loaders import DevicePrefetcher
     from naflex.train import build
     from naflex.train.bad_files import BadFileTracker
     from naflex.train.callbacks import StopOnSignal
-    from naflex.train.checkpoint import CheckpointManager
     from naflex.train.cli import args_yaml
     from naflex.train.distributed import init_distributed
     from naflex.train.engine import fit, seed_everything
@@ -101,11 +116,12 @@ def _train(cfg, args, hooks=None):
     from naflex.train.logger import RunWriter, setup_logging
 
     dist = init_distributed(cfg.train.device)
-    train_ds, val_ds = build.open_datasets(cfg)  # before the run folder exists: a bad --data-dir leaves nothing
-    out_dir = build.output_dir(cfg, dist)
-    setup_logging(out_dir / 'train.log', dist.is_primary)
+    setup_logging(None, dist.is_primary)  # train.log starts once the run folder exists, with these lines
+    # Every input is checked before the run folder is created: a mistake leaves nothing on disk.
+    out_dir = build.run_dir(cfg, dist)
     _logger.info(f'{"torchrun: rank %d of %d, " % (dist.rank, dist.world_size) if dist.distributed else ""}'
                  f'device {dist.device}, output {out_dir}')
+    train_ds, val_ds = build.open_datasets(cfg)
     seed_everything(cfg.train.seed, dist.rank)
     if dist.device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -118,18 +134,15 @@ def _train(cfg, args, hooks=None):
     lr = cfg.optim.resolved_lr(cfg.loader.batch_size * dist.world_size * cfg.train.grad_accum_steps)
     if not cfg.optim.lr:
         _logger.info(f'lr {lr:.3e} from --lr-base {cfg.optim.lr_base} and the global batch')
-    resolved = args_yaml(args, lr=lr, num_classes=num_classes)  # the configuration actually used
-    if dist.is_primary:
-        (out_dir / 'args.yaml').write_text(resolved)
     _logger.info(f'model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, '
                  f'{num_classes} classes, {len(train_ds)} train images, {len(train_loader)} steps/epoch')
 
     model.to(dist.device)
     updates_per_epoch = -(-len(train_loader) // cfg.train.grad_accum_steps)
     trainer, total_epochs = _trainer(cfg, model, dist, updates_per_epoch, lr, hooks)
-    saver = CheckpointManager(out_dir, cfg.train.checkpoint_hist, decreasing=cfg.train.eval_metric == 'loss') \
-        if dist.is_primary else None
-    state = _resume(trainer, cfg, out_dir, saver, updates_per_epoch)
+    state, resumed_from = _resume(trainer, cfg, out_dir, updates_per_epoch)
+
+    saver = _open_run_folder(out_dir, dist, cfg, args_yaml(args, lr=lr, num_classes=num_classes), resumed_from)
     bad_files = BadFileTracker(out_dir if dist.is_primary else None)
     mean, std = cfg.model.mean, cfg.model.std
 
@@ -170,6 +183,7 @@ def main(argv=None, hooks=None):
     from naflex.train.callbacks import StopRequested
     from naflex.train.cli import ConfigError
     from naflex.train.distributed import DeviceError, cleanup
+    from naflex.train.evaluate import NoImagesEvaluated
     from naflex.train.metrics import NonFiniteLossError
     code, message = None, None
     try:
@@ -181,7 +195,7 @@ def main(argv=None, hooks=None):
         _logger.warning(str(e))
         code = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
         traceback.clear_frames(e.__traceback__)
-    except (NonFiniteLossError, TooManyBadFiles, OutOfMemory) as e:
+    except (NonFiniteLossError, TooManyBadFiles, OutOfMemory, NoImagesEvaluated) as e:
         _logger.error(str(e))
         code, message = 1, f'train.py: error: {e}'
         # free the failed step's frames (DDP reducer included) before the process group goes away

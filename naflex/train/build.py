@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 import loaders
@@ -26,30 +27,52 @@ class UserError(Exception):
     """A problem the user can fix; reported as one line without a traceback."""
 
 
+def _open_split(cfg: Config, split: str, what: str, hint: str = ''):
+    """The ImageFolderDataset of one split; a missing split or one without a single image is a UserError."""
+    root, data = Path(cfg.data.root), cfg.data
+    try:
+        ds = loaders.ImageFolderDataset(root, split, class_order=data.class_order, cache_dir=data.cache_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f'no {what} images: {e}{hint}') from None
+    if len(ds) == 0:
+        raise UserError(f'--data-dir {root}: split {split!r} holds no images ({len(ds.classes)} class folders, '
+                        f'all empty){hint}')
+    return ds
+
+
+def _warn_empty_classes(train_ds, val_ds, data) -> None:
+    """Class folders with no training image get a classifier output the model can never learn."""
+    counts = np.bincount(train_ds.targets, minlength=len(train_ds.classes))
+    empty = [c for c, n in zip(train_ds.classes, counts) if n == 0]
+    if not empty:
+        return
+    shown = ', '.join(empty[:10]) + (f' (+{len(empty) - 10} more)' if len(empty) > 10 else '')
+    also = ''
+    if val_ds is not None:
+        val_counts = np.bincount(val_ds.targets, minlength=len(val_ds.classes))
+        num_val = int(sum(val_counts[val_ds.class_to_idx[c]] for c in empty))
+        also = f' (the model cannot learn them: their {num_val} images in {data.val_split!r} count as errors)' \
+            if num_val else ''
+    _logger.warning(f'{len(empty)} of {len(train_ds.classes)} class folders in split {data.train_split!r} hold no '
+                    f'images: {shown}{also}')
+
+
 def open_datasets(cfg: Config):
     """(train dataset, val dataset or None), checked: both exist, hold images and the same class folders."""
     root, data = Path(cfg.data.root), cfg.data
     if not root.is_dir():
         raise UserError(f'--data-dir {root} does not exist')
-    try:
-        train_ds = loaders.ImageFolderDataset(root, data.train_split, class_order=data.class_order,
-                                              cache_dir=data.cache_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f'no training images: {e}') from None
-    if len(train_ds) == 0:
-        raise UserError(f'--data-dir {root}: split {data.train_split!r} holds no images')
-    if not data.val_split:
-        return train_ds, None
-    try:
-        val_ds = loaders.ImageFolderDataset(root, data.val_split, class_order=data.class_order,
-                                            cache_dir=data.cache_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f'no validation images: {e} (pass --val-split "" to train without evaluation)') from None
-    if list(val_ds.classes) != list(train_ds.classes):
-        only_t = sorted(set(train_ds.classes) - set(val_ds.classes))[:5]
-        only_v = sorted(set(val_ds.classes) - set(train_ds.classes))[:5]
-        raise UserError(f'class folders differ between {data.train_split!r} and {data.val_split!r}: '
-                        f'only in train {only_t}, only in val {only_v}')
+    train_ds = _open_split(cfg, data.train_split, 'training')
+    val_ds = None
+    if data.val_split:
+        val_ds = _open_split(cfg, data.val_split, 'validation',
+                             ' (pass --val-split "" to train without evaluation)')
+        if list(val_ds.classes) != list(train_ds.classes):
+            only_t = sorted(set(train_ds.classes) - set(val_ds.classes))[:5]
+            only_v = sorted(set(val_ds.classes) - set(train_ds.classes))[:5]
+            raise UserError(f'class folders differ between {data.train_split!r} and {data.val_split!r}: '
+                            f'only in train {only_t}, only in val {only_v}')
+    _warn_empty_classes(train_ds, val_ds, data)
     return train_ds, val_ds
 
 
@@ -109,15 +132,52 @@ def build_loaders(cfg: Config, train_ds, val_ds, num_classes: int, dist: DistInf
     return train, val
 
 
-def output_dir(cfg: Config, dist: DistInfo) -> Path:
-    """The run folder (created by rank 0; every rank gets its path)."""
-    out = None
+def _holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds (part of) a training run: its args.yaml, summary.csv or any checkpoint."""
+    return folder.is_dir() and (any((folder / n).exists() for n in ('args.yaml', 'summary.csv'))
+                                or any(folder.glob('*.pth')))
+
+
+def _continues(resume: str, folder: Path) -> bool:
+    """``--resume`` continues the run in ``folder``: 'auto', or a checkpoint file inside it."""
+    return resume == 'auto' or (bool(resume) and Path(resume).resolve().parent == folder.resolve())
+
+
+def _pick_run_dir(cfg: Config) -> Tuple[Path, Optional[str]]:
+    root = Path(cfg.run.output)
+    if not cfg.run.experiment:  # a generated name: a clash gets timm's -1, -2, ... suffix
+        base = f'{datetime.now():%Y%m%d-%H%M%S}-{cfg.model.name}'
+        out, n = root / base, 0
+        while _holds_run(out):
+            n += 1
+            out = root / f'{base}-{n}'
+        return out, None
+    out = root / cfg.run.experiment
+    if _holds_run(out) and not _continues(cfg.run.resume, out):
+        return out, (f'--experiment {cfg.run.experiment}: {out} already holds a run; pass --resume auto to '
+                     'continue it, or another --experiment to start a new one')
+    return out, None
+
+
+def run_dir(cfg: Config, dist: DistInfo) -> Path:
+    """The run folder's path, checked but not created (``create_run_dir`` does that once every input is checked).
+
+    A folder that already holds a run is never overwritten: it is reused only to continue that run
+    (``--resume auto`` or a checkpoint inside it); otherwise this is a one-line UserError on every rank.
+    """
+    path, problem = _pick_run_dir(cfg) if dist.is_primary else (None, None)
+    path, problem = broadcast_object((str(path) if path is not None else None, problem))
+    if problem:
+        raise UserError(problem)
+    return Path(path)
+
+
+def create_run_dir(path: Path, dist: DistInfo) -> Path:
+    """Create the run folder (rank 0; the others only write through rank 0)."""
     if dist.is_primary:
-        name = cfg.run.experiment or f'{datetime.now():%Y%m%d-%H%M%S}-{cfg.model.name}'
-        out = Path(cfg.run.output) / name
-        out.mkdir(parents=True, exist_ok=True)
-    return Path(broadcast_object(str(out) if out else None))
+        path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
-__all__ = ['UserError', 'build_loaders', 'build_model', 'num_classes_for', 'open_datasets',
-           'output_dir', 'resolve_data_config']
+__all__ = ['UserError', 'build_loaders', 'build_model', 'create_run_dir', 'num_classes_for', 'open_datasets',
+           'resolve_data_config', 'run_dir']

@@ -37,10 +37,14 @@ class ConfigError(ValueError):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each default once: help texts that already say what the default means keep their wording."""
+    """Shows each default once and only when it says something: help texts that already explain the default keep
+    their wording; switches (off unless given) and unset values (None, '') show none."""
 
     def _get_help_string(self, action):
-        return action.help if 'default' in (action.help or '') else super()._get_help_string(action)
+        text = action.help or ''
+        if 'default' in text or action.default in (None, '', False) or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,7 +118,8 @@ def _model_flags(p: _Parser) -> None:
     g = p.add_argument_group('Device and precision')
     _flag(p, g, '--device', to=('train', 'device'), help="'cuda' or 'cpu' (torchrun picks cuda:LOCAL_RANK)")
     _flag(p, g, '--amp', to=('train', 'amp'), action='store_true', help='mixed precision autocast')
-    _flag(p, g, '--amp-dtype', to=('train', 'amp_dtype'), choices=AMP_DTYPES, help='autocast dtype')
+    _flag(p, g, '--amp-dtype', to=('train', 'amp_dtype'), choices=AMP_DTYPES,
+          help=f'autocast dtype (default: {_DEFAULTS.train.amp_dtype}, as timm and validate.py; the card uses bfloat16)')
 
 
 def _optim_flags(p: _Parser) -> None:
@@ -214,7 +219,9 @@ def _run_flags(p: _Parser) -> None:
     _flag(p, g, '--pin-mem', to=[('loader', 'pin_memory', _pin), ('eval', 'pin_memory', _pin)], default=False,
           action='store_true', help='pin host memory (always on for CUDA)')
     _flag(p, g, '--output', to=('run', 'output'), metavar='PATH', help='output root')
-    _flag(p, g, '--experiment', to=('run', 'experiment'), help='run folder name (default: date-model)')
+    _flag(p, g, '--experiment', to=('run', 'experiment'),
+          help='run folder name under --output (default: date-model); a folder holding a run is only continued, '
+               'with --resume auto')
     _flag(p, g, '--eval-metric', to=t('eval_metric'), choices=EVAL_METRICS, help='best-checkpoint metric')
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from augment.config import AugConfig, Problems
 from augment.mixup import MixupConfig
@@ -27,6 +27,44 @@ EVAL_METRICS = ('top1', 'top5', 'loss')
 AMP_DTYPES = ('float16', 'bfloat16')
 
 Namer = Optional[Callable[[str], str]]
+
+
+# Eager FlexAttention (no torch.compile) computes the full [heads, T, T] score matrix of a packed step in float32:
+# above this it would run out of memory (the card's 64 x 1024 tokens and 12 heads need ~190 GiB per layer).
+EAGER_FLEX_MAX_BYTES = 4 << 30
+
+
+def attention_problems(backend: str, *, device: str, amp: bool, packing: bool, compiled: bool, training: bool,
+                       tokens_per_step: int, num_heads: int, flag: Callable[[str], str]) -> List[str]:
+    """What is wrong with running attention ``backend`` in this setting (train.py and validate.py share it).
+
+    ``flag(key)`` names the flag for 'attn_backend', 'packing', 'amp', 'torchcompile' in the caller's CLI.
+    """
+    from naflex.model.attention import available_backends
+    device_type = device.split(':')[0]
+    if device_type not in ('cpu', 'cuda'):
+        return []  # TrainConfig.validate reports the device itself
+    on_cpu = device_type == 'cpu'
+    usable = ['auto'] + [b for b in available_backends(device_type) if amp or b != 'varlen']
+    if training and on_cpu:
+        usable.remove('flex')  # torch 2.14: FlexAttention has no backward pass on the CPU, compiled or not
+    where = ('the CPU' if on_cpu else 'CUDA in float32') + (' for training' if training and on_cpu else '')
+    attn = f'{flag("attn_backend")} {backend}'
+    if backend != 'auto' and not packing:
+        return [f'{attn} applies to packed batches: {flag("packing")} pads them like timm and always uses SDPA '
+                'with a mask; drop one of the two']
+    if backend == 'varlen' and backend not in usable:
+        return [f'{attn} needs a CUDA device and fp16/bf16 attention ({flag("amp")} --amp-dtype bfloat16); '
+                f'backends that work on {where}: {", ".join(usable)}']
+    if backend == 'flex' and backend not in usable:
+        return [f'{attn}: FlexAttention has no backward pass on the CPU; backends that work on {where}: '
+                f'{", ".join(usable)}']
+    score_bytes = num_heads * tokens_per_step ** 2 * 4
+    if backend == 'flex' and not compiled and score_bytes > EAGER_FLEX_MAX_BYTES:
+        return [f'{attn} without {flag("torchcompile")} runs eagerly and materialises a T x T score matrix per '
+                f'head: T = {tokens_per_step} tokens per step x {num_heads} heads = {score_bytes / 2 ** 30:,.0f} GiB '
+                f'per layer; add {flag("torchcompile")}, or use auto or sdpa_padded']
+    return []
 
 
 @dataclass
@@ -195,6 +233,10 @@ class RunConfig:
         p = Problems(name)
         p.need(not (self.resume == 'auto' and not self.experiment), 'resume',
                f'auto continues the run in --output/--experiment: pass {p.name("experiment")} NAME')
+        # A folder name, not a path: the run must stay inside --output (put the path into --output instead)
+        p.need(not any(c in self.experiment for c in '/\\') and self.experiment not in ('.', '..'), 'experiment',
+               f'{self.experiment!r} must be a folder name without path separators or "..": the run folder is '
+               f'{p.name("output")}/NAME (pass the path with {p.name("output")})')
         p.raise_any()
 
 
@@ -212,6 +254,19 @@ class Config:
     ema: EmaConfig = field(default_factory=EmaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def _attention_problems(self, name: Callable[[str, str], str]) -> List[str]:
+        try:
+            num_heads = get_config(self.model.name).num_heads
+        except ValueError:
+            return []  # an unknown model is reported by ModelConfig.validate
+        flags = {'attn_backend': name('model', 'attn_backend'), 'packing': name('loader', 'packing'),
+                 'amp': name('train', 'amp'), 'torchcompile': name('model', 'torchcompile')}
+        tokens = max(self.loader.batch_size * max(self.loader.seq_lens or (0,)),
+                     self.eval.batch_size * self.eval.max_seq_len)
+        return attention_problems(self.model.attn_backend, device=self.train.device, amp=self.train.amp,
+                                  packing=self.loader.packing, compiled=bool(self.model.torchcompile), training=True,
+                                  tokens_per_step=tokens, num_heads=num_heads, flag=flags.get)
 
     SECTIONS = ('data', 'loader', 'eval', 'aug', 'mixup', 'model', 'optim', 'sched', 'ema', 'train', 'run')
 
@@ -235,5 +290,6 @@ class Config:
                name('run', 'resume'), 'restores the full training state; drop --initial-checkpoint/'
                '--pretrained-path/--pretrained')
         problems.extend(p.items)
+        problems.extend(self._attention_problems(name))
         if problems:
             raise ValueError('; '.join(problems))

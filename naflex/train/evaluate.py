@@ -24,7 +24,7 @@ from loaders import DevicePrefetcher
 from naflex.model import batch as B
 from naflex.model import data_config
 
-__all__ = ["evaluate"]
+__all__ = ["NoImagesEvaluated", "evaluate"]
 
 
 def _device_batches(loader: Iterable, device: torch.device, mean, std):
@@ -59,6 +59,10 @@ def _reduce(sums: torch.Tensor, num_bad: int, elapsed: float, world_size: int, d
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         elapsed = float(t.item())
     return totals.tolist(), elapsed
+
+
+class NoImagesEvaluated(RuntimeError):
+    """Not a single image could be scored (an empty split, or every file undecodable): there are no metrics."""
 
 
 @torch.inference_mode()
@@ -106,7 +110,11 @@ def evaluate(model: torch.nn.Module, loader: Iterable, device, amp_dtype: Option
     (loss_sum, c1, c5, n, tokens, nbad), elapsed = _reduce(sums, len(bad_paths), time.perf_counter() - start,
                                                           world_size, device)
     model.train(was_training)
-    denom = max(n, 1.0)
+    if n == 0:  # metrics over no image would read as a real 0 % (and could be saved as the best checkpoint)
+        raise NoImagesEvaluated(
+            f'evaluated no image: all {int(nbad)} files failed to decode (e.g. {", ".join(bad_paths[:3])})' if nbad
+            else 'evaluated no image: the evaluation split is empty')
+    denom = n
     result = {
         "top1": 100.0 * c1 / denom, "top5": 100.0 * c5 / denom, "loss": loss_sum / denom, "images": int(n),
         "valid_tokens": int(tokens), "bad_files": int(nbad), "bad_file_paths": bad_paths, "time_s": elapsed,

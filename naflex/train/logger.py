@@ -7,6 +7,7 @@ With stdout on a terminal a one-line progress bar is redrawn in place.
 """
 import csv
 import logging
+import logging.handlers
 import sys
 import time
 from pathlib import Path
@@ -16,21 +17,53 @@ _logger = logging.getLogger('train')
 
 
 def setup_logging(log_file: Optional[Path] = None, primary: bool = True) -> None:
-    """Console (+ file on rank 0) logging with timestamps; non-primary ranks only show warnings."""
+    """Console (+ file on rank 0) logging with timestamps; non-primary ranks only show warnings.
+
+    Without ``log_file`` the primary rank keeps its records in memory until ``attach_log_file`` names the file:
+    train.py checks every input before it creates the run folder, and the log file still starts at the top.
+    """
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, '_naflex', False):
             root.removeHandler(h)
             h.close()
     root.setLevel(logging.INFO if primary else logging.WARNING)
-    fmt = logging.Formatter('%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
     handlers = [logging.StreamHandler(sys.stdout)]
-    if log_file is not None and primary:
-        handlers.append(logging.FileHandler(log_file))
+    if primary:
+        handlers.append(logging.FileHandler(log_file) if log_file is not None else _EarlyRecords())
     for h in handlers:
-        h.setFormatter(fmt)
-        h._naflex = True
-        root.addHandler(h)
+        _own(h)
+
+
+class _EarlyRecords(logging.handlers.MemoryHandler):
+    """Holds the records logged before the run folder exists (never flushes on its own)."""
+
+    def __init__(self):
+        super().__init__(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
+
+    def shouldFlush(self, record) -> bool:
+        return False
+
+
+def _own(handler: logging.Handler) -> None:
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S'))
+    handler._naflex = True
+    logging.getLogger().addHandler(handler)
+
+
+def attach_log_file(log_file: Path) -> None:
+    """Start writing ``log_file`` (primary rank), beginning with the records kept since ``setup_logging``."""
+    root = logging.getLogger()
+    early = [h for h in root.handlers if isinstance(h, _EarlyRecords)]
+    if not early:
+        return  # a non-primary rank, or the file is already attached
+    file_handler = logging.FileHandler(log_file)
+    _own(file_handler)
+    for h in early:
+        h.setTarget(file_handler)
+        h.flush()
+        root.removeHandler(h)
+        h.close()
 
 
 def format_seconds(s: float) -> str:
