@@ -22,30 +22,33 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
-
-AMP_DTYPES = ("bfloat16", "float16")
-
+__all__ = ["build_parser", "check_args", "main", "stored_model_name"]
 
 class ValidateError(Exception):
     """A user-facing problem reported as one line (bad path, unknown model, class mismatch, ...)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loaders.config import EvalLoaderConfig
+    # Defaults come from the same config dataclasses as train.py's, so the two CLIs agree.
+    from loaders.config import DatasetConfig, EvalLoaderConfig
     from naflex.model import ATTN_BACKENDS, DEFAULT_MODEL
-    ev = EvalLoaderConfig()
+    from naflex.train.config import AMP_DTYPES, TrainConfig
+    ev, split, amp_dtype = EvalLoaderConfig(), DatasetConfig.val_split, TrainConfig.amp_dtype
     p = argparse.ArgumentParser(description="Evaluate a NaFlexViT model at one or more sequence lengths.")
     p.add_argument("data", nargs="?", default=None, help="dataset root (same as --data-dir)")
     p.add_argument("--data-dir", default=None, help="dataset root holding <split>/<class>/*.jpg")
-    p.add_argument("--split", default="val", help="split folder under the root (default: val)")
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model name (naflex.list_models())")
+    p.add_argument("--split", default=split,
+                   help=f"split folder under the root (default: {split}, like train.py's --val-split; 'val', "
+                        "'valid', 'eval' are found too, and a root that holds the class folders is used as it is)")
+    p.add_argument("--model", "-m", default=None,
+                   help=f"model name (naflex.list_models()) (default: the name the checkpoint stores, else "
+                        f"{DEFAULT_MODEL})")
     p.add_argument("--checkpoint", default="",
                    help="our checkpoint (plain/EMA/training state) or a timm .pth/.safetensors")
     p.add_argument("--pretrained", nargs="?", const=True, default=None,
                    help="pretrained weights file given to create_model (timm .safetensors/.pth or ours)")
     p.add_argument("--use-ema", action="store_true", help="load the EMA weights ('state_dict_ema') of a checkpoint")
-    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the checkpoint's)")
     p.add_argument("--naflex-max-seq-len", type=int, nargs="+", default=[ev.max_seq_len],
                    help=f"one or more sequence lengths to evaluate at (default: {ev.max_seq_len})")
     p.add_argument("--naflex-loader", action="store_true", help="accepted for timm compatibility (always NaFlex)")
@@ -55,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--workers", type=int, default=ev.num_workers,
                    help=f"data loader workers (default: {ev.num_workers})")
     p.add_argument("--amp", action="store_true", help="mixed precision (autocast)")
-    p.add_argument("--amp-dtype", default="bfloat16", choices=AMP_DTYPES, help="autocast dtype (default: bfloat16)")
+    p.add_argument("--amp-dtype", default=amp_dtype, choices=AMP_DTYPES,
+                   help=f"autocast dtype (default: {amp_dtype}, as in train.py and timm; the model card uses bfloat16)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--attn-backend", default="auto", choices=ATTN_BACKENDS,
                    help="attention backend for packed batches (default: auto)")
@@ -67,13 +71,54 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_FLAGS = {"max_seq_len": "--naflex-max-seq-len", "batch_size": "-b/--batch-size", "num_workers": "-j/--workers",
+          "name": "--model", "num_classes": "--num-classes", "attn_backend": "--attn-backend", "device": "--device",
+          "amp": "--amp", "amp_dtype": "--amp-dtype", "packing": "--padded", "torchcompile": "--torchcompile"}
+
+
+def check_args(args) -> None:
+    """Every flag value, with train.py's rules (the config dataclasses' ``validate``), before anything is read."""
+    from loaders.config import EvalLoaderConfig
+    from naflex.model import DEFAULT_MODEL
+    from naflex.train.config import ModelConfig, TrainConfig
+
+    parts = [EvalLoaderConfig(max_seq_len=L, batch_size=args.batch_size, num_workers=args.workers)
+             for L in args.naflex_max_seq_len]
+    parts.append(TrainConfig(device=args.device or "cpu", amp=args.amp, amp_dtype=args.amp_dtype))
+    parts.append(ModelConfig(name=args.model or DEFAULT_MODEL, num_classes=args.num_classes,
+                             attn_backend=args.attn_backend))
+    problems = []
+    for part in parts:
+        try:
+            part.validate(lambda field: _FLAGS.get(field, field))
+        except ValueError as e:
+            problems.append(str(e))
+    if args.log_freq < 0:
+        problems.append("--log-freq must be >= 0")
+    if not (args.data_dir or args.data):
+        problems.append("no dataset given: pass --data-dir DIR")
+    if problems:
+        raise ValidateError("; ".join(dict.fromkeys(problems)))  # one sequence length's problem once
+
+
+def _check_attention(args, device: str) -> None:
+    """The attention backend fits the device, precision, layout and batch size (train.py's rule)."""
+    import naflex
+    from naflex.train.config import attention_problems
+
+    problems = attention_problems(
+        args.attn_backend, device=device, amp=args.amp, packing=not args.padded, compiled=bool(args.torchcompile),
+        training=False, tokens_per_step=args.batch_size * max(args.naflex_max_seq_len),
+        num_heads=naflex.get_config(args.model).num_heads, flag=_FLAGS.get)
+    if problems:
+        raise ValidateError("; ".join(problems))
+
+
 def _open_dataset(args):
     """ImageFolderDataset of the split (class order = sorted folder names, like timm / torchvision)."""
     from loaders import ImageFolderDataset
 
     root = args.data_dir or args.data
-    if not root:
-        raise ValidateError("no dataset given: pass --data-dir DIR")
     if not Path(root).is_dir():
         raise ValidateError(f"dataset folder not found: {root}")
     try:
@@ -84,30 +129,15 @@ def _open_dataset(args):
             ds = ImageFolderDataset(root, "")
         except (FileNotFoundError, OSError) as e:
             raise ValidateError(f"split '{args.split}' not found under {root}: {e}") from None
+    except ValueError as e:  # a split file that lists nothing, or files that are not there
+        raise ValidateError(str(e)) from None
     if len(ds) == 0 or not ds.classes:
         raise ValidateError(f"no images found in {ds.base} (expected <class>/<image> folders)")
     return ds
 
 
-def _read_checkpoint(path: str, use_ema: bool) -> dict:
-    """State dict of any file naflex.model.weights reads (ours, timm's .pth / .safetensors); with --use-ema only the
-    EMA copy ('state_dict_ema' / 'model_ema') is accepted, without it only the plain weights."""
-    from naflex.model.weights import read_state_dict
-
-    try:
-        return read_state_dict(path, use_ema=use_ema, require_ema=use_ema)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValidateError(str(e)) from None
-
-
-def _create_model(args, num_dataset_classes: int):
-    """Model with the checkpoint's weights loaded strictly; one-line errors for every mismatch."""
-    import naflex
-
-    try:
-        naflex.get_config(args.model)  # unknown name: registry's message, before any checkpoint is read
-    except ValueError as e:
-        raise ValidateError(str(e)) from None
+def _weights_path(args) -> str:
+    """The weights file --checkpoint / --pretrained name ('' for none), checked to exist."""
     if args.pretrained is True:
         raise ValidateError("nothing is downloaded: pass --pretrained PATH to a local weights file "
                             "(e.g. the model card's model.safetensors)")
@@ -116,7 +146,54 @@ def _create_model(args, num_dataset_classes: int):
     path = args.checkpoint or args.pretrained or ""
     if path and not Path(path).is_file():
         raise ValidateError(f"checkpoint file not found: {path}")
-    state = _read_checkpoint(path, args.use_ema) if path else None
+    return path
+
+
+def stored_model_name(obj) -> str | None:
+    """The model a checkpoint names: 'arch' (ours and timm's train.py), else the 'model' of its saved args."""
+    if not isinstance(obj, dict):
+        return None
+    saved = obj.get("args")
+    for name in (obj.get("arch"), saved.get("model") if isinstance(saved, dict) else getattr(saved, "model", None)):
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
+def _read_checkpoint(path: str, use_ema: bool) -> tuple[dict, str | None]:
+    """(state dict, the model name the file stores or None) of any file naflex.model.weights reads (ours, timm's
+    .pth / .safetensors); with --use-ema only the EMA copy ('state_dict_ema' / 'model_ema') is accepted, without
+    it only the plain weights."""
+    from naflex.model.weights import read_file, state_dict_from
+
+    try:
+        obj = read_file(path)
+        return state_dict_from(obj, use_ema=use_ema, require_ema=use_ema, path=path), stored_model_name(obj)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValidateError(str(e)) from None
+
+
+def _resolve_model_name(args, path: str, stored: str | None) -> str:
+    """--model, else the checkpoint's own model name, else the default model (said in a note)."""
+    import naflex
+    from naflex.model import DEFAULT_MODEL
+
+    name, source = args.model, "--model"
+    if name is None:
+        name, source = (stored, f"the name stored in {path}") if stored else (DEFAULT_MODEL, "the default")
+        if path:
+            print(f"note: model {name} ({source}; pass --model to choose another)")
+    try:
+        naflex.get_config(name)  # unknown name: the registry's message, before any model is built
+    except ValueError as e:
+        raise ValidateError(f"{e} ({source})" if source != "--model" else str(e)) from None
+    return name
+
+
+def _create_model(args, state: dict | None, path: str, num_dataset_classes: int):
+    """Model ``args.model`` with the checkpoint's weights loaded strictly; one-line errors for every mismatch."""
+    import naflex
+
     num_classes = args.num_classes
     head = state.get("head.weight") if state else None
     if head is not None:
@@ -192,10 +269,17 @@ def run(args) -> list[dict]:
     from naflex.train.distributed import init_distributed
     from naflex.train.evaluate import evaluate
 
+    check_args(args)
+    path = _weights_path(args)
+    state, stored = _read_checkpoint(path, args.use_ema) if path else (None, None)
+    args.model = _resolve_model_name(args, path, stored)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_attention(args, device)
     dataset = _open_dataset(args)
-    model = _create_model(args, len(dataset.classes))
+    model = _create_model(args, state, path, len(dataset.classes))
+    del state
     try:
-        dist_info = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dist_info = init_distributed(device)
     except RuntimeError as e:  # DeviceError (e.g. --device cuda without a GPU), process-group setup
         raise ValidateError(str(e)) from None
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
@@ -250,12 +334,17 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
+    from naflex.train.evaluate import NoImagesEvaluated
+
     args = build_parser().parse_args(argv)
     try:
         return run(args)
     except ValidateError as e:
         print(f"validate.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except NoImagesEvaluated as e:  # every file undecodable: there are no metrics to report
+        print(f"validate.py: error: {e}", file=sys.stderr)
+        raise SystemExit(1)
     finally:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from naflex.train.distributed import cleanup

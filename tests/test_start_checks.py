@@ -1,0 +1,338 @@
+"""What train.py and validate.py check before a run starts: every flag and input is checked first, a mistake is
+one line (exit 2) and leaves nothing on disk, an existing run is never overwritten, and only a file that cannot
+be read or decoded is ever called a bad image.
+
+Tiny model (naflexvit_tiny_test), generated images (tests/conftest.py ``demo_dataset``), CPU.
+"""
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+import validate
+
+MODEL = 'naflexvit_tiny_test'
+TINY = ['--model', MODEL, '--device', 'cpu', '-j', '0', '-b', '4', '--epochs', '1', '--warmup-epochs', '0',
+        '--naflex-train-seq-lens', '32', '64', '--naflex-max-seq-len', '64']
+
+
+def _argv(data, out, *extra, experiment='e'):
+    return ['--data-dir', str(data), *TINY, '--output', str(out), '--experiment', experiment, *extra]
+
+
+def _one_line_error(main, argv, capsys, code=2, prog='train.py'):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'{prog}: error: '), err
+    return err[0]
+
+
+def _copy(demo_dataset, tmp_path) -> Path:
+    data = tmp_path / 'data'
+    shutil.copytree(demo_dataset, data)
+    return data
+
+
+# --- the run folder: never overwritten, never outside --output, never left behind by a mistake ---------------
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_existing_experiment_is_refused_not_overwritten(demo_dataset, tmp_path, capsys):
+    train.main(_argv(demo_dataset, tmp_path, experiment='done'))
+    run = tmp_path / 'done'
+    before = _snapshot(run)
+    assert {'last.pth', 'model_best.pth', 'summary.csv', 'args.yaml'} <= set(before)
+    msg = _one_line_error(train.main, _argv(demo_dataset, tmp_path, '--lr', '0.5', experiment='done'), capsys)
+    assert f'{run} already holds a run' in msg and '--resume auto' in msg and 'another --experiment' in msg
+    assert _snapshot(run) == before  # not one byte of the finished run changed (train.log included)
+    # a checkpoint of another run does not make this folder continue it either
+    other = tmp_path / 'elsewhere.pth'
+    shutil.copy(run / 'last.pth', other)
+    assert 'already holds a run' in _one_line_error(
+        train.main, _argv(demo_dataset, tmp_path, '--resume', str(other), experiment='done'), capsys)
+    assert _snapshot(run) == before
+
+
+def test_generated_run_name_gets_a_suffix(tmp_path, monkeypatch):
+    """Without --experiment the folder is date-model; a clash gets timm's -1, -2 suffix instead of reuse."""
+    from datetime import datetime
+
+    from naflex.train import build
+    from naflex.train.cli import config_from_args, parse_args
+    from naflex.train.distributed import DistInfo
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 12, 2, 10, 0, 0)
+
+    monkeypatch.setattr(build, 'datetime', Frozen)
+    cfg = config_from_args(parse_args(['--data-dir', 'x', '--model', MODEL, '--output', str(tmp_path)])[0])
+    first = tmp_path / f'20261202-100000-{MODEL}'
+    single = DistInfo()
+    assert build.run_dir(cfg, single) == first and not first.exists()  # the path only: not created yet
+    first.mkdir()
+    assert build.run_dir(cfg, single) == first  # an empty folder holds no run: used as it is
+    (first / 'args.yaml').write_text('lr: 1\n')
+    assert build.run_dir(cfg, single) == tmp_path / f'{first.name}-1'
+
+
+@pytest.mark.parametrize('name', ['../escape', 'a/b', '..', 'a\\b', '/abs/run'])
+def test_experiment_is_a_folder_name(demo_dataset, tmp_path, name, capsys):
+    msg = _one_line_error(train.main, _argv(demo_dataset, tmp_path / 'out', experiment=name), capsys)
+    assert 'must be a folder name without path separators' in msg
+    assert not (tmp_path / 'out').exists() and not (tmp_path / 'escape').exists()
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--num-classes', '3'], '--num-classes 3 is below the 4 class folders'),
+    (['--initial-checkpoint', '/nonexistent/w.pth'], 'weights file not found'),
+    (['--resume', '/nonexistent/last.pth'], 'no such checkpoint'),
+    (['--attn-backend', 'varlen'], 'varlen needs a CUDA device'),
+    (['--aa', 'rand-mfoo'], 'RandAugment'),
+    (['--train-split', 'list.txt'], 'split file'),
+])
+def test_mistakes_leave_no_run_folder(demo_dataset, tmp_path, extra, message, capsys):
+    assert message in _one_line_error(train.main, _argv(demo_dataset, tmp_path / 'out', *extra), capsys)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_train_log_starts_with_the_lines_logged_before_the_folder_existed(demo_dataset, tmp_path):
+    train.main(_argv(demo_dataset, tmp_path, '--epochs', '1'))
+    log = (tmp_path / 'e' / 'train.log').read_text().splitlines()
+    assert 'device cpu, output' in log[0] and any('naflexvit_tiny_test: ' in line for line in log[:4])
+
+
+# --- datasets -------------------------------------------------------------------------------------------------
+
+def test_empty_validation_split_is_an_error_not_a_zero_score(demo_dataset, tmp_path, capsys):
+    data = _copy(demo_dataset, tmp_path)
+    for f in (data / 'val').rglob('*.jpg'):
+        f.unlink()  # class folders stay, with no file in them
+    msg = _one_line_error(train.main, _argv(data, tmp_path / 'out'), capsys)
+    assert "split 'validation' holds no images (4 class folders, all empty)" in msg
+    assert '--val-split ""' in msg and not (tmp_path / 'out').exists()
+
+
+def test_empty_train_class_is_named_in_a_warning(demo_dataset, tmp_path, caplog):
+    from naflex.train import build
+    from naflex.train.cli import config_from_args, parse_args
+    data = _copy(demo_dataset, tmp_path)
+    for f in (data / 'train' / '02_triangle').iterdir():
+        f.unlink()
+    cfg = config_from_args(parse_args(['--data-dir', str(data), '--model', MODEL])[0])
+    with caplog.at_level('WARNING', logger='train'):
+        build.open_datasets(cfg)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert "1 of 4 class folders in split 'train' hold no images: 02_triangle" in warning
+    assert "their 4 images in 'validation' count as errors" in warning
+
+
+def test_eval_over_no_decodable_image_is_an_error(demo_dataset, tmp_path, capsys):
+    root = tmp_path / 'data'
+    for c in ('a', 'b'):
+        (root / 'val' / c).mkdir(parents=True)
+        (root / 'val' / c / 'broken.jpg').write_bytes(b'\xff\xd8 not a jpeg')
+    msg = _one_line_error(validate.main, ['--data-dir', str(root), '--model', MODEL, '--num-classes', '2', '-j', '0',
+                                          '--naflex-max-seq-len', '16'], capsys, code=1, prog='validate.py')
+    assert 'evaluated no image: all 2 files failed to decode' in msg and 'broken.jpg' in msg
+
+
+def _write_list(path: Path, root: Path, split: str):
+    path.write_text(''.join(f'{p.relative_to(root / split)}\n' for p in sorted((root / split).rglob('*.jpg'))))
+
+
+def test_text_list_split_that_matches_no_folder(demo_dataset, tmp_path, capsys):
+    data = _copy(demo_dataset, tmp_path)
+    _write_list(data / 'train_list.txt', data, 'train')  # entries relative to train/, the list in the root
+    msg = _one_line_error(train.main, _argv(data, tmp_path / 'out', '--train-split', 'train_list.txt'), capsys)
+    assert f"split file {data / 'train_list.txt'}: its first entry" in msg and f'is in none of {data}, ' in msg
+    assert f"it is in {data / 'train'}: prefix the entries with 'train/'" in msg
+    assert not (tmp_path / 'out').exists()
+
+
+def test_text_list_split_with_missing_files(demo_dataset, tmp_path):
+    from loaders import ImageFolderDataset
+    data = _copy(demo_dataset, tmp_path)
+    _write_list(data / 'train' / 'list.txt', data, 'train')
+    with open(data / 'train' / 'list.txt', 'a') as f:
+        f.write('00_disk/gone.jpg\n01_square/also_gone.jpg\n')
+    with pytest.raises(FileNotFoundError, match=f"2 of 26 listed files are not in {data / 'train'}, e.g. "
+                                                "00_disk/gone.jpg, 01_square/also_gone.jpg"):
+        ImageFolderDataset(data, 'train/list.txt')
+    (data / 'train' / 'list.txt').write_text('00_disk/train_00_00000.jpg\n')  # a complete list still works
+    assert len(ImageFolderDataset(data, 'train/list.txt')) == 1
+
+
+# --- augmentation specs and the bad-image boundary ---------------------------------------------------------------
+
+@pytest.mark.parametrize('spec, message', [
+    ('bogus-string', "a RandAugment spec starts with 'rand-'"),
+    ('rand-mfoo-zz3', "bad RandAugment section 'mfoo'"),
+    ('augmix-m5', "AugMix 'augmix-...' policies are not implemented"),
+    ('rand-m1.5', "RandAugment section 'm1.5' in 'rand-m1.5': m takes an integer"),
+    ('rand-m9-tfoo', "unknown RandAugment op set 'foo'"),
+])
+def test_bad_aa_spec_is_one_line_listing_the_supported_specs(demo_dataset, tmp_path, spec, message, capsys):
+    msg = _one_line_error(train.main, _argv(demo_dataset, tmp_path / 'out', '--aa', spec), capsys)
+    assert msg.startswith(f"train.py: error: --aa '{spec}': ") and message in msg
+    assert "supported: RandAugment specs 'rand-<section>-...'" in msg and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--train-interpolation', 'lanczoz'], "--train-interpolation 'lanczoz' is not one of random, bilinear"),
+    (['--remode', 'pixels'], "--remode 'pixels' is not one of pixel, rand, const"),
+    (['--vflip', '1.5'], '--vflip must be a probability in [0, 1]'),
+    (['--scale', '0.5', '0.1'], '--scale takes two values 0 < min <= max'),
+])
+def test_augmentation_values_checked_before_the_run(demo_dataset, tmp_path, extra, message, capsys):
+    assert message in _one_line_error(train.main, _argv(demo_dataset, tmp_path / 'out', *extra), capsys)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_only_unreadable_files_are_bad_images(demo_dataset, monkeypatch):
+    """A mistake in a setting or in the augmentation code propagates; it is never counted as corrupt images."""
+    from augment import AugConfig
+    from loaders import ImageFolderDataset, SeqLenSchedule
+    from loaders.eval_loader import EvalImages
+    from loaders.train_loader import StepDataset
+
+    ds = ImageFolderDataset(demo_dataset, 'train')
+    schedule = SeqLenSchedule(len(ds), (64,), 4 * 64, seed=0, rank=0, world_size=1, patch_sizes=[16])
+    typo = StepDataset(ds, schedule, AugConfig(interpolation='lanczoz'), None, packing=True, seed=0)
+    with pytest.raises(ValueError, match="unknown interpolation 'lanczoz'"):
+        typo[(0, 0)]
+    with pytest.raises(ValueError, match="unknown interpolation 'bicubik'"):
+        EvalImages(ds, 64, 16, 'bicubik', False)[0]
+
+    import augment.policy
+
+    def broken(self, img, rng):
+        raise ZeroDivisionError('a bug in an augmentation')
+
+    monkeypatch.setattr(augment.policy.ImageAugment, '__call__', broken)
+    with pytest.raises(ZeroDivisionError):
+        StepDataset(ds, schedule, AugConfig(), None, packing=True, seed=0)[(0, 0)]
+
+
+def test_library_loader_checks_the_augmentation(demo_dataset):
+    from augment import AugConfig
+    from loaders import create_train_loader
+    with pytest.raises(ValueError, match="interpolation 'lanczoz' is not one of"):
+        create_train_loader(demo_dataset, 'train', aug=AugConfig(interpolation='lanczoz'), seq_lens=(64,),
+                            batch_size=4, num_workers=0)
+    with pytest.raises(ValueError, match="interpolation 'random' is not one of"):
+        from loaders import create_eval_loader
+        create_eval_loader(demo_dataset, 'val', interpolation='random', num_workers=0)
+
+
+# --- attention backends ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('extra, message', [
+    (['--attn-backend', 'varlen'], '--attn-backend varlen needs a CUDA device and fp16/bf16 attention '
+                                   '(--amp --amp-dtype bfloat16); backends that work on the CPU for training: '
+                                   'auto, sdpa_dense, sdpa_padded'),
+    (['--attn-backend', 'varlen', '--amp', '--amp-dtype', 'bfloat16'], 'varlen needs a CUDA device'),
+    (['--attn-backend', 'varlen', '--device', 'cuda'], 'backends that work on CUDA in float32: auto, sdpa_dense, '
+                                                      'sdpa_padded, flex'),
+    (['--attn-backend', 'flex'], 'FlexAttention has no backward pass on the CPU'),
+    (['--attn-backend', 'flex', '--device', 'cuda', '-b', '64', '--naflex-train-seq-lens', '1024'],
+     '--attn-backend flex without --torchcompile runs eagerly and materialises a T x T score matrix per head: '
+     'T = 65536 tokens per step x 4 heads = 64 GiB per layer'),
+    (['--attn-backend', 'sdpa_dense', '--no-naflex-packing'], '--attn-backend sdpa_dense applies to packed batches: '
+                                                              '--no-naflex-packing pads them'),
+])
+def test_attention_backend_checked_against_device_precision_and_layout(demo_dataset, tmp_path, extra, message,
+                                                                      capsys):
+    assert message in _one_line_error(train.main, _argv(demo_dataset, tmp_path / 'out', *extra), capsys)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_compiled_flex_on_cuda_passes_the_check():
+    from naflex.train.cli import parse_args
+    parse_args(['--data-dir', 'x', '--model', MODEL, '--attn-backend', 'flex', '--torchcompile', '-b', '64',
+                '--naflex-train-seq-lens', '1024'])  # no error: compiled FlexAttention never builds T x T
+
+
+# --- validate.py ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('extra, message', [
+    (['--naflex-max-seq-len', '0'], '--naflex-max-seq-len must be > 0'),
+    (['--naflex-max-seq-len', '64', '-5', '0'], '--naflex-max-seq-len must be > 0'),
+    (['-b', '0'], '-b/--batch-size must be >= 1'),
+    (['-j', '-1'], '-j/--workers must be >= 0'),
+    (['--num-classes', '0'], '--num-classes must be >= 1'),
+    (['--device', 'tpu'], "--device tpu: use 'cuda' or 'cpu'"),
+    (['--attn-backend', 'varlen', '--device', 'cpu'], '--attn-backend varlen needs a CUDA device and fp16/bf16 '
+                                                      'attention (--amp --amp-dtype bfloat16); backends that work on '
+                                                      'the CPU: auto, sdpa_dense, sdpa_padded, flex'),
+    (['--attn-backend', 'flex', '-b', '256', '--naflex-max-seq-len', '576'], 'T = 147456 tokens per step'),
+    (['--attn-backend', 'flex', '--padded'], '--attn-backend flex applies to packed batches: --padded pads them'),
+])
+def test_validate_checks_flags_before_reading_data(extra, message, capsys):
+    # the dataset folder does not exist: a flag problem must be reported first, before anything is read
+    msg = _one_line_error(validate.main, ['--data-dir', '/nonexistent/data', '--model', MODEL, *extra], capsys,
+                          prog='validate.py')
+    assert message in msg
+    if message.startswith('--naflex'):
+        assert msg.count('--naflex-max-seq-len must be > 0') == 1
+
+
+def _tiny_checkpoint(path, **meta):
+    torch.manual_seed(0)
+    model = __import__('naflex').create_model(MODEL, num_classes=4)
+    torch.save(dict(meta, state_dict=model.state_dict()), path)
+    return path
+
+
+@pytest.mark.parametrize('meta', [{'arch': MODEL}, {'args': {'model': MODEL}}])
+def test_validate_takes_the_model_name_from_the_checkpoint(demo_dataset, tmp_path, meta, capsys):
+    ckpt = _tiny_checkpoint(tmp_path / 'c.pth', **meta)
+    base = ['--data-dir', str(demo_dataset), '--checkpoint', str(ckpt), '-j', '0', '--naflex-max-seq-len', '32']
+    row = validate.main(base)[0]
+    assert row['model'] == MODEL and row['images'] == 16
+    assert f'note: model {MODEL} (the name stored in {ckpt}' in capsys.readouterr().out
+    assert validate.main(base + ['--model', MODEL])[0]['top1'] == row['top1']
+
+
+def test_validate_without_a_stored_name_says_which_model_it_used(demo_dataset, tmp_path, capsys):
+    ckpt = _tiny_checkpoint(tmp_path / 'c.pth')  # plain state dict: no name in it
+    with pytest.raises(SystemExit):
+        validate.main(['--data-dir', str(demo_dataset), '--checkpoint', str(ckpt), '-j', '0'])
+    out, err = capsys.readouterr()
+    assert 'note: model naflexvit_base_patch16_gap (the default; pass --model to choose another)' in out
+    assert 'does not fit the model naflexvit_base_patch16_gap' in err
+    torch.save({'state_dict': torch.load(ckpt)['state_dict'], 'arch': 'no_such_model'}, ckpt)
+    msg = _one_line_error(validate.main, ['--data-dir', str(demo_dataset), '--checkpoint', str(ckpt), '-j', '0'],
+                          capsys, prog='validate.py')
+    assert "unknown model 'no_such_model'" in msg and f'(the name stored in {ckpt})' in msg
+
+
+# --- defaults and --help ------------------------------------------------------------------------------------------
+
+def test_train_and_validate_defaults_agree():
+    from naflex.train.cli import build_parser
+    t = build_parser().parse_args([])
+    v = validate.build_parser().parse_args([])
+    assert v.amp_dtype == t.amp_dtype == 'float16'  # timm's train.py and validate.py default
+    assert v.split == t.val_split == 'validation'  # 'val' and the other aliases are found for both
+    assert v.naflex_max_seq_len == [t.naflex_max_seq_len] and v.workers == t.workers
+
+
+@pytest.mark.parametrize('prog', ['train', 'validate'])
+def test_help_shows_each_default_once_and_only_real_ones(prog):
+    from naflex.train.cli import build_parser
+    text = (build_parser() if prog == 'train' else validate.build_parser()).format_help()
+    options = [' '.join(o.split()) for o in re.split(r'\n(?=  -)', text.split('options:', 1)[1])]
+    assert len(options) > 20
+    for option in options:
+        assert option.count('(default') <= 1, option
+        assert not re.search(r'\(default: (None|False|)\)', option), option
