@@ -86,7 +86,7 @@ def check_args(args) -> None:
              for L in args.naflex_max_seq_len]
     parts.append(TrainConfig(device=args.device or "cpu", amp=args.amp, amp_dtype=args.amp_dtype))
     parts.append(ModelConfig(name=args.model or DEFAULT_MODEL, num_classes=args.num_classes,
-                             attn_backend=args.attn_backend))
+                             attn_backend=args.attn_backend, torchcompile=args.torchcompile))
     problems = []
     for part in parts:
         try:
@@ -114,6 +114,9 @@ def _check_attention(args, device: str) -> None:
         raise ValidateError("; ".join(problems))
 
 
+_SPLIT_NAMES = ("train", "training", "val", "validation", "valid", "eval", "evaluation", "test")
+
+
 def _open_dataset(args):
     """ImageFolderDataset of the split (class order = sorted folder names, like timm / torchvision)."""
     from loaders import ImageFolderDataset
@@ -123,7 +126,11 @@ def _open_dataset(args):
         raise ValidateError(f"dataset folder not found: {root}")
     try:
         ds = ImageFolderDataset(root, args.split)
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        splits = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and d.name.lower() in _SPLIT_NAMES)
+        if splits or args.split.endswith(".txt"):  # the root holds splits, just not this one
+            raise ValidateError(f"{e}" + (f" (it holds {', '.join(splits)}: pass --split NAME)" if splits else "")) \
+                from None
         # Like timm's folder datasets: a root that directly holds class folders is used as it is.
         try:
             ds = ImageFolderDataset(root, "")

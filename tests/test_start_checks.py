@@ -198,6 +198,23 @@ def test_augmentation_values_checked_before_the_run(demo_dataset, tmp_path, extr
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('extra, message', [
+    (['--torchcompile', 'foo', '--torchcompile-mode', 'bogus'], '--torchcompile foo is not a torch.compile backend; '
+                                                                'valid: '),
+    (['--torchcompile', 'foo', '--torchcompile-mode', 'bogus'], '--torchcompile-mode bogus is not a torch.compile '
+                                                                'mode; valid: default, '),
+    (['--torchcompile-mode', 'max-autotune'], '--torchcompile-mode has no effect without --torchcompile'),
+    (['--seed', '-1'], '--seed must be in [0, 2**32)'),
+    (['--opt', 'adamw', '--opt-betas', '0.9', '1.5'], '--opt-betas takes two values in [0, 1)'),
+    (['--momentum', '-1'], '--momentum must be >= 0'),
+    (['--std', '0', '0', '0'], '--std must be > 0'),
+])
+def test_values_torch_rejects_late_are_checked_first(demo_dataset, tmp_path, extra, message, capsys):
+    """Values torch.compile, the optimizers or the seeding would reject only once the run is under way."""
+    assert message in _one_line_error(train.main, _argv(demo_dataset, tmp_path / 'out', *extra), capsys)
+    assert not (tmp_path / 'out').exists()
+
+
 def test_only_unreadable_files_are_bad_images(demo_dataset, monkeypatch):
     """A mistake in a setting or in the augmentation code propagates; it is never counted as corrupt images."""
     from augment import AugConfig
@@ -284,6 +301,16 @@ def test_validate_checks_flags_before_reading_data(extra, message, capsys):
     assert message in msg
     if message.startswith('--naflex'):
         assert msg.count('--naflex-max-seq-len must be > 0') == 1
+
+
+def test_validate_split_not_found_is_not_mistaken_for_class_folders(demo_dataset, capsys):
+    msg = _one_line_error(validate.main, ['--data-dir', str(demo_dataset), '--split', 'valx', '--model', MODEL],
+                          capsys, prog='validate.py')
+    assert f"split 'valx' not found under {demo_dataset} (it holds train, val: pass --split NAME)" in msg
+    # a root that holds the class folders themselves is still used as it is
+    row = validate.main(['--data-dir', str(demo_dataset / 'val'), '--model', MODEL, '-j', '0',
+                         '--naflex-max-seq-len', '16'])[0]
+    assert row['images'] == 16
 
 
 def _tiny_checkpoint(path, **meta):

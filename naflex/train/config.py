@@ -67,6 +67,21 @@ def attention_problems(backend: str, *, device: str, amp: bool, packing: bool, c
     return []
 
 
+def _compile_problems(backend: str, mode: Optional[str], name: Callable[[str], str]) -> List[str]:
+    """torch.compile checks its backend and mode only when it first runs: check them before the run starts."""
+    from torch._dynamo import list_backends  # imported only when compiling: it costs seconds
+    problems = []
+    if backend not in list_backends(exclude_tags=()):
+        problems.append(f'{name("torchcompile")} {backend} is not a torch.compile backend; valid: '
+                        f'{", ".join(list_backends())}')
+    if mode is not None:
+        from torch._inductor import list_mode_options
+        if mode not in list_mode_options():
+            problems.append(f'{name("torchcompile_mode")} {mode} is not a torch.compile mode; valid: '
+                            f'{", ".join(list_mode_options())}')
+    return problems
+
+
 @dataclass
 class ModelConfig:
     """Which model to build and how to start it (the architecture itself: naflex.model's registry)."""
@@ -106,8 +121,13 @@ class ModelConfig:
         p.need(self.drop_path_rate is None or 0 <= self.drop_path_rate < 1, 'drop_path_rate', 'must be in [0, 1)')
         p.need(self.mean is None or len(self.mean) == 3, 'mean', 'takes three values')
         p.need(self.std is None or len(self.std) == 3, 'std', 'takes three values')
+        p.need(self.std is None or all(s > 0 for s in self.std), 'std', 'must be > 0 (the patches are divided by it)')
         p.need(not (self.initial_checkpoint and self.pretrained_path), 'initial_checkpoint',
                f'and {p.name("pretrained_path")} both give start weights: pass one')
+        if self.torchcompile:
+            p.items.extend(_compile_problems(self.torchcompile, self.torchcompile_mode, p.name))
+        else:
+            p.need(self.torchcompile_mode is None, 'torchcompile_mode', f'has no effect without {p.name("torchcompile")}')
         p.raise_any()
 
 
@@ -143,7 +163,9 @@ class OptimConfig:
         p.need(self.lr_base > 0 and self.lr_base_size >= 1, 'lr_base', f'and {p.name("lr_base_size")} must be > 0')
         p.need(self.lr_base_scale in ('', 'linear', 'sqrt'), 'lr_base_scale', "must be '', 'linear' or 'sqrt'")
         p.need(self.eps is None or self.eps > 0, 'eps', 'must be > 0')
-        p.need(self.betas is None or len(self.betas) == 2, 'betas', 'takes two values')
+        p.need(self.betas is None or (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)), 'betas',
+               'takes two values in [0, 1)')
+        p.need(self.momentum >= 0, 'momentum', 'must be >= 0')
         p.need(self.weight_decay >= 0, 'weight_decay', 'must be >= 0')
         p.need(self.clip_grad is None or self.clip_grad > 0, 'clip_grad', 'must be > 0')
         p.need(self.clip_mode in CLIP_MODES, 'clip_mode', f'must be one of {", ".join(CLIP_MODES)}')
@@ -217,6 +239,7 @@ class TrainConfig:
                f'and {p.name("val_interval")} must be >= 1')
         p.need(self.recovery_interval >= 0, 'recovery_interval', 'must be >= 0')
         p.need(self.checkpoint_hist >= 1, 'checkpoint_hist', 'must be >= 1')
+        p.need(0 <= self.seed < 2 ** 32, 'seed', 'must be in [0, 2**32)')  # what numpy and torch accept
         p.need(self.eval_metric in EVAL_METRICS, 'eval_metric', f'must be one of {", ".join(EVAL_METRICS)}')
         p.raise_any()
 
