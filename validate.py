@@ -97,8 +97,21 @@ def check_args(args) -> None:
         problems.append("--log-freq must be >= 0")
     if not (args.data_dir or args.data):
         problems.append("no dataset given: pass --data-dir DIR")
+    for flag, path in (("--results-file", args.results_file), ("--plot", args.plot)):
+        problems += [f"{flag} {path}: {why}" for why in [_cannot_write(path)] if path and why]
     if problems:
         raise ValidateError("; ".join(dict.fromkeys(problems)))  # one sequence length's problem once
+
+
+def _cannot_write(path: str) -> str:
+    """Why ``path`` cannot be written (checked up front: the results come after the whole evaluation), or ''."""
+    target = Path(path)
+    if target.is_dir():
+        return "is a folder"
+    folder = next((p for p in target.absolute().parents if p.exists()), None)
+    if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot be created: {folder} is not a writable folder"
+    return ""
 
 
 def _check_attention(args, device: str) -> None:

@@ -303,6 +303,15 @@ def test_validate_checks_flags_before_reading_data(extra, message, capsys):
         assert msg.count('--naflex-max-seq-len must be > 0') == 1
 
 
+def test_validate_checks_where_results_go_before_evaluating(tmp_path, capsys):
+    (tmp_path / 'a_file').write_text('x')
+    base = ['--data-dir', '/nonexistent/data', '--model', MODEL]
+    assert f'--results-file {tmp_path}: is a folder' in _one_line_error(
+        validate.main, base + ['--results-file', str(tmp_path)], capsys, prog='validate.py')
+    assert f'--plot {tmp_path}/a_file/p.png: cannot be created: {tmp_path}/a_file is not a writable folder' in \
+        _one_line_error(validate.main, base + ['--plot', f'{tmp_path}/a_file/p.png'], capsys, prog='validate.py')
+
+
 def test_validate_split_not_found_is_not_mistaken_for_class_folders(demo_dataset, capsys):
     msg = _one_line_error(validate.main, ['--data-dir', str(demo_dataset), '--split', 'valx', '--model', MODEL],
                           capsys, prog='validate.py')
