@@ -24,6 +24,7 @@ from pathlib import Path
 
 __all__ = ["build_parser", "check_args", "main", "stored_model_name"]
 
+
 class ValidateError(Exception):
     """A user-facing problem reported as one line (bad path, unknown model, class mismatch, ...)."""
 
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", nargs="?", const=True, default=None,
                    help="pretrained weights file given to create_model (timm .safetensors/.pth or ours)")
     p.add_argument("--use-ema", action="store_true", help="load the EMA weights ('state_dict_ema') of a checkpoint")
-    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the checkpoint's)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classifier size (default: the checkpoint's, else the dataset's)")
     p.add_argument("--naflex-max-seq-len", type=int, nargs="+", default=[ev.max_seq_len],
                    help=f"one or more sequence lengths to evaluate at (default: {ev.max_seq_len})")
     p.add_argument("--naflex-loader", action="store_true", help="accepted for timm compatibility (always NaFlex)")

@@ -119,7 +119,8 @@ def _model_flags(p: _Parser) -> None:
     _flag(p, g, '--device', to=('train', 'device'), help="'cuda' or 'cpu' (torchrun picks cuda:LOCAL_RANK)")
     _flag(p, g, '--amp', to=('train', 'amp'), action='store_true', help='mixed precision autocast')
     _flag(p, g, '--amp-dtype', to=('train', 'amp_dtype'), choices=AMP_DTYPES,
-          help=f'autocast dtype (default: {_DEFAULTS.train.amp_dtype}, as timm and validate.py; the card uses bfloat16)')
+          help=f'autocast dtype (default: {_DEFAULTS.train.amp_dtype}, as in timm and validate.py; the model card '
+               'uses bfloat16)')
 
 
 def _optim_flags(p: _Parser) -> None:

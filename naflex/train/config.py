@@ -127,7 +127,8 @@ class ModelConfig:
         if self.torchcompile:
             p.items.extend(_compile_problems(self.torchcompile, self.torchcompile_mode, p.name))
         else:
-            p.need(self.torchcompile_mode is None, 'torchcompile_mode', f'has no effect without {p.name("torchcompile")}')
+            p.need(self.torchcompile_mode is None, 'torchcompile_mode',
+                   f'has no effect without {p.name("torchcompile")}')
         p.raise_any()
 
 
