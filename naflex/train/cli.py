@@ -259,6 +259,20 @@ def flag_namer(parser: _Parser) -> Callable[[str, str], str]:
     return lambda section, field: parser.flag_of.get((section, field), f'{section}.{field}')
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line that keeps where it happened (1-based line and column)."""
+    def where(mark):
+        return f'line {mark.line + 1}, column {mark.column + 1}'
+    problem, mark = getattr(e, 'problem', None), getattr(e, 'problem_mark', None)
+    if not problem:
+        return ' '.join(str(e).split())
+    text = f'{where(mark)}: {problem}' if mark is not None else problem
+    context, context_mark = getattr(e, 'context', None), getattr(e, 'context_mark', None)
+    if context:
+        text += f' ({context}' + (f' started at {where(context_mark)})' if context_mark is not None else ')')
+    return text
+
+
 def _load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> None:
     try:
         with open(path) as f:
@@ -266,7 +280,7 @@ def _load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> None:
     except FileNotFoundError:
         raise ConfigError(f'config file not found: {path}') from None
     except yaml.YAMLError as e:
-        raise ConfigError(f'config file {path} is not valid YAML: {str(e).splitlines()[0]}') from None
+        raise ConfigError(f'config file {path} is not valid YAML: {_yaml_problem(e)}') from None
     if not isinstance(cfg, dict):
         raise ConfigError(f'config file {path} must hold a mapping of flag names to values')
     known = {a.dest for a in parser._actions}

@@ -1,0 +1,62 @@
+"""What train.py does when things go wrong while a run is going: foreign checkpoints, an unwritable output or a
+full disk, Ctrl-C, undecodable training files, flags changed on resume. Each case ends in one line on stderr
+(no traceback) with the documented exit status, and never damages the checkpoints already written.
+
+Tiny model, generated images, CPU; the runs are one or two epochs of ~4 steps (tests/test_train.py's setup).
+"""
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import naflex
+import train
+from test_train import REPO, Hooks, _summary, card_argv
+
+ONE_EPOCH = ('--epochs', '1', '--warmup-epochs', '0')
+
+
+def _fail(argv, capsys, hooks=None):
+    """Run train.main expecting an error exit; returns (exit status, the last stderr line, all of stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv, hooks=hooks)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    return exc.value.code, (lines[-1] if lines else ''), err
+
+
+# --- foreign weights and config files: the whole mismatch message, one line ------------------------------------
+
+def test_yaml_error_keeps_line_and_column(tmp_path, capsys):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('lr: [1, 2\nopt: sgd\n')
+    code, line, err = _fail(['-c', str(bad)], capsys)
+    assert code == 2 and 'Traceback' not in err
+    assert line.startswith(f'train.py: error: config file {bad} is not valid YAML: line 2, column 4: ')
+    assert 'flow sequence started at line 1, column 5' in line
+
+
+def test_foreign_checkpoint_lists_the_mismatched_keys(demo_dataset, tmp_path, capsys):
+    """--resume / --initial-checkpoint with another model's or class count's weights: the full one-line message."""
+    path = tmp_path / 'other.pth'
+    torch.save({'state_dict': naflex.create_model('naflexvit_tiny_test', num_classes=7).state_dict()}, path)
+    code, line, err = _fail(card_argv(demo_dataset, tmp_path, 'r', *ONE_EPOCH, '--resume', str(path)), capsys)
+    assert code == 2 and 'Traceback' not in err
+    assert line.startswith(f'train.py: error: --resume {path}: the checkpoint does not fit the model naflexvit_tiny_test')
+    assert "shape mismatch: ['head.bias: file (7,) vs model (4,)', 'head.weight: file (7, 64) vs model (4, 64)']" in line
+
+    wide = {k: v for k, v in naflex.create_model('naflexvit_tiny_test').state_dict().items() if 'blocks.1.' not in k}
+    wide['extra.weight'] = torch.zeros(1)
+    torch.save({'state_dict': wide}, path)
+    code, line, err = _fail(card_argv(demo_dataset, tmp_path, 'i', *ONE_EPOCH, '--initial-checkpoint', str(path)),
+                            capsys)
+    assert code == 2 and 'Traceback' not in err
+    assert f'checkpoint {path} does not fit the model naflexvit_tiny_test: missing: [' in line
+    assert '(+' in line and "more); unexpected: ['extra.weight']" in line
