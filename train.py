@@ -161,7 +161,8 @@ def _train(cfg, args, hooks=None):
 
 
 def main(argv=None, hooks=None):
-    """CLI entry: run training, turning the errors users hit into one line on stderr (exit status 1, 2 or 143).
+    """CLI entry: run training, turning the errors users hit into one line on stderr (exit status 1 or 2; 143
+    after SIGTERM and 130 after Ctrl-C, once a recovery checkpoint is written).
 
     ``hooks`` (tests): a callback object (naflex.train.callbacks) with ``after_update`` / ``after_epoch``.
     """
@@ -179,7 +180,11 @@ def main(argv=None, hooks=None):
         traceback.clear_frames(e.__traceback__)
     except StopRequested as e:
         _logger.warning(str(e))
-        code = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
+        code = e.exit_code  # 128 + the signal: 143 for SIGTERM (what schedulers expect), 130 for Ctrl-C
+        traceback.clear_frames(e.__traceback__)
+    except KeyboardInterrupt as e:  # Ctrl-C before training started, or a second one during training
+        code, message = 130, ('train.py: interrupted: stopped at once without saving; the checkpoints already '
+                              'written are unchanged (continue with --resume auto)')
         traceback.clear_frames(e.__traceback__)
     except (NonFiniteLossError, TooManyBadFiles, OutOfMemory) as e:
         _logger.error(str(e))

@@ -193,7 +193,8 @@ def test_val_interval_rows(demo_dataset, tmp_path):
 
 
 def test_sigterm_saves_and_resumes_exactly(reference, demo_dataset, tmp_path):
-    """SIGTERM (preemption) mid-epoch: recovery checkpoint at the next update, exit 143, exact resume."""
+    """SIGTERM (preemption) mid-epoch: recovery checkpoint at the next update, exit 143, exact resume; the
+    resumed epoch's summary row covers the whole epoch (the steps before the stop too)."""
     ref_run, ref_hooks, _ = reference
 
     class Term(Hooks):
@@ -211,3 +212,6 @@ def test_sigterm_saves_and_resumes_exactly(reference, demo_dataset, tmp_path):
     assert hooks.losses == [h for h in ref_hooks.losses if (h[0], h[1]) >= (1, 2)]
     for k, v in _weights(ref_run / 'last.pth').items():
         assert torch.equal(v, _weights(tmp_path / 't' / 'last.pth')[k]), k
+    same = ('epoch', 'train_loss', 'train_images', 'train_tokens', 'eval_loss', 'eval_top1', 'lr')
+    rows, ref_rows = _summary(tmp_path / 't' / 'summary.csv'), _summary(ref_run / 'summary.csv')
+    assert [[r[k] for k in same] for r in rows] == [[r[k] for k in same] for r in ref_rows]

@@ -60,3 +60,47 @@ def test_foreign_checkpoint_lists_the_mismatched_keys(demo_dataset, tmp_path, ca
     assert code == 2 and 'Traceback' not in err
     assert f'checkpoint {path} does not fit the model naflexvit_tiny_test: missing: [' in line
     assert '(+' in line and "more); unexpected: ['extra.weight']" in line
+
+
+# --- Ctrl-C: like SIGTERM (recovery checkpoint at the next update, resumable), exit 130; twice: stop at once -----
+
+class CtrlC(Hooks):
+    """Presses Ctrl-C ``times`` times after the update that ends ``at`` = (epoch, step): SIGINT to the whole
+    process group, loader workers included, as a terminal does."""
+
+    def __init__(self, at, times=1, group=True):
+        super().__init__()
+        self.at, self.times, self.group = at, times, group
+
+    def after_update(self, engine, state):
+        super().after_update(engine, state)
+        if (state.epoch, state.step) == self.at:
+            for _ in range(self.times):
+                os.killpg(0, signal.SIGINT) if self.group else os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_saves_a_recovery_checkpoint_and_resumes(demo_dataset, tmp_path):
+    """In a terminal (own process group, a DataLoader worker): exit 130, no traceback, then --resume auto."""
+    argv = card_argv(demo_dataset, tmp_path, 'c', *ONE_EPOCH, '-j', '1')
+    script = (f'import sys; sys.path[:0] = [{str(REPO)!r}, {str(Path(__file__).parent)!r}]\n'
+              'import train, test_train_faults as t\n'
+              f'train.main({argv!r}, hooks=t.CtrlC(at=(0, 1)))\n')
+    proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert 'SIGINT received: saving a recovery checkpoint at the next update' in proc.stdout
+    assert 'stopped on SIGINT at epoch 0 step 2/' in proc.stdout
+    run = tmp_path / 'c'
+    assert [p.name for p in run.glob('recovery-*')] == ['recovery-0-2.pth']
+    hooks = Hooks()
+    train.main(argv + ['--resume', 'auto'], hooks=hooks)
+    assert hooks.losses[0][:2] == (0, 2) and len(_summary(run / 'summary.csv')) == 1
+
+
+def test_second_ctrl_c_stops_at_once(demo_dataset, tmp_path, capsys):
+    code, line, err = _fail(card_argv(demo_dataset, tmp_path, 'cc', *ONE_EPOCH), capsys,
+                            hooks=CtrlC(at=(0, 1), times=2, group=False))
+    assert code == 130 and 'Traceback' not in err
+    assert line.startswith('train.py: interrupted: stopped at once without saving')
+    assert not list((tmp_path / 'cc').glob('*.pth')) and not list((tmp_path / 'cc').glob('.*tmp*'))

@@ -11,7 +11,8 @@ an interrupted or failed save (SIGKILL, full disk) leaves the previous file inta
 
 A checkpoint holds the model (``state_dict``, timm's layout and names, so timm and ``validate.py`` read it),
 ``optimizer``, ``scheduler``, ``state_dict_ema``, ``scaler``, ``args``, ``metric`` and ``train_state``
-(next epoch, batches already done in it, optimizer updates so far, per-rank RNG states, best history):
+(next epoch, batches already done in it, optimizer updates so far, per-rank RNG states, best history; mid-epoch
+also every rank's running sums of the epoch, ``epoch_sums``):
 enough to continue a run exactly where it stopped. It loads with ``torch.load(weights_only=True)``.
 """
 import logging
@@ -195,6 +196,9 @@ class TrainState:
     step: int = 0
     num_updates: int = 0
     rng: Optional[Dict] = None  # RNG state to continue a mid-epoch resume with (else seeded per epoch)
+    # this rank's running sums of the epoch so far (loss, images, tokens, time): the epoch's summary row of a
+    # run resumed mid-epoch then covers the whole epoch, as an uninterrupted run's does
+    epoch_sums: Optional[Dict] = None
 
     def state_dict(self) -> Dict:
         return {'epoch': self.epoch, 'step': self.step, 'num_updates': self.num_updates}
@@ -203,21 +207,23 @@ class TrainState:
 def training_checkpoint(trainer, state: TrainState, meta: Optional[Dict] = None) -> Dict:
     """The full training state of a ``naflex.train.engine.Trainer`` for CheckpointManager (call on every rank:
     the RNG states are gathered). ``meta``: 'arch' and 'args' (the resolved flags) to store alongside."""
-    rng = rng_state()
+    per_rank = (rng_state(), state.epoch_sums if state.step else None)
     if trainer.world_size > 1:
         import torch.distributed as dist
-        rngs = [None] * trainer.world_size
-        dist.all_gather_object(rngs, rng)
+        gathered = [None] * trainer.world_size
+        dist.all_gather_object(gathered, per_rank)
     else:
-        rngs = [rng]
+        gathered = [per_rank]
     ckpt = dict(meta or {}, **{
         'epoch': state.epoch - 1 if state.step == 0 else state.epoch,
         'state_dict': trainer.module.state_dict(),
         'optimizer': trainer.optimizer.state_dict(),
         'train_state': dict(state.state_dict(), world_size=trainer.world_size),
-        'rng': rngs,
+        'rng': [rng for rng, _ in gathered],
         'version': 2,
     })
+    if state.step and all(sums is not None for _, sums in gathered):
+        ckpt['epoch_sums'] = [sums for _, sums in gathered]
     for key, part in (('scheduler', trainer.schedule), ('scaler', trainer.scaler)):
         if part is not None:
             ckpt[key] = part.state_dict()
@@ -258,9 +264,11 @@ def restore_training(trainer, ckpt: Dict, load_optimizer: bool = True,
     if trainer.scaler is not None and 'scaler' in ckpt and load_optimizer:
         trainer.scaler.load_state_dict(ckpt['scaler'])
     state = _resume_state(ckpt, trainer.world_size, trainer.cfg.grad_accum_steps, updates_per_epoch)
-    rngs = ckpt.get('rng') or []
+    rngs, sums = ckpt.get('rng') or [], ckpt.get('epoch_sums') or []
     if state.step and trainer.rank < len(rngs):
         state.rng = rngs[trainer.rank]  # applied when the resumed epoch starts (Trainer.begin_epoch)
+    if state.step and trainer.rank < len(sums):
+        state.epoch_sums = sums[trainer.rank]  # the resumed epoch's metrics start from them
     if trainer.schedule is not None:
         if 'scheduler' in ckpt:
             trainer.schedule.load_state_dict(ckpt['scheduler'])

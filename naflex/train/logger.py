@@ -94,12 +94,16 @@ class RunWriter:
 class ProgressMeter:
     """Host-side timing for one epoch: data wait vs. step time, throughput between log points, ETA."""
 
-    def __init__(self, total_steps: int, start_step: int = 0, show_bar: Optional[bool] = None):
+    def __init__(self, total_steps: int, start_step: int = 0, show_bar: Optional[bool] = None,
+                 carried: Optional[Dict] = None):
         self.total = total_steps
         self.start_step = start_step
         self.t0 = self.t_last = time.perf_counter()
         self.data_wait = self.data_wait_since_log = 0.0
         self.show_bar = sys.stdout.isatty() if show_bar is None else show_bar
+        # time already spent on this epoch before a mid-epoch resume (``state_dict`` of the stopped run)
+        self.carried_time = float((carried or {}).get('time_s', 0.0))
+        self.carried_wait = float((carried or {}).get('data_wait_s', 0.0))
 
     def add_wait(self, seconds: float) -> None:
         self.data_wait += seconds
@@ -136,6 +140,12 @@ class ProgressMeter:
             sys.stdout.write('\r\033[K')
             sys.stdout.flush()
 
+    def state_dict(self) -> Dict[str, float]:
+        """The epoch's training time and data wait so far (for a mid-epoch checkpoint)."""
+        return {'time_s': self.carried_time + time.perf_counter() - self.t0,
+                'data_wait_s': self.carried_wait + self.data_wait}
+
     def epoch_totals(self) -> Dict[str, float]:
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        return {'time_s': elapsed, 'data_wait': min(1.0, self.data_wait / elapsed)}
+        """Time spent training this epoch (also before a resume; the pause in between does not count)."""
+        elapsed = max(self.carried_time + time.perf_counter() - self.t0, 1e-9)
+        return {'time_s': elapsed, 'data_wait': min(1.0, (self.carried_wait + self.data_wait) / elapsed)}
