@@ -93,7 +93,7 @@ def _train(cfg, args, hooks=None):
     from naflex.train import build
     from naflex.train.bad_files import BadFileTracker
     from naflex.train.callbacks import StopOnSignal
-    from naflex.train.checkpoint import CheckpointManager
+    from naflex.train.checkpoint import CheckpointManager, writing
     from naflex.train.cli import args_yaml
     from naflex.train.distributed import init_distributed
     from naflex.train.engine import fit, seed_everything
@@ -120,7 +120,8 @@ def _train(cfg, args, hooks=None):
         _logger.info(f'lr {lr:.3e} from --lr-base {cfg.optim.lr_base} and the global batch')
     resolved = args_yaml(args, lr=lr, num_classes=num_classes)  # the configuration actually used
     if dist.is_primary:
-        (out_dir / 'args.yaml').write_text(resolved)
+        with writing(out_dir / 'args.yaml'):
+            (out_dir / 'args.yaml').write_text(resolved)
     _logger.info(f'model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, '
                  f'{num_classes} classes, {len(train_ds)} train images, {len(train_loader)} steps/epoch')
 
@@ -145,6 +146,7 @@ def _train(cfg, args, hooks=None):
                         mean=mean, std=std)
 
     writer = RunWriter(out_dir if dist.is_primary else None)
+    writer.resume_at(state.epoch)
     _logger.info(f'training epochs {state.epoch}..{total_epochs - 1}, {updates_per_epoch} updates/epoch')
     meta = {'arch': cfg.model.name, 'args': dict(vars(args), lr=lr, num_classes=num_classes)}
     try:
@@ -169,6 +171,7 @@ def main(argv=None, hooks=None):
     from naflex.train.build import UserError
     from naflex.train.bad_files import TooManyBadFiles
     from naflex.train.callbacks import StopRequested
+    from naflex.train.checkpoint import WriteError
     from naflex.train.cli import ConfigError
     from naflex.train.distributed import DeviceError, cleanup
     from naflex.train.metrics import NonFiniteLossError
@@ -186,7 +189,7 @@ def main(argv=None, hooks=None):
         code, message = 130, ('train.py: interrupted: stopped at once without saving; the checkpoints already '
                               'written are unchanged (continue with --resume auto)')
         traceback.clear_frames(e.__traceback__)
-    except (NonFiniteLossError, TooManyBadFiles, OutOfMemory) as e:
+    except (NonFiniteLossError, TooManyBadFiles, OutOfMemory, WriteError) as e:
         _logger.error(str(e))
         code, message = 1, f'train.py: error: {e}'
         # free the failed step's frames (DDP reducer included) before the process group goes away

@@ -104,3 +104,62 @@ def test_second_ctrl_c_stops_at_once(demo_dataset, tmp_path, capsys):
     assert code == 130 and 'Traceback' not in err
     assert line.startswith('train.py: interrupted: stopped at once without saving')
     assert not list((tmp_path / 'cc').glob('*.pth')) and not list((tmp_path / 'cc').glob('.*tmp*'))
+
+
+# --- an output folder that cannot be written, a disk that fills up while saving ----------------------------------
+
+def test_unwritable_output_is_one_line(demo_dataset, tmp_path, capsys):
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('not a folder')
+    code, line, err = _fail(card_argv(demo_dataset, blocker / 'runs', 'x', *ONE_EPOCH), capsys)
+    assert code == 2 and 'Traceback' not in err
+    assert line == f'train.py: error: --output {blocker}/runs: cannot write the run folder {blocker}/runs/x: Not a directory'
+
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC once ``full`` is set, after a few bytes (a disk filling up mid-save)."""
+    full = False
+
+    def __init__(self, f):
+        self.f, self.written = f, 0
+
+    def write(self, data):
+        self.written += len(data)
+        if _FullDisk.full and self.written > 4096:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(demo_dataset, tmp_path, capsys, monkeypatch):
+    from naflex.train import checkpoint
+    monkeypatch.setattr(_FullDisk, 'full', False)
+    monkeypatch.setattr(checkpoint, 'open', lambda path, mode: _FullDisk(open(path, mode)), raising=False)
+
+    class FillDisk(Hooks):
+        def after_update(self, engine, state):
+            _FullDisk.full = _FullDisk.full or state.epoch == 1  # epoch 0's last.pth is written normally
+
+    code, line, err = _fail(card_argv(demo_dataset, tmp_path, 'f'), capsys, hooks=FillDisk())
+    run = tmp_path / 'f'
+    assert code == 1 and 'Traceback' not in err and 'unexpected pos' not in err
+    assert line == (f'train.py: error: could not write checkpoint {run}/last.pth: No space left on device '
+                    '(the previous last.pth is unchanged)')
+    assert torch.load(run / 'last.pth', map_location='cpu', weights_only=True)['epoch'] == 0
+    assert not [p.name for p in run.iterdir() if '.tmp' in p.name]
+    # summary.csv got epoch 1's row before the save failed: a resumed run trains epoch 1 again and replaces it
+    assert [r['epoch'] for r in _summary(run / 'summary.csv')] == ['0', '1']
+    from naflex.train.logger import RunWriter
+    writer = RunWriter(run, tensorboard=False)
+    writer.resume_at(1)
+    writer.summary({'epoch': 1, 'train_loss': 0.5})
+    assert [r['epoch'] for r in _summary(run / 'summary.csv')] == ['0', '1']
+    assert _summary(run / 'summary.csv')[1]['train_loss'] == '0.5'

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Optional, Tuple
@@ -110,13 +111,21 @@ def build_loaders(cfg: Config, train_ds, val_ds, num_classes: int, dist: DistInf
 
 
 def output_dir(cfg: Config, dist: DistInfo) -> Path:
-    """The run folder (created by rank 0; every rank gets its path)."""
-    out = None
+    """The run folder (created by rank 0, and checked to be writable; every rank gets its path, or the error)."""
+    out, problem = None, None
     if dist.is_primary:
         name = cfg.run.experiment or f'{datetime.now():%Y%m%d-%H%M%S}-{cfg.model.name}'
         out = Path(cfg.run.output) / name
-        out.mkdir(parents=True, exist_ok=True)
-    return Path(broadcast_object(str(out) if out else None))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):  # a read-only mount or folder fails here, not at the first save
+                pass
+        except OSError as e:
+            problem = f'--output {cfg.run.output}: cannot write the run folder {out}: {e.strerror or e}'
+    out, problem = broadcast_object((str(out) if out else None, problem))
+    if problem:
+        raise UserError(problem)
+    return Path(out)
 
 
 __all__ = ['UserError', 'build_loaders', 'build_model', 'num_classes_for', 'open_datasets',

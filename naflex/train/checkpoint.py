@@ -7,7 +7,9 @@ Files in the run folder (names as timm's ``CheckpointSaver``):
   of them removed once the epoch's ``last.pth`` exists).
 
 Every write goes to a temporary file in the same folder, is fsync'ed and then renamed over the target, so
-an interrupted or failed save (SIGKILL, full disk) leaves the previous file intact.
+an interrupted or failed save (SIGKILL, full disk) leaves the previous file intact; a failed save removes its
+temporary file and raises ``WriteError``, one line naming the file and the cause (``writing`` gives the other
+files of the run folder the same error).
 
 A checkpoint holds the model (``state_dict``, timm's layout and names, so timm and ``validate.py`` read it),
 ``optimizer``, ``scheduler``, ``state_dict_ema``, ``scaler``, ``args``, ``metric`` and ``train_state``
@@ -15,6 +17,7 @@ A checkpoint holds the model (``state_dict``, timm's layout and names, so timm a
 also every rank's running sums of the epoch, ``epoch_sums``):
 enough to continue a run exactly where it stopped. It loads with ``torch.load(weights_only=True)``.
 """
+import contextlib
 import logging
 import os
 import random
@@ -50,33 +53,63 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class WriteError(OSError):
+    """A file of the run could not be written (full disk, read-only or vanished folder): one line naming it."""
+
+
+def _os_cause(e: BaseException) -> Optional[OSError]:
+    """The OSError behind ``e``: itself, or one it was raised from or during (torch.save reports a failed write
+    as a RuntimeError from its zip writer, 'unexpected pos ...', raised while handling the OSError)."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+@contextlib.contextmanager
+def writing(path, what: str = 'file', kept: str = ''):
+    """Turn a failed write of ``path`` into ``WriteError('could not write {what} {path}: {cause}{kept}')``."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        cause = _os_cause(e)
+        if cause is None:
+            raise
+        error = WriteError(f'could not write {what} {path}: {cause.strerror or cause}{kept}')
+        error.errno = cause.errno
+        raise error from None
+
+
 def atomic_save(obj, path) -> None:
     """torch.save ``obj`` to ``path`` via temp file + fsync + rename (the old file survives any failure)."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    kept = f' (the previous {path.name} is unchanged)' if path.exists() else ''
+    with writing(path, 'checkpoint', kept):
+        try:
+            with open(tmp, 'wb') as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 
 def _atomic_link(src: Path, dst: Path) -> None:
     """Make ``dst`` another name of ``src``'s current contents (hard link, copy where links are unsupported)."""
     tmp = dst.with_name(f'.{dst.name}.tmp-{os.getpid()}')
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with writing(dst, 'checkpoint'):
+        try:
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(src, tmp)
+            except OSError:
+                import shutil
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
     _fsync_dir(dst.parent)
 
 

@@ -12,7 +12,23 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
+from .checkpoint import writing
+
 _logger = logging.getLogger('train')
+
+
+class _LogFile(logging.FileHandler):
+    """train.log; a write that fails (full disk) is reported once, in one line, instead of logging's
+    traceback per record: the console keeps the log, and the run stops at its next checkpoint write."""
+
+    failed = False
+
+    def handleError(self, record) -> None:
+        if not self.failed:
+            self.failed = True
+            cause = sys.exc_info()[1]
+            sys.stderr.write(f'warning: could not write {self.baseFilename}: '
+                             f'{getattr(cause, "strerror", None) or cause}; logging to the console only\n')
 
 
 def setup_logging(log_file: Optional[Path] = None, primary: bool = True) -> None:
@@ -26,7 +42,7 @@ def setup_logging(log_file: Optional[Path] = None, primary: bool = True) -> None
     fmt = logging.Formatter('%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S')
     handlers = [logging.StreamHandler(sys.stdout)]
     if log_file is not None and primary:
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(_LogFile(log_file))
     for h in handlers:
         h.setFormatter(fmt)
         h._naflex = True
@@ -54,10 +70,14 @@ class RunWriter:
                 _logger.warning('tensorboard not installed: no event files will be written')
 
     def scalars(self, values: Dict[str, float], step: int) -> None:
-        if self._tb is not None:
+        if self._tb is None:
+            return
+        try:
             for k, v in values.items():
                 if v is not None:
                     self._tb.add_scalar(k, v, step)
+        except OSError as e:  # the event writer's thread failed (full disk): TensorBoard is optional output
+            self._tb_failed(e)
 
     def summary(self, row: Dict[str, object]) -> None:
         """Append one epoch row to summary.csv (header written with the first row)."""
@@ -69,11 +89,30 @@ class RunWriter:
         if not new:  # keep the existing header (a resumed run appends to it)
             with open(path, newline='') as f:
                 fields = next(csv.reader(f), fields)
-        with open(path, 'a', newline='') as f:
+        with writing(path), open(path, 'a', newline='') as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
             if new:
                 w.writeheader()
             w.writerow({k: ('' if v is None else v) for k, v in row.items()})
+
+    def resume_at(self, epoch: int) -> None:
+        """Drop summary.csv rows of ``epoch`` and later: a run that stopped after writing an epoch's row but
+        before its checkpoint (a failed save, SIGKILL) trains that epoch again and writes the row again."""
+        path = None if self.out_dir is None else self.out_dir / 'summary.csv'
+        if path is None or not path.is_file():
+            return
+        with open(path, newline='') as f:
+            rows = list(csv.reader(f))
+        keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < epoch]
+        if len(keep) < len(rows):
+            tmp = path.with_name(f'.{path.name}.tmp')
+            try:
+                with writing(path):
+                    with open(tmp, 'w', newline='') as f:
+                        csv.writer(f).writerows(keep)
+                    tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def bad_files(self, paths: Iterable[str], epoch: int) -> None:
         """Append undecodable eval files (one path a line, like loaders.BadFileTracker for training)."""
@@ -84,10 +123,18 @@ class RunWriter:
             for p in paths:
                 f.write(f'{p}\n')
 
+    def _tb_failed(self, e: OSError) -> None:
+        _logger.warning(f'could not write TensorBoard events in {self.out_dir / "tensorboard"}: '
+                        f'{e.strerror or e}; no more events are written')
+        self._tb = None
+
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
+            try:
+                self._tb.flush()
+                self._tb.close()
+            except OSError as e:
+                self._tb_failed(e)
             self._tb = None
 
 
