@@ -91,7 +91,7 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
 def _train(cfg, args, hooks=None):
     from loaders import DevicePrefetcher
     from naflex.train import build
-    from naflex.train.bad_files import BadFileTracker
+    from naflex.train.bad_files import BadFileTracker, TooManyBadFiles
     from naflex.train.callbacks import StopOnSignal
     from naflex.train.checkpoint import CheckpointManager, writing
     from naflex.train.cli import args_yaml
@@ -131,19 +131,20 @@ def _train(cfg, args, hooks=None):
     saver = CheckpointManager(out_dir, cfg.train.checkpoint_hist, decreasing=cfg.train.eval_metric == 'loss') \
         if dist.is_primary else None
     state = _resume(trainer, cfg, out_dir, saver, updates_per_epoch)
-    bad_files = BadFileTracker(out_dir if dist.is_primary else None)
+    bad_files = BadFileTracker(out_dir if dist.is_primary else None, dataset_size=len(train_ds))
     mean, std = cfg.model.mean, cfg.model.std
 
     def to_device(loader):
-        def tracked():
-            for inputs, target in loader:
-                bad_files.update(inputs)
-                yield inputs, target
-        return DevicePrefetcher(tracked(), dist.device, mean, std)
+        return DevicePrefetcher(bad_files.track(loader), dist.device, mean, std)
 
     def evaluate_fn(m):
-        return evaluate(m, eval_loader, dist.device, amp_dtype=trainer.amp_dtype, world_size=dist.world_size,
-                        mean=mean, std=std)
+        ev = evaluate(m, eval_loader, dist.device, amp_dtype=trainer.amp_dtype, world_size=dist.world_size,
+                      mean=mean, std=std)
+        bad_files.record(ev['bad_file_paths'], 'evaluation')
+        if ev['images'] == 0:  # metrics of no image would be saved as a "best" checkpoint
+            raise TooManyBadFiles(f'every one of the {ev["bad_files"]} validation images failed to decode, e.g. '
+                                  f'{", ".join(ev["bad_file_paths"][:3])}; listed in {out_dir / "bad_files.txt"}')
+        return ev
 
     writer = RunWriter(out_dir if dist.is_primary else None)
     writer.resume_at(state.epoch)

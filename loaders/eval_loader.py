@@ -3,13 +3,13 @@ no crop; NaViT arXiv:2307.06304 / SigLIP 2 arXiv:2502.14786), packed or padded b
 
 Each rank gets a contiguous shard ``[r*n//W, (r+1)*n//W)`` with no padding duplicates, so every image is
 scored exactly once across ranks (sum the per-rank counts). A file that fails to decode is dropped from its
-batch (it cannot be replaced without double counting) and listed in ``inputs['bad_files']``; a batch whose
-files all fail is yielded with B = 0.
+batch (it cannot be replaced without double counting) and listed in ``inputs['bad_files']`` (the consumer
+reports it: a warning from each worker would repeat per worker and epoch); a batch whose files all fail is
+yielded with B = 0.
 """
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import List, Optional
 
 import torch
@@ -38,8 +38,7 @@ class EvalImages(Dataset):
         path = self.dataset.path(idx)
         try:
             img = eval_sample(path, self.max_seq_len, self.patch_size, self.interpolation, self.draft)
-        except Exception as e:
-            warnings.warn(f"bad image {path}: {type(e).__name__}: {e}")
+        except Exception:
             return None, self.dataset.target(idx), path
         return img, self.dataset.target(idx), path
 

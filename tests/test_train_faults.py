@@ -5,6 +5,7 @@ full disk, Ctrl-C, undecodable training files, flags changed on resume. Each cas
 Tiny model, generated images, CPU; the runs are one or two epochs of ~4 steps (tests/test_train.py's setup).
 """
 import errno
+import logging
 import os
 import shutil
 import signal
@@ -163,3 +164,77 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(demo_dataset, tmp_
     writer.summary({'epoch': 1, 'train_loss': 0.5})
     assert [r['epoch'] for r in _summary(run / 'summary.csv')] == ['0', '1']
     assert _summary(run / 'summary.csv')[1]['train_loss'] == '0.5'
+
+
+# --- undecodable training files ----------------------------------------------------------------------------------
+
+def _garbage(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b'this is not an image')
+    return path
+
+
+def test_every_training_file_undecodable(demo_dataset, tmp_path, capsys):
+    """One line with the count and a few paths (not a DataLoader-worker traceback); bad_files.txt is written."""
+    data = tmp_path / 'data'
+    for split in ('train', 'val'):
+        for c in ('a', 'b'):
+            for i in range(3):
+                _garbage(data / split / c / f'{i}.jpg')
+    code, line, err = _fail(card_argv(data, tmp_path, 'g', *ONE_EPOCH, '-j', '1'), capsys)
+    assert code == 1 and 'Traceback' not in err and 'DataLoader worker' not in err
+    assert line.startswith('train.py: error: 20 files in a row failed to decode for one sample of step 0 (epoch 0), '
+                           f'e.g. {data}/train/'), line
+    listed = (tmp_path / 'g' / 'bad_files.txt').read_text().split()
+    assert listed and set(listed) <= {str(p) for p in (data / 'train').rglob('*.jpg')}
+    assert f'{len(listed)} distinct files listed in {tmp_path}/g/bad_files.txt: check the files under --data-dir' in line
+
+
+def test_small_dataset_with_many_bad_files_stops(demo_dataset, tmp_path, capsys):
+    """7 undecodable files among 31 (23%): judged after one epoch's worth of samples, not after 1000."""
+    data = tmp_path / 'data'
+    shutil.copytree(demo_dataset, data)
+    for i in range(7):
+        _garbage(data / 'train' / sorted(os.listdir(data / 'train'))[i % 4] / f'bad{i}.jpg')
+    code, line, err = _fail(card_argv(data, tmp_path, 's'), capsys)
+    assert code == 1 and 'Traceback' not in err
+    assert 'decode attempts' in line and 'above the 1.00% threshold' in line and 'after 31 training samples' in line
+    assert not (tmp_path / 's' / 'last.pth').exists()  # it stopped within epoch 0
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_bad_file_reported_once_per_run_and_counted_per_epoch(demo_dataset, tmp_path, capfd):
+    """Loader workers stay silent; the trainer's tracker logs each path once per run (a resume included) and the
+    engine counts every replacement per epoch (summary.csv's bad_files)."""
+    import loaders
+    from naflex.train.bad_files import BadFileTracker
+    from naflex.train.config import TrainConfig
+    from naflex.train.engine import TrainState, Trainer, train_one_epoch
+    data = tmp_path / 'data'
+    shutil.copytree(demo_dataset / 'train', data / 'train')
+    broken = _garbage(data / 'train' / sorted(os.listdir(data / 'train'))[0] / 'broken.jpg')
+    loader = loaders.create_train_loader(data, 'train', seq_lens=(16,), batch_size=8, patch_size=16, num_workers=2)
+    model = naflex.create_model('naflexvit_tiny_test', num_classes=4)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), TrainConfig(device='cpu'),
+                      batch_size_reference=8)
+    log, records = logging.getLogger('test_train_faults.bad_files'), _Records()
+    log.addHandler(records)
+    log.propagate = False
+    tracker, counts = BadFileTracker(tmp_path / 'run', max_fraction=0.5, dataset_size=25, logger=log), []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batches = loaders.DevicePrefetcher(tracker.track(loader), 'cpu', (0.5,) * 3, (0.5,) * 3)
+        counts.append(train_one_epoch(trainer, batches, len(loader), TrainState(epoch=epoch))['bad_files'])
+    BadFileTracker(tmp_path / 'run', logger=log).record([str(broken)])  # a resumed run knows the file already
+    assert counts[0] >= 1 and counts[1] >= 1 and sum(counts) == tracker.num_failures
+    assert records.lines == [f'undecodable image replaced by another sample: {broken}']
+    assert str(broken) not in capfd.readouterr().err  # nothing from the two workers
+    assert (tmp_path / 'run' / 'bad_files.txt').read_text() == f'{broken}\n'

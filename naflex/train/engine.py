@@ -197,7 +197,9 @@ def train_one_epoch(trainer: Trainer, batches, num_steps: int, state: TrainState
             trainer.begin_epoch(state)
         last = step == num_steps - 1
         update = (step + 1) % accum == 0 or last
-        metrics.add(step, trainer.backward(inputs, target, _micro_steps(step, num_steps, accum), update), inputs)
+        num_bad = len(B.pop_bad_files(inputs))  # files the loader replaced in this step (summary.csv counts them)
+        metrics.add(step, trainer.backward(inputs, target, _micro_steps(step, num_steps, accum), update), inputs,
+                    num_bad)
         if not update:
             continue
         trainer.update(state)
@@ -231,7 +233,7 @@ def train_one_epoch(trainer: Trainer, batches, num_steps: int, state: TrainState
                 tokens_per_s=totals['tokens'] / totals['time_s'])
 
 
-def _evaluate(trainer: Trainer, evaluate_fn: Callable, epoch: int, writer) -> Dict:
+def _evaluate(trainer: Trainer, evaluate_fn: Callable, epoch: int) -> Dict:
     """Evaluate the model (and the EMA, whose metric then picks the best checkpoints, as timm); the row cells."""
     ev = evaluate_fn(trainer.model)
     row = {'eval_loss': ev['loss'], 'eval_top1': ev['top1'], 'eval_top5': ev['top5']}
@@ -240,8 +242,6 @@ def _evaluate(trainer: Trainer, evaluate_fn: Callable, epoch: int, writer) -> Di
         ev_ema = evaluate_fn(trainer.ema.module)
         row.update(ema_loss=ev_ema['loss'], ema_top1=ev_ema['top1'], ema_top5=ev_ema['top5'])
         metric = ev_ema[trainer.cfg.eval_metric]
-    if writer is not None:
-        writer.bad_files(ev.get('bad_file_paths', []), epoch)
     _logger.info(f'Eval: {epoch}  loss {ev["loss"]:.4f}  top1 {ev["top1"]:.3f}  top5 {ev["top5"]:.3f}'
                  + (f'  (EMA top1 {row["ema_top1"]:.3f})' if trainer.ema is not None else ''))
     return dict(row, metric=metric)
@@ -278,10 +278,10 @@ def fit(trainer: Trainer, train_loader, to_device: Callable, state: TrainState, 
             row.update(ema_loss=None, ema_top1=None, ema_top5=None)
         metric = None
         if evaluate_fn is not None and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == total_epochs):
-            row.update(_evaluate(trainer, evaluate_fn, epoch, writer))
+            row.update(_evaluate(trainer, evaluate_fn, epoch))
             metric = row.pop('metric')
         row.update({k: train[k] for k in ('lr', 'images_per_s', 'tokens_per_s', 'data_wait')})
-        row.update(train_images=int(train['images']), train_tokens=int(train['tokens']))
+        row.update(train_images=int(train['images']), train_tokens=int(train['tokens']), bad_files=train['bad_files'])
         if writer is not None:
             writer.summary(row)
             writer.scalars({f'epoch/{k}': v for k, v in row.items() if k != 'epoch'}, epoch)
@@ -298,8 +298,8 @@ def fit(trainer: Trainer, train_loader, to_device: Callable, state: TrainState, 
             signum = trainer.callbacks.stop_signal()
             raise StopRequested(f'stopped on {signum.name} after epoch {epoch} (checkpoint saved); continue with '
                                 '--resume auto', signum)
-        _logger.info(f'epoch {epoch} done in {format_seconds(train["time_s"])}; run ETA '
-                     f'{format_seconds(train["time_s"] * (total_epochs - epoch - 1))}')
+        _logger.info(f'epoch {epoch} done in {format_seconds(train["time_s"])}; {train["bad_files"]} undecodable '
+                     f'files replaced; run ETA {format_seconds(train["time_s"] * (total_epochs - epoch - 1))}')
         if trainer.callbacks.after_epoch(state):
             break
     return results

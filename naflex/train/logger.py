@@ -1,4 +1,4 @@
-"""Run outputs and console logging: log file, summary.csv, TensorBoard events, bad-files list, progress lines.
+"""Run outputs and console logging: log file, summary.csv, TensorBoard events, progress lines.
 
 Only the primary rank writes (the others log warnings to stderr). ``ProgressMeter`` turns the host-side
 clock into the figures a NaFlex run needs on top of timm's ``Train: epoch [step/total] loss lr`` line:
@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Optional
 
 from .checkpoint import writing
 
@@ -57,7 +57,8 @@ def format_seconds(s: float) -> str:
 
 
 class RunWriter:
-    """summary.csv + TensorBoard scalars + bad_files.txt in the run folder (no-ops when ``out_dir`` is None)."""
+    """summary.csv + TensorBoard scalars in the run folder (no-ops when ``out_dir`` is None); bad_files.txt is
+    written by naflex.train.bad_files."""
 
     def __init__(self, out_dir: Optional[Path], tensorboard: bool = True):
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -113,15 +114,6 @@ class RunWriter:
                     tmp.replace(path)
             finally:
                 tmp.unlink(missing_ok=True)
-
-    def bad_files(self, paths: Iterable[str], epoch: int) -> None:
-        """Append undecodable eval files (one path a line, like loaders.BadFileTracker for training)."""
-        paths = list(paths)
-        if self.out_dir is None or not paths:
-            return
-        with open(self.out_dir / 'bad_files.txt', 'a') as f:
-            for p in paths:
-                f.write(f'{p}\n')
 
     def _tb_failed(self, e: OSError) -> None:
         _logger.warning(f'could not write TensorBoard events in {self.out_dir / "tensorboard"}: '
