@@ -43,10 +43,12 @@ def run(argv=None, hooks=None):
         raise OutOfMemory(_oom_message(cfg)) from None
 
 
-def _resume(trainer, cfg, out_dir: Path, saver, updates_per_epoch: int):
-    """The state to start from: a fresh one, or what ``--resume`` (PATH or auto) restores."""
+def _resume(trainer, cfg, out_dir: Path, saver, updates_per_epoch: int, steps_per_epoch: int, used_args: dict):
+    """The state to start from: a fresh one, or what ``--resume`` (PATH or auto) restores. The flags of this
+    command apply (``used_args``, what args.yaml records); those that differ from the checkpoint's are logged."""
     from naflex.train.build import UserError
     from naflex.train.checkpoint import TrainState, find_resume, load_checkpoint, restore_training
+    from naflex.train.cli import changed_flags
     resume = find_resume(out_dir) if cfg.run.resume == 'auto' else (Path(cfg.run.resume) if cfg.run.resume else None)
     if cfg.run.resume == 'auto' and resume is None:
         _logger.info(f'--resume auto: no checkpoint in {out_dir} yet, starting from scratch')
@@ -54,7 +56,7 @@ def _resume(trainer, cfg, out_dir: Path, saver, updates_per_epoch: int):
         return TrainState()
     try:
         ckpt = load_checkpoint(resume)
-        state = restore_training(trainer, ckpt, cfg.run.resume_opt, updates_per_epoch)
+        state = restore_training(trainer, ckpt, cfg.run.resume_opt, updates_per_epoch, steps_per_epoch)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     except ValueError as e:
@@ -62,6 +64,10 @@ def _resume(trainer, cfg, out_dir: Path, saver, updates_per_epoch: int):
     if saver is not None:
         saver.restore(ckpt)
     _logger.info(f'resumed from {resume}: epoch {state.epoch}, step {state.step}, update {state.num_updates}')
+    changed = changed_flags(ckpt.get('args'), used_args)
+    if changed:
+        _logger.warning(f'--resume: these flags differ from the checkpoint\'s run and apply from update '
+                        f'{state.num_updates} on: {", ".join(changed)}')
     return state
 
 
@@ -118,7 +124,8 @@ def _train(cfg, args, hooks=None):
     lr = cfg.optim.resolved_lr(cfg.loader.batch_size * dist.world_size * cfg.train.grad_accum_steps)
     if not cfg.optim.lr:
         _logger.info(f'lr {lr:.3e} from --lr-base {cfg.optim.lr_base} and the global batch')
-    resolved = args_yaml(args, lr=lr, num_classes=num_classes)  # the configuration actually used
+    used_args = dict(vars(args), lr=lr, num_classes=num_classes)  # the configuration actually used (on resume too)
+    resolved = args_yaml(args, lr=lr, num_classes=num_classes)
     if dist.is_primary:
         with writing(out_dir / 'args.yaml'):
             (out_dir / 'args.yaml').write_text(resolved)
@@ -130,7 +137,7 @@ def _train(cfg, args, hooks=None):
     trainer, total_epochs = _trainer(cfg, model, dist, updates_per_epoch, lr, hooks)
     saver = CheckpointManager(out_dir, cfg.train.checkpoint_hist, decreasing=cfg.train.eval_metric == 'loss') \
         if dist.is_primary else None
-    state = _resume(trainer, cfg, out_dir, saver, updates_per_epoch)
+    state = _resume(trainer, cfg, out_dir, saver, updates_per_epoch, len(train_loader), used_args)
     bad_files = BadFileTracker(out_dir if dist.is_primary else None, dataset_size=len(train_ds))
     mean, std = cfg.model.mean, cfg.model.std
 
@@ -149,7 +156,7 @@ def _train(cfg, args, hooks=None):
     writer = RunWriter(out_dir if dist.is_primary else None)
     writer.resume_at(state.epoch)
     _logger.info(f'training epochs {state.epoch}..{total_epochs - 1}, {updates_per_epoch} updates/epoch')
-    meta = {'arch': cfg.model.name, 'args': dict(vars(args), lr=lr, num_classes=num_classes)}
+    meta = {'arch': cfg.model.name, 'args': used_args}
     try:
         with StopOnSignal() as preemption:
             trainer.callbacks.items.append(preemption)

@@ -190,6 +190,19 @@ def test_every_training_file_undecodable(demo_dataset, tmp_path, capsys):
     assert f'{len(listed)} distinct files listed in {tmp_path}/g/bad_files.txt: check the files under --data-dir' in line
 
 
+def test_every_validation_file_undecodable(demo_dataset, tmp_path, capsys):
+    """No fake 'top1 0.000' from zero images saved as the best checkpoint: one line, exit 1."""
+    data = tmp_path / 'data'
+    shutil.copytree(demo_dataset / 'train', data / 'train')
+    for c in os.listdir(data / 'train'):
+        _garbage(data / 'val' / c / '0.jpg')
+    code, line, err = _fail(card_argv(data, tmp_path, 'v', *ONE_EPOCH), capsys)
+    assert code == 1 and 'Traceback' not in err
+    assert line.startswith('train.py: error: every one of the 4 validation images failed to decode, e.g. ')
+    assert not (tmp_path / 'v' / 'model_best.pth').exists() and not (tmp_path / 'v' / 'summary.csv').exists()
+    assert len((tmp_path / 'v' / 'bad_files.txt').read_text().split()) == 4
+
+
 def test_small_dataset_with_many_bad_files_stops(demo_dataset, tmp_path, capsys):
     """7 undecodable files among 31 (23%): judged after one epoch's worth of samples, not after 1000."""
     data = tmp_path / 'data'
@@ -238,3 +251,38 @@ def test_bad_file_reported_once_per_run_and_counted_per_epoch(demo_dataset, tmp_
     assert records.lines == [f'undecodable image replaced by another sample: {broken}']
     assert str(broken) not in capfd.readouterr().err  # nothing from the two workers
     assert (tmp_path / 'run' / 'bad_files.txt').read_text() == f'{broken}\n'
+
+
+# --- flags changed on --resume apply, and say so ---------------------------------------------------------------
+
+def test_changed_lr_on_resume_applies_and_is_logged(demo_dataset, tmp_path):
+    """--lr / --weight-decay changed on --resume: the new values drive the optimizer and the schedule from the
+    resumed update on, the log names each changed flag, args.yaml and the checkpoints record what was used."""
+    import math
+    argv = card_argv(demo_dataset, tmp_path, 'lr', '--epochs', '3')
+    train.main(argv, hooks=Hooks(stop_after_epoch=0))
+    train.main(argv + ['--resume', 'auto', '--lr', '1e-3', '--weight-decay', '0.05'], hooks=Hooks(stop_after_epoch=1))
+    run = tmp_path / 'lr'
+    log = (run / 'train.log').read_text()
+    assert ("--resume: these flags differ from the checkpoint's run and apply from update 4 on: "
+            '--lr 0.0003 -> 0.001, --weight-decay 0.1 -> 0.05') in log
+    # per-update cosine over 3 x 4 updates (1 warmup epoch), peak 1e-3 now: the lr set after update 8
+    assert float(_summary(run / 'summary.csv')[1]['lr']) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 8 / 12)))
+    ckpt = torch.load(run / 'last.pth', map_location='cpu', weights_only=True)
+    groups = ckpt['optimizer']['param_groups']
+    assert {g['initial_lr'] for g in groups} == {1e-3} and {g['weight_decay'] for g in groups} == {0.0, 0.05}
+    assert ckpt['args']['lr'] == 1e-3 and ckpt['train_state']['num_updates'] == 8
+    used = yaml.safe_load((run / 'args.yaml').read_text())
+    assert used['lr'] == 1e-3 and used['weight_decay'] == 0.05
+
+
+def test_resume_under_another_step_plan_restarts_the_epoch():
+    """A mid-epoch checkpoint resumed with another -b (2 steps per epoch instead of 4): step 3 of 4 would not
+    exist, so the epoch restarts and the schedule goes to its start under the new plan."""
+    from naflex.train.checkpoint import _resume_state
+    ckpt = {'train_state': {'epoch': 1, 'step': 3, 'num_updates': 7, 'world_size': 1, 'steps_per_epoch': 4,
+                            'grad_accum_steps': 1}}
+    same = _resume_state(ckpt, world_size=1, accum=1, updates_per_epoch=4, steps_per_epoch=4)
+    assert (same.epoch, same.step, same.num_updates) == (1, 3, 7)
+    other = _resume_state(ckpt, world_size=1, accum=1, updates_per_epoch=2, steps_per_epoch=2)
+    assert (other.epoch, other.step, other.num_updates) == (1, 0, 2)

@@ -310,6 +310,20 @@ def args_yaml(args: argparse.Namespace, **resolved) -> str:
     return yaml.safe_dump(dict(vars(args), **resolved), default_flow_style=False, sort_keys=True)
 
 
+# where a run is written and read from: these differ between a run and its resumption without changing it
+_RUN_LOCATION = ('config', 'resume', 'no_resume_opt', 'output', 'experiment')
+
+
+def changed_flags(before, now: Dict, parser: Optional[_Parser] = None) -> List[str]:
+    """'--flag OLD -> NEW' for every flag whose value in ``now`` (resolved args) differs from ``before`` (the args
+    stored in a checkpoint: a dict, or timm's argparse.Namespace); flags only one of them knows are skipped."""
+    before = vars(before) if isinstance(before, argparse.Namespace) else dict(before or {})
+    parser = parser or build_parser()
+    flag = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
+    return [f'{flag.get(k, k)} {before[k]} -> {v}' for k, v in sorted(now.items())
+            if k in before and k not in _RUN_LOCATION and before[k] != v]
+
+
 def check_args(args: argparse.Namespace, parser: Optional[_Parser] = None) -> Config:
     """Validate every part of the configuration; ConfigError (one line naming the flags) on any problem."""
     parser = parser or build_parser()
@@ -321,5 +335,5 @@ def check_args(args: argparse.Namespace, parser: Optional[_Parser] = None) -> Co
     return cfg
 
 
-__all__ = ['ConfigError', 'args_yaml', 'build_parser', 'check_args', 'config_from_args',
+__all__ = ['ConfigError', 'args_yaml', 'build_parser', 'changed_flags', 'check_args', 'config_from_args',
            'flag_namer', 'parse_args']

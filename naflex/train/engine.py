@@ -179,6 +179,7 @@ def train_one_epoch(trainer: Trainer, batches, num_steps: int, state: TrainState
     (yielding (inputs, target) already on the device and normalized, starting at batch ``state.step``).
     Updates ``state`` in place; returns epoch metrics (identical on all ranks)."""
     cfg, accum = trainer.cfg, trainer.cfg.grad_accum_steps
+    state.steps_per_epoch = num_steps
     trainer.model.train()
     trainer.optimizer.zero_grad(set_to_none=True)
     metrics = TrainMetrics(trainer.device, num_steps, trainer.world_size, start=state.epoch_sums)
