@@ -81,11 +81,13 @@ class TrainMetrics:
         """The epoch's totals over ranks: mean loss, images, valid tokens, replaced files, and whether any rank
         asked to stop."""
         counts = torch.tensor([self.epoch_images, self.epoch_bad_files, float(stop)], dtype=torch.float64)
-        loss_sum, tokens, images, bad, stops = D.all_reduce_sum(torch.cat([self.epoch, counts.to(self.device)])).tolist()
+        sums = torch.cat([self.epoch, counts.to(self.device)])
+        loss_sum, tokens, images, bad, stops = D.all_reduce_sum(sums).tolist()
         return {'loss': loss_sum / max(images, 1.0), 'images': images, 'tokens': tokens, 'bad_files': int(bad),
                 'stop': stops > 0}
 
     def state_dict(self) -> Dict[str, float]:
         """This rank's running epoch sums, for a mid-epoch checkpoint (reads the device: call at a save)."""
         loss_sum, tokens = self.epoch.tolist()
-        return {'loss_sum': loss_sum, 'tokens': tokens, 'images': self.epoch_images, 'bad_files': self.epoch_bad_files}
+        return {'loss_sum': loss_sum, 'tokens': tokens, 'images': self.epoch_images,
+                'bad_files': self.epoch_bad_files}
