@@ -43,11 +43,13 @@ def run(argv=None, hooks=None):
         raise OutOfMemory(_oom_message(cfg)) from None
 
 
-def _resume(trainer, cfg, out_dir: Path, updates_per_epoch: int):
+def _resume(trainer, cfg, out_dir: Path, updates_per_epoch: int, steps_per_epoch: int, used_args: dict):
     """(state to start from, the checkpoint it came from or None): a fresh state, or what ``--resume`` (PATH or
-    auto) restores."""
+    auto) restores. The flags of this command apply (``used_args``, what args.yaml records); those that differ
+    from the checkpoint's are logged."""
     from naflex.train.build import UserError
     from naflex.train.checkpoint import TrainState, find_resume, load_checkpoint, restore_training
+    from naflex.train.cli import changed_flags
     resume = find_resume(out_dir) if cfg.run.resume == 'auto' else (Path(cfg.run.resume) if cfg.run.resume else None)
     if cfg.run.resume == 'auto' and resume is None:
         _logger.info(f'--resume auto: no checkpoint in {out_dir} yet, starting from scratch')
@@ -55,12 +57,16 @@ def _resume(trainer, cfg, out_dir: Path, updates_per_epoch: int):
         return TrainState(), None
     try:
         ckpt = load_checkpoint(resume)
-        state = restore_training(trainer, ckpt, cfg.run.resume_opt, updates_per_epoch)
+        state = restore_training(trainer, ckpt, cfg.run.resume_opt, updates_per_epoch, steps_per_epoch)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
     except ValueError as e:
         raise UserError(f'--resume {resume}: {e}') from None
     _logger.info(f'resumed from {resume}: epoch {state.epoch}, step {state.step}, update {state.num_updates}')
+    changed = changed_flags(ckpt.get('args'), used_args)
+    if changed:
+        _logger.warning(f'--resume: these flags differ from the checkpoint\'s run and apply from update '
+                        f'{state.num_updates} on: {", ".join(changed)}')
     return state, ckpt
 
 
@@ -91,13 +97,14 @@ def _open_run_folder(out_dir: Path, dist, cfg, resolved_args: str, resumed_from)
     """Create the run folder once every input is checked: train.log (from the run's first line), args.yaml (the
     configuration actually used) and, on rank 0, the checkpoint manager (returned; None on other ranks)."""
     from naflex.train.build import create_run_dir
-    from naflex.train.checkpoint import CheckpointManager
+    from naflex.train.checkpoint import CheckpointManager, writing
     from naflex.train.logger import attach_log_file
-    create_run_dir(out_dir, dist)
+    create_run_dir(out_dir, cfg, dist)
     attach_log_file(out_dir / 'train.log')
     if not dist.is_primary:
         return None
-    (out_dir / 'args.yaml').write_text(resolved_args)
+    with writing(out_dir / 'args.yaml'):
+        (out_dir / 'args.yaml').write_text(resolved_args)
     saver = CheckpointManager(out_dir, cfg.train.checkpoint_hist, decreasing=cfg.train.eval_metric == 'loss')
     if resumed_from is not None:
         saver.restore(resumed_from)
@@ -140,26 +147,26 @@ def _train(cfg, args, hooks=None):
     model.to(dist.device)
     updates_per_epoch = -(-len(train_loader) // cfg.train.grad_accum_steps)
     trainer, total_epochs = _trainer(cfg, model, dist, updates_per_epoch, lr, hooks)
-    state, resumed_from = _resume(trainer, cfg, out_dir, updates_per_epoch)
+    used_args = dict(vars(args), lr=lr, num_classes=num_classes)  # the configuration actually used (on resume too)
+    state, resumed_from = _resume(trainer, cfg, out_dir, updates_per_epoch, len(train_loader), used_args)
 
     saver = _open_run_folder(out_dir, dist, cfg, args_yaml(args, lr=lr, num_classes=num_classes), resumed_from)
-    bad_files = BadFileTracker(out_dir if dist.is_primary else None)
+    bad_files = BadFileTracker(out_dir if dist.is_primary else None, dataset_size=len(train_ds))
     mean, std = cfg.model.mean, cfg.model.std
 
     def to_device(loader):
-        def tracked():
-            for inputs, target in loader:
-                bad_files.update(inputs)
-                yield inputs, target
-        return DevicePrefetcher(tracked(), dist.device, mean, std)
+        return DevicePrefetcher(bad_files.track(loader), dist.device, mean, std)
 
     def evaluate_fn(m):
-        return evaluate(m, eval_loader, dist.device, amp_dtype=trainer.amp_dtype, world_size=dist.world_size,
-                        mean=mean, std=std)
+        ev = evaluate(m, eval_loader, dist.device, amp_dtype=trainer.amp_dtype, world_size=dist.world_size,
+                      mean=mean, std=std)  # NoImagesEvaluated when every file failed: no metrics of no image
+        bad_files.record(ev['bad_file_paths'], 'evaluation')
+        return ev
 
     writer = RunWriter(out_dir if dist.is_primary else None)
+    writer.resume_at(state.epoch)
     _logger.info(f'training epochs {state.epoch}..{total_epochs - 1}, {updates_per_epoch} updates/epoch')
-    meta = {'arch': cfg.model.name, 'args': dict(vars(args), lr=lr, num_classes=num_classes)}
+    meta = {'arch': cfg.model.name, 'args': used_args}
     try:
         with StopOnSignal() as preemption:
             trainer.callbacks.items.append(preemption)
@@ -174,13 +181,15 @@ def _train(cfg, args, hooks=None):
 
 
 def main(argv=None, hooks=None):
-    """CLI entry: run training, turning the errors users hit into one line on stderr (exit status 1, 2 or 143).
+    """CLI entry: run training, turning the errors users hit into one line on stderr (exit status 1 or 2; 143
+    after SIGTERM and 130 after Ctrl-C, once a recovery checkpoint is written).
 
     ``hooks`` (tests): a callback object (naflex.train.callbacks) with ``after_update`` / ``after_epoch``.
     """
     from naflex.train.build import UserError
     from naflex.train.bad_files import TooManyBadFiles
     from naflex.train.callbacks import StopRequested
+    from naflex.train.checkpoint import WriteError
     from naflex.train.cli import ConfigError
     from naflex.train.distributed import DeviceError, cleanup
     from naflex.train.evaluate import NoImagesEvaluated
@@ -193,9 +202,13 @@ def main(argv=None, hooks=None):
         traceback.clear_frames(e.__traceback__)
     except StopRequested as e:
         _logger.warning(str(e))
-        code = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
+        code = e.exit_code  # 128 + the signal: 143 for SIGTERM (what schedulers expect), 130 for Ctrl-C
         traceback.clear_frames(e.__traceback__)
-    except (NonFiniteLossError, TooManyBadFiles, OutOfMemory, NoImagesEvaluated) as e:
+    except KeyboardInterrupt as e:  # Ctrl-C before training started, or a second one during training
+        code, message = 130, ('train.py: interrupted: stopped at once without saving; the checkpoints already '
+                              'written are unchanged (continue with --resume auto)')
+        traceback.clear_frames(e.__traceback__)
+    except (NonFiniteLossError, TooManyBadFiles, OutOfMemory, WriteError, NoImagesEvaluated) as e:
         _logger.error(str(e))
         code, message = 1, f'train.py: error: {e}'
         # free the failed step's frames (DDP reducer included) before the process group goes away

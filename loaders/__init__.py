@@ -28,10 +28,10 @@ from .factory import create_eval_loader, create_train_loader, open_dataset
 from .packing import pack, pad, patchify_hwc
 from .prefetch import DevicePrefetcher, normalize_patches
 from .schedule import SeqLenSchedule, batch_size_for
-from .train_loader import TrainLoader
+from .train_loader import TrainLoader, UndecodableFiles
 
 __all__ = [
     'DatasetConfig', 'DevicePrefetcher', 'EvalLoaderConfig', 'ImageFolderDataset', 'ListDataset', 'SeqLenSchedule',
-    'TrainLoader', 'TrainLoaderConfig', 'batch_size_for', 'create_eval_loader', 'create_train_loader',
-    'make_eval_loader', 'normalize_patches', 'open_dataset', 'pack', 'pad', 'patchify_hwc',
+    'TrainLoader', 'TrainLoaderConfig', 'UndecodableFiles', 'batch_size_for', 'create_eval_loader',
+    'create_train_loader', 'make_eval_loader', 'normalize_patches', 'open_dataset', 'pack', 'pad', 'patchify_hwc',
 ]

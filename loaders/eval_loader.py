@@ -3,13 +3,13 @@ no crop; NaViT arXiv:2307.06304 / SigLIP 2 arXiv:2502.14786), packed or padded b
 
 Each rank gets a contiguous shard ``[r*n//W, (r+1)*n//W)`` with no padding duplicates, so every image is
 scored exactly once across ranks (sum the per-rank counts). A file that fails to decode is dropped from its
-batch (it cannot be replaced without double counting) and listed in ``inputs['bad_files']``; a batch whose
-files all fail is yielded with B = 0.
+batch (it cannot be replaced without double counting) and listed in ``inputs['bad_files']`` (the consumer
+reports it: a warning from each worker would repeat per worker and epoch); a batch whose files all fail is
+yielded with B = 0.
 """
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import List, Optional
 
 import torch
@@ -19,6 +19,7 @@ from .config import EvalLoaderConfig, resolve_pin_memory
 from .decode import UndecodableImage
 from .packing import collate
 from .pipeline import eval_sample
+from .workers import ignore_interrupts
 
 
 class EvalImages(Dataset):
@@ -38,8 +39,7 @@ class EvalImages(Dataset):
         path = self.dataset.path(idx)
         try:
             img = eval_sample(path, self.max_seq_len, self.patch_size, self.interpolation, self.draft)
-        except UndecodableImage as e:  # a bad setting or a bug propagates instead of blaming the file
-            warnings.warn(f"bad image {path}: {e}")
+        except UndecodableImage:  # a bad setting or a bug propagates instead of blaming the file
             return None, self.dataset.target(idx), path
         return img, self.dataset.target(idx), path
 
@@ -65,5 +65,5 @@ def make_eval_loader(dataset, cfg: Optional[EvalLoaderConfig] = None, *, rank: i
     kwargs = dict(persistent_workers=persistent_workers) if cfg.num_workers > 0 else {}
     return DataLoader(images, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                       collate_fn=EvalCollate(cfg.patch_size, cfg.packing, cfg.max_seq_len),
-                      pin_memory=resolve_pin_memory(cfg.pin_memory),
+                      pin_memory=resolve_pin_memory(cfg.pin_memory), worker_init_fn=ignore_interrupts,
                       drop_last=False, **kwargs)

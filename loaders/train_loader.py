@@ -11,12 +11,15 @@ builds the whole batch for a key inside a worker. So
   is identical whatever the number of workers, and re-runs are exact.
 
 A file that fails to decode is replaced by another index drawn from the same slot RNG (the step keeps its
-shape) and its path is listed in ``inputs['bad_files']``.
+shape) and its path is listed in ``inputs['bad_files']``; reporting it is the consumer's job (the trainer logs
+each path once per run), so workers stay silent instead of repeating the warning per worker and epoch. When
+``MAX_REPLACEMENTS`` files in a row fail for one sample the data is broken, not a file: iterating the loader
+raises ``UndecodableFiles`` (in the main process, with the paths, not as a worker traceback).
 """
 from __future__ import annotations
 
 import random
-import warnings
+from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -29,8 +32,31 @@ from .decode import UndecodableImage, pil_to_hwc
 from .packing import collate
 from .pipeline import TrainSampleBuilder
 from .schedule import SeqLenSchedule
+from .workers import ignore_interrupts
 
 MAX_REPLACEMENTS = 20
+
+
+class UndecodableFiles(RuntimeError):
+    """``MAX_REPLACEMENTS`` files in a row failed to decode for one sample; ``paths``: every failure of its step."""
+
+    def __init__(self, paths: List[str], epoch: int, step: int):
+        self.paths, self.epoch, self.step = list(paths), epoch, step
+        super().__init__(f'{MAX_REPLACEMENTS} files in a row failed to decode for one sample of step {step} '
+                         f'(epoch {epoch}), e.g. {", ".join(self.paths[-3:])}')
+
+
+class _GaveUp(Exception):
+    pass
+
+
+@dataclass
+class _StepFailed:
+    """What a worker returns instead of a step it could not build: an exception raised in a worker reaches the
+    main process as text inside torch's re-raised copy, while this object arrives intact."""
+    paths: List[str]
+    epoch: int
+    step: int
 
 
 class StepSampler(Sampler):
@@ -70,11 +96,10 @@ class StepDataset(Dataset):
             path = self.dataset.path(idx)
             try:
                 return self.builder.build_pil(path, L, P, rng), self.dataset.target(idx)
-            except UndecodableImage as e:  # only a file that cannot be read or decoded is replaced
-                bad.append(path)
-                warnings.warn(f"bad image {path}: {e}")
+            except UndecodableImage:  # only a file that cannot be read or decoded is replaced (reported
+                bad.append(path)      # through the batch's bad_files: the trainer logs each path once)
                 idx = rng.randrange(n)
-        raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive undecodable images; last: {bad[-1]}")
+        raise _GaveUp()
 
     def __getitem__(self, key: Tuple[int, int]):
         epoch, step_idx = key
@@ -83,7 +108,10 @@ class StepDataset(Dataset):
         imgs, targets, bad, rngs = [], [], [], []
         for slot, idx in enumerate(step.indices.tolist()):
             rng = random.Random(f"{self.seed}/{epoch}/{step_idx}/{slot}")
-            img, t = self._load(idx, L, P, rng, bad)
+            try:
+                img, t = self._load(idx, L, P, rng, bad)
+            except _GaveUp:
+                return _StepFailed(bad, epoch, step_idx)
             imgs.append(img)
             targets.append(t)
             rngs.append(rng)
@@ -111,7 +139,7 @@ class TrainLoader:
         if num_workers > 0:
             kwargs = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         self.loader = DataLoader(step_dataset, batch_size=None, sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=pin_memory, **kwargs)
+                                 pin_memory=pin_memory, worker_init_fn=ignore_interrupts, **kwargs)
 
     def __len__(self) -> int:
         return self.schedule.num_steps
@@ -130,7 +158,10 @@ class TrainLoader:
         self.sampler.start_step = int(step)
 
     def __iter__(self):
-        return iter(self.loader)
+        for item in self.loader:
+            if isinstance(item, _StepFailed):
+                raise UndecodableFiles(item.paths, item.epoch, item.step)
+            yield item
 
     @property
     def dataset(self):

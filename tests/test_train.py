@@ -83,6 +83,7 @@ def test_card_command_end_to_end(reference):
     assert [int(r['epoch']) for r in rows] == [0, 1]
     for key in ('train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr', 'images_per_s', 'tokens_per_s'):
         assert all(torch.isfinite(torch.tensor(float(r[key]))) for r in rows), key
+    assert [r['bad_files'] for r in rows] == ['0', '0'] and all(int(r['train_images']) >= 24 for r in rows)
     import yaml
     saved = yaml.safe_load((run / 'args.yaml').read_text())
     assert saved['opt'] == 'nadamw' and saved['epochs'] == 2 and saved['smoothing'] == 0.1
@@ -92,6 +93,7 @@ def test_card_command_end_to_end(reference):
     assert {'optimizer', 'scheduler', 'rng', 'metric'} <= set(ckpt)
     log = (run / 'train.log').read_text()
     assert 'img/s' in log and 'tok/s' in log and 'data wait' in log and 'ETA' in log
+    assert 'epoch 1 done in' in log and '; 0 undecodable files replaced; run ETA' in log
     assert len(hooks.losses) >= 4 and all(torch.isfinite(torch.tensor(l)) for *_, l in hooks.losses)
     # per-update warmup from 0 over epoch 0 (4 updates), then cosine down to --min-lr 0 at the end (timm logs
     # the lr set for the next update)
@@ -193,7 +195,8 @@ def test_val_interval_rows(demo_dataset, tmp_path):
 
 
 def test_sigterm_saves_and_resumes_exactly(reference, demo_dataset, tmp_path):
-    """SIGTERM (preemption) mid-epoch: recovery checkpoint at the next update, exit 143, exact resume."""
+    """SIGTERM (preemption) mid-epoch: recovery checkpoint at the next update, exit 143, exact resume; the
+    resumed epoch's summary row covers the whole epoch (the steps before the stop too)."""
     ref_run, ref_hooks, _ = reference
 
     class Term(Hooks):
@@ -211,3 +214,6 @@ def test_sigterm_saves_and_resumes_exactly(reference, demo_dataset, tmp_path):
     assert hooks.losses == [h for h in ref_hooks.losses if (h[0], h[1]) >= (1, 2)]
     for k, v in _weights(ref_run / 'last.pth').items():
         assert torch.equal(v, _weights(tmp_path / 't' / 'last.pth')[k]), k
+    same = ('epoch', 'train_loss', 'train_images', 'train_tokens', 'bad_files', 'eval_loss', 'eval_top1', 'lr')
+    rows, ref_rows = _summary(tmp_path / 't' / 'summary.csv'), _summary(ref_run / 'summary.csv')
+    assert [[r[k] for k in same] for r in rows] == [[r[k] for k in same] for r in ref_rows]

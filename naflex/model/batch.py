@@ -14,8 +14,8 @@ Packed (NaViT's "patch n' pack", arXiv:2307.06304; every image's tokens back to 
 Padded (timm's NaFlex layout, SigLIP 2 arXiv:2502.14786):
     ``patches`` [B, N, P*P*C] (or [B, N, Ph, Pw, C]), ``patch_coord`` int [B, N, 2], ``patch_valid`` bool [B, N],
     ``patch_size`` int; N is the step's L.
-Both may carry ``bad_files`` (list of paths the loader replaced or dropped); the trainer pops it before the
-model sees the batch. A plain image tensor [B, C, H, W] is accepted wherever a batch is.
+Both may carry ``bad_files`` (list of paths the loader replaced or dropped); the trainer's step pops it (and
+counts it) before the model sees the batch. A plain image tensor [B, C, H, W] is accepted wherever a batch is.
 
 Every function here reads shapes and host metadata only: none of them synchronises with the device.
 """
@@ -79,6 +79,13 @@ def describe_seq_len(inputs: Batch) -> str:
     if is_packed(inputs):
         return f"unknown (longest image {int(inputs.get('max_seqlen', 0))} tokens)"
     return 'n/a (image tensor)'
+
+
+def bad_files(inputs: Batch) -> List[str]:
+    """The loader's list of replaced / dropped files, left in the batch (empty when there is none)."""
+    if not isinstance(inputs, dict):
+        return []
+    return list(inputs.get('bad_files', None) or [])
 
 
 def pop_bad_files(inputs: Batch) -> List[str]:

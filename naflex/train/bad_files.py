@@ -1,9 +1,16 @@
 """Bookkeeping for files that failed to decode (NaFlex training, SigLIP 2 arXiv:2502.14786 pipeline).
 
-The loaders replace such a file by another sample (the step keeps its shape) and list its path in the batch's
-``'bad_files'``. The trainer feeds every batch to ``BadFileTracker.update``: each new path is logged once,
-all are counted, written one per line to ``<output>/bad_files.txt``, and ``check()`` raises once failures
-exceed ``max_fraction`` (default 1%) of the samples seen (after ``min_samples`` to avoid tiny-denominator trips).
+The loaders replace such a training file by another sample (the step keeps its shape), drop such an eval file,
+and list its path in the batch's ``'bad_files'``. ``BadFileTracker`` is the one place that reports them: each
+path is logged once per run (also across a resume: ``bad_files.txt`` is read back) and written once, one per
+line, to ``<output>/bad_files.txt``.
+
+The stop rule, for training files: ``fraction`` is the share of decode attempts that failed (failures /
+(samples + failures): with a share p of bad files it estimates p, replacements that hit a bad file again
+included). Once ``min(min_samples, dataset size)`` samples have been drawn (1000, or one epoch of a smaller
+dataset, so a small dataset is judged as soon as every file had its chance) the run stops with
+``TooManyBadFiles`` while that share exceeds ``max_fraction`` (1%). A loader that gives up on one sample (every
+replacement failed too: ``loaders.UndecodableFiles``) stops the run at once, with the same error.
 """
 from __future__ import annotations
 
@@ -11,7 +18,10 @@ import logging
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
+from loaders import UndecodableFiles
 from naflex.model import batch as B
+
+from .checkpoint import writing
 
 _log = logging.getLogger(__name__)
 
@@ -22,43 +32,63 @@ class TooManyBadFiles(RuntimeError):
 
 class BadFileTracker:
     def __init__(self, output_dir=None, max_fraction: float = 0.01, min_samples: int = 1000,
-                 logger: Optional[logging.Logger] = None):
+                 dataset_size: Optional[int] = None, logger: Optional[logging.Logger] = None):
         self.path = Path(output_dir) / 'bad_files.txt' if output_dir is not None else None
         self.max_fraction = max_fraction
-        self.min_samples = min_samples
+        self.min_samples = min(min_samples, dataset_size) if dataset_size else min_samples
         self.log = logger or _log
         self.seen_paths = set()
+        if self.path is not None and self.path.is_file():  # a resumed run: these were reported already
+            self.seen_paths.update(p for p in self.path.read_text().splitlines() if p)
         self.num_failures = 0   # every replacement, including repeats of the same file
         self.num_samples = 0
 
+    def track(self, batches):
+        """Yield the (inputs, target) ``batches`` after recording each one's bad files; a loader that gave up on
+        a sample ends in ``TooManyBadFiles`` naming a few of the files (all of them go to bad_files.txt)."""
+        try:
+            for inputs, target in batches:
+                self.update(inputs)
+                yield inputs, target
+        except UndecodableFiles as e:
+            self.record(e.paths, 'training')
+            raise TooManyBadFiles(f'{e}; {self._listed()}: check the files under --data-dir') from None
+
     def update(self, inputs: Dict, num_samples: Optional[int] = None) -> None:
-        """Record one batch. Pops 'bad_files' from ``inputs``; ``num_samples`` defaults to the batch size."""
-        bad = B.pop_bad_files(inputs)
-        self.add(bad, B.num_images(inputs) if num_samples is None else num_samples)
+        """Record one batch's bad files (left in ``inputs``); ``num_samples`` defaults to the batch size."""
+        self.add(B.bad_files(inputs), B.num_images(inputs) if num_samples is None else num_samples)
 
     def add(self, bad_paths: Iterable[str], num_samples: int) -> None:
+        bad_paths = list(bad_paths)
         self.num_samples += int(num_samples)
-        new = []
-        for p in bad_paths:
-            self.num_failures += 1
-            if p not in self.seen_paths:
-                self.seen_paths.add(p)
-                new.append(p)
-        for p in new:
-            self.log.warning("bad image replaced: %s", p)
-        if new and self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, 'a') as f:
-                f.writelines(p + '\n' for p in new)
+        self.num_failures += len(bad_paths)
+        self.record(bad_paths, 'training')
         self.check()
+
+    def record(self, bad_paths: Iterable[str], where: str = 'training') -> None:
+        """Log and list the paths not reported yet (evaluation files go through here too, uncounted)."""
+        new = list(dict.fromkeys(p for p in bad_paths if p not in self.seen_paths))
+        self.seen_paths.update(new)
+        what = 'replaced by another sample' if where == 'training' else f'skipped in {where}'
+        for p in new:
+            self.log.warning('undecodable image %s: %s', what, p)
+        if new and self.path is not None:
+            with writing(self.path):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, 'a') as f:
+                    f.writelines(p + '\n' for p in new)
 
     @property
     def fraction(self) -> float:
-        return self.num_failures / max(1, self.num_samples)
+        """The share of decode attempts that failed."""
+        return self.num_failures / max(1, self.num_samples + self.num_failures)
+
+    def _listed(self) -> str:
+        return f'{len(self.seen_paths)} distinct files listed in {self.path or "(no output dir)"}'
 
     def check(self) -> None:
         if self.num_samples >= self.min_samples and self.fraction > self.max_fraction:
             raise TooManyBadFiles(
-                f"{self.num_failures} of {self.num_samples} samples ({100 * self.fraction:.2f}%) failed to "
-                f"decode, above the {100 * self.max_fraction:.2f}% threshold; "
-                f"{len(self.seen_paths)} distinct files listed in {self.path or '(no output dir)'}")
+                f"{self.num_failures} of {self.num_samples + self.num_failures} decode attempts "
+                f"({100 * self.fraction:.2f}%) failed after {self.num_samples} training samples, above the "
+                f"{100 * self.max_fraction:.2f}% threshold; {self._listed()}")

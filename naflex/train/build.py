@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Optional, Tuple
@@ -172,10 +173,20 @@ def run_dir(cfg: Config, dist: DistInfo) -> Path:
     return Path(path)
 
 
-def create_run_dir(path: Path, dist: DistInfo) -> Path:
-    """Create the run folder (rank 0; the others only write through rank 0)."""
+def create_run_dir(path: Path, cfg: Config, dist: DistInfo) -> Path:
+    """Create the run folder (rank 0; the others only write through rank 0) and check that it is writable, so a
+    read-only mount fails here in one line, not at the first save; every rank gets the same error."""
+    problem = None
     if dist.is_primary:
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as e:
+            problem = f'--output {cfg.run.output}: cannot write the run folder {path}: {e.strerror or e}'
+    problem = broadcast_object(problem)
+    if problem:
+        raise UserError(problem)
     return path
 
 

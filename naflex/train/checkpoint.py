@@ -7,13 +7,17 @@ Files in the run folder (names as timm's ``CheckpointSaver``):
   of them removed once the epoch's ``last.pth`` exists).
 
 Every write goes to a temporary file in the same folder, is fsync'ed and then renamed over the target, so
-an interrupted or failed save (SIGKILL, full disk) leaves the previous file intact.
+an interrupted or failed save (SIGKILL, full disk) leaves the previous file intact; a failed save removes its
+temporary file and raises ``WriteError``, one line naming the file and the cause (``writing`` gives the other
+files of the run folder the same error).
 
 A checkpoint holds the model (``state_dict``, timm's layout and names, so timm and ``validate.py`` read it),
 ``optimizer``, ``scheduler``, ``state_dict_ema``, ``scaler``, ``args``, ``metric`` and ``train_state``
-(next epoch, batches already done in it, optimizer updates so far, per-rank RNG states, best history):
+(next epoch, batches already done in it, optimizer updates so far, per-rank RNG states, best history; mid-epoch
+also every rank's running sums of the epoch, ``epoch_sums``):
 enough to continue a run exactly where it stopped. It loads with ``torch.load(weights_only=True)``.
 """
+import contextlib
 import logging
 import os
 import random
@@ -49,33 +53,63 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class WriteError(OSError):
+    """A file of the run could not be written (full disk, read-only or vanished folder): one line naming it."""
+
+
+def _os_cause(e: BaseException) -> Optional[OSError]:
+    """The OSError behind ``e``: itself, or one it was raised from or during (torch.save reports a failed write
+    as a RuntimeError from its zip writer, 'unexpected pos ...', raised while handling the OSError)."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+@contextlib.contextmanager
+def writing(path, what: str = 'file', kept: str = ''):
+    """Turn a failed write of ``path`` into ``WriteError('could not write {what} {path}: {cause}{kept}')``."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        cause = _os_cause(e)
+        if cause is None:
+            raise
+        error = WriteError(f'could not write {what} {path}: {cause.strerror or cause}{kept}')
+        error.errno = cause.errno
+        raise error from None
+
+
 def atomic_save(obj, path) -> None:
     """torch.save ``obj`` to ``path`` via temp file + fsync + rename (the old file survives any failure)."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    kept = f' (the previous {path.name} is unchanged)' if path.exists() else ''
+    with writing(path, 'checkpoint', kept):
+        try:
+            with open(tmp, 'wb') as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 
 def _atomic_link(src: Path, dst: Path) -> None:
     """Make ``dst`` another name of ``src``'s current contents (hard link, copy where links are unsupported)."""
     tmp = dst.with_name(f'.{dst.name}.tmp-{os.getpid()}')
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with writing(dst, 'checkpoint'):
+        try:
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(src, tmp)
+            except OSError:
+                import shutil
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
     _fsync_dir(dst.parent)
 
 
@@ -195,29 +229,37 @@ class TrainState:
     step: int = 0
     num_updates: int = 0
     rng: Optional[Dict] = None  # RNG state to continue a mid-epoch resume with (else seeded per epoch)
+    # this rank's running sums of the epoch so far (loss, images, tokens, time): the epoch's summary row of a
+    # run resumed mid-epoch then covers the whole epoch, as an uninterrupted run's does
+    epoch_sums: Optional[Dict] = None
+    steps_per_epoch: Optional[int] = None  # the loader's, set by the loop: a resume checks it is the same
 
     def state_dict(self) -> Dict:
-        return {'epoch': self.epoch, 'step': self.step, 'num_updates': self.num_updates}
+        return {'epoch': self.epoch, 'step': self.step, 'num_updates': self.num_updates,
+                'steps_per_epoch': self.steps_per_epoch}
 
 
 def training_checkpoint(trainer, state: TrainState, meta: Optional[Dict] = None) -> Dict:
     """The full training state of a ``naflex.train.engine.Trainer`` for CheckpointManager (call on every rank:
     the RNG states are gathered). ``meta``: 'arch' and 'args' (the resolved flags) to store alongside."""
-    rng = rng_state()
+    per_rank = (rng_state(), state.epoch_sums if state.step else None)
     if trainer.world_size > 1:
         import torch.distributed as dist
-        rngs = [None] * trainer.world_size
-        dist.all_gather_object(rngs, rng)
+        gathered = [None] * trainer.world_size
+        dist.all_gather_object(gathered, per_rank)
     else:
-        rngs = [rng]
+        gathered = [per_rank]
     ckpt = dict(meta or {}, **{
         'epoch': state.epoch - 1 if state.step == 0 else state.epoch,
         'state_dict': trainer.module.state_dict(),
         'optimizer': trainer.optimizer.state_dict(),
-        'train_state': dict(state.state_dict(), world_size=trainer.world_size),
-        'rng': rngs,
+        'train_state': dict(state.state_dict(), world_size=trainer.world_size,
+                            grad_accum_steps=trainer.cfg.grad_accum_steps),
+        'rng': [rng for rng, _ in gathered],
         'version': 2,
     })
+    if state.step and all(sums is not None for _, sums in gathered):
+        ckpt['epoch_sums'] = [sums for _, sums in gathered]
     for key, part in (('scheduler', trainer.schedule), ('scaler', trainer.scaler)):
         if part is not None:
             ckpt[key] = part.state_dict()
@@ -226,44 +268,70 @@ def training_checkpoint(trainer, state: TrainState, meta: Optional[Dict] = None)
     return ckpt
 
 
-def _resume_state(ckpt: Dict, world_size: int, accum: int, updates_per_epoch: Optional[int]) -> TrainState:
+def _resume_state(ckpt: Dict, world_size: int, accum: int, updates_per_epoch: Optional[int],
+                  steps_per_epoch: Optional[int]) -> TrainState:
     ts = ckpt.get('train_state')
     if ts is None:  # timm checkpoint: 'epoch' is the last finished epoch
         epoch = ckpt.get('epoch', -1) + 1
         ts = {'epoch': epoch, 'step': 0, 'num_updates': epoch * (updates_per_epoch or 0)}
     state = TrainState(epoch=ts['epoch'], step=ts['step'], num_updates=ts['num_updates'])
-    if state.step and ts.get('world_size', world_size) != world_size:
-        _logger.warning(f'checkpoint is from {ts["world_size"]} processes, this run has {world_size}: '
-                        f'restarting epoch {state.epoch} from its first step')
-        state.num_updates -= (state.step + accum - 1) // accum
+    # The loader's step plan depends on the number of processes, -b / --naflex-train-seq-lens and the dataset
+    # (steps per epoch), and updates per epoch also on --grad-accum-steps: under another plan a mid-epoch position
+    # means nothing, so the epoch restarts, and the schedule goes to the start of the epoch under the new plan.
+    before = {'processes': ts.get('world_size', world_size), 'steps per epoch': ts.get('steps_per_epoch'),
+              '--grad-accum-steps': ts.get('grad_accum_steps', accum)}
+    now = {'processes': world_size, 'steps per epoch': steps_per_epoch, '--grad-accum-steps': accum}
+    changed = [f'{k} {before[k]} -> {now[k]}' for k in now if None not in (before[k], now[k]) and before[k] != now[k]]
+    if changed:
+        restart = f'restarting epoch {state.epoch} from its first step; ' if state.step else ''
+        _logger.warning(f'the checkpoint was written with another step plan ({", ".join(changed)}): {restart}'
+                        f'the lr schedule continues from the start of epoch {state.epoch}')
+        if updates_per_epoch:
+            state.num_updates = state.epoch * updates_per_epoch
+        else:  # the updates done in the unfinished epoch do not count
+            old_accum = before['--grad-accum-steps']
+            state.num_updates -= (state.step + old_accum - 1) // old_accum
         state.step = 0
     return state
 
 
-def restore_training(trainer, ckpt: Dict, load_optimizer: bool = True,
-                     updates_per_epoch: Optional[int] = None) -> TrainState:
+def _load_optimizer(optimizer: torch.optim.Optimizer, saved: Dict) -> None:
+    """The checkpoint's optimizer state (moments, step counts) under this run's hyperparameters: lr, weight
+    decay, betas, eps, momentum, layer-decay scales come from the flags (a changed --lr on resume applies)."""
+    configured = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f'the optimizer state in the checkpoint does not fit this {type(optimizer).__name__} '
+                         f'({e}); pass --no-resume-opt to resume the weights only') from None
+    for group, mine in zip(optimizer.param_groups, configured):
+        group.update(mine)
+
+
+def restore_training(trainer, ckpt: Dict, load_optimizer: bool = True, updates_per_epoch: Optional[int] = None,
+                     steps_per_epoch: Optional[int] = None) -> TrainState:
     """Load a ``training_checkpoint`` dict (or a timm train.py checkpoint) into the trainer; returns the state to
-    continue from. A mid-epoch checkpoint written with another world size restarts its epoch from step 0
-    (the loader's step schedule depends on the number of ranks)."""
+    continue from. The trainer's optimizer hyperparameters and schedule (built from this run's flags) are kept:
+    only the weights, the optimizer's per-parameter state, EMA, grad scaler, position and RNG come from the file.
+    A mid-epoch checkpoint written under another step plan (number of ranks, steps per epoch) restarts its epoch."""
     load_into(trainer.module, state_dict_from(ckpt, use_ema=False), source='the checkpoint')
     if load_optimizer and 'optimizer' in ckpt:
-        try:
-            trainer.optimizer.load_state_dict(ckpt['optimizer'])
-        except (ValueError, KeyError, RuntimeError) as e:
-            name = type(trainer.optimizer).__name__
-            raise ValueError(f'the optimizer state in the checkpoint does not fit this {name} ({e}); '
-                             'pass --no-resume-opt to resume the weights only') from None
-    if trainer.ema is not None and 'state_dict_ema' in ckpt:
-        trainer.ema.module.load_state_dict(ckpt['state_dict_ema'])
+        _load_optimizer(trainer.optimizer, ckpt['optimizer'])
+    if trainer.ema is not None:
+        if 'state_dict_ema' in ckpt:
+            load_into(trainer.ema.module, state_dict_from(ckpt['state_dict_ema']), source='the checkpoint\'s EMA')
+        else:  # --model-ema added on resume: start the average from the resumed weights, not the random init
+            _logger.warning('the checkpoint holds no EMA weights: the EMA starts from the resumed model')
+            trainer.ema.module.load_state_dict(trainer.module.state_dict())
     if trainer.scaler is not None and 'scaler' in ckpt and load_optimizer:
         trainer.scaler.load_state_dict(ckpt['scaler'])
-    state = _resume_state(ckpt, trainer.world_size, trainer.cfg.grad_accum_steps, updates_per_epoch)
-    rngs = ckpt.get('rng') or []
+    state = _resume_state(ckpt, trainer.world_size, trainer.cfg.grad_accum_steps, updates_per_epoch, steps_per_epoch)
+    rngs, sums = ckpt.get('rng') or [], ckpt.get('epoch_sums') or []
     if state.step and trainer.rank < len(rngs):
         state.rng = rngs[trainer.rank]  # applied when the resumed epoch starts (Trainer.begin_epoch)
-    if trainer.schedule is not None:
-        if 'scheduler' in ckpt:
-            trainer.schedule.load_state_dict(ckpt['scheduler'])
+    if state.step and trainer.rank < len(sums):
+        state.epoch_sums = sums[trainer.rank]  # the resumed epoch's metrics start from them
+    if trainer.schedule is not None:  # its base lrs are this run's (--lr); only the position comes from the file
         trainer.schedule.step(state.epoch)
         trainer.schedule.step_update(state.num_updates)
     return state

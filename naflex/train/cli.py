@@ -267,6 +267,20 @@ def flag_namer(parser: _Parser) -> Callable[[str, str], str]:
     return lambda section, field: parser.flag_of.get((section, field), f'{section}.{field}')
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line that keeps where it happened (1-based line and column)."""
+    def where(mark):
+        return f'line {mark.line + 1}, column {mark.column + 1}'
+    problem, mark = getattr(e, 'problem', None), getattr(e, 'problem_mark', None)
+    if not problem:
+        return ' '.join(str(e).split())
+    text = f'{where(mark)}: {problem}' if mark is not None else problem
+    context, context_mark = getattr(e, 'context', None), getattr(e, 'context_mark', None)
+    if context:
+        text += f' ({context}' + (f' started at {where(context_mark)})' if context_mark is not None else ')')
+    return text
+
+
 def _load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> None:
     try:
         with open(path) as f:
@@ -274,7 +288,7 @@ def _load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> None:
     except FileNotFoundError:
         raise ConfigError(f'config file not found: {path}') from None
     except yaml.YAMLError as e:
-        raise ConfigError(f'config file {path} is not valid YAML: {str(e).splitlines()[0]}') from None
+        raise ConfigError(f'config file {path} is not valid YAML: {_yaml_problem(e)}') from None
     if not isinstance(cfg, dict):
         raise ConfigError(f'config file {path} must hold a mapping of flag names to values')
     known = {a.dest for a in parser._actions}
@@ -304,6 +318,20 @@ def args_yaml(args: argparse.Namespace, **resolved) -> str:
     return yaml.safe_dump(dict(vars(args), **resolved), default_flow_style=False, sort_keys=True)
 
 
+# where a run is written and read from: these differ between a run and its resumption without changing it
+_RUN_LOCATION = ('config', 'resume', 'no_resume_opt', 'output', 'experiment')
+
+
+def changed_flags(before, now: Dict, parser: Optional[_Parser] = None) -> List[str]:
+    """'--flag OLD -> NEW' for every flag whose value in ``now`` (resolved args) differs from ``before`` (the args
+    stored in a checkpoint: a dict, or timm's argparse.Namespace); flags only one of them knows are skipped."""
+    before = vars(before) if isinstance(before, argparse.Namespace) else dict(before or {})
+    parser = parser or build_parser()
+    flag = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
+    return [f'{flag.get(k, k)} {before[k]} -> {v}' for k, v in sorted(now.items())
+            if k in before and k not in _RUN_LOCATION and before[k] != v]
+
+
 def check_args(args: argparse.Namespace, parser: Optional[_Parser] = None) -> Config:
     """Validate every part of the configuration; ConfigError (one line naming the flags) on any problem."""
     parser = parser or build_parser()
@@ -315,5 +343,5 @@ def check_args(args: argparse.Namespace, parser: Optional[_Parser] = None) -> Co
     return cfg
 
 
-__all__ = ['ConfigError', 'args_yaml', 'build_parser', 'check_args', 'config_from_args',
+__all__ = ['ConfigError', 'args_yaml', 'build_parser', 'changed_flags', 'check_args', 'config_from_args',
            'flag_namer', 'parse_args']

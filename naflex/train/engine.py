@@ -179,10 +179,13 @@ def train_one_epoch(trainer: Trainer, batches, num_steps: int, state: TrainState
     (yielding (inputs, target) already on the device and normalized, starting at batch ``state.step``).
     Updates ``state`` in place; returns epoch metrics (identical on all ranks)."""
     cfg, accum = trainer.cfg, trainer.cfg.grad_accum_steps
+    state.steps_per_epoch = num_steps
     trainer.model.train()
     trainer.optimizer.zero_grad(set_to_none=True)
-    metrics = TrainMetrics(trainer.device, num_steps, trainer.world_size)
-    meter = ProgressMeter(num_steps, start_step=state.step, show_bar=None if trainer.rank == 0 else False)
+    metrics = TrainMetrics(trainer.device, num_steps, trainer.world_size, start=state.epoch_sums)
+    meter = ProgressMeter(num_steps, start_step=state.step, show_bar=None if trainer.rank == 0 else False,
+                          carried=state.epoch_sums)
+    state.epoch_sums = None
     check_finite = lambda: metrics.check_finite(state.epoch, state.num_updates, trainer.lr)  # noqa: E731
     it, stop, start = iter(batches), False, state.step
     for step in range(start, num_steps):
@@ -195,7 +198,9 @@ def train_one_epoch(trainer: Trainer, batches, num_steps: int, state: TrainState
             trainer.begin_epoch(state)
         last = step == num_steps - 1
         update = (step + 1) % accum == 0 or last
-        metrics.add(step, trainer.backward(inputs, target, _micro_steps(step, num_steps, accum), update), inputs)
+        num_bad = len(B.pop_bad_files(inputs))  # files the loader replaced in this step (summary.csv counts them)
+        metrics.add(step, trainer.backward(inputs, target, _micro_steps(step, num_steps, accum), update), inputs,
+                    num_bad)
         if not update:
             continue
         trainer.update(state)
@@ -213,20 +218,23 @@ def train_one_epoch(trainer: Trainer, batches, num_steps: int, state: TrainState
         recover = cfg.recovery_interval and (step // accum + 1) % cfg.recovery_interval == 0
         if (stop or recover) and not last and save_recovery is not None:
             check_finite()
+            state.epoch_sums = dict(metrics.state_dict(), **meter.state_dict())  # carried by the checkpoint
             save_recovery(state)
+            state.epoch_sums = None
         if stop and not last:
-            raise StopRequested(f'stopped on SIGTERM at epoch {state.epoch} step {state.step}/{num_steps} '
-                                'after saving a recovery checkpoint; continue with --resume auto')
+            signum = trainer.callbacks.stop_signal()
+            raise StopRequested(f'stopped on {signum.name} at epoch {state.epoch} step {state.step}/{num_steps} '
+                                'after saving a recovery checkpoint; continue with --resume auto', signum)
         stop = False
         trainer.callbacks.after_update(trainer, state)
     check_finite()
     meter.clear_bar()
     totals = dict(metrics.read_epoch(trainer.callbacks.wants_stop()), **meter.epoch_totals(), lr=trainer.lr)
-    return dict(totals, images_per_s=totals['images'] / totals['time_s'],
+    return dict(totals, images_per_s=totals['images'] / totals['time_s'],  # the whole epoch's, resumed or not
                 tokens_per_s=totals['tokens'] / totals['time_s'])
 
 
-def _evaluate(trainer: Trainer, evaluate_fn: Callable, epoch: int, writer) -> Dict:
+def _evaluate(trainer: Trainer, evaluate_fn: Callable, epoch: int) -> Dict:
     """Evaluate the model (and the EMA, whose metric then picks the best checkpoints, as timm); the row cells."""
     ev = evaluate_fn(trainer.model)
     row = {'eval_loss': ev['loss'], 'eval_top1': ev['top1'], 'eval_top5': ev['top5']}
@@ -235,8 +243,6 @@ def _evaluate(trainer: Trainer, evaluate_fn: Callable, epoch: int, writer) -> Di
         ev_ema = evaluate_fn(trainer.ema.module)
         row.update(ema_loss=ev_ema['loss'], ema_top1=ev_ema['top1'], ema_top5=ev_ema['top5'])
         metric = ev_ema[trainer.cfg.eval_metric]
-    if writer is not None:
-        writer.bad_files(ev.get('bad_file_paths', []), epoch)
     _logger.info(f'Eval: {epoch}  loss {ev["loss"]:.4f}  top1 {ev["top1"]:.3f}  top5 {ev["top5"]:.3f}'
                  + (f'  (EMA top1 {row["ema_top1"]:.3f})' if trainer.ema is not None else ''))
     return dict(row, metric=metric)
@@ -273,9 +279,10 @@ def fit(trainer: Trainer, train_loader, to_device: Callable, state: TrainState, 
             row.update(ema_loss=None, ema_top1=None, ema_top5=None)
         metric = None
         if evaluate_fn is not None and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == total_epochs):
-            row.update(_evaluate(trainer, evaluate_fn, epoch, writer))
+            row.update(_evaluate(trainer, evaluate_fn, epoch))
             metric = row.pop('metric')
         row.update({k: train[k] for k in ('lr', 'images_per_s', 'tokens_per_s', 'data_wait')})
+        row.update(train_images=int(train['images']), train_tokens=int(train['tokens']), bad_files=train['bad_files'])
         if writer is not None:
             writer.summary(row)
             writer.scalars({f'epoch/{k}': v for k, v in row.items() if k != 'epoch'}, epoch)
@@ -285,10 +292,15 @@ def fit(trainer: Trainer, train_loader, to_device: Callable, state: TrainState, 
             if saver.best[0] is not None:
                 _logger.info(f'checkpoint saved; best {cfg.eval_metric} {saver.best[0]:.4f} (epoch {saver.best[1]})')
         results.append(row)
-        if train['stop']:
-            raise StopRequested(f'stopped on SIGTERM after epoch {epoch} (checkpoint saved); continue with --resume auto')
-        _logger.info(f'epoch {epoch} done in {format_seconds(train["time_s"])}; run ETA '
-                     f'{format_seconds(train["time_s"] * (total_epochs - epoch - 1))}')
+        # a signal that came during evaluation stops here too, at the checkpoint just written (one process:
+        # with several, the ranks only agree on a stop at a training update)
+        signalled = train['stop'] or (trainer.world_size == 1 and trainer.callbacks.wants_stop())
+        if signalled and epoch + 1 < total_epochs:
+            signum = trainer.callbacks.stop_signal()
+            raise StopRequested(f'stopped on {signum.name} after epoch {epoch} (checkpoint saved); continue with '
+                                '--resume auto', signum)
+        _logger.info(f'epoch {epoch} done in {format_seconds(train["time_s"])}; {train["bad_files"]} undecodable '
+                     f'files replaced; run ETA {format_seconds(train["time_s"] * (total_epochs - epoch - 1))}')
         if trainer.callbacks.after_epoch(state):
             break
     return results

@@ -1,4 +1,4 @@
-"""Run outputs and console logging: log file, summary.csv, TensorBoard events, bad-files list, progress lines.
+"""Run outputs and console logging: log file, summary.csv, TensorBoard events, progress lines.
 
 Only the primary rank writes (the others log warnings to stderr). ``ProgressMeter`` turns the host-side
 clock into the figures a NaFlex run needs on top of timm's ``Train: epoch [step/total] loss lr`` line:
@@ -11,9 +11,25 @@ import logging.handlers
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Optional
+
+from .checkpoint import writing
 
 _logger = logging.getLogger('train')
+
+
+class _LogFile(logging.FileHandler):
+    """train.log; a write that fails (full disk) is reported once, in one line, instead of logging's
+    traceback per record: the console keeps the log, and the run stops at its next checkpoint write."""
+
+    failed = False
+
+    def handleError(self, record) -> None:
+        if not self.failed:
+            self.failed = True
+            cause = sys.exc_info()[1]
+            sys.stderr.write(f'warning: could not write {self.baseFilename}: '
+                             f'{getattr(cause, "strerror", None) or cause}; logging to the console only\n')
 
 
 def setup_logging(log_file: Optional[Path] = None, primary: bool = True) -> None:
@@ -30,7 +46,7 @@ def setup_logging(log_file: Optional[Path] = None, primary: bool = True) -> None
     root.setLevel(logging.INFO if primary else logging.WARNING)
     handlers = [logging.StreamHandler(sys.stdout)]
     if primary:
-        handlers.append(logging.FileHandler(log_file) if log_file is not None else _EarlyRecords())
+        handlers.append(_LogFile(log_file) if log_file is not None else _EarlyRecords())
     for h in handlers:
         _own(h)
 
@@ -57,7 +73,7 @@ def attach_log_file(log_file: Path) -> None:
     early = [h for h in root.handlers if isinstance(h, _EarlyRecords)]
     if not early:
         return  # a non-primary rank, or the file is already attached
-    file_handler = logging.FileHandler(log_file)
+    file_handler = _LogFile(log_file)
     _own(file_handler)
     for h in early:
         h.setTarget(file_handler)
@@ -74,7 +90,8 @@ def format_seconds(s: float) -> str:
 
 
 class RunWriter:
-    """summary.csv + TensorBoard scalars + bad_files.txt in the run folder (no-ops when ``out_dir`` is None)."""
+    """summary.csv + TensorBoard scalars in the run folder (no-ops when ``out_dir`` is None); bad_files.txt is
+    written by naflex.train.bad_files."""
 
     def __init__(self, out_dir: Optional[Path], tensorboard: bool = True):
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -87,10 +104,14 @@ class RunWriter:
                 _logger.warning('tensorboard not installed: no event files will be written')
 
     def scalars(self, values: Dict[str, float], step: int) -> None:
-        if self._tb is not None:
+        if self._tb is None:
+            return
+        try:
             for k, v in values.items():
                 if v is not None:
                     self._tb.add_scalar(k, v, step)
+        except OSError as e:  # the event writer's thread failed (full disk): TensorBoard is optional output
+            self._tb_failed(e)
 
     def summary(self, row: Dict[str, object]) -> None:
         """Append one epoch row to summary.csv (header written with the first row)."""
@@ -102,37 +123,59 @@ class RunWriter:
         if not new:  # keep the existing header (a resumed run appends to it)
             with open(path, newline='') as f:
                 fields = next(csv.reader(f), fields)
-        with open(path, 'a', newline='') as f:
+        with writing(path), open(path, 'a', newline='') as f:
             w = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
             if new:
                 w.writeheader()
             w.writerow({k: ('' if v is None else v) for k, v in row.items()})
 
-    def bad_files(self, paths: Iterable[str], epoch: int) -> None:
-        """Append undecodable eval files (one path a line, like loaders.BadFileTracker for training)."""
-        paths = list(paths)
-        if self.out_dir is None or not paths:
+    def resume_at(self, epoch: int) -> None:
+        """Drop summary.csv rows of ``epoch`` and later: a run that stopped after writing an epoch's row but
+        before its checkpoint (a failed save, SIGKILL) trains that epoch again and writes the row again."""
+        path = None if self.out_dir is None else self.out_dir / 'summary.csv'
+        if path is None or not path.is_file():
             return
-        with open(self.out_dir / 'bad_files.txt', 'a') as f:
-            for p in paths:
-                f.write(f'{p}\n')
+        with open(path, newline='') as f:
+            rows = list(csv.reader(f))
+        keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < epoch]
+        if len(keep) < len(rows):
+            tmp = path.with_name(f'.{path.name}.tmp')
+            try:
+                with writing(path):
+                    with open(tmp, 'w', newline='') as f:
+                        csv.writer(f).writerows(keep)
+                    tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    def _tb_failed(self, e: OSError) -> None:
+        _logger.warning(f'could not write TensorBoard events in {self.out_dir / "tensorboard"}: '
+                        f'{e.strerror or e}; no more events are written')
+        self._tb = None
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
+            try:
+                self._tb.flush()
+                self._tb.close()
+            except OSError as e:
+                self._tb_failed(e)
             self._tb = None
 
 
 class ProgressMeter:
     """Host-side timing for one epoch: data wait vs. step time, throughput between log points, ETA."""
 
-    def __init__(self, total_steps: int, start_step: int = 0, show_bar: Optional[bool] = None):
+    def __init__(self, total_steps: int, start_step: int = 0, show_bar: Optional[bool] = None,
+                 carried: Optional[Dict] = None):
         self.total = total_steps
         self.start_step = start_step
         self.t0 = self.t_last = time.perf_counter()
         self.data_wait = self.data_wait_since_log = 0.0
         self.show_bar = sys.stdout.isatty() if show_bar is None else show_bar
+        # time already spent on this epoch before a mid-epoch resume (``state_dict`` of the stopped run)
+        self.carried_time = float((carried or {}).get('time_s', 0.0))
+        self.carried_wait = float((carried or {}).get('data_wait_s', 0.0))
 
     def add_wait(self, seconds: float) -> None:
         self.data_wait += seconds
@@ -169,6 +212,12 @@ class ProgressMeter:
             sys.stdout.write('\r\033[K')
             sys.stdout.flush()
 
+    def state_dict(self) -> Dict[str, float]:
+        """The epoch's training time and data wait so far (for a mid-epoch checkpoint)."""
+        return {'time_s': self.carried_time + time.perf_counter() - self.t0,
+                'data_wait_s': self.carried_wait + self.data_wait}
+
     def epoch_totals(self) -> Dict[str, float]:
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        return {'time_s': elapsed, 'data_wait': min(1.0, self.data_wait / elapsed)}
+        """Time spent training this epoch (also before a resume; the pause in between does not count)."""
+        elapsed = max(self.carried_time + time.perf_counter() - self.t0, 1e-9)
+        return {'time_s': elapsed, 'data_wait': min(1.0, (self.carried_wait + self.data_wait) / elapsed)}

@@ -32,13 +32,15 @@ class TrainMetrics:
                                   device=device)
         self.window = torch.zeros(2, dtype=torch.float64, device=device)
         self.epoch_images, self.window_images = int(start.get('images', 0)), 0  # this rank's
+        self.epoch_bad_files = int(start.get('bad_files', 0))  # this rank's replaced (undecodable) files
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.pending: Dict[int, Tuple[str, int]] = {}  # step -> (L, batch size) since the last finiteness check
         self.last_loss = torch.zeros((), device=device)
 
-    def add(self, step: int, loss: torch.Tensor, inputs) -> None:
-        """Record one micro-step's (unweighted) loss; no host sync."""
+    def add(self, step: int, loss: torch.Tensor, inputs, num_bad_files: int = 0) -> None:
+        """Record one micro-step's (unweighted) loss and the files its loader replaced; no host sync."""
         images = B.num_images(inputs)
+        self.epoch_bad_files += num_bad_files
         loss = loss.detach()
         self.pending[step] = (B.describe_seq_len(inputs), images)
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
@@ -76,12 +78,16 @@ class TrainMetrics:
                 'avg_loss': e_loss / max(e_img, 1.0), 'tokens': w_tok, 'images': w_img, 'stop': stops > 0}
 
     def read_epoch(self, stop: bool) -> Dict[str, float]:
-        """The epoch's totals over ranks: mean loss, images, valid tokens, and whether any rank asked to stop."""
-        counts = torch.tensor([self.epoch_images, float(stop)], dtype=torch.float64).to(self.device)
-        loss_sum, tokens, images, stops = D.all_reduce_sum(torch.cat([self.epoch, counts])).tolist()
-        return {'loss': loss_sum / max(images, 1.0), 'images': images, 'tokens': tokens, 'stop': stops > 0}
+        """The epoch's totals over ranks: mean loss, images, valid tokens, replaced files, and whether any rank
+        asked to stop."""
+        counts = torch.tensor([self.epoch_images, self.epoch_bad_files, float(stop)], dtype=torch.float64)
+        sums = torch.cat([self.epoch, counts.to(self.device)])
+        loss_sum, tokens, images, bad, stops = D.all_reduce_sum(sums).tolist()
+        return {'loss': loss_sum / max(images, 1.0), 'images': images, 'tokens': tokens, 'bad_files': int(bad),
+                'stop': stops > 0}
 
     def state_dict(self) -> Dict[str, float]:
         """This rank's running epoch sums, for a mid-epoch checkpoint (reads the device: call at a save)."""
         loss_sum, tokens = self.epoch.tolist()
-        return {'loss_sum': loss_sum, 'tokens': tokens, 'images': self.epoch_images}
+        return {'loss_sum': loss_sum, 'tokens': tokens, 'images': self.epoch_images,
+                'bad_files': self.epoch_bad_files}
