@@ -119,7 +119,7 @@ def _train(cfg, args, hooks=None):
     from naflex.train.cli import args_yaml
     from naflex.train.distributed import init_distributed
     from naflex.train.engine import fit, seed_everything
-    from naflex.train.evaluate import evaluate
+    from naflex.train.evaluate import NoImagesEvaluated, evaluate
     from naflex.train.logger import RunWriter, setup_logging
 
     dist = init_distributed(cfg.train.device)
@@ -158,8 +158,12 @@ def _train(cfg, args, hooks=None):
         return DevicePrefetcher(bad_files.track(loader), dist.device, mean, std)
 
     def evaluate_fn(m):
-        ev = evaluate(m, eval_loader, dist.device, amp_dtype=trainer.amp_dtype, world_size=dist.world_size,
-                      mean=mean, std=std)  # NoImagesEvaluated when every file failed: no metrics of no image
+        try:
+            ev = evaluate(m, eval_loader, dist.device, amp_dtype=trainer.amp_dtype, world_size=dist.world_size,
+                          mean=mean, std=std)
+        except NoImagesEvaluated as e:  # no metrics of no image: stop, with the files listed
+            bad_files.record(e.bad_file_paths, 'evaluation')
+            raise
         bad_files.record(ev['bad_file_paths'], 'evaluation')
         return ev
 

@@ -202,7 +202,7 @@ def test_every_validation_file_undecodable(demo_dataset, tmp_path, capsys):
         _garbage(data / 'val' / c / '0.jpg')
     code, line, err = _fail(card_argv(data, tmp_path, 'v', *ONE_EPOCH), capsys)
     assert code == 1 and 'Traceback' not in err
-    assert line.startswith('train.py: error: every one of the 4 validation images failed to decode, e.g. ')
+    assert line.startswith('train.py: error: evaluated no image: all 4 files failed to decode (e.g. ')
     assert not (tmp_path / 'v' / 'model_best.pth').exists() and not (tmp_path / 'v' / 'summary.csv').exists()
     assert len((tmp_path / 'v' / 'bad_files.txt').read_text().split()) == 4
 

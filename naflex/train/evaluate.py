@@ -62,7 +62,12 @@ def _reduce(sums: torch.Tensor, num_bad: int, elapsed: float, world_size: int, d
 
 
 class NoImagesEvaluated(RuntimeError):
-    """Not a single image could be scored (an empty split, or every file undecodable): there are no metrics."""
+    """Not a single image could be scored (an empty split, or every file undecodable): there are no metrics.
+    ``bad_file_paths``: this rank's undecodable files, for the caller's bad-file list."""
+
+    def __init__(self, message: str, bad_file_paths=()):
+        super().__init__(message)
+        self.bad_file_paths = list(bad_file_paths)
 
 
 @torch.inference_mode()
@@ -113,7 +118,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, device, amp_dtype: Option
     if n == 0:  # metrics over no image would read as a real 0 % (and could be saved as the best checkpoint)
         raise NoImagesEvaluated(
             f'evaluated no image: all {int(nbad)} files failed to decode (e.g. {", ".join(bad_paths[:3])})' if nbad
-            else 'evaluated no image: the evaluation split is empty')
+            else 'evaluated no image: the evaluation split is empty', bad_paths)
     denom = n
     result = {
         "top1": 100.0 * c1 / denom, "top5": 100.0 * c5 / denom, "loss": loss_sum / denom, "images": int(n),
