@@ -43,20 +43,32 @@ def run(argv=None, hooks=None):
         raise OutOfMemory(_oom_message(cfg)) from None
 
 
-def _resume(trainer, cfg, out_dir: Path, saver, updates_per_epoch: int):
-    """The state to start from: a fresh one, or what ``--resume`` (PATH or auto) restores."""
+def _resume_checkpoint(cfg, out_dir: Path):
+    """(path, checkpoint) that ``--resume`` (PATH or auto) continues, or (None, None) for a fresh start; read
+    before the model is built, which follows the checkpoint's recorded --model-kwargs."""
     from naflex.train.build import UserError
-    from naflex.train.checkpoint import TrainState, find_resume, load_checkpoint, restore_training
+    from naflex.train.checkpoint import find_resume, load_checkpoint
     resume = find_resume(out_dir) if cfg.run.resume == 'auto' else (Path(cfg.run.resume) if cfg.run.resume else None)
     if cfg.run.resume == 'auto' and resume is None:
         _logger.info(f'--resume auto: no checkpoint in {out_dir} yet, starting from scratch')
     if resume is None:
-        return TrainState()
+        return None, None
     try:
-        ckpt = load_checkpoint(resume)
-        state = restore_training(trainer, ckpt, cfg.run.resume_opt, updates_per_epoch)
+        return resume, load_checkpoint(resume)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
+    except ValueError as e:
+        raise UserError(f'--resume {resume}: {e}') from None
+
+
+def _resume(trainer, cfg, resume, ckpt, saver, updates_per_epoch: int):
+    """The state to start from: a fresh one, or what the ``--resume`` checkpoint restores."""
+    from naflex.train.build import UserError
+    from naflex.train.checkpoint import TrainState, restore_training
+    if ckpt is None:
+        return TrainState()
+    try:
+        state = restore_training(trainer, ckpt, cfg.run.resume_opt, updates_per_epoch)
     except ValueError as e:
         raise UserError(f'--resume {resume}: {e}') from None
     if saver is not None:
@@ -112,13 +124,16 @@ def _train(cfg, args, hooks=None):
         torch.backends.cudnn.allow_tf32 = True
 
     num_classes = build.num_classes_for(cfg, train_ds)
+    resume, resume_ckpt = _resume_checkpoint(cfg, out_dir)
+    cfg = build.with_recorded_model(cfg, resume_ckpt)
     model = build.build_model(cfg, num_classes)
     cfg = build.resolve_data_config(cfg, model)
     train_loader, eval_loader = build.build_loaders(cfg, train_ds, val_ds, num_classes, dist)
     lr = cfg.optim.resolved_lr(cfg.loader.batch_size * dist.world_size * cfg.train.grad_accum_steps)
     if not cfg.optim.lr:
         _logger.info(f'lr {lr:.3e} from --lr-base {cfg.optim.lr_base} and the global batch')
-    resolved = args_yaml(args, lr=lr, num_classes=num_classes)  # the configuration actually used
+    used = dict(lr=lr, num_classes=num_classes, model_kwargs=cfg.model.kwargs)  # resolved: what the run uses
+    resolved = args_yaml(args, **used)
     if dist.is_primary:
         (out_dir / 'args.yaml').write_text(resolved)
     _logger.info(f'model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, '
@@ -129,7 +144,8 @@ def _train(cfg, args, hooks=None):
     trainer, total_epochs = _trainer(cfg, model, dist, updates_per_epoch, lr, hooks)
     saver = CheckpointManager(out_dir, cfg.train.checkpoint_hist, decreasing=cfg.train.eval_metric == 'loss') \
         if dist.is_primary else None
-    state = _resume(trainer, cfg, out_dir, saver, updates_per_epoch)
+    state = _resume(trainer, cfg, resume, resume_ckpt, saver, updates_per_epoch)
+    del resume_ckpt  # its tensors are in the model and optimizer now
     bad_files = BadFileTracker(out_dir if dist.is_primary else None)
     mean, std = cfg.model.mean, cfg.model.std
 
@@ -144,9 +160,10 @@ def _train(cfg, args, hooks=None):
         return evaluate(m, eval_loader, dist.device, amp_dtype=trainer.amp_dtype, world_size=dist.world_size,
                         mean=mean, std=std)
 
-    writer = RunWriter(out_dir if dist.is_primary else None)
+    meta = {'arch': cfg.model.name, 'args': dict(vars(args), **used)}
+    writer = RunWriter(out_dir, wandb_run=build.start_wandb(cfg, out_dir, meta['args'])) if dist.is_primary \
+        else RunWriter(None)
     _logger.info(f'training epochs {state.epoch}..{total_epochs - 1}, {updates_per_epoch} updates/epoch')
-    meta = {'arch': cfg.model.name, 'args': dict(vars(args), lr=lr, num_classes=num_classes)}
     try:
         with StopOnSignal() as preemption:
             trainer.callbacks.items.append(preemption)

@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """Evaluate a NaFlexViT checkpoint at one or more sequence lengths (thin CLI over naflex.train.evaluate).
 
-    python validate.py --data-dir /imagenet --model naflexvit_base_patch16_gap \\
-        --pretrained naflexvit_base_patch16_gap.e300_s576_in1k.safetensors \\
+    python validate.py --data-dir /imagenet --model naflexvit_base_patch16_gap.e300_s576_in1k --pretrained \\
         --naflex-max-seq-len 256 576 1024 --amp --amp-dtype bfloat16 --results-file out.csv
 
 Images keep their native aspect ratio and are resized to the largest patch grid that fits each sequence
@@ -10,7 +9,9 @@ length (NaFlex eval rule, SigLIP 2 arXiv:2502.14786; NaViT arXiv:2307.06304), ex
 ``validate.py --naflex-loader --naflex-max-seq-len L``, so timm checkpoints score what timm reports. Batches
 are packed (no padding) by default; ``--padded`` uses timm's padded layout and gives the same metrics.
 Under ``torchrun`` each rank evaluates its own shard and every image is counted exactly once.
-Accepts our checkpoints (plain, EMA via --use-ema, training-state files) and timm's .pth/.safetensors.
+Accepts our checkpoints (plain, EMA via --use-ema, training-state files) and timm's .pth/.safetensors;
+``--pretrained`` without a file takes the model's published weights through timm's Hugging Face Hub loader and
+cache. A training checkpoint rebuilds the model it records (its architecture and --model-kwargs).
 """
 from __future__ import annotations
 
@@ -34,16 +35,22 @@ class ValidateError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     from loaders.config import EvalLoaderConfig
     from naflex.model import ATTN_BACKENDS, DEFAULT_MODEL
+    from naflex.train.cli import ParseKwargs
     ev = EvalLoaderConfig()
     p = argparse.ArgumentParser(description="Evaluate a NaFlexViT model at one or more sequence lengths.")
     p.add_argument("data", nargs="?", default=None, help="dataset root (same as --data-dir)")
     p.add_argument("--data-dir", default=None, help="dataset root holding <split>/<class>/*.jpg")
     p.add_argument("--split", default="val", help="split folder under the root (default: val)")
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model name (naflex.list_models())")
+    p.add_argument("--model", "-m", default=None,
+                   help=f"model name (naflex.list_models()), optionally NAME.TAG (default: the checkpoint's "
+                        f"architecture, else {DEFAULT_MODEL})")
+    p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                   help="model config fields (default: those the checkpoint records), e.g. embed_dim=192 depth=6")
     p.add_argument("--checkpoint", default="",
                    help="our checkpoint (plain/EMA/training state) or a timm .pth/.safetensors")
     p.add_argument("--pretrained", nargs="?", const=True, default=None,
-                   help="pretrained weights file given to create_model (timm .safetensors/.pth or ours)")
+                   help="without a value: the model's published weights (Hugging Face Hub, cached; "
+                        "HF_HUB_OFFLINE=1 reads the cache only); with a file: those weights")
     p.add_argument("--use-ema", action="store_true", help="load the EMA weights ('state_dict_ema') of a checkpoint")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
     p.add_argument("--naflex-max-seq-len", type=int, nargs="+", default=[ev.max_seq_len],
@@ -89,59 +96,101 @@ def _open_dataset(args):
     return ds
 
 
-def _read_checkpoint(path: str, use_ema: bool) -> dict:
-    """State dict of any file naflex.model.weights reads (ours, timm's .pth / .safetensors); with --use-ema only the
-    EMA copy ('state_dict_ema' / 'model_ema') is accepted, without it only the plain weights."""
-    from naflex.model.weights import read_state_dict
+def _read_checkpoint(path: str, use_ema: bool) -> tuple[dict, str, dict]:
+    """(state dict, recorded architecture, recorded --model-kwargs) of any file naflex.model.weights reads (ours,
+    timm's .pth / .safetensors); with --use-ema only the EMA copy ('state_dict_ema' / 'model_ema') is accepted,
+    without it only the plain weights."""
+    from naflex.model.weights import read_file, state_dict_from
+    from naflex.train.checkpoint import recorded_model
 
     try:
-        return read_state_dict(path, use_ema=use_ema, require_ema=use_ema)
+        obj = read_file(path)
+        state = state_dict_from(obj, use_ema=use_ema, require_ema=use_ema, path=path)
     except (FileNotFoundError, ValueError) as e:
         raise ValidateError(str(e)) from None
+    return (state, *recorded_model(obj))
+
+
+def _read_published(name: str) -> tuple[dict, str]:
+    """``--pretrained`` without a file: (state dict, 'hf-hub:<repo>') of the weights published for ``name``."""
+    import naflex
+    from naflex.model.registry import hub_id
+    from naflex.model.weights import read_hub_state_dict
+
+    try:
+        repo = hub_id(name)
+        return read_hub_state_dict(repo), f"hf-hub:{repo}"
+    except naflex.HubUnavailable as e:
+        raise ValidateError(f"--pretrained: {e}; pass --pretrained FILE (its model.safetensors), or fill the cache "
+                            "on a machine with network and run with HF_HUB_OFFLINE=1") from None
+    except ValueError as e:
+        raise ValidateError(f"--pretrained: {e}") from None
+
+
+def _weights(args) -> tuple[dict | None, str, str, dict]:
+    """(state dict or None, where it came from, model name, model kwargs) for --checkpoint / --pretrained: a
+    training checkpoint supplies the architecture and --model-kwargs it records; flags given here win."""
+    from naflex.model import DEFAULT_MODEL
+    from naflex.train.cli import format_kwargs
+
+    if args.checkpoint and args.pretrained:
+        raise ValidateError("give either --checkpoint or --pretrained, not both")
+    if args.pretrained is True:
+        name = args.model or DEFAULT_MODEL
+        return (*_read_published(name), name, dict(args.model_kwargs))
+    path = args.checkpoint or args.pretrained or ""
+    if not path:
+        return None, "", args.model or DEFAULT_MODEL, dict(args.model_kwargs)
+    if not Path(path).is_file():
+        raise ValidateError(f"checkpoint file not found: {path}")
+    state, arch, kwargs = _read_checkpoint(path, args.use_ema)
+    if kwargs:
+        print(f"model kwargs recorded in the checkpoint: {format_kwargs(kwargs)}")
+    name = args.model or arch or DEFAULT_MODEL
+    if not args.model and arch:
+        import naflex
+        try:
+            naflex.get_config(arch)
+        except ValueError as e:
+            raise ValidateError(f"{e} (the checkpoint's architecture: pass --model)") from None
+    return state, path, name, {**kwargs, **args.model_kwargs}
 
 
 def _create_model(args, num_dataset_classes: int):
-    """Model with the checkpoint's weights loaded strictly; one-line errors for every mismatch."""
+    """(model with the weights loaded strictly, model name, weights source); one-line errors for every mismatch."""
     import naflex
 
     try:
-        naflex.get_config(args.model)  # unknown name: registry's message, before any checkpoint is read
+        if args.model:
+            naflex.get_config(args.model)  # unknown name: registry's message, before any checkpoint is read
     except ValueError as e:
         raise ValidateError(str(e)) from None
-    if args.pretrained is True:
-        raise ValidateError("nothing is downloaded: pass --pretrained PATH to a local weights file "
-                            "(e.g. the model card's model.safetensors)")
-    if args.checkpoint and args.pretrained:
-        raise ValidateError("give either --checkpoint or --pretrained, not both")
-    path = args.checkpoint or args.pretrained or ""
-    if path and not Path(path).is_file():
-        raise ValidateError(f"checkpoint file not found: {path}")
-    state = _read_checkpoint(path, args.use_ema) if path else None
+    state, source, name, kwargs = _weights(args)
     num_classes = args.num_classes
     head = state.get("head.weight") if state else None
     if head is not None:
         if num_classes is not None and num_classes != head.shape[0]:
-            raise ValidateError(f"class-count mismatch: --num-classes {num_classes} but {path} has a "
+            raise ValidateError(f"class-count mismatch: --num-classes {num_classes} but {source} has a "
                                 f"{head.shape[0]}-class head")
         num_classes = head.shape[0]
     if num_classes is None:
-        num_classes = num_dataset_classes if not path else None
+        num_classes = num_dataset_classes if not source else None
     try:
-        model = naflex.create_model(args.model, **({} if num_classes is None else {"num_classes": num_classes}))
+        model = naflex.create_model(name, **kwargs, **({} if num_classes is None else {"num_classes": num_classes}))
     except ValueError as e:
         raise ValidateError(str(e).splitlines()[0]) from None
     if state is not None:
         try:
-            naflex.load_into(model, state, source=path)
+            naflex.load_into(model, state, source=source)
         except naflex.WeightsMismatch as e:
             raise ValidateError(str(e)) from None
     else:
-        print(f"note: no --checkpoint / --pretrained given: evaluating randomly initialized {args.model}")
+        print(f"note: no --checkpoint / --pretrained given: evaluating randomly initialized {name}")
     if model.num_classes != num_dataset_classes:
         raise ValidateError(
             f"class-count mismatch: the dataset has {num_dataset_classes} classes but the model has "
-            f"{model.num_classes} outputs" + ("" if path else f" (pass --num-classes {num_dataset_classes})"))
-    return model
+            f"{model.num_classes} outputs" + ("" if source else f" (pass --num-classes {num_dataset_classes})"))
+    return model, name, source
 
 
 def write_results(rows: list[dict], path: str, fmt: str | None = None) -> Path:
@@ -159,15 +208,12 @@ def write_results(rows: list[dict], path: str, fmt: str | None = None) -> Path:
     return out
 
 
-def plot_results(rows: list[dict], path) -> Path | None:
-    """PNG of top-1 against sequence length; returns None (and says so) when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[plot]'): no plot written")
-        return None
+def plot_results(rows: list[dict], path) -> Path:
+    """PNG of top-1 against sequence length (the NaFlex picture: one model, any sequence length)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
     rows = sorted(rows, key=lambda r: r["seq_len"])
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([r["seq_len"] for r in rows], [r["top1"] for r in rows], marker="o")
@@ -193,7 +239,7 @@ def run(args) -> list[dict]:
     from naflex.train.evaluate import evaluate
 
     dataset = _open_dataset(args)
-    model = _create_model(args, len(dataset.classes))
+    model, name, checkpoint = _create_model(args, len(dataset.classes))
     try:
         dist_info = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:  # DeviceError (e.g. --device cuda without a GPU), process-group setup
@@ -210,7 +256,6 @@ def run(args) -> list[dict]:
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile, dynamic=True)
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
-    checkpoint = args.checkpoint or (args.pretrained if isinstance(args.pretrained, str) else "")
     rows = []
     for seq_len in args.naflex_max_seq_len:
         loader = make_eval_loader(
@@ -222,7 +267,7 @@ def run(args) -> list[dict]:
         for path in m["bad_file_paths"]:
             print(f"bad image file (skipped): {path}", file=sys.stderr)
         row = {
-            "model": args.model, "checkpoint": str(checkpoint), "seq_len": seq_len,
+            "model": name, "checkpoint": checkpoint, "seq_len": seq_len,
             "top1": round(m["top1"], 4), "top5": round(m["top5"], 4), "loss": round(m["loss"], 5),
             "images": m["images"], "bad_files": m["bad_files"],
             "images_per_s": round(m["images_per_s"], 2), "valid_tokens_per_s": round(m["valid_tokens_per_s"], 1),
@@ -241,9 +286,7 @@ def run(args) -> list[dict]:
         if len(rows) > 1:
             plot_path = args.plot or (str(Path(args.results_file).with_suffix(".png")) if args.results_file else "")
             if plot_path:
-                out = plot_results(rows, plot_path)
-                if out:
-                    print(f"plot written to {out}")
+                print(f"plot written to {plot_results(rows, plot_path)}")
             else:
                 print("pass --plot FILE.png or --results-file to save a top-1 vs sequence length plot")
     return rows
