@@ -43,23 +43,34 @@ def run(argv=None, hooks=None):
         raise OutOfMemory(_oom_message(cfg)) from None
 
 
-def _resume(trainer, cfg, out_dir: Path, updates_per_epoch: int, steps_per_epoch: int, used_args: dict):
-    """(state to start from, the checkpoint it came from or None): a fresh state, or what ``--resume`` (PATH or
-    auto) restores. The flags of this command apply (``used_args``, what args.yaml records); those that differ
-    from the checkpoint's are logged."""
+def _resume_checkpoint(cfg, out_dir: Path):
+    """(path, checkpoint) that ``--resume`` (PATH or auto) continues, or (None, None) for a fresh start; read
+    before the model is built, which follows the checkpoint's recorded --model-kwargs."""
     from naflex.train.build import UserError
-    from naflex.train.checkpoint import TrainState, find_resume, load_checkpoint, restore_training
-    from naflex.train.cli import changed_flags
+    from naflex.train.checkpoint import find_resume, load_checkpoint
     resume = find_resume(out_dir) if cfg.run.resume == 'auto' else (Path(cfg.run.resume) if cfg.run.resume else None)
     if cfg.run.resume == 'auto' and resume is None:
         _logger.info(f'--resume auto: no checkpoint in {out_dir} yet, starting from scratch')
     if resume is None:
-        return TrainState(), None
+        return None, None
     try:
-        ckpt = load_checkpoint(resume)
-        state = restore_training(trainer, ckpt, cfg.run.resume_opt, updates_per_epoch, steps_per_epoch)
+        return resume, load_checkpoint(resume)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
+    except ValueError as e:
+        raise UserError(f'--resume {resume}: {e}') from None
+
+
+def _resume(trainer, cfg, resume, ckpt, updates_per_epoch: int, steps_per_epoch: int, used_args: dict):
+    """The state to start from: a fresh one, or what the ``--resume`` checkpoint restores. The flags of this
+    command apply (``used_args``, what args.yaml records); those that differ from the checkpoint's are logged."""
+    from naflex.train.build import UserError
+    from naflex.train.checkpoint import TrainState, restore_training
+    from naflex.train.cli import changed_flags
+    if ckpt is None:
+        return TrainState()
+    try:
+        state = restore_training(trainer, ckpt, cfg.run.resume_opt, updates_per_epoch, steps_per_epoch)
     except ValueError as e:
         raise UserError(f'--resume {resume}: {e}') from None
     _logger.info(f'resumed from {resume}: epoch {state.epoch}, step {state.step}, update {state.num_updates}')
@@ -67,7 +78,7 @@ def _resume(trainer, cfg, out_dir: Path, updates_per_epoch: int, steps_per_epoch
     if changed:
         _logger.warning(f'--resume: these flags differ from the checkpoint\'s run and apply from update '
                         f'{state.num_updates} on: {", ".join(changed)}')
-    return state, ckpt
+    return state
 
 
 def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
@@ -135,6 +146,8 @@ def _train(cfg, args, hooks=None):
         torch.backends.cudnn.allow_tf32 = True
 
     num_classes = build.num_classes_for(cfg, train_ds)
+    resume, resume_ckpt = _resume_checkpoint(cfg, out_dir)
+    cfg = build.with_recorded_model(cfg, resume_ckpt)
     model = build.build_model(cfg, num_classes)
     cfg = build.resolve_data_config(cfg, model)
     train_loader, eval_loader = build.build_loaders(cfg, train_ds, val_ds, num_classes, dist)
@@ -147,10 +160,12 @@ def _train(cfg, args, hooks=None):
     model.to(dist.device)
     updates_per_epoch = -(-len(train_loader) // cfg.train.grad_accum_steps)
     trainer, total_epochs = _trainer(cfg, model, dist, updates_per_epoch, lr, hooks)
-    used_args = dict(vars(args), lr=lr, num_classes=num_classes)  # the configuration actually used (on resume too)
-    state, resumed_from = _resume(trainer, cfg, out_dir, updates_per_epoch, len(train_loader), used_args)
+    used = dict(lr=lr, num_classes=num_classes, model_kwargs=cfg.model.kwargs)  # resolved: what the run uses
+    used_args = dict(vars(args), **used)  # the configuration actually used (on resume too)
+    state = _resume(trainer, cfg, resume, resume_ckpt, updates_per_epoch, len(train_loader), used_args)
 
-    saver = _open_run_folder(out_dir, dist, cfg, args_yaml(args, lr=lr, num_classes=num_classes), resumed_from)
+    saver = _open_run_folder(out_dir, dist, cfg, args_yaml(args, **used), resume_ckpt)
+    del resume_ckpt  # its tensors are in the model and optimizer now
     bad_files = BadFileTracker(out_dir if dist.is_primary else None, dataset_size=len(train_ds))
     mean, std = cfg.model.mean, cfg.model.std
 
@@ -167,10 +182,11 @@ def _train(cfg, args, hooks=None):
         bad_files.record(ev['bad_file_paths'], 'evaluation')
         return ev
 
-    writer = RunWriter(out_dir if dist.is_primary else None)
+    meta = {'arch': cfg.model.name, 'args': used_args}
+    writer = RunWriter(out_dir, wandb_run=build.start_wandb(cfg, out_dir, used_args)) if dist.is_primary \
+        else RunWriter(None)
     writer.resume_at(state.epoch)
     _logger.info(f'training epochs {state.epoch}..{total_epochs - 1}, {updates_per_epoch} updates/epoch')
-    meta = {'arch': cfg.model.name, 'args': used_args}
     try:
         with StopOnSignal() as preemption:
             trainer.callbacks.items.append(preemption)

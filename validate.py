@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["build_parser", "check_args", "main", "stored_model_name"]
+__all__ = ["build_parser", "check_args", "main"]
 
 
 class ValidateError(Exception):
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Defaults come from the same config dataclasses as train.py's, so the two CLIs agree.
     from loaders.config import DatasetConfig, EvalLoaderConfig
     from naflex.model import ATTN_BACKENDS, DEFAULT_MODEL
+    from naflex.train.cli import ParseKwargs
     from naflex.train.config import AMP_DTYPES, TrainConfig
     ev, split, amp_dtype = EvalLoaderConfig(), DatasetConfig.val_split, TrainConfig.amp_dtype
     p = argparse.ArgumentParser(description="Evaluate a NaFlexViT model at one or more sequence lengths.")
@@ -42,12 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"split folder under the root (default: {split}, like train.py's --val-split; 'val', "
                         "'valid', 'eval' are found too, and a root that holds the class folders is used as it is)")
     p.add_argument("--model", "-m", default=None,
-                   help=f"model name (naflex.list_models()) (default: the name the checkpoint stores, else "
-                        f"{DEFAULT_MODEL})")
+                   help=f"model name (naflex.list_models()), optionally NAME.TAG (default: the name the checkpoint "
+                        f"stores, else {DEFAULT_MODEL})")
+    p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                   help="model config fields (default: those the checkpoint records), e.g. embed_dim=192 depth=6")
     p.add_argument("--checkpoint", default="",
                    help="our checkpoint (plain/EMA/training state) or a timm .pth/.safetensors")
     p.add_argument("--pretrained", nargs="?", const=True, default=None,
-                   help="pretrained weights file given to create_model (timm .safetensors/.pth or ours)")
+                   help="without a value: the model's published weights (Hugging Face Hub, cached; "
+                        "HF_HUB_OFFLINE=1 reads the cache only); with a file: those weights")
     p.add_argument("--use-ema", action="store_true", help="load the EMA weights ('state_dict_ema') of a checkpoint")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classifier size (default: the checkpoint's, else the dataset's)")
@@ -116,7 +120,7 @@ def _cannot_write(path: str) -> str:
     return ""
 
 
-def _check_attention(args, device: str) -> None:
+def _check_attention(args, model: str, device: str) -> None:
     """The attention backend fits the device, precision, layout and batch size (train.py's rule)."""
     import naflex
     from naflex.train.config import attention_problems
@@ -124,7 +128,7 @@ def _check_attention(args, device: str) -> None:
     problems = attention_problems(
         args.attn_backend, device=device, amp=args.amp, packing=not args.padded, compiled=bool(args.torchcompile),
         training=False, tokens_per_step=args.batch_size * max(args.naflex_max_seq_len),
-        num_heads=naflex.get_config(args.model).num_heads, flag=_FLAGS.get)
+        num_heads=naflex.get_config(model).num_heads, flag=_FLAGS.get)
     if problems:
         raise ValidateError("; ".join(problems))
 
@@ -158,88 +162,98 @@ def _open_dataset(args):
     return ds
 
 
-def _weights_path(args) -> str:
-    """The weights file --checkpoint / --pretrained name ('' for none), checked to exist."""
-    if args.pretrained is True:
-        raise ValidateError("nothing is downloaded: pass --pretrained PATH to a local weights file "
-                            "(e.g. the model card's model.safetensors)")
-    if args.checkpoint and args.pretrained:
-        raise ValidateError("give either --checkpoint or --pretrained, not both")
-    path = args.checkpoint or args.pretrained or ""
-    if path and not Path(path).is_file():
-        raise ValidateError(f"checkpoint file not found: {path}")
-    return path
-
-
-def stored_model_name(obj) -> str | None:
-    """The model a checkpoint names: 'arch' (ours and timm's train.py), else the 'model' of its saved args."""
-    if not isinstance(obj, dict):
-        return None
-    saved = obj.get("args")
-    for name in (obj.get("arch"), saved.get("model") if isinstance(saved, dict) else getattr(saved, "model", None)):
-        if isinstance(name, str) and name:
-            return name
-    return None
-
-
-def _read_checkpoint(path: str, use_ema: bool) -> tuple[dict, str | None]:
-    """(state dict, the model name the file stores or None) of any file naflex.model.weights reads (ours, timm's
-    .pth / .safetensors); with --use-ema only the EMA copy ('state_dict_ema' / 'model_ema') is accepted, without
-    it only the plain weights."""
+def _read_checkpoint(path: str, use_ema: bool) -> tuple[dict, str, dict]:
+    """(state dict, recorded architecture, recorded --model-kwargs) of any file naflex.model.weights reads (ours,
+    timm's .pth / .safetensors); with --use-ema only the EMA copy ('state_dict_ema' / 'model_ema') is accepted,
+    without it only the plain weights."""
     from naflex.model.weights import read_file, state_dict_from
+    from naflex.train.checkpoint import recorded_model
 
     try:
         obj = read_file(path)
-        return state_dict_from(obj, use_ema=use_ema, require_ema=use_ema, path=path), stored_model_name(obj)
+        state = state_dict_from(obj, use_ema=use_ema, require_ema=use_ema, path=path)
     except (FileNotFoundError, ValueError) as e:
         raise ValidateError(str(e)) from None
+    return (state, *recorded_model(obj))
 
 
-def _resolve_model_name(args, path: str, stored: str | None) -> str:
-    """--model, else the checkpoint's own model name, else the default model (said in a note)."""
+def _read_published(name: str) -> tuple[dict, str]:
+    """``--pretrained`` without a file: (state dict, 'hf-hub:<repo>') of the weights published for ``name``."""
     import naflex
-    from naflex.model import DEFAULT_MODEL
+    from naflex.model.registry import hub_id
+    from naflex.model.weights import read_hub_state_dict
 
-    name, source = args.model, "--model"
-    if name is None:
-        name, source = (stored, f"the name stored in {path}") if stored else (DEFAULT_MODEL, "the default")
-        if path:
-            print(f"note: model {name} ({source}; pass --model to choose another)")
     try:
-        naflex.get_config(name)  # unknown name: the registry's message, before any model is built
+        repo = hub_id(name)
+        return read_hub_state_dict(repo), f"hf-hub:{repo}"
+    except naflex.HubUnavailable as e:
+        raise ValidateError(f"--pretrained: {e}; pass --pretrained FILE (its model.safetensors), or fill the cache "
+                            "on a machine with network and run with HF_HUB_OFFLINE=1") from None
     except ValueError as e:
-        raise ValidateError(f"{e} ({source})" if source != "--model" else str(e)) from None
-    return name
+        raise ValidateError(f"--pretrained: {e}") from None
 
 
-def _create_model(args, state: dict | None, path: str, num_dataset_classes: int):
-    """Model ``args.model`` with the checkpoint's weights loaded strictly; one-line errors for every mismatch."""
+def _weights(args) -> tuple[dict | None, str, str, dict]:
+    """(state dict or None, where it came from, model name, model kwargs) for --checkpoint / --pretrained: a
+    training checkpoint supplies the architecture and --model-kwargs it records; flags given here win."""
+    from naflex.model import DEFAULT_MODEL
+    from naflex.train.cli import format_kwargs
+
+    if args.checkpoint and args.pretrained:
+        raise ValidateError("give either --checkpoint or --pretrained, not both")
+    if args.pretrained is True:
+        name = args.model or DEFAULT_MODEL
+        return (*_read_published(name), name, dict(args.model_kwargs))
+    path = args.checkpoint or args.pretrained or ""
+    if not path:
+        return None, "", args.model or DEFAULT_MODEL, dict(args.model_kwargs)
+    if not Path(path).is_file():
+        raise ValidateError(f"checkpoint file not found: {path}")
+    state, arch, kwargs = _read_checkpoint(path, args.use_ema)
+    if kwargs:
+        print(f"model kwargs recorded in the checkpoint: {format_kwargs(kwargs)}")
+    name = args.model or arch or DEFAULT_MODEL
+    if not args.model:
+        print(f"note: model {name} ({f'the name stored in {path}' if arch else 'the default'}; "
+              "pass --model to choose another)")
+        if arch:
+            import naflex
+            try:
+                naflex.get_config(arch)
+            except ValueError as e:
+                raise ValidateError(f"{e} (the name stored in {path}: pass --model)") from None
+    return state, path, name, {**kwargs, **args.model_kwargs}
+
+
+def _create_model(args, weights: tuple, num_dataset_classes: int):
+    """The model with ``weights`` (``_weights``'s) loaded strictly; one-line errors for every mismatch."""
     import naflex
 
+    state, source, name, kwargs = weights
     num_classes = args.num_classes
     head = state.get("head.weight") if state else None
     if head is not None:
         if num_classes is not None and num_classes != head.shape[0]:
-            raise ValidateError(f"class-count mismatch: --num-classes {num_classes} but {path} has a "
+            raise ValidateError(f"class-count mismatch: --num-classes {num_classes} but {source} has a "
                                 f"{head.shape[0]}-class head")
         num_classes = head.shape[0]
     if num_classes is None:
-        num_classes = num_dataset_classes if not path else None
+        num_classes = num_dataset_classes if not source else None
     try:
-        model = naflex.create_model(args.model, **({} if num_classes is None else {"num_classes": num_classes}))
+        model = naflex.create_model(name, **kwargs, **({} if num_classes is None else {"num_classes": num_classes}))
     except ValueError as e:
         raise ValidateError(str(e).splitlines()[0]) from None
     if state is not None:
         try:
-            naflex.load_into(model, state, source=path)
+            naflex.load_into(model, state, source=source)
         except naflex.WeightsMismatch as e:
             raise ValidateError(str(e)) from None
     else:
-        print(f"note: no --checkpoint / --pretrained given: evaluating randomly initialized {args.model}")
+        print(f"note: no --checkpoint / --pretrained given: evaluating randomly initialized {name}")
     if model.num_classes != num_dataset_classes:
         raise ValidateError(
             f"class-count mismatch: the dataset has {num_dataset_classes} classes but the model has "
-            f"{model.num_classes} outputs" + ("" if path else f" (pass --num-classes {num_dataset_classes})"))
+            f"{model.num_classes} outputs" + ("" if source else f" (pass --num-classes {num_dataset_classes})"))
     return model
 
 
@@ -258,15 +272,12 @@ def write_results(rows: list[dict], path: str, fmt: str | None = None) -> Path:
     return out
 
 
-def plot_results(rows: list[dict], path) -> Path | None:
-    """PNG of top-1 against sequence length; returns None (and says so) when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[plot]'): no plot written")
-        return None
+def plot_results(rows: list[dict], path) -> Path:
+    """PNG of top-1 against sequence length (the NaFlex picture: one model, any sequence length)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
     rows = sorted(rows, key=lambda r: r["seq_len"])
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([r["seq_len"] for r in rows], [r["top1"] for r in rows], marker="o")
@@ -292,14 +303,18 @@ def run(args) -> list[dict]:
     from naflex.train.evaluate import evaluate
 
     check_args(args)
-    path = _weights_path(args)
-    state, stored = _read_checkpoint(path, args.use_ema) if path else (None, None)
-    args.model = _resolve_model_name(args, path, stored)
+    if args.model:
+        try:
+            naflex.get_config(args.model)  # unknown name: registry's message, before any checkpoint is read
+        except ValueError as e:
+            raise ValidateError(str(e)) from None
+    weights = _weights(args)
+    name, checkpoint = weights[2], weights[1]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _check_attention(args, device)
+    _check_attention(args, name, device)
     dataset = _open_dataset(args)
-    model = _create_model(args, state, path, len(dataset.classes))
-    del state
+    model = _create_model(args, weights, len(dataset.classes))
+    del weights
     try:
         dist_info = init_distributed(device)
     except RuntimeError as e:  # DeviceError (e.g. --device cuda without a GPU), process-group setup
@@ -316,7 +331,6 @@ def run(args) -> list[dict]:
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile, dynamic=True)
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
-    checkpoint = args.checkpoint or (args.pretrained if isinstance(args.pretrained, str) else "")
     rows = []
     for seq_len in args.naflex_max_seq_len:
         loader = make_eval_loader(
@@ -328,7 +342,7 @@ def run(args) -> list[dict]:
         for path in m["bad_file_paths"]:
             print(f"bad image file (skipped): {path}", file=sys.stderr)
         row = {
-            "model": args.model, "checkpoint": str(checkpoint), "seq_len": seq_len,
+            "model": name, "checkpoint": checkpoint, "seq_len": seq_len,
             "top1": round(m["top1"], 4), "top5": round(m["top5"], 4), "loss": round(m["loss"], 5),
             "images": m["images"], "bad_files": m["bad_files"],
             "images_per_s": round(m["images_per_s"], 2), "valid_tokens_per_s": round(m["valid_tokens_per_s"], 1),
@@ -347,9 +361,7 @@ def run(args) -> list[dict]:
         if len(rows) > 1:
             plot_path = args.plot or (str(Path(args.results_file).with_suffix(".png")) if args.results_file else "")
             if plot_path:
-                out = plot_results(rows, plot_path)
-                if out:
-                    print(f"plot written to {out}")
+                print(f"plot written to {plot_results(rows, plot_path)}")
             else:
                 print("pass --plot FILE.png or --results-file to save a top-1 vs sequence length plot")
     return rows

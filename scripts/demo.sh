@@ -58,7 +58,9 @@ cat <<EOF
 == demo done in $(( $(date +%s) - start ))s (training ${train_s}s)
 checkpoints:         $RUN/last.pth  and  $RUN/model_best.pth (best epoch by val top-1)
 per-epoch summary:   $RUN/summary.csv
+training curves:     $RUN/curves.png       (loss, top-1, lr per epoch)
 training log:        $RUN/train.log
 TensorBoard logs:    $RUN/tensorboard      (tensorboard --logdir $OUTPUT)
 validation results:  $RUN/validate.csv
+top-1 vs seq length: $RUN/validate.png     (the same model at sequence lengths 64 and 144)
 EOF

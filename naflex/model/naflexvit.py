@@ -17,8 +17,9 @@ The packed path runs without host syncs: every per-image quantity (grid size, pr
 segment) is gathered per token with tensor ops, so ``torch.compile(fullgraph=True)`` traces it whole.
 """
 import math
-from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Set, Tuple, Union
+from dataclasses import dataclass, fields, replace
+from typing import (Dict, List, Optional, Set, Tuple, Union, get_args, get_origin,
+                    get_type_hints)
 
 import torch
 import torch.nn as nn
@@ -71,6 +72,7 @@ class NaFlexVitCfg:
     def validate(self) -> None:
         def bad(field, value, valid):
             raise ValueError(f'invalid {field}={value!r}; valid: {valid}')
+        self._check_types()
         if self.global_pool not in POOL_TYPES:
             bad('global_pool', self.global_pool, POOL_TYPES)
         if self.global_pool == 'token' and not self.class_token:
@@ -88,6 +90,39 @@ class NaFlexVitCfg:
         for name in ('drop_rate', 'pos_drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate'):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f'{name} must be in [0, 1), got {getattr(self, name)}')
+
+
+    def _check_types(self) -> None:
+        """Each field holds its annotated type (ints count as floats; a list of two ints as a grid size), so a
+        mistyped override (``depth=2.5``, ``embed_dim='big'``) is one ValueError instead of a crash in a layer."""
+        for f in fields(self):
+            value, hint = getattr(self, f.name), _FIELD_TYPES[f.name]
+            optional = get_origin(hint) is Union and type(None) in get_args(hint)
+            base = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
+            if value is None and optional:
+                continue
+            if get_origin(base) is tuple:
+                ok = isinstance(value, (tuple, list)) and len(value) == len(get_args(base)) and all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value)
+            elif base is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif base is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, base)
+            if not ok:
+                raise ValueError(f'{f.name}={value!r} is not {_type_name(hint)}')
+
+
+_FIELD_TYPES = get_type_hints(NaFlexVitCfg)
+
+
+def _type_name(hint) -> str:
+    if get_origin(hint) is Union:
+        return ' or '.join(_type_name(a) for a in get_args(hint))
+    if get_origin(hint) is tuple:
+        return f'{len(get_args(hint))} ints'
+    return {int: 'an int', float: 'a number', bool: 'a bool', str: 'a string', type(None): 'None'}.get(hint, str(hint))
 
 
 def _layer_norm(dim: int) -> nn.LayerNorm:

@@ -3,11 +3,16 @@
 Each variant is a small ``NaFlexVitCfg`` with the same hyper-parameters as timm 1.0.31's registration of the
 same name (NaFlex from SigLIP 2, arXiv:2502.14786; packing / factorized embeddings from NaViT,
 arXiv:2307.06304), plus tiny variants (depth 2, width 64) for tests and the demo. ``create_model`` rejects an
-unknown name or override with a message listing the valid ones; nothing is downloaded: ``pretrained`` is a
-local file path (see ``naflex.weights``).
+unknown name or override with a message listing the valid ones.
+
+Names follow timm: ``architecture.tag`` names a variant and its published weights
+(``naflexvit_base_patch16_gap.e300_s576_in1k``); a bare architecture means its default tag.
+``create_model(name, pretrained=True)`` fetches those weights from the Hugging Face Hub through timm's loader and
+huggingface_hub's cache (see ``naflex.model.weights.read_hub_state_dict``); ``pretrained=PATH`` loads a local file.
 """
+import os
 from dataclasses import fields, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple, Union
 
 import torch
 
@@ -20,7 +25,7 @@ _INCEPTION_STD = (0.5, 0.5, 0.5)
 def _pretrained_cfg(name: str, tag: str = '', num_classes: int = 1000, **kwargs) -> Dict:
     """A pretrained_cfg like timm's, so ``timm.data.resolve_model_data_config(model)`` works."""
     return {
-        'url': '', 'hf_hub_id': f'timm/{name}.{tag}' if tag else '', 'architecture': name, 'tag': tag,
+        'url': '', 'hf_hub_id': _HUB_WEIGHTS.get(f'{name}.{tag}', ''), 'architecture': name, 'tag': tag,
         'custom_load': False, 'input_size': (3, 384, 384), 'fixed_input_size': False,
         'interpolation': 'bicubic', 'crop_pct': 1.0, 'crop_mode': 'center',
         'mean': _INCEPTION_MEAN, 'std': _INCEPTION_STD, 'num_classes': num_classes, 'pool_size': None,
@@ -67,23 +72,56 @@ _VARIANTS: Dict[str, Tuple[NaFlexVitCfg, str, int]] = {
 
 DEFAULT_MODEL = 'naflexvit_base_patch16_gap'  # the model card's model: train.py's and validate.py's --model default
 
+# The weights timm 1.0.31 publishes on the Hugging Face Hub (its default_cfgs with hf_hub_id='timm/'):
+# 'architecture.tag' -> hub repository. 'untrained' tags have none.
+_HUB_WEIGHTS: Dict[str, str] = {f'{name}.{tag}': f'timm/{name}.{tag}' for name, tag in (
+    ('naflexvit_base_patch16_gap', 'e300_s576_in1k'), ('naflexvit_base_patch16_par_gap', 'e300_s576_in1k'),
+    ('naflexvit_base_patch16_parfac_gap', 'e300_s576_in1k'), ('naflexvit_base_patch16_siglip', 'v2_webli'),
+    ('naflexvit_so400m_patch16_siglip', 'v2_webli'))}
+
 _CFG_FIELDS = tuple(f.name for f in fields(NaFlexVitCfg))
 _EXTRA_KWARGS = ('num_classes', 'in_chans', 'features_only', 'out_indices', 'feature_norm')
 
 
-def list_models(pattern: str = '') -> List[str]:
-    """Registered variant names (optionally filtered by a substring)."""
-    return sorted(n for n in _VARIANTS if pattern in n)
+def list_models(pattern: str = '', pretrained: bool = False) -> List[str]:
+    """Registered variant names (optionally filtered by a substring); ``pretrained=True``: the
+    ``architecture.tag`` names that have published weights, as timm's ``list_models(pretrained=True)``."""
+    names = _HUB_WEIGHTS if pretrained else _VARIANTS
+    return sorted(n for n in names if pattern in n)
 
 
-def _variant(name: str) -> Tuple[NaFlexVitCfg, str, int]:
-    if name not in _VARIANTS:
-        raise ValueError(f'unknown model {name!r}; valid: {", ".join(list_models())}')
-    return _VARIANTS[name]
+def _tags(arch: str) -> List[str]:
+    """The pretrained tags of a registered architecture, its default first."""
+    default = _VARIANTS[arch][1]
+    published = sorted(n.partition('.')[2] for n in _HUB_WEIGHTS if n.partition('.')[0] == arch)
+    return [default] + [t for t in published if t != default]
+
+
+def split_name(name: str) -> Tuple[str, str]:
+    """(architecture, pretrained tag) of ``name`` or ``name.tag``; a bare name gets its default tag.
+    ValueError, one line listing the valid choices, for an unknown architecture or tag."""
+    arch, _, tag = name.partition('.')
+    if arch not in _VARIANTS:
+        raise ValueError(f'unknown model {arch!r}; valid: {", ".join(list_models())}')
+    tag = tag or _VARIANTS[arch][1]
+    if tag not in _tags(arch):
+        valid = ', '.join(repr(t) for t in _tags(arch) if t) or 'none (it has no pretrained weights)'
+        raise ValueError(f'unknown pretrained tag {tag!r} for {arch}; valid tags: {valid}')
+    return arch, tag
 
 
 def get_config(name: str) -> NaFlexVitCfg:
-    return _variant(name)[0]
+    return _VARIANTS[split_name(name)[0]][0]
+
+
+def hub_id(name: str) -> str:
+    """The Hugging Face Hub repository holding the weights of ``name`` (``architecture[.tag]``); ValueError when
+    it has none (tiny and 'untrained' variants), naming the ones that do."""
+    arch, tag = split_name(name)
+    repo = _HUB_WEIGHTS.get(f'{arch}.{tag}')
+    if not repo:
+        raise ValueError(f'{name} has no published weights (those that do: {", ".join(list_models(pretrained=True))})')
+    return repo
 
 
 def data_config(model: torch.nn.Module) -> Dict:
@@ -98,21 +136,22 @@ def valid_overrides() -> Tuple[str, ...]:
     return _EXTRA_KWARGS + _CFG_FIELDS
 
 
-def create_model(name: str, pretrained: Optional[str] = None, **overrides) -> torch.nn.Module:
+def create_model(name: str, pretrained: Union[bool, str, os.PathLike, None] = None, **overrides) -> torch.nn.Module:
     """Build a registered NaFlexViT variant.
 
     Args:
-        name: a name from ``list_models()``.
-        pretrained: None, or a local .safetensors / .pth / .pt / .bin file (timm or this project's checkpoint;
-            plain state dict or wrapped in 'state_dict' / 'model' / 'state_dict_ema'). Loaded strictly, except
-            that the classifier is skipped when ``num_classes`` differs from the checkpoint's.
+        name: a name from ``list_models()``, optionally with its pretrained tag (``list_models(pretrained=True)``).
+        pretrained: None / False; True: the published weights of ``name``, fetched from the Hugging Face Hub into
+            huggingface_hub's cache (``HF_HUB_OFFLINE=1`` reads the cache only; ``HubUnavailable`` when the
+            weights are neither cached nor reachable); or a local .safetensors / .pth / .pt / .bin file (timm or
+            this project's checkpoint; plain state dict or wrapped in 'state_dict' / 'model' / 'state_dict_ema').
+            Loaded strictly, except that the classifier is skipped when ``num_classes`` differs from the weights'.
         **overrides: any ``NaFlexVitCfg`` field (drop_rate, drop_path_rate, global_pool, pos_embed_*,
             attn_backend, ...) and num_classes, in_chans, features_only, out_indices, feature_norm.
     """
-    base_cfg, tag, default_classes = _variant(name)
-    if pretrained is True:
-        raise ValueError('pretrained=True would need a download; pass the path of a local .safetensors / .pth / '
-                         '.bin file instead (e.g. a timm checkpoint)')
+    arch, tag = split_name(name)
+    base_cfg, _, default_classes = _VARIANTS[arch]
+    repo = hub_id(name) if pretrained is True else ''  # no published weights: fail before building anything
     unknown = sorted(set(overrides) - set(valid_overrides()))
     if unknown:
         raise ValueError(f'unknown override(s) {unknown} for {name}; valid: {", ".join(valid_overrides())}')
@@ -124,8 +163,11 @@ def create_model(name: str, pretrained: Optional[str] = None, **overrides) -> to
     if 'pos_embed_grid_size' in overrides:
         overrides['pos_embed_grid_size'] = tuple(overrides['pos_embed_grid_size'])
     model = NaFlexVit(replace(base_cfg, **overrides), num_classes=num_classes, in_chans=in_chans)  # validates cfg
-    model.pretrained_cfg = _pretrained_cfg(name, tag, num_classes=default_classes)
-    if pretrained:
+    model.pretrained_cfg = _pretrained_cfg(arch, tag, num_classes=default_classes)
+    if repo:
+        from .weights import load_hub_pretrained
+        load_hub_pretrained(model, repo)
+    elif pretrained:
         from .weights import load_pretrained
         load_pretrained(model, pretrained)
     if features_only:

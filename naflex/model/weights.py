@@ -5,9 +5,13 @@ Our parameter names equal timm's (SigLIP 2 NaFlex, arXiv:2502.14786), so the pub
 ``.pt``, ``.bin``, ``.ckpt``, ``.pth.tar`` holding a plain state dict or one wrapped under 'state_dict_ema',
 'model_ema', 'state_dict' or 'model' (EMA first unless ``use_ema=False``, as timm's ``load_state_dict``),
 including timm ``train.py`` checkpoints whose 'args' is an ``argparse.Namespace``. DDP 'module.' and
-torch.compile '_orig_mod.' prefixes are stripped. Everything loads with ``weights_only=True``; nothing is
-downloaded. Any problem (missing file, unreadable file, no state dict, missing / unexpected / mis-shaped
-tensors) raises one clear one-line error.
+torch.compile '_orig_mod.' prefixes are stripped. Everything loads with ``weights_only=True``. Any problem
+(missing file, unreadable file, no state dict, missing / unexpected / mis-shaped tensors) raises one clear
+one-line error.
+
+Published weights (``timm/<name>.<tag>`` on the Hugging Face Hub) are fetched by timm's own loader into
+huggingface_hub's cache (``HF_HUB_CACHE`` / ``HF_HOME``), exactly as ``timm.create_model(..., pretrained=True)``
+does; ``HF_HUB_OFFLINE=1`` reads that cache without touching the network.
 
 ``load_into`` is the one way a state dict enters a model (strict, or with a re-initialized classifier), with
 one mismatch message for ``create_model(pretrained=)``, ``validate.py``, ``--initial-checkpoint`` and ``--resume``.
@@ -35,8 +39,7 @@ def read_file(path) -> Any:
     otherwise, timm's argparse.Namespace 'args' allowed). FileNotFoundError / ValueError, one line each."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'weights file not found: {path!r} (nothing is downloaded; '
-                                'pass a local .safetensors / .pth / .bin path)')
+        raise FileNotFoundError(f'weights file not found: {path!r} (pass a local .safetensors / .pth / .bin path)')
     try:
         if path.endswith('.safetensors'):
             from safetensors.torch import load_file
@@ -119,3 +122,36 @@ def load_into(model: nn.Module, state: Dict[str, torch.Tensor], *, source: str =
 def load_pretrained(model: nn.Module, path: str) -> None:
     """``create_model(pretrained=path)``: strict, except that a classifier of another shape is re-initialized."""
     load_into(model, read_state_dict(path), source=repr(os.fspath(path)), reinit_head=True)
+
+
+class HubUnavailable(FileNotFoundError):
+    """Published weights that are neither in the local Hugging Face cache nor reachable (no network, or
+    ``HF_HUB_OFFLINE=1`` with an empty cache); the message names the repository and the cache folder."""
+
+
+HUB_FILE = 'model.safetensors'  # what every timm repository on the Hub holds
+
+
+def read_hub_state_dict(repo: str) -> Dict[str, torch.Tensor]:
+    """The state dict published in the Hugging Face Hub repository ``repo`` (e.g.
+    'timm/naflexvit_base_patch16_gap.e300_s576_in1k'), through timm's loader and huggingface_hub's cache.
+
+    Raises ``HubUnavailable`` when it is not cached and the Hub cannot be reached, ValueError (one line) for any
+    other failure (no such repository, a gated one, a broken file)."""
+    from huggingface_hub import constants
+    from timm.models import load_state_dict_from_hf
+    try:
+        # Naming the safetensors file skips timm's fallback to pytorch_model.bin: one request, no pickle.
+        obj = load_state_dict_from_hf(repo, filename=HUB_FILE)
+    except (FileNotFoundError, ConnectionError):  # huggingface_hub's LocalEntryNotFoundError / OfflineModeIsEnabled
+        raise HubUnavailable(f'{repo} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and the Hub cannot '
+                             f'be reached{" (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else ""}') from None
+    except Exception as e:  # HTTP errors (no such repository, gated), unreadable file
+        raise ValueError(f'could not fetch {repo} from the Hugging Face Hub: {_first_line(e)}') from None
+    return state_dict_from(obj, path=f'hf-hub:{repo}')
+
+
+def load_hub_pretrained(model: nn.Module, repo: str) -> List[str]:
+    """``create_model(name, pretrained=True)``: the published weights of ``repo``, loaded like a local file
+    (strict; a classifier of another shape keeps its fresh initialization). Returns the head keys skipped."""
+    return load_into(model, read_hub_state_dict(repo), source=f'hf-hub:{repo}', reinit_head=True)

@@ -17,7 +17,8 @@ import torch
 import loaders
 import naflex
 
-from .checkpoint import load_weights
+from .checkpoint import load_hub_weights, load_weights, recorded_model
+from .cli import format_kwargs
 from .config import Config
 from .distributed import DistInfo, broadcast_object
 
@@ -86,10 +87,8 @@ def num_classes_for(cfg: Config, train_ds) -> int:
 
 
 def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The model with its start weights (--initial-checkpoint / --pretrained-path), on the CPU."""
+    """The model with its start weights (--initial-checkpoint / --pretrained-path / --pretrained), on the CPU."""
     m = cfg.model
-    if m.pretrained and not m.pretrained_path:
-        raise UserError('--pretrained needs local weights (nothing is downloaded): pass --pretrained-path FILE')
     try:
         model = naflex.create_model(m.name, **m.overrides(num_classes))
     except ValueError as e:
@@ -101,12 +100,51 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
             except (FileNotFoundError, ValueError) as e:  # WeightsMismatch is a ValueError
                 raise UserError(str(e)) from None
             _logger.info(f'loaded weights from {path}')
+    if m.pretrained and not m.pretrained_path:  # --pretrained-path names the file to use instead, as in timm
+        _load_published(model, m.name)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.set_attn_backend(m.attn_backend)
     if cfg.loader.patch_sizes and m.torchcompile:
         model.prewarm_patch_sizes(cfg.loader.patch_sizes)  # resampling matrices built outside the graph
     return model
+
+
+def _load_published(model: torch.nn.Module, name: str) -> None:
+    try:
+        repo = load_hub_weights(model, name)
+    except naflex.HubUnavailable as e:
+        raise UserError(f'--pretrained: {e}; pass --pretrained-path FILE (its model.safetensors), or fill the cache '
+                        'on a machine with network and run with HF_HUB_OFFLINE=1') from None
+    except ValueError as e:
+        raise UserError(f'--pretrained: {e}') from None
+    _logger.info(f'loaded weights from hf-hub:{repo}')
+
+
+def with_recorded_model(cfg: Config, ckpt: Optional[dict]) -> Config:
+    """``--resume``: the model is built as the checkpoint records it (its --model-kwargs), so the flags need not
+    repeat them; other --model-kwargs on the command line are an error (the weights would not fit)."""
+    if ckpt is None:
+        return cfg
+    _, kwargs = recorded_model(ckpt)
+    if cfg.model.kwargs and cfg.model.kwargs != kwargs:
+        raise UserError(f'--model-kwargs {format_kwargs(cfg.model.kwargs)} differ from the checkpoint\'s '
+                        f'({format_kwargs(kwargs) or "none"}): drop them to resume')
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kwargs=kwargs))
+
+
+def start_wandb(cfg: Config, out_dir: Path, config: dict):
+    """``--log-wandb``: a Weights & Biases run named after the run folder, its files in ``out_dir/wandb``
+    (call on the primary rank only). A failing ``wandb.init`` (not logged in, no network) is one UserError."""
+    if not cfg.run.log_wandb:
+        return None
+    import wandb
+    try:
+        return wandb.init(project=cfg.run.wandb_project, name=out_dir.name, config=config, dir=str(out_dir))
+    except Exception as e:  # wandb raises its own error types, e.g. a missing API key
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'--log-wandb: wandb.init failed: {first} (run `wandb login`, or set WANDB_MODE=offline)') \
+            from None
 
 
 def resolve_data_config(cfg: Config, model: torch.nn.Module) -> Config:
@@ -191,4 +229,4 @@ def create_run_dir(path: Path, cfg: Config, dist: DistInfo) -> Path:
 
 
 __all__ = ['UserError', 'build_loaders', 'build_model', 'create_run_dir', 'num_classes_for', 'open_datasets',
-           'resolve_data_config', 'run_dir']
+           'resolve_data_config', 'run_dir', 'start_wandb', 'with_recorded_model']

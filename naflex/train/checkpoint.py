@@ -17,6 +17,7 @@ A checkpoint holds the model (``state_dict``, timm's layout and names, so timm a
 also every rank's running sums of the epoch, ``epoch_sums``):
 enough to continue a run exactly where it stopped. It loads with ``torch.load(weights_only=True)``.
 """
+import argparse
 import contextlib
 import logging
 import os
@@ -31,7 +32,8 @@ import torch
 from torch import nn
 
 from naflex.model import load_into
-from naflex.model.weights import read_file, read_state_dict, state_dict_from
+from naflex.model.registry import hub_id
+from naflex.model.weights import load_hub_pretrained, read_file, read_state_dict, state_dict_from
 
 _logger = logging.getLogger(__name__)
 
@@ -149,12 +151,39 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def _log_skipped_head(model: nn.Module, skipped) -> None:
+    if skipped:
+        _logger.info(f'classifier {skipped} re-initialized for {getattr(model, "num_classes", "?")} classes')
+
+
 def load_weights(model: nn.Module, path, use_ema: bool = False) -> None:
     """Weights-only start (``--initial-checkpoint`` / ``--pretrained-path``) from our, timm's or a safetensors
     file; a classifier of another shape (other ``--num-classes``) keeps its fresh initialization."""
-    skipped = load_into(model, read_state_dict(path, use_ema=use_ema), source=f'checkpoint {path}', reinit_head=True)
-    if skipped:
-        _logger.info(f'classifier {skipped} re-initialized for {getattr(model, "num_classes", "?")} classes')
+    _log_skipped_head(model, load_into(model, read_state_dict(path, use_ema=use_ema), source=f'checkpoint {path}',
+                                       reinit_head=True))
+
+
+def load_hub_weights(model: nn.Module, name: str) -> str:
+    """``--pretrained``: the weights published for ``name`` (``architecture[.tag]``), through the Hugging Face
+    cache, loaded like ``load_weights``; returns the hub repository. ``HubUnavailable`` when neither cached nor
+    reachable, ValueError for a name without published weights or weights that do not fit."""
+    repo = hub_id(name)
+    _log_skipped_head(model, load_hub_pretrained(model, repo))
+    return repo
+
+
+def recorded_model(ckpt) -> Tuple[str, Dict]:
+    """(architecture, --model-kwargs) a training checkpoint was built with: ours keep 'args' as a dict, timm's
+    train.py as an argparse.Namespace; ('', {}) for a checkpoint that does not say (a plain state dict)."""
+    if not isinstance(ckpt, dict):
+        return '', {}
+    args = ckpt.get('args')
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    kwargs = args.get('model_kwargs') if isinstance(args, dict) else None
+    arch = ckpt.get('arch')
+    if not (isinstance(arch, str) and arch) and isinstance(args, dict):
+        arch = args.get('model')  # a checkpoint without 'arch' may still name its model among its flags
+    return (arch if isinstance(arch, str) else ''), (dict(kwargs) if isinstance(kwargs, dict) else {})
 
 
 def find_resume(output_dir) -> Optional[Path]:

@@ -14,6 +14,7 @@ one ``ConfigError`` line that names the flags, before anything is read or create
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -75,6 +76,40 @@ def _flag(parser: _Parser, group, *names, to=(), default=_UNSET, **kw) -> None:
         parser.flag_of.setdefault((section, field), '/'.join(names))
 
 
+class ParseKwargs(argparse.Action):
+    """``--model-kwargs key=value ...`` as timm's train.py / validate.py: each value is read as a Python literal
+    (``192``, ``0.1``, ``True``, ``(8, 8)``), anything else as a string (``global_pool=avg``). Tuples become
+    lists so args.yaml stays plain YAML."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kwargs = {}
+        for item in values:
+            key, sep, text = item.partition('=')
+            if not sep or not key:
+                parser.error(f'{option_string}: expected KEY=VALUE, got {item!r}')
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+            kwargs[key] = list(value) if isinstance(value, tuple) else value
+        setattr(namespace, self.dest, kwargs)
+
+
+def format_kwargs(kwargs: dict) -> str:
+    """The inverse of ``ParseKwargs``: ``{'depth': 6, 'pos_embed_grid_size': [8, 8]}`` as words the command line
+    takes back (``depth=6 pos_embed_grid_size=(8,8)``)."""
+    def word(v):
+        if isinstance(v, (list, tuple)):
+            return repr(tuple(v)).replace(' ', '')
+        if isinstance(v, str):
+            try:
+                ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                return v  # ParseKwargs reads it back as this string
+        return repr(v)
+    return ' '.join(f'{k}={word(v)}' for k, v in kwargs.items())
+
+
 def _not(v):
     return not v
 
@@ -95,8 +130,11 @@ def _dataset_flags(p: _Parser) -> None:
 def _model_flags(p: _Parser) -> None:
     g = p.add_argument_group('Model')
     m = lambda f, conv=None: ('model', f, conv)  # noqa: E731
-    _flag(p, g, '--model', to=m('name'), help='model name (naflex.list_models())')
-    _flag(p, g, '--pretrained', to=m('pretrained'), action='store_true', help='start from the registry weights')
+    _flag(p, g, '--model', to=m('name'), help='model name (naflex.list_models()), optionally NAME.TAG')
+    _flag(p, g, '--model-kwargs', to=m('kwargs', dict), nargs='*', action=ParseKwargs, metavar='KEY=VALUE',
+          help='model config fields, e.g. embed_dim=192 depth=6 num_heads=3 (saved in args.yaml and checkpoints)')
+    _flag(p, g, '--pretrained', to=m('pretrained'), action='store_true',
+          help="start from the model's published weights (Hugging Face Hub, cached)")
     _flag(p, g, '--pretrained-path', to=m('pretrained_path'), metavar='PATH',
           help='start from these weights (head resized)')
     _flag(p, g, '--initial-checkpoint', to=m('initial_checkpoint'), metavar='PATH',
@@ -224,6 +262,9 @@ def _run_flags(p: _Parser) -> None:
           help='run folder name under --output (default: date-model); a folder holding a run is only continued, '
                'with --resume auto')
     _flag(p, g, '--eval-metric', to=t('eval_metric'), choices=EVAL_METRICS, help='best-checkpoint metric')
+    _flag(p, g, '--log-wandb', to=('run', 'log_wandb'), action='store_true',
+          help='also log the per-epoch summary to Weights & Biases (pip install wandb)')
+    _flag(p, g, '--wandb-project', to=('run', 'wandb_project'), metavar='NAME', help='wandb project')
 
 
 def _pin(v):
@@ -343,5 +384,5 @@ def check_args(args: argparse.Namespace, parser: Optional[_Parser] = None) -> Co
     return cfg
 
 
-__all__ = ['ConfigError', 'args_yaml', 'build_parser', 'changed_flags', 'check_args', 'config_from_args',
-           'flag_namer', 'parse_args']
+__all__ = ['ConfigError', 'ParseKwargs', 'args_yaml', 'build_parser', 'changed_flags', 'check_args',
+           'config_from_args', 'flag_namer', 'format_kwargs', 'parse_args']

@@ -10,9 +10,10 @@ and the settings that only make sense together, before anything is created on di
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from augment.config import AugConfig, Problems
 from augment.mixup import MixupConfig
@@ -99,15 +100,36 @@ class ModelConfig:
     std: Optional[Tuple[float, ...]] = None             # --std
     torchcompile: Optional[str] = None                  # --torchcompile [backend]
     torchcompile_mode: Optional[str] = None             # --torchcompile-mode
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # --model-kwargs: architecture fields (embed_dim, depth, ...)
+
+    # model settings with a flag of their own: set there, not in --model-kwargs
+    FLAG_FIELDS = ('num_classes', 'drop_rate', 'drop_path_rate', 'global_pool', 'attn_backend')
 
     def overrides(self, num_classes: int) -> dict:
         """Keyword overrides for ``naflex.create_model``."""
-        kw = dict(num_classes=num_classes, drop_rate=self.drop_rate)
+        kw = dict(self.kwargs, num_classes=num_classes, drop_rate=self.drop_rate)
         if self.drop_path_rate is not None:
             kw['drop_path_rate'] = self.drop_path_rate
         if self.global_pool is not None:
             kw['global_pool'] = self.global_pool
         return kw
+
+    def _kwargs_problems(self, p: Problems) -> None:
+        """--model-kwargs: every key a NaFlexVitCfg field without a flag of its own, the result a valid config."""
+        p.need(isinstance(self.kwargs, dict), 'kwargs', f'takes KEY=VALUE pairs, got {self.kwargs!r}')
+        if not isinstance(self.kwargs, dict):
+            return
+        fields = {f.name for f in dataclasses.fields(NaFlexVitCfg)} - set(self.FLAG_FIELDS)
+        own_flag = sorted(set(self.kwargs) & set(self.FLAG_FIELDS))
+        unknown = sorted(set(self.kwargs) - fields - set(own_flag))
+        p.need(not own_flag, 'kwargs', f'{", ".join(own_flag)}: set with {", ".join(p.name(k) for k in own_flag)}')
+        p.need(not unknown, 'kwargs', f'unknown key(s) {", ".join(unknown)}; valid: {", ".join(sorted(fields))}')
+        if own_flag or unknown:
+            return
+        try:
+            dataclasses.replace(get_config(self.name), **self.kwargs).validate()
+        except ValueError as e:
+            p.items.append(f'{p.name("kwargs")} {e}')
 
     def validate(self, name: Namer = None) -> None:
         p = Problems(name)
@@ -115,6 +137,8 @@ class ModelConfig:
             get_config(self.name)
         except ValueError as e:
             p.items.append(str(e))
+        else:
+            self._kwargs_problems(p)
         p.need(self.attn_backend in ATTN_BACKENDS, 'attn_backend', f'{self.attn_backend!r}: valid {ATTN_BACKENDS}')
         p.need(self.num_classes is None or self.num_classes >= 1, 'num_classes', 'must be >= 1')
         p.need(0 <= self.drop_rate < 1, 'drop_rate', 'must be in [0, 1)')
@@ -129,6 +153,8 @@ class ModelConfig:
         else:
             p.need(self.torchcompile_mode is None, 'torchcompile_mode',
                    f'has no effect without {p.name("torchcompile")}')
+        p.need(not (self.initial_checkpoint and self.pretrained), 'initial_checkpoint',
+               f'and {p.name("pretrained")} both give start weights: pass one')
         p.raise_any()
 
 
@@ -252,6 +278,8 @@ class RunConfig:
     experiment: str = ''                                # --experiment (default: date-model)
     resume: str = ''                                    # --resume PATH | auto
     resume_opt: bool = True                             # --no-resume-opt turns it off
+    log_wandb: bool = False                             # --log-wandb (needs the optional wandb package)
+    wandb_project: Optional[str] = None                 # --wandb-project (None: wandb's default / WANDB_PROJECT)
 
     def validate(self, name: Namer = None) -> None:
         p = Problems(name)
@@ -261,7 +289,17 @@ class RunConfig:
         p.need(not any(c in self.experiment for c in '/\\') and self.experiment not in ('.', '..'), 'experiment',
                f'{self.experiment!r} must be a folder name without path separators or "..": the run folder is '
                f'{p.name("output")}/NAME (pass the path with {p.name("output")})')
+        p.need(not self.log_wandb or _installed('wandb'), 'log_wandb',
+               "needs the wandb package: pip install wandb (or pip install -e '.[wandb]')")
         p.raise_any()
+
+
+def _installed(package: str) -> bool:
+    try:
+        __import__(package)
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass

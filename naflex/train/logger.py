@@ -1,4 +1,5 @@
-"""Run outputs and console logging: log file, summary.csv, TensorBoard events, progress lines.
+"""Run outputs and console logging: log file, summary.csv, TensorBoard events, progress lines, the per-epoch
+curves (curves.png) and, with ``--log-wandb``, the same per-epoch rows in Weights & Biases.
 
 Only the primary rank writes (the others log warnings to stderr). ``ProgressMeter`` turns the host-side
 clock into the figures a NaFlex run needs on top of timm's ``Train: epoch [step/total] loss lr`` line:
@@ -11,7 +12,7 @@ import logging.handlers
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterable, List, Optional
 
 from .checkpoint import writing
 
@@ -90,11 +91,13 @@ def format_seconds(s: float) -> str:
 
 
 class RunWriter:
-    """summary.csv + TensorBoard scalars in the run folder (no-ops when ``out_dir`` is None); bad_files.txt is
-    written by naflex.train.bad_files."""
+    """summary.csv + TensorBoard scalars in the run folder (no-ops when ``out_dir`` is None; bad_files.txt is
+    written by naflex.train.bad_files); ``close`` draws curves.png from summary.csv. ``wandb_run``: a started wandb
+    run that gets every summary row."""
 
-    def __init__(self, out_dir: Optional[Path], tensorboard: bool = True):
+    def __init__(self, out_dir: Optional[Path], tensorboard: bool = True, wandb_run=None):
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self._wandb = wandb_run
         self._tb = None
         if self.out_dir is not None and tensorboard:
             try:
@@ -128,6 +131,8 @@ class RunWriter:
             if new:
                 w.writeheader()
             w.writerow({k: ('' if v is None else v) for k, v in row.items()})
+        if self._wandb is not None:  # timm's --log-wandb: the same row, one wandb step per epoch
+            self._wandb.log({k: v for k, v in row.items() if v is not None}, step=int(row['epoch']))
 
     def resume_at(self, epoch: int) -> None:
         """Drop summary.csv rows of ``epoch`` and later: a run that stopped after writing an epoch's row but
@@ -161,6 +166,55 @@ class RunWriter:
             except OSError as e:
                 self._tb_failed(e)
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        if self.out_dir is not None and (self.out_dir / 'summary.csv').is_file():
+            try:
+                plot_curves(self.out_dir / 'summary.csv', self.out_dir / 'curves.png')
+            except Exception as e:  # a picture is never worth a failed run
+                _logger.warning(f'no curves.png written: {type(e).__name__}: {e}')
+
+
+def _epoch_rows(summary_csv: Path) -> List[Dict[str, float]]:
+    """summary.csv's rows by epoch, numbers only; a resumed run that repeated epochs keeps the latest row."""
+    with open(summary_csv, newline='') as f:
+        rows = {}
+        for row in csv.DictReader(f):
+            cells = {k: float(v) for k, v in row.items() if k and v not in ('', None)}
+            if 'epoch' in cells:
+                rows[int(cells['epoch'])] = cells
+    return [rows[e] for e in sorted(rows)]
+
+
+def plot_curves(summary_csv: Path, out_png: Path) -> Optional[Path]:
+    """Loss, top-1 and learning rate per epoch (train and eval, EMA when present) from summary.csv as one PNG;
+    None when the file holds no epoch yet."""
+    rows = _epoch_rows(summary_csv)
+    if not rows:
+        return None
+    # A bare Figure draws with Agg and touches no pyplot state: no display, no global backend switch.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+    panels = (('loss', ('train_loss', 'eval_loss', 'ema_loss')), ('top-1 (%)', ('eval_top1', 'ema_top1')),
+              ('learning rate', ('lr',)))
+    fig = Figure(figsize=(12, 3.5))
+    axes = fig.subplots(1, len(panels))
+    for ax, (label, keys) in zip(axes, panels):
+        for key in keys:
+            points = [(r['epoch'], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), marker='o' if len(points) < 30 else None, label=key)
+        ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        if ax.has_data() and len(keys) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(f'{Path(summary_csv).parent.name}: {len(rows)} epochs', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    return Path(out_png)
 
 
 class ProgressMeter:
