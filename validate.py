@@ -221,7 +221,7 @@ def _weights(args) -> tuple[dict | None, str, str, dict]:
             try:
                 naflex.get_config(arch)
             except ValueError as e:
-                raise ValidateError(f"{e} (the name stored in {path}: pass --model)") from None
+                raise ValidateError(f"{e} (the name stored in {path}); pass --model NAME") from None
     return state, path, name, {**kwargs, **args.model_kwargs}
 
 
