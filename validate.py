@@ -10,7 +10,8 @@ length (NaFlex eval rule, SigLIP 2 arXiv:2502.14786; NaViT arXiv:2307.06304), ex
 ``validate.py --naflex-loader --naflex-max-seq-len L``, so timm checkpoints score what timm reports. Batches
 are packed (no padding) by default; ``--padded`` uses timm's padded layout and gives the same metrics.
 Under ``torchrun`` each rank evaluates its own shard and every image is counted exactly once.
-Accepts our checkpoints (plain, EMA via --use-ema, training-state files) and timm's .pth/.safetensors.
+Accepts our checkpoints (plain, EMA via --use-ema, training-state files) and timm's .pth/.safetensors. Reads
+image folders and WebDataset tar shards (``--dataset wds/NAME``, timm's layout; loaders.shards).
 """
 from __future__ import annotations
 
@@ -38,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a NaFlexViT model at one or more sequence lengths.")
     p.add_argument("data", nargs="?", default=None, help="dataset root (same as --data-dir)")
     p.add_argument("--data-dir", default=None, help="dataset root holding <split>/<class>/*.jpg")
-    p.add_argument("--split", default="val", help="split folder under the root (default: val)")
+    p.add_argument("--split", default="val", help="split folder under the root, or a split of tar shards "
+                   "(a name in _info.json or NAME-validation-{00..63}.tar; 'val' finds 'validation') (default: val)")
+    p.add_argument("--dataset", default="", metavar="TYPE/NAME",
+                   help="'wds/NAME': WebDataset tar shards + _info.json in --data-dir (found without it too); "
+                        "default: image folder")
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model name (naflex.list_models())")
     p.add_argument("--checkpoint", default="",
                    help="our checkpoint (plain/EMA/training state) or a timm .pth/.safetensors")
@@ -68,17 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _open_dataset(args):
-    """ImageFolderDataset of the split (class order = sorted folder names, like timm / torchvision)."""
-    from loaders import ImageFolderDataset
+    """The split as an image folder (classes = sorted folder names, like timm / torchvision) or as tar shards
+    (``--dataset wds/NAME``, or shards found in the root: loaders.shards)."""
+    from loaders import ImageFolderDataset, open_dataset
+    from loaders.shards import dataset_kind, is_shard_source
 
     root = args.data_dir or args.data
     if not root:
         raise ValidateError("no dataset given: pass --data-dir DIR")
     if not Path(root).is_dir():
         raise ValidateError(f"dataset folder not found: {root}")
+    if dataset_kind(args.dataset) not in ("", "wds"):
+        raise ValidateError(f"--dataset {args.dataset}: only wds/NAME (tar shards) and image folders are read")
     try:
-        ds = ImageFolderDataset(root, args.split)
-    except FileNotFoundError:
+        ds = open_dataset(root, args.split, dataset=args.dataset)
+    except (FileNotFoundError, ValueError) as e:
+        if is_shard_source(root, args.split, args.dataset):
+            raise ValidateError(str(e)) from None
+        if not isinstance(e, FileNotFoundError):
+            raise
         # Like timm's folder datasets: a root that directly holds class folders is used as it is.
         try:
             ds = ImageFolderDataset(root, "")
@@ -100,7 +113,7 @@ def _read_checkpoint(path: str, use_ema: bool) -> dict:
         raise ValidateError(str(e)) from None
 
 
-def _create_model(args, num_dataset_classes: int):
+def _create_model(args, num_dataset_classes: int, names_known: bool = True):
     """Model with the checkpoint's weights loaded strictly; one-line errors for every mismatch."""
     import naflex
 
@@ -137,7 +150,8 @@ def _create_model(args, num_dataset_classes: int):
             raise ValidateError(str(e)) from None
     else:
         print(f"note: no --checkpoint / --pretrained given: evaluating randomly initialized {args.model}")
-    if model.num_classes != num_dataset_classes:
+    # shards whose classes are bare indices may lack the last classes of the label space
+    if model.num_classes < num_dataset_classes or (model.num_classes != num_dataset_classes and names_known):
         raise ValidateError(
             f"class-count mismatch: the dataset has {num_dataset_classes} classes but the model has "
             f"{model.num_classes} outputs" + ("" if path else f" (pass --num-classes {num_dataset_classes})"))
@@ -193,7 +207,7 @@ def run(args) -> list[dict]:
     from naflex.train.evaluate import evaluate
 
     dataset = _open_dataset(args)
-    model = _create_model(args, len(dataset.classes))
+    model = _create_model(args, len(dataset.classes), getattr(dataset, 'class_names_known', True))
     try:
         dist_info = init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:  # DeviceError (e.g. --device cuda without a GPU), process-group setup

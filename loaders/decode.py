@@ -37,11 +37,10 @@ def open_image(path) -> Tuple[Image.Image, int, int, int]:
     """Open lazily (header only). Returns (img, upright_h, upright_w, exif_orientation).
 
     The file is read in one call and decoded from memory (PIL would otherwise issue dozens of small reads
-    per JPEG), which also leaves no open file handle behind.
+    per JPEG), which also leaves no open file handle behind. ``path`` may also be anything with
+    ``read_bytes()`` (a ``pathlib.Path``, a tar member: loaders.shards.ShardMember).
     """
-    with open(path, 'rb') as f:
-        data = f.read()
-    img = Image.open(io.BytesIO(data))
+    img = Image.open(io.BytesIO(read_encoded(path)))
     orientation = 1
     try:
         orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
@@ -128,3 +127,12 @@ def pil_to_hwc(img: Image.Image):
     """RGB PIL image -> uint8 torch tensor [H, W, 3] (HWC is already the P-P-C order patches need)."""
     import torch
     return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+
+
+def read_encoded(path) -> bytes:
+    """The encoded image bytes: ``path.read_bytes()`` where the source reads itself (a member of a tar shard),
+    else the whole file in one read."""
+    if hasattr(path, 'read_bytes'):
+        return path.read_bytes()
+    with open(path, 'rb') as f:
+        return f.read()

@@ -14,10 +14,11 @@ import torch
 
 import loaders
 import naflex
+from loaders.shards import classes_compatible
 
 from .checkpoint import load_weights
 from .config import Config
-from .distributed import DistInfo, broadcast_object
+from .distributed import DistInfo, broadcast_object, primary_first
 
 _logger = logging.getLogger('train')
 
@@ -27,30 +28,32 @@ class UserError(Exception):
 
 
 def open_datasets(cfg: Config):
-    """(train dataset, val dataset or None), checked: both exist, hold images and the same class folders."""
+    """(train dataset, val dataset or None), checked: both exist, hold images and the same classes. Image folders
+    or tar shards (``--dataset wds/NAME``, or shards found in ``--data-dir``); rank 0 opens them first, so an index
+    it builds and caches is read, not rebuilt, by the other ranks."""
     root, data = Path(cfg.data.root), cfg.data
     if not root.is_dir():
         raise UserError(f'--data-dir {root} does not exist')
-    try:
-        train_ds = loaders.ImageFolderDataset(root, data.train_split, class_order=data.class_order,
-                                              cache_dir=data.cache_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f'no training images: {e}') from None
+    with primary_first():
+        train_ds = _open_split(data, data.train_split, 'no training images')
+        val_ds = _open_split(data, data.val_split, 'no validation images',
+                             ' (pass --val-split "" to train without evaluation)') if data.val_split else None
     if len(train_ds) == 0:
         raise UserError(f'--data-dir {root}: split {data.train_split!r} holds no images')
-    if not data.val_split:
-        return train_ds, None
-    try:
-        val_ds = loaders.ImageFolderDataset(root, data.val_split, class_order=data.class_order,
-                                            cache_dir=data.cache_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f'no validation images: {e} (pass --val-split "" to train without evaluation)') from None
-    if list(val_ds.classes) != list(train_ds.classes):
+    if val_ds is not None and not classes_compatible(train_ds, val_ds):
         only_t = sorted(set(train_ds.classes) - set(val_ds.classes))[:5]
         only_v = sorted(set(val_ds.classes) - set(train_ds.classes))[:5]
         raise UserError(f'class folders differ between {data.train_split!r} and {data.val_split!r}: '
                         f'only in train {only_t}, only in val {only_v}')
     return train_ds, val_ds
+
+
+def _open_split(data, split: str, what: str, hint: str = ''):
+    try:
+        return loaders.open_dataset(data.root, split, class_order=data.class_order, cache_dir=data.cache_dir,
+                                    dataset=data.dataset)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f'{what}: {e}{hint}') from None
 
 
 def num_classes_for(cfg: Config, train_ds) -> int:
