@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import resource
@@ -38,9 +37,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .dataset import _SPLIT_ALIASES, IMG_EXTENSIONS
-
-_logger = logging.getLogger(__name__)
+from .dataset import _SPLIT_ALIASES, IMG_EXTENSIONS, ImageFolderDataset
 
 INFO_FILES = ('_info.json', 'info.json')  # the names timm's wds reader looks for
 INDEX_VERSION = 1
@@ -104,9 +101,9 @@ def _range_items(first: str, last: str, step: Optional[str]) -> List[str]:
 
 
 def is_shard_pattern(split: str) -> bool:
-    """timm's rule: a split holding 'tar' or '..' is a shard list (``NAME-train-{0000..0127}.tar``, optionally
-    ``|NUM_SAMPLES``) rather than a split name."""
-    return bool(split) and not split.endswith('.txt') and ('tar' in split or '..' in split)
+    """Whether a split is a shard list (``NAME-train-{0000..0127}.tar``, optionally ``|NUM_SAMPLES``) rather
+    than a split name: timm's rule ('tar' or '..' in it), narrowed to '.tar', '..' or a brace."""
+    return bool(split) and not split.endswith('.txt') and any(t in split for t in ('.tar', '..', '{'))
 
 
 def load_info(root) -> dict:
@@ -397,12 +394,9 @@ def load_index(shards: Sequence[str], cache_dir=None) -> ShardIndex:
     """The cached index of ``shards`` if it is there and current, else a new one (then cached; a cache folder
     that cannot be written only costs the rebuild next time)."""
     cache = _cache_file(shards, Path(cache_dir) if cache_dir else default_cache_dir())
-    try:
-        with np.load(cache, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ('shard', 'offset', 'size', 'target', 'names', 'name_offsets')}
-            return ShardIndex(**arrays, problems=json.loads(z['problems'].tobytes().decode('utf-8')))
-    except (OSError, KeyError, ValueError):
-        pass  # absent, or written by something else: rebuild
+    index = _read_cached(cache, len(shards)) if cache.is_file() else None
+    if index is not None:
+        return index
     index = build_index(shards)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -412,8 +406,23 @@ def load_index(shards: Sequence[str], cache_dir=None) -> ShardIndex:
                  names=index.names, name_offsets=index.name_offsets, problems=problems)
         os.replace(tmp, cache)  # atomic: ranks that build the same index concurrently never see half a file
     except OSError as e:
-        _logger.warning(f'shard index not cached ({e}); it is rebuilt on the next start')
+        warnings.warn(f'shard index not cached ({e}); it is rebuilt on the next start')
     return index
+
+
+def _read_cached(cache: Path, num_shards: int) -> Optional[ShardIndex]:
+    """The index in ``cache``, or None when it cannot be read or does not fit (it is then rebuilt)."""
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ('shard', 'offset', 'size', 'target', 'names', 'name_offsets')}
+            problems = json.loads(z['problems'].tobytes().decode('utf-8'))
+    except Exception:  # a torn or foreign file (zipfile, numpy and json errors alike): rebuild
+        return None
+    n = len(arrays['target'])
+    fits = all(len(arrays[k]) == n for k in ('shard', 'offset', 'size')) and len(arrays['name_offsets']) == n + 1
+    if not fits or (n and not 0 <= int(arrays['shard'].max()) < num_shards):
+        return None
+    return ShardIndex(**arrays, problems=problems)
 
 
 # --- reading members -------------------------------------------------------------------------------------------
@@ -511,22 +520,15 @@ class ShardDataset:
             warnings.warn(f'{self.root} split {self.split!r}: _info.json says {expected} samples, the shards hold '
                           f'{len(self)} readable ones')
 
-    def __len__(self) -> int:
-        return len(self.targets)
-
     def path(self, i: int) -> ShardMember:
         ix = self._index
         return ShardMember(self.shards[ix.shard[i]], ix.name(i), int(ix.offset[i]), int(ix.size[i]))
 
-    def target(self, i: int) -> int:
-        return int(self.targets[i])
-
-    def __getitem__(self, i: int) -> Tuple[str, int]:
-        return self.path(i), self.target(i)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    # The rest of the interface is ImageFolderDataset's, on the same attributes (targets, classes, path).
+    __len__ = ImageFolderDataset.__len__
+    target = ImageFolderDataset.target
+    __getitem__ = ImageFolderDataset.__getitem__
+    num_classes = ImageFolderDataset.num_classes
 
 
 def _class_names(info: dict, targets: np.ndarray, root) -> Tuple[List[str], bool]:

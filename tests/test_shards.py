@@ -21,20 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
 import make_shards  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _cache_in_tmp(tmp_path, monkeypatch):
-    """The default index cache (~/.cache/naflex) is never touched by the tests."""
-    monkeypatch.setenv('NAFLEX_CACHE_DIR', str(tmp_path / 'index-cache'))
-
-
-@pytest.fixture(scope='module')
-def demo_shards(demo_dataset, tmp_path_factory):
-    """demo_dataset as shards of 5 samples, folder order kept (sample i is the folder's image i)."""
-    out = tmp_path_factory.mktemp('demo_wds')
-    make_shards.make_shards(demo_dataset, out, name='demo', samples_per_shard=5, shuffle=False)
-    return out
-
-
 def test_expand_braces():
     assert S.expand_braces('a-{0000..0002}.tar') == ['a-0000.tar', 'a-0001.tar', 'a-0002.tar']
     assert S.expand_braces('x{8..11}') == ['x8', 'x9', 'x10', 'x11']
@@ -112,6 +98,10 @@ def test_index_is_cached_outside_the_data_folder(demo_shards, tmp_path, monkeypa
     again = loaders.ShardDataset(demo_shards, 'train', cache_dir=cache)
     assert [again.path(i) for i in range(len(again))] == [first.path(i) for i in range(len(first))]
     monkeypatch.undo()
+    cached = next(cache.glob('naflex_shards_*.npz'))
+    cached.write_bytes(cached.read_bytes()[:100])  # a torn cache file is rebuilt, not trusted
+    assert len(loaders.ShardDataset(demo_shards, 'train', cache_dir=cache)) == len(first)
+    assert cached.stat().st_size > 100
     monkeypatch.setenv('NAFLEX_CACHE_DIR', str(tmp_path / 'default'))
     loaders.ShardDataset(demo_shards, 'train')  # cache_dir None: $NAFLEX_CACHE_DIR
     assert len(list((tmp_path / 'default').glob('*.npz'))) == 1
@@ -296,3 +286,18 @@ def test_open_file_cap(coded_shards, monkeypatch):
         assert ds.path(i).read_bytes()[:4] == b'\x89PNG'
         assert len(pool._fds) <= 2
     assert len(ds.shards) == 4
+
+
+def test_benchmarks_read_shards(demo_dataset, demo_shards, capsys):
+    """scripts/bench: bench_loader.py runs our loader on shards (timm's is refused there), bench_shards.py runs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts' / 'bench'))
+    import bench_loader
+    import bench_shards
+    argv = ['--data-dir', str(demo_shards), '--dataset', 'wds/demo', '--steps', '2', '-j', '0', '-b', '4',
+            '--naflex-train-seq-lens', '32', '64']
+    best = bench_loader.main(argv + ['--only', 'ours'])
+    assert best['ours']['steps'] == 2 and 'data=ShardDataset' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_loader.main(argv)
+    rows = bench_shards.main(['--folder', str(demo_dataset), '--shards', str(demo_shards), '--repeats', '1'])
+    assert [count for what, _, count in rows if what.startswith('index')] == [24, 24, 24]

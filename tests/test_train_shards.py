@@ -16,31 +16,15 @@ import train
 import validate
 from test_train import Hooks, _weights, card_argv
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
-import make_shards  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv('NAFLEX_CACHE_DIR', str(tmp_path / 'index-cache'))
-
-
 @pytest.fixture(scope='module')
-def shards(demo_dataset, tmp_path_factory):
-    """The demo folder as shards in folder order, so sample i of the shards is image i of the folder."""
-    out = tmp_path_factory.mktemp('wds')
-    make_shards.make_shards(demo_dataset, out, name='demo', samples_per_shard=5, shuffle=False)
-    return out
-
-
-@pytest.fixture(scope='module')
-def runs(demo_dataset, shards, tmp_path_factory):
+def runs(demo_dataset, demo_shards, tmp_path_factory):
     """The same 2-epoch card run on the folder and on its shards (found without --dataset)."""
     out = tmp_path_factory.mktemp('runs')
     hooks = {}
-    for name, data in (('folder', demo_dataset), ('shards', shards)):
+    for name, data in (('folder', demo_dataset), ('shards', demo_shards)):
         hooks[name] = Hooks()
         train.main(card_argv(data, out, name), hooks=hooks[name])
     return out, hooks
@@ -54,7 +38,7 @@ def test_training_on_shards_is_training_on_the_folder(runs):
     assert (out / 'shards' / 'summary.csv').read_text().count('\n') == 3
 
 
-def test_sigterm_mid_epoch_on_shards_resumes_exactly_with_workers(runs, shards, tmp_path):
+def test_sigterm_mid_epoch_on_shards_resumes_exactly_with_workers(runs, demo_shards, tmp_path):
     """timm's --dataset wds/NAME, 2 loader workers reading the shards; SIGTERM at epoch 1 step 1, then
     --resume auto replays the uninterrupted run (which had no workers) exactly."""
     out, hooks = runs
@@ -65,7 +49,7 @@ def test_sigterm_mid_epoch_on_shards_resumes_exactly_with_workers(runs, shards, 
             if (state.epoch, state.step) == (1, 1):
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    argv = card_argv(shards, tmp_path, 't', '--dataset', 'wds/demo', '-j', '2')
+    argv = card_argv(demo_shards, tmp_path, 't', '--dataset', 'wds/demo', '-j', '2')
     with pytest.raises(SystemExit) as exc:
         train.main(argv, hooks=Term())
     assert exc.value.code == 143 and [p.name for p in (tmp_path / 't').glob('recovery-*')] == ['recovery-1-2.pth']
@@ -76,24 +60,24 @@ def test_sigterm_mid_epoch_on_shards_resumes_exactly_with_workers(runs, shards, 
         assert torch.equal(v, _weights(tmp_path / 't' / 'last.pth')[k]), k
 
 
-def test_validate_reads_shards_and_brace_patterns(runs, demo_dataset, shards, capsys):
+def test_validate_reads_shards_and_brace_patterns(runs, demo_dataset, demo_shards, capsys):
     out, _ = runs
     base = ['--model', 'naflexvit_tiny_test', '--checkpoint', str(out / 'shards' / 'last.pth'), '-j', '0',
             '-b', '5', '--naflex-max-seq-len', '64', '--device', 'cpu']
     folder = validate.main(['--data-dir', str(demo_dataset)] + base)[0]
-    ours = validate.main(['--data-dir', str(shards), '--dataset', 'wds/demo'] + base)[0]  # --split val: 'validation'
+    ours = validate.main(['--data-dir', str(demo_shards), '--dataset', 'wds/demo'] + base)[0]  # --split val: 'validation'
     assert (ours['top1'], ours['loss'], ours['images']) == (folder['top1'], folder['loss'], folder['images']) == \
         (ours['top1'], ours['loss'], 16)
-    part = validate.main(['--data-dir', str(shards), '--split', 'demo-validation-{0000..0001}.tar'] + base)[0]
+    part = validate.main(['--data-dir', str(demo_shards), '--split', 'demo-validation-{0000..0001}.tar'] + base)[0]
     assert part['images'] == 10
     with pytest.raises(SystemExit) as exc:
-        validate.main(['--data-dir', str(shards), '--split', 'test'] + base)
+        validate.main(['--data-dir', str(demo_shards), '--split', 'test'] + base)
     assert exc.value.code == 2 and "split 'test' is not in" in capsys.readouterr().err
 
 
-def test_validate_reports_a_bad_member_by_shard_and_member(runs, shards, tmp_path, capsys):
+def test_validate_reports_a_bad_member_by_shard_and_member(runs, demo_shards, tmp_path, capsys):
     out, _ = runs
-    shutil.copytree(shards, tmp_path / 'wds')
+    shutil.copytree(demo_shards, tmp_path / 'wds')
     shard = tmp_path / 'wds' / 'demo-validation-0002.tar'
     with tarfile.open(shard) as tf:
         m = next(m for m in tf if m.name.endswith('.jpg'))
@@ -106,21 +90,21 @@ def test_validate_reports_a_bad_member_by_shard_and_member(runs, shards, tmp_pat
     assert f'bad image file (skipped): {shard}:{m.name}' in capsys.readouterr().err
 
 
-def test_train_errors_on_shards_are_one_line(shards, tmp_path, capsys):
+def test_train_errors_on_shards_are_one_line(demo_shards, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        train.main(card_argv(shards, tmp_path, 'e', '--train-split', 'nope'))
+        train.main(card_argv(demo_shards, tmp_path, 'e', '--train-split', 'nope'))
     assert exc.value.code == 2
     assert "no training images: split 'nope' is not in" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        train.main(card_argv(shards, tmp_path, 'e', '--dataset', 'hfds/imagenet'))
+        train.main(card_argv(demo_shards, tmp_path, 'e', '--dataset', 'hfds/imagenet'))
     assert exc.value.code == 2 and "--dataset type 'hfds' is not read here" in capsys.readouterr().err
 
 
-def test_torchrun_two_ranks_on_shards(shards, tmp_path):
+def test_torchrun_two_ranks_on_shards(demo_shards, tmp_path):
     """Two gloo ranks with a loader worker each on shards: rank 0 opens (indexes, caches) them first."""
     cache = tmp_path / 'cache'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py',
-           '--data-dir', str(shards), '--dataset', 'wds/demo', '--model', 'naflexvit_tiny_test', '--device', 'cpu',
+           '--data-dir', str(demo_shards), '--dataset', 'wds/demo', '--model', 'naflexvit_tiny_test', '--device', 'cpu',
            '-b', '4', '-j', '1', '--epochs', '1', '--warmup-epochs', '0', '--naflex-train-seq-lens', '32', '64',
            '--naflex-max-seq-len', '64', '--output', str(tmp_path), '--experiment', 'ddp']
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
