@@ -510,15 +510,19 @@ class ShardDataset:
                           f'left out: {"; ".join(self.problems[:3])}' + (' ...' if len(self.problems) > 3 else ''))
         self.classes, self.class_names_known = _class_names(info, self.targets, self.root)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self._check_counts(info)
+        self._check_info(info)
 
-    def _check_counts(self, info: dict) -> None:
-        """Warns when the shards hold another number of samples than ``_info.json`` says (timm trusts the file)."""
+    def _check_info(self, info: dict) -> None:
+        """Warns when the shards hold another number of samples than ``_info.json`` says (timm trusts the file), and
+        when the split's labels are meant to come from another field (``alt_label``: timm then reads ``KEY.json``)."""
         split_info = (info.get('splits') or {}).get(self.split) or {}
         expected = split_info.get('num_samples')
         if expected is not None and int(expected) != len(self):
             warnings.warn(f'{self.root} split {self.split!r}: _info.json says {expected} samples, the shards hold '
                           f'{len(self)} readable ones')
+        if split_info.get('alt_label'):
+            warnings.warn(f'{self.root} split {self.split!r}: _info.json names alt_label '
+                          f'{split_info["alt_label"]!r} (a label in KEY.json); the KEY.cls labels are used here')
 
     def path(self, i: int) -> ShardMember:
         ix = self._index

@@ -171,6 +171,10 @@ def test_broken_shards(tmp_path):
     with pytest.warns(UserWarning, match='cut short after 2 samples'):
         ds = loaders.ShardDataset(tmp_path, 'train')
     assert len(ds) == 6 and ds.problems
+    info['splits']['train']['alt_label'] = 'label_12k'  # timm would read that label from KEY.json
+    (tmp_path / '_info.json').write_text(json.dumps(info))
+    with pytest.warns(UserWarning, match="alt_label 'label_12k'"):
+        loaders.ShardDataset(tmp_path, 'train')
 
 
 def _corrupt_one_member(src: Path, dst: Path) -> str:
