@@ -1,4 +1,5 @@
-"""NaFlex data loading: image folders or tar shards -> packed (or padded) uint8 token batches -> device. Imports only augment/.
+"""NaFlex data loading: image folders or tar shards -> packed (or padded) uint8 token batches -> device.
+Imports only augment/.
 
 Implements the data side of NaViT (arXiv:2307.06304: native aspect ratio, packed variable-length sequences),
 FlexiViT (arXiv:2212.08013: per-step patch size) and SigLIP 2's NaFlex (arXiv:2502.14786).

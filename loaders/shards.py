@@ -12,8 +12,9 @@ streaming reader pays and less than opening a file of an image folder.
 
 The member index (shard, offset, size, target and name of each sample) is built once by reading only the tar
 headers (ustar, pax and GNU long names parsed here, ~5x faster than ``tarfile``, which takes any other header;
-a shard cut short keeps its samples before the cut) and cached in a cache directory, never in the data folder: ``cache_dir``, else ``$NAFLEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/naflex`` or
-``~/.cache/naflex``. The cache is keyed by every shard's path, size and mtime. Shard files are opened lazily in
+a shard cut short keeps its samples before the cut) and cached in a cache directory, never in the data folder:
+``cache_dir``, else ``$NAFLEX_CACHE_DIR``, else ``$XDG_CACHE_HOME/naflex`` or ``~/.cache/naflex``. The cache is
+keyed by every shard's path, size and mtime. Shard files are opened lazily in
 the process that reads them (so a forked DataLoader worker never uses a descriptor of its parent).
 
 A sample is named ``SHARD.tar:MEMBER`` wherever a path is expected (``path(i)``, bad-file reports); that name

@@ -65,7 +65,8 @@ def test_validate_reads_shards_and_brace_patterns(runs, demo_dataset, demo_shard
     base = ['--model', 'naflexvit_tiny_test', '--checkpoint', str(out / 'shards' / 'last.pth'), '-j', '0',
             '-b', '5', '--naflex-max-seq-len', '64', '--device', 'cpu']
     folder = validate.main(['--data-dir', str(demo_dataset)] + base)[0]
-    ours = validate.main(['--data-dir', str(demo_shards), '--dataset', 'wds/demo'] + base)[0]  # --split val: 'validation'
+    # the default --split val finds the shards' 'validation'
+    ours = validate.main(['--data-dir', str(demo_shards), '--dataset', 'wds/demo'] + base)[0]
     assert (ours['top1'], ours['loss'], ours['images']) == (folder['top1'], folder['loss'], folder['images']) == \
         (ours['top1'], ours['loss'], 16)
     part = validate.main(['--data-dir', str(demo_shards), '--split', 'demo-validation-{0000..0001}.tar'] + base)[0]
