@@ -1,7 +1,7 @@
 """Shared pytest fixtures and markers.
 
 - ``shared_data``: path to ``../shared/data/caltech101`` (real JPEGs); tests using it skip when it is absent.
-- ``demo_shards``: ``demo_dataset`` as WebDataset tar shards; the shard index cache of every test goes to its tmp_path.
+- ``demo_shards``: ``demo_dataset`` as WebDataset tar shards; the shard index cache of the tests goes to a tmp dir.
 - ``cuda`` marker: skipped without a CUDA device.
 - Threads are capped so the suite behaves on a 2-core machine, and restored after every test.
 """
@@ -52,10 +52,13 @@ def demo_dataset(tmp_path_factory) -> Path:
                              seed=0, min_size=24, max_size=120)
 
 
-@pytest.fixture(autouse=True)
-def _shard_index_cache_in_tmp(tmp_path, monkeypatch):
-    """Tests never write the default shard index cache (~/.cache/naflex, loaders.shards)."""
-    monkeypatch.setenv("NAFLEX_CACHE_DIR", str(tmp_path / "index-cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _shard_index_cache_in_tmp(tmp_path_factory):
+    """Tests never write the default shard index cache (~/.cache/naflex, loaders.shards). Session-scoped, so it is
+    in place before module- and session-scoped fixtures that train on shards."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NAFLEX_CACHE_DIR", str(tmp_path_factory.mktemp("index-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")
