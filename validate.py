@@ -10,7 +10,8 @@ length (NaFlex eval rule, SigLIP 2 arXiv:2502.14786; NaViT arXiv:2307.06304), ex
 ``validate.py --naflex-loader --naflex-max-seq-len L``, so timm checkpoints score what timm reports. Batches
 are packed (no padding) by default; ``--padded`` uses timm's padded layout and gives the same metrics.
 Under ``torchrun`` each rank evaluates its own shard and every image is counted exactly once.
-Accepts our checkpoints (plain, EMA via --use-ema, training-state files) and timm's .pth/.safetensors.
+Accepts our checkpoints (plain, EMA via --use-ema, training-state files) and timm's .pth/.safetensors. Reads
+image folders and WebDataset tar shards (``--dataset wds/NAME``, timm's layout; loaders.shards).
 """
 from __future__ import annotations
 
@@ -41,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="dataset root holding <split>/<class>/*.jpg")
     p.add_argument("--split", default=split,
                    help=f"split folder under the root (default: {split}, like train.py's --val-split; 'val', "
-                        "'valid', 'eval' are found too, and a root that holds the class folders is used as it is)")
+                        "'valid', 'eval' are found too, and a root that holds the class folders is used as it is), "
+                        "or a split of tar shards (a name in _info.json or NAME-validation-{00..63}.tar)")
+    p.add_argument("--dataset", default="", metavar="TYPE/NAME",
+                   help="'wds/NAME': WebDataset tar shards + _info.json in --data-dir (found without it too); "
+                        "default: image folder")
     p.add_argument("--model", "-m", default=None,
                    help=f"model name (naflex.list_models()), optionally NAME.TAG (default: the name the checkpoint "
                         f"stores, else {DEFAULT_MODEL})")
@@ -137,15 +142,23 @@ _SPLIT_NAMES = ("train", "training", "val", "validation", "valid", "eval", "eval
 
 
 def _open_dataset(args):
-    """ImageFolderDataset of the split (class order = sorted folder names, like timm / torchvision)."""
-    from loaders import ImageFolderDataset
+    """The split as an image folder (classes = sorted folder names, like timm / torchvision) or as tar shards
+    (``--dataset wds/NAME``, or shards found in the root: loaders.shards)."""
+    from loaders import ImageFolderDataset, open_dataset
+    from loaders.shards import dataset_kind, is_shard_source
 
     root = args.data_dir or args.data
     if not Path(root).is_dir():
         raise ValidateError(f"dataset folder not found: {root}")
+    if dataset_kind(args.dataset) not in ("", "wds"):
+        raise ValidateError(f"--dataset {args.dataset}: only wds/NAME (tar shards) and image folders are read")
     try:
-        ds = ImageFolderDataset(root, args.split)
-    except FileNotFoundError as e:
+        ds = open_dataset(root, args.split, dataset=args.dataset)
+    except (FileNotFoundError, ValueError) as e:
+        if is_shard_source(root, args.split, args.dataset):
+            raise ValidateError(str(e)) from None
+        if not isinstance(e, FileNotFoundError):
+            raise ValidateError(str(e)) from None  # a split file that lists nothing, or files that are not there
         splits = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and d.name.lower() in _SPLIT_NAMES)
         if splits or args.split.endswith(".txt"):  # the root holds splits, just not this one
             raise ValidateError(f"{e}" + (f" (it holds {', '.join(splits)}: pass --split NAME)" if splits else "")) \
@@ -155,8 +168,6 @@ def _open_dataset(args):
             ds = ImageFolderDataset(root, "")
         except (FileNotFoundError, OSError) as e:
             raise ValidateError(f"split '{args.split}' not found under {root}: {e}") from None
-    except ValueError as e:  # a split file that lists nothing, or files that are not there
-        raise ValidateError(str(e)) from None
     if len(ds) == 0 or not ds.classes:
         raise ValidateError(f"no images found in {ds.base} (expected <class>/<image> folders)")
     return ds
@@ -225,8 +236,9 @@ def _weights(args) -> tuple[dict | None, str, str, dict]:
     return state, path, name, {**kwargs, **args.model_kwargs}
 
 
-def _create_model(args, weights: tuple, num_dataset_classes: int):
-    """The model with ``weights`` (``_weights``'s) loaded strictly; one-line errors for every mismatch."""
+def _create_model(args, weights: tuple, num_dataset_classes: int, names_known: bool = True):
+    """The model with ``weights`` (``_weights``'s) loaded strictly; one-line errors for every mismatch.
+    ``names_known`` False (tar shards that only give class indices): a head larger than the dataset is fine."""
     import naflex
 
     state, source, name, kwargs = weights
@@ -250,7 +262,8 @@ def _create_model(args, weights: tuple, num_dataset_classes: int):
             raise ValidateError(str(e)) from None
     else:
         print(f"note: no --checkpoint / --pretrained given: evaluating randomly initialized {name}")
-    if model.num_classes != num_dataset_classes:
+    # shards whose classes are bare indices may lack the last classes of the label space
+    if model.num_classes < num_dataset_classes or (model.num_classes != num_dataset_classes and names_known):
         raise ValidateError(
             f"class-count mismatch: the dataset has {num_dataset_classes} classes but the model has "
             f"{model.num_classes} outputs" + ("" if source else f" (pass --num-classes {num_dataset_classes})"))
@@ -313,7 +326,7 @@ def run(args) -> list[dict]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_attention(args, name, device)
     dataset = _open_dataset(args)
-    model = _create_model(args, weights, len(dataset.classes))
+    model = _create_model(args, weights, len(dataset.classes), getattr(dataset, 'class_names_known', True))
     del weights
     try:
         dist_info = init_distributed(device)

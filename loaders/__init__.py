@@ -1,4 +1,5 @@
-"""NaFlex data loading: image folders -> packed (or padded) uint8 token batches -> device. Imports only augment/.
+"""NaFlex data loading: image folders or tar shards -> packed (or padded) uint8 token batches -> device.
+Imports only augment/.
 
 Implements the data side of NaViT (arXiv:2307.06304: native aspect ratio, packed variable-length sequences),
 FlexiViT (arXiv:2212.08013: per-step patch size) and SigLIP 2's NaFlex (arXiv:2502.14786).
@@ -15,7 +16,8 @@ Public API
     (``make_eval_loader(dataset, ...)`` for a dataset object): every image of this rank's shard once.
 ``DevicePrefetcher(loader, device, mean, std, dtype=torch.float32)``: batches on the device, patches normalised
     to float there.
-``ImageFolderDataset(root, split)``, ``ListDataset(samples)``, ``SeqLenSchedule``, ``pack``/``pad``.
+``ImageFolderDataset(root, split)``, ``ShardDataset(root, split)`` (WebDataset tar shards, timm's ``wds/NAME``),
+``ListDataset(samples)``, ``open_dataset(root, split, dataset=)``, ``SeqLenSchedule``, ``pack``/``pad``.
 
 Batches are ``(inputs, target)`` in the layouts ``naflex.model.batch`` specifies (packed by default, timm's padded
 layout with ``packing=False``), with ``'bad_files'`` listing the files a step replaced (train) or dropped (eval).
@@ -28,10 +30,11 @@ from .factory import create_eval_loader, create_train_loader, open_dataset
 from .packing import pack, pad, patchify_hwc
 from .prefetch import DevicePrefetcher, normalize_patches
 from .schedule import SeqLenSchedule, batch_size_for
+from .shards import ShardDataset
 from .train_loader import TrainLoader, UndecodableFiles
 
 __all__ = [
     'DatasetConfig', 'DevicePrefetcher', 'EvalLoaderConfig', 'ImageFolderDataset', 'ListDataset', 'SeqLenSchedule',
-    'TrainLoader', 'TrainLoaderConfig', 'UndecodableFiles', 'batch_size_for', 'create_eval_loader',
+    'ShardDataset', 'TrainLoader', 'TrainLoaderConfig', 'UndecodableFiles', 'batch_size_for', 'create_eval_loader',
     'create_train_loader', 'make_eval_loader', 'normalize_patches', 'open_dataset', 'pack', 'pad', 'patchify_hwc',
 ]

@@ -23,10 +23,15 @@ def resolve_pin_memory(pin_memory: Optional[bool]) -> bool:
     return torch.cuda.is_available()
 
 
+DATASET_KINDS = ('', 'wds')  # timm's --dataset TYPE/NAME types read here: image folders, WebDataset tar shards
+
+
 @dataclass
 class DatasetConfig:
-    """Where the images are: ``root/<split>/<class>/<image>`` or a text-list split (see loaders.dataset)."""
+    """Where the images are: ``root/<split>/<class>/<image>``, a text-list split (see loaders.dataset) or tar
+    shards (``dataset='wds/NAME'``, or found in ``root`` without a split folder; see loaders.shards)."""
     root: str = ''                      # --data-dir
+    dataset: str = ''                   # --dataset: '' = image folder or shards found in root, 'wds/NAME' = shards
     train_split: str = 'train'          # --train-split
     val_split: str = 'validation'       # --val-split ('val' and other aliases are found too; '' = none)
     class_order: str = 'sorted'         # torchvision's sorted(); 'natural' = timm's folder reader
@@ -36,6 +41,9 @@ class DatasetConfig:
         p = Problems(name)
         p.need(bool(self.root), 'root', 'is required')
         p.need(self.class_order in CLASS_ORDERS, 'class_order', f'must be one of {", ".join(CLASS_ORDERS)}')
+        kind, sep, _ = self.dataset.partition('/')
+        p.need(not sep or kind.lower() in DATASET_KINDS + ('folder', 'imagefolder'), 'dataset',
+               f"type {kind!r} is not read here: use wds/NAME (tar shards) or leave it empty (image folder)")
         p.raise_any()
 
 

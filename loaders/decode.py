@@ -52,15 +52,16 @@ def open_image(path) -> Tuple[Image.Image, int, int, int]:
     file cannot be read or is not an image.
 
     The file is read in one call and decoded from memory (PIL would otherwise issue dozens of small reads
-    per JPEG), which also leaves no open file handle behind.
+    per JPEG), which also leaves no open file handle behind. ``path`` may also be anything with
+    ``read_bytes()`` (a ``pathlib.Path``, a tar member: loaders.shards.ShardMember).
     """
+    data = b''
     try:
-        with open(path, 'rb') as f:
-            data = f.read()
+        data = read_encoded(path)
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:  # its own text names the in-memory buffer, not the file
         raise UndecodableImage('empty file' if not data else 'not an image format Pillow can read') from e
-    except Exception as e:  # OSError (missing, unreadable), PIL's DecompressionBombError, ...
+    except Exception as e:  # OSError (missing, unreadable, a cut shard), PIL's DecompressionBombError, ...
         raise UndecodableImage(f'{type(e).__name__}: {e}') from e
     orientation = 1
     try:
@@ -164,3 +165,12 @@ def pil_to_hwc(img: Image.Image):
     """RGB PIL image -> uint8 torch tensor [H, W, 3] (HWC is already the P-P-C order patches need)."""
     import torch
     return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+
+
+def read_encoded(path) -> bytes:
+    """The encoded image bytes: ``path.read_bytes()`` where the source reads itself (a member of a tar shard),
+    else the whole file in one read."""
+    if hasattr(path, 'read_bytes'):
+        return path.read_bytes()
+    with open(path, 'rb') as f:
+        return f.read()

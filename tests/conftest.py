@@ -1,6 +1,7 @@
 """Shared pytest fixtures and markers.
 
 - ``shared_data``: path to ``../shared/data/caltech101`` (real JPEGs); tests using it skip when it is absent.
+- ``demo_shards``: ``demo_dataset`` as WebDataset tar shards; the shard index cache of the tests goes to a tmp dir.
 - ``cuda`` marker: skipped without a CUDA device.
 - Threads are capped so the suite behaves on a 2-core machine, and restored after every test.
 """
@@ -49,3 +50,25 @@ def demo_dataset(tmp_path_factory) -> Path:
 
     return make_demo_dataset(tmp_path_factory.mktemp("demo_data"), num_classes=4, per_class=6, val_per_class=4,
                              seed=0, min_size=24, max_size=120)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shard_index_cache_in_tmp(tmp_path_factory):
+    """Tests never write the default shard index cache (~/.cache/naflex, loaders.shards). Session-scoped, so it is
+    in place before module- and session-scoped fixtures that train on shards."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NAFLEX_CACHE_DIR", str(tmp_path_factory.mktemp("index-cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_dataset, tmp_path_factory) -> Path:
+    """``demo_dataset`` as shards of 5 samples + _info.json (scripts/make_shards.py), folder order kept: sample i
+    of a split is image i of its folder, so a run on the shards is the same run as on the folder."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_shards", REPO_ROOT / "scripts" / "make_shards.py")
+    make_shards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_shards)
+    out = tmp_path_factory.mktemp("demo_wds")
+    make_shards.make_shards(demo_dataset, out, name="demo", samples_per_shard=5, shuffle=False)
+    return out

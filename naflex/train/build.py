@@ -16,11 +16,12 @@ import torch
 
 import loaders
 import naflex
+from loaders.shards import classes_compatible
 
 from .checkpoint import load_hub_weights, load_weights, recorded_model
 from .cli import format_kwargs
 from .config import Config
-from .distributed import DistInfo, broadcast_object
+from .distributed import DistInfo, broadcast_object, primary_first
 
 _logger = logging.getLogger('train')
 
@@ -30,10 +31,12 @@ class UserError(Exception):
 
 
 def _open_split(cfg: Config, split: str, what: str, hint: str = ''):
-    """The ImageFolderDataset of one split; a missing split or one without a single image is a UserError."""
+    """The dataset of one split (image folder or tar shards); a missing split or one without a single image is a
+    UserError."""
     root, data = Path(cfg.data.root), cfg.data
     try:
-        ds = loaders.ImageFolderDataset(root, split, class_order=data.class_order, cache_dir=data.cache_dir)
+        ds = loaders.open_dataset(root, split, class_order=data.class_order, cache_dir=data.cache_dir,
+                                  dataset=data.dataset)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f'no {what} images: {e}{hint}') from None
     if len(ds) == 0:
@@ -44,6 +47,8 @@ def _open_split(cfg: Config, split: str, what: str, hint: str = ''):
 
 def _warn_empty_classes(train_ds, val_ds, data) -> None:
     """Class folders with no training image get a classifier output the model can never learn."""
+    if not getattr(train_ds, 'class_names_known', True):
+        return  # tar shards that only give class indices: an index no sample has is not a folder left empty
     counts = np.bincount(train_ds.targets, minlength=len(train_ds.classes))
     empty = [c for c, n in zip(train_ds.classes, counts) if n == 0]
     if not empty:
@@ -60,20 +65,23 @@ def _warn_empty_classes(train_ds, val_ds, data) -> None:
 
 
 def open_datasets(cfg: Config):
-    """(train dataset, val dataset or None), checked: both exist, hold images and the same class folders."""
+    """(train dataset, val dataset or None), checked: both exist, hold images and the same classes. Image folders
+    or tar shards (``--dataset wds/NAME``, or shards found in ``--data-dir``); rank 0 opens them first, so an index
+    it builds and caches is read, not rebuilt, by the other ranks."""
     root, data = Path(cfg.data.root), cfg.data
     if not root.is_dir():
         raise UserError(f'--data-dir {root} does not exist')
-    train_ds = _open_split(cfg, data.train_split, 'training')
-    val_ds = None
-    if data.val_split:
-        val_ds = _open_split(cfg, data.val_split, 'validation',
-                             ' (pass --val-split "" to train without evaluation)')
-        if list(val_ds.classes) != list(train_ds.classes):
-            only_t = sorted(set(train_ds.classes) - set(val_ds.classes))[:5]
-            only_v = sorted(set(val_ds.classes) - set(train_ds.classes))[:5]
-            raise UserError(f'class folders differ between {data.train_split!r} and {data.val_split!r}: '
-                            f'only in train {only_t}, only in val {only_v}')
+    with primary_first():  # rank 0 builds (and caches) a shard index first; the others then read it
+        train_ds = _open_split(cfg, data.train_split, 'training')
+        val_ds = None
+        if data.val_split:
+            val_ds = _open_split(cfg, data.val_split, 'validation',
+                                 ' (pass --val-split "" to train without evaluation)')
+    if val_ds is not None and not classes_compatible(train_ds, val_ds):
+        only_t = sorted(set(train_ds.classes) - set(val_ds.classes))[:5]
+        only_v = sorted(set(val_ds.classes) - set(train_ds.classes))[:5]
+        raise UserError(f'class folders differ between {data.train_split!r} and {data.val_split!r}: '
+                        f'only in train {only_t}, only in val {only_v}')
     _warn_empty_classes(train_ds, val_ds, data)
     return train_ds, val_ds
 

@@ -121,6 +121,8 @@ def _tuple(v):
 def _dataset_flags(p: _Parser) -> None:
     g = p.add_argument_group('Dataset')
     _flag(p, g, '--data-dir', to=('data', 'root'), metavar='DIR', help='root with one folder per split, class subfolders')
+    _flag(p, g, '--dataset', to=('data', 'dataset'), metavar='TYPE/NAME',
+          help="'wds/NAME': WebDataset tar shards + _info.json in --data-dir (found without it too); '' = image folder")
     _flag(p, g, '--train-split', to=('data', 'train_split'), help='training split folder')
     _flag(p, g, '--val-split', to=('data', 'val_split'), help="eval split folder ('val' is found too); '' = none")
     _flag(p, g, '--num-classes', to=('model', 'num_classes'), type=int,

@@ -5,6 +5,7 @@ multi-node runs: ``--nnodes --node-rank --rdzv-endpoint``). NCCL on CUDA, gloo o
 writes files (``is_primary``). The helpers reduce device tensors without moving them to the host.
 """
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -79,3 +80,17 @@ def broadcast_object(obj, src: int = 0):
         dist.broadcast_object_list(box, src=src)
         return box[0]
     return obj
+
+
+@contextmanager
+def primary_first():
+    """Rank 0 runs the block before the other ranks do (it builds what they then read, e.g. a cached dataset
+    index). Rank 0 lets the others go even when its block fails, so they fail on their own instead of hanging."""
+    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if multi and dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if multi and dist.get_rank() == 0:
+            dist.barrier()

@@ -6,6 +6,10 @@ Command (the documented augmentations; ~1-2 min per --repeats on 2 shared CPU co
         --naflex-train-seq-lens 128 256 576 784 1024
 Add ``--steps N`` to stop each loader after N steps (default: one full epoch each).
 
+The same images as WebDataset tar shards (``python scripts/make_shards.py ../shared/data/caltech101 /tmp/cal_wds``):
+the same command with ``--data-dir /tmp/cal_wds --dataset wds/caltech101 --only ours`` (timm reads shards only
+through the webdataset package, as a streaming IterableDataset, which its NaFlex loader does not take).
+
 Both are measured at the output of the CPU DataLoader (what the workers produce; no device copy): timm's
 float32 padded batches, our uint8 packed ones. Throughput counts the time after the first batch arrives (worker
 start-up excluded for both); ``valid tokens`` = real image patches (timm: patch_valid.sum(), ours: seq_lens.sum()).
@@ -38,10 +42,10 @@ from naflex.train.cli import build_parser, config_from_args  # noqa: E402
 LOADER_FLAGS = ('dataset', 'aug', 'naflex', 'run')  # train.py's flag groups the loaders read
 
 
-def build_ours(args, num_classes):
+def build_ours(args, dataset):
     cfg = config_from_args(args, build_parser(LOADER_FLAGS))
-    return loaders.create_train_loader(args.data_dir, args.train_split, cfg.loader, aug=cfg.aug, mixup=cfg.mixup,
-                                       num_classes=num_classes, patch_size=16, persistent_workers=False)
+    return loaders.create_train_loader(dataset, cfg=cfg.loader, aug=cfg.aug, mixup=cfg.mixup,
+                                       num_classes=dataset.num_classes, patch_size=16, persistent_workers=False)
 
 
 def build_timm(args, num_classes):
@@ -109,15 +113,19 @@ def main(argv=None):
     if not args.data_dir:
         p.error('--data-dir is required')
     torch.set_num_threads(1)
-    num_classes = loaders.ImageFolderDataset(args.data_dir, args.train_split).num_classes  # the loaders' class scan
+    dataset = loaders.open_dataset(args.data_dir, args.train_split, dataset=args.dataset)  # folder or shards
+    if isinstance(dataset, loaders.ShardDataset) and args.only != 'ours':
+        raise SystemExit('bench_loader.py: timm reads tar shards only as a streaming webdataset pipeline: '
+                         'pass --only ours')
+    num_classes = dataset.num_classes
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {platform.node()} cpus={os.cpu_count()} "
-          f"torch={torch.__version__} workers={args.workers} -b {args.batch_size} "
+          f"torch={torch.__version__} data={type(dataset).__name__} workers={args.workers} -b {args.batch_size} "
           f"seq_lens={args.naflex_train_seq_lens} aa={args.aa} mixup={args.mixup} cutmix={args.cutmix}")
     runs = {}
     kinds = [args.only] if args.only else ['timm', 'ours']
     for rep in range(args.repeats):
         for kind in kinds:
-            loader = build_ours(args, num_classes) if kind == 'ours' else build_timm(args, num_classes)
+            loader = build_ours(args, dataset) if kind == 'ours' else build_timm(args, num_classes)
             r = run(loader, kind, args.steps)
             del loader
             print(f"{kind:5s} run {rep}: {r['img_s']:8.1f} img/s {r['tok_s'] / 1e3:8.1f}k valid tok/s "
