@@ -61,6 +61,9 @@ class AugConfig:
     mean: Tuple[float, float, float] = NORM_MEAN      # model mean (RA fill colour, erasing values)
     std: Tuple[float, float, float] = NORM_STD
     draft: bool = True                                # JPEG reduced-DCT decoding when downscaling >= 2x
+                                                      # (--no-jpeg-draft: timm's full decode)
+    exif_orientation: bool = False                    # --exif-orientation: turn images upright by their EXIF
+                                                      # tag (timm applies none)
     # Rotate/Shear resampling in RandAugment. None: 'bilinear' when interpolation is 'random' (speed; timm
     # draws bilinear or bicubic per op), else ``interpolation`` like timm. 'random' gives timm's behaviour.
     ra_interpolation: Optional[str] = None

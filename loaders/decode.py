@@ -1,11 +1,15 @@
-"""Image decoding for the NaFlex pipeline: any PIL-readable file -> RGB, EXIF-upright, cropped and resized.
+"""Image decoding for the NaFlex pipeline: any PIL-readable file -> RGB, cropped and resized in one step.
 
 NaViT (arXiv:2307.06304) / SigLIP 2 NaFlex (arXiv:2502.14786) resize every image to a patch grid that fits
 a sequence length, often far below the source resolution. ``decode_resized`` therefore takes the crop box
-(in upright, full-resolution coordinates) and the output size *before* decoding, so a JPEG can be decoded
+(in full-resolution coordinates) and the output size *before* decoding, so a JPEG can be decoded
 with a reduced DCT (Pillow ``draft``, 1/2, 1/4, 1/8) when the output is at least 2x smaller; the box is
 rescaled to the reduced image with float precision, so the same scene region is covered (only the
-resampling differs).
+resampling differs: training uses it unless ``--no-jpeg-draft``; eval never does, so its pixels are timm's).
+
+EXIF orientation: off by default, like timm (whose readers hand ``Image.open(f).convert('RGB')`` to the
+transforms), so a checkpoint sees the pixels it was trained and scored on in timm. ``exif_orientation=True``
+(``--exif-orientation``) turns each image upright first; all coordinates are then in the upright image.
 
 Mode handling: L, LA, P (palette, with or without transparency), RGBA, CMYK, YCbCr, I;16*/I/F -> RGB.
 Alpha is dropped like torchvision/timm's ``convert('RGB')`` (labels/checkpoints stay comparable); 16-bit
@@ -18,6 +22,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from augment.stages import StageHook, stage
 
 # EXIF orientations 5..8 swap width and height.
 _EXIF_ORIENTATION = 0x0112
@@ -33,8 +39,9 @@ PIL_INTERP = {
 }
 
 
-def open_image(path) -> Tuple[Image.Image, int, int, int]:
-    """Open lazily (header only). Returns (img, upright_h, upright_w, exif_orientation).
+def open_image(path, exif_orientation: bool = False) -> Tuple[Image.Image, int, int, int]:
+    """Open lazily (header only). Returns (img, h, w, orientation): the size of the image as it will be decoded
+    (upright when ``exif_orientation`` and the file has an orientation tag) and the tag applied (1 = none).
 
     The file is read in one call and decoded from memory (PIL would otherwise issue dozens of small reads
     per JPEG), which also leaves no open file handle behind.
@@ -43,10 +50,11 @@ def open_image(path) -> Tuple[Image.Image, int, int, int]:
         data = f.read()
     img = Image.open(io.BytesIO(data))
     orientation = 1
-    try:
-        orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-    except Exception:  # malformed EXIF must not make a decodable image "bad"
-        orientation = 1
+    if exif_orientation:
+        try:
+            orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+        except Exception:  # malformed EXIF must not make a decodable image "bad"
+            orientation = 1
     w, h = img.size
     if orientation in _TRANSPOSED:
         h, w = w, h
@@ -85,21 +93,27 @@ def decode_resized(
         interpolation: str = 'bicubic',
         draft: bool = True,
         opened: Optional[Tuple[Image.Image, int, int, int]] = None,
+        timer: Optional[StageHook] = None,
 ) -> Image.Image:
-    """Decode ``path`` and return the region ``box`` = (top, left, height, width) of the upright image
-    resized to ``out_hw`` = (h, w) as an RGB PIL image. ``box=None`` means the whole image.
+    """Decode ``path`` and return the region ``box`` = (top, left, height, width) of the image resized to
+    ``out_hw`` = (h, w) as an RGB PIL image. ``box=None`` means the whole image.
 
-    ``opened`` is the result of :func:`open_image` if the caller already has it (to sample the crop).
+    ``opened`` is the result of :func:`open_image` if the caller already has it (to sample the crop; it also
+    decides EXIF orientation). ``timer``: optional stage hook, called as 'decode' and 'crop + resize'.
     """
-    img, h, w, orientation = opened if opened is not None else open_image(path)
+    src, h, w, orientation = opened if opened is not None else open_image(path)
     try:
-        return _decode_region(img, h, w, orientation, box, out_hw, interpolation, draft)
+        with stage(timer, 'decode'):
+            img = _decode(src, h, w, orientation, box, out_hw, draft)
+        with stage(timer, 'crop + resize'):
+            return _crop_resize(img, h, w, box, out_hw, interpolation)
     finally:
-        img.close()  # release the file handle now, also when decoding fails
+        src.close()  # release the file's memory now, also when decoding fails
 
 
-def _decode_region(img, h, w, orientation, box, out_hw, interpolation, draft):
-    top, left, ch, cw = box if box is not None else (0, 0, h, w)
+def _decode(img, h, w, orientation, box, out_hw, draft):
+    """The whole image in RGB: upright when ``orientation`` != 1, reduced by JPEG draft when that applies."""
+    _, _, ch, cw = box if box is not None else (0, 0, h, w)
     out_h, out_w = out_hw
     if draft and img.format == 'JPEG':
         # Smallest DCT scale whose upright image still has >= out pixels across the crop.
@@ -115,8 +129,13 @@ def _decode_region(img, h, w, orientation, box, out_hw, interpolation, draft):
     img.load()
     if orientation != 1:
         img = ImageOps.exif_transpose(img)
-    img = to_rgb(img)
-    # Box in the (possibly reduced) upright image.
+    return to_rgb(img)
+
+
+def _crop_resize(img, h, w, box, out_hw, interpolation):
+    top, left, ch, cw = box if box is not None else (0, 0, h, w)
+    out_h, out_w = out_hw
+    # Box in the (possibly reduced) image.
     sy, sx = img.height / h, img.width / w
     pil_box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
     if pil_box == (0, 0, img.width, img.height) and (out_w, out_h) == img.size:
