@@ -34,7 +34,7 @@ class ImageAugment:
         if cfg.aa:
             if not cfg.aa.startswith('rand'):
                 raise ValueError(f"only RandAugment specs ('rand-...') are supported for --aa, got {cfg.aa!r}")
-            ra_interp = cfg.ra_interpolation or ('bilinear' if cfg.interpolation == 'random' else cfg.interpolation)
+            ra_interp = cfg.ra_interpolation or cfg.interpolation  # timm: the train interpolation, 'random' included
             self.rand_augment = RandAugment(cfg.aa, fill=fill, interpolation=ra_interp)
         # timm: jitter is disabled whenever an AA policy is given (unless '3a' is in the spec).
         use_jitter = self.rand_augment is None or '3a' in (cfg.aa or '')

@@ -17,9 +17,9 @@ Deliberate differences from timm 1.0.31 (documented, tested):
   centre-based ``affine`` plus the matching shift, equal to PIL's result up to resampling (tested).
 - TranslateXRel/YRel on PIL images shift by whole pixels (crop + paste; the <= 0.5 px sub-pixel part is
   dropped) instead of resampling through PIL's slow generic affine path.
-- The training policy (augment.policy) resamples Rotate/Shear bilinear when ``--train-interpolation random``
-  (timm picks bilinear or bicubic per op; PIL's bicubic affine costs ~3x bilinear) unless
-  ``AugConfig.ra_interpolation='random'`` asks for timm's choice.
+
+Rotate/Shear resample as timm: with 'random' (timm's default) bilinear or bicubic is drawn per op; names other than
+bilinear/bicubic/nearest fall back to bicubic (PIL's affine has no other filters).
 """
 from __future__ import annotations
 

@@ -255,3 +255,12 @@ def test_vflip_is_applied_after_hflip(demo_dataset):
     for i in range(6):
         ref = plain(ds.path(i), 32, 8, random.Random(i))
         assert torch.equal(flipped(ds.path(i), 32, 8, random.Random(i)), ref.flip(0))
+
+
+def test_rotate_shear_resampling_follows_timm():
+    """timm's RandAugment gets the train interpolation: 'random' draws bilinear or bicubic per op; a fixed name is
+    used as it is. AugConfig.ra_interpolation overrides it (e.g. 'bilinear', the cheaper filter)."""
+    bl, bc = InterpolationMode.BILINEAR, InterpolationMode.BICUBIC
+    ra = lambda **kw: ImageAugment(AugConfig(aa='rand-m9', **kw)).rand_augment.interps  # noqa: E731
+    assert ra() == (bl, bc) and ra(interpolation='bicubic') == (bc,) and ra(interpolation='bilinear') == (bl,)
+    assert ra(ra_interpolation='bilinear') == (bl,)

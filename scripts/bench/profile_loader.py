@@ -10,17 +10,18 @@ Command (the documented augmentations; ~15-25 s on 2 shared cores with the defau
 Runtime: ~15-25 s with caltech101 (3 cycles x 5 sequence lengths, 1/4 of each step's images = 768 images per
 pipeline, plus the untimed cross-check); ``--cycles 1 --fraction 0.03`` takes ~5 s.
 
-What it does: one process, one thread (like one DataLoader worker), no workers. Steps follow the training schedule's
-shape (each sequence length L in turn, batch = floor(b x max(L) / L / 8) * 8, of which ``--fraction`` is processed,
-so small-L steps keep their larger share of images). Ours runs the loader's own code: a
-``loaders.train_loader.StepDataset`` over these steps, with an ``augment.stages.StageTimer`` as its stage hook, so
-every row below is timed inside the real pipeline (loaders.pipeline, loaders.decode, augment.policy, MixUp/CutMix,
-packing); tests/test_profile_loader.py checks that the timed steps equal untimed ones. The cross-check then runs the
-same steps untimed: its ms/image against the sum of the stages shows what the hooks and the time between stages
-cost. timm's pipeline is timed on the same (path, L) pairs: PIL decode + convert('RGB') (timm's ImageDataset), each
-transform of timm's NaFlex train transform (create_transform(naflex=True, use_prefetcher=True), as
-create_naflex_loader builds it), NaFlexMixup, Patchify, NaFlexCollator. Not included: DataLoader IPC (worker -> main
-process), pinning, the device copy.
+What it does: one process, one thread (like one DataLoader worker), no workers. Times are this thread's CPU time
+(``--clock cpu``, the default: other load on a shared machine barely moves them) or wall time (``--clock wall``).
+Steps follow the training schedule's shape (each sequence length L in turn, batch = floor(b x max(L) / L / 8) * 8,
+of which ``--fraction`` is processed, so small-L steps keep their larger share of images). Ours runs the loader's
+own code: a ``loaders.train_loader.StepDataset`` over these steps, with an ``augment.stages.StageTimer`` as its
+stage hook, so every row below is timed inside the real pipeline (loaders.pipeline, loaders.decode, augment.policy,
+MixUp/CutMix, packing); tests/test_profile_loader.py checks that the timed steps equal untimed ones. The cross-check
+then runs the same steps untimed: its ms/image against the sum of the stages shows what the hooks and the time
+between stages cost. timm's pipeline is timed on the same (path, L) pairs: PIL decode + convert('RGB') (timm's
+ImageDataset), each transform of timm's NaFlex train transform (create_transform(naflex=True, use_prefetcher=True),
+as create_naflex_loader builds it), NaFlexMixup, Patchify, NaFlexCollator. Not included: DataLoader IPC (worker ->
+main process), pinning, the device copy.
 
 Stage notes. Ours decodes with JPEG draft (reduced DCT) unless --no-jpeg-draft and crops+resizes in one Pillow call
 ('decode' and 'crop + resize' are its two halves). Ours patchifies while packing (one copy into the batch buffer),
@@ -53,6 +54,7 @@ from loaders.train_loader import StepDataset  # noqa: E402
 from naflex.train.cli import build_parser, config_from_args  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "caltech101"
+CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 DOCUMENTED = dict(aa="rand-m8-inc1-mstd1.0", grayscale_prob=0.1, mixup=0.8, cutmix=1.0, batch_size=64, reprob=0.0)
 
 
@@ -156,14 +158,14 @@ def plan_steps(num_images, seq_lens, batch_size, cycles, fraction, seed):
     return steps
 
 
-def table(name, timer, n_img, tokens, wall):
+def table(name, timer, n_img, tokens, run_s):
     total = sum(timer.seconds.values())
     rows = [f"| {name}: stage | ms/image | % |", "|---|---:|---:|"]
     for k, v in timer.seconds.items():
         rows.append(f"| {k} | {1e3 * v / n_img:.2f} | {100 * v / total:.1f} |")
     rows.append(f"| **total (sum of stages)** | **{1e3 * total / n_img:.2f}** | 100 |")
     rows.append(f"\n{name}: {n_img} images, {tokens / n_img:.0f} valid tokens/image, {n_img / total:.0f} img/s and "
-                f"{tokens / total / 1e3:.1f}k valid tokens/s per core (wall {wall:.1f}s incl. timing overhead)")
+                f"{tokens / total / 1e3:.1f}k valid tokens/s per core (whole run {run_s:.1f}s incl. timing overhead)")
     return "\n".join(rows)
 
 
@@ -176,6 +178,7 @@ def build_args(argv):
     p.add_argument("--patch-size", type=int, default=16)
     p.add_argument("--ra-interpolation", choices=RA_INTERPOLATIONS, default=None,
                    help="Rotate/Shear resampling (AugConfig.ra_interpolation; default: the config's)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="thread CPU time or wall time")
     p.add_argument("--only", choices=("ours", "timm"), default=None)
     p.add_argument("--no-check", action="store_true", help="skip the untimed cross-check")
     p.add_argument("--json", default="", help="write stage seconds and counts to this file")
@@ -194,13 +197,15 @@ def header_line(args, seq_lens, steps, n_total, aug_cfg):
             f"{platform.python_version()}, torch {torch.__version__}, Pillow {PIL.__version__}; {args.data_dir} "
             f"[{args.train_split}], L {seq_lens}, -b {args.batch_size}, aa {args.aa}, grayscale {args.grayscale_prob}, "
             f"mixup {args.mixup}/cutmix {args.cutmix}, reprob {args.reprob}, jpeg draft {aug_cfg.draft}, "
-            f"ra interpolation {aug_cfg.ra_interpolation}; {len(steps)} steps, {n_total} images per pipeline, 1 thread")
+            f"ra interpolation {aug_cfg.ra_interpolation}; {len(steps)} steps, {n_total} images per pipeline, 1 thread, "
+            f"{args.clock} time")
 
 
 def profile(kind, ds, steps, P, aug_cfg, mix_cfg, args, seq_lens):
-    """One pipeline's record: stage seconds, images, valid tokens, wall (and the untimed cross-check)."""
-    timer = StageTimer()
-    t0 = time.perf_counter()
+    """One pipeline's record: stage seconds, images, valid tokens, run time (and the untimed cross-check)."""
+    clock = CLOCKS[args.clock]
+    timer = StageTimer(clock)
+    t0 = clock()
     if kind == "ours":
         tokens, n_img = our_steps(ds, steps, P, aug_cfg, mix_cfg, args.seed, timer), sum(len(i) for _, i in steps)
     else:
@@ -209,11 +214,12 @@ def profile(kind, ds, steps, P, aug_cfg, mix_cfg, args, seq_lens):
         tp = TimmPipeline(args, seq_lens, P, ds.num_classes)
         tokens = sum(tp.step([ds[i] for i in idx], L, timer) for L, idx in steps)
         n_img = sum(len(i) for _, i in steps) - tp.dropped
-    wall = time.perf_counter() - t0
-    print("\n" + table(kind, timer, n_img, tokens, wall), flush=True)
+    total = clock() - t0
+    print("\n" + table(kind, timer, n_img, tokens, total), flush=True)
     if kind == "timm" and tp.dropped:
         print(f"timm dropped {tp.dropped} samples (transform raised; timm's loader skips them)")
-    rec = {"stages_s": dict(timer.seconds), "images": n_img, "valid_tokens": tokens, "wall_s": wall}
+    rec = {"stages_s": dict(timer.seconds), "images": n_img, "valid_tokens": tokens, "run_s": total,
+           "clock": args.clock}
     if not args.no_check:
         rec["untimed_ms_per_image"] = untimed(kind, steps, ds, P, aug_cfg, mix_cfg, args, seq_lens)
         what = "whole steps" if kind == "ours" else "the per-sample transform (no batch stages)"
@@ -260,11 +266,11 @@ TIMM_BATCH_STAGES = ("MixUp/CutMix", "patchify", "collate (pad to L, float32)")
 
 def untimed(kind, steps, ds, P, aug_cfg, mix_cfg, args, seq_lens):
     """ms/image of the same work without stage timers: our whole steps, or timm's composed per-sample transform."""
-    n = sum(len(i) for _, i in steps)
+    n, clock = sum(len(i) for _, i in steps), CLOCKS[args.clock]
     if kind == "ours":
-        t0 = time.perf_counter()
+        t0 = clock()
         our_steps(ds, steps, P, aug_cfg, mix_cfg, args.seed)
-        return 1e3 * (time.perf_counter() - t0) / n
+        return 1e3 * (clock() - t0) / n
     from torchvision.transforms import Compose
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -273,13 +279,13 @@ def untimed(kind, steps, ds, P, aug_cfg, mix_cfg, args, seq_lens):
     for L, idx in steps:
         tf = Compose(tp.tf[L])
         for i in idx:
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
                 with open(ds.path(i), "rb") as f:
                     tf(Image.open(f).convert("RGB"))
             except Exception:
                 continue
-            t += time.perf_counter() - t0
+            t += clock() - t0
             done += 1
     return 1e3 * t / max(1, done)
 
