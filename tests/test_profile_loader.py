@@ -81,7 +81,8 @@ def test_main_runs_both_pipelines(demo_dataset, tmp_path, capsys):
     pl = _load()
     out = tmp_path / "p.json"
     res = pl.main(["--data-dir", str(demo_dataset), "--naflex-train-seq-lens", "16", "32", "-b", "4",
-                   "--patch-size", "8", "--cycles", "1", "--fraction", "1", "--no-jpeg-draft", "--json", str(out)])
+                   "--patch-size", "8", "--cycles", "1", "--fraction", "1", "--no-jpeg-draft", "--repeats", "2",
+                   "--json", str(out)])
     text = capsys.readouterr().out
     assert "| ours: stage | ms/image | % |" in text and "| timm: stage | ms/image | % |" in text
     assert "jpeg draft False" in text
@@ -89,6 +90,7 @@ def test_main_runs_both_pipelines(demo_dataset, tmp_path, capsys):
     for kind in ("ours", "timm"):
         rec = saved["pipelines"][kind]
         assert rec["images"] > 0 and rec["valid_tokens"] > 0 and rec["untimed_ms_per_image"] > 0
+        assert len(rec["runs_ms_per_image"]) == 2
         assert all(v >= 0 for v in rec["stages_s"].values())
     assert set(SAMPLE_STAGES) <= set(saved["pipelines"]["ours"]["stages_s"])
     from loaders.schedule import batch_size_for
