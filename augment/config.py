@@ -66,7 +66,7 @@ class AugConfig:
                                                       # tag (timm applies none)
     # Rotate/Shear resampling in RandAugment. None: like timm, ``interpolation`` itself ('random': bilinear or
     # bicubic drawn per op). 'bilinear' saves ~0.16 CPU ms/image with the documented augmentations (PIL's bicubic
-    # affine costs ~2x its bilinear one; 2 shared vCPUs, 2026-12-02), at the price of a deviation from timm.
+    # affine costs ~1.5-2x its bilinear one; 2 shared vCPUs, 2026-12-02), at the price of a deviation from timm.
     ra_interpolation: Optional[str] = None
 
     def interpolations(self) -> Tuple[str, ...]:
