@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one or more sequence lengths to evaluate at (default: {ev.max_seq_len})")
     p.add_argument("--naflex-loader", action="store_true", help="accepted for timm compatibility (always NaFlex)")
     p.add_argument("--padded", action="store_true", help="timm's padded batches instead of packed ones")
+    p.add_argument("--exif-orientation", action="store_true",
+                   help="turn images upright by their EXIF orientation tag (default: no, like timm)")
     p.add_argument("-b", "--batch-size", type=int, default=ev.batch_size,
                    help=f"images per batch (default: {ev.batch_size})")
     p.add_argument("-j", "--workers", type=int, default=ev.num_workers,
@@ -349,7 +351,8 @@ def run(args) -> list[dict]:
         loader = make_eval_loader(
             dataset, max_seq_len=seq_len, batch_size=args.batch_size, patch_size=patch_size,
             num_workers=args.workers, rank=rank, world_size=world_size, packing=packing,
-            interpolation=norm["interpolation"], pin_memory=device.type == "cuda")
+            interpolation=norm["interpolation"], exif_orientation=args.exif_orientation,
+            pin_memory=device.type == "cuda")
         m = evaluate(model, loader, device, amp_dtype=amp_dtype, world_size=world_size, mean=norm["mean"],
                      std=norm["std"], log_interval=args.log_freq)
         for path in m["bad_file_paths"]:

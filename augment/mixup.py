@@ -2,9 +2,9 @@
 images keep their native aspect ratio as in NaViT arXiv:2307.06304, so a batch cannot be stacked).
 
 Images are paired with a neighbour of similar aspect ratio (sorted by w/h, then the order is shuffled inside
-windows of ``local_shuffle`` so pairs change between steps; timm 1.0.31 shuffles a slice *copy* there,
-so its local shuffle does nothing). Each image of a pair is mixed with the other one's pixels inside the
-centred overlap of the two (no resizing):
+windows of ``local_shuffle`` so pairs change between steps), as timm 1.0.31's NaFlexMixup does; the draws come
+from the caller's ``random.Random`` instead of the global RNGs. Each image of a pair is mixed with the other
+one's pixels inside the centred overlap of the two (no resizing):
 
 - MixUp: the overlap is blended ``lam * own + (1 - lam) * other``;
 - CutMix: a random rectangle of ``sqrt(1 - lam)`` x the overlap's sides is pasted from the other image.
@@ -72,7 +72,7 @@ def pair_by_aspect(sizes_hw: Sequence[Tuple[int, int]], rng: random.Random, loca
         for start in range(0, len(order), local_shuffle):
             window = order[start:start + local_shuffle]
             rng.shuffle(window)
-            order[start:start + local_shuffle] = window  # write back: this is what makes it take effect
+            order[start:start + local_shuffle] = window  # the slice is a copy: write it back
     return order
 
 

@@ -10,6 +10,7 @@ mixing. The loaders call the two stages in that order; this module decides what 
 from __future__ import annotations
 
 import random
+from typing import Optional
 
 from torchvision.transforms.v2 import functional as F
 
@@ -17,20 +18,23 @@ from .config import AugConfig
 from .erasing import RandomErasing
 from .photometric import color_jitter, parse_color_jitter, random_grayscale
 from .randaugment import RandAugment
+from .stages import StageHook, stage
 
 
 class ImageAugment:
     """flip -> RandAugment -> colour jitter (no AA only) -> grayscale on a PIL image or uint8 CHW tensor;
-    ``after_mix``: random erasing on the uint8 HWC image once the batch has been mixed."""
+    ``after_mix``: random erasing on the uint8 HWC image once the batch has been mixed. ``timer``: an optional
+    stage hook (augment.stages) called around each stage."""
 
-    def __init__(self, cfg: AugConfig):
+    def __init__(self, cfg: AugConfig, timer: Optional[StageHook] = None):
         self.cfg = cfg
+        self.timer = timer
         fill = tuple(min(255, round(255 * m)) for m in cfg.mean)
         self.rand_augment = None
         if cfg.aa:
             if not cfg.aa.startswith('rand'):
                 raise ValueError(f"only RandAugment specs ('rand-...') are supported for --aa, got {cfg.aa!r}")
-            ra_interp = cfg.ra_interpolation or ('bilinear' if cfg.interpolation == 'random' else cfg.interpolation)
+            ra_interp = cfg.ra_interpolation or cfg.interpolation  # timm: the train interpolation, 'random' included
             self.rand_augment = RandAugment(cfg.aa, fill=fill, interpolation=ra_interp)
         # timm: jitter is disabled whenever an AA policy is given (unless '3a' is in the spec).
         use_jitter = self.rand_augment is None or '3a' in (cfg.aa or '')
@@ -39,20 +43,25 @@ class ImageAugment:
                         if cfg.reprob > 0 else None)
 
     def __call__(self, img, rng: random.Random):
-        if self.cfg.hflip > 0 and rng.random() < self.cfg.hflip:
-            img = F.horizontal_flip(img)
-        if self.cfg.vflip > 0 and rng.random() < self.cfg.vflip:
-            img = F.vertical_flip(img)
+        cfg = self.cfg
+        with stage(self.timer, 'flip'):
+            if cfg.hflip > 0 and rng.random() < cfg.hflip:
+                img = F.horizontal_flip(img)
+            if cfg.vflip > 0 and rng.random() < cfg.vflip:  # after hflip, as timm's transform list
+                img = F.vertical_flip(img)
         if self.rand_augment is not None:
-            img = self.rand_augment(img, rng)
-        if self.jitter is not None:
-            img = color_jitter(img, self.jitter, rng)
-        if self.cfg.grayscale_prob > 0:
-            img = random_grayscale(img, self.cfg.grayscale_prob, rng)
+            with stage(self.timer, 'RandAugment'):
+                img = self.rand_augment(img, rng)
+        with stage(self.timer, 'jitter/grayscale'):
+            if self.jitter is not None:
+                img = color_jitter(img, self.jitter, rng)
+            if cfg.grayscale_prob > 0:
+                img = random_grayscale(img, cfg.grayscale_prob, rng)
         return img
 
     def after_mix(self, img_HWC, rng: random.Random, patch_size: int):
         """Random erasing (patch-aligned rectangles, in place) on a uint8 [H, W, 3] image; identity when off."""
         if self.erasing is None:
             return img_HWC
-        return self.erasing(img_HWC, rng, patch_size)
+        with stage(self.timer, 'random erasing'):
+            return self.erasing(img_HWC, rng, patch_size)

@@ -12,15 +12,14 @@ workers: Pillow's C kernels) and on a uint8 ``[..., 3, H, W]`` tensor (batched, 
 Deliberate differences from timm 1.0.31 (documented, tested):
 - Posterize with 0 (or fewer) bits returns a black image instead of raising (Pillow >= 12 rejects 0 bits;
   timm then drops the sample); Solarize with threshold >= 256 is the identity (torchvision rejects it).
-- ShearX/ShearY shear about the image centre (torchvision ``affine``) instead of the top-left corner
-  (PIL's raw matrix); the shear amount (tan = 0.3 * level / 10) is the same, the image is just not
-  shifted sideways.
-- On tensors, bicubic affine resampling is done bilinear (torchvision's tensor ``affine`` has no bicubic).
+- On tensors, bicubic affine resampling is done bilinear (torchvision's tensor ``affine`` has no bicubic);
+  ShearX/ShearY on tensors reproduce timm's PIL geometry (shear about the top-left corner) with torchvision's
+  centre-based ``affine`` plus the matching shift, equal to PIL's result up to resampling (tested).
 - TranslateXRel/YRel on PIL images shift by whole pixels (crop + paste; the <= 0.5 px sub-pixel part is
   dropped) instead of resampling through PIL's slow generic affine path.
-- The training policy (augment.policy) resamples Rotate/Shear bilinear when ``--train-interpolation random``
-  (timm picks bilinear or bicubic per op; PIL's bicubic affine costs ~3x bilinear) unless
-  ``AugConfig.ra_interpolation='random'`` asks for timm's choice.
+
+Rotate/Shear resample as timm: with 'random' (timm's default) bilinear or bicubic is drawn per op; names other than
+bilinear/bicubic/nearest fall back to bicubic (PIL's affine has no other filters).
 """
 from __future__ import annotations
 
@@ -39,6 +38,9 @@ LEVEL_DENOM = 10.0
 
 _INTERP = {'bilinear': InterpolationMode.BILINEAR, 'bicubic': InterpolationMode.BICUBIC,
            'nearest': InterpolationMode.NEAREST}
+_PIL_RESAMPLE = {InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+                 InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+                 InterpolationMode.NEAREST: Image.Resampling.NEAREST}
 
 # timm's op lists (auto_augment.py): plain and "increasing severity" RandAugment sets.
 RAND_OPS = [
@@ -148,6 +150,26 @@ def op_translate(img, dx: float, dy: float, ctx: OpContext):
     return out
 
 
+def op_shear(img, factor: float, ctx: OpContext, axis: str):
+    """timm's Shear: PIL's affine map about the image's top-left corner. ShearX samples output pixel (x, y) from
+    input (x + factor * y, y) (ShearY: (x, y + factor * x)), so besides slanting, the content moves sideways by
+    up to factor * height, unlike a shear about the centre.
+
+    PIL images: that very PIL call (identical pixels to timm). Tensors: torchvision's affine shears about the
+    centre, so the same map is that shear followed by a shift of -factor * H / 2 (ShearY: -factor * W / 2).
+    """
+    if isinstance(img, Image.Image):
+        coeffs = (1, factor, 0, 0, 1, 0) if axis == 'x' else (1, 0, 0, factor, 1, 0)
+        fill = ctx.fill if img.mode == 'RGB' else ctx.fill[0]
+        return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=_PIL_RESAMPLE[ctx.interpolation],
+                             fillcolor=fill)
+    h, w = _size_hw(img)
+    degrees = math.degrees(math.atan(factor))  # torchvision takes the shear angle, timm its tangent
+    if axis == 'x':
+        return _affine(img, ctx, shear=(degrees, 0.0), translate=(-factor * h / 2, 0.0))
+    return _affine(img, ctx, shear=(0.0, degrees), translate=(0.0, -factor * w / 2))
+
+
 def op_posterize(img, bits, ctx):
     bits = int(bits)
     if bits >= 8:
@@ -202,9 +224,8 @@ OPS: Dict[str, Callable] = {
     'BrightnessIncreasing': lambda img, a, ctx: F.adjust_brightness(img, a),
     'Sharpness': lambda img, a, ctx: F.adjust_sharpness(img, a),
     'SharpnessIncreasing': lambda img, a, ctx: F.adjust_sharpness(img, a),
-    # timm's factor is tan(shear angle); torchvision takes degrees.
-    'ShearX': lambda img, a, ctx: _affine(img, ctx, shear=(math.degrees(math.atan(a)), 0.0)),
-    'ShearY': lambda img, a, ctx: _affine(img, ctx, shear=(0.0, math.degrees(math.atan(a)))),
+    'ShearX': lambda img, a, ctx: op_shear(img, a, ctx, 'x'),
+    'ShearY': lambda img, a, ctx: op_shear(img, a, ctx, 'y'),
     'TranslateXRel': lambda img, a, ctx: op_translate(img, a * _size_hw(img)[1], 0.0, ctx),
     'TranslateYRel': lambda img, a, ctx: op_translate(img, 0.0, a * _size_hw(img)[0], ctx),
     'Desaturate': lambda img, a, ctx: F.adjust_saturation(img, min(1.0, max(0.0, 1.0 - a))),

@@ -86,6 +86,7 @@ class EvalLoaderConfig:
     packing: bool = True
     interpolation: str = 'bicubic'      # the model's eval interpolation (timm: bicubic for NaFlexViT)
     draft: bool = False                 # JPEG reduced-DCT decoding (off: same pixels as timm)
+    exif_orientation: bool = False      # --exif-orientation: turn images upright by their EXIF tag (timm: no)
     pin_memory: Optional[bool] = None
 
     def validate(self, name: Optional[Callable[[str], str]] = None) -> None:

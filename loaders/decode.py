@@ -1,11 +1,15 @@
-"""Image decoding for the NaFlex pipeline: any PIL-readable file -> RGB, EXIF-upright, cropped and resized.
+"""Image decoding for the NaFlex pipeline: any PIL-readable file -> RGB, cropped and resized in one step.
 
 NaViT (arXiv:2307.06304) / SigLIP 2 NaFlex (arXiv:2502.14786) resize every image to a patch grid that fits
 a sequence length, often far below the source resolution. ``decode_resized`` therefore takes the crop box
-(in upright, full-resolution coordinates) and the output size *before* decoding, so a JPEG can be decoded
+(in full-resolution coordinates) and the output size *before* decoding, so a JPEG can be decoded
 with a reduced DCT (Pillow ``draft``, 1/2, 1/4, 1/8) when the output is at least 2x smaller; the box is
 rescaled to the reduced image with float precision, so the same scene region is covered (only the
-resampling differs).
+resampling differs: training uses it unless ``--no-jpeg-draft``; eval never does, so its pixels are timm's).
+
+EXIF orientation: off by default, like timm (whose readers hand ``Image.open(f).convert('RGB')`` to the
+transforms), so a checkpoint sees the pixels it was trained and scored on in timm. ``exif_orientation=True``
+(``--exif-orientation``) turns each image upright first; all coordinates are then in the upright image.
 
 Mode handling: L, LA, P (palette, with or without transparency), RGBA, CMYK, YCbCr, I;16*/I/F -> RGB.
 Alpha is dropped like torchvision/timm's ``convert('RGB')`` (labels/checkpoints stay comparable); 16-bit
@@ -18,6 +22,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from augment.stages import StageHook, stage
 
 # EXIF orientations 5..8 swap width and height.
 _EXIF_ORIENTATION = 0x0112
@@ -47,9 +53,19 @@ def resample_filter(interpolation: str) -> Image.Resampling:
         raise ValueError(f"unknown interpolation {interpolation!r}; valid: {', '.join(PIL_INTERP)}") from None
 
 
-def open_image(path) -> Tuple[Image.Image, int, int, int]:
-    """Open lazily (header only). Returns (img, upright_h, upright_w, exif_orientation); UndecodableImage if the
-    file cannot be read or is not an image.
+def read_encoded(path) -> bytes:
+    """The encoded image bytes: ``path.read_bytes()`` where the source reads itself (a member of a tar shard),
+    else the whole file in one read."""
+    if hasattr(path, 'read_bytes'):
+        return path.read_bytes()
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+def open_image(path, exif_orientation: bool = False) -> Tuple[Image.Image, int, int, int]:
+    """Open lazily (header only). Returns (img, h, w, orientation): the size of the image as it will be decoded
+    (upright when ``exif_orientation`` and the file has an orientation tag) and the tag applied (1 = none);
+    UndecodableImage if the file cannot be read or is not an image.
 
     The file is read in one call and decoded from memory (PIL would otherwise issue dozens of small reads
     per JPEG), which also leaves no open file handle behind. ``path`` may also be anything with
@@ -64,10 +80,11 @@ def open_image(path) -> Tuple[Image.Image, int, int, int]:
     except Exception as e:  # OSError (missing, unreadable, a cut shard), PIL's DecompressionBombError, ...
         raise UndecodableImage(f'{type(e).__name__}: {e}') from e
     orientation = 1
-    try:
-        orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
-    except Exception:  # malformed EXIF must not make a decodable image "bad"
-        orientation = 1
+    if exif_orientation:
+        try:
+            orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+        except Exception:  # malformed EXIF must not make a decodable image "bad"
+            orientation = 1
     w, h = img.size
     if orientation in _TRANSPOSED:
         h, w = w, h
@@ -106,25 +123,32 @@ def decode_resized(
         interpolation: str = 'bicubic',
         draft: bool = True,
         opened: Optional[Tuple[Image.Image, int, int, int]] = None,
+        timer: Optional[StageHook] = None,
 ) -> Image.Image:
-    """Decode ``path`` and return the region ``box`` = (top, left, height, width) of the upright image
-    resized to ``out_hw`` = (h, w) as an RGB PIL image. ``box=None`` means the whole image.
+    """Decode ``path`` and return the region ``box`` = (top, left, height, width) of the image resized to
+    ``out_hw`` = (h, w) as an RGB PIL image. ``box=None`` means the whole image.
 
-    ``opened`` is the result of :func:`open_image` if the caller already has it (to sample the crop).
+    ``opened`` is the result of :func:`open_image` if the caller already has it (to sample the crop; it also
+    decides EXIF orientation). ``timer``: optional stage hook, called as 'decode' and 'crop + resize'.
+    A bad interpolation name is a ValueError (the caller's mistake), never UndecodableImage.
     """
-    img, h, w, orientation = opened if opened is not None else open_image(path)
-    try:  # a bad interpolation name is a ValueError (the caller's mistake), never UndecodableImage
-        return _decode_region(img, h, w, orientation, box, out_hw, resample_filter(interpolation), draft)
+    resample = resample_filter(interpolation)
+    src, h, w, orientation = opened if opened is not None else open_image(path)
+    try:
+        with stage(timer, 'decode'):
+            img = _decode(src, orientation, _draft_size(src, h, w, box, out_hw, draft))
+        with stage(timer, 'crop + resize'):
+            return _crop_resize(img, h, w, box, out_hw, resample)
     finally:
-        img.close()  # release the file handle now, also when decoding fails
+        src.close()  # release the file's memory now, also when decoding fails
 
 
-def _draft_scale(img, h, w, box, out_hw, draft):
+def _draft_size(img, h, w, box, out_hw, draft):
     """The JPEG draft request (reduced-DCT size) for this crop and output, or None."""
-    top, left, ch, cw = box if box is not None else (0, 0, h, w)
+    _, _, ch, cw = box if box is not None else (0, 0, h, w)
     if not (draft and img.format == 'JPEG'):
         return None
-    # Smallest DCT scale whose upright image still has >= out pixels across the crop.
+    # Smallest DCT scale whose (upright) image still has >= out pixels across the crop.
     s = max(out_hw[0] / ch, out_hw[1] / cw)
     if s > 0.5:
         return None
@@ -133,8 +157,9 @@ def _draft_scale(img, h, w, box, out_hw, draft):
     return max(1, int(np.ceil(raw_w * s))), max(1, int(np.ceil(raw_h * s)))
 
 
-def _decode_upright(img, orientation, draft_size):
-    """The pixels, upright and RGB; every failure here comes from the file's content (UndecodableImage)."""
+def _decode(img, orientation, draft_size):
+    """The whole image in RGB, upright when ``orientation`` != 1, reduced by JPEG draft when ``draft_size`` is
+    set; every failure here comes from the file's content (UndecodableImage)."""
     try:
         if draft_size is not None:
             try:
@@ -149,11 +174,10 @@ def _decode_upright(img, orientation, draft_size):
         raise UndecodableImage(f'{type(e).__name__}: {e}') from e
 
 
-def _decode_region(img, h, w, orientation, box, out_hw, resample, draft):
+def _crop_resize(img, h, w, box, out_hw, resample):
     top, left, ch, cw = box if box is not None else (0, 0, h, w)
     out_h, out_w = out_hw
-    img = _decode_upright(img, orientation, _draft_scale(img, h, w, box, out_hw, draft))
-    # Box in the (possibly reduced) upright image.
+    # Box in the (possibly reduced) image.
     sy, sx = img.height / h, img.width / w
     pil_box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
     if pil_box == (0, 0, img.width, img.height) and (out_w, out_h) == img.size:
@@ -165,12 +189,3 @@ def pil_to_hwc(img: Image.Image):
     """RGB PIL image -> uint8 torch tensor [H, W, 3] (HWC is already the P-P-C order patches need)."""
     import torch
     return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
-
-
-def read_encoded(path) -> bytes:
-    """The encoded image bytes: ``path.read_bytes()`` where the source reads itself (a member of a tar shard),
-    else the whole file in one read."""
-    if hasattr(path, 'read_bytes'):
-        return path.read_bytes()
-    with open(path, 'rb') as f:
-        return f.read()

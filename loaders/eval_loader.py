@@ -24,12 +24,12 @@ from .workers import ignore_interrupts
 
 class EvalImages(Dataset):
     def __init__(self, dataset, max_seq_len: int, patch_size: int, interpolation: str, draft: bool,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, exif_orientation: bool = EvalLoaderConfig.exif_orientation):
         n = len(dataset)
         self.dataset = dataset
         self.lo, self.hi = rank * n // world_size, (rank + 1) * n // world_size
         self.max_seq_len, self.patch_size = max_seq_len, patch_size
-        self.interpolation, self.draft = interpolation, draft
+        self.interpolation, self.draft, self.exif_orientation = interpolation, draft, exif_orientation
 
     def __len__(self):
         return self.hi - self.lo
@@ -38,7 +38,8 @@ class EvalImages(Dataset):
         idx = self.lo + i
         path = self.dataset.path(idx)
         try:
-            img = eval_sample(path, self.max_seq_len, self.patch_size, self.interpolation, self.draft)
+            img = eval_sample(path, self.max_seq_len, self.patch_size, self.interpolation, self.draft,
+                              self.exif_orientation)
         except UndecodableImage:  # a bad setting or a bug propagates instead of blaming the file
             return None, self.dataset.target(idx), path
         return img, self.dataset.target(idx), path
@@ -61,7 +62,8 @@ def make_eval_loader(dataset, cfg: Optional[EvalLoaderConfig] = None, *, rank: i
     """DataLoader over this rank's shard of ``dataset``; config fields may be given as keywords."""
     cfg = dataclasses.replace(cfg or EvalLoaderConfig(), **fields)
     cfg.validate()
-    images = EvalImages(dataset, cfg.max_seq_len, cfg.patch_size, cfg.interpolation, cfg.draft, rank, world_size)
+    images = EvalImages(dataset, cfg.max_seq_len, cfg.patch_size, cfg.interpolation, cfg.draft, rank, world_size,
+                        exif_orientation=cfg.exif_orientation)
     kwargs = dict(persistent_workers=persistent_workers) if cfg.num_workers > 0 else {}
     return DataLoader(images, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                       collate_fn=EvalCollate(cfg.patch_size, cfg.packing, cfg.max_seq_len),

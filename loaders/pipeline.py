@@ -1,31 +1,36 @@
 """Per-sample pipeline: file -> uint8 HWC image whose patch grid fits the step's sequence length.
 
 Train (NaViT arXiv:2307.06304 / SigLIP 2 NaFlex arXiv:2502.14786, timm's RandomResizedCropToSequence):
-read the header, sample the crop in upright full-resolution coordinates, decode (JPEG draft when the output is
->= 2x smaller), crop+resize straight to grid*P (``--train-interpolation``; 'random' = bilinear or bicubic),
-then flip / RandAugment / jitter / grayscale (augment.ImageAugment) on the PIL image.
+read the header, sample the crop in full-resolution coordinates, decode (JPEG draft when the output is
+>= 2x smaller, unless ``--no-jpeg-draft``), crop+resize straight to grid*P (``--train-interpolation``;
+'random' = bilinear or bicubic), then flip / RandAugment / jitter / grayscale (augment.ImageAugment) on the PIL
+image. An optional stage hook (augment.stages) times each of these stages for the profiler.
 
 Eval: timm's NaFlex eval rule (ResizeToSequence): aspect-preserving resize of the whole image to the largest
 grid that fits ``max_seq_len``, no crop. JPEG draft is off by default here so pixels match timm's.
+EXIF orientation is applied in either only when asked for (``AugConfig`` / ``EvalLoaderConfig.exif_orientation``).
 """
 from __future__ import annotations
 
 import random
+from typing import Optional
 
 import torch
 
 from augment.geometry import fit_grid_to_seq, sample_rrc
 from augment.config import AugConfig
 from augment.policy import ImageAugment
+from augment.stages import StageHook, stage
 
 from .config import EvalLoaderConfig
 from .decode import decode_resized, open_image, pil_to_hwc
 
 
 class TrainSampleBuilder:
-    def __init__(self, aug: AugConfig):
+    def __init__(self, aug: AugConfig, timer: Optional[StageHook] = None):
         self.cfg = aug
-        self.augment = ImageAugment(aug)
+        self.timer = timer
+        self.augment = ImageAugment(aug, timer=timer)
         self.interps = aug.interpolations()
 
     def __call__(self, path: str, seq_len: int, patch_size: int, rng: random.Random) -> torch.Tensor:
@@ -34,20 +39,23 @@ class TrainSampleBuilder:
 
     def build_pil(self, path: str, seq_len: int, patch_size: int, rng: random.Random):
         """The same image as an RGB PIL image (the loader mixes PIL images, then converts)."""
-        opened = open_image(path)
-        _, h, w, _ = opened
-        crop = sample_rrc(h, w, rng, patch_size=patch_size, max_seq_len=seq_len,
-                          scale=self.cfg.scale, ratio=self.cfg.ratio)
-        interp = self.interps[0] if len(self.interps) == 1 else rng.choice(self.interps)
+        with stage(self.timer, 'read + header'):
+            opened = open_image(path, exif_orientation=self.cfg.exif_orientation)
+        with stage(self.timer, 'RRC params'):
+            _, h, w, _ = opened
+            crop = sample_rrc(h, w, rng, patch_size=patch_size, max_seq_len=seq_len,
+                              scale=self.cfg.scale, ratio=self.cfg.ratio)
+            interp = self.interps[0] if len(self.interps) == 1 else rng.choice(self.interps)
         out_hw = (crop.grid_h * patch_size, crop.grid_w * patch_size)
         img = decode_resized(path, (crop.top, crop.left, crop.height, crop.width), out_hw, interp,
-                             draft=self.cfg.draft, opened=opened)
+                             draft=self.cfg.draft, opened=opened, timer=self.timer)
         return self.augment(img, rng)
 
 
 def eval_sample(path: str, max_seq_len: int, patch_size: int, interpolation: str = EvalLoaderConfig.interpolation,
-                draft: bool = EvalLoaderConfig.draft) -> torch.Tensor:
-    opened = open_image(path)
+                draft: bool = EvalLoaderConfig.draft,
+                exif_orientation: bool = EvalLoaderConfig.exif_orientation) -> torch.Tensor:
+    opened = open_image(path, exif_orientation=exif_orientation)
     _, h, w, _ = opened
     gh, gw = fit_grid_to_seq(h, w, patch_size, max_seq_len)
     img = decode_resized(path, None, (gh * patch_size, gw * patch_size), interpolation, draft=draft, opened=opened)

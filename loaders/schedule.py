@@ -4,7 +4,8 @@ FlexiViT arXiv:2212.08013 patch-size randomisation), with timm 1.0.31's semantic
 - Token budget per step: ``tokens_per_batch = -b x max(seq_lens)``; a step at length L holds
   ``max(1, floor(budget / L / divisor) * divisor)`` images (divisor 8), the last step of the epoch fewer.
 - The multiset of (L, batch size) steps is fixed from ``seed`` (one L drawn uniformly per step until the
-  rank's samples are covered; the same draws as timm, so the same multiset as timm for a given seed), so
+  rank's samples are covered; the same draws as timm's NaFlex loader for the same seed; timm's train.py never
+  passes its ``--seed`` to that loader, which then uses 42, so a timm run's schedule is ours at seed 42), so
   every epoch has the same number of steps on every rank.
 - Each epoch: the indices are shuffled from (seed, epoch), padded by wrapping to a multiple of world_size
   (the only duplicates: ``ceil(n / W) * W - n`` per epoch) and dealt rank-strided, so ranks hold disjoint

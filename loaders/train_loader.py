@@ -7,14 +7,22 @@ builds the whole batch for a key inside a worker. So
 - ``set_epoch`` only changes the sampler, so it works with persistent workers;
 - ``set_start_step(k)`` makes the next epoch iteration start at step k (exact mid-epoch resume);
 - MixUp/CutMix stops at ``MixupConfig.off_epoch`` (``--mixup-off-epoch``); targets stay soft after that;
-- every random choice of a sample comes from ``random.Random`` seeded by (seed, epoch, step, slot), so a batch
-  is identical whatever the number of workers, and re-runs are exact.
+- every random choice is a pure function of the run's seed, so a batch is identical whatever the number of
+  workers, and re-runs and resumes are exact:
+  - a sample's draws (crop, interpolation, flips, RandAugment, grayscale, erasing) come from ``random.Random``
+    seeded by (seed, epoch, dataset index): an image is augmented the same way whatever its rank, slot or the
+    world size, and the images of one global step, on every rank, draw independently (as timm's per-rank,
+    per-worker seeding gives). The few wrap-around repeats that even the ranks out (``ceil(n/W)*W - n`` per
+    epoch) repeat their first copy's augmentation too;
+  - a step's MixUp/CutMix draws (mode, lambda, pairing, boxes) come from (seed, epoch, step, rank).
 
-A file that fails to decode is replaced by another index drawn from the same slot RNG (the step keeps its
-shape) and its path is listed in ``inputs['bad_files']``; reporting it is the consumer's job (the trainer logs
-each path once per run), so workers stay silent instead of repeating the warning per worker and epoch. When
-``MAX_REPLACEMENTS`` files in a row fail for one sample the data is broken, not a file: iterating the loader
-raises ``UndecodableFiles`` (in the main process, with the paths, not as a worker traceback).
+A file that fails to decode is replaced (the step keeps its shape) and its path is listed in
+``inputs['bad_files']``; reporting it is the consumer's job (the trainer logs each path once per run), so workers
+stay silent instead of repeating the warning per worker and epoch. The replacement is also a pure function of the
+scheduled index: indices are drawn from (seed, epoch, index, 'replace'), and the k-th replacement's augmentation
+from (seed, epoch, index, k). When ``MAX_REPLACEMENTS`` files in a row fail for one sample the data is broken,
+not a file: iterating the loader raises ``UndecodableFiles`` (in the main process, with the paths, not as a
+worker traceback).
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from augment.config import AugConfig
 from augment.mixup import MixupConfig, mix_variable_size
+from augment.stages import StageHook, stage
 
 from .decode import UndecodableImage, pil_to_hwc
 from .packing import collate
@@ -76,40 +85,48 @@ class StepSampler(Sampler):
 
 
 class StepDataset(Dataset):
-    """Map-style: ``ds[(epoch, step)] -> (inputs, target)`` for the whole step."""
+    """Map-style: ``ds[(epoch, step)] -> (inputs, target)`` for the whole step. ``schedule`` gives each step's
+    L, patch size and dataset indices (``.step(epoch, i)``, ``.num_steps``) and this process's ``.rank``;
+    ``timer`` is an optional stage hook (augment.stages) called around every stage."""
 
     def __init__(self, dataset, schedule: SeqLenSchedule, aug: AugConfig, mixup: Optional[MixupConfig], *,
-                 packing: bool, seed: int):
+                 packing: bool, seed: int, timer: Optional[StageHook] = None):
         self.dataset = dataset
         self.schedule = schedule
-        self.builder = TrainSampleBuilder(aug)
+        self.builder = TrainSampleBuilder(aug, timer=timer)
         self.mixup = mixup if (mixup is not None and mixup.active) else None
         self.packing = packing
         self.seed = seed
+        self.timer = timer
 
     def __len__(self) -> int:
         return self.schedule.num_steps
 
-    def _load(self, idx: int, L: int, P: int, rng: random.Random, bad: List[str]):
-        n = len(self.dataset)
-        for _ in range(MAX_REPLACEMENTS):
-            path = self.dataset.path(idx)
+    def _load(self, epoch: int, idx: int, L: int, P: int, bad: List[str]):
+        """(PIL image, target, the sample's RNG) for dataset index ``idx``, or for its replacement if it fails."""
+        n, picked = len(self.dataset), idx
+        replacements = None
+        for attempt in range(MAX_REPLACEMENTS):
+            suffix = f"/{attempt}" if attempt else ""
+            rng = random.Random(f"sample/{self.seed}/{epoch}/{idx}{suffix}")
+            path = self.dataset.path(picked)
             try:
-                return self.builder.build_pil(path, L, P, rng), self.dataset.target(idx)
+                return self.builder.build_pil(path, L, P, rng), self.dataset.target(picked), rng
             except UndecodableImage:  # only a file that cannot be read or decoded is replaced (reported
                 bad.append(path)      # through the batch's bad_files: the trainer logs each path once)
-                idx = rng.randrange(n)
+                replacements = replacements or random.Random(f"replace/{self.seed}/{epoch}/{idx}")
+                picked = replacements.randrange(n)
         raise _GaveUp()
+
 
     def __getitem__(self, key: Tuple[int, int]):
         epoch, step_idx = key
         step = self.schedule.step(epoch, step_idx)
         L, P = step.seq_len, step.patch_size
         imgs, targets, bad, rngs = [], [], [], []
-        for slot, idx in enumerate(step.indices.tolist()):
-            rng = random.Random(f"{self.seed}/{epoch}/{step_idx}/{slot}")
+        for idx in step.indices.tolist():
             try:
-                img, t = self._load(idx, L, P, rng, bad)
+                img, t, rng = self._load(epoch, idx, L, P, bad)
             except _GaveUp:
                 return _StepFailed(bad, epoch, step_idx)
             imgs.append(img)
@@ -117,12 +134,19 @@ class StepDataset(Dataset):
             rngs.append(rng)
         if self.mixup is not None:
             # From MixupConfig.off_epoch on, targets keep the soft format (smoothed one-hot) so the loss keeps its type.
-            mix_rng = random.Random(f"{self.seed}/{epoch}/{step_idx}/mix")
-            imgs, target, _, _ = mix_variable_size(imgs, targets, self.mixup, mix_rng, inplace=True, epoch=epoch)
+            with stage(self.timer, 'MixUp/CutMix'):
+                mix_rng = random.Random(f"mix/{self.seed}/{epoch}/{step_idx}/{self.schedule.rank}")
+                imgs, target, _, _ = mix_variable_size(imgs, targets, self.mixup, mix_rng, inplace=True,
+                                                       epoch=epoch)
         else:
             target = torch.tensor(targets, dtype=torch.int64)
-        imgs = [self.builder.augment.after_mix(pil_to_hwc(x), r, P) for x, r in zip(imgs, rngs)]
-        inputs = collate(imgs, P, self.packing, L, bad)
+        tensors = []
+        for img, rng in zip(imgs, rngs):
+            with stage(self.timer, 'to uint8 tensor'):
+                x = pil_to_hwc(img)
+            tensors.append(self.builder.augment.after_mix(x, rng, P))  # random erasing
+        with stage(self.timer, 'pack'):
+            inputs = collate(tensors, P, self.packing, L, bad)
         return inputs, target
 
 

@@ -1,6 +1,7 @@
 """Shared pytest fixtures and markers.
 
-- ``shared_data``: path to ``../shared/data/caltech101`` (real JPEGs); tests using it skip when it is absent.
+- ``shared_data``: path to ``../shared/data/caltech101`` (real JPEGs; ``NAFLEX_CALTECH101=DIR`` points elsewhere,
+  e.g. from a worktree that is not next to ``shared/``); tests using it skip when it is absent.
 - ``demo_shards``: ``demo_dataset`` as WebDataset tar shards; the shard index cache of the tests goes to a tmp dir.
 - ``cuda`` marker: skipped without a CUDA device.
 - Threads are capped so the suite behaves on a 2-core machine, and restored after every test.
@@ -14,7 +15,7 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "caltech101"
+SHARED_DATA = Path(os.environ.get("NAFLEX_CALTECH101", REPO_ROOT.parent / "shared" / "data" / "caltech101"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -236,3 +236,73 @@ def test_mixup_off_epoch():
     assert own == [1.0, 1.0] and torch.equal(soft, torch.eye(3)[:2])
     _, _, own, _ = mix_variable_size(imgs, [0, 1], cfg, random.Random(0), epoch=1)
     assert own[0] < 1.0
+
+
+def _photo(shared_data=None):
+    """A real caltech101 photo when the shared data is there, else a smooth generated scene (edges + gradients)."""
+    if shared_data is not None:
+        path = sorted((shared_data / 'train').glob('*/*.jpg'))[0]
+        return Image.open(path).convert('RGB')
+    y, x = np.mgrid[0:120, 0:170]
+    arr = np.stack([x * 1.5 % 256, y * 2 % 256, ((x // 20 + y // 20) % 2) * 200 + 30], -1).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+GEOMETRY_LEVELS = (1, 3, 5, 8, 10)
+
+
+def _check_geometry_ops_match_timm(img):
+    """Rotate and ShearX/Y equal timm's PIL ops pixel for pixel at every tested magnitude, sign and filter;
+    the uint8-tensor versions agree with them up to resampling (mean |diff| < 1.5 grey levels, bilinear)."""
+    from timm.data import auto_augment as aa
+    fill = (128, 128, 128)
+    tensor = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+    timm_ops = {'ShearX': aa.shear_x, 'ShearY': aa.shear_y, 'Rotate': aa.rotate}
+    for name, timm_op in timm_ops.items():
+        for level in GEOMETRY_LEVELS:
+            for sign in (1, -1):
+                arg = sign * abs(LEVEL_TO_ARG[name](level, random.Random(0)))
+                for interp, resample in ((InterpolationMode.BILINEAR, Image.BILINEAR),
+                                         (InterpolationMode.BICUBIC, Image.BICUBIC)):
+                    ref = np.asarray(timm_op(img, arg, fillcolor=fill, resample=resample))
+                    ours = np.asarray(OPS[name](img, arg, OpContext(fill, interp)))
+                    assert np.array_equal(ours, ref), (name, level, sign, interp)
+                ours_t = OPS[name](tensor, arg, OpContext(fill, InterpolationMode.BILINEAR))
+                ref = np.asarray(timm_op(img, arg, fillcolor=fill, resample=Image.BILINEAR)).astype(float)
+                diff = np.abs(ours_t.permute(1, 2, 0).numpy().astype(float) - ref).mean()
+                assert diff < 1.5, (name, level, sign, diff)
+
+
+def test_geometry_ops_match_timm():
+    _check_geometry_ops_match_timm(_photo())
+
+
+def test_geometry_ops_match_timm_on_a_real_photo(shared_data):
+    _check_geometry_ops_match_timm(_photo(shared_data))
+
+
+def test_vflip_is_applied_after_hflip(demo_dataset):
+    """--vflip p flips vertically with probability p, after the horizontal flip (timm's transform order), in the
+    real train pipeline: with vflip 1 the sample is the vflip-0 sample upside down (same crop draws)."""
+    from loaders.dataset import ImageFolderDataset
+    from loaders.pipeline import TrainSampleBuilder
+    from naflex.train.cli import build_parser, config_from_args
+    p = build_parser()
+    assert config_from_args(p.parse_args(['--vflip', '1']), p).aug.vflip == 1.0
+    pil, _ = _imgs(10, 12)
+    both = ImageAugment(AugConfig(hflip=1.0, vflip=1.0, color_jitter=0))(pil, random.Random(0))
+    assert np.array_equal(np.asarray(both), np.asarray(pil)[::-1, ::-1])
+    ds = ImageFolderDataset(demo_dataset, 'train')
+    plain, flipped = (TrainSampleBuilder(AugConfig(hflip=0.0, vflip=v, color_jitter=0)) for v in (0.0, 1.0))
+    for i in range(6):
+        ref = plain(ds.path(i), 32, 8, random.Random(i))
+        assert torch.equal(flipped(ds.path(i), 32, 8, random.Random(i)), ref.flip(0))
+
+
+def test_rotate_shear_resampling_follows_timm():
+    """timm's RandAugment gets the train interpolation: 'random' draws bilinear or bicubic per op; a fixed name is
+    used as it is. AugConfig.ra_interpolation overrides it (e.g. 'bilinear', the cheaper filter)."""
+    bl, bc = InterpolationMode.BILINEAR, InterpolationMode.BICUBIC
+    ra = lambda **kw: ImageAugment(AugConfig(aa='rand-m9', **kw)).rand_augment.interps  # noqa: E731
+    assert ra() == (bl, bc) and ra(interpolation='bicubic') == (bc,) and ra(interpolation='bilinear') == (bl,)
+    assert ra(ra_interpolation='bilinear') == (bl,)

@@ -1,4 +1,5 @@
 """Sequence-fit geometry vs timm 1.0.31: eval grid/pixels (ResizeToSequence) and train RRC parameters."""
+import math
 import random
 
 import numpy as np
@@ -53,3 +54,15 @@ def test_rrc_params_match_timm_given_same_random_stream():
         c = sample_rrc(h, w, random.Random(seed), patch_size=16, max_seq_len=256)
         assert (c.top, c.left, c.height, c.width) == (top, left, ch, cw)
         assert (c.grid_h * 16, c.grid_w * 16) == (th, tw)
+
+
+def test_grid_where_timms_binary_search_stops_short():
+    """At ratio r = 23*16/1724 a 1799x1724 image has grid (ceil(1799 r / 16), 23) = (25, 23), 575 <= 576 patches: the
+    largest grid timm's rule allows. timm's float search (eps 1e-5) stops within eps below r and returns 24x23."""
+    from fractions import Fraction
+
+    from timm.data.naflex_transforms import get_image_size_for_seq
+    r = Fraction(23 * 16, 1724)
+    assert (math.ceil(1799 * r / 16), math.ceil(1724 * r / 16)) == (25, 23)
+    assert fit_grid_to_seq(1799, 1724, 16, 576) == (25, 23)
+    assert get_image_size_for_seq((1799, 1724), 16, 576)[1] == (24 * 16, 23 * 16)

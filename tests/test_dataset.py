@@ -93,15 +93,46 @@ def test_decode_modes_to_rgb(tmp_path):
             decode_resized(tmp_path / name, None, (16, 16))
 
 
-def test_exif_orientation(tmp_path):
-    img = Image.fromarray(_smooth(20, 40))  # 40 wide, 20 high
+def _exif_rotated_jpeg(path):
+    """A 40 wide, 20 high JPEG whose EXIF tag says: show it rotated 90 degrees clockwise (20 wide, 40 high)."""
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 CW on display
-    img.save(tmp_path / 'rot.jpg', exif=exif, quality=95)
-    _, h, w, orient = open_image(tmp_path / 'rot.jpg')
-    assert (h, w, orient) == (40, 20, 6)
-    out = decode_resized(tmp_path / 'rot.jpg', None, (40, 20))
-    assert out.size == (20, 40)
+    exif[0x0112] = 6
+    Image.fromarray(_smooth(20, 40)).save(path, exif=exif, quality=95)
+    return path
+
+
+def test_exif_orientation_off_by_default_like_timm(tmp_path):
+    """timm's readers hand Image.open(f).convert('RGB') to the transforms: the stored pixels, not the upright view.
+    Ours by default too; exif_orientation=True turns the image upright."""
+    path = _exif_rotated_jpeg(tmp_path / 'rot.jpg')
+    assert open_image(path)[1:] == (20, 40, 1)
+    stored = decode_resized(path, None, (20, 40), draft=False)
+    with Image.open(path) as ref:
+        assert np.array_equal(np.asarray(stored), np.asarray(ref.convert('RGB')))
+    assert open_image(path, exif_orientation=True)[1:] == (40, 20, 6)
+    upright = decode_resized(path, None, (40, 20), opened=open_image(path, exif_orientation=True))
+    assert upright.size == (20, 40)
+    assert np.array_equal(np.asarray(upright), np.asarray(stored.transpose(Image.Transpose.ROTATE_270)))
+
+
+def test_exif_orientation_switch_reaches_train_and_eval_loaders(tmp_path):
+    """--exif-orientation (train.py: train and eval loaders; validate.py: eval) decides the grid of a rotated file."""
+    from augment import AugConfig
+    from naflex.train.cli import build_parser, config_from_args
+    folder = tmp_path / 'd' / 'train' / 'a'
+    folder.mkdir(parents=True)
+    _exif_rotated_jpeg(folder / 'r.jpg')
+    p = build_parser()
+    for argv, grid in (([], [2, 4]), (['--exif-orientation'], [4, 2])):  # 20 x 40 px, P = 8, L = 10
+        cfg = config_from_args(p.parse_args(argv), p)
+        assert cfg.aug.exif_orientation == cfg.eval.exif_orientation == bool(argv)
+        ev = loaders.create_eval_loader(tmp_path / 'd', 'train', cfg.eval, max_seq_len=10, patch_size=8,
+                                        num_workers=0)
+        assert next(iter(ev))[0]['grid_sizes'][0].tolist() == grid
+        aug = AugConfig(scale=(1, 1), ratio=(1, 1), exif_orientation=cfg.aug.exif_orientation)
+        tr = loaders.create_train_loader(tmp_path / 'd', 'train', aug=aug, seq_lens=(10,), batch_size=1,
+                                         patch_size=8, num_workers=0)
+        assert next(iter(tr))[0]['grid_sizes'][0].tolist() == grid
 
 
 def test_jpeg_draft_covers_same_region(tmp_path):

@@ -148,6 +148,92 @@ def test_set_epoch_with_persistent_workers_and_resume(folder):
     assert len(_epoch_keys(ld, 1)) == len(ld)
 
 
+class DrawRecorder:
+    """Records what the loader draws, through the real pipeline: per loaded sample ('class/file', the first
+    number its RNG gives: the crop's area draw), and per mixed step the MixUp lambda (read back from the
+    own-weights mix_variable_size returns: own = 1 - (1 - lam) * overlap / area)."""
+
+    def __init__(self, monkeypatch):
+        import random as _random
+
+        from loaders import train_loader
+        from loaders.pipeline import TrainSampleBuilder
+        self.crops, self.lams = [], []
+        build, mix = TrainSampleBuilder.build_pil, train_loader.mix_variable_size
+
+        def build_pil(builder, path, L, P, rng):
+            probe = _random.Random()
+            probe.setstate(rng.getstate())
+            self.crops.append(('/'.join(str(path).split('/')[-2:]), probe.random()))
+            return build(builder, path, L, P, rng)
+
+        def mix_variable_size(imgs, targets, cfg, rng, **kw):
+            sizes = [(x.height, x.width) for x in imgs]
+            out = mix(imgs, targets, cfg, rng, **kw)
+            own, partner = out[2], out[3]
+            i = next(i for i, j in enumerate(partner) if j is not None)
+            (hi, wi), (hj, wj) = sizes[i], sizes[partner[i]]
+            self.lams.append(1 - (1 - own[i]) * hi * wi / (min(hi, hj) * min(wi, wj)))
+            return out
+
+        monkeypatch.setattr(TrainSampleBuilder, 'build_pil', build_pil)
+        monkeypatch.setattr(train_loader, 'mix_variable_size', mix_variable_size)
+
+    def step(self, loader, epoch, k):
+        """(crop draws, lambda or None) of one step of ``loader``."""
+        c, m = len(self.crops), len(self.lams)
+        loader.step_dataset[(epoch, k)]
+        return self.crops[c:], (self.lams[m] if len(self.lams) > m else None)
+
+
+MIXUP_ONLY = MixupConfig(num_classes=3, mixup_alpha=0.8, cutmix_alpha=0.0)
+
+
+def test_ranks_draw_independent_crops_and_lambdas(tmp_path, monkeypatch):
+    """world_size 2: on every step the two ranks draw other crops and another MixUp lambda (the same draws on
+    every rank would give a global step W times fewer independent augmentations)."""
+    folder = make_folder(tmp_path, per_class=14)
+    rec = DrawRecorder(monkeypatch)
+    ranks = [small_loader(folder, seq_lens=(16,), batch_size=8, rank=r, world_size=2, mixup=MIXUP_ONLY)
+             for r in (0, 1)]  # 21 images per rank: steps of 8, 8 and 5, all mixed
+    num_lams = 0
+    for k in range(len(ranks[0])):
+        (crops0, lam0), (crops1, lam1) = (rec.step(ld, 0, k) for ld in ranks)
+        assert {name for name, _ in crops0}.isdisjoint(name for name, _ in crops1)  # disjoint shards
+        assert all(a[1] != b[1] for a, b in zip(crops0, crops1)), k  # slot by slot, other crop draws
+        if lam0 is not None and lam1 is not None:
+            assert 0 <= lam0 <= 1 and 0 <= lam1 <= 1 and abs(lam0 - lam1) > 1e-9, k
+            num_lams += 1
+    assert num_lams == len(ranks[0]) == 3
+    draws = [d for _, d in rec.crops]
+    assert len(set(draws)) == len(draws) == 42  # every image of the epoch drew its own crop
+
+
+def test_sample_draws_do_not_depend_on_world_size_or_slot(tmp_path, monkeypatch):
+    """An image's augmentation is seeded by (seed, epoch, dataset index): the same crop draws with 1 or 2
+    ranks, and (another epoch) other ones. A bad file's replacement is seeded by the index it replaces."""
+    folder = make_folder(tmp_path, per_class=6)
+    (folder / 'train' / 'class0' / 'broken.jpg').write_bytes(b'not an image')
+    rec = DrawRecorder(monkeypatch)
+
+    def epoch_draws(epoch, world_size):
+        rec.crops.clear()
+        for r in range(world_size):
+            ld = small_loader(folder, rank=r, world_size=world_size)
+            for k in range(len(ld)):
+                rec.step(ld, epoch, k)
+        return sorted(rec.crops)
+
+    with pytest.warns(UserWarning, match='bad image'):
+        one, two = epoch_draws(0, 1), epoch_draws(0, 2)
+        later = epoch_draws(1, 1)
+    assert len(one) == 20  # 19 files (one broken) and the broken one's replacement
+    # 2 ranks: the same draws; the one index repeated to even out the ranks repeats its augmentation too
+    assert set(one) == set(two) and len(two) == len(one) + 1
+    assert [n for n, _ in one].count('class0/broken.jpg') == 1
+    assert {d for _, d in one}.isdisjoint(d for _, d in later)
+
+
 def test_train_loader_sees_every_file_once(folder):
     ld = small_loader(folder)
     ds = ld.dataset

@@ -8,19 +8,19 @@ from naflex.train.cli import ConfigError, build_parser, parse_args
 # Changing the CLI is a deliberate act: update this list (and the README) in the same commit.
 FROZEN_FLAGS = [
     '--aa', '--amp', '--amp-dtype', '--attn-backend', '--batch-size', '--checkpoint-hist', '--clip-grad',
-    '--clip-mode', '--color-jitter', '--config', '--cooldown-epochs', '--cutmix', '--data-dir', '--dataset', '--device',
-    '--drop', '--drop-path', '--epochs', '--eval-metric', '--experiment', '--gp', '--grad-accum-steps',
-    '--grad-checkpointing', '--grayscale-prob', '--help', '--hflip', '--initial-checkpoint', '--layer-decay',
-    '--layer-decay-min-scale', '--log-interval', '--lr', '--lr-base', '--lr-base-scale', '--lr-base-size',
-    '--mean', '--min-lr', '--mixup', '--mixup-off-epoch', '--mixup-prob', '--mixup-switch-prob', '--model',
-    '--model-ema', '--model-ema-decay', '--model-ema-warmup', '--model-kwargs', '--momentum', '--naflex-loader',
-    '--naflex-loss-scale', '--naflex-max-seq-len', '--naflex-patch-size-probs', '--naflex-patch-sizes',
-    '--naflex-train-seq-lens', '--no-naflex-packing', '--no-resume-opt', '--num-classes', '--opt', '--opt-betas',
-    '--opt-eps', '--output', '--pin-mem', '--pretrained', '--pretrained-path', '--ratio', '--recount',
-    '--recovery-interval', '--remode', '--reprob', '--resume', '--scale', '--sched', '--sched-on-updates', '--seed',
-    '--smoothing', '--std', '--torchcompile', '--torchcompile-mode', '--train-interpolation', '--train-split',
-    '--val-interval', '--val-split', '--validation-batch-size', '--vflip', '--warmup-epochs', '--warmup-lr',
-    '--warmup-prefix', '--weight-decay', '--workers', '--log-wandb', '--wandb-project',
+    '--clip-mode', '--color-jitter', '--config', '--cooldown-epochs', '--cutmix', '--data-dir', '--dataset',
+    '--device', '--drop', '--drop-path', '--epochs', '--eval-metric', '--exif-orientation', '--experiment', '--gp',
+    '--grad-accum-steps', '--grad-checkpointing', '--grayscale-prob', '--help', '--hflip', '--initial-checkpoint',
+    '--layer-decay', '--layer-decay-min-scale', '--log-interval', '--log-wandb', '--lr', '--lr-base',
+    '--lr-base-scale', '--lr-base-size', '--mean', '--min-lr', '--mixup', '--mixup-off-epoch', '--mixup-prob',
+    '--mixup-switch-prob', '--model', '--model-ema', '--model-ema-decay', '--model-ema-warmup', '--model-kwargs',
+    '--momentum', '--naflex-loader', '--naflex-loss-scale', '--naflex-max-seq-len', '--naflex-patch-size-probs',
+    '--naflex-patch-sizes', '--naflex-train-seq-lens', '--no-jpeg-draft', '--no-naflex-packing', '--no-resume-opt',
+    '--num-classes', '--opt', '--opt-betas', '--opt-eps', '--output', '--pin-mem', '--pretrained',
+    '--pretrained-path', '--ratio', '--recount', '--recovery-interval', '--remode', '--reprob', '--resume', '--scale',
+    '--sched', '--sched-on-updates', '--seed', '--smoothing', '--std', '--torchcompile', '--torchcompile-mode',
+    '--train-interpolation', '--train-split', '--val-interval', '--val-split', '--validation-batch-size', '--vflip',
+    '--wandb-project', '--warmup-epochs', '--warmup-lr', '--warmup-prefix', '--weight-decay', '--workers',
 ]
 
 CARD = ('--data-dir /data/imagenet/ --amp --amp-dtype bfloat16 --model naflexvit_base_patch16_gap --naflex-loader '

@@ -62,15 +62,12 @@ def _our_logits(model, split_dir, seq_len, packing, bs=5):
     return evaluate(model, loader, "cpu", mean=cfg["mean"], std=cfg["std"], collect_logits=True)
 
 
-@pytest.mark.parametrize("seq_len", [16, 64, 144])
-def test_logits_match_timm_validate_pipeline(demo_dataset, tiny, seq_len):
+def _timm_logits(model, split_dir, seq_len):
+    """timm validate.py --naflex-loader: eval transform + NaFlexCollator (padded to L) + timm model."""
     from timm.data import ImageDataset, create_naflex_loader
 
-    model, _ = tiny
     cfg = model.pretrained_cfg
-    ours = _our_logits(model, demo_dataset / "val", seq_len, packing=True)
-    # timm validate.py --naflex-loader: eval transform + NaFlexCollator (padded to L) + timm model.
-    tds = ImageDataset(str(demo_dataset / "val"))
+    tds = ImageDataset(str(split_dir))
     tloader = create_naflex_loader(tds, patch_size=16, max_seq_len=seq_len, batch_size=5, is_training=False,
                                    interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
                                    num_workers=0, use_prefetcher=False, device="cpu", pin_memory=False,
@@ -81,12 +78,53 @@ def test_logits_match_timm_validate_pipeline(demo_dataset, tiny, seq_len):
         for inputs, target in tloader:
             logits.append(tm(inputs))
             targets.append(target)
-    ref, ref_t = torch.cat(logits), torch.cat(targets)
-    assert ours["images"] == len(tds) == 16
+    return torch.cat(logits), torch.cat(targets)
+
+
+@pytest.mark.parametrize("seq_len", [16, 64, 144])
+def test_logits_match_timm_validate_pipeline(demo_dataset, tiny, seq_len):
+    model, _ = tiny
+    ours = _our_logits(model, demo_dataset / "val", seq_len, packing=True)
+    ref, ref_t = _timm_logits(model, demo_dataset / "val", seq_len)
+    assert ours["images"] == len(ref_t) == 16
     assert torch.equal(ours["targets"], ref_t)
     torch.testing.assert_close(ours["logits"], ref, atol=2e-4, rtol=1e-4)
     top1_ref = (ref.argmax(-1) == ref_t).float().mean().item() * 100
     assert ours["top1"] == pytest.approx(top1_ref)
+
+
+def test_exif_rotated_files_score_like_timm(tiny, tmp_path, monkeypatch):
+    """timm applies no EXIF orientation: by default neither do we, so rotated files get timm's logits;
+    validate.py --exif-orientation turns them upright (other logits)."""
+    import numpy as np
+    from PIL import Image
+
+    import loaders
+    model, ckpt = tiny
+    rng = np.random.default_rng(0)
+    for i, tag in enumerate((6, 8, 3, 6)):
+        d = tmp_path / "val" / f"c{i}"  # the model's 4 classes, one rotated file each
+        d.mkdir(parents=True, exist_ok=True)
+        exif = Image.Exif()
+        exif[0x0112] = tag
+        Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 90, 3), dtype=np.uint8)).save(d / f"{i}.jpg", exif=exif)
+    ours = _our_logits(model, tmp_path / "val", 64, packing=True)
+    ref, _ = _timm_logits(model, tmp_path / "val", 64)
+    torch.testing.assert_close(ours["logits"], ref, atol=2e-4, rtol=1e-4)
+    ds = ImageFolderDataset(tmp_path / "val", "")
+    upright = evaluate(model, make_eval_loader(ds, max_seq_len=64, batch_size=5, patch_size=16, num_workers=0,
+                                              exif_orientation=True), "cpu", mean=model.pretrained_cfg["mean"],
+                       std=model.pretrained_cfg["std"], collect_logits=True)
+    assert not torch.allclose(upright["logits"], ref, atol=1e-2)
+    seen = []
+    real = loaders.make_eval_loader
+    monkeypatch.setattr(loaders, "make_eval_loader",
+                        lambda *a, **k: seen.append(k["exif_orientation"]) or real(*a, **k))
+    base = ["--data-dir", str(tmp_path), "--model", MODEL, "--checkpoint", str(ckpt), "-j", "0",
+            "--naflex-max-seq-len", "64"]
+    validate.main(base)
+    validate.main(base + ["--exif-orientation"])
+    assert seen == [False, True]
 
 
 def test_packed_equals_padded(demo_dataset, tiny):

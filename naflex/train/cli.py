@@ -4,7 +4,8 @@ Each flag is declared once, with the config field it sets (``to=``); its default
 dataclasses stay the only home of the defaults (timm's train.py values: epochs 300, warmup-epochs 5, sched
 cosine, smoothing 0.1, naflex-max-seq-len 576, checkpoint-hist 10, seed 42, ...) and the NaFlexViT model card
 command runs as written. Additions of ours: ``--no-naflex-packing`` (timm-style padded batches instead of
-packed sequences, NaViT arXiv:2307.06304), ``--attn-backend``.
+packed sequences, NaViT arXiv:2307.06304), ``--attn-backend``, ``--no-jpeg-draft`` and ``--exif-orientation``
+(decoding switches; without them training decodes JPEGs with reduced DCT where it applies, and no EXIF rotation).
 
 ``-c/--config file.yaml`` sets defaults (unknown keys are an error); flags given on the command line win. The
 resolved namespace is what ``train.py`` writes to ``<output>/args.yaml`` (a valid ``-c`` file).
@@ -220,6 +221,11 @@ def _aug_flags(p: _Parser) -> None:
     _flag(p, g, '--smoothing', to=[('train', 'smoothing'), x('smoothing')], type=float, help='label smoothing')
     _flag(p, g, '--train-interpolation', to=a('interpolation'), metavar='|'.join(INTERPOLATIONS),
           help='training resize interpolation')
+    _flag(p, g, '--no-jpeg-draft', to=a('draft', _not), default=False, action='store_true',
+          help="decode training JPEGs in full like timm (default: reduced-DCT decoding when a crop is "
+               "downscaled >= 2x, which is faster)")
+    _flag(p, g, '--exif-orientation', to=[a('exif_orientation'), ('eval', 'exif_orientation')], action='store_true',
+          help="turn images upright by their EXIF orientation tag, in training and eval (default: no, like timm)")
     g = p.add_argument_group('EMA')
     _flag(p, g, '--model-ema', to=('ema', 'enabled'), action='store_true', help='keep an EMA of the weights')
     _flag(p, g, '--model-ema-decay', to=('ema', 'decay'), type=float, help='EMA decay per update')
