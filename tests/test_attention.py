@@ -204,6 +204,36 @@ def test_model_qk_norm_varlen_bf16_cuda():
     assert maxdiff(outs['sdpa_dense'], outs['varlen']) < 5e-2 and maxdiff(outs['flex'], outs['varlen']) < 5e-2
 
 
+def _traceable_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+    """Flash varlen attention's contract in plain torch ops (traceable and differentiable, any device)."""
+    assert q.dtype == k.dtype == v.dtype and cu_q.dtype == torch.int32 and cu_q is cu_k
+    seg = torch.searchsorted(cu_q[1:].long(), torch.arange(q.shape[0], device=q.device), right=True)
+    same_image = (seg[:, None] == seg[None, :])[None, None]
+    out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=same_image)
+    return out[0].transpose(0, 1)
+
+
+@pytest.mark.slow
+def test_varlen_train_step_compiles_to_one_graph(monkeypatch):
+    """The GPU run's compiled step, traced on CPU with a stand-in kernel: 'varlen', bf16 autocast, qk_norm,
+    drop-path, dynamic shapes. Forward and backward trace whole (fullgraph), and batches with other token and
+    image counts (and max_seqlen) reuse the one graph: no recompiles in a run's timed steps."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(attention, '_varlen_attn', _traceable_varlen)
+    model = naflex.create_model('naflexvit_tiny_test_map', qk_norm=True, drop_path_rate=0.1, attn_backend='varlen')
+    model.train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend='aot_eager')
+    for grids in ([(3, 5), (4, 4), (2, 7)], [(9, 9), (1, 3), (2, 2), (5, 5)]):
+        _, packed = make_batches(grids)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = compiled(packed)
+        out.float().square().mean().backward()
+        assert all(p.grad is not None for p in model.blocks.parameters())
+    assert counters['stats']['unique_graphs'] == 1
+
+
 @pytest.mark.cuda
 def test_varlen_equals_reference_cuda():
     q, k, v, cu, seg = _packed_qkv(LENS, device='cuda', dtype=torch.bfloat16)
