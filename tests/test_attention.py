@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import naflex
+from naflex.model import attention
 from naflex.model.attention import AttnContext, attend, available_backends, resolve_backend
 
 from test_model import GRIDS, TOL, assert_batches_match, make_batches, maxdiff, pair
@@ -42,12 +43,35 @@ def test_backend_equals_per_image_attention(backend):
     torch.testing.assert_close(out, _per_image_reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
 
 
-def test_flex_compiled_cpu():
-    """FlexAttention compiled on CPU (the fast path on GPUs) gives the same result."""
+def _run_with_backend(backend, q, k, v, cu, seg):
+    ctx = AttnContext.packed_from(backend, seg, cu, max(LENS), len(LENS), q.device, q.dtype)
+    return attend(q, k, v, ctx), ctx.backend
+
+
+def test_flex_compiled_cpu(monkeypatch, recwarn):
+    """FlexAttention compiled on CPU (the fast path on GPUs) gives the same result, and stays FlexAttention above
+    the size where eager flex falls back (compiled, nothing T x T is materialised)."""
+    monkeypatch.setattr(attention, 'FLEX_EAGER_MAX_TOKENS', sum(LENS) - 1)
     q, k, v, cu, seg = _packed_qkv(LENS)
-    compiled = torch.compile(_run, fullgraph=True)
-    out = compiled('flex', q, k, v, cu, seg)
+    compiled = torch.compile(_run_with_backend, fullgraph=True)
+    out, used = compiled('flex', q, k, v, cu, seg)
+    assert used == 'flex' and not [w for w in recwarn if 'flex' in str(w.message)]
     torch.testing.assert_close(out, _per_image_reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
+
+
+def test_eager_flex_falls_back_above_the_limit(monkeypatch):
+    """Eager FlexAttention materialises T x T: above FLEX_EAGER_MAX_TOKENS a packed batch runs on the 'auto'
+    backend with a warning naming the alternatives; small batches keep the eager reference math."""
+    monkeypatch.setattr(attention, 'FLEX_EAGER_MAX_TOKENS', sum(LENS) - 1)
+    q, k, v, cu, seg = _packed_qkv(LENS)
+    with pytest.warns(UserWarning, match=r"'flex' without torch.compile.*--torchcompile.*'varlen'.*'sdpa_padded'"):
+        out, used = _run_with_backend('flex', q, k, v, cu, seg)
+    assert used == 'sdpa_padded'
+    torch.testing.assert_close(out, _per_image_reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(attention, 'FLEX_EAGER_MAX_TOKENS', sum(LENS))
+    assert _run_with_backend('flex', q, k, v, cu, seg)[1] == 'flex'
+    assert attention.flex_or_fallback(sum(LENS) + 1, torch.device('cuda'), torch.bfloat16) == (
+        'varlen' if attention._HAS_VARLEN else 'sdpa_padded')
 
 
 def test_auto_resolution_and_errors():
@@ -126,6 +150,88 @@ def test_varlen_plumbing_on_cpu(monkeypatch):
     assert len(calls) == len(ours.blocks)
     lens = packed['seq_lens'].long() + ours.num_prefix_tokens
     assert torch.equal(calls[0].long(), F.pad(lens.cumsum(0), (1, 0)))
+
+
+class Fp32Norm(torch.nn.Module):
+    """A norm whose output is fp32 whatever its input, as LayerNorm's under CUDA autocast (CPU autocast keeps
+    bf16, so the CPU test stands this in for qk_norm's LayerNorm)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.inner = norm
+
+    def forward(self, x):
+        return self.inner(x.float())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('backend', ['varlen', 'flex'])
+def test_qk_norm_under_autocast_gives_kernels_one_dtype(monkeypatch, backend):
+    """qk_norm=True under bf16 autocast: q / k leave the norm in fp32, v the qkv linear in bf16; the flash and
+    FlexAttention kernels accept only one dtype, so q / k are cast to v's before the call."""
+    seen = []
+
+    def one_dtype_kernel(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        if not q.dtype == k.dtype == v.dtype:
+            raise RuntimeError('query, key and value must have the same dtype')  # what FA2 raises, in short
+        return torch.zeros_like(v)
+
+    monkeypatch.setattr(attention, '_varlen_attn', one_dtype_kernel)
+    monkeypatch.setattr(attention, '_flex', lambda: (lambda *a, **kw: None, one_dtype_kernel))
+    model = naflex.create_model('naflexvit_tiny_test', qk_norm=True, attn_backend=backend).eval()
+    for blk in model.blocks:
+        blk.attn.q_norm, blk.attn.k_norm = Fp32Norm(blk.attn.q_norm), Fp32Norm(blk.attn.k_norm)
+    _, packed = make_batches(GRIDS[:3])
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        model(packed)
+    assert seen == [(torch.bfloat16,) * 3] * len(model.blocks)
+
+
+@pytest.mark.cuda
+def test_model_qk_norm_varlen_bf16_cuda():
+    """The real kernels with qk_norm=True under CUDA autocast: forward and backward run and agree with SDPA."""
+    model = naflex.create_model('naflexvit_tiny_test', qk_norm=True).cuda()
+    _, packed = make_batches(GRIDS)
+    packed = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed.items()}
+    outs = {}
+    for backend in ('varlen', 'sdpa_dense', 'flex'):
+        model.set_attn_backend(backend)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            out = model(packed)
+        out.float().square().mean().backward()
+        outs[backend] = out.detach().float()
+    assert maxdiff(outs['sdpa_dense'], outs['varlen']) < 5e-2 and maxdiff(outs['flex'], outs['varlen']) < 5e-2
+
+
+def _traceable_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+    """Flash varlen attention's contract in plain torch ops (traceable and differentiable, any device)."""
+    assert q.dtype == k.dtype == v.dtype and cu_q.dtype == torch.int32 and cu_q is cu_k
+    seg = torch.searchsorted(cu_q[1:].long(), torch.arange(q.shape[0], device=q.device), right=True)
+    same_image = (seg[:, None] == seg[None, :])[None, None]
+    out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=same_image)
+    return out[0].transpose(0, 1)
+
+
+@pytest.mark.slow
+def test_varlen_train_step_compiles_to_one_graph(monkeypatch):
+    """The GPU run's compiled step, traced on CPU with a stand-in kernel: 'varlen', bf16 autocast, qk_norm,
+    drop-path, dynamic shapes. Forward and backward trace whole (fullgraph), and batches with other token and
+    image counts (and max_seqlen) reuse the one graph: no recompiles in a run's timed steps."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(attention, '_varlen_attn', _traceable_varlen)
+    model = naflex.create_model('naflexvit_tiny_test_map', qk_norm=True, drop_path_rate=0.1, attn_backend='varlen')
+    model.train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend='aot_eager')
+    for grids in ([(3, 5), (4, 4), (2, 7)], [(9, 9), (1, 3), (2, 2), (5, 5)]):
+        _, packed = make_batches(grids)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = compiled(packed)
+        out.float().square().mean().backward()
+        assert all(p.grad is not None for p in model.blocks.parameters())
+    assert counters['stats']['unique_graphs'] == 1
 
 
 @pytest.mark.cuda

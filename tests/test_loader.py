@@ -1,5 +1,7 @@
 """Train/eval loader, packing and device prefetch on small generated image folders."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,8 @@ import loaders
 from augment import AugConfig, MixupConfig
 from loaders.packing import pack, pad, patchify_hwc
 from loaders.prefetch import normalize_patches
+
+NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # mean, std
 
 
 def make_folder(root, num_classes=3, per_class=7, seed=0):
@@ -319,14 +323,76 @@ def test_create_from_args(folder):
 @pytest.mark.cuda
 def test_prefetcher_cuda_matches_cpu(folder):
     ld = small_loader(folder, num_workers=1, pin_memory=True)
-    cpu = [x['patches'] for x, _ in loaders.DevicePrefetcher(ld, 'cpu')]
+    cpu = [x['patches'] for x, _ in loaders.DevicePrefetcher(ld, 'cpu', *NORM)]
     ld.set_epoch(0)
-    gpu = list(loaders.DevicePrefetcher(ld, 'cuda', dtype=torch.bfloat16))
+    gpu = list(loaders.DevicePrefetcher(ld, 'cuda', *NORM, dtype=torch.bfloat16))
     assert len(gpu) == len(cpu)
     for (x, t), ref in zip(gpu, cpu):
         assert x['patches'].is_cuda and x['patches'].dtype == torch.bfloat16 and x['cu_seqlens'].is_cuda
         torch.testing.assert_close(x['patches'].float().cpu(), ref, atol=1e-2, rtol=1e-2)
         assert t.is_cuda
+
+
+class FakeCopyStream:
+    """Stand-in for loaders.prefetch.CudaCopyStream: an "event" is the number of copies queued when it was
+    recorded, and each hand-over logs the event it waited on and how many copies were queued by then."""
+
+    def __init__(self):
+        self.queued, self.hand_overs, self.started = 0, [], False
+
+    def start(self):
+        self.started = True
+
+    @contextlib.contextmanager
+    def queue(self):
+        yield
+        self.queued += 1
+
+    def mark_ready(self):
+        return self.queued
+
+    def hand_over(self, ready, tensors):
+        assert all(torch.is_tensor(t) for t in tensors)
+        self.hand_overs.append((ready, self.queued))
+
+
+def test_prefetcher_hand_over_waits_for_its_own_copy(folder):
+    """Batch k is handed over on the event recorded after copy k, although copy k+1 is already queued: the
+    consumer never waits for the next batch's copy (waiting on the side stream itself would)."""
+    ld = small_loader(folder)
+    expected = list(loaders.DevicePrefetcher(ld, 'cpu', *NORM))
+    pf = loaders.DevicePrefetcher(ld, 'cpu', *NORM)
+    pf.copy_stream = fake = FakeCopyStream()
+    got = list(pf)
+    n = len(expected)
+    assert n >= 3 and len(got) == n and fake.started
+    assert [ready for ready, _ in fake.hand_overs] == list(range(1, n + 1))
+    assert [queued for _, queued in fake.hand_overs] == list(range(2, n + 1)) + [n]  # one batch ahead
+    for (x, t), (rx, rt) in zip(got, expected):
+        assert torch.equal(x['patches'], rx['patches']) and torch.equal(t, rt)
+
+
+@pytest.mark.cuda
+def test_prefetcher_cuda_step_does_not_wait_for_next_copy(folder):
+    """On the GPU: with every copy followed by a long side-stream sleep, the consumer gets batch 0 and finishes
+    work on it while batch 1's copy (and its sleep) is still running."""
+    ld = small_loader(folder, pin_memory=True)
+    pf = loaders.DevicePrefetcher(ld, 'cuda', *NORM)
+    events, copy = [], pf._to_device
+
+    def slow_copy(batch):
+        out = copy(batch)
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU clock cycles, queued on the side stream after the copy
+        return out
+    pf._to_device = slow_copy
+    mark_ready = pf.copy_stream.mark_ready
+    pf.copy_stream.mark_ready = lambda: events.append(mark_ready()) or events[-1]
+    it = iter(pf)
+    x, _ = next(it)
+    x['patches'].float().sum().item()  # consumer-stream work on batch 0, then a host sync
+    assert events[0].query() and len(events) == 2
+    assert not events[1].query(), 'the hand-over of batch 0 waited for the copy of batch 1'
+    torch.cuda.synchronize()
 
 
 def test_variable_patch_size_per_step(folder):

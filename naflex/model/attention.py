@@ -10,7 +10,9 @@ token only sees tokens of its own image. With per-image offsets (``cu_seqlens``)
   device and dtype.
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (flash attention over cu_seqlens). CUDA, fp16/bf16.
 - ``flex``: FlexAttention with a document mask; the BlockMask is built once per forward and shared by every
-  layer. Eager on CPU (reference math), fast when compiled on CUDA.
+  layer. Fast only inside ``torch.compile``: eagerly, building the mask evaluates all T x T pairs and the
+  attention materialises T^2 scores per head (about 200 GB at T = 65,536), so a packed batch of more than
+  ``FLEX_EAGER_MAX_TOKENS`` tokens outside compilation runs on the 'auto' backend instead, with a warning.
 - ``auto``: ``varlen`` on CUDA when the attention runs in fp16/bf16, else ``sdpa_padded``.
 
 Padded inputs ([B, N, D], timm's dict with ``patch_valid``) always use SDPA with a key-validity mask, which
@@ -18,6 +20,7 @@ gives timm's results on every valid token. All metadata is prepared once per for
 with tensor ops only (no host syncs). NaFlex: SigLIP 2 (arXiv:2502.14786).
 """
 import importlib.util
+import warnings
 from typing import Optional
 
 import torch
@@ -26,6 +29,11 @@ import torch.nn.functional as F
 BACKENDS = ('auto', 'sdpa_dense', 'sdpa_padded', 'varlen', 'flex')
 
 _HAS_VARLEN = importlib.util.find_spec('torch.nn.attention.varlen') is not None  # torch >= 2.10
+
+# Above this many packed tokens, eager FlexAttention's dense T x T work is worth avoiding: at 4,096 tokens the mask
+# is 16 MiB and each head's fp32 scores 64 MiB, kept per layer for the backward; at the documented 65,536 tokens
+# per step it is hundreds of GB.
+FLEX_EAGER_MAX_TOKENS = 4096
 
 
 def _varlen_attn(*args, **kwargs):
@@ -62,6 +70,20 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     if device.type == 'cuda' and _HAS_VARLEN and dtype in (torch.float16, torch.bfloat16):
         return 'varlen'
     return 'sdpa_padded'
+
+
+def flex_or_fallback(num_tokens: int, device: torch.device, dtype: torch.dtype) -> str:
+    """'flex' inside torch.compile or for small batches; otherwise the 'auto' backend, with a warning."""
+    # is_compiling() first: under dynamic shapes the size test would otherwise add a guard on the token count
+    if torch.compiler.is_compiling() or num_tokens <= FLEX_EAGER_MAX_TOKENS:
+        return 'flex'
+    fallback = resolve_backend('auto', device, dtype)
+    warnings.warn(
+        f"attention backend 'flex' without torch.compile materialises a T x T mask and T^2 scores per head; "
+        f"packed batches above {FLEX_EAGER_MAX_TOKENS} tokens use {fallback!r} instead. Compile the model "
+        f"(train.py --torchcompile) to run FlexAttention, or choose the 'varlen' (CUDA, fp16/bf16) or "
+        f"'sdpa_padded' backend.", stacklevel=3)
+    return fallback
 
 
 class AttnContext:
@@ -108,8 +130,10 @@ class AttnContext:
 
     @classmethod
     def packed_from(cls, backend: str, seg_ids, cu_seqlens, max_seqlen: int, num_images: int, device, dtype):
-        return cls(resolve_backend(backend, device, dtype), True, num_images, seg_ids=seg_ids,
-                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        backend = resolve_backend(backend, device, dtype)
+        if backend == 'flex':
+            backend = flex_or_fallback(seg_ids.shape[0], device, dtype)
+        return cls(backend, True, num_images, seg_ids=seg_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     @classmethod
     def padded_from(cls, num_images: int, key_valid: Optional[torch.Tensor] = None):
@@ -139,6 +163,10 @@ def attend(
     """
     if not ctx.packed:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.dense_mask, dropout_p=dropout_p)
+    if ctx.backend in ('varlen', 'flex'):
+        # Under CUDA autocast qk_norm's LayerNorm returns fp32 q / k while v (straight from the qkv linear) is
+        # bf16; SDPA casts its inputs itself, but flash attention and FlexAttention take one dtype.
+        q, k = q.to(v.dtype), k.to(v.dtype)
     if ctx.backend == 'varlen':
         if dropout_p > 0:
             raise ValueError("attention dropout is not supported by the 'varlen' backend")

@@ -16,7 +16,7 @@
 #   OURS_LOG_INTERVAL (our --log-interval, default 10: the steady figures use its windows).
 # Runtime: GPU (H100/H200), 4096 images: ~2-3 min per run including start-up, + ~1 min for the validation part.
 # CPU smoke (tiny model, IMAGES=200, measured 45 s on 2 shared cores):
-#   IMAGES=200 bash scripts/bench/bench_e2e.sh ../.snapshots/pytorch-image-models demo_data
+#   IMAGES=200 bash scripts/bench/bench_e2e.sh ../pytorch-image-models demo_data
 #
 # Both runs train EPOCHS epochs over the same images with the same flags (documented command, no eval), so they
 # take the same number of steps up to the random sequence-length draw. Reported per run, for the last epoch:

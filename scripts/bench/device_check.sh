@@ -1,46 +1,50 @@
 #!/usr/bin/env bash
-# One-call GPU check for issue 7: the CUDA tests, then every benchmark with timm 1.0.31 measured in the same run
-# (train step eager + compiled, loader, end-to-end train.py, validate.py at 576, loader CPU profile).
+# The GPU measurement in one run: the CUDA tests, then the train-step benchmark (ours packed vs timm padded vs a
+# plain ViT, eager and compiled) and the end-to-end benchmarks, timm 1.0.31 measured in the same run.
 #
-# Prepare here, once (~5 s; writes the git-ignored bench/caltech_subset, bench/timm_scripts, bench/wheels):
-#     python scripts/bench/make_bench_subset.py
-# Device (one `run` call; ~6-8 min on an H100/H200; the steps stop at BUDGET_S=480 s in all, + <= 20 s to kill
-# a step at its limit and pack the results; rerun a part while the machine is warm: ONLY="compiled_timm" BUDGET_S=200):
-#     run(command="bash scripts/bench/device_check.sh", timeout_s=540,
-#         carry=["bench/caltech_subset", "bench/timm_scripts", "bench/wheels"])
-# CPU dry run here (tiny model, few steps, <= 2 workers; ~4-6 min on 2 shared cores):
+# 1. Prepare, on a machine with ../shared/data and a timm checkout (~5 s; writes the git-ignored bench/caltech_subset,
+#    bench/timm_scripts and bench/wheels, ~56 MiB with the tracked files):
+#        python scripts/bench/make_bench_subset.py ../pytorch-image-models
+# 2. Copy the repository's tracked files and those three bench/ folders to the GPU machine (one H100/H200; torch
+#    >= 2.10 with CUDA; no network needed: the timm wheel is installed from bench/wheels when its timm differs).
+# 3. There, from the repository root (~8-9 min: the steps stop at BUDGET_S=480 s in all, + <= 20 s to end a step
+#    at its limit and pack the results, so the whole run ends within 540 s):
+#        timeout 540 bash scripts/bench/device_check.sh
+# 4. Read $OUT/summary.md (default bench/device_out/): status per step, the train-step table, same-run ratios,
+#    e2e / loader lines. Rerun a part that failed or was not run, e.g. ONLY="compiled_timm" BUDGET_S=200.
+# CPU dry run here (tiny model, few steps, <= 2 workers; 5-15 min on 2 shared cores, mostly CPU compiles):
 #     bash scripts/bench/device_check.sh --cpu-smoke
 #
 # Environment: E2E_TRAIN_ARGS / E2E_TIMM_ARGS (extra flags for our / timm's train.py in e2e, e.g. --torchcompile),
-# OUT (results folder; the device tool sets it; default bench/device_out), BUDGET_S (seconds for all
-# steps; default 480 GPU, 600 CPU), ONLY="eager compiled_ours" (run only these steps), SKIP="cpu_tests ...",
-# DATA (subset, default bench/caltech_subset), TIMM_SCRIPTS (default bench/timm_scripts), REPEAT (each train image
-# listed REPEAT times, as symlinks made on the machine, so 16 workers reach steady state: default 3 on GPU).
-# Steps, in priority order, each under its own `timeout` clamped to what is left of BUDGET_S (a step that would
-# get less than its minimum is reported "not run"):
-#   env          nvidia-smi, versions, bf16 matmul TFLOP/s; installs the carried timm 1.0.31 wheel into
+# OUT (results folder; default bench/device_out), BUDGET_S (seconds for all steps; default 480 GPU, 900 CPU),
+# ONLY="eager compiled_ours" (run only these steps), SKIP="cpu_tests ...", DATA (subset, default
+# bench/caltech_subset), TIMM_SCRIPTS (default bench/timm_scripts), REPEAT (each train image listed REPEAT times,
+# as symlinks made on the machine, so 16 workers reach steady state: default 3 on GPU), PYTHON (default python3).
+# Steps, in priority order (the four key numbers first), each under its own `timeout` clamped to what is left of
+# BUDGET_S (a step that would get less than its minimum is reported "not run"):
+#   env          nvidia-smi, versions, bf16 matmul TFLOP/s; installs bench/wheels' timm 1.0.31 into
 #                /tmp/naflex_site when the machine's timm differs; the project runs from PYTHONPATH=repo
 #                (no install needed; INSTALL=1 also runs `pip install --no-deps --no-build-isolation -e .`)
-#   cuda_tests   pytest -m cuda tests (varlen/flex/dense backends agree on CUDA, no host sync, prefetcher)
+#   cuda_tests   pytest -m cuda tests (varlen/flex/dense backends agree on CUDA, qk_norm under autocast, no host
+#                sync, prefetcher hand-over)
 #   eager        scripts/bench/bench_model.py: ours packed (varlen) / ours padded / timm padded / vit_plain (timm
 #                VisionTransformer, same size, no masks: the upper bound), NaFlexViT-B/16, bf16, NAdamW (ours:
-#                naflex.train.optim as train.py; timm: timm's), drop-path 0.2, L in 128..1024, 64x1024 tokens/step;
-#                peak memory per variant
+#                naflex.train.optim as train.py; timm: timm's), drop-path 0.2, L in 128..1024, 64x1024 tokens/step,
+#                the library's Trainer step on the loader's batches; peak memory per variant
 #   compiled_ours  same with --compile (dynamic=True for ours), ours packed, + --profile (torch.profiler top-15
 #                table); compile time, frames compiled, recompiles and graphs come from bench_model's JSON
-#                (torch._dynamo compile callbacks/counters; TORCH_LOGS=recompiles only adds the reasons to the
-#                log); compiled_timm (timm padded compiled as timm's train.py does: automatic dynamic) runs
-#                later, as a separate step, so a slow compile of one cannot lose the other's result
+#                (torch._dynamo compile callbacks/counters; TORCH_LOGS=recompiles only adds the reasons to the log)
+#   compiled_timm  timm padded compiled as timm's train.py does (automatic dynamic); a separate step, so a slow
+#                compile of one cannot lose the other's result
 #   e2e          scripts/bench/bench_e2e.sh: our train.py vs timm's train.py (card flags, -j 16; whole epoch and steady
 #                state from update 10), then our validate.py vs timm's validate.py --naflex-loader at 576 on the
 #                same images. E2E_TRAIN_ARGS / E2E_TIMM_ARGS (e.g. "--torchcompile") go to our / timm's train.py
 #   loader       scripts/bench/bench_loader.py -j 16, documented augmentations, ours vs timm
 #   profile      scripts/bench/profile_loader.py: per-stage CPU ms/image on this machine's CPU, ours vs timm
-#   compiled_timm  timm padded compiled (see compiled_ours)
 #   compiled_flex  ours packed compiled with --attn-backend flex (only if time is left)
 #   compiled_plain vit_plain compiled (the compiled no-mask upper bound; only if time is left)
 #   cpu_tests    tests/test_attention.py tests/test_model.py on the machine (only if time is left)
-# Results in $OUT (at most 8 files come back from the device): device_check.log (everything printed),
+# Results in $OUT, eight files or fewer so they are quick to copy back: device_check.log (everything printed),
 # summary.md (status per step + headline figures), results.tar.gz (every log/JSON/CSV, no checkpoints),
 # bench_model_eager.json, bench_model_compiled_ours.json, bench_model_compiled_timm.json, profile_loader.json.
 # summary.md's train-step table: first calls s = the first step of each L (synced; compile included), compile s
@@ -66,8 +70,11 @@ mkdir -p "$RUN"
 DATA="${DATA:-bench/caltech_subset}"
 TIMM_SCRIPTS="${TIMM_SCRIPTS:-bench/timm_scripts}"
 TIMM_WANT="1.0.31"
-if [ "$MODE" = gpu ]; then BUDGET_S="${BUDGET_S:-480}"; REPEAT="${REPEAT:-3}"; else BUDGET_S="${BUDGET_S:-600}"; REPEAT="${REPEAT:-1}"; fi
+if [ "$MODE" = gpu ]; then BUDGET_S="${BUDGET_S:-480}"; REPEAT="${REPEAT:-3}"; else BUDGET_S="${BUDGET_S:-900}"; REPEAT="${REPEAT:-1}"; fi
 export PYTHONUNBUFFERED=1
+# A cache of this run's own: compile figures are cold compiles, and a step ended mid-compile cannot leave a
+# half-written kernel library for a later run to load.
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/tmp/naflex_inductor/$STAMP}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 T0=$(date +%s)
 ROWS=()
@@ -113,7 +120,7 @@ env_step() {
         local whl
         whl=$(ls bench/wheels/timm-"$TIMM_WANT"-*.whl 2>/dev/null | head -1)
         if [ -n "$whl" ]; then
-            echo "timm $have here; installing the carried $whl into /tmp/naflex_site"
+            echo "timm $have here; installing $whl into /tmp/naflex_site"
             timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
                 --target /tmp/naflex_site "$whl" && export PYTHONPATH="$PYTHONPATH:/tmp/naflex_site"
         else
@@ -228,10 +235,10 @@ EOF
 main() {
     echo "== device_check.sh $MODE  $(date -u '+%Y-%m-%d %H:%M:%S UTC')  OUT=$OUT"
     if [ ! -d "$DATA/train" ]; then
-        echo "error: $DATA/train not found; run: python scripts/bench/make_bench_subset.py" >&2
+        echo "error: $DATA/train not found; prepare it: python scripts/bench/make_bench_subset.py TIMM_CHECKOUT" >&2
         return 2
     fi
-    [ -f "$TIMM_SCRIPTS/train.py" ] || echo "WARNING: $TIMM_SCRIPTS/train.py missing: e2e will fail (make_bench_subset.py)"
+    [ -f "$TIMM_SCRIPTS/train.py" ] || echo "WARNING: $TIMM_SCRIPTS/train.py missing: e2e will fail (make_bench_subset.py TIMM_CHECKOUT)"
     env_step 2>&1 | tee "$RUN/env.log"
     # the timm wheel's PYTHONPATH entry must reach the steps: env_step ran in a pipeline (subshell)
     if [ -d /tmp/naflex_site/timm ]; then export PYTHONPATH="$PYTHONPATH:/tmp/naflex_site"; fi
@@ -243,24 +250,26 @@ main() {
     E2E_ENV="EXTRA_TRAIN_ARGS=$(printf %q "${E2E_TRAIN_ARGS:-}") TIMM_TRAIN_ARGS=$(printf %q "${E2E_TIMM_ARGS:-}")"
     if [ "$MODE" = gpu ]; then
         BM="$BM --device cuda --model naflexvit_base_patch16_gap -b 64 --seq-lens 128 256 576 784 1024 --drop-path 0.2 --amp-dtype bfloat16"
-        run_step cuda_tests 150 30 "$PY -m pytest -q -rs -p no:cacheprovider -m cuda tests"
-        run_step eager 150 60 "$BM --variants ours_packed ours_padded timm_padded vit_plain --steps 20 --warmup 5 --json $RUN/bench_model_eager.json"
-        run_step compiled_ours 180 90 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --steps 15 --warmup 5 --profile --json $RUN/bench_model_compiled_ours.json"
+        # Limits: env (~30 s) + cuda_tests + eager + compiled_ours at their limits (+ 15 s to end one) still leave
+        # compiled_timm its minimum of the 480 s: the four key numbers come first.
+        run_step cuda_tests 90 30 "$PY -m pytest -q -rs -p no:cacheprovider -m cuda tests"
+        run_step eager 90 60 "$BM --variants ours_packed ours_padded timm_padded vit_plain --steps 20 --warmup 5 --json $RUN/bench_model_eager.json"
+        run_step compiled_ours 150 90 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --steps 15 --warmup 5 --profile --json $RUN/bench_model_compiled_ours.json"
+        run_step compiled_timm 170 90 "TORCH_LOGS=recompiles $BM --compile --variants timm_padded --steps 15 --warmup 5 --json $RUN/bench_model_compiled_timm.json"
         run_step e2e 240 90 "OUT=$RUN/e2e IMAGES=0 $E2E_ENV bash scripts/bench/bench_e2e.sh $TIMM_SCRIPTS $D 16"
         run_step loader 120 40 "$PY scripts/bench/bench_loader.py --data-dir $D -j 16 $AUG -b 64 --naflex-train-seq-lens 128 256 576 784 1024"
         run_step profile 60 20 "$PY scripts/bench/profile_loader.py --data-dir $DATA --cycles 2 --json $RUN/profile_loader.json"
-        run_step compiled_timm 180 90 "TORCH_LOGS=recompiles $BM --compile --variants timm_padded --steps 15 --warmup 5 --json $RUN/bench_model_compiled_timm.json"
         run_step compiled_flex 150 90 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --attn-backend flex --steps 10 --warmup 5 --json $RUN/bench_model_compiled_flex.json"
         run_step compiled_plain 150 90 "$BM --compile --variants vit_plain --steps 10 --warmup 5 --json $RUN/bench_model_compiled_plain.json"
         local XD=""
         "$PY" -c "import xdist" 2>/dev/null && XD="-n 8"
         run_step cpu_tests 120 60 "$PY -m pytest -q -rs -p no:cacheprovider $XD tests/test_attention.py tests/test_model.py"
     else
-        BM="$BM --device cpu --model naflexvit_tiny_test -b 4 --seq-lens 32 64"
+        BM="$BM --device cpu --model naflexvit_tiny_test -b 8 --seq-lens 32 64"  # >= 8 images: no size-1 recompile
         run_step cuda_tests 120 30 "$PY -m pytest -q -rs -p no:cacheprovider -m cuda tests"
         run_step eager 90 20 "$BM --variants ours_packed ours_padded timm_padded vit_plain --steps 3 --warmup 2 --json $RUN/bench_model_eager.json"
-        run_step compiled_ours 200 60 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --steps 3 --warmup 2 --profile --json $RUN/bench_model_compiled_ours.json"
-        run_step compiled_timm 200 60 "TORCH_LOGS=recompiles $BM --compile --variants timm_padded --steps 3 --warmup 2 --json $RUN/bench_model_compiled_timm.json"
+        run_step compiled_ours 300 60 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed --steps 3 --warmup 2 --profile --json $RUN/bench_model_compiled_ours.json"
+        run_step compiled_timm 300 60 "TORCH_LOGS=recompiles $BM --compile --variants timm_padded --steps 3 --warmup 2 --json $RUN/bench_model_compiled_timm.json"
         run_step e2e 200 60 "OUT=$RUN/e2e IMAGES=101 OURS_LOG_INTERVAL=2 $E2E_ENV bash scripts/bench/bench_e2e.sh $TIMM_SCRIPTS $D 2"
         run_step loader 90 20 "$PY scripts/bench/bench_loader.py --data-dir $D -j 2 $AUG -b 8 --naflex-train-seq-lens 64 128 --steps 3"
         run_step profile 60 15 "$PY scripts/bench/profile_loader.py --data-dir $DATA --cycles 1 --fraction 0.05 --json $RUN/profile_loader.json"
@@ -268,7 +277,7 @@ main() {
                "| cpu_tests | not in the smoke run (CI runs them) | | |")
     fi
     summarize
-    # What comes back (<= 8 files): the log (tee), the summary, the JSONs, one archive of the rest.
+    # Eight files or fewer in $OUT: the log (tee), the summary, the JSONs, one archive of the rest.
     cp "$RUN/summary.md" "$OUT/summary.md"
     for j in bench_model_eager bench_model_compiled_ours bench_model_compiled_timm profile_loader; do
         [ -f "$RUN/$j.json" ] && cp "$RUN/$j.json" "$OUT/$j.json"
