@@ -12,7 +12,7 @@ import logging.handlers
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 from .checkpoint import writing
 
