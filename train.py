@@ -34,9 +34,8 @@ def _oom_message(cfg) -> str:
 
 
 def run(argv=None, hooks=None):
-    from naflex.train.cli import config_from_args, parse_args
-    args, _ = parse_args(argv)  # checked: every problem is one ConfigError line
-    cfg = config_from_args(args)
+    from naflex.train.cli import parse_config
+    args, cfg = parse_config(argv)  # checked: every problem is one ConfigError line
     try:
         return _train(cfg, args, hooks)
     except torch.OutOfMemoryError:

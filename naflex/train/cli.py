@@ -349,8 +349,8 @@ def _load_yaml_defaults(parser: argparse.ArgumentParser, path: str) -> None:
     parser.set_defaults(**cfg)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
-    """Parse flags (after ``-c`` YAML defaults) and check them; returns the namespace and its args.yaml text."""
+def parse_config(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, Config]:
+    """Parse flags (after ``-c`` YAML defaults) and check them; returns the namespace and the checked Config."""
     parser = build_parser()
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument('-c', '--config', default='')
@@ -358,7 +358,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace
     if cfg_args.config:
         _load_yaml_defaults(parser, cfg_args.config)
     args = parser.parse_args(argv)
-    check_args(args, parser)
+    return args, check_args(args, parser)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, str]:
+    """Parse flags (after ``-c`` YAML defaults) and check them; returns the namespace and its args.yaml text."""
+    args, _ = parse_config(argv)
     return args, args_yaml(args)
 
 
@@ -393,4 +398,4 @@ def check_args(args: argparse.Namespace, parser: Optional[_Parser] = None) -> Co
 
 
 __all__ = ['ConfigError', 'ParseKwargs', 'args_yaml', 'build_parser', 'changed_flags', 'check_args',
-           'config_from_args', 'flag_namer', 'format_kwargs', 'parse_args']
+           'config_from_args', 'flag_namer', 'format_kwargs', 'parse_args', 'parse_config']
