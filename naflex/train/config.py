@@ -146,15 +146,14 @@ class ModelConfig:
         p.need(self.mean is None or len(self.mean) == 3, 'mean', 'takes three values')
         p.need(self.std is None or len(self.std) == 3, 'std', 'takes three values')
         p.need(self.std is None or all(s > 0 for s in self.std), 'std', 'must be > 0 (the patches are divided by it)')
-        p.need(not (self.initial_checkpoint and self.pretrained_path), 'initial_checkpoint',
-               f'and {p.name("pretrained_path")} both give start weights: pass one')
+        for other in ('pretrained_path', 'pretrained'):  # --initial-checkpoint is a start of its own
+            p.need(not (self.initial_checkpoint and getattr(self, other)), 'initial_checkpoint',
+                   f'and {p.name(other)} both give start weights: pass one')
         if self.torchcompile:
             p.items.extend(_compile_problems(self.torchcompile, self.torchcompile_mode, p.name))
         else:
             p.need(self.torchcompile_mode is None, 'torchcompile_mode',
                    f'has no effect without {p.name("torchcompile")}')
-        p.need(not (self.initial_checkpoint and self.pretrained), 'initial_checkpoint',
-               f'and {p.name("pretrained")} both give start weights: pass one')
         p.raise_any()
 
 
