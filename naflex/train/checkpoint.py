@@ -25,7 +25,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -81,21 +81,27 @@ def writing(path, what: str = 'file', kept: str = ''):
         raise error from None
 
 
-def atomic_save(obj, path) -> None:
-    """torch.save ``obj`` to ``path`` via temp file + fsync + rename (the old file survives any failure)."""
+def atomic_write(path, write: Callable[[BinaryIO], None], what: str = 'file') -> None:
+    """Write ``path`` with ``write(binary file)`` via temp file + fsync + rename: the old file survives any
+    failure (WriteError, one line), and no temp file is left."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
     kept = f' (the previous {path.name} is unchanged)' if path.exists() else ''
-    with writing(path, 'checkpoint', kept):
+    with writing(path, what, kept):
         try:
             with open(tmp, 'wb') as f:
-                torch.save(obj, f)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save ``obj`` to ``path`` atomically (``atomic_write``)."""
+    atomic_write(path, lambda f: torch.save(obj, f), 'checkpoint')
 
 
 def _atomic_link(src: Path, dst: Path) -> None:

@@ -7,6 +7,7 @@ images/s, valid (non-padding) tokens/s, the fraction of wall time spent waiting 
 With stdout on a terminal a one-line progress bar is redrawn in place.
 """
 import csv
+import io
 import logging
 import logging.handlers
 import sys
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .checkpoint import writing
+from .checkpoint import atomic_write, writing
 
 _logger = logging.getLogger('train')
 
@@ -144,14 +145,9 @@ class RunWriter:
             rows = list(csv.reader(f))
         keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < epoch]
         if len(keep) < len(rows):
-            tmp = path.with_name(f'.{path.name}.tmp')
-            try:
-                with writing(path):
-                    with open(tmp, 'w', newline='') as f:
-                        csv.writer(f).writerows(keep)
-                    tmp.replace(path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            text = io.StringIO(newline='')
+            csv.writer(text).writerows(keep)
+            atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
     def _tb_failed(self, e: OSError) -> None:
         _logger.warning(f'could not write TensorBoard events in {self.out_dir / "tensorboard"}: '
