@@ -23,7 +23,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -147,6 +147,19 @@ def read_split_file(list_file: Path, root: Path, class_order: str = 'sorted'):
     return base, classes, rels, targets
 
 
+def write_cache_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write an index cache with ``write(binary file)`` into a temp file renamed over ``path``: processes that
+    build the same cache at once (ranks, workers) never read half a file. OSError propagates; no temp file stays."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'{path.name}.tmp{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class ImageFolderDataset:
     """Index of (path, class index) pairs. ``load``/transforms live in loaders.pipeline; this is just the index.
 
@@ -193,13 +206,9 @@ class ImageFolderDataset:
                 pass
         result = scan_folder(base, class_order)
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f'.tmp{os.getpid()}')
-            with open(tmp, 'wb') as f:
-                pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, cache)
+            write_cache_file(cache, lambda f: pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL))
         except OSError:
-            pass
+            pass  # a cache folder that cannot be written only costs the scan next time
         return result
 
     def __len__(self) -> int:

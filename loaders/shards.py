@@ -38,7 +38,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .dataset import _SPLIT_ALIASES, IMG_EXTENSIONS, ImageFolderDataset
+from .dataset import _SPLIT_ALIASES, IMG_EXTENSIONS, ImageFolderDataset, write_cache_file
 
 INFO_FILES = ('_info.json', 'info.json')  # the names timm's wds reader looks for
 INDEX_VERSION = 1
@@ -399,13 +399,11 @@ def load_index(shards: Sequence[str], cache_dir=None) -> ShardIndex:
     if index is not None:
         return index
     index = build_index(shards)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f'{cache.stem}.tmp{os.getpid()}.npz')
-        problems = np.frombuffer(json.dumps(index.problems).encode('utf-8'), dtype=np.uint8)
-        np.savez(tmp, shard=index.shard, offset=index.offset, size=index.size, target=index.target,
-                 names=index.names, name_offsets=index.name_offsets, problems=problems)
-        os.replace(tmp, cache)  # atomic: ranks that build the same index concurrently never see half a file
+    problems = np.frombuffer(json.dumps(index.problems).encode('utf-8'), dtype=np.uint8)
+    try:  # atomic: ranks that build the same index concurrently never see half a file
+        write_cache_file(cache, lambda f: np.savez(
+            f, shard=index.shard, offset=index.offset, size=index.size, target=index.target, names=index.names,
+            name_offsets=index.name_offsets, problems=problems))
     except OSError as e:
         warnings.warn(f'shard index not cached ({e}); it is rebuilt on the next start')
     return index
