@@ -82,20 +82,17 @@ class DevicePrefetcher:
     def set_start_step(self, step: int):
         self.loader.set_start_step(step)
 
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        """Host -> device, asynchronous from pinned memory on CUDA (pinned here unless the DataLoader did)."""
+        if self.is_cuda and not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
     def _to_device(self, batch) -> Tuple[Dict, torch.Tensor]:
         inputs, target = batch
-        out = {}
-        for k, v in inputs.items():
-            if isinstance(v, torch.Tensor):
-                if self.is_cuda and not v.is_pinned():
-                    v = v.pin_memory()
-                v = v.to(self.device, non_blocking=True)
-                if k == 'patches':
-                    v = normalize_patches(v, self.mean, self.std, self.dtype)
-            out[k] = v
-        if self.is_cuda and not target.is_pinned():
-            target = target.pin_memory()
-        return out, target.to(self.device, non_blocking=True)
+        out = {k: self._copy(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        out['patches'] = normalize_patches(out['patches'], self.mean, self.std, self.dtype)
+        return out, self._copy(target)
 
     def __iter__(self):
         if self.copy_stream is None:
