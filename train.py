@@ -84,14 +84,16 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     """Optimizer, schedule, EMA, compile / DDP wrappers around ``model`` (already on the device)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    from naflex.train.compiling import CompileReport, compile_model
     from naflex.train.engine import Trainer
     from naflex.train.optim import ModelEma, create_optimizer
     from naflex.train.schedule import create_schedule
     optimizer = create_optimizer(model, cfg.optim, lr)
     ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
-    run_model = model
+    run_model, callbacks = model, [hooks]
     if cfg.model.torchcompile:
-        run_model = torch.compile(model, backend=cfg.model.torchcompile, mode=cfg.model.torchcompile_mode)
+        run_model = compile_model(model, cfg.model.torchcompile, cfg.model.torchcompile_mode)
+        callbacks.append(CompileReport())
     if dist.distributed:
         run_model = DistributedDataParallel(run_model, device_ids=[dist.device] if dist.device.type == 'cuda'
                                             else None)
@@ -99,7 +101,10 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     trainer = Trainer(run_model, optimizer, cfg.train, batch_size_reference=cfg.loader.batch_size,
                       device=dist.device, schedule=schedule, ema=ema, clip_grad=cfg.optim.clip_grad,
                       clip_mode=cfg.optim.clip_mode, world_size=dist.world_size, rank=dist.rank,
-                      callbacks=[hooks])
+                      callbacks=callbacks)
+    if trainer.scaler is not None and dist.device.type == 'cuda':
+        _logger.info('--amp-dtype float16: the loss scaler reads its inf/NaN check on the host at every update (one '
+                     'device sync per update); --amp-dtype bfloat16 needs no scaler and no host sync between log steps')
     return trainer, total_epochs
 
 
@@ -194,6 +199,7 @@ def _train(cfg, args, hooks=None):
                           checkpoint_meta=meta)
     finally:
         writer.close()
+        trainer.callbacks.close()
     if saver is not None and saver.best[0] is not None:
         _logger.info(f'*** best {cfg.train.eval_metric}: {saver.best[0]:.4f} (epoch {saver.best[1]})')
     return results

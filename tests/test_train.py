@@ -149,6 +149,19 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(demo_dataset, tmp_path,
     assert not list((tmp_path / 'nan').glob('recovery-*.pth'))
 
 
+def test_torchcompile_one_graph_for_every_sequence_length(demo_dataset, tmp_path):
+    """--torchcompile: every training step (other sequence length, token and image counts each time) reuses the
+    first step's graph, evaluation compiles one more frame, the second epoch compiles nothing. Compiled with torch's
+    default (automatic dynamic) the second step recompiles, which makes it 2 recompiles here."""
+    rows = train.main(card_argv(demo_dataset, tmp_path, 'compiled', '--torchcompile', 'aot_eager', '-b', '8',
+                                '--naflex-train-seq-lens', '24', '32', '48', '64'))
+    assert len(rows) == 2
+    log = (tmp_path / 'compiled' / 'train.log').read_text()
+    assert len(re.findall(r'Train: \d', log)) >= 4
+    assert 'torch.compile after epoch 0 (training and evaluation): 2 frames compiled (1 recompiles)' in log, log
+    assert 'compiled again' not in log
+
+
 def test_padded_batches(demo_dataset, tmp_path):
     """--no-naflex-packing: timm-style padded batches train and evaluate too (1 short epoch)."""
     rows = train.main(card_argv(demo_dataset, tmp_path, 'pad', '--no-naflex-packing', '--epochs', '1',

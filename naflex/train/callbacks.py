@@ -6,7 +6,8 @@ A callback is any object with some of these methods; the trainer calls those it 
 - ``after_epoch(state) -> bool``: after an epoch's checkpoint is written; True ends training there;
 - ``wants_stop() -> bool``: polled at every update; True makes the trainer write a recovery checkpoint at
   that update (with several ranks: at the next log update, where the ranks agree) and raise ``StopRequested``;
-  a callback's ``signum`` attribute, when set, names the signal in the message and the exit status.
+  a callback's ``signum`` attribute, when set, names the signal in the message and the exit status;
+- ``close()``: when training ends, however it ends.
 
 ``StopOnSignal`` is the handler train.py installs: SIGTERM (a scheduler preempting the job) and SIGINT (Ctrl-C)
 ask for that stop; a second SIGINT raises ``KeyboardInterrupt`` at once, for a person who does not want to wait.
@@ -51,6 +52,12 @@ class Callbacks:
 
     def wants_stop(self) -> bool:
         return any(c.wants_stop() for c in self.items if hasattr(c, 'wants_stop'))
+
+    def close(self) -> None:
+        """Release what callbacks hold (those with a ``close()``) at the end of training."""
+        for c in self.items:
+            if hasattr(c, 'close'):
+                c.close()
 
     def stop_signal(self) -> signal.Signals:
         """The signal behind the stop: the first stopping callback's ``signum``, else SIGTERM (a stop voted by

@@ -258,49 +258,6 @@ def make_step(trainer, batches: Dict, key: str):
 
 
 # ------------------------------------------------------------------------------------------------ instrumentation
-class CompileWatch:
-    """Counts and times torch.compile's compile events (dynamo frames, lazily compiled backward graphs) via
-    torch._dynamo's compile callbacks; ``unique_graphs`` from torch._dynamo.utils.counters."""
-
-    def __init__(self):
-        self.events = []  # (trigger name, compile id, seconds)
-        self._t0 = 0.0
-        self.register()
-
-    def register(self):
-        """(Re)install the callbacks: torch._dynamo.reset() clears them."""
-        from torch._dynamo.callback import callback_handler
-        callback_handler.register_start_callback(self._start)
-        callback_handler.register_end_callback(self._end)
-
-    def close(self):
-        from torch._dynamo.callback import callback_handler
-        for lst, fn in ((callback_handler.start_callbacks, self._start), (callback_handler.end_callbacks, self._end)):
-            if fn in lst:
-                lst.remove(fn)
-
-    def _start(self, cb):
-        self._t0 = time.perf_counter()
-
-    def _end(self, cb):
-        self.events.append((cb.callback_trigger.name, str(cb.compile_id), time.perf_counter() - self._t0))
-
-    def mark(self):
-        from torch._dynamo.utils import counters
-        return len(self.events), counters["stats"]["unique_graphs"]
-
-    def since(self, mark):
-        from torch._dynamo.utils import counters
-        ev = self.events[mark[0]:]
-        dyn = [cid for trig, cid, _ in ev if trig == "DYNAMO"]
-        # compile id "frame/n[_attempt]": n > 0 is a recompile of an already compiled frame
-        rec = sum(1 for cid in dyn if cid.split("/")[-1].split("_")[0].isdigit()
-                  and int(cid.split("/")[-1].split("_")[0]) > 0)
-        return {"compile_s": sum(t for *_, t in ev), "dynamo_compiles": len(dyn), "recompiles": rec,
-                "backward_compiles": sum(1 for trig, *_ in ev if trig == "LAZY_BACKWARD"),
-                "graphs": counters["stats"]["unique_graphs"] - mark[1]}
-
-
 def run_steps(step, steps, device, per_step=None) -> float:
     """Run the steps; total seconds (synced at both ends). ``per_step``: a list that gets (L, seconds) per step,
     synced after each (warm-up only: the sync costs time)."""
@@ -354,7 +311,10 @@ class Bench:
         self.gpu = torch.cuda.get_device_name(device) if self.cuda else "cpu"
         self.peak = args.peak_tflops or (next((v for k, v in PEAK_BF16_TFLOPS.items() if k in self.gpu), None)
                                          if self.cuda else None)
-        self.watch = CompileWatch() if args.compile else None
+        self.watch = None
+        if args.compile:
+            from naflex.train.compiling import CompileWatch  # train.py's --torchcompile report counts the same way
+            self.watch = CompileWatch()
         self.steps_fn, self.resident = {}, {}
         self.shared = self.mem()
         self.stats = {v: {"warmup_s": 0.0, "time_s": 0.0, "images": 0, "tokens": 0, "flops": 0, "peak": 0,
