@@ -102,9 +102,11 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
                       device=dist.device, schedule=schedule, ema=ema, clip_grad=cfg.optim.clip_grad,
                       clip_mode=cfg.optim.clip_mode, world_size=dist.world_size, rank=dist.rank,
                       callbacks=callbacks)
-    if trainer.scaler is not None and dist.device.type == 'cuda':
-        _logger.info('--amp-dtype float16: the loss scaler reads its inf/NaN check on the host at every update (one '
-                     'device sync per update); --amp-dtype bfloat16 needs no scaler and no host sync between log steps')
+    if trainer.scaler is not None and dist.device.type == 'cuda' and not getattr(
+            optimizer, '_step_supports_amp_scaling', False):
+        _logger.info(f'--amp-dtype float16 with --opt {cfg.optim.opt}: the loss scaler reads its inf/NaN check on '
+                     'the host at every update (one device sync per update); bfloat16 needs no scaler, and the fused '
+                     'adamw / sgd / momentum kernels take the check on the device')
     return trainer, total_epochs
 
 

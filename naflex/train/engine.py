@@ -12,8 +12,9 @@ weighted by ``(b / -b)`` (``linear``), its square root (``sqrt``) or 1 (``none``
 rank's loss is also multiplied by ``world * b_rank / b_global`` so that DDP's gradient average weights every
 image equally however the images split across ranks.
 
-No host syncs happen between log steps in fp32 and bf16 (naflex.train.metrics keeps the sums on the device); fp16's
-GradScaler reads its inf/NaN flag on the host once per update (tests/test_fake_cuda.py counts both). Exact resume: each
+No host syncs happen between log steps in fp32 and bf16 (naflex.train.metrics keeps the sums on the device); in fp16
+the GradScaler reads its inf/NaN flag on the host once per update unless the optimizer is a fused kernel that takes
+it on the device (adamw, sgd; not NAdam): tests/test_fake_cuda.py counts each case. Exact resume: each
 epoch's RNG stream (dropout, drop-path) is seeded from (seed, rank, epoch) once its first batch has arrived,
 and a mid-epoch checkpoint carries every rank's RNG state, so a run stopped and resumed repeats an
 uninterrupted run bit for bit on the same hardware (tests/test_train.py).
