@@ -8,20 +8,13 @@
 # DEMO_DATA (demo_data), DEMO_OUTPUT (output/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${NAFLEX_VENV:-.venv}"
 EPOCHS="${DEMO_EPOCHS:-15}"
 DATA="${DEMO_DATA:-demo_data}"
 OUTPUT="${DEMO_OUTPUT:-output/demo}"
 
 # 1. Environment: same venv and install as scripts/test.sh.
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "== creating $VENV"
-    python3 -m venv "$VENV"
-fi
-PY="$VENV/bin/python"
-echo "== installing the project into $VENV (pip install -e .)"
-"$PY" -m pip install -q --upgrade pip
-"$PY" -m pip install -q -e .
+source scripts/venv.sh
+naflex_venv
 
 # 2. Demo dataset: 10 classes of shapes/textures, varied sizes and aspect ratios, ImageNet folder layout.
 if [ ! -d "$DATA/train" ] || [ ! -d "$DATA/val" ]; then
