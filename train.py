@@ -145,14 +145,14 @@ def _train(cfg, args, hooks=None):
     out_dir = build.run_dir(cfg, dist)
     _logger.info(f'{"torchrun: rank %d of %d, " % (dist.rank, dist.world_size) if dist.distributed else ""}'
                  f'device {dist.device}, output {out_dir}')
-    train_ds, val_ds = build.open_datasets(cfg)
+    resume, resume_ckpt = _resume_checkpoint(cfg, out_dir)  # before the datasets: it fixes the class order
+    train_ds, val_ds = build.open_datasets(cfg, resume_ckpt)
     seed_everything(cfg.train.seed, dist.rank)
     if dist.device.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
     num_classes = build.num_classes_for(cfg, train_ds)
-    resume, resume_ckpt = _resume_checkpoint(cfg, out_dir)
     cfg = build.with_recorded_model(cfg, resume_ckpt)
     model = build.build_model(cfg, num_classes)
     cfg = build.resolve_data_config(cfg, model)
@@ -189,6 +189,8 @@ def _train(cfg, args, hooks=None):
         return ev
 
     meta = {'arch': cfg.model.name, 'args': used_args}
+    if getattr(train_ds, 'class_names_known', True):  # validate.py and --resume map classes by these names
+        meta['class_names'] = list(train_ds.classes)
     writer = RunWriter(out_dir, wandb_run=build.start_wandb(cfg, out_dir, used_args)) if dist.is_primary \
         else RunWriter(None)
     writer.resume_at(state.epoch)

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Evaluate a NaFlexViT checkpoint at one or more sequence lengths (thin CLI over naflex.train.evaluate).
 
-    python validate.py --data-dir /imagenet --model naflexvit_base_patch16_gap \\
-        --pretrained naflexvit_base_patch16_gap.e300_s576_in1k.safetensors \\
+    python validate.py --data-dir /imagenet --model naflexvit_base_patch16_gap.e300_s576_in1k \\
         --naflex-max-seq-len 256 576 1024 --amp --amp-dtype bfloat16 --results-file out.csv
 
+With no ``--checkpoint`` the model's published weights are scored, as timm's validate.py does (timm's
+``hf-hub:timm/NAME.TAG`` names work too). Class indices are timm's (natural order of the class folders); a checkpoint
+of ours records its class names, and the dataset is read in that order (by name), so a folder whose classes sort
+otherwise still scores right.
 Images keep their native aspect ratio and are resized to the largest patch grid that fits each sequence
 length (NaFlex eval rule, SigLIP 2 arXiv:2502.14786; NaViT arXiv:2307.06304), exactly like timm's
 ``validate.py --naflex-loader --naflex-max-seq-len L``, so timm checkpoints score what timm reports. Batches
@@ -21,6 +24,7 @@ import datetime
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["build_parser", "check_args", "main"]
@@ -53,10 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                    help="model config fields (default: those the checkpoint records), e.g. embed_dim=192 depth=6")
     p.add_argument("--checkpoint", default="",
-                   help="our checkpoint (plain/EMA/training state) or a timm .pth/.safetensors")
-    p.add_argument("--pretrained", nargs="?", const=True, default=None,
-                   help="without a value: the model's published weights (Hugging Face Hub, cached; "
-                        "HF_HUB_OFFLINE=1 reads the cache only); with a file: those weights")
+                   help="our checkpoint (plain/EMA/training state) or a timm .pth/.safetensors (default: the model's "
+                        "published weights, as timm)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="the model's published weights (Hugging Face Hub, cached; HF_HUB_OFFLINE=1 reads the cache "
+                        "only); the default without --checkpoint, as in timm")
+    p.add_argument("--class-map", default="", metavar="FILE",
+                   help="class names in index order (timm's .txt / .pkl; default: the names the checkpoint records, "
+                        "else timm's folder order)")
     p.add_argument("--use-ema", action="store_true", help="load the EMA weights ('state_dict_ema') of a checkpoint")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classifier size (default: the checkpoint's, else the dataset's)")
@@ -143,9 +151,9 @@ def _check_attention(args, model: str, device: str) -> None:
 _SPLIT_NAMES = ("train", "training", "val", "validation", "valid", "eval", "evaluation", "test")
 
 
-def _open_dataset(args):
-    """The split as an image folder (classes = sorted folder names, like timm / torchvision) or as tar shards
-    (``--dataset wds/NAME``, or shards found in the root: loaders.shards)."""
+def _open_dataset(args, classes=None):
+    """The split as an image folder or as tar shards (``--dataset wds/NAME``, or shards found in the root:
+    loaders.shards), its class indices those of ``classes`` when given (a class map), else timm's order."""
     from loaders import ImageFolderDataset, open_dataset
     from loaders.shards import dataset_kind, is_shard_source
 
@@ -155,7 +163,7 @@ def _open_dataset(args):
     if dataset_kind(args.dataset) not in ("", "wds"):
         raise ValidateError(f"--dataset {args.dataset}: only wds/NAME (tar shards) and image folders are read")
     try:
-        ds = open_dataset(root, args.split, dataset=args.dataset)
+        ds = open_dataset(root, args.split, classes=classes, dataset=args.dataset)
     except (FileNotFoundError, ValueError) as e:
         if is_shard_source(root, args.split, args.dataset):
             raise ValidateError(str(e)) from None
@@ -167,7 +175,7 @@ def _open_dataset(args):
                 from None
         # Like timm's folder datasets: a root that directly holds class folders is used as it is.
         try:
-            ds = ImageFolderDataset(root, "")
+            ds = ImageFolderDataset(root, "", classes=classes)
         except (FileNotFoundError, OSError) as e:
             raise ValidateError(f"split '{args.split}' not found under {root}: {e}") from None
     if len(ds) == 0 or not ds.classes:
@@ -175,54 +183,96 @@ def _open_dataset(args):
     return ds
 
 
-def _read_checkpoint(path: str, use_ema: bool) -> tuple[dict, str, dict]:
-    """(state dict, recorded architecture, recorded --model-kwargs) of any file naflex.model.weights reads (ours,
-    timm's .pth / .safetensors); with --use-ema only the EMA copy ('state_dict_ema' / 'model_ema') is accepted,
-    without it only the plain weights."""
+def _dataset_for(args, weights: "Weights"):
+    """The dataset, its classes in the order the weights were trained with: --class-map's; else the names a
+    checkpoint of ours records (class folders it does not know are an error); else, for a checkpoint of ours
+    written before names were recorded, sorted() order; else timm's order (timm's checkpoints, published weights)."""
+    from loaders import read_class_map
+
+    root = args.data_dir or args.data
+    if args.class_map:
+        try:
+            return _open_dataset(args, read_class_map(args.class_map, root))
+        except (FileNotFoundError, ValueError, OSError) as e:
+            raise ValidateError(f"--class-map: {e}") from None
+    ds = _open_dataset(args, weights.classes)
+    if weights.classes is not None:
+        if ds.skipped_classes:
+            raise ValidateError(
+                f"{len(ds.skipped_classes)} class folders of the dataset are not among the {len(weights.classes)} "
+                f"classes {weights.source} was trained on: {', '.join(ds.skipped_classes[:5])}; pass --class-map "
+                "FILE to say which output each class is")
+        print(f"classes: the {len(weights.classes)} names {weights.source} records, in its order")
+    elif weights.sorted_order and getattr(ds, "class_names_known", True) and sorted(ds.classes) != ds.classes:
+        print(f"classes: {weights.source} was written before checkpoints recorded class names, with classes in "
+              "sorted() order; that order is used")
+        ds = _open_dataset(args, sorted(ds.classes))
+    return ds
+
+
+@dataclass
+class Weights:
+    """What to evaluate: the state dict (None: random init), where it came from, the model name and kwargs, and the
+    class names in index order it records (None: unknown) or whether its classes are in sorted() order."""
+    state: dict | None
+    source: str
+    name: str
+    kwargs: dict
+    classes: list | None = None
+    sorted_order: bool = False
+
+
+def _read_checkpoint(path: str, use_ema: bool) -> tuple[dict, object]:
+    """(state dict, the whole file's object) of any file naflex.model.weights reads (ours, timm's .pth /
+    .safetensors); with --use-ema only the EMA copy ('state_dict_ema' / 'model_ema') is accepted, without it only
+    the plain weights."""
     from naflex.model.weights import read_file, state_dict_from
-    from naflex.train.checkpoint import recorded_model
 
     try:
         obj = read_file(path)
-        state = state_dict_from(obj, use_ema=use_ema, require_ema=use_ema, path=path)
+        return state_dict_from(obj, use_ema=use_ema, require_ema=use_ema, path=path), obj
     except (FileNotFoundError, ValueError) as e:
         raise ValidateError(str(e)) from None
-    return (state, *recorded_model(obj))
 
 
 def _read_published(name: str) -> tuple[dict, str]:
-    """``--pretrained`` without a file: (state dict, 'hf-hub:<repo>') of the weights published for ``name``."""
+    """(state dict, 'hf-hub:<repo>') of the weights published for ``name``; a model without any is an error."""
     import naflex
     from naflex.model.registry import hub_id
     from naflex.model.weights import read_hub_state_dict
 
     try:
         repo = hub_id(name)
+    except ValueError as e:
+        raise ValidateError(f"{e}: pass --checkpoint FILE") from None
+    try:
         return read_hub_state_dict(repo), f"hf-hub:{repo}"
     except naflex.HubUnavailable as e:
-        raise ValidateError(f"--pretrained: {e}; pass --pretrained FILE (its model.safetensors), or fill the cache "
-                            "on a machine with network and run with HF_HUB_OFFLINE=1") from None
+        raise ValidateError(f"{name}'s published weights: {e}; pass --checkpoint FILE (its model.safetensors), or "
+                            "fill the cache on a machine with network and run with HF_HUB_OFFLINE=1") from None
     except ValueError as e:
-        raise ValidateError(f"--pretrained: {e}") from None
+        raise ValidateError(f"{name}'s published weights: {e}") from None
 
 
-def _weights(args) -> tuple[dict | None, str, str, dict]:
-    """(state dict or None, where it came from, model name, model kwargs) for --checkpoint / --pretrained: a
-    training checkpoint supplies the architecture and --model-kwargs it records; flags given here win."""
+def _weights(args) -> Weights:
+    """The weights to score, as timm's validate.py picks them: --checkpoint's file, else the model's published
+    weights (``--pretrained``, the default without --checkpoint; ``run`` reads them once every other input is
+    checked). A training checkpoint supplies the architecture, the --model-kwargs and the class
+    names it records; flags given here win."""
     from naflex.model import DEFAULT_MODEL
+    from naflex.train.checkpoint import recorded_classes, recorded_model, sorted_class_order
     from naflex.train.cli import format_kwargs
 
-    if args.checkpoint and args.pretrained:
-        raise ValidateError("give either --checkpoint or --pretrained, not both")
-    if args.pretrained is True:
+    if not args.checkpoint:  # read once every other input is checked (load_published)
         name = args.model or DEFAULT_MODEL
-        return (*_read_published(name), name, dict(args.model_kwargs))
-    path = args.checkpoint or args.pretrained or ""
-    if not path:
-        return None, "", args.model or DEFAULT_MODEL, dict(args.model_kwargs)
+        return Weights(None, "", name, dict(args.model_kwargs))
+    path = args.checkpoint
     if not Path(path).is_file():
         raise ValidateError(f"checkpoint file not found: {path}")
-    state, arch, kwargs = _read_checkpoint(path, args.use_ema)
+    if args.pretrained:
+        print("note: --checkpoint replaces the published weights --pretrained names (as in timm)")
+    state, obj = _read_checkpoint(path, args.use_ema)
+    arch, kwargs = recorded_model(obj)
     if kwargs:
         print(f"model kwargs recorded in the checkpoint: {format_kwargs(kwargs)}")
     name = args.model or arch or DEFAULT_MODEL
@@ -235,15 +285,15 @@ def _weights(args) -> tuple[dict | None, str, str, dict]:
                 naflex.get_config(arch)
             except ValueError as e:
                 raise ValidateError(f"{e} (the name stored in {path}); pass --model NAME") from None
-    return state, path, name, {**kwargs, **args.model_kwargs}
+    return Weights(state, path, name, {**kwargs, **args.model_kwargs}, recorded_classes(obj), sorted_class_order(obj))
 
 
-def _create_model(args, weights: tuple, num_dataset_classes: int, names_known: bool = True):
-    """The model with ``weights`` (``_weights``'s) loaded strictly; one-line errors for every mismatch.
-    ``names_known`` False (tar shards that only give class indices): a head larger than the dataset is fine."""
+def _create_model(args, weights: Weights, num_dataset_classes: int, names_known: bool = True):
+    """The model with ``weights`` loaded strictly; one-line errors for every mismatch. ``names_known`` False (tar
+    shards that only give class indices): a head larger than the dataset is fine."""
     import naflex
 
-    state, source, name, kwargs = weights
+    state, source, name, kwargs = weights.state, weights.source, weights.name, weights.kwargs
     num_classes = args.num_classes
     head = state.get("head.weight") if state else None
     if head is not None:
@@ -257,13 +307,10 @@ def _create_model(args, weights: tuple, num_dataset_classes: int, names_known: b
         model = naflex.create_model(name, **kwargs, **({} if num_classes is None else {"num_classes": num_classes}))
     except ValueError as e:
         raise ValidateError(str(e).splitlines()[0]) from None
-    if state is not None:
-        try:
-            naflex.load_into(model, state, source=source)
-        except naflex.WeightsMismatch as e:
-            raise ValidateError(str(e)) from None
-    else:
-        print(f"note: no --checkpoint / --pretrained given: evaluating randomly initialized {name}")
+    try:
+        naflex.load_into(model, state, source=source)
+    except naflex.WeightsMismatch as e:
+        raise ValidateError(str(e)) from None
     # shards whose classes are bare indices may lack the last classes of the label space
     if model.num_classes < num_dataset_classes or (model.num_classes != num_dataset_classes and names_known):
         raise ValidateError(
@@ -324,10 +371,13 @@ def run(args) -> list[dict]:
         except ValueError as e:
             raise ValidateError(str(e)) from None
     weights = _weights(args)
-    name, checkpoint = weights[2], weights[1]
+    name, checkpoint = weights.name, weights.source
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_attention(args, name, device)
-    dataset = _open_dataset(args)
+    dataset = _dataset_for(args, weights)
+    if weights.state is None:
+        weights.state, weights.source = _read_published(name)
+        checkpoint = weights.source
     model = _create_model(args, weights, len(dataset.classes), getattr(dataset, 'class_names_known', True))
     del weights
     try:

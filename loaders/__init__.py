@@ -17,14 +17,16 @@ Public API
 ``DevicePrefetcher(loader, device, mean, std, dtype=torch.float32)``: batches on the device, patches normalised
     to float there.
 ``ImageFolderDataset(root, split)``, ``ShardDataset(root, split)`` (WebDataset tar shards, timm's ``wds/NAME``),
-``ListDataset(samples)``, ``open_dataset(root, split, dataset=)``, ``SeqLenSchedule``, ``pack``/``pad``.
+``ListDataset(samples)``, ``open_dataset(root, split, classes=, dataset=)``, ``SeqLenSchedule``, ``pack``/``pad``.
+Class indices are timm's (natural order of the class names), or a class map's (``read_class_map(path, root)``:
+timm's ``--class-map`` file; ``classes=`` of the datasets).
 
 Batches are ``(inputs, target)`` in the layouts ``naflex.model.batch`` specifies (packed by default, timm's padded
 layout with ``packing=False``), with ``'bad_files'`` listing the files a step replaced (train) or dropped (eval).
 target: int64 [B], or float32 [B, num_classes] soft targets when MixUp/CutMix is configured.
 """
 from .config import DatasetConfig, EvalLoaderConfig, TrainLoaderConfig
-from .dataset import ImageFolderDataset, ListDataset
+from .dataset import ImageFolderDataset, ListDataset, read_class_map
 from .eval_loader import make_eval_loader
 from .factory import create_eval_loader, create_train_loader, open_dataset
 from .packing import pack, pad, patchify_hwc
@@ -37,4 +39,5 @@ __all__ = [
     'DatasetConfig', 'DevicePrefetcher', 'EvalLoaderConfig', 'ImageFolderDataset', 'ListDataset', 'SeqLenSchedule',
     'ShardDataset', 'TrainLoader', 'TrainLoaderConfig', 'UndecodableFiles', 'batch_size_for', 'create_eval_loader',
     'create_train_loader', 'make_eval_loader', 'normalize_patches', 'open_dataset', 'pack', 'pad', 'patchify_hwc',
+    'read_class_map',
 ]

@@ -12,9 +12,6 @@ from typing import Callable, Optional, Tuple
 
 from augment.config import INTERPOLATIONS, Problems
 
-CLASS_ORDERS = ('sorted', 'natural')
-
-
 def resolve_pin_memory(pin_memory: Optional[bool]) -> bool:
     """None means: pin host batches when CUDA is available (the prefetcher then copies them asynchronously)."""
     if pin_memory is not None:
@@ -34,13 +31,13 @@ class DatasetConfig:
     dataset: str = ''                   # --dataset: '' = image folder or shards found in root, 'wds/NAME' = shards
     train_split: str = 'train'          # --train-split
     val_split: str = 'validation'       # --val-split ('val' and other aliases are found too; '' = none)
-    class_order: str = 'sorted'         # torchvision's sorted(); 'natural' = timm's folder reader
+    class_map: str = ''                 # --class-map: class names in index order (timm's .txt / .pkl), else timm's
+                                        # folder order (natural sort)
     cache_dir: Optional[str] = None     # cache the folder index here (never inside the data folder)
 
     def validate(self, name: Optional[Callable[[str], str]] = None) -> None:
         p = Problems(name)
         p.need(bool(self.root), 'root', 'is required')
-        p.need(self.class_order in CLASS_ORDERS, 'class_order', f'must be one of {", ".join(CLASS_ORDERS)}')
         kind, sep, _ = self.dataset.partition('/')
         p.need(not sep or kind.lower() in DATASET_KINDS + ('folder', 'imagefolder'), 'dataset',
                f"type {kind!r} is not read here: use wds/NAME (tar shards) or leave it empty (image folder)")

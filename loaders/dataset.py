@@ -8,9 +8,10 @@ Layouts:
   or to the text file's folder, whichever holds the first entry). Every listed file must be there: a list
   that does not match the folders is an error naming the folder it was resolved against.
 
-Class indices are the sorted class-folder names (``sorted()``, exactly torchvision's ImageFolder; for
-ImageNet synsets this equals timm's order). ``class_order='natural'`` gives timm's folder order instead
-(case-insensitive natural sort), which differs from torchvision for names such as ``Faces`` vs ``accordion``.
+Class indices follow timm's folder reader: class-folder names in natural order (case-insensitive, digit runs by
+value: ``1, 2, 10, Apple, banana``), so a timm checkpoint scores its own labels here. ``classes=[...]`` (a class
+map, timm's ``--class-map``) fixes the label space instead: index i is ``classes[i]``, and folders it does not
+name are left out (``skipped_classes``), as timm's reader leaves them out.
 
 Scanning uses ``os.scandir`` (file type from the directory entry, no per-file stat). Paths are stored as one
 bytes blob + offsets, so forked DataLoader workers do not copy-on-refcount 1.28M Python strings. The index
@@ -35,9 +36,34 @@ def natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', s.lower())]
 
 
-def sort_classes(names, class_order: str = 'sorted') -> List[str]:
-    """Class names in label order: ``sorted()`` (torchvision), or timm's natural sort for 'natural'."""
-    return sorted(names, key=natural_key) if class_order == 'natural' else sorted(names)
+def sort_classes(names) -> List[str]:
+    """Class names in label order: timm's natural sort."""
+    return sorted(names, key=natural_key)
+
+
+def label_space(found: Iterable[str], classes: Optional[Sequence[str]] = None) -> Tuple[List[str], List[str]]:
+    """(class names in label order, found names left out): every found name in natural order, or the class map
+    ``classes`` as given, leaving out the found names it does not list."""
+    if classes is None:
+        return sort_classes(set(found)), []
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"the class map names a class twice: {sorted(c for c in set(classes) if classes.count(c) > 1)[:5]}")
+    listed = set(classes)
+    return list(classes), sort_classes({n for n in found if n not in listed})
+
+
+def read_class_map(path, root='') -> List[str]:
+    """Class names in index order from timm's ``--class-map`` file (.txt: one name a line; .pkl: a name -> index
+    dict), found as given or relative to ``root`` as timm finds it (timm's own reader parses it)."""
+    from timm.data.readers.class_map import load_class_map
+    found = Path(path) if Path(path).is_file() else Path(root) / path
+    if not found.is_file():
+        raise FileNotFoundError(f"class map {path} not found (as given or under {root})")
+    class_to_idx = load_class_map(str(found))
+    names = sorted(class_to_idx, key=class_to_idx.get)
+    if sorted(class_to_idx.values()) != list(range(len(names))):
+        raise ValueError(f"class map {found}: indices must be 0..{len(names) - 1}, each once")
+    return names
 
 
 def resolve_split_dir(root: Path, split: str) -> Path:
@@ -68,20 +94,22 @@ def _scan_class(dir_path: str, rel_prefix: str, out: List[str]) -> None:
                 out.append(rel + e.name)
 
 
-def scan_folder(split_dir: Path, class_order: str = 'sorted') -> Tuple[List[str], List[str], List[int]]:
-    """Returns (classes, relative paths, targets) for ``split_dir/<class>/...``."""
+def scan_folder(split_dir: Path, classes: Optional[Sequence[str]] = None):
+    """Returns (classes, relative paths, targets, skipped class folders) for ``split_dir/<class>/...``."""
     with os.scandir(split_dir) as it:
-        class_names = [e.name for e in it if e.is_dir(follow_symlinks=True)]
-    classes = sort_classes(class_names, class_order)
-    if not classes:
+        found = [e.name for e in it if e.is_dir(follow_symlinks=True)]
+    if not found:
         raise FileNotFoundError(f"no class folders in {split_dir}")
+    classes, skipped = label_space(found, classes)
+    present = set(found)
     paths: List[str] = []
     targets: List[int] = []
     for idx, c in enumerate(classes):
-        before = len(paths)
-        _scan_class(str(split_dir / c), c + '/', paths)
-        targets.extend([idx] * (len(paths) - before))
-    return classes, paths, targets
+        if c in present:
+            before = len(paths)
+            _scan_class(str(split_dir / c), c + '/', paths)
+            targets.extend([idx] * (len(paths) - before))
+    return classes, paths, targets, skipped
 
 
 def _missing_files(base: Path, rels: Sequence[str]) -> List[str]:
@@ -111,8 +139,9 @@ def _subdirs(folder: Path) -> List[Path]:
         return []
 
 
-def read_split_file(list_file: Path, root: Path, class_order: str = 'sorted'):
-    """Returns (base dir, classes, relative paths, targets) for a text file of ``<class>/<file>`` lines.
+def read_split_file(list_file: Path, root: Path, classes: Optional[Sequence[str]] = None):
+    """Returns (base dir, classes, relative paths, targets, skipped classes) for a text file of ``<class>/<file>``
+    lines.
 
     The listed paths resolve from the first of ROOT, ROOT/<file name without .txt> and the file's own folder that
     holds the first entry; every entry is checked there, so a list that does not match the folders fails here,
@@ -140,11 +169,11 @@ def read_split_file(list_file: Path, root: Path, class_order: str = 'sorted'):
     # Classes: the class folders of the base dir when present (labels then match ImageFolder on that dir
     # even if the list omits a class), otherwise the names used in the list.
     folder_classes = {d.name for d in _subdirs(base)}
-    all_names = folder_classes if names <= folder_classes else names
-    classes = sort_classes(all_names, class_order)
+    classes, skipped = label_space(folder_classes if names <= folder_classes else names, classes)
     c2i = {c: i for i, c in enumerate(classes)}
+    rels = [r for r in rels if r.split('/', 1)[0] in c2i]
     targets = [c2i[r.split('/', 1)[0]] for r in rels]
-    return base, classes, rels, targets
+    return base, classes, rels, targets, skipped
 
 
 def write_cache_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -164,22 +193,25 @@ class ImageFolderDataset:
     """Index of (path, class index) pairs. ``load``/transforms live in loaders.pipeline; this is just the index.
 
     ``ImageFolderDataset(root, split)``; ``len(ds)``, ``ds.path(i)``, ``ds.target(i)``, ``ds.targets`` (np.int64),
-    ``ds.classes``, ``ds.class_to_idx``, ``ds[i] -> (path, target)``.
+    ``ds.classes``, ``ds.class_to_idx``, ``ds[i] -> (path, target)``; ``classes``: a class map (see the module
+    docstring), ``ds.skipped_classes`` the class folders it left out.
     """
 
-    def __init__(self, root, split: str = 'train', *, class_order: str = 'sorted', cache_dir=None):
+    def __init__(self, root, split: str = 'train', *, classes: Optional[Sequence[str]] = None, cache_dir=None):
         self.root = Path(root)
         split = split or ''
         list_file = None
         if split.endswith('.txt'):
             list_file = Path(split) if Path(split).is_absolute() else self.root / split
+        classes = None if classes is None else list(classes)
         if list_file is not None:
-            base, classes, rels, targets = read_split_file(list_file, self.root, class_order)
+            base, classes, rels, targets, skipped = read_split_file(list_file, self.root, classes)
         else:
             base = resolve_split_dir(self.root, split)
-            classes, rels, targets = self._scan_cached(base, class_order, cache_dir)
+            classes, rels, targets, skipped = self._scan_cached(base, classes, cache_dir)
         self.base = base
         self.classes = list(classes)
+        self.skipped_classes = list(skipped)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         encoded = [r.encode('utf-8') for r in rels]
         lens = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
@@ -190,13 +222,13 @@ class ImageFolderDataset:
         self._base_str = str(base)
 
     @staticmethod
-    def _scan_cached(base: Path, class_order: str, cache_dir):
+    def _scan_cached(base: Path, classes: Optional[List[str]], cache_dir):
         if cache_dir is None:
-            return scan_folder(base, class_order)
+            return scan_folder(base, classes)
         st = [os.stat(base).st_mtime_ns]
         with os.scandir(base) as it:
             st += sorted((e.name, e.stat().st_mtime_ns) for e in it if e.is_dir())
-        key = hashlib.sha1(repr((str(base.resolve()), class_order, st)).encode()).hexdigest()[:16]
+        key = hashlib.sha1(repr((str(base.resolve()), classes, st, 2)).encode()).hexdigest()[:16]
         cache = Path(cache_dir) / f"naflex_index_{key}.pkl"
         if cache.exists():
             try:
@@ -204,7 +236,7 @@ class ImageFolderDataset:
                     return pickle.load(f)
             except Exception:
                 pass
-        result = scan_folder(base, class_order)
+        result = scan_folder(base, classes)
         try:
             write_cache_file(cache, lambda f: pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL))
         except OSError:

@@ -21,16 +21,16 @@ from .shards import ShardDataset, is_shard_source
 from .train_loader import StepDataset, TrainLoader
 
 
-def open_dataset(root, split: str, class_order: str = 'sorted', cache_dir=None, dataset: str = ''):
+def open_dataset(root, split: str, classes=None, cache_dir=None, dataset: str = ''):
     """``root`` itself when it already is a dataset (``ImageFolderDataset`` / ``ShardDataset`` / ``ListDataset`` /
     any object with ``path(i)``, ``target(i)``, ``len``), else the split's tar shards (``dataset='wds/NAME'``, or
     shards found in ``root`` where it has no folder for the split: loaders.shards.is_shard_source), else the
-    image folder ``root/split``."""
+    image folder ``root/split``. ``classes``: a class map (class names in index order), else timm's order."""
     if hasattr(root, 'path') and hasattr(root, 'target'):
         return root
     if is_shard_source(root, split, dataset):
-        return ShardDataset(root, split, cache_dir=cache_dir)
-    return ImageFolderDataset(root, split, class_order=class_order, cache_dir=cache_dir)
+        return ShardDataset(root, split, classes=classes, cache_dir=cache_dir)
+    return ImageFolderDataset(root, split, classes=classes, cache_dir=cache_dir)
 
 
 def create_train_loader(root, split: str = 'train', cfg: Optional[TrainLoaderConfig] = None, *,

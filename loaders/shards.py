@@ -492,10 +492,11 @@ class ShardDataset:
     ``split``: a split of ``_info.json`` ('val' finds 'validation' and the other way round), a brace pattern
     (``NAME-train-{0000..0009}.tar``, relative to ``root``), or without ``_info.json`` the split word in the shard
     names. Class names come from ``_info.json``'s ``"classes"`` when present, else they are the indices ('0', '1',
-    ...; ``class_names_known`` False).
+    ...; ``class_names_known`` False). ``classes`` (a class map) re-indexes named classes by it; every class the
+    split holds must be in it.
     """
 
-    def __init__(self, root, split: str = 'train', *, cache_dir=None):
+    def __init__(self, root, split: str = 'train', *, classes=None, cache_dir=None):
         self.root = self.base = Path(root)
         info = load_info(self.root)
         self.split, self.shards = split_shards(self.root, split or 'train', info)
@@ -508,8 +509,24 @@ class ShardDataset:
             warnings.warn(f'{len(self.problems)} problem(s) indexing {self.root} split {self.split!r}, samples '
                           f'left out: {"; ".join(self.problems[:3])}' + (' ...' if len(self.problems) > 3 else ''))
         self.classes, self.class_names_known = _class_names(info, self.targets, self.root)
+        self.skipped_classes = []
+        if classes is not None:
+            self._apply_class_map(list(classes))
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self._check_info(info)
+
+    def _apply_class_map(self, classes: List[str]) -> None:
+        if not self.class_names_known:
+            raise ValueError(f'{self.root}: these shards give class indices only (no "classes" in _info.json), so '
+                             'class names cannot be mapped')
+        index = {c: i for i, c in enumerate(classes)}
+        held = [self.classes[t] for t in np.unique(self.targets)]
+        missing = [c for c in held if c not in index]
+        if missing:
+            raise ValueError(f'{self.root} split {self.split!r} holds classes the class map does not name: '
+                             f'{", ".join(missing[:5])}' + (f' (+{len(missing) - 5} more)' if len(missing) > 5 else ''))
+        lookup = np.array([index.get(c, -1) for c in self.classes], dtype=np.int64)
+        self.targets, self.classes = lookup[self.targets], classes
 
     def _check_info(self, info: dict) -> None:
         """Warns when the shards hold another number of samples than ``_info.json`` says (timm trusts the file), and

@@ -45,21 +45,49 @@ def make_odd_files(d):
     return good, ['truncated.jpg', 'zero_bytes.jpg', 'text.jpg']
 
 
-def test_class_order_matches_torchvision(tmp_path):
-    from torchvision.datasets import ImageFolder
-    for c in ['Faces', 'accordion', 'b10', 'b9', 'Zebra', 'a_b']:
-        (tmp_path / 'train' / c).mkdir(parents=True)
-        Image.fromarray(_rand(8, 8)).save(tmp_path / 'train' / c / 'x.JPEG')
-        Image.fromarray(_rand(8, 8)).save(tmp_path / 'train' / c / 'y.webp')
+def _class_folders(root, names, per_class=2):
+    for c in names:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(_rand(8, 8, i)).save(root / c / f'{i}.JPEG')
+
+
+def test_class_order_matches_timms_reader(tmp_path):
+    """timm's folder reader sorts class names naturally (case-insensitive, numbers by value): a timm checkpoint's
+    labels line up with ours. torchvision's sorted() would give 1, 10, 2, Apple, banana."""
+    from timm.data import create_dataset
+    _class_folders(tmp_path / 'train', ['1', '2', '10', 'Apple', 'banana', 'Faces', 'a_b'])
     (tmp_path / 'train' / 'Faces' / 'notes.txt').write_text('skip me')
     ds = ImageFolderDataset(tmp_path, 'train')
-    tv = ImageFolder(str(tmp_path / 'train'))
-    assert ds.classes == tv.classes and ds.class_to_idx == tv.class_to_idx
+    ref = create_dataset('', root=str(tmp_path), split='train')
+    assert ds.classes == ['1', '2', '10', 'a_b', 'Apple', 'banana', 'Faces']
+    assert ds.class_to_idx == ref.reader.class_to_idx
     base = tmp_path / 'train'
     ours = sorted((ds.relpath(i), ds.target(i)) for i in range(len(ds)))
-    assert ours == sorted((str(Path(p).relative_to(base)), t) for p, t in tv.samples)
-    nat = ImageFolderDataset(tmp_path, 'train', class_order='natural')
-    assert nat.classes == ['a_b', 'accordion', 'b9', 'b10', 'Faces', 'Zebra']
+    assert ours == sorted((str(Path(p).relative_to(base)), t) for p, t in ref.reader.samples)
+
+
+def test_class_map_fixes_the_label_space(tmp_path):
+    """--class-map (timm's file): index i is line i; folders it does not name are left out, as timm's reader
+    does; a name it lists without a folder is an empty class; text-list splits follow it too."""
+    from timm.data import create_dataset
+    from loaders import read_class_map
+    _class_folders(tmp_path / 'train', ['cat', 'dog', 'emu'])
+    (tmp_path / 'map.txt').write_text('dog\ncat\nyak\n')
+    names = read_class_map('map.txt', tmp_path)  # relative to the data root, as timm finds it
+    assert names == ['dog', 'cat', 'yak']
+    ds = ImageFolderDataset(tmp_path, 'train', classes=names)
+    ref = create_dataset('', root=str(tmp_path), split='train', class_map=str(tmp_path / 'map.txt'))
+    assert ds.classes == names and ds.skipped_classes == ['emu']
+    assert sorted((ds.relpath(i), ds.target(i)) for i in range(len(ds))) == sorted(
+        (str(Path(p).relative_to(tmp_path / 'train')), t) for p, t in ref.reader.samples)
+    (tmp_path / 'train' / 'list.txt').write_text('emu/0.JPEG\ncat/1.JPEG\n')
+    listed = ImageFolderDataset(tmp_path, 'train/list.txt', classes=names)
+    assert [listed.relpath(i) for i in range(len(listed))] == ['cat/1.JPEG'] and list(listed.targets) == [1]
+    with pytest.raises(ValueError, match='twice'):
+        ImageFolderDataset(tmp_path, 'train', classes=['cat', 'cat'])
+    with pytest.raises(FileNotFoundError, match='nowhere.txt'):
+        read_class_map('nowhere.txt', tmp_path)
 
 
 def test_split_aliases_text_split_and_cache(tmp_path):
@@ -189,7 +217,9 @@ def test_bad_file_tracker_threshold(tmp_path, caplog):
 
 
 def test_shared_data_classes_and_eval(shared_data):
-    from torchvision.datasets.folder import find_classes
+    from timm.data import create_dataset
     ds = ImageFolderDataset(shared_data, 'train')
-    assert ds.classes == find_classes(str(shared_data / 'train'))[0] and len(ds) == 5784
+    ref = create_dataset('', root=str(shared_data), split='train').reader
+    assert ds.class_to_idx == ref.class_to_idx and len(ds) == len(ref.samples) == 5784
+    assert ds.classes != sorted(ds.classes)  # caltech101's Faces, Leopards, ...: timm's order is not sorted()'s
     assert len(ImageFolderDataset(shared_data, 'validation')) == 2893

@@ -74,7 +74,8 @@ SCENARIOS = '''
     save_file(model.state_dict(), plan['loaded'])
     other = naflex.create_model(plan['name'], pretrained=True, num_classes=7)  # another head: re-initialized
     results['other_head'] = [other.num_classes, float(other.embeds.pos_embed.sum())]
-    results['validate'] = validate.main(plan['validate'])
+    for key in ('validate', 'validate_default', 'validate_hub_name'):
+        results[key] = validate.main(plan[key])
     train.main(plan['train'])
     for script, argv in plan['missing'].items():
         err = io.StringIO()
@@ -110,6 +111,8 @@ def offline(published, demo_dataset, tmp_path_factory):
     plan = {
         'name': NAME, 'loaded': str(work / 'loaded.safetensors'),
         'validate': [*common, *MODEL_ARGS, '--naflex-max-seq-len', '36', '64'],
+        'validate_default': [*common, '--model', NAME, '--naflex-max-seq-len', '36', '64'],  # timm: no --checkpoint
+        'validate_hub_name': [*common, '--model', f'hf-hub:timm/{NAME}', '--naflex-max-seq-len', '36', '64'],
         # lr 1e-12: the run ends where it started, so last.pth shows which weights it started from
         'train': [*common, *MODEL_ARGS, *TRAIN_ARGS, '--output', str(work), '--experiment', 'hub'],
         'missing': {'validate': [*common, '--model', MISSING, '--pretrained'],
@@ -158,10 +161,14 @@ def test_validate_pretrained_by_name_equals_the_file(published, offline, demo_da
     _, _, snapshot_file = published
     by_name = offline[0]['validate']
     by_file = validate.main(['--data-dir', str(demo_dataset), '-j', '0', '--naflex-max-seq-len', '36', '64',
-                             '--model', 'naflexvit_tiny_test', '--pretrained', str(snapshot_file)])
+                             '--model', 'naflexvit_tiny_test', '--checkpoint', str(snapshot_file)])
     assert [r['checkpoint'] for r in by_name] == [f'hf-hub:{HUB_REPO}'] * 2
     assert [r['model'] for r in by_name] == [NAME] * 2
     assert [(r['top1'], r['loss']) for r in by_name] == [(r['top1'], r['loss']) for r in by_file]
+    # as timm's validate.py: no --checkpoint means the published weights; timm's hf-hub:timm/NAME names them too
+    for key in ('validate_default', 'validate_hub_name'):
+        assert [(r['checkpoint'], r['top1'], r['loss']) for r in offline[0][key]] == [
+            (r['checkpoint'], r['top1'], r['loss']) for r in by_name], key
 
 
 def test_train_pretrained_by_name_starts_from_the_published_weights(published, offline):
@@ -174,12 +181,13 @@ def test_train_pretrained_by_name_starts_from_the_published_weights(published, o
         torch.testing.assert_close(trained[k], state[k], atol=1e-6, rtol=0, msg=k)
 
 
-@pytest.mark.parametrize('script, flag', [('validate', '--pretrained FILE'), ('train', '--pretrained-path FILE')])
-def test_not_cached_and_offline_is_one_line_saying_what_to_do(script, flag, offline, published):
+@pytest.mark.parametrize('script, what, flag', [('validate', f"{MISSING}'s published weights", '--checkpoint FILE'),
+                                                ('train', '--pretrained', '--pretrained-path FILE')])
+def test_not_cached_and_offline_is_one_line_saying_what_to_do(script, what, flag, offline, published):
     cache = published[0]
     code, err = offline[0][f'{script}_missing']
     err = err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith(f'{script}.py: error: --pretrained: {MISSING_REPO} is not in the Hugging Face cache '
+    assert err[0].startswith(f'{script}.py: error: {what}: {MISSING_REPO} is not in the Hugging Face cache '
                              f'{cache} and the Hub cannot be reached (HF_HUB_OFFLINE=1)'), err
     assert flag in err[0] and 'run with HF_HUB_OFFLINE=1' in err[0]

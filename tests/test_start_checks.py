@@ -4,6 +4,7 @@ be read or decoded is ever called a bad image.
 
 Tiny model (naflexvit_tiny_test), generated images (tests/conftest.py ``demo_dataset``), CPU.
 """
+import os
 import re
 import shutil
 from pathlib import Path
@@ -141,8 +142,11 @@ def test_eval_over_no_decodable_image_is_an_error(demo_dataset, tmp_path, capsys
     for c in ('a', 'b'):
         (root / 'val' / c).mkdir(parents=True)
         (root / 'val' / c / 'broken.jpg').write_bytes(b'\xff\xd8 not a jpeg')
-    msg = _one_line_error(validate.main, ['--data-dir', str(root), '--model', MODEL, '--num-classes', '2', '-j', '0',
-                                          '--naflex-max-seq-len', '16'], capsys, code=1, prog='validate.py')
+    torch.manual_seed(0)
+    torch.save(__import__('naflex').create_model(MODEL, num_classes=2).state_dict(), tmp_path / 'two.pth')
+    msg = _one_line_error(validate.main, ['--data-dir', str(root), '--model', MODEL, '--checkpoint',
+                                          str(tmp_path / 'two.pth'), '-j', '0', '--naflex-max-seq-len', '16'], capsys,
+                          code=1, prog='validate.py')
     assert 'evaluated no image: all 2 files failed to decode' in msg and 'broken.jpg' in msg
 
 
@@ -312,12 +316,13 @@ def test_validate_checks_where_results_go_before_evaluating(tmp_path, capsys):
         _one_line_error(validate.main, base + ['--plot', f'{tmp_path}/a_file/p.png'], capsys, prog='validate.py')
 
 
-def test_validate_split_not_found_is_not_mistaken_for_class_folders(demo_dataset, capsys):
-    msg = _one_line_error(validate.main, ['--data-dir', str(demo_dataset), '--split', 'valx', '--model', MODEL],
-                          capsys, prog='validate.py')
+def test_validate_split_not_found_is_not_mistaken_for_class_folders(demo_dataset, tmp_path, capsys):
+    ckpt = str(_tiny_checkpoint(tmp_path / 'tiny.pth'))
+    msg = _one_line_error(validate.main, ['--data-dir', str(demo_dataset), '--split', 'valx', '--model', MODEL,
+                                          '--checkpoint', ckpt], capsys, prog='validate.py')
     assert f"split 'valx' not found under {demo_dataset} (it holds train, val: pass --split NAME)" in msg
     # a root that holds the class folders themselves is still used as it is
-    row = validate.main(['--data-dir', str(demo_dataset / 'val'), '--model', MODEL, '-j', '0',
+    row = validate.main(['--data-dir', str(demo_dataset / 'val'), '--model', MODEL, '-j', '0', '--checkpoint', ckpt,
                          '--naflex-max-seq-len', '16'])[0]
     assert row['images'] == 16
 
@@ -372,3 +377,32 @@ def test_help_shows_each_default_once_and_only_real_ones(prog):
     for option in options:
         assert option.count('(default') <= 1, option
         assert not re.search(r'\(default: (None|False|)\)', option), option
+
+
+def test_class_order_of_a_run_and_of_a_resumed_one(demo_dataset, tmp_path):
+    """A run's classes are in timm's order (or --class-map's); a resumed run keeps the order its checkpoint
+    records, and a checkpoint written before checkpoints recorded names keeps sorted() order. A --class-map that
+    disagrees with the resumed run is refused."""
+    from naflex.train import build
+    from naflex.train.cli import config_from_args, parse_args
+    names = ['Apple', 'b9', 'b10', 'banana']  # timm's order; sorted() has b10 before b9
+    data = tmp_path / 'data'
+    for split in ('train', 'val'):
+        (data / split).mkdir(parents=True)
+        for old, new in zip(sorted(os.listdir(demo_dataset / split)), names):
+            os.symlink(demo_dataset / split / old, data / split / new)
+
+    def classes(*flags, resume=None):
+        cfg = config_from_args(parse_args(['--data-dir', str(data), '--val-split', 'val', *flags])[0])
+        train_ds, val_ds = build.open_datasets(cfg, resume)
+        assert val_ds.classes == train_ds.classes
+        return train_ds.classes
+
+    assert classes() == names
+    assert classes(resume={'version': 2, 'train_state': {}}) == sorted(names)
+    recorded = ['banana', 'Apple', 'b10', 'b9']
+    assert classes(resume={'version': 3, 'train_state': {}, 'class_names': recorded}) == recorded
+    (tmp_path / 'map.txt').write_text('b10\nApple\nb9\nbanana\n')
+    assert classes('--class-map', str(tmp_path / 'map.txt')) == ['b10', 'Apple', 'b9', 'banana']
+    with pytest.raises(build.UserError, match='orders the classes differently from the run being resumed'):
+        classes('--class-map', str(tmp_path / 'map.txt'), resume={'class_names': recorded})

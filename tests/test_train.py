@@ -90,6 +90,7 @@ def test_card_command_end_to_end(reference):
     assert saved['checkpoint_hist'] == 10 and saved['num_classes'] == 4 and saved['mixup'] == 0.8
     ckpt = torch.load(run / 'last.pth', map_location='cpu', weights_only=True)
     assert ckpt['epoch'] == 1 and ckpt['train_state']['epoch'] == 2 and ckpt['arch'] == 'naflexvit_tiny_test'
+    assert ckpt['class_names'] == ['00_disk', '01_square', '02_triangle', '03_cross']  # validate.py maps by these
     assert {'optimizer', 'scheduler', 'rng', 'metric'} <= set(ckpt)
     log = (run / 'train.log').read_text()
     assert 'img/s' in log and 'tok/s' in log and 'data wait' in log and 'ETA' in log

@@ -8,7 +8,7 @@ from naflex.train.cli import ConfigError, build_parser, parse_args
 # Changing the CLI is a deliberate act: update this list (and the README) in the same commit.
 FROZEN_FLAGS = [
     '--aa', '--amp', '--amp-dtype', '--attn-backend', '--batch-size', '--checkpoint-hist', '--clip-grad',
-    '--clip-mode', '--color-jitter', '--config', '--cooldown-epochs', '--cutmix', '--data-dir', '--dataset',
+    '--class-map', '--clip-mode', '--color-jitter', '--config', '--cooldown-epochs', '--cutmix', '--data-dir', '--dataset',
     '--device', '--drop', '--drop-path', '--epochs', '--eval-metric', '--exif-orientation', '--experiment', '--gp',
     '--grad-accum-steps', '--grad-checkpointing', '--grayscale-prob', '--help', '--hflip', '--initial-checkpoint',
     '--layer-decay', '--layer-decay-min-scale', '--log-interval', '--log-wandb', '--lr', '--lr-base',

@@ -176,7 +176,7 @@ def test_checkpoint_formats_and_ema(demo_dataset, tiny, tmp_path):
     ref = validate.main(base + ["--checkpoint", str(ckpt)])[0]
     for extra in (["--checkpoint", str(tmp_path / "ema.pth"), "--use-ema"],
                   ["--checkpoint", str(tmp_path / "timm.pth.tar")],
-                  ["--pretrained", str(tmp_path / "model.safetensors")],
+                  ["--checkpoint", str(tmp_path / "model.safetensors")],
                   ["--checkpoint", str(tmp_path / "plain.pth"), "--num-classes", "4"]):
         r = validate.main(base + extra)[0]
         assert (r["top1"], r["loss"]) == (ref["top1"], ref["loss"]), extra
@@ -196,11 +196,17 @@ def test_use_ema_without_ema_weights_is_one_line(demo_dataset, tiny, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--model", "naflexvit_nope"], "unknown model 'naflexvit_nope'; valid: "),
     (["--checkpoint", "/nonexistent/x.pth"], "checkpoint file not found: /nonexistent/x.pth"),
-    (["--num-classes", "10"], "class-count mismatch: the dataset has 4 classes but the model has 10 outputs"),
+    (["--checkpoint", "CKPT", "--num-classes", "10"], "class-count mismatch: --num-classes 10 but CKPT has a 4-class "
+                                                      "head"),
     (["--data-dir", "/nonexistent/data"], "dataset folder not found: /nonexistent/data"),
-    (["--pretrained"], "--pretrained: naflexvit_tiny_test has no published weights (those that do: "),
+    (["--pretrained"], "naflexvit_tiny_test has no published weights (those that do: "),
+    ([], "naflexvit_tiny_test has no published weights (those that do: "),  # timm: no checkpoint = published weights
+    (["--model", "hf-hub:other/naflexvit_tiny_test"], "hf-hub:other/naflexvit_tiny_test: of the Hugging Face Hub only "
+                                                      "the timm/ repositories of "),
 ])
-def test_one_line_errors(demo_dataset, extra, message, capsys):
+def test_one_line_errors(demo_dataset, tiny, extra, message, capsys):
+    extra = [str(tiny[1]) if e == "CKPT" else e for e in extra]
+    message = message.replace("CKPT", str(tiny[1]))
     args = ["--data-dir", str(demo_dataset), "--model", MODEL, "-j", "0", "--naflex-max-seq-len", "16"] + extra
     with pytest.raises(SystemExit) as e:
         validate.main(args)
@@ -260,3 +266,64 @@ def test_torchrun_two_gloo_processes_odd_images(tiny, tmp_path):
     assert row["world_size"] == 2 and row["images"] == 11
     assert row["top1"] == single["top1"] and row["top5"] == single["top5"]
     assert row["loss"] == pytest.approx(single["loss"], abs=1e-4)
+
+
+def _renamed_split(demo_dataset, root, names, split="val"):
+    """The demo split with its class folders renamed to ``names`` (in the demo's class order; symlinks)."""
+    (root / split).mkdir(parents=True)
+    for old, new in zip(sorted(os.listdir(demo_dataset / split)), names):
+        os.symlink(demo_dataset / split / old, root / split / new)
+    return root
+
+
+# timm's (natural) order keeps these as listed; sorted() swaps b9 and b10
+NAMES = ["Apple", "b9", "b10", "banana"]
+
+
+def _with_head_order(state, order):
+    """The same model with its classifier rows in another class order: row i becomes the class ``order[i]``."""
+    out = dict(state)
+    out["head.weight"], out["head.bias"] = state["head.weight"][order], state["head.bias"][order]
+    return out
+
+
+def test_checkpoint_class_names_map_by_name(demo_dataset, tiny, tmp_path, capsys):
+    """A checkpoint records its class names; validate.py reads the dataset in that order, so the same model with
+    its classes in another order (a class map, or an older checkpoint's sorted() order) scores the same. Without
+    the names it would be scored against permuted labels."""
+    model, _ = tiny
+    data = _renamed_split(demo_dataset, tmp_path / "data", NAMES)
+    sd = model.state_dict()
+    order = [3, 1, 0, 2]
+    ckpts = {
+        "natural": {"state_dict": sd, "class_names": NAMES, "version": 3, "train_state": {}},
+        "recorded": {"state_dict": _with_head_order(sd, order), "class_names": [NAMES[i] for i in order],
+                     "version": 3, "train_state": {}},
+        "legacy_sorted": {"state_dict": _with_head_order(sd, [NAMES.index(n) for n in sorted(NAMES)]),
+                          "version": 2, "train_state": {}},
+        "unnamed": {"state_dict": _with_head_order(sd, order)},  # timm's or a plain file: timm's order
+    }
+    rows = {}
+    for key, ckpt in ckpts.items():
+        torch.save(ckpt, tmp_path / f"{key}.pth")
+        rows[key] = validate.main(["--data-dir", str(data), "--model", MODEL, "-j", "0", "--naflex-max-seq-len",
+                                   "36", "--checkpoint", str(tmp_path / f"{key}.pth")])[0]
+    ref = (rows["natural"]["top1"], rows["natural"]["loss"])
+    assert (rows["recorded"]["top1"], rows["recorded"]["loss"]) == ref
+    assert (rows["legacy_sorted"]["top1"], rows["legacy_sorted"]["loss"]) == ref
+    assert rows["unnamed"]["loss"] != ref[1]
+    assert "written before checkpoints recorded class names, with classes in sorted() order" in capsys.readouterr().out
+    # --class-map (timm's file) says the order where the checkpoint does not
+    (tmp_path / "map.txt").write_text("".join(NAMES[i] + "\n" for i in order))
+    mapped = validate.main(["--data-dir", str(data), "--model", MODEL, "-j", "0", "--naflex-max-seq-len", "36",
+                            "--checkpoint", str(tmp_path / "unnamed.pth"), "--class-map", str(tmp_path / "map.txt")])
+    assert (mapped[0]["top1"], mapped[0]["loss"]) == ref
+
+
+def test_class_folder_unknown_to_the_checkpoint_is_one_line(demo_dataset, tiny, tmp_path, capsys):
+    data = _renamed_split(demo_dataset, tmp_path / "data", ["Apple", "b9", "b10", "kiwi"])
+    torch.save({"state_dict": tiny[0].state_dict(), "class_names": NAMES}, tmp_path / "c.pth")
+    with pytest.raises(SystemExit):
+        validate.main(["--data-dir", str(data), "--model", MODEL, "-j", "0", "--checkpoint", str(tmp_path / "c.pth")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 class folders of the dataset are not among the 4 classes" in err[0] and "kiwi" in err[0]

@@ -97,10 +97,18 @@ def _tags(arch: str) -> List[str]:
     return [default] + [t for t in published if t != default]
 
 
+_HUB_PREFIXES = ('hf-hub:timm/', 'timm/')  # timm's names for its Hub repositories: hf-hub:timm/NAME.TAG
+
+
 def split_name(name: str) -> Tuple[str, str]:
-    """(architecture, pretrained tag) of ``name`` or ``name.tag``; a bare name gets its default tag.
-    ValueError, one line listing the valid choices, for an unknown architecture or tag."""
-    arch, _, tag = name.partition('.')
+    """(architecture, pretrained tag) of ``name`` or ``name.tag`` (or timm's ``hf-hub:timm/name.tag`` /
+    ``timm/name.tag``); a bare name gets its default tag. ValueError, one line listing the valid choices, for an
+    unknown architecture or tag."""
+    prefix = next((p for p in _HUB_PREFIXES if name.startswith(p)), '')
+    if not prefix and name.startswith('hf-hub:'):
+        raise ValueError(f'{name}: of the Hugging Face Hub only the timm/ repositories of {", ".join(_HUB_WEIGHTS)} '
+                         'are known here')
+    arch, _, tag = name[len(prefix):].partition('.')
     if arch not in _VARIANTS:
         raise ValueError(f'unknown model {arch!r}; valid: {", ".join(list_models())}')
     tag = tag or _VARIANTS[arch][1]

@@ -9,7 +9,7 @@ import logging
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,15 +30,18 @@ class UserError(Exception):
     """A problem the user can fix; reported as one line without a traceback."""
 
 
-def _open_split(cfg: Config, split: str, what: str, hint: str = ''):
+def _open_split(cfg: Config, split: str, what: str, hint: str = '', classes=None):
     """The dataset of one split (image folder or tar shards); a missing split or one without a single image is a
     UserError."""
     root, data = Path(cfg.data.root), cfg.data
     try:
-        ds = loaders.open_dataset(root, split, class_order=data.class_order, cache_dir=data.cache_dir,
-                                  dataset=data.dataset)
+        ds = loaders.open_dataset(root, split, classes=classes, cache_dir=data.cache_dir, dataset=data.dataset)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f'no {what} images: {e}{hint}') from None
+    if getattr(ds, 'skipped_classes', None):
+        names = ds.skipped_classes
+        _logger.warning(f'split {split!r}: {len(names)} class folders are not in the class map and are left out: '
+                        f'{", ".join(names[:5])}' + (f' (+{len(names) - 5} more)' if len(names) > 5 else ''))
     if len(ds) == 0:
         raise UserError(f'--data-dir {root}: split {split!r} holds no images ({len(ds.classes)} class folders, '
                         f'all empty){hint}')
@@ -64,19 +67,45 @@ def _warn_empty_classes(train_ds, val_ds, data) -> None:
                     f'images: {shown}{also}')
 
 
-def open_datasets(cfg: Config):
+def class_map_for(cfg: Config, resume_ckpt: Optional[dict] = None) -> Optional[List[str]]:
+    """The class names, in index order, a run trains: --class-map's, else those the resumed checkpoint records,
+    else None (timm's folder order). A --class-map that disagrees with the resumed run's classes is a UserError."""
+    from .checkpoint import recorded_classes
+    recorded = recorded_classes(resume_ckpt) if resume_ckpt is not None else None
+    if not cfg.data.class_map:
+        return recorded
+    try:
+        classes = loaders.read_class_map(cfg.data.class_map, cfg.data.root)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UserError(f'--class-map: {e}') from None
+    if recorded is not None and recorded != classes:
+        raise UserError(f'--class-map {cfg.data.class_map} orders the classes differently from the run being resumed '
+                        f'(it records {len(recorded)} classes: {", ".join(recorded[:3])}, ...); drop --class-map')
+    return classes
+
+
+def open_datasets(cfg: Config, resume_ckpt: Optional[dict] = None):
     """(train dataset, val dataset or None), checked: both exist, hold images and the same classes. Image folders
     or tar shards (``--dataset wds/NAME``, or shards found in ``--data-dir``); rank 0 opens them first, so an index
-    it builds and caches is read, not rebuilt, by the other ranks."""
+    it builds and caches is read, not rebuilt, by the other ranks. Class indices: ``class_map_for``; a resumed
+    checkpoint written before checkpoints recorded class names had them in ``sorted()`` order, which is kept."""
+    from .checkpoint import sorted_class_order
     root, data = Path(cfg.data.root), cfg.data
     if not root.is_dir():
         raise UserError(f'--data-dir {root} does not exist')
+    classes = class_map_for(cfg, resume_ckpt)
     with primary_first():  # rank 0 builds (and caches) a shard index first; the others then read it
-        train_ds = _open_split(cfg, data.train_split, 'training')
+        train_ds = _open_split(cfg, data.train_split, 'training', classes=classes)
+        if (classes is None and sorted_class_order(resume_ckpt) and getattr(train_ds, 'class_names_known', True)
+                and sorted(train_ds.classes) != train_ds.classes):
+            classes = sorted(train_ds.classes)
+            _logger.info('--resume: the checkpoint records no class names (written before they were recorded, with '
+                         'classes in sorted() order): that order is kept')
+            train_ds = _open_split(cfg, data.train_split, 'training', classes=classes)
         val_ds = None
         if data.val_split:
             val_ds = _open_split(cfg, data.val_split, 'validation',
-                                 ' (pass --val-split "" to train without evaluation)')
+                                 ' (pass --val-split "" to train without evaluation)', classes=classes)
     if val_ds is not None and not classes_compatible(train_ds, val_ds):
         only_t = sorted(set(train_ds.classes) - set(val_ds.classes))[:5]
         only_v = sorted(set(val_ds.classes) - set(train_ds.classes))[:5]

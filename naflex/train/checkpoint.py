@@ -192,6 +192,20 @@ def recorded_model(ckpt) -> Tuple[str, Dict]:
     return (arch if isinstance(arch, str) else ''), (dict(kwargs) if isinstance(kwargs, dict) else {})
 
 
+def recorded_classes(ckpt) -> Optional[List[str]]:
+    """The class names, in index order, a training checkpoint records ('class_names'); None when it records none:
+    timm's, a plain state dict, one trained on tar shards that name classes by index only, or one of ours written
+    before names were recorded (``sorted_class_order`` tells those)."""
+    names = ckpt.get('class_names') if isinstance(ckpt, dict) else None
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None
+
+
+def sorted_class_order(ckpt) -> bool:
+    """True for a checkpoint of ours written before checkpoints recorded class names (format version 2): its class
+    indices are the class-folder names in ``sorted()`` order, not timm's natural order used since."""
+    return isinstance(ckpt, dict) and ckpt.get('version') == 2 and 'train_state' in ckpt
+
+
 def find_resume(output_dir) -> Optional[Path]:
     """``--resume auto``: the newest of last.pth and recovery-*.pth in the run folder, or None."""
     out = Path(output_dir)
@@ -276,7 +290,8 @@ class TrainState:
 
 def training_checkpoint(trainer, state: TrainState, meta: Optional[Dict] = None) -> Dict:
     """The full training state of a ``naflex.train.engine.Trainer`` for CheckpointManager (call on every rank:
-    the RNG states are gathered). ``meta``: 'arch' and 'args' (the resolved flags) to store alongside."""
+    the RNG states are gathered). ``meta``: 'arch', 'args' (the resolved flags) and 'class_names' (index order) to
+    store alongside."""
     per_rank = (rng_state(), state.epoch_sums if state.step else None)
     if trainer.world_size > 1:
         import torch.distributed as dist
@@ -291,7 +306,7 @@ def training_checkpoint(trainer, state: TrainState, meta: Optional[Dict] = None)
         'train_state': dict(state.state_dict(), world_size=trainer.world_size,
                             grad_accum_steps=trainer.cfg.grad_accum_steps),
         'rng': [rng for rng, _ in gathered],
-        'version': 2,
+        'version': 3,  # 3: 'class_names' in meta when the classes have names; 2: classes in sorted() order
     })
     if state.step and all(sums is not None for _, sums in gathered):
         ckpt['epoch_sums'] = [sums for _, sums in gathered]

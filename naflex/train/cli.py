@@ -126,6 +126,9 @@ def _dataset_flags(p: _Parser) -> None:
           help="'wds/NAME': WebDataset tar shards + _info.json in --data-dir (found without it too); '' = image folder")
     _flag(p, g, '--train-split', to=('data', 'train_split'), help='training split folder')
     _flag(p, g, '--val-split', to=('data', 'val_split'), help="eval split folder ('val' is found too); '' = none")
+    _flag(p, g, '--class-map', to=('data', 'class_map'), metavar='FILE',
+          help="class names in index order (.txt: one a line; .pkl: name -> index; as given or under --data-dir); "
+               "default: timm's folder order (natural sort), or the order a resumed checkpoint records")
     _flag(p, g, '--num-classes', to=('model', 'num_classes'), type=int,
           help='classifier size (default: number of class folders)')
 
