@@ -89,23 +89,26 @@ def test_weights_from_timm_checkpoint_with_resized_head(tmp_path):
     torch.save({'epoch': 3, 'state_dict': sd, 'args': argparse.Namespace(model='x'), 'version': 2}, path)
     dst = naflex.create_model('naflexvit_tiny_test', num_classes=4)
     head_before = dst.head.weight.clone()
-    load_weights(dst, path)
+    assert load_weights(dst, path) == ('plain', ['head.weight', 'head.bias'])
     for k, v in src.state_dict().items():
         if not k.startswith('head.'):
             assert torch.equal(dst.state_dict()[k], v), k
     assert torch.equal(dst.head.weight, head_before) and dst.head.weight.shape == (4, 64)
 
 
-def test_weights_prefer_ema_only_when_asked(tmp_path):
+def test_weights_prefer_ema_as_timm(tmp_path):
+    """As timm's load_checkpoint (use_ema=True): the EMA copy when the file has one, else the plain weights."""
     model = naflex.create_model('naflexvit_tiny_test', num_classes=4)
     ema = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
     path = tmp_path / 'ours.pth'
     torch.save({'state_dict': model.state_dict(), 'state_dict_ema': ema}, path)
     other = naflex.create_model('naflexvit_tiny_test', num_classes=4)
-    load_weights(other, path, use_ema=True)
+    assert load_weights(other, path)[0] == 'ema'
     assert all(v.abs().sum() == 0 for v in other.state_dict().values())
-    load_weights(other, path)
+    assert load_weights(other, path, use_ema=False)[0] == 'plain'
     assert torch.equal(other.head.weight, model.head.weight)
+    torch.save({'state_dict': model.state_dict()}, tmp_path / 'plain.pth')
+    assert load_weights(other, tmp_path / 'plain.pth') == ('plain', [])
 
 
 def test_weights_mismatch_is_an_error(tmp_path):
@@ -170,3 +173,35 @@ def test_our_checkpoint_loads_in_timm(tmp_path):
     load_checkpoint(ref, str(tmp_path / 'last.pth'), strict=True)
     for k, v in model.state_dict().items():
         assert torch.equal(ref.state_dict()[k], v), k
+
+
+def _start(tmp_path, *flags):
+    """build.build_model for train.py's flags (a 4-class tiny model)."""
+    from naflex.train import build
+    from naflex.train.cli import parse_config
+    _, cfg = parse_config(['--data-dir', str(tmp_path), '--model', 'naflexvit_tiny_test', *flags])
+    return build.build_model(cfg, 4)
+
+
+def test_start_weights_mean_what_they_mean_in_timm(tmp_path, caplog):
+    """--initial-checkpoint: the EMA copy, loaded last (it replaces --pretrained's weights, which are then not even
+    fetched: this tiny model has none); --pretrained --pretrained-path: the file, classifier fresh (timm's overlay
+    sets num_classes=-1); --pretrained-path alone: one error line (timm ignores it without a word)."""
+    from naflex.train.cli import ConfigError
+    torch.manual_seed(0)
+    plain = naflex.create_model('naflexvit_tiny_test', num_classes=4).state_dict()
+    ema = {k: v + 1 for k, v in plain.items()}
+    torch.save({'state_dict': plain, 'state_dict_ema': ema}, tmp_path / 'run.pth')
+    with caplog.at_level('INFO', logger='train'):
+        model = _start(tmp_path, '--initial-checkpoint', str(tmp_path / 'run.pth'), '--pretrained')
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    assert f'--initial-checkpoint: loaded the EMA weights of {tmp_path / "run.pth"}' in caplog.text
+    assert '--initial-checkpoint replaces the --pretrained weights' in caplog.text
+    torch.manual_seed(1)
+    fresh = _start(tmp_path).state_dict()
+    torch.manual_seed(1)  # the same fresh classifier
+    overlay = _start(tmp_path, '--pretrained', '--pretrained-path', str(tmp_path / 'run.pth')).state_dict()
+    for k, v in overlay.items():
+        assert torch.equal(v, fresh[k] if k.startswith('head.') else ema[k]), k
+    with pytest.raises(ConfigError, match='--pretrained-path .* is read with --pretrained'):
+        _start(tmp_path, '--pretrained-path', str(tmp_path / 'run.pth'))

@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 import torch
 import torch.nn as nn
 
-_EMA_KEYS = ('state_dict_ema', 'model_ema')
+EMA_KEYS = ('state_dict_ema', 'model_ema')
 _PLAIN_KEYS = ('state_dict', 'model')  # after the EMA keys (when wanted), like timm's load_state_dict
 _PREFIXES = ('module.', '_orig_mod.')  # DDP / torch.compile wrappers
 _HEAD_KEYS = ('head.weight', 'head.bias')
@@ -65,12 +65,12 @@ def state_dict_from(obj: Any, use_ema: bool = True, require_ema: bool = False,
     """The model state dict inside a loaded file: under 'state_dict_ema' / 'model_ema' (if ``use_ema``), then
     'state_dict' / 'model', else ``obj`` itself; prefixes stripped. ``require_ema``: no EMA copy is an error."""
     where = f'{path!r}' if path else 'the checkpoint'
-    keys = (_EMA_KEYS if use_ema or require_ema else ()) + (() if require_ema else _PLAIN_KEYS)
+    keys = (EMA_KEYS if use_ema or require_ema else ()) + (() if require_ema else _PLAIN_KEYS)
     found = None
     if isinstance(obj, dict):
         found = next((k for k in keys if isinstance(obj.get(k), dict)), None)
     if require_ema and found is None:
-        raise ValueError(f'{where} holds no EMA weights ({" / ".join(_EMA_KEYS)}; train with --model-ema)')
+        raise ValueError(f'{where} holds no EMA weights ({" / ".join(EMA_KEYS)}; train with --model-ema)')
     state = obj[found] if found else obj
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f'{where} does not hold a state dict of tensors '

@@ -120,24 +120,29 @@ def num_classes_for(cfg: Config, train_ds) -> int:
     if num_classes < len(train_ds.classes):
         raise UserError(f'--num-classes {num_classes} is below the {len(train_ds.classes)} class folders in '
                         f'{cfg.data.root}/{cfg.data.train_split}')
+    if cfg.model.num_classes is None:
+        _logger.info(f'--num-classes {num_classes}: the classes found (timm\'s train.py defaults to the model\'s own '
+                     'class count, 1000 for the published models)')
     return num_classes
 
 
 def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The model with its start weights (--initial-checkpoint / --pretrained-path / --pretrained), on the CPU."""
+    """The model with its start weights, as timm's train.py picks them: --initial-checkpoint (the EMA copy when
+    the file has one, loaded last: it replaces --pretrained's); else --pretrained, from --pretrained-path's file
+    (a local copy of the published weights, classifier always re-initialized as timm's overlay does) or the Hub.
+    Ours differs in one way, logged: a classifier of another size is re-initialized where timm would stop."""
     m = cfg.model
     try:
         model = naflex.create_model(m.name, **m.overrides(num_classes))
     except ValueError as e:
         raise UserError(str(e)) from None
-    for path, use_ema in ((m.initial_checkpoint, False), (m.pretrained_path, True)):
-        if path:
-            try:
-                load_weights(model, path, use_ema=use_ema)
-            except (FileNotFoundError, ValueError) as e:  # WeightsMismatch is a ValueError
-                raise UserError(str(e)) from None
-            _logger.info(f'loaded weights from {path}')
-    if m.pretrained and not m.pretrained_path:  # --pretrained-path names the file to use instead, as in timm
+    if m.initial_checkpoint:
+        if m.pretrained:
+            _logger.info('--initial-checkpoint replaces the --pretrained weights (as in timm: it is loaded last)')
+        _load_file(model, m.initial_checkpoint, '--initial-checkpoint')
+    elif m.pretrained and m.pretrained_path:
+        _load_file(model, m.pretrained_path, '--pretrained-path', fresh_head=True)
+    elif m.pretrained:
         _load_published(model, m.name)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -145,6 +150,25 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
     if cfg.loader.patch_sizes and m.torchcompile:
         model.prewarm_patch_sizes(cfg.loader.patch_sizes)  # resampling matrices built outside the graph
     return model
+
+
+def _load_file(model: torch.nn.Module, path: str, flag: str, fresh_head: bool = False) -> None:
+    """Weights from ``path`` (the EMA copy when it has one, as timm reads it); ``fresh_head``: the classifier keeps
+    its fresh initialization whatever its size (timm's --pretrained-path overlay, num_classes=-1)."""
+    head = {k: v.clone() for k, v in model.state_dict().items() if k.startswith('head.')} if fresh_head else {}
+    try:
+        copy, skipped = load_weights(model, path, use_ema=True)
+    except (FileNotFoundError, ValueError) as e:  # WeightsMismatch is a ValueError
+        raise UserError(str(e)) from None
+    if head:
+        model.load_state_dict(head, strict=False)
+        note = '; the classifier starts fresh (timm\'s --pretrained-path overlay re-initializes it)'
+    elif skipped:
+        note = (f'; its classifier has another class count, so a fresh one for {model.num_classes} classes is used '
+                '(timm\'s train.py stops there: it loads the file strictly)')
+    else:
+        note = ''
+    _logger.info(f'{flag}: loaded the {"EMA weights" if copy == "ema" else "weights"} of {path}{note}')
 
 
 def _load_published(model: torch.nn.Module, name: str) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 
 from naflex.model import load_into
 from naflex.model.registry import hub_id
-from naflex.model.weights import load_hub_pretrained, read_file, read_state_dict, state_dict_from
+from naflex.model.weights import EMA_KEYS, load_hub_pretrained, read_file, read_state_dict, state_dict_from
 
 _logger = logging.getLogger(__name__)
 
@@ -162,11 +162,15 @@ def _log_skipped_head(model: nn.Module, skipped) -> None:
         _logger.info(f'classifier {skipped} re-initialized for {getattr(model, "num_classes", "?")} classes')
 
 
-def load_weights(model: nn.Module, path, use_ema: bool = False) -> None:
+def load_weights(model: nn.Module, path, use_ema: bool = True) -> Tuple[str, List[str]]:
     """Weights-only start (``--initial-checkpoint`` / ``--pretrained-path``) from our, timm's or a safetensors
-    file; a classifier of another shape (other ``--num-classes``) keeps its fresh initialization."""
-    _log_skipped_head(model, load_into(model, read_state_dict(path, use_ema=use_ema), source=f'checkpoint {path}',
-                                       reinit_head=True))
+    file, its EMA copy when ``use_ema`` and it has one (timm's ``load_checkpoint`` default); a classifier of
+    another shape (other ``--num-classes``) keeps its fresh initialization. Returns the copy read ('ema' or
+    'plain') and the classifier keys left at their initialization."""
+    obj = read_file(path)
+    state = state_dict_from(obj, use_ema=use_ema, path=os.fspath(path))
+    ema = use_ema and isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in EMA_KEYS)
+    return ('ema' if ema else 'plain'), load_into(model, state, source=f'checkpoint {path}', reinit_head=True)
 
 
 def load_hub_weights(model: nn.Module, name: str) -> str:

@@ -142,9 +142,10 @@ def _model_flags(p: _Parser) -> None:
     _flag(p, g, '--pretrained', to=m('pretrained'), action='store_true',
           help="start from the model's published weights (Hugging Face Hub, cached)")
     _flag(p, g, '--pretrained-path', to=m('pretrained_path'), metavar='PATH',
-          help='start from these weights (head resized)')
+          help="with --pretrained: a local copy of the published weights (EMA copy preferred; the classifier starts "
+               "fresh, as timm's overlay)")
     _flag(p, g, '--initial-checkpoint', to=m('initial_checkpoint'), metavar='PATH',
-          help='weights-only start (head resized)')
+          help='weights-only start (EMA copy preferred, as timm; a classifier of another size starts fresh)')
     _flag(p, g, '--resume', to=('run', 'resume'), metavar='PATH', help="full-state resume from PATH, or 'auto'")
     _flag(p, g, '--no-resume-opt', to=('run', 'resume_opt', _not), default=False, action='store_true',
           help='resume weights but not optimizer')

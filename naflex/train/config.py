@@ -89,8 +89,8 @@ class ModelConfig:
     name: str = DEFAULT_MODEL                           # --model
     num_classes: Optional[int] = None                   # --num-classes (None: one per class folder)
     pretrained: bool = False                            # --pretrained
-    pretrained_path: Optional[str] = None               # --pretrained-path (EMA weights preferred)
-    initial_checkpoint: str = ''                        # --initial-checkpoint
+    pretrained_path: Optional[str] = None               # --pretrained-path (with --pretrained; EMA preferred)
+    initial_checkpoint: str = ''                        # --initial-checkpoint (EMA preferred, as timm)
     global_pool: Optional[str] = None                   # --gp
     drop_rate: float = NaFlexVitCfg.drop_rate           # --drop
     drop_path_rate: Optional[float] = None              # --drop-path (None: the variant's)
@@ -146,9 +146,11 @@ class ModelConfig:
         p.need(self.mean is None or len(self.mean) == 3, 'mean', 'takes three values')
         p.need(self.std is None or len(self.std) == 3, 'std', 'takes three values')
         p.need(self.std is None or all(s > 0 for s in self.std), 'std', 'must be > 0 (the patches are divided by it)')
-        for other in ('pretrained_path', 'pretrained'):  # --initial-checkpoint is a start of its own
-            p.need(not (self.initial_checkpoint and getattr(self, other)), 'initial_checkpoint',
-                   f'and {p.name(other)} both give start weights: pass one')
+        # timm's meaning: a local copy of the published weights, read only with --pretrained (timm then ignores it
+        # without a word; here it is one line)
+        p.need(not self.pretrained_path or self.pretrained, 'pretrained_path',
+               f'{self.pretrained_path} is read with {p.name("pretrained")} (as in timm: a local copy of the published '
+               f'weights); add {p.name("pretrained")}, or pass the file as {p.name("initial_checkpoint")}')
         if self.torchcompile:
             p.items.extend(_compile_problems(self.torchcompile, self.torchcompile_mode, p.name))
         else:
