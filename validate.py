@@ -52,13 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'wds/NAME': WebDataset tar shards + _info.json in --data-dir (found without it too); "
                         "default: image folder")
     p.add_argument("--model", "-m", default=None,
-                   help=f"model name (naflex.list_models()), optionally NAME.TAG (default: the name the checkpoint "
-                        f"stores, else {DEFAULT_MODEL})")
+                   help=f"model name (naflex.list_models()), optionally NAME.TAG or hf-hub:timm/NAME.TAG (default: the "
+                        f"name the checkpoint stores, else {DEFAULT_MODEL}); as timm, 'all', a wildcard pattern, a "
+                        "comma list or a file of names validates each with its published weights")
     p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                    help="model config fields (default: those the checkpoint records), e.g. embed_dim=192 depth=6")
     p.add_argument("--checkpoint", default="",
-                   help="our checkpoint (plain/EMA/training state) or a timm .pth/.safetensors (default: the model's "
-                        "published weights, as timm)")
+                   help="our checkpoint (plain/EMA/training state) or a timm .pth/.safetensors, or a folder: each "
+                        "*.pth / *.pth.tar in it (default: the model's published weights, as timm)")
     p.add_argument("--pretrained", action="store_true",
                    help="the model's published weights (Hugging Face Hub, cached; HF_HUB_OFFLINE=1 reads the cache "
                         "only); the default without --checkpoint, as in timm")
@@ -421,15 +422,77 @@ def run(args) -> list[dict]:
             print(f"seq_len {seq_len:5d}: top1 {row['top1']:7.3f}  top5 {row['top5']:7.3f}  loss {row['loss']:.4f}  "
                   f"images {row['images']}  bad files {row['bad_files']}  {row['images_per_s']:.1f} img/s  "
                   f"{row['valid_tokens_per_s']:.0f} valid tok/s", flush=True)
-    if rank == 0:
-        if args.results_file:
-            print(f"results written to {write_results(rows, args.results_file, args.results_format)}")
-        if len(rows) > 1:
-            plot_path = args.plot or (str(Path(args.results_file).with_suffix(".png")) if args.results_file else "")
-            if plot_path:
-                print(f"plot written to {plot_results(rows, plot_path)}")
-            else:
-                print("pass --plot FILE.png or --results-file to save a top-1 vs sequence length plot")
+    return rows
+
+
+def bulk_runs(args) -> list[tuple[str, str]]:
+    """The (model, checkpoint) pairs of a bulk validation, as timm's validate.py finds them: every ``*.pth.tar`` /
+    ``*.pth`` of a --checkpoint folder (natural order) with --model; or --model 'all', a wildcard pattern
+    (``'naflexvit_base*'``), a comma-separated list or a text file of names, each with its published weights.
+    [] for a single run."""
+    import naflex
+    from loaders.dataset import natural_key
+
+    if args.checkpoint and Path(args.checkpoint).is_dir():
+        found = sorted({*Path(args.checkpoint).glob("*.pth.tar"), *Path(args.checkpoint).glob("*.pth")},
+                       key=lambda p: natural_key(p.name))
+        if not found:
+            raise ValidateError(f"--checkpoint {args.checkpoint}: a folder with no *.pth / *.pth.tar file")
+        return [(args.model, str(path)) for path in found]
+    model = args.model or ""
+    if model == "all":
+        names = naflex.list_models(pretrained=True)
+    elif "," in model:
+        names = [n.strip() for n in model.split(",") if n.strip()]
+    elif any(c in model for c in "*?["):
+        names = naflex.list_models(model, pretrained=True)
+        if not names:
+            raise ValidateError(f"--model {model}: no model with published weights matches")
+    elif Path(model).is_file():
+        names = [ln.strip() for ln in Path(model).read_text().splitlines() if ln.strip()]
+    else:
+        return []
+    return [(name, "") for name in names]
+
+
+def report(args, rows: list[dict], sweep: bool) -> None:
+    """The results file and, for one model at several sequence lengths, the plot of top-1 against length."""
+    if args.results_file:
+        print(f"results written to {write_results(rows, args.results_file, args.results_format)}")
+    if sweep and len(rows) > 1:
+        plot_path = args.plot or (str(Path(args.results_file).with_suffix(".png")) if args.results_file else "")
+        if plot_path:
+            print(f"plot written to {plot_results(rows, plot_path)}")
+        else:
+            print("pass --plot FILE.png or --results-file to save a top-1 vs sequence length plot")
+
+
+def _primary() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # torchrun's rank; 0 without torchrun
+
+
+def run_all(args) -> list[dict]:
+    """One run, or every run of a bulk validation (``bulk_runs``): one results file, rows by top-1 as timm sorts
+    them. A run that fails is one error line and the others go on; all failing is the last one's error."""
+    runs = bulk_runs(args)
+    if not runs:
+        rows = run(args)
+        if _primary():
+            report(args, rows, sweep=True)
+        return rows
+    print(f"bulk validation of {len(runs)} runs: " + ", ".join(c or m for m, c in runs))
+    rows, failed = [], []
+    for model, checkpoint in runs:
+        try:
+            rows += run(argparse.Namespace(**{**vars(args), "model": model, "checkpoint": checkpoint}))
+        except ValidateError as e:
+            print(f"validate.py: error ({checkpoint or model}): {e}", file=sys.stderr)
+            failed.append(e)
+    if not rows:
+        raise failed[-1]
+    rows.sort(key=lambda r: r["top1"], reverse=True)
+    if _primary():
+        report(args, rows, sweep=False)
     return rows
 
 
@@ -438,7 +501,7 @@ def main(argv=None) -> list[dict]:
 
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run_all(args)
     except ValidateError as e:
         print(f"validate.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)

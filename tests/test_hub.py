@@ -76,6 +76,9 @@ SCENARIOS = '''
     results['other_head'] = [other.num_classes, float(other.embeds.pos_embed.sum())]
     for key in ('validate', 'validate_default', 'validate_hub_name'):
         results[key] = validate.main(plan[key])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        results['validate_pattern'] = [validate.main(plan['validate_pattern']), err.getvalue()]
     train.main(plan['train'])
     for script, argv in plan['missing'].items():
         err = io.StringIO()
@@ -113,6 +116,8 @@ def offline(published, demo_dataset, tmp_path_factory):
         'validate': [*common, *MODEL_ARGS, '--naflex-max-seq-len', '36', '64'],
         'validate_default': [*common, '--model', NAME, '--naflex-max-seq-len', '36', '64'],  # timm: no --checkpoint
         'validate_hub_name': [*common, '--model', f'hf-hub:timm/{NAME}', '--naflex-max-seq-len', '36', '64'],
+        # timm's bulk mode: a wildcard over the published names (NAME is cached, MISSING is not)
+        'validate_pattern': [*common, '--model', 'naflexvit_tiny_test.*', '--naflex-max-seq-len', '36'],
         # lr 1e-12: the run ends where it started, so last.pth shows which weights it started from
         'train': [*common, *MODEL_ARGS, *TRAIN_ARGS, '--output', str(work), '--experiment', 'hub'],
         'missing': {'validate': [*common, '--model', MISSING, '--pretrained'],
@@ -165,6 +170,10 @@ def test_validate_pretrained_by_name_equals_the_file(published, offline, demo_da
     assert [r['checkpoint'] for r in by_name] == [f'hf-hub:{HUB_REPO}'] * 2
     assert [r['model'] for r in by_name] == [NAME] * 2
     assert [(r['top1'], r['loss']) for r in by_name] == [(r['top1'], r['loss']) for r in by_file]
+    # bulk: a pattern validates every published name it matches; the one not cached is one error line
+    rows, err = offline[0]['validate_pattern']
+    assert [(r['model'], r['checkpoint'], r['top1']) for r in rows] == [(NAME, f'hf-hub:{HUB_REPO}', by_name[0]['top1'])]
+    assert err.strip().splitlines()[0].startswith(f"validate.py: error ({MISSING}): {MISSING}'s published weights: ")
     # as timm's validate.py: no --checkpoint means the published weights; timm's hf-hub:timm/NAME names them too
     for key in ('validate_default', 'validate_hub_name'):
         assert [(r['checkpoint'], r['top1'], r['loss']) for r in offline[0][key]] == [

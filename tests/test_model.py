@@ -245,7 +245,9 @@ def test_registry_and_overrides():
               'naflexvit_base_patch16_map', 'naflexvit_so150m2_patch16_reg1_gap', 'naflexvit_so150m2_patch16_reg1_map',
               'naflexvit_base_patch16_siglip', 'naflexvit_so400m_patch16_siglip', *TINY]:
         assert n in names
-    assert naflex.list_models('tiny') == sorted(TINY)
+    assert naflex.list_models('*tiny*') == sorted(TINY) and naflex.list_models('tiny') == []  # timm's fnmatch
+    assert naflex.list_models('naflexvit_base*', pretrained=True) == [n for n in naflex.list_models(pretrained=True)
+                                                                     if n.startswith('naflexvit_base')]
     with pytest.raises(ValueError, match='naflexvit_tiny_test'):
         naflex.create_model('naflexvit_nope')
     with pytest.raises(ValueError, match='drop_path_rate'):

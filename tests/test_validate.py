@@ -327,3 +327,27 @@ def test_class_folder_unknown_to_the_checkpoint_is_one_line(demo_dataset, tiny, 
         validate.main(["--data-dir", str(data), "--model", MODEL, "-j", "0", "--checkpoint", str(tmp_path / "c.pth")])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "1 class folders of the dataset are not among the 4 classes" in err[0] and "kiwi" in err[0]
+
+
+def test_bulk_validation_of_a_checkpoint_folder(demo_dataset, tiny, tmp_path, capsys):
+    """--checkpoint FOLDER, as timm's validate.py: every *.pth / *.pth.tar in it with --model, one results file,
+    rows by top-1; a file that does not load is one error line and the others go on."""
+    model, ckpt = tiny
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    shutil.copy(ckpt, folder / "epoch-10.pth")
+    torch.manual_seed(5)
+    torch.save({"state_dict": naflex.create_model(MODEL, num_classes=4).state_dict()}, folder / "epoch-2.pth.tar")
+    (folder / "broken.pth").write_bytes(b"not a checkpoint")
+    (folder / "notes.txt").write_text("not a checkpoint either")
+    out = tmp_path / "bulk.csv"
+    rows = validate.main(["--data-dir", str(demo_dataset), "--model", MODEL, "-j", "0", "--naflex-max-seq-len", "36",
+                          "--checkpoint", str(folder), "--results-file", str(out)])
+    assert sorted(Path(r["checkpoint"]).name for r in rows) == ["epoch-10.pth", "epoch-2.pth.tar"]
+    assert [r["top1"] for r in rows] == sorted((r["top1"] for r in rows), reverse=True)
+    assert len(out.read_text().strip().splitlines()) == 3  # header + one row per checkpoint
+    captured = capsys.readouterr()
+    assert "bulk validation of 3 runs:" in captured.out and captured.out.index("epoch-2.pth.tar") < captured.out.index(
+        "epoch-10.pth")  # natural order
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith(f"validate.py: error ({folder / 'broken.pth'}): ")

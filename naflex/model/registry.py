@@ -10,9 +10,10 @@ Names follow timm: ``architecture.tag`` names a variant and its published weight
 ``create_model(name, pretrained=True)`` fetches those weights from the Hugging Face Hub through timm's loader and
 huggingface_hub's cache (see ``naflex.model.weights.read_hub_state_dict``); ``pretrained=PATH`` loads a local file.
 """
+import fnmatch
 import os
 from dataclasses import fields, replace
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 
@@ -83,11 +84,14 @@ _CFG_FIELDS = tuple(f.name for f in fields(NaFlexVitCfg))
 _EXTRA_KWARGS = ('num_classes', 'in_chans', 'features_only', 'out_indices', 'feature_norm')
 
 
-def list_models(pattern: str = '', pretrained: bool = False) -> List[str]:
-    """Registered variant names (optionally filtered by a substring); ``pretrained=True``: the
-    ``architecture.tag`` names that have published weights, as timm's ``list_models(pretrained=True)``."""
-    names = _HUB_WEIGHTS if pretrained else _VARIANTS
-    return sorted(n for n in names if pattern in n)
+def list_models(filter: Union[str, Sequence[str]] = '', pretrained: bool = False) -> List[str]:
+    """Registered variant names, as timm's ``list_models``: ``filter`` is a wildcard pattern (fnmatch:
+    ``'naflexvit_base*'``) or a list of them; ``pretrained=True`` lists the ``architecture.tag`` names that have
+    published weights."""
+    names = sorted(_HUB_WEIGHTS if pretrained else _VARIANTS)
+    patterns = [filter] if isinstance(filter, str) else list(filter)
+    patterns = [p for p in patterns if p]
+    return [n for n in names if not patterns or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def _tags(arch: str) -> List[str]:
