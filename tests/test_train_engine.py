@@ -149,3 +149,23 @@ def test_torchcompile_step_matches_eager():
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-4)
     for k, v in results[0][1].items():
         torch.testing.assert_close(results[1][1][k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize('amp_dtype, opt, said', [('float16', 'nadamw', True), ('float16', 'adamw', False),
+                                                  ('bfloat16', 'nadamw', False)])
+def test_fp16_host_sync_is_said_at_start_up(amp_dtype, opt, said, caplog):
+    """On CUDA, fp16 with an optimizer that has no fused kernel reads the loss scaler's inf flag on the host at every
+    update (tests/test_fake_cuda.py counts it): one start-up line says so; bf16 and fused kernels say nothing."""
+    import warnings
+
+    import train
+    from naflex.train.cli import parse_config
+    from naflex.train.distributed import DistInfo
+    _, cfg = parse_config(['--data-dir', 'x', '--model', 'naflexvit_tiny_test', '--amp', '--amp-dtype', amp_dtype,
+                           '--opt', opt, '--lr', '1e-3'])
+    from fake_cuda import fake_cuda
+    model = _model()
+    with fake_cuda(), caplog.at_level('INFO', logger='train'), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        train._trainer(cfg, model.to('cuda'), DistInfo(device=torch.device('cuda')), 2, 1e-3, None)
+    assert ('one device sync per update' in caplog.text) == said, caplog.text
