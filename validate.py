@@ -34,14 +34,22 @@ class ValidateError(Exception):
     """A user-facing problem reported as one line (bad path, unknown model, class mismatch, ...)."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Flag mistakes are one line, like every other validate.py error."""
+
+    def error(self, message):
+        raise ValidateError(f"{message} (see validate.py --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Defaults come from the same config dataclasses as train.py's, so the two CLIs agree.
     from loaders.config import DatasetConfig, EvalLoaderConfig
     from naflex.model import ATTN_BACKENDS, DEFAULT_MODEL
     from naflex.train.cli import ParseKwargs
     from naflex.train.config import AMP_DTYPES, TrainConfig
+    from naflex.train.timm_flags import VALIDATE_REFUSED, refuse
     ev, split, amp_dtype = EvalLoaderConfig(), DatasetConfig.val_split, TrainConfig.amp_dtype
-    p = argparse.ArgumentParser(description="Evaluate a NaFlexViT model at one or more sequence lengths.")
+    p = _Parser(description="Evaluate a NaFlexViT model at one or more sequence lengths.")
     p.add_argument("data", nargs="?", default=None, help="dataset root (same as --data-dir)")
     p.add_argument("--data-dir", default=None, help="dataset root holding <split>/<class>/*.jpg")
     p.add_argument("--split", default=split,
@@ -86,16 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-backend", default="auto", choices=ATTN_BACKENDS,
                    help="attention backend for packed batches (default: auto)")
     p.add_argument("--torchcompile", nargs="?", const="inductor", default=None, help="torch.compile the model")
+    p.add_argument("--torchcompile-mode", default=None, help="torch.compile mode")
+    p.add_argument("--model-dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="weights and inputs in this dtype (as timm; float32 with --amp)")
+    p.add_argument("--gp", default=None, help="global pool type of the model (default: the model's)")
+    p.add_argument("--mean", type=float, nargs=3, default=None, help="normalization mean (default: the model's)")
+    p.add_argument("--std", type=float, nargs=3, default=None, help="normalization std (default: the model's)")
+    p.add_argument("--interpolation", default="", choices=("", "bilinear", "bicubic", "nearest", "lanczos", "box",
+                                                           "hamming"),
+                   help="resize interpolation (default: the model's)")
+    p.add_argument("--pin-mem", action="store_true", help="pin host batches (always on with CUDA here)")
+    p.add_argument("--retry", action="store_true", help="on out-of-memory, retry with half the batch size (as timm)")
+    p.add_argument("--seed", type=int, default=42, help="random seed (evaluation draws nothing at random)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last memory format of 4-D weights (NaFlexViT has none: no effect)")
+    p.add_argument("--reparam", action="store_true", help="re-parameterize the model (timm's; none in NaFlexViT)")
     p.add_argument("--results-file", default="", help="write results to .csv or .json (by extension)")
     p.add_argument("--results-format", default=None, choices=("csv", "json"), help="override the file format")
     p.add_argument("--plot", default="", help="PNG of top-1 vs sequence length (default: next to --results-file)")
     p.add_argument("--log-freq", type=int, default=0, help="print progress every N batches (default: off)")
+    refuse(p, VALIDATE_REFUSED)  # timm's flags that do not apply: one line each, with the reason
     return p
 
 
 _FLAGS = {"max_seq_len": "--naflex-max-seq-len", "batch_size": "-b/--batch-size", "num_workers": "-j/--workers",
           "name": "--model", "num_classes": "--num-classes", "attn_backend": "--attn-backend", "device": "--device",
-          "amp": "--amp", "amp_dtype": "--amp-dtype", "packing": "--padded", "torchcompile": "--torchcompile"}
+          "amp": "--amp", "amp_dtype": "--amp-dtype", "packing": "--padded", "torchcompile": "--torchcompile",
+          "torchcompile_mode": "--torchcompile-mode", "global_pool": "--gp", "std": "--std"}
 
 
 def check_args(args) -> None:
@@ -108,7 +133,9 @@ def check_args(args) -> None:
              for L in args.naflex_max_seq_len]
     parts.append(TrainConfig(device=args.device or "cpu", amp=args.amp, amp_dtype=args.amp_dtype))
     parts.append(ModelConfig(name=args.model or DEFAULT_MODEL, num_classes=args.num_classes,
-                             attn_backend=args.attn_backend, torchcompile=args.torchcompile))
+                             attn_backend=args.attn_backend, torchcompile=args.torchcompile,
+                             torchcompile_mode=args.torchcompile_mode, global_pool=args.gp,
+                             std=tuple(args.std) if args.std else None))
     problems = []
     for part in parts:
         try:
@@ -117,6 +144,8 @@ def check_args(args) -> None:
             problems.append(str(e))
     if args.log_freq < 0:
         problems.append("--log-freq must be >= 0")
+    if args.model_dtype not in (None, "float32") and args.amp:
+        problems.append(f"--model-dtype {args.model_dtype} with --amp: autocast runs float32 weights (as timm)")
     if not (args.data_dir or args.data):
         problems.append("no dataset given: pass --data-dir DIR")
     for flag, path in (("--results-file", args.results_file), ("--plot", args.plot)):
@@ -361,17 +390,20 @@ def run(args) -> list[dict]:
     import torch
 
     import naflex
-    from loaders import make_eval_loader
+    from loaders import DevicePrefetcher, make_eval_loader
     from naflex.train.distributed import init_distributed
     from naflex.train.evaluate import evaluate
 
     check_args(args)
+    torch.manual_seed(args.seed)
     if args.model:
         try:
             naflex.get_config(args.model)  # unknown name: registry's message, before any checkpoint is read
         except ValueError as e:
             raise ValidateError(str(e)) from None
     weights = _weights(args)
+    if args.gp:
+        weights.kwargs["global_pool"] = args.gp
     name, checkpoint = weights.name, weights.source
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_attention(args, name, device)
@@ -388,24 +420,37 @@ def run(args) -> list[dict]:
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    model = model.to(device).eval()
+    if args.reparam:
+        from timm.utils import reparameterize_model
+        model = reparameterize_model(model)
+    model_dtype = getattr(torch, args.model_dtype) if args.model_dtype else torch.float32
+    model = model.to(device, model_dtype).eval()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # timm's meaning: 4-D weights only (NaFlexViT has none)
     patch_size = model.patch_size
     packing = not args.padded
     if packing and hasattr(model, "set_attn_backend"):
         model.set_attn_backend(args.attn_backend)
     norm = naflex.data_config(model)
+    norm = dict(norm, mean=args.mean or norm["mean"], std=args.std or norm["std"],
+                interpolation=args.interpolation or norm["interpolation"])
     if args.torchcompile:
-        model = torch.compile(model, backend=args.torchcompile, dynamic=True)
+        model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode, dynamic=True)
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
-    rows = []
-    for seq_len in args.naflex_max_seq_len:
+
+    def evaluate_at(seq_len: int, batch_size: int) -> dict:
         loader = make_eval_loader(
-            dataset, max_seq_len=seq_len, batch_size=args.batch_size, patch_size=patch_size,
+            dataset, max_seq_len=seq_len, batch_size=batch_size, patch_size=patch_size,
             num_workers=args.workers, rank=rank, world_size=world_size, packing=packing,
             interpolation=norm["interpolation"], exif_orientation=args.exif_orientation,
-            pin_memory=device.type == "cuda")
-        m = evaluate(model, loader, device, amp_dtype=amp_dtype, world_size=world_size, mean=norm["mean"],
-                     std=norm["std"], log_interval=args.log_freq)
+            pin_memory=args.pin_mem or device.type == "cuda")
+        batches = DevicePrefetcher(loader, device, norm["mean"], norm["std"], dtype=model_dtype)
+        return evaluate(model, batches, device, amp_dtype=amp_dtype, world_size=world_size,
+                        log_interval=args.log_freq)
+
+    rows = []
+    for seq_len in args.naflex_max_seq_len:
+        m = _with_retry(evaluate_at, seq_len, args.batch_size, args.retry)
         for path in m["bad_file_paths"]:
             print(f"bad image file (skipped): {path}", file=sys.stderr)
         row = {
@@ -423,6 +468,23 @@ def run(args) -> list[dict]:
                   f"images {row['images']}  bad files {row['bad_files']}  {row['images_per_s']:.1f} img/s  "
                   f"{row['valid_tokens_per_s']:.0f} valid tok/s", flush=True)
     return rows
+
+
+def _with_retry(evaluate_at, seq_len: int, batch_size: int, retry: bool) -> dict:
+    """``evaluate_at(seq_len, batch_size)``; with --retry, out of device memory halves the batch and tries again
+    (timm's --retry), down to one image."""
+    import torch
+
+    while True:
+        try:
+            return evaluate_at(seq_len, batch_size)
+        except torch.OutOfMemoryError:
+            if not retry or batch_size == 1:
+                raise ValidateError(f"out of device memory at sequence length {seq_len} with -b {batch_size}: lower "
+                                    "-b" + ("" if retry else " (or pass --retry)")) from None
+            batch_size = max(1, batch_size // 2)
+            torch.cuda.empty_cache()
+            print(f"out of device memory at sequence length {seq_len}: retrying with -b {batch_size}")
 
 
 def bulk_runs(args) -> list[tuple[str, str]]:
@@ -499,9 +561,8 @@ def run_all(args) -> list[dict]:
 def main(argv=None) -> list[dict]:
     from naflex.train.evaluate import NoImagesEvaluated
 
-    args = build_parser().parse_args(argv)
     try:
-        return run_all(args)
+        return run_all(build_parser().parse_args(argv))
     except ValidateError as e:
         print(f"validate.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
