@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAGS = {"max_seq_len": "--naflex-max-seq-len", "batch_size": "-b/--batch-size", "num_workers": "-j/--workers",
           "name": "--model", "num_classes": "--num-classes", "attn_backend": "--attn-backend", "device": "--device",
           "amp": "--amp", "amp_dtype": "--amp-dtype", "packing": "--padded", "torchcompile": "--torchcompile",
-          "torchcompile_mode": "--torchcompile-mode", "global_pool": "--gp", "std": "--std"}
+          "torchcompile_mode": "--torchcompile-mode", "global_pool": "--gp", "std": "--std", "kwargs": "--model-kwargs"}
 
 
 def check_args(args) -> None:
@@ -132,7 +132,7 @@ def check_args(args) -> None:
     parts = [EvalLoaderConfig(max_seq_len=L, batch_size=args.batch_size, num_workers=args.workers)
              for L in args.naflex_max_seq_len]
     parts.append(TrainConfig(device=args.device or "cpu", amp=args.amp, amp_dtype=args.amp_dtype))
-    parts.append(ModelConfig(name=args.model or DEFAULT_MODEL, num_classes=args.num_classes,
+    parts.append(ModelConfig(name=args.model or DEFAULT_MODEL, num_classes=args.num_classes, kwargs=args.model_kwargs,
                              attn_backend=args.attn_backend, torchcompile=args.torchcompile,
                              torchcompile_mode=args.torchcompile_mode, global_pool=args.gp,
                              std=tuple(args.std) if args.std else None))

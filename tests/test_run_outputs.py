@@ -97,3 +97,32 @@ def test_log_wandb_logs_the_summary_rows(demo_dataset, tmp_path, monkeypatch):
     for (_, row), csv_row in zip(logged, summary):
         assert {k: f'{v}' for k, v in row.items()} == {k: v for k, v in csv_row.items() if v != ''}
     assert list((run / 'wandb').glob('offline-run-*/run-*.wandb'))  # the offline run, ready for `wandb sync`
+
+
+def test_train_log_holds_the_runs_lines_only(tmp_path):
+    """A library's INFO line (matplotlib's 'generated new fontManager' on a fresh machine) stays out of train.log;
+    the run's lines and anyone's warnings go in, those logged before the file existed included."""
+    import logging
+
+    from naflex.train.logger import attach_log_file, setup_logging
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    setup_logging(None, primary=True)
+    try:
+        logging.getLogger('train').info('device cpu, output x')
+        logging.getLogger('matplotlib.font_manager').info('generated new fontManager')
+        attach_log_file(tmp_path / 'train.log')
+        logging.getLogger('naflex.train.optim').info('optimizer built')
+        logging.getLogger('PIL.Image').warning('a warning from a library')
+        logging.getLogger('matplotlib').info('another library line')
+        text = (tmp_path / 'train.log').read_text()
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+            if h not in saved[1]:
+                h.close()
+        for h in saved[1]:
+            root.addHandler(h)
+        root.setLevel(saved[0])
+    assert 'device cpu' in text and 'optimizer built' in text and 'a warning from a library' in text
+    assert 'fontManager' not in text and 'another library line' not in text

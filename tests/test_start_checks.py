@@ -100,6 +100,8 @@ def test_experiment_is_a_folder_name(demo_dataset, tmp_path, name, capsys):
     (['--attn-backend', 'varlen'], 'varlen needs a CUDA device'),
     (['--aa', 'rand-mfoo'], 'RandAugment'),
     (['--train-split', 'list.txt'], 'split file'),
+    (['--model-kwargs', 'patch_size=0'], '--model-kwargs patch_size must be >= 1, got 0'),
+    (['--model-kwargs', 'num_heads=0'], '--model-kwargs num_heads must be >= 1, got 0'),
 ])
 def test_mistakes_leave_no_run_folder(demo_dataset, tmp_path, extra, message, capsys):
     assert message in _one_line_error(train.main, _argv(demo_dataset, tmp_path / 'out', *extra), capsys)
@@ -297,6 +299,7 @@ def test_compiled_flex_on_cuda_passes_the_check():
                                                       'the CPU: auto, sdpa_dense, sdpa_padded, flex'),
     (['--attn-backend', 'flex', '-b', '256', '--naflex-max-seq-len', '576'], 'T = 147456 tokens per step'),
     (['--attn-backend', 'flex', '--padded'], '--attn-backend flex applies to packed batches: --padded pads them'),
+    (['--model-kwargs', 'patch_size=0'], '--model-kwargs patch_size must be >= 1, got 0'),
 ])
 def test_validate_checks_flags_before_reading_data(extra, message, capsys):
     # the dataset folder does not exist: a flag problem must be reported first, before anything is read

@@ -85,6 +85,12 @@ class NaFlexVitCfg:
             bad('act_layer', self.act_layer, ACT_LAYERS)
         if self.attn_backend not in BACKENDS:
             bad('attn_backend', self.attn_backend, BACKENDS)
+        for name in ('patch_size', 'embed_dim', 'depth', 'num_heads'):
+            if getattr(self, name) < 1:
+                raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
+        if self.mlp_ratio <= 0 or self.reg_tokens < 0 or min(self.pos_embed_grid_size) < 1:
+            raise ValueError(f'mlp_ratio must be > 0, reg_tokens >= 0 and pos_embed_grid_size >= 1; got '
+                             f'{self.mlp_ratio}, {self.reg_tokens}, {self.pos_embed_grid_size}')
         if self.embed_dim % self.num_heads:
             raise ValueError(f'embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}')
         for name in ('drop_rate', 'pos_drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate'):

@@ -63,8 +63,18 @@ class _EarlyRecords(logging.handlers.MemoryHandler):
         return False
 
 
+_OURS = ('train', 'naflex', 'loaders', 'augment')
+
+
+def _the_runs(record: logging.LogRecord) -> bool:
+    """The run's own lines, and warnings from anywhere; a library's INFO lines (matplotlib announcing its font
+    cache, ...) stay out of the console and train.log."""
+    return record.levelno >= logging.WARNING or record.name.split('.')[0] in _OURS
+
+
 def _own(handler: logging.Handler) -> None:
     handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S'))
+    handler.addFilter(_the_runs)
     handler._naflex = True
     logging.getLogger().addHandler(handler)
 
