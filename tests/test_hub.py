@@ -200,3 +200,31 @@ def test_not_cached_and_offline_is_one_line_saying_what_to_do(script, what, flag
     assert err[0].startswith(f'{script}.py: error: {what}: {MISSING_REPO} is not in the Hugging Face cache '
                              f'{cache} and the Hub cannot be reached (HF_HUB_OFFLINE=1)'), err
     assert flag in err[0] and 'run with HF_HUB_OFFLINE=1' in err[0]
+
+
+def test_no_network_without_offline_mode_is_quick(published):
+    """Without HF_HUB_OFFLINE and with the Hub unreachable, the cached weights load and missing ones fail in a
+    second or two (huggingface_hub alone retries for ~25 s first)."""
+    cache, state, _ = published
+    body = f'''
+        import time
+        from naflex.model.weights import HubUnavailable, read_hub_state_dict
+        t = time.perf_counter()
+        loaded = read_hub_state_dict({HUB_REPO!r})
+        try:
+            read_hub_state_dict({MISSING_REPO!r})
+            message = ''
+        except HubUnavailable as e:
+            message = str(e)
+        print(json.dumps([sorted(loaded), message, time.perf_counter() - t]))
+    '''
+    code = textwrap.dedent(body)
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_ENDPOINT='http://127.0.0.1:9', HF_HUB_DISABLE_TELEMETRY='1',
+               PYTHONPATH=str(REPO))
+    env.pop('HF_HUB_OFFLINE', None)
+    out = subprocess.run([sys.executable, '-c', 'import json\n' + code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    keys, message, seconds = json.loads(out.stdout.strip().splitlines()[-1])
+    assert keys == sorted(state) and seconds < 10
+    assert message.endswith('the Hub cannot be reached (no connection to http://127.0.0.1:9)'), message

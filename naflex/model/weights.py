@@ -132,20 +132,40 @@ class HubUnavailable(FileNotFoundError):
 HUB_FILE = 'model.safetensors'  # what every timm repository on the Hub holds
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub endpoint accepts a connection within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == 'https' else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def read_hub_state_dict(repo: str) -> Dict[str, torch.Tensor]:
     """The state dict published in the Hugging Face Hub repository ``repo`` (e.g.
     'timm/naflexvit_base_patch16_gap.e300_s576_in1k'), through timm's loader and huggingface_hub's cache.
 
     Raises ``HubUnavailable`` when it is not cached and the Hub cannot be reached, ValueError (one line) for any
     other failure (no such repository, a gated one, a broken file)."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants, hf_hub_download
+    from safetensors.torch import load_file
     from timm.models import load_state_dict_from_hf
+    offline = constants.HF_HUB_OFFLINE or not hub_reachable()
     try:
-        # Naming the safetensors file skips timm's fallback to pytorch_model.bin: one request, no pickle.
-        obj = load_state_dict_from_hf(repo, filename=HUB_FILE)
+        if offline:  # the cached copy only: huggingface_hub would retry an unreachable Hub for ~25 s first
+            obj = load_file(hf_hub_download(repo, HUB_FILE, local_files_only=True), device='cpu')
+        else:  # naming the safetensors file skips timm's fallback to pytorch_model.bin: one request, no pickle
+            obj = load_state_dict_from_hf(repo, filename=HUB_FILE)
     except (FileNotFoundError, ConnectionError):  # huggingface_hub's LocalEntryNotFoundError / OfflineModeIsEnabled
+        why = ' (HF_HUB_OFFLINE=1)' if constants.HF_HUB_OFFLINE else f' (no connection to {constants.ENDPOINT})'
         raise HubUnavailable(f'{repo} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and the Hub cannot '
-                             f'be reached{" (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else ""}') from None
+                             f'be reached{why}') from None
     except Exception as e:  # HTTP errors (no such repository, gated), unreadable file
         raise ValueError(f'could not fetch {repo} from the Hugging Face Hub: {_first_line(e)}') from None
     return state_dict_from(obj, path=f'hf-hub:{repo}')
