@@ -23,6 +23,7 @@ import hashlib
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, List, Optional, Sequence, Tuple
 
@@ -81,14 +82,31 @@ def resolve_split_dir(root: Path, split: str) -> Path:
     raise FileNotFoundError(f"split {split!r} not found under {root}")
 
 
-def _scan_class(dir_path: str, rel_prefix: str, out: List[str]) -> None:
-    stack = [(dir_path, rel_prefix)]
+def _scan_class(dir_path: str, rel_prefix: str, out: List[str], problems: List[str]) -> None:
+    """Image files under ``dir_path`` (sub-folders and folder symlinks too), relative to the split. A folder seen
+    before (a symlink loop) or one that cannot be read is left out and named in ``problems``; names that are not
+    UTF-8 are kept as the file system gives them (surrogate escapes)."""
+    stack, seen = [(dir_path, rel_prefix)], set()
     while stack:
         d, rel = stack.pop()
-        with os.scandir(d) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        try:
+            st = os.stat(d)
+            if (st.st_dev, st.st_ino) in seen:
+                problems.append(f'{d}: a folder seen before (symlink loop), left out')
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            problems.append(f'{d}: {e.strerror or e}, left out')
+            continue
         for e in entries:
-            if e.is_dir(follow_symlinks=True):
+            try:
+                is_dir = e.is_dir(follow_symlinks=True)
+            except OSError as err:
+                problems.append(f'{e.path}: {err.strerror or err}, left out')
+                continue
+            if is_dir:
                 stack.append((e.path, rel + e.name + '/'))
             elif e.name.lower().endswith(IMG_EXTENSIONS):
                 out.append(rel + e.name)
@@ -104,11 +122,15 @@ def scan_folder(split_dir: Path, classes: Optional[Sequence[str]] = None):
     present = set(found)
     paths: List[str] = []
     targets: List[int] = []
+    problems: List[str] = []
     for idx, c in enumerate(classes):
         if c in present:
             before = len(paths)
-            _scan_class(str(split_dir / c), c + '/', paths)
+            _scan_class(str(split_dir / c), c + '/', paths, problems)
             targets.extend([idx] * (len(paths) - before))
+    if problems:
+        warnings.warn(f'{len(problems)} problem(s) scanning {split_dir}: ' + '; '.join(problems[:3])
+                      + (' ...' if len(problems) > 3 else ''))
     return classes, paths, targets, skipped
 
 
@@ -213,7 +235,7 @@ class ImageFolderDataset:
         self.classes = list(classes)
         self.skipped_classes = list(skipped)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        encoded = [r.encode('utf-8') for r in rels]
+        encoded = [r.encode('utf-8', 'surrogateescape') for r in rels]  # names that are not UTF-8 too
         lens = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
         self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         np.cumsum(lens, out=self._offsets[1:])
@@ -247,7 +269,7 @@ class ImageFolderDataset:
         return len(self.targets)
 
     def relpath(self, i: int) -> str:
-        return self._blob[self._offsets[i]:self._offsets[i + 1]].tobytes().decode('utf-8')
+        return self._blob[self._offsets[i]:self._offsets[i + 1]].tobytes().decode('utf-8', 'surrogateescape')
 
     def path(self, i: int) -> str:
         return os.path.join(self._base_str, self.relpath(i))

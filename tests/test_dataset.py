@@ -1,4 +1,5 @@
 """Datasets (folder scan, class order, splits), decoding (modes, EXIF, JPEG draft) and bad-file handling."""
+import os
 import io
 import logging
 from pathlib import Path
@@ -223,3 +224,20 @@ def test_shared_data_classes_and_eval(shared_data):
     assert ds.class_to_idx == ref.class_to_idx and len(ds) == len(ref.samples) == 5784
     assert ds.classes != sorted(ds.classes)  # caltech101's Faces, Leopards, ...: timm's order is not sorted()'s
     assert len(ImageFolderDataset(shared_data, 'validation')) == 2893
+
+
+def test_non_utf8_names_and_symlink_loops(tmp_path):
+    """A file name that is not UTF-8 is indexed and opens; a symlink loop is left out with a warning naming it; a
+    folder symlink to another folder is followed; the rest of the data is there."""
+    _class_folders(tmp_path / 'train', ['a', 'b'])
+    a = tmp_path / 'train' / 'a'
+    (a / '0.JPEG').rename(os.fsdecode(bytes(a) + b'/bad\xff\xfe.JPEG'))
+    os.symlink('.', a / 'loop')
+    os.symlink('../b', a / 'more')
+    with pytest.warns(UserWarning, match=r'symlink loop'):
+        ds = ImageFolderDataset(tmp_path, 'train')
+    rels = [ds.relpath(i) for i in range(len(ds))]
+    assert sorted(rels) == sorted(['a/1.JPEG', os.fsdecode(b'a/bad\xff\xfe.JPEG'), 'a/more/0.JPEG', 'a/more/1.JPEG',
+                                   'b/0.JPEG', 'b/1.JPEG'])
+    bad = next(i for i, r in enumerate(rels) if r.startswith('a/bad'))
+    assert Image.open(ds.path(bad)).size == (8, 8)
