@@ -1,7 +1,7 @@
 """Datasets (folder scan, class order, splits), decoding (modes, EXIF, JPEG draft) and bad-file handling."""
-import os
 import io
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
