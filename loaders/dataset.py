@@ -163,7 +163,7 @@ def _subdirs(folder: Path) -> List[Path]:
 
 def read_split_file(list_file: Path, root: Path, classes: Optional[Sequence[str]] = None):
     """Returns (base dir, classes, relative paths, targets, skipped classes) for a text file of ``<class>/<file>``
-    lines.
+    lines (or ``<split>/<class>/<file>`` lines, all under one split folder: the class is then the folder below it).
 
     The listed paths resolve from the first of ROOT, ROOT/<file name without .txt> and the file's own folder that
     holds the first entry; every entry is checked there, so a list that does not match the folders fails here,
@@ -183,6 +183,12 @@ def read_split_file(list_file: Path, root: Path, classes: Optional[Sequence[str]
                      for d in _subdirs(root) if (d / rels[0]).is_file()), '')
         raise FileNotFoundError(f"split file {list_file}: its first entry {rels[0]!r} is in none of "
                                 f"{', '.join(map(str, bases))} (listed paths resolve from one of these folders){hint}")
+    # 'train/<class>/<file>' lines (the hint above suggests that prefix): the class is the folder under the split
+    split_names = {'train', 'training', 'test'} | set(_SPLIT_ALIASES[0])
+    first = {r.split('/', 1)[0] for r in rels}
+    if len(first) == 1 and next(iter(first)).lower() in split_names and all(r.count('/') >= 2 for r in rels):
+        prefix = next(iter(first))
+        base, rels = base / prefix, [r[len(prefix) + 1:] for r in rels]
     missing = _missing_files(base, rels)
     if missing:
         raise FileNotFoundError(f"split file {list_file}: {len(missing)} of {len(rels)} listed files are not in "

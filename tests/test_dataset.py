@@ -101,6 +101,11 @@ def test_split_aliases_text_split_and_cache(tmp_path):
     (tmp_path / 'train_sub.txt').write_text('b/1.png\na/2.png\n')
     sub = ImageFolderDataset(tmp_path / 'train', str(tmp_path / 'train_sub.txt'))
     assert [sub.target(i) for i in range(2)] == [1, 0] and sub.path(0).endswith('b/1.png')
+    # 'train/<class>/<file>' lines in a list at the root (as the not-found message suggests): the classes are the
+    # class folders, not 'train'
+    (tmp_path / 'list.txt').write_text('train/b/1.png\ntrain/a/2.png\n')
+    listed = ImageFolderDataset(tmp_path, 'list.txt')
+    assert listed.classes == ['a', 'b'] and list(listed.targets) == [1, 0] and listed.path(0).endswith('train/b/1.png')
     with pytest.raises(FileNotFoundError):
         ImageFolderDataset(tmp_path, 'test')
     cache = tmp_path / 'cache'
