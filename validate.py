@@ -376,7 +376,7 @@ def plot_results(rows: list[dict], path) -> Path:
     ax.set_xlabel("sequence length (patches)")
     ax.set_ylabel("top-1 (%)")
     ckpt = Path(rows[0]["checkpoint"]).name if rows[0].get("checkpoint") else "random init"
-    ax.set_title(f"{rows[0]['model']} ({ckpt})", fontsize=10)
+    ax.set_title(f"{rows[0]['model']} ({ckpt}{', EMA' if rows[0].get('ema') else ''})", fontsize=10)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     out = Path(path)
@@ -449,12 +449,12 @@ def run(args) -> list[dict]:
                         log_interval=args.log_freq)
 
     rows = []
-    for seq_len in args.naflex_max_seq_len:
+    for seq_len in dict.fromkeys(args.naflex_max_seq_len):  # a length given twice is scored once
         m = _with_retry(evaluate_at, seq_len, args.batch_size, args.retry)
         for path in m["bad_file_paths"]:
             print(f"bad image file (skipped): {path}", file=sys.stderr)
         row = {
-            "model": name, "checkpoint": checkpoint, "seq_len": seq_len,
+            "model": name, "checkpoint": checkpoint, "ema": bool(args.use_ema), "seq_len": seq_len,
             "top1": round(m["top1"], 4), "top5": round(m["top5"], 4), "loss": round(m["loss"], 5),
             "images": m["images"], "bad_files": m["bad_files"],
             "images_per_s": round(m["images_per_s"], 2), "valid_tokens_per_s": round(m["valid_tokens_per_s"], 1),

@@ -85,7 +85,8 @@ def resolve_split_dir(root: Path, split: str) -> Path:
 def _scan_class(dir_path: str, rel_prefix: str, out: List[str], problems: List[str]) -> None:
     """Image files under ``dir_path`` (sub-folders and folder symlinks too), relative to the split. A folder seen
     before (a symlink loop) or one that cannot be read is left out and named in ``problems``; names that are not
-    UTF-8 are kept as the file system gives them (surrogate escapes)."""
+    UTF-8 are kept as the file system gives them (surrogate escapes). Hidden files (macOS's ``._x.jpg`` resource
+    forks) are not images."""
     stack, seen = [(dir_path, rel_prefix)], set()
     while stack:
         d, rel = stack.pop()
@@ -108,7 +109,7 @@ def _scan_class(dir_path: str, rel_prefix: str, out: List[str], problems: List[s
                 continue
             if is_dir:
                 stack.append((e.path, rel + e.name + '/'))
-            elif e.name.lower().endswith(IMG_EXTENSIONS):
+            elif e.name.lower().endswith(IMG_EXTENSIONS) and not e.name.startswith('.'):  # not macOS ._x.jpg
                 out.append(rel + e.name)
 
 

@@ -233,12 +233,13 @@ def test_shared_data_classes_and_eval(shared_data):
 
 def test_non_utf8_names_and_symlink_loops(tmp_path):
     """A file name that is not UTF-8 is indexed and opens; a symlink loop is left out with a warning naming it; a
-    folder symlink to another folder is followed; the rest of the data is there."""
+    folder symlink to another folder is followed; macOS's ._x.jpg files are not images; the rest is there."""
     _class_folders(tmp_path / 'train', ['a', 'b'])
     a = tmp_path / 'train' / 'a'
     (a / '0.JPEG').rename(os.fsdecode(bytes(a) + b'/bad\xff\xfe.JPEG'))
     os.symlink('.', a / 'loop')
     os.symlink('../b', a / 'more')
+    (a / '._1.JPEG').write_bytes(b'\x00\x05\x16\x07 AppleDouble')  # macOS resource fork: not an image
     with pytest.warns(UserWarning, match=r'symlink loop'):
         ds = ImageFolderDataset(tmp_path, 'train')
     rels = [ds.relpath(i) for i in range(len(ds))]

@@ -141,12 +141,13 @@ def test_cli_results_files_and_sweep(demo_dataset, tiny, tmp_path, capsys):
     _, ckpt = tiny
     base = ["--data-dir", str(demo_dataset), "--model", MODEL, "--checkpoint", str(ckpt), "-j", "0", "-b", "7",
             "--naflex-loader"]
-    rows = validate.main(base + ["--naflex-max-seq-len", "16", "64", "--results-file", str(tmp_path / "r.csv")])
+    rows = validate.main(base + ["--naflex-max-seq-len", "16", "64", "16", "--results-file", str(tmp_path / "r.csv")])
     out = capsys.readouterr().out
-    assert [r["seq_len"] for r in rows] == [16, 64]
+    assert [r["seq_len"] for r in rows] == [16, 64]  # a repeated length is scored once
+    assert [r["ema"] for r in rows] == [False, False]  # --use-ema is recorded with each row
     assert "seq_len    16: top1" in out and "valid tok/s" in out
     text = (tmp_path / "r.csv").read_text().splitlines()
-    assert text[0].startswith("model,checkpoint,seq_len,top1,top5,loss,images")
+    assert text[0].startswith("model,checkpoint,ema,seq_len,top1,top5,loss,images")
     assert "date" in text[0] and len(text) == 3 and str(ckpt) in text[1]
     # matplotlib is a dependency: several lengths always give the sweep picture next to the results file
     assert f"plot written to {tmp_path / 'r.png'}" in out
@@ -182,6 +183,7 @@ def test_checkpoint_formats_and_ema(demo_dataset, tiny, tmp_path):
         assert (r["top1"], r["loss"]) == (ref["top1"], ref["loss"]), extra
     no_ema = validate.main(base + ["--checkpoint", str(tmp_path / "ema.pth")])[0]
     assert no_ema["loss"] != ref["loss"]
+    assert validate.main(base + ["--checkpoint", str(tmp_path / "ema.pth"), "--use-ema"])[0]["ema"] is True
 
 
 def test_use_ema_without_ema_weights_is_one_line(demo_dataset, tiny, capsys):
