@@ -66,17 +66,18 @@ def _resume(trainer, cfg, resume, ckpt, updates_per_epoch: int, steps_per_epoch:
     from naflex.train.build import UserError
     from naflex.train.checkpoint import TrainState, restore_training
     from naflex.train.cli import changed_flags
-    if ckpt is None:
-        return TrainState()
-    try:
-        state = restore_training(trainer, ckpt, cfg.run.resume_opt, updates_per_epoch, steps_per_epoch)
-    except ValueError as e:
-        raise UserError(f'--resume {resume}: {e}') from None
-    _logger.info(f'resumed from {resume}: epoch {state.epoch}, step {state.step}, update {state.num_updates}')
-    changed = changed_flags(ckpt.get('args'), used_args)
-    if changed:
-        _logger.warning(f'--resume: these flags differ from the checkpoint\'s run and apply from update '
-                        f'{state.num_updates} on: {", ".join(changed)}')
+    state = TrainState()
+    if ckpt is not None:
+        try:
+            state = restore_training(trainer, ckpt, cfg.run.resume_opt, updates_per_epoch, steps_per_epoch,
+                                     opt=cfg.optim.opt)
+        except ValueError as e:
+            raise UserError(f'--resume {resume}: {e}') from None
+        _logger.info(f'resumed from {resume}: epoch {state.epoch}, step {state.step}, update {state.num_updates}')
+        changed = changed_flags(ckpt.get('args'), used_args)
+        if changed:
+            _logger.warning(f'--resume: these flags differ from the checkpoint\'s run and apply from update '
+                            f'{state.num_updates} on: {", ".join(changed)}')
     return state
 
 
@@ -89,6 +90,7 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     from naflex.train.optim import ModelEma, create_optimizer
     from naflex.train.schedule import create_schedule
     optimizer = create_optimizer(model, cfg.optim, lr)
+    _logger.info(f'optimizer {type(optimizer).__name__} (--opt {cfg.optim.opt}): {dict(optimizer.defaults)}')
     ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
     run_model, callbacks = model, [hooks]
     if cfg.model.torchcompile:
@@ -106,7 +108,7 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
             optimizer, '_step_supports_amp_scaling', False):
         _logger.info(f'--amp-dtype float16 with --opt {cfg.optim.opt}: the loss scaler reads its inf/NaN check on '
                      'the host at every update (one device sync per update); bfloat16 needs no scaler, and the fused '
-                     'adamw / sgd / momentum kernels take the check on the device')
+                     'adam / adamw / sgd / momentum kernels take the check on the device')
     return trainer, total_epochs
 
 

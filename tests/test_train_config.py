@@ -11,16 +11,17 @@ FROZEN_FLAGS = [
     '--clip-mode', '--color-jitter', '--config', '--cooldown-epochs', '--cutmix', '--data-dir', '--dataset',
     '--device', '--drop', '--drop-path', '--epochs', '--eval-metric', '--exif-orientation', '--experiment', '--gp',
     '--grad-accum-steps', '--grad-checkpointing', '--grayscale-prob', '--help', '--hflip', '--initial-checkpoint',
-    '--layer-decay', '--layer-decay-min-scale', '--log-interval', '--log-wandb', '--lr', '--lr-base',
-    '--lr-base-scale', '--lr-base-size', '--mean', '--min-lr', '--mixup', '--mixup-off-epoch', '--mixup-prob',
-    '--mixup-switch-prob', '--model', '--model-ema', '--model-ema-decay', '--model-ema-warmup', '--model-kwargs',
-    '--momentum', '--naflex-loader', '--naflex-loss-scale', '--naflex-max-seq-len', '--naflex-patch-size-probs',
-    '--naflex-patch-sizes', '--naflex-train-seq-lens', '--no-jpeg-draft', '--no-naflex-packing', '--no-resume-opt',
-    '--num-classes', '--opt', '--opt-betas', '--opt-eps', '--output', '--pin-mem', '--pretrained',
-    '--pretrained-path', '--ratio', '--recount', '--recovery-interval', '--remode', '--reprob', '--resume', '--scale',
-    '--sched', '--sched-on-updates', '--seed', '--smoothing', '--std', '--torchcompile', '--torchcompile-mode',
-    '--train-interpolation', '--train-split', '--val-interval', '--val-split', '--validation-batch-size', '--vflip',
-    '--wandb-project', '--warmup-epochs', '--warmup-lr', '--warmup-prefix', '--weight-decay', '--workers',
+    '--layer-decay', '--layer-decay-min-scale', '--layer-decay-no-opt-scale', '--log-interval', '--log-wandb', '--lr',
+    '--lr-base', '--lr-base-scale', '--lr-base-size', '--mean', '--min-lr', '--mixup', '--mixup-off-epoch',
+    '--mixup-prob', '--mixup-switch-prob', '--model', '--model-ema', '--model-ema-decay', '--model-ema-warmup',
+    '--model-kwargs', '--momentum', '--naflex-loader', '--naflex-loss-scale', '--naflex-max-seq-len',
+    '--naflex-patch-size-probs', '--naflex-patch-sizes', '--naflex-train-seq-lens', '--no-jpeg-draft',
+    '--no-naflex-packing', '--no-resume-opt', '--num-classes', '--opt', '--opt-betas', '--opt-eps', '--opt-kwargs',
+    '--output', '--pin-mem', '--pretrained', '--pretrained-path', '--ratio', '--recount', '--recovery-interval',
+    '--remode', '--reprob', '--resume', '--scale', '--sched', '--sched-on-updates', '--seed', '--smoothing', '--std',
+    '--torchcompile', '--torchcompile-mode', '--train-interpolation', '--train-split', '--val-interval',
+    '--val-split', '--validation-batch-size', '--vflip', '--wandb-project', '--warmup-epochs', '--warmup-lr',
+    '--warmup-prefix', '--weight-decay', '--workers',
 ]
 
 CARD = ('--data-dir /data/imagenet/ --amp --amp-dtype bfloat16 --model naflexvit_base_patch16_gap --naflex-loader '
@@ -69,6 +70,9 @@ def test_card_command_and_timm_defaults():
     assert (args.naflex_max_seq_len, args.checkpoint_hist, args.seed, args.log_interval) == (576, 10, 42, 50)
     assert args.naflex_train_seq_lens == [128, 256, 576, 784, 1024] and args.naflex_loss_scale == 'linear'
     assert (args.model_ema_decay, args.cooldown_epochs, args.eval_metric) == (0.9998, 0, 'top1')
+    # timm's optimizer flags it leaves to their defaults
+    assert (args.opt_eps, args.opt_betas, args.momentum, args.opt_kwargs, args.clip_mode) == (None, None, 0.9, {}, 'norm')
+    assert (args.layer_decay, args.layer_decay_min_scale, args.layer_decay_no_opt_scale) == (None, 0, None)
     assert yaml.safe_load(text)['opt'] == 'nadamw'
 
 
@@ -94,9 +98,14 @@ def test_bad_yaml(tmp_path, content, match):
 @pytest.mark.parametrize('extra,match', [
     (['--resume', 'a.pth', '--initial-checkpoint', 'b.pth'], '--resume restores the full training state'),
     (['--min-lr', '1e-2'], '--min-lr 0.01 is above --lr 0.0003'),
-    (['--opt', 'lamb'], '--opt lamb is not supported'),
+    (['--opt', 'lamb2'], '--opt lamb2 is not a timm optimizer; valid: adabelief,'),
+    (['--opt', 'adamw', '--opt-kwargs', 'lr=1'], '--opt-kwargs lr: set with --lr'),
+    (['--opt', 'adamw', '--opt-kwargs', 'nesterov=True'], "--opt adamw rejects these settings: AdamW.__init__() got an "
+                                                          "unexpected keyword argument 'nesterov'"),
+    (['--opt', 'adahessian'], '--opt adahessian needs a second backward pass'),
+    (['--opt', 'bnbadamw'], '--opt bnbadamw needs the bitsandbytes package'),
     (['--naflex-patch-size-probs', '0.5', '0.5'], 'needs --naflex-patch-sizes'),
-    (['--opt-betas', '0.9'], 'two values'),
+    (['--opt-betas', '0.9'], '--opt-betas takes 2 values for nadamw, got 1'),
     (['--device', 'tpu'], "use 'cuda' or 'cpu'"),
     (['--attn-backend', 'foo'], "invalid choice: 'foo'"),
     (['--no-such-flag'], 'unrecognized arguments: --no-such-flag'),

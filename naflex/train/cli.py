@@ -26,7 +26,7 @@ from augment.mixup import MixupConfig
 
 from naflex.model import ATTN_BACKENDS
 
-from .config import AMP_DTYPES, CLIP_MODES, EVAL_METRICS, LOSS_SCALES, OPTIMIZERS, SCHEDULES, Config
+from .config import AMP_DTYPES, CLIP_MODES, EVAL_METRICS, LOSS_SCALES, SCHEDULES, Config
 
 _DEFAULTS = Config(mixup=MixupConfig(num_classes=0))  # where every flag's default is read from
 _UNSET = object()
@@ -78,13 +78,16 @@ def _flag(parser: _Parser, group, *names, to=(), default=_UNSET, **kw) -> None:
 
 
 class ParseKwargs(argparse.Action):
-    """``--model-kwargs key=value ...`` as timm's train.py / validate.py: each value is read as a Python literal
-    (``192``, ``0.1``, ``True``, ``(8, 8)``), anything else as a string (``global_pool=avg``). Tuples become
-    lists so args.yaml stays plain YAML."""
+    """``--model-kwargs`` / ``--opt-kwargs key=value ...`` as timm's ``timm.utils.ParseKwargs``: each value is read
+    as a Python literal (``192``, ``0.1``, ``True``, ``(8, 8)``), anything else as a string (``global_pool=avg``).
+    Tuples become lists so args.yaml stays plain YAML (the optimizer gets tuples back); a word without ``=`` is
+    one error line (timm raises a ValueError)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         kwargs = {}
         for item in values:
+            if not item:
+                continue  # as timm's ParseKwargs
             key, sep, text = item.partition('=')
             if not sep or not key:
                 parser.error(f'{option_string}: expected KEY=VALUE, got {item!r}')
@@ -165,18 +168,25 @@ def _model_flags(p: _Parser) -> None:
 
 
 def _optim_flags(p: _Parser) -> None:
-    g = p.add_argument_group('Optimizer')
+    g = p.add_argument_group('Optimizer (timm.optim.create_optimizer_v2)')
     o = lambda f, conv=None: ('optim', f, conv)  # noqa: E731
-    _flag(p, g, '--opt', to=o('opt'), help=f'optimizer: {", ".join(OPTIMIZERS)}')
-    _flag(p, g, '--opt-eps', to=o('eps'), type=float, help='optimizer epsilon')
-    _flag(p, g, '--opt-betas', to=o('betas', _tuple), type=float, nargs='+', help='optimizer betas')
-    _flag(p, g, '--momentum', to=o('momentum'), type=float, help='SGD momentum')
-    _flag(p, g, '--weight-decay', to=o('weight_decay'), type=float, help='decoupled weight decay')
+    _flag(p, g, '--opt', to=o('opt'), metavar='OPTIMIZER',
+          help='a name of timm.optim.list_optimizers() (nadamw, adamw, sgd, momentum, lamb, lion, adopt, ...), '
+               'optionally lookahead_NAME')
+    _flag(p, g, '--opt-eps', to=o('eps'), type=float, help="optimizer epsilon (default: the optimizer's)")
+    _flag(p, g, '--opt-betas', to=o('betas', _tuple), type=float, nargs='+', help="optimizer betas (default: the "
+          "optimizer's)")
+    _flag(p, g, '--momentum', to=o('momentum'), type=float, help='momentum, for optimizers that take one')
+    _flag(p, g, '--weight-decay', to=o('weight_decay'), type=float, help='weight decay')
     _flag(p, g, '--clip-grad', to=o('clip_grad'), type=float, help='gradient clip threshold (off by default)')
     _flag(p, g, '--clip-mode', to=o('clip_mode'), choices=CLIP_MODES, help='gradient clipping mode')
     _flag(p, g, '--layer-decay', to=o('layer_decay'), type=float, help='layer-wise lr decay factor')
     _flag(p, g, '--layer-decay-min-scale', to=o('layer_decay_min_scale'), type=float,
           help='floor of the layer-wise lr scale')
+    _flag(p, g, '--layer-decay-no-opt-scale', to=o('layer_decay_no_opt_scale'), type=float,
+          help='layers whose lr scale is below this are not trained')
+    _flag(p, g, '--opt-kwargs', to=o('kwargs', dict), nargs='*', action=ParseKwargs, metavar='KEY=VALUE',
+          help='more optimizer arguments, e.g. caution=True (Python literals, as --model-kwargs)')
     g = p.add_argument_group('Learning-rate schedule')
     s = lambda f: ('sched', f)  # noqa: E731
     _flag(p, g, '--sched', to=s('sched'), choices=SCHEDULES, help='lr schedule')
@@ -185,7 +195,7 @@ def _optim_flags(p: _Parser) -> None:
     _flag(p, g, '--lr-base', to=o('lr_base'), type=float, help='lr for a global batch of --lr-base-size')
     _flag(p, g, '--lr-base-size', to=o('lr_base_size'), type=int, help='batch size --lr-base refers to')
     _flag(p, g, '--lr-base-scale', to=o('lr_base_scale'), choices=('', 'linear', 'sqrt'),
-          help="lr scaling with batch ('' = sqrt for adam-type, linear otherwise)")
+          help="lr scaling with batch ('' = sqrt for ada*/lamb* optimizers, linear otherwise)")
     _flag(p, g, '--warmup-lr', to=s('warmup_lr'), type=float, help='lr at the start of warmup')
     _flag(p, g, '--min-lr', to=s('min_lr'), type=float, help='lr floor of the cosine')
     _flag(p, g, '--epochs', to=s('epochs'), type=int, help='epochs of the schedule')

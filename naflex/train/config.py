@@ -20,8 +20,7 @@ from augment.mixup import MixupConfig
 from loaders.config import DatasetConfig, EvalLoaderConfig, TrainLoaderConfig
 from naflex.model import ATTN_BACKENDS, DEFAULT_MODEL, NaFlexVitCfg, get_config
 
-OPTIMIZERS = ('nadamw', 'adamw', 'sgd', 'momentum')
-CLIP_MODES = ('norm', 'value')
+CLIP_MODES = ('norm', 'value', 'agc')  # timm.utils.dispatch_clip_grad's modes
 SCHEDULES = ('cosine', 'constant', 'none')
 LOSS_SCALES = ('none', 'sqrt', 'linear')
 EVAL_METRICS = ('top1', 'top5', 'loss')
@@ -159,43 +158,47 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimizer and gradient clipping (naflex.train.optim builds it)."""
-    opt: str = 'sgd'                                    # --opt
+    """Optimizer and gradient clipping: timm's optimizers and flags (naflex.train.optim builds them)."""
+    opt: str = 'sgd'                                    # --opt: a name of timm.optim.list_optimizers()
     lr: Optional[float] = None                          # --lr (None: lr_base scaled by the global batch)
     lr_base: float = 0.1                                # --lr-base
     lr_base_size: int = 256                             # --lr-base-size
-    lr_base_scale: str = ''                             # --lr-base-scale ('' = sqrt for adam-type, else linear)
-    eps: Optional[float] = None                         # --opt-eps
-    betas: Optional[Tuple[float, float]] = None         # --opt-betas
+    lr_base_scale: str = ''                             # --lr-base-scale ('' = sqrt for ada*/lamb*, else linear)
+    eps: Optional[float] = None                         # --opt-eps (None: the optimizer's)
+    betas: Optional[Tuple[float, ...]] = None           # --opt-betas (None: the optimizer's)
     momentum: float = 0.9                               # --momentum
     weight_decay: float = 2e-5                          # --weight-decay
     clip_grad: Optional[float] = None                   # --clip-grad
     clip_mode: str = 'norm'                             # --clip-mode
     layer_decay: Optional[float] = None                 # --layer-decay
     layer_decay_min_scale: float = 0.0                  # --layer-decay-min-scale
+    layer_decay_no_opt_scale: Optional[float] = None    # --layer-decay-no-opt-scale
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # --opt-kwargs: more keyword arguments of the optimizer
 
     def resolved_lr(self, global_batch: int) -> float:
-        """timm: without --lr, --lr-base scaled by global batch / --lr-base-size (sqrt for adam-type)."""
+        """timm: without --lr, --lr-base scaled by global batch / --lr-base-size (sqrt for ada*/lamb* optimizers)."""
         if self.lr:
             return self.lr
         ratio = global_batch / self.lr_base_size
-        scale = self.lr_base_scale or ('sqrt' if 'adam' in self.opt.lower() else 'linear')
+        scale = self.lr_base_scale or ('sqrt' if any(o in self.opt.lower() for o in ('ada', 'lamb')) else 'linear')
         return self.lr_base * (math.sqrt(ratio) if scale == 'sqrt' else ratio)
 
     def validate(self, name: Namer = None) -> None:
+        from .optim import optimizer_problems  # timm's optimizer registry decides what is valid
         p = Problems(name)
-        p.need(self.opt.lower() in OPTIMIZERS, 'opt', f'{self.opt} is not supported; valid: {", ".join(OPTIMIZERS)}')
         p.need(self.lr is None or self.lr > 0, 'lr', 'must be > 0')
         p.need(self.lr_base > 0 and self.lr_base_size >= 1, 'lr_base', f'and {p.name("lr_base_size")} must be > 0')
         p.need(self.lr_base_scale in ('', 'linear', 'sqrt'), 'lr_base_scale', "must be '', 'linear' or 'sqrt'")
         p.need(self.eps is None or self.eps > 0, 'eps', 'must be > 0')
-        p.need(self.betas is None or (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)), 'betas',
-               'takes two values in [0, 1)')
+        p.need(self.betas is None or all(0 <= b < 1 for b in self.betas), 'betas', 'takes values in [0, 1)')
         p.need(self.momentum >= 0, 'momentum', 'must be >= 0')
         p.need(self.weight_decay >= 0, 'weight_decay', 'must be >= 0')
         p.need(self.clip_grad is None or self.clip_grad > 0, 'clip_grad', 'must be > 0')
         p.need(self.clip_mode in CLIP_MODES, 'clip_mode', f'must be one of {", ".join(CLIP_MODES)}')
         p.need(self.layer_decay is None or 0 < self.layer_decay <= 1, 'layer_decay', 'must be in (0, 1]')
+        p.need(isinstance(self.kwargs, dict), 'kwargs', f'takes KEY=VALUE pairs, got {self.kwargs!r}')
+        if not p.items:
+            p.items.extend(optimizer_problems(self, p.name))
         p.raise_any()
 
 
@@ -350,6 +353,12 @@ class Config:
                                          or self.model.pretrained)),
                name('run', 'resume'), 'restores the full training state; drop --initial-checkpoint/'
                '--pretrained-path/--pretrained')
+        device = self.train.device.split(':')[0]
+        if device == 'cpu':
+            from .optim import cuda_only
+            need = cuda_only(self.optim.opt)
+            p.need(not need, f'{name("optim", "opt")} {self.optim.opt}', f'runs on CUDA only ({need}); '
+                   f'{name("train", "device")} is cpu')
         problems.extend(p.items)
         problems.extend(self._attention_problems(name))
         if problems:

@@ -4,7 +4,7 @@ with evaluation and checkpoints.
 A step takes a device batch (packed tokens by default -- NaViT's "patch n' pack", arXiv:2307.06304 -- or
 timm's padded layout), runs the model under autocast, computes the loss (soft-target cross-entropy when the
 loader produced MixUp/CutMix soft targets, label-smoothing cross-entropy for class indices), scales it and
-back-propagates; every ``grad_accum_steps`` micro-batches the optimizer updates (gradient clipping, fp16
+back-propagates; every ``grad_accum_steps`` micro-batches the optimizer updates (timm's gradient clipping, fp16
 GradScaler), the EMA follows and the per-update lr schedule advances.
 
 Loss scaling follows timm's ``train.py --naflex-loader``: a step with ``b`` images at sequence length L is
@@ -14,7 +14,7 @@ image equally however the images split across ranks.
 
 No host syncs happen between log steps in fp32 and bf16 (naflex.train.metrics keeps the sums on the device); in fp16
 the GradScaler reads its inf/NaN flag on the host once per update unless the optimizer is a fused kernel that takes
-it on the device (adamw, sgd; not NAdam): tests/test_fake_cuda.py counts each case. Exact resume: each
+it on the device (adam, adamw, sgd, momentum; not timm's NAdamW): tests/test_fake_cuda.py counts each case. Exact resume: each
 epoch's RNG stream (dropout, drop-path) is seeded from (seed, rank, epoch) once its first batch has arrived,
 and a mid-epoch checkpoint carries every rank's RNG state, so a run stopped and resumed repeats an
 uninterrupted run bit for bit on the same hardware (tests/test_train.py).
@@ -50,7 +50,8 @@ __all__ = ['NonFiniteLossError', 'StopRequested', 'TrainState', 'Trainer', 'clas
 
 
 def classification_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-    """Soft-target CE for [B, C] float targets (mixup/cutmix, smoothing already inside), else label-smoothing CE."""
+    """Soft-target CE for [B, C] float targets (mixup/cutmix, smoothing already inside), else label-smoothing CE:
+    timm's SoftTargetCrossEntropy / LabelSmoothingCrossEntropy / CrossEntropyLoss in one fused call each."""
     logits = logits.float()
     if target.is_floating_point():
         return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
@@ -129,7 +130,7 @@ class Trainer:
         if self.scaler is not None and self.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
         if self.clip_grad is not None:
-            clip_gradients(self.module.parameters(), self.clip_grad, self.clip_mode)
+            clip_gradients(self.module, self.clip_grad, self.clip_mode)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -230,6 +231,8 @@ def train_one_epoch(trainer: Trainer, batches, num_steps: int, state: TrainState
         stop = False
         trainer.callbacks.after_update(trainer, state)
     check_finite()
+    if hasattr(trainer.optimizer, 'sync_lookahead'):  # --opt lookahead_*: as timm, at the end of each epoch
+        trainer.optimizer.sync_lookahead()
     meter.clear_bar()
     totals = dict(metrics.read_epoch(trainer.callbacks.wants_stop()), **meter.epoch_totals(), lr=trainer.lr)
     return dict(totals, images_per_s=totals['images'] / totals['time_s'],  # the whole epoch's, resumed or not
