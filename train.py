@@ -61,11 +61,13 @@ def _resume_checkpoint(cfg, out_dir: Path):
 
 
 def _resume(trainer, cfg, resume, ckpt, updates_per_epoch: int, steps_per_epoch: int, used_args: dict):
-    """The state to start from: a fresh one, or what the ``--resume`` checkpoint restores. The flags of this
-    command apply (``used_args``, what args.yaml records); those that differ from the checkpoint's are logged."""
+    """The state to start from: a fresh one, or what the ``--resume`` checkpoint restores, or the start of
+    ``--start-epoch`` (which wins, as in timm). The flags of this command apply (``used_args``, what args.yaml
+    records); those that differ from the checkpoint's are logged."""
     from naflex.train.build import UserError
     from naflex.train.checkpoint import TrainState, restore_training
     from naflex.train.cli import changed_flags
+    from naflex.train.schedule import restore_schedule
     state = TrainState()
     if ckpt is not None:
         try:
@@ -78,6 +80,11 @@ def _resume(trainer, cfg, resume, ckpt, updates_per_epoch: int, steps_per_epoch:
         if changed:
             _logger.warning(f'--resume: these flags differ from the checkpoint\'s run and apply from update '
                             f'{state.num_updates} on: {", ".join(changed)}')
+    start = cfg.sched.start_epoch
+    if start is not None:
+        state = TrainState(epoch=start, num_updates=start * updates_per_epoch)
+        restore_schedule(trainer.schedule, (ckpt or {}).get('scheduler'), state.epoch, state.num_updates)
+        _logger.info(f'--start-epoch {start}: starting at epoch {start}, update {state.num_updates}')
     return state
 
 
@@ -88,7 +95,8 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     from naflex.train.compiling import CompileReport, compile_model
     from naflex.train.engine import Trainer
     from naflex.train.optim import ModelEma, create_optimizer
-    from naflex.train.schedule import create_schedule
+    from naflex.train.build import UserError
+    from naflex.train.schedule import create_schedule, schedule_problem
     optimizer = create_optimizer(model, cfg.optim, lr)
     _logger.info(f'optimizer {type(optimizer).__name__} (--opt {cfg.optim.opt}): {dict(optimizer.defaults)}')
     ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
@@ -99,7 +107,13 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     if dist.distributed:
         run_model = DistributedDataParallel(run_model, device_ids=[dist.device] if dist.device.type == 'cuda'
                                             else None)
-    schedule, total_epochs = create_schedule(cfg.sched, optimizer, updates_per_epoch)
+    evaluates = bool(cfg.data.val_split)  # timm: without evaluation, plateau watches the (falling) train loss
+    try:
+        schedule, total_epochs = create_schedule(cfg.sched, optimizer, updates_per_epoch, seed=cfg.train.seed,
+                                                 decreasing_metric=not evaluates or cfg.train.eval_metric == 'loss')
+    except ValueError as e:  # per-update settings timm's factory rejects for this run's updates per epoch
+        raise UserError(f'{schedule_problem(cfg.sched, e, lambda f: "--" + f)} ({updates_per_epoch} updates per '
+                        'epoch)') from None
     trainer = Trainer(run_model, optimizer, cfg.train, batch_size_reference=cfg.loader.batch_size,
                       device=dist.device, schedule=schedule, ema=ema, clip_grad=cfg.optim.clip_grad,
                       clip_mode=cfg.optim.clip_mode, world_size=dist.world_size, rank=dist.rank,

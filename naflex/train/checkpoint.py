@@ -35,6 +35,8 @@ from naflex.model import load_into
 from naflex.model.registry import hub_id
 from naflex.model.weights import load_hub_pretrained, read_file, read_state_dict, state_dict_from
 
+from .schedule import restore_schedule, schedule_state
+
 _logger = logging.getLogger(__name__)
 
 LAST = 'last.pth'
@@ -301,9 +303,10 @@ def training_checkpoint(trainer, state: TrainState, meta: Optional[Dict] = None)
     })
     if state.step and all(sums is not None for _, sums in gathered):
         ckpt['epoch_sums'] = [sums for _, sums in gathered]
-    for key, part in (('scheduler', trainer.schedule), ('scaler', trainer.scaler)):
-        if part is not None:
-            ckpt[key] = part.state_dict()
+    if trainer.schedule is not None:
+        ckpt['scheduler'] = schedule_state(trainer.schedule)
+    if trainer.scaler is not None:
+        ckpt['scaler'] = trainer.scaler.state_dict()
     if trainer.ema is not None:
         ckpt['state_dict_ema'] = trainer.ema.module.state_dict()
     return ckpt
@@ -384,7 +387,6 @@ def restore_training(trainer, ckpt: Dict, load_optimizer: bool = True, updates_p
         state.rng = rngs[trainer.rank]  # applied when the resumed epoch starts (Trainer.begin_epoch)
     if state.step and trainer.rank < len(sums):
         state.epoch_sums = sums[trainer.rank]  # the resumed epoch's metrics start from them
-    if trainer.schedule is not None:  # its base lrs are this run's (--lr); only the position comes from the file
-        trainer.schedule.step(state.epoch)
-        trainer.schedule.step_update(state.num_updates)
+    # the schedule's base lrs are this run's (--lr): the position comes from the file (and plateau's counters)
+    restore_schedule(trainer.schedule, ckpt.get('scheduler'), state.epoch, state.num_updates)
     return state

@@ -26,7 +26,7 @@ from augment.mixup import MixupConfig
 
 from naflex.model import ATTN_BACKENDS
 
-from .config import AMP_DTYPES, CLIP_MODES, EVAL_METRICS, LOSS_SCALES, SCHEDULES, Config
+from .config import AMP_DTYPES, CLIP_MODES, EVAL_METRICS, LOSS_SCALES, SCHEDULERS, Config
 
 _DEFAULTS = Config(mixup=MixupConfig(num_classes=0))  # where every flag's default is read from
 _UNSET = object()
@@ -187,21 +187,41 @@ def _optim_flags(p: _Parser) -> None:
           help='layers whose lr scale is below this are not trained')
     _flag(p, g, '--opt-kwargs', to=o('kwargs', dict), nargs='*', action=ParseKwargs, metavar='KEY=VALUE',
           help='more optimizer arguments, e.g. caution=True (Python literals, as --model-kwargs)')
-    g = p.add_argument_group('Learning-rate schedule')
-    s = lambda f: ('sched', f)  # noqa: E731
-    _flag(p, g, '--sched', to=s('sched'), choices=SCHEDULES, help='lr schedule')
+    g = p.add_argument_group('Learning-rate schedule (timm.scheduler.create_scheduler_v2)')
+    s = lambda f, conv=None: ('sched', f, conv)  # noqa: E731
+    _flag(p, g, '--sched', to=s('sched'), choices=SCHEDULERS, help='lr scheduler')
     _flag(p, g, '--sched-on-updates', to=s('on_updates'), action='store_true', help='step the schedule per update')
     _flag(p, g, '--lr', to=o('lr'), type=float, help='peak lr (default: --lr-base scaled by global batch)')
     _flag(p, g, '--lr-base', to=o('lr_base'), type=float, help='lr for a global batch of --lr-base-size')
     _flag(p, g, '--lr-base-size', to=o('lr_base_size'), type=int, help='batch size --lr-base refers to')
     _flag(p, g, '--lr-base-scale', to=o('lr_base_scale'), choices=('', 'linear', 'sqrt'),
           help="lr scaling with batch ('' = sqrt for ada*/lamb* optimizers, linear otherwise)")
+    _flag(p, g, '--lr-noise', to=s('noise', _tuple), type=float, nargs='+', metavar='PCT',
+          help='lr noise on (and off) point, as fractions of the schedule')
+    _flag(p, g, '--lr-noise-pct', to=s('noise_pct'), type=float, help='lr noise limit')
+    _flag(p, g, '--lr-noise-std', to=s('noise_std'), type=float, help='lr noise std-dev')
+    _flag(p, g, '--lr-cycle-mul', to=s('cycle_mul'), type=float, help='cycle length multiplier (cosine, tanh, poly)')
+    _flag(p, g, '--lr-cycle-decay', to=s('cycle_decay'), type=float, help='lr decay per cycle')
+    _flag(p, g, '--lr-cycle-limit', to=s('cycle_limit'), type=int, help='number of cycles')
+    _flag(p, g, '--lr-k-decay', to=s('k_decay'), type=float, help='k-decay (cosine, poly)')
+    _flag(p, g, '--lr-decay-fn', to=s('decay_fn'), help="decay function of wsd / rsqrt (default: '1-sqrt' for wsd, "
+          "'linear' for rsqrt)")
+    _flag(p, g, '--lr-stable-timescale', to=s('stable_timescale'), type=float,
+          help='rsqrt timescale in epochs (default: --warmup-epochs)')
     _flag(p, g, '--warmup-lr', to=s('warmup_lr'), type=float, help='lr at the start of warmup')
-    _flag(p, g, '--min-lr', to=s('min_lr'), type=float, help='lr floor of the cosine')
+    _flag(p, g, '--min-lr', to=s('min_lr'), type=float, help='lr floor of the decaying schedules')
     _flag(p, g, '--epochs', to=s('epochs'), type=int, help='epochs of the schedule')
+    _flag(p, g, '--start-epoch', to=s('start_epoch'), type=int, help='start at this epoch (overrides --resume\'s)')
+    _flag(p, g, '--decay-milestones', to=s('decay_milestones', _tuple), type=int, nargs='+', metavar='EPOCH',
+          help='epochs to decay the lr at (multistep)')
+    _flag(p, g, '--decay-epochs', to=s('decay_epochs'), type=float,
+          help='epochs between decays (step; default 90), decay length of wsd / rsqrt (default 0.2 of the schedule)')
     _flag(p, g, '--warmup-epochs', to=s('warmup_epochs'), type=int, help='linear warmup epochs (inside --epochs)')
-    _flag(p, g, '--warmup-prefix', to=s('warmup_prefix'), action='store_true', help='warmup before the cosine')
+    _flag(p, g, '--warmup-prefix', to=s('warmup_prefix'), action='store_true', help='warmup before the schedule')
     _flag(p, g, '--cooldown-epochs', to=s('cooldown_epochs'), type=int, help='epochs at --min-lr after the schedule')
+    _flag(p, g, '--patience-epochs', to=s('patience_epochs'), type=int, help='plateau patience')
+    _flag(p, g, '--decay-rate', '--dr', to=s('decay_rate'), type=float,
+          help='lr decay rate (step, multistep, plateau), power (poly)')
 
 
 def _grayscale(v):

@@ -21,7 +21,8 @@ from loaders.config import DatasetConfig, EvalLoaderConfig, TrainLoaderConfig
 from naflex.model import ATTN_BACKENDS, DEFAULT_MODEL, NaFlexVitCfg, get_config
 
 CLIP_MODES = ('norm', 'value', 'agc')  # timm.utils.dispatch_clip_grad's modes
-SCHEDULES = ('cosine', 'constant', 'none')
+# timm.scheduler.create_scheduler_v2's names (timm 1.0.31; tests/test_schedule.py checks the list against timm)
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'constant', 'none')
 LOSS_SCALES = ('none', 'sqrt', 'linear')
 EVAL_METRICS = ('top1', 'top5', 'loss')
 AMP_DTYPES = ('float16', 'bfloat16')
@@ -204,27 +205,46 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate schedule (naflex.train.schedule): warmup inside ``epochs``, cosine to ``min_lr``."""
+    """Learning-rate schedule: timm's schedulers and flags (naflex.train.schedule builds them with timm's
+    create_scheduler_v2). Field names are create_scheduler_v2's; the comments name the flags."""
     sched: str = 'cosine'                               # --sched
     on_updates: bool = False                            # --sched-on-updates
     warmup_lr: float = 1e-5                             # --warmup-lr
     min_lr: float = 0.0                                 # --min-lr
     epochs: int = 300                                   # --epochs
+    start_epoch: Optional[int] = None                   # --start-epoch (overrides the epoch a --resume gives)
     warmup_epochs: int = 5                              # --warmup-epochs
     warmup_prefix: bool = False                         # --warmup-prefix
     cooldown_epochs: int = 0                            # --cooldown-epochs
-
-    @property
-    def total_epochs(self) -> int:
-        return self.epochs + (self.warmup_epochs if self.warmup_prefix else 0) + self.cooldown_epochs
+    # None: timm's factory default, 90 epochs for step, 0.2 of the schedule for wsd / rsqrt
+    decay_epochs: Optional[float] = None                # --decay-epochs
+    decay_milestones: Tuple[int, ...] = (90, 180, 270)  # --decay-milestones
+    decay_rate: float = 0.1                             # --decay-rate / --dr
+    patience_epochs: int = 10                           # --patience-epochs
+    noise: Optional[Tuple[float, ...]] = None           # --lr-noise
+    noise_pct: float = 0.67                             # --lr-noise-pct
+    noise_std: float = 1.0                              # --lr-noise-std
+    cycle_mul: float = 1.0                              # --lr-cycle-mul
+    cycle_decay: float = 0.5                            # --lr-cycle-decay
+    cycle_limit: int = 1                                # --lr-cycle-limit
+    k_decay: float = 1.0                                # --lr-k-decay
+    decay_fn: Optional[str] = None                      # --lr-decay-fn (wsd / rsqrt)
+    stable_timescale: Optional[float] = None            # --lr-stable-timescale (rsqrt)
 
     def validate(self, name: Namer = None) -> None:
+        from .schedule import schedule_problems  # timm's factory decides what is valid
         p = Problems(name)
-        p.need(self.sched in SCHEDULES, 'sched', f'must be one of {", ".join(SCHEDULES)}')
+        p.need(self.sched in SCHEDULERS, 'sched', f'{self.sched} is not a timm scheduler; valid: {", ".join(SCHEDULERS)}')
         p.need(self.epochs >= 1, 'epochs', 'must be >= 1')
         p.need(self.warmup_epochs >= 0 and self.cooldown_epochs >= 0, 'warmup_epochs',
                f'and {p.name("cooldown_epochs")} must be >= 0')
+        p.need(self.start_epoch is None or self.start_epoch >= 0, 'start_epoch', 'must be >= 0')
         p.need(not (self.sched == 'none' and self.on_updates), 'on_updates', f'has no effect with {p.name("sched")} none')
+        p.need(not (self.sched == 'plateau' and self.on_updates), 'on_updates',
+               f'does not apply to {p.name("sched")} plateau: timm steps it once per epoch, with the eval metric')
+        p.need(self.noise is None or len(self.noise) in (1, 2), 'noise', 'takes one or two fractions of the schedule')
+        if not p.items:
+            p.items.extend(schedule_problems(self, p.name))
         p.raise_any()
 
 

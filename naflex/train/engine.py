@@ -5,7 +5,8 @@ A step takes a device batch (packed tokens by default -- NaViT's "patch n' pack"
 timm's padded layout), runs the model under autocast, computes the loss (soft-target cross-entropy when the
 loader produced MixUp/CutMix soft targets, label-smoothing cross-entropy for class indices), scales it and
 back-propagates; every ``grad_accum_steps`` micro-batches the optimizer updates (timm's gradient clipping, fp16
-GradScaler), the EMA follows and the per-update lr schedule advances.
+GradScaler), the EMA follows and the lr schedule advances as in timm's train.py (per update, and per epoch after
+evaluation with the metric).
 
 Loss scaling follows timm's ``train.py --naflex-loader``: a step with ``b`` images at sequence length L is
 weighted by ``(b / -b)`` (``linear``), its square root (``sqrt``) or 1 (``none``); with several ranks each
@@ -142,7 +143,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.module, step=state.num_updates)
         if self.schedule is not None:
-            self.schedule.step_update(state.num_updates)
+            self.schedule.step_update(state.num_updates)  # timm also passes the running loss, which none reads
 
     def begin_epoch(self, state: TrainState) -> None:
         """Pin the model's RNG stream (dropout, drop-path) once the epoch's first batch is there (starting
@@ -277,15 +278,16 @@ def fit(trainer: Trainer, train_loader, to_device: Callable, state: TrainState, 
         train_loader.set_start_step(state.step)
         train = train_one_epoch(trainer, to_device(train_loader), len(train_loader), state, save_recovery, writer)
         state.epoch, state.step = epoch + 1, 0
-        if trainer.schedule is not None:
-            trainer.schedule.step(epoch + 1)
         row = {'epoch': epoch, 'train_loss': train['loss'], 'eval_loss': None, 'eval_top1': None, 'eval_top5': None}
         if trainer.ema is not None:
             row.update(ema_loss=None, ema_top1=None, ema_top5=None)
         metric = None
-        if evaluate_fn is not None and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == total_epochs):
+        due = (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == total_epochs
+        if evaluate_fn is not None and due:
             row.update(_evaluate(trainer, evaluate_fn, epoch))
             metric = row.pop('metric')
+        if trainer.schedule is not None:  # as timm: the eval metric (the train loss without evaluation), or none
+            trainer.schedule.step(epoch + 1, (metric if evaluate_fn is not None else train['loss']) if due else None)
         row.update({k: train[k] for k in ('lr', 'images_per_s', 'tokens_per_s', 'data_wait')})
         row.update(train_images=int(train['images']), train_tokens=int(train['tokens']), bad_files=train['bad_files'])
         if writer is not None:
