@@ -249,6 +249,12 @@ def _aug_flags(p: _Parser) -> None:
     _flag(p, g, '--mixup-switch-prob', to=x('switch_prob'), type=float, help='cutmix instead of mixup probability')
     _flag(p, g, '--mixup-off-epoch', to=x('off_epoch'), type=int, help='turn mixup off from this epoch (0 = never)')
     _flag(p, g, '--smoothing', to=[('train', 'smoothing'), x('smoothing')], type=float, help='label smoothing')
+    _flag(p, g, '--bce-loss', to=('train', 'bce_loss'), action='store_true',
+          help="binary cross-entropy (timm's BinaryCrossEntropy) instead of cross-entropy")
+    _flag(p, g, '--bce-sum', to=('train', 'bce_sum'), action='store_true', help='BCE: sum over classes')
+    _flag(p, g, '--bce-target-thresh', to=('train', 'bce_target_thresh'), type=float,
+          help='BCE: binarize the (soft) targets above this')
+    _flag(p, g, '--bce-pos-weight', to=('train', 'bce_pos_weight'), type=float, help='BCE: weight of positives')
     _flag(p, g, '--train-interpolation', to=a('interpolation'), metavar='|'.join(INTERPOLATIONS),
           help='training resize interpolation')
     _flag(p, g, '--no-jpeg-draft', to=a('draft', _not), default=False, action='store_true',

@@ -276,10 +276,17 @@ class TrainConfig:
     recovery_interval: int = 0                          # --recovery-interval (updates; 0 = off)
     checkpoint_hist: int = 10                           # --checkpoint-hist
     eval_metric: str = 'top1'                           # --eval-metric
+    bce_loss: bool = False                              # --bce-loss (timm.loss.BinaryCrossEntropy)
+    bce_sum: bool = False                               # --bce-sum
+    bce_target_thresh: Optional[float] = None           # --bce-target-thresh
+    bce_pos_weight: Optional[float] = None              # --bce-pos-weight
 
     def validate(self, name: Namer = None) -> None:
         p = Problems(name)
         p.need(self.device.split(':')[0] in ('cuda', 'cpu'), 'device', f"{self.device}: use 'cuda' or 'cpu'")
+        for bce in ('bce_sum', 'bce_target_thresh', 'bce_pos_weight'):
+            p.need(self.bce_loss or getattr(self, bce) in (None, False), bce,
+                   f'has no effect without {p.name("bce_loss")}')
         p.need(self.amp_dtype in AMP_DTYPES, 'amp_dtype', f'must be one of {", ".join(AMP_DTYPES)}')
         p.need(self.grad_accum_steps >= 1, 'grad_accum_steps', 'must be >= 1')
         p.need(self.loss_scale in LOSS_SCALES, 'loss_scale', f'must be one of {", ".join(LOSS_SCALES)}')

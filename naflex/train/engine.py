@@ -3,10 +3,10 @@ with evaluation and checkpoints.
 
 A step takes a device batch (packed tokens by default -- NaViT's "patch n' pack", arXiv:2307.06304 -- or
 timm's padded layout), runs the model under autocast, computes the loss (soft-target cross-entropy when the
-loader produced MixUp/CutMix soft targets, label-smoothing cross-entropy for class indices), scales it and
-back-propagates; every ``grad_accum_steps`` micro-batches the optimizer updates (timm's gradient clipping, fp16
-GradScaler), the EMA follows and the lr schedule advances as in timm's train.py (per update, and per epoch after
-evaluation with the metric).
+loader produced MixUp/CutMix soft targets, label-smoothing cross-entropy for class indices; timm's
+BinaryCrossEntropy with --bce-loss), scales it and back-propagates; every ``grad_accum_steps`` micro-batches the
+optimizer updates (timm's gradient clipping, fp16 GradScaler), the EMA follows and the lr schedule advances as in
+timm's train.py (per update, and per epoch after evaluation with the metric).
 
 Loss scaling follows timm's ``train.py --naflex-loader``: a step with ``b`` images at sequence length L is
 weighted by ``(b / -b)`` (``linear``), its square root (``sqrt``) or 1 (``none``); with several ranks each
@@ -47,7 +47,7 @@ from .optim import clip_gradients
 _logger = logging.getLogger('train')
 
 __all__ = ['NonFiniteLossError', 'StopRequested', 'TrainState', 'Trainer', 'classification_loss', 'fit',
-           'loss_weight', 'seed_everything', 'train_one_epoch']
+           'loss_weight', 'make_loss', 'seed_everything', 'train_one_epoch']
 
 
 def classification_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
@@ -57,6 +57,25 @@ def classification_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: f
     if target.is_floating_point():
         return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
     return F.cross_entropy(logits, target, label_smoothing=smoothing)
+
+
+def make_loss(cfg: TrainConfig, device=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """timm train.py's training loss for these flags, ``loss(logits, target)``. With --bce-loss: timm's
+    BinaryCrossEntropy for MixUp/CutMix targets, and for class indices when --smoothing > 0 (one-hot smoothed);
+    class indices without smoothing keep plain cross-entropy, as in timm. Otherwise ``classification_loss``."""
+    if not cfg.bce_loss:
+        return lambda logits, target: classification_loss(logits, target, cfg.smoothing)
+    from timm.loss import BinaryCrossEntropy
+    kw = dict(target_threshold=cfg.bce_target_thresh, sum_classes=cfg.bce_sum, pos_weight=cfg.bce_pos_weight)
+    soft = BinaryCrossEntropy(**kw).to(device)  # MixUp targets come smoothed already
+    hard = BinaryCrossEntropy(smoothing=cfg.smoothing, **kw).to(device) if cfg.smoothing else None
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if target.is_floating_point():
+            return soft(logits, target)
+        return hard(logits, target) if hard is not None else F.cross_entropy(logits, target)
+    return loss
 
 
 def loss_weight(batch_size: int, reference: float, mode: str) -> float:
@@ -92,6 +111,7 @@ class Trainer:
         self.callbacks = Callbacks(callbacks)
         self.amp_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}[cfg.amp_dtype] if cfg.amp else None
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.loss_fn = make_loss(cfg, self.device)
         self.history: List[Dict] = []  # recent logged (epoch, step, loss) points (tests / analysis)
         self.update_lr = self.lr  # the lr the latest update used (logged like timm: before the schedule steps)
 
@@ -118,7 +138,7 @@ class Trainer:
         with self.model.no_sync() if distributed and not update else contextlib.nullcontext():
             with self.autocast():
                 logits = self.model(inputs)
-            loss = classification_loss(logits, target, self.cfg.smoothing)
+            loss = self.loss_fn(logits, target)
             scaled = loss * weight
             if self.world_size > 1:  # DDP averages over ranks; re-weight so every image counts the same
                 global_images = D.all_reduce_sum(torch.full((), float(images), device=self.device))
