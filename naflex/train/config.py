@@ -234,7 +234,8 @@ class ScheduleConfig:
     def validate(self, name: Namer = None) -> None:
         from .schedule import schedule_problems  # timm's factory decides what is valid
         p = Problems(name)
-        p.need(self.sched in SCHEDULERS, 'sched', f'{self.sched} is not a timm scheduler; valid: {", ".join(SCHEDULERS)}')
+        p.need(self.sched in SCHEDULERS, 'sched',
+               f'{self.sched} is not a timm scheduler; valid: {", ".join(SCHEDULERS)}')
         p.need(self.epochs >= 1, 'epochs', 'must be >= 1')
         p.need(self.warmup_epochs >= 0 and self.cooldown_epochs >= 0, 'warmup_epochs',
                f'and {p.name("cooldown_epochs")} must be >= 0')

@@ -15,9 +15,9 @@ image equally however the images split across ranks.
 
 No host syncs happen between log steps in fp32 and bf16 (naflex.train.metrics keeps the sums on the device); in fp16
 the GradScaler reads its inf/NaN flag on the host once per update unless the optimizer is a fused kernel that takes
-it on the device (adam, adamw, sgd, momentum; not timm's NAdamW): tests/test_fake_cuda.py counts each case. Exact resume: each
-epoch's RNG stream (dropout, drop-path) is seeded from (seed, rank, epoch) once its first batch has arrived,
-and a mid-epoch checkpoint carries every rank's RNG state, so a run stopped and resumed repeats an
+it on the device (adam, adamw, sgd, momentum; not timm's NAdamW): tests/test_fake_cuda.py counts each case. Exact
+resume: each epoch's RNG stream (dropout, drop-path) is seeded from (seed, rank, epoch) once its first batch has
+arrived, and a mid-epoch checkpoint carries every rank's RNG state, so a run stopped and resumed repeats an
 uninterrupted run bit for bit on the same hardware (tests/test_train.py).
 """
 from __future__ import annotations
