@@ -61,22 +61,30 @@ def _resume_checkpoint(cfg, out_dir: Path):
 
 
 def _resume(trainer, cfg, resume, ckpt, updates_per_epoch: int, steps_per_epoch: int, used_args: dict):
-    """The state to start from: a fresh one, or what the ``--resume`` checkpoint restores. The flags of this
-    command apply (``used_args``, what args.yaml records); those that differ from the checkpoint's are logged."""
+    """The state to start from: a fresh one, or what the ``--resume`` checkpoint restores, or the start of
+    ``--start-epoch`` (which wins, as in timm). The flags of this command apply (``used_args``, what args.yaml
+    records); those that differ from the checkpoint's are logged."""
     from naflex.train.build import UserError
     from naflex.train.checkpoint import TrainState, restore_training
     from naflex.train.cli import changed_flags
-    if ckpt is None:
-        return TrainState()
-    try:
-        state = restore_training(trainer, ckpt, cfg.run.resume_opt, updates_per_epoch, steps_per_epoch)
-    except ValueError as e:
-        raise UserError(f'--resume {resume}: {e}') from None
-    _logger.info(f'resumed from {resume}: epoch {state.epoch}, step {state.step}, update {state.num_updates}')
-    changed = changed_flags(ckpt.get('args'), used_args)
-    if changed:
-        _logger.warning(f'--resume: these flags differ from the checkpoint\'s run and apply from update '
-                        f'{state.num_updates} on: {", ".join(changed)}')
+    from naflex.train.schedule import restore_schedule
+    state = TrainState()
+    if ckpt is not None:
+        try:
+            state = restore_training(trainer, ckpt, cfg.run.resume_opt, updates_per_epoch, steps_per_epoch,
+                                     opt=cfg.optim.opt)
+        except ValueError as e:
+            raise UserError(f'--resume {resume}: {e}') from None
+        _logger.info(f'resumed from {resume}: epoch {state.epoch}, step {state.step}, update {state.num_updates}')
+        changed = changed_flags(ckpt.get('args'), used_args)
+        if changed:
+            _logger.warning(f'--resume: these flags differ from the checkpoint\'s run and apply from update '
+                            f'{state.num_updates} on: {", ".join(changed)}')
+    start = cfg.sched.start_epoch
+    if start is not None:
+        state = TrainState(epoch=start, num_updates=start * updates_per_epoch)
+        restore_schedule(trainer.schedule, (ckpt or {}).get('scheduler'), state.epoch, state.num_updates)
+        _logger.info(f'--start-epoch {start}: starting at epoch {start}, update {state.num_updates}')
     return state
 
 
@@ -84,11 +92,13 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     """Optimizer, schedule, EMA, compile / DDP wrappers around ``model`` (already on the device)."""
     from torch.nn.parallel import DistributedDataParallel
 
+    from naflex.train.build import UserError
     from naflex.train.compiling import CompileReport, compile_model
     from naflex.train.engine import Trainer
     from naflex.train.optim import ModelEma, create_optimizer
-    from naflex.train.schedule import create_schedule
+    from naflex.train.schedule import create_schedule, schedule_problem
     optimizer = create_optimizer(model, cfg.optim, lr)
+    _logger.info(f'optimizer {type(optimizer).__name__} (--opt {cfg.optim.opt}): {dict(optimizer.defaults)}')
     ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
     run_model, callbacks = model, [hooks]
     if cfg.model.torchcompile:
@@ -97,7 +107,13 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     if dist.distributed:
         run_model = DistributedDataParallel(run_model, device_ids=[dist.device] if dist.device.type == 'cuda'
                                             else None)
-    schedule, total_epochs = create_schedule(cfg.sched, optimizer, updates_per_epoch)
+    evaluates = bool(cfg.data.val_split)  # timm: without evaluation, plateau watches the (falling) train loss
+    try:
+        schedule, total_epochs = create_schedule(cfg.sched, optimizer, updates_per_epoch, seed=cfg.train.seed,
+                                                 decreasing_metric=not evaluates or cfg.train.eval_metric == 'loss')
+    except ValueError as e:  # per-update settings timm's factory rejects for this run's updates per epoch
+        raise UserError(f'{schedule_problem(cfg.sched, e, lambda f: "--" + f)} ({updates_per_epoch} updates per '
+                        'epoch)') from None
     trainer = Trainer(run_model, optimizer, cfg.train, batch_size_reference=cfg.loader.batch_size,
                       device=dist.device, schedule=schedule, ema=ema, clip_grad=cfg.optim.clip_grad,
                       clip_mode=cfg.optim.clip_mode, world_size=dist.world_size, rank=dist.rank,
@@ -106,7 +122,7 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
             optimizer, '_step_supports_amp_scaling', False):
         _logger.info(f'--amp-dtype float16 with --opt {cfg.optim.opt}: the loss scaler reads its inf/NaN check on '
                      'the host at every update (one device sync per update); bfloat16 needs no scaler, and the fused '
-                     'adamw / sgd / momentum kernels take the check on the device')
+                     'adam / adamw / sgd / momentum kernels take the check on the device')
     return trainer, total_epochs
 
 

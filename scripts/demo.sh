@@ -2,8 +2,8 @@
 # Quick start: install, generate the embedded demo dataset, train a tiny NaFlexViT, validate it.
 #   bash scripts/demo.sh                 (CPU, or the GPU when one is present)
 # Runtime: ~30 s on 2 quiet CPU cores after the install (first run: + ~75 s pip install of torch etc.).
-# Measured (2026-12-02, 2 CPU cores, fresh clone): 10-class demo set (chance 10%), 15 epochs in 26 s ->
-# last epoch 76.5% top-1 at seq len 64, 76.0% at 144 (best epoch 80.5%); the same over reruns (seeded).
+# Measured (2026-12-06, 2 CPU cores): 10-class demo set (chance 10%), 15 epochs in 25 s ->
+# last epoch 77.0% top-1 at seq len 64, 76.5% at 144 (best epoch 80.5%); the same over reruns (seeded).
 # Knobs (environment): NAFLEX_VENV (default .venv), DEMO_EPOCHS (15), DEMO_DEVICE (cuda if available, else cpu),
 # DEMO_DATA (demo_data), DEMO_OUTPUT (output/demo).
 set -euo pipefail

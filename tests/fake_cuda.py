@@ -39,9 +39,14 @@ ARG_ATTRS = ('shape', 'dtype', 'device', 'contiguous')
 @contextlib.contextmanager
 def fake_cuda():
     """Fake-tensor mode in which CUDA tensors can be made and CUDA autocast / GradScaler are on. Yields the mode
-    (``allow_non_fake_inputs`` starts True so real CPU tensors can be moved in; set it False around a step)."""
+    (``allow_non_fake_inputs`` starts True so real CPU tensors can be moved in; set it False around a step).
+    timm's foreach optimizers size their chunks from the device's L2 cache, a driver query: it answers an H100's
+    50 MiB."""
+    from timm.optim import _helpers as timm_optim_helpers
+    l2_cache = {torch.device('cuda', 0): 50 << 20, torch.device('cuda'): 50 << 20}
     with mock.patch('torch.cuda.amp.common.amp_definitely_not_available', lambda: False), \
             mock.patch('torch.cuda.is_bf16_supported', lambda *a, **k: True), \
+            mock.patch.dict(timm_optim_helpers._L2_CACHE_SIZE, l2_cache), \
             FakeTensorMode(allow_non_fake_inputs=True) as mode:
         yield mode
 

@@ -129,29 +129,45 @@ def test_unwrap_compiled_and_ddp_like():
 
 
 def test_resume_timm_checkpoint_state():
-    """A timm train.py checkpoint (no train_state, timm NAdamW state) resumes at epoch+1; its optimizer state
-    does not fit torch's NAdam, which is one clear error unless --no-resume-opt."""
-    from timm.optim.nadamw import NAdamW
+    """A timm train.py checkpoint (no train_state, args a Namespace, timm NAdamW state) resumes at epoch+1 with its
+    optimizer state; a checkpoint of another --opt is one clear error unless --no-resume-opt."""
+    import argparse
+
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
 
     from naflex.train.checkpoint import restore_training
-    from naflex.train.config import TrainConfig
+    from naflex.train.config import OptimConfig, ScheduleConfig, TrainConfig
     from naflex.train.engine import Trainer
-    from naflex.train.schedule import WarmupCosineSchedule
+    from naflex.train.optim import create_optimizer
+    from naflex.train.schedule import create_schedule
     model = naflex.create_model('naflexvit_tiny_test', num_classes=4)
-    timm_opt = NAdamW(model.parameters(), lr=1e-3)
+    timm_opt = create_optimizer_v2(model, opt='nadamw', lr=1e-3, weight_decay=0.05)
     model(torch.randn(1, 3, 32, 32)).sum().backward()
     timm_opt.step()
-    ckpt = {'state_dict': model.state_dict(), 'epoch': 2, 'optimizer': timm_opt.state_dict(), 'version': 2}
+    ckpt = {'state_dict': model.state_dict(), 'epoch': 2, 'optimizer': timm_opt.state_dict(), 'version': 2,
+            'args': argparse.Namespace(opt='nadamw', model='naflexvit_base_patch16_gap')}
     other = naflex.create_model('naflexvit_tiny_test', num_classes=4)
-    opt = torch.optim.NAdam(other.parameters(), lr=1e-3, decoupled_weight_decay=True)
-    sched = WarmupCosineSchedule(opt, epochs=10, updates_per_epoch=5, on_updates=True, warmup_epochs=1)
+    opt = create_optimizer(other, OptimConfig(opt='nadamw', lr=1e-3, weight_decay=0.05))
+    sched_cfg = ScheduleConfig(epochs=10, warmup_epochs=1, on_updates=True)
+    sched, _ = create_schedule(sched_cfg, opt, updates_per_epoch=5)
     eng = Trainer(other, opt, TrainConfig(device='cpu'), batch_size_reference=1, schedule=sched)
-    with pytest.raises(ValueError, match='--no-resume-opt'):
-        restore_training(eng, ckpt, updates_per_epoch=5)
-    state = restore_training(eng, ckpt, load_optimizer=False, updates_per_epoch=5)
+    with pytest.raises(ValueError, match="is --opt nadamw's, this run uses --opt sgd; pass --no-resume-opt"):
+        restore_training(eng, ckpt, updates_per_epoch=5, opt='sgd')
+    state = restore_training(eng, ckpt, updates_per_epoch=5, opt='NAdamW')
     assert (state.epoch, state.step, state.num_updates) == (3, 0, 15)
-    assert opt.param_groups[0]['lr'] == pytest.approx(sched.lr_at(15, 1e-3))
+    for p_ours, p_timm in zip(other.parameters(), model.parameters()):
+        for key in ('exp_avg', 'exp_avg_sq', 'step'):
+            assert torch.equal(opt.state[p_ours][key], timm_opt.state[p_timm][key]), key
+    ref_opt = create_optimizer_v2(naflex.create_model('naflexvit_tiny_test', num_classes=4), opt='nadamw', lr=1e-3,
+                                  weight_decay=0.05)
+    ref, _ = create_scheduler_v2(ref_opt, sched='cosine', num_epochs=10, warmup_epochs=1, step_on_epochs=False,
+                                 updates_per_epoch=5)
+    ref.step_update(15)
+    assert [g['lr'] for g in opt.param_groups] == [g['lr'] for g in ref_opt.param_groups]
     assert torch.equal(other.head.weight, model.head.weight)
+    state = restore_training(eng, ckpt, load_optimizer=False, updates_per_epoch=5, opt='sgd')
+    assert state.epoch == 3
     with pytest.raises(ValueError, match='does not fit the model'):
         restore_training(Trainer(naflex.create_model('naflexvit_tiny_test', num_classes=3), opt,
                                  TrainConfig(device='cpu'), batch_size_reference=1), ckpt, load_optimizer=False)

@@ -211,7 +211,7 @@ def test_augmentation_values_checked_before_the_run(demo_dataset, tmp_path, extr
                                                                 'mode; valid: default, '),
     (['--torchcompile-mode', 'max-autotune'], '--torchcompile-mode has no effect without --torchcompile'),
     (['--seed', '-1'], '--seed must be in [0, 2**32)'),
-    (['--opt', 'adamw', '--opt-betas', '0.9', '1.5'], '--opt-betas takes two values in [0, 1)'),
+    (['--opt', 'adamw', '--opt-betas', '0.9', '1.5'], '--opt-betas takes values in [0, 1)'),
     (['--momentum', '-1'], '--momentum must be >= 0'),
     (['--std', '0', '0', '0'], '--std must be > 0'),
 ])

@@ -7,20 +7,24 @@ from naflex.train.cli import ConfigError, build_parser, parse_args
 
 # Changing the CLI is a deliberate act: update this list (and the README) in the same commit.
 FROZEN_FLAGS = [
-    '--aa', '--amp', '--amp-dtype', '--attn-backend', '--batch-size', '--checkpoint-hist', '--clip-grad',
-    '--class-map', '--clip-mode', '--color-jitter', '--config', '--cooldown-epochs', '--cutmix', '--data-dir', '--dataset',
-    '--device', '--drop', '--drop-path', '--epochs', '--eval-metric', '--exif-orientation', '--experiment', '--gp',
-    '--grad-accum-steps', '--grad-checkpointing', '--grayscale-prob', '--help', '--hflip', '--initial-checkpoint',
-    '--layer-decay', '--layer-decay-min-scale', '--log-interval', '--log-wandb', '--lr', '--lr-base',
-    '--lr-base-scale', '--lr-base-size', '--mean', '--min-lr', '--mixup', '--mixup-off-epoch', '--mixup-prob',
+    '--aa', '--amp', '--amp-dtype', '--attn-backend', '--batch-size', '--bce-loss', '--bce-pos-weight', '--bce-sum',
+    '--bce-target-thresh', '--checkpoint-hist', '--class-map', '--clip-grad', '--clip-mode', '--color-jitter',
+    '--config', '--cooldown-epochs', '--cutmix', '--data-dir', '--dataset', '--decay-epochs', '--decay-milestones',
+    '--decay-rate', '--device', '--dr', '--drop', '--drop-path', '--epochs', '--eval-metric', '--exif-orientation',
+    '--experiment', '--gp', '--grad-accum-steps', '--grad-checkpointing', '--grayscale-prob', '--help', '--hflip',
+    '--initial-checkpoint', '--layer-decay', '--layer-decay-min-scale', '--layer-decay-no-opt-scale',
+    '--log-interval', '--log-wandb', '--lr', '--lr-base', '--lr-base-scale', '--lr-base-size', '--lr-cycle-decay',
+    '--lr-cycle-limit', '--lr-cycle-mul', '--lr-decay-fn', '--lr-k-decay', '--lr-noise', '--lr-noise-pct',
+    '--lr-noise-std', '--lr-stable-timescale', '--mean', '--min-lr', '--mixup', '--mixup-off-epoch', '--mixup-prob',
     '--mixup-switch-prob', '--model', '--model-ema', '--model-ema-decay', '--model-ema-warmup', '--model-kwargs',
     '--momentum', '--naflex-loader', '--naflex-loss-scale', '--naflex-max-seq-len', '--naflex-patch-size-probs',
     '--naflex-patch-sizes', '--naflex-train-seq-lens', '--no-jpeg-draft', '--no-naflex-packing', '--no-resume-opt',
-    '--num-classes', '--opt', '--opt-betas', '--opt-eps', '--output', '--pin-mem', '--pretrained',
-    '--pretrained-path', '--ratio', '--recount', '--recovery-interval', '--remode', '--reprob', '--resume', '--scale',
-    '--sched', '--sched-on-updates', '--seed', '--smoothing', '--std', '--torchcompile', '--torchcompile-mode',
-    '--train-interpolation', '--train-split', '--val-interval', '--val-split', '--validation-batch-size', '--vflip',
-    '--wandb-project', '--warmup-epochs', '--warmup-lr', '--warmup-prefix', '--weight-decay', '--workers',
+    '--num-classes', '--opt', '--opt-betas', '--opt-eps', '--opt-kwargs', '--output', '--patience-epochs',
+    '--pin-mem', '--pretrained', '--pretrained-path', '--ratio', '--recount', '--recovery-interval', '--remode',
+    '--reprob', '--resume', '--scale', '--sched', '--sched-on-updates', '--seed', '--smoothing', '--start-epoch',
+    '--std', '--torchcompile', '--torchcompile-mode', '--train-interpolation', '--train-split', '--val-interval',
+    '--val-split', '--validation-batch-size', '--vflip', '--wandb-project', '--warmup-epochs', '--warmup-lr',
+    '--warmup-prefix', '--weight-decay', '--workers',
 ]
 
 CARD = ('--data-dir /data/imagenet/ --amp --amp-dtype bfloat16 --model naflexvit_base_patch16_gap --naflex-loader '
@@ -69,6 +73,17 @@ def test_card_command_and_timm_defaults():
     assert (args.naflex_max_seq_len, args.checkpoint_hist, args.seed, args.log_interval) == (576, 10, 42, 50)
     assert args.naflex_train_seq_lens == [128, 256, 576, 784, 1024] and args.naflex_loss_scale == 'linear'
     assert (args.model_ema_decay, args.cooldown_epochs, args.eval_metric) == (0.9998, 0, 'top1')
+    # timm's optimizer, schedule and loss flags it leaves to their defaults
+    assert (args.opt_eps, args.opt_betas, args.momentum, args.opt_kwargs) == (None, None, 0.9, {})
+    assert args.clip_mode == 'norm'
+    assert (args.layer_decay, args.layer_decay_min_scale, args.layer_decay_no_opt_scale) == (None, 0, None)
+    assert (args.decay_milestones, args.decay_rate, args.patience_epochs, args.start_epoch) == ([90, 180, 270], 0.1,
+                                                                                                  10, None)
+    assert (args.lr_noise, args.lr_noise_pct, args.lr_noise_std) == (None, 0.67, 1.0)
+    assert (args.lr_cycle_mul, args.lr_cycle_decay, args.lr_cycle_limit, args.lr_k_decay) == (1.0, 0.5, 1, 1.0)
+    assert (args.bce_loss, args.bce_sum, args.bce_target_thresh, args.bce_pos_weight) == (False, False, None, None)
+    # timm 1.0.31's factory: None = 90 epochs for step (timm 1.0.29's train.py default), 0.2 of the schedule for wsd
+    assert (args.decay_epochs, args.lr_decay_fn, args.lr_stable_timescale) == (None, None, None)
     assert yaml.safe_load(text)['opt'] == 'nadamw'
 
 
@@ -94,9 +109,17 @@ def test_bad_yaml(tmp_path, content, match):
 @pytest.mark.parametrize('extra,match', [
     (['--resume', 'a.pth', '--initial-checkpoint', 'b.pth'], '--resume restores the full training state'),
     (['--min-lr', '1e-2'], '--min-lr 0.01 is above --lr 0.0003'),
-    (['--opt', 'lamb'], '--opt lamb is not supported'),
+    (['--opt', 'lamb2'], '--opt lamb2 is not a timm optimizer; valid: adabelief,'),
+    (['--opt', 'adamw', '--opt-kwargs', 'lr=1'], '--opt-kwargs lr: set with --lr'),
+    (['--opt', 'adamw', '--opt-kwargs', 'nesterov=True'], "--opt adamw rejects these settings: AdamW.__init__() got an "
+                                                          "unexpected keyword argument 'nesterov'"),
+    (['--opt', 'adahessian'], '--opt adahessian needs a second backward pass'),
+    (['--opt', 'bnbadamw'], '--opt bnbadamw needs the bitsandbytes package'),
+    (['--sched', 'bogus'], "invalid choice: 'bogus' (choose from 'cosine', 'tanh', 'step', 'multistep', 'plateau'"),
+    (['--sched', 'plateau', '--sched-on-updates'], '--sched-on-updates does not apply to --sched plateau'),
+    (['--bce-sum'], '--bce-sum has no effect without --bce-loss'),
     (['--naflex-patch-size-probs', '0.5', '0.5'], 'needs --naflex-patch-sizes'),
-    (['--opt-betas', '0.9'], 'two values'),
+    (['--opt-betas', '0.9'], '--opt-betas takes 2 values for nadamw, got 1'),
     (['--device', 'tpu'], "use 'cuda' or 'cpu'"),
     (['--attn-backend', 'foo'], "invalid choice: 'foo'"),
     (['--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
@@ -177,6 +200,19 @@ def test_out_of_memory_advice(demo_dataset, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'out of GPU memory with -b 2 x longest sequence 16 = 32 tokens per step' in err[0]
     assert 'lower -b (e.g. -b 1)' in err[0] and 'drop 16 from --naflex-train-seq-lens' in err[0]
+
+
+def test_schedule_settings_timm_rejects(demo_dataset, tmp_path, capsys):
+    """What timm's factory rejects is one error line: checked with the flags for a schedule stepped per epoch, once
+    the run knows its updates per epoch for one stepped per update (nothing written either way)."""
+    with pytest.raises(ConfigError, match='--sched wsd: wsd schedule requires 0 < decay_epochs <= epochs - '):
+        parse_args(['--data-dir', 'x', '--sched', 'wsd', '--decay-epochs', '400'])
+    with pytest.raises(ConfigError, match=r"--sched wsd: Invalid decay_fn \(bogus\)"):
+        parse_args(['--data-dir', 'x', '--sched', 'wsd', '--lr-decay-fn', 'bogus'])
+    msg = _main_error(_tiny(demo_dataset, tmp_path / 'out', '--sched', 'wsd', '--sched-on-updates', '--epochs', '3',
+                            '--warmup-epochs', '1', '--decay-epochs', '0.01', '-b', '4'), capsys)
+    assert '--sched wsd: wsd schedule requires 0 < decay_epochs' in msg and 'updates per epoch)' in msg
+    assert not (tmp_path / 'out').exists()
 
 
 def test_saved_args_yaml_reloads_as_config(tmp_path):

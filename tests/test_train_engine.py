@@ -1,15 +1,16 @@
-"""Engine step semantics on synthetic packed batches: losses, timm's NaFlex loss scale, gradient accumulation,
-fp16 GradScaler, EMA, clipping, and the no-host-sync rule between log steps."""
+"""Engine step semantics on synthetic packed batches: losses (timm's, --bce-loss too), timm's NaFlex loss scale,
+gradient accumulation, fp16 GradScaler, EMA, clipping, and the no-host-sync rule between log steps."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import naflex
 from naflex.train.config import TrainConfig
-from naflex.train.engine import TrainState, Trainer, classification_loss, loss_weight, train_one_epoch
+from naflex.train.engine import (TrainState, Trainer, classification_loss, loss_weight, make_loss,
+                                 train_one_epoch)
 from naflex.train.optim import ModelEma
 from test_ddp import GRIDS, make_packed, take
 
@@ -21,6 +22,62 @@ def test_losses_match_timm():
     torch.testing.assert_close(classification_loss(logits, hard, 0.1), LabelSmoothingCrossEntropy(0.1)(logits, hard))
     torch.testing.assert_close(classification_loss(logits, soft, 0.1), SoftTargetCrossEntropy()(logits, soft))
     torch.testing.assert_close(classification_loss(logits, hard, 0.0), F.cross_entropy(logits, hard))
+
+
+def _timm_train_loss(args, mixup_active):
+    """timm train.py's choice of the training loss for these flags."""
+    bce = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
+    if mixup_active:
+        return BinaryCrossEntropy(**bce) if args.bce_loss else SoftTargetCrossEntropy()
+    if args.smoothing:
+        return BinaryCrossEntropy(smoothing=args.smoothing, **bce) if args.bce_loss else \
+            LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+@pytest.mark.parametrize('argv', [
+    ['--bce-loss'],
+    ['--bce-loss', '--smoothing', '0'],
+    ['--bce-loss', '--bce-sum', '--bce-target-thresh', '0.2', '--bce-pos-weight', '2.5'],
+    ['--bce-loss', '--bce-target-thresh', '0.5', '--smoothing', '0.3'],
+    [], ['--smoothing', '0'],
+])
+@pytest.mark.parametrize('mixup', [False, True])
+def test_bce_and_ce_losses_are_timms(argv, mixup):
+    """--bce-loss and its flags, and the cross-entropy fast path: the loss timm's train.py picks for the same
+    flags, on MixUp/CutMix targets (soft) and on class indices."""
+    from naflex.train.cli import build_parser, check_args
+    parser = build_parser()
+    args = parser.parse_args(['--data-dir', 'x', '--device', 'cpu', *argv] + (['--mixup', '0.8'] * mixup))
+    cfg = check_args(args, parser)
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5) * 3
+    target = F.softmax(torch.randn(6, 5) * 2, -1) if mixup else torch.randint(0, 5, (6,))
+    got, want = make_loss(cfg.train)(logits, target), _timm_train_loss(args, mixup)(logits, target)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_bce_training_step_is_timms():
+    """Two updates of the trainer with --bce-loss on soft targets equal timm's step with its BinaryCrossEntropy."""
+    from naflex.train.cli import build_parser, check_args
+    parser = build_parser()
+    args = parser.parse_args(['--data-dir', 'x', '--device', 'cpu', '--bce-loss', '--bce-pos-weight', '2', '--mixup',
+                              '0.8', '--naflex-loss-scale', 'none'])
+    cfg = check_args(args, parser)
+    g = torch.Generator().manual_seed(3)
+    batches = [(x, F.softmax(torch.randn(len(t), 4, generator=g), -1)) for x, t in
+               (make_packed(GRIDS, s) for s in range(2))]
+    a, b = _model(), _model()
+    eng = Trainer(a, torch.optim.SGD(a.parameters(), lr=0.5), cfg.train, batch_size_reference=8)
+    train_one_epoch(eng, iter(batches), 2, TrainState())
+    opt, loss_fn = torch.optim.SGD(b.parameters(), lr=0.5), _timm_train_loss(args, mixup_active=True)
+    for inputs, target in batches:
+        loss_fn(b(inputs), target).backward()
+        opt.step()
+        opt.zero_grad()
+    for k, v in _params(b).items():
+        torch.testing.assert_close(_params(a)[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert not torch.equal(_params(a)['head.weight'], _params(_model())['head.weight'])
 
 
 def test_loss_weight_is_timms_naflex_scale():

@@ -35,6 +35,8 @@ from naflex.model import load_into
 from naflex.model.registry import hub_id
 from naflex.model.weights import EMA_KEYS, load_hub_pretrained, read_file, read_state_dict, state_dict_from
 
+from .schedule import restore_schedule, schedule_state
+
 _logger = logging.getLogger(__name__)
 
 LAST = 'last.pth'
@@ -182,16 +184,22 @@ def load_hub_weights(model: nn.Module, name: str) -> str:
     return repo
 
 
+def _recorded_args(ckpt) -> Dict:
+    """The flags a training checkpoint records: ours keep 'args' as a dict, timm's train.py as an
+    argparse.Namespace; {} for a checkpoint that does not say (a plain state dict)."""
+    args = ckpt.get('args') if isinstance(ckpt, dict) else None
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    return args if isinstance(args, dict) else {}
+
+
 def recorded_model(ckpt) -> Tuple[str, Dict]:
-    """(architecture, --model-kwargs) a training checkpoint was built with: ours keep 'args' as a dict, timm's
-    train.py as an argparse.Namespace; ('', {}) for a checkpoint that does not say (a plain state dict)."""
+    """(architecture, --model-kwargs) a training checkpoint was built with; ('', {}) when it does not say."""
     if not isinstance(ckpt, dict):
         return '', {}
-    args = ckpt.get('args')
-    args = vars(args) if isinstance(args, argparse.Namespace) else args
-    kwargs = args.get('model_kwargs') if isinstance(args, dict) else None
+    args = _recorded_args(ckpt)
+    kwargs = args.get('model_kwargs')
     arch = ckpt.get('arch')
-    if not (isinstance(arch, str) and arch) and isinstance(args, dict):
+    if not (isinstance(arch, str) and arch):
         arch = args.get('model')  # a checkpoint without 'arch' may still name its model among its flags
     return (arch if isinstance(arch, str) else ''), (dict(kwargs) if isinstance(kwargs, dict) else {})
 
@@ -314,9 +322,10 @@ def training_checkpoint(trainer, state: TrainState, meta: Optional[Dict] = None)
     })
     if state.step and all(sums is not None for _, sums in gathered):
         ckpt['epoch_sums'] = [sums for _, sums in gathered]
-    for key, part in (('scheduler', trainer.schedule), ('scaler', trainer.scaler)):
-        if part is not None:
-            ckpt[key] = part.state_dict()
+    if trainer.schedule is not None:
+        ckpt['scheduler'] = schedule_state(trainer.schedule)
+    if trainer.scaler is not None:
+        ckpt['scaler'] = trainer.scaler.state_dict()
     if trainer.ema is not None:
         ckpt['state_dict_ema'] = trainer.ema.module.state_dict()
     return ckpt
@@ -349,10 +358,16 @@ def _resume_state(ckpt: Dict, world_size: int, accum: int, updates_per_epoch: Op
     return state
 
 
+# param-group entries that count an optimizer's progress rather than set it (timm's Lamb and Adan keep their step
+# there, Lookahead its step towards the next slow update): they come from the checkpoint
+_GROUP_PROGRESS = ('step', 'lookahead_step')
+
+
 def _load_optimizer(optimizer: torch.optim.Optimizer, saved: Dict) -> None:
     """The checkpoint's optimizer state (moments, step counts) under this run's hyperparameters: lr, weight
     decay, betas, eps, momentum, layer-decay scales come from the flags (a changed --lr on resume applies)."""
-    configured = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+    configured = [{k: v for k, v in group.items() if k != 'params' and k not in _GROUP_PROGRESS}
+                  for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(saved)
     except (ValueError, KeyError, RuntimeError) as e:
@@ -363,11 +378,17 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, saved: Dict) -> None:
 
 
 def restore_training(trainer, ckpt: Dict, load_optimizer: bool = True, updates_per_epoch: Optional[int] = None,
-                     steps_per_epoch: Optional[int] = None) -> TrainState:
+                     steps_per_epoch: Optional[int] = None, opt: Optional[str] = None) -> TrainState:
     """Load a ``training_checkpoint`` dict (or a timm train.py checkpoint) into the trainer; returns the state to
     continue from. The trainer's optimizer hyperparameters and schedule (built from this run's flags) are kept:
     only the weights, the optimizer's per-parameter state, EMA, grad scaler, position and RNG come from the file.
-    A mid-epoch checkpoint written under another step plan (number of ranks, steps per epoch) restarts its epoch."""
+    A mid-epoch checkpoint written under another step plan (number of ranks, steps per epoch) restarts its epoch.
+    ``opt``: this run's --opt; the optimizer state of a checkpoint that records another one is refused (it would
+    load, and fail at the first step)."""
+    saved_opt = _recorded_args(ckpt).get('opt')
+    if load_optimizer and opt and isinstance(saved_opt, str) and saved_opt.lower() != opt.lower():
+        raise ValueError(f'the optimizer state in the checkpoint is --opt {saved_opt}\'s, this run uses --opt {opt}; '
+                         'pass --no-resume-opt to resume the weights only')
     load_into(trainer.module, state_dict_from(ckpt, use_ema=False), source='the checkpoint')
     if load_optimizer and 'optimizer' in ckpt:
         _load_optimizer(trainer.optimizer, ckpt['optimizer'])
@@ -385,7 +406,6 @@ def restore_training(trainer, ckpt: Dict, load_optimizer: bool = True, updates_p
         state.rng = rngs[trainer.rank]  # applied when the resumed epoch starts (Trainer.begin_epoch)
     if state.step and trainer.rank < len(sums):
         state.epoch_sums = sums[trainer.rank]  # the resumed epoch's metrics start from them
-    if trainer.schedule is not None:  # its base lrs are this run's (--lr); only the position comes from the file
-        trainer.schedule.step(state.epoch)
-        trainer.schedule.step_update(state.num_updates)
+    # the schedule's base lrs are this run's (--lr): the position comes from the file (and plateau's counters)
+    restore_schedule(trainer.schedule, ckpt.get('scheduler'), state.epoch, state.num_updates)
     return state

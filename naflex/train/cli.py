@@ -26,7 +26,7 @@ from augment.mixup import MixupConfig
 
 from naflex.model import ATTN_BACKENDS
 
-from .config import AMP_DTYPES, CLIP_MODES, EVAL_METRICS, LOSS_SCALES, OPTIMIZERS, SCHEDULES, Config
+from .config import AMP_DTYPES, CLIP_MODES, EVAL_METRICS, LOSS_SCALES, SCHEDULERS, Config
 
 _DEFAULTS = Config(mixup=MixupConfig(num_classes=0))  # where every flag's default is read from
 _UNSET = object()
@@ -78,13 +78,16 @@ def _flag(parser: _Parser, group, *names, to=(), default=_UNSET, **kw) -> None:
 
 
 class ParseKwargs(argparse.Action):
-    """``--model-kwargs key=value ...`` as timm's train.py / validate.py: each value is read as a Python literal
-    (``192``, ``0.1``, ``True``, ``(8, 8)``), anything else as a string (``global_pool=avg``). Tuples become
-    lists so args.yaml stays plain YAML."""
+    """``--model-kwargs`` / ``--opt-kwargs key=value ...`` as timm's ``timm.utils.ParseKwargs``: each value is read
+    as a Python literal (``192``, ``0.1``, ``True``, ``(8, 8)``), anything else as a string (``global_pool=avg``).
+    Tuples become lists so args.yaml stays plain YAML (the optimizer gets tuples back); a word without ``=`` is
+    one error line (timm raises a ValueError)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         kwargs = {}
         for item in values:
+            if not item:
+                continue  # as timm's ParseKwargs
             key, sep, text = item.partition('=')
             if not sep or not key:
                 parser.error(f'{option_string}: expected KEY=VALUE, got {item!r}')
@@ -169,33 +172,60 @@ def _model_flags(p: _Parser) -> None:
 
 
 def _optim_flags(p: _Parser) -> None:
-    g = p.add_argument_group('Optimizer')
+    g = p.add_argument_group('Optimizer (timm.optim.create_optimizer_v2)')
     o = lambda f, conv=None: ('optim', f, conv)  # noqa: E731
-    _flag(p, g, '--opt', to=o('opt'), help=f'optimizer: {", ".join(OPTIMIZERS)}')
-    _flag(p, g, '--opt-eps', to=o('eps'), type=float, help='optimizer epsilon')
-    _flag(p, g, '--opt-betas', to=o('betas', _tuple), type=float, nargs='+', help='optimizer betas')
-    _flag(p, g, '--momentum', to=o('momentum'), type=float, help='SGD momentum')
-    _flag(p, g, '--weight-decay', to=o('weight_decay'), type=float, help='decoupled weight decay')
+    _flag(p, g, '--opt', to=o('opt'), metavar='OPTIMIZER',
+          help='a name of timm.optim.list_optimizers() (nadamw, adamw, sgd, momentum, lamb, lion, adopt, ...), '
+               'optionally lookahead_NAME')
+    _flag(p, g, '--opt-eps', to=o('eps'), type=float, help="optimizer epsilon (default: the optimizer's)")
+    _flag(p, g, '--opt-betas', to=o('betas', _tuple), type=float, nargs='+', help="optimizer betas (default: the "
+          "optimizer's)")
+    _flag(p, g, '--momentum', to=o('momentum'), type=float, help='momentum, for optimizers that take one')
+    _flag(p, g, '--weight-decay', to=o('weight_decay'), type=float, help='weight decay')
     _flag(p, g, '--clip-grad', to=o('clip_grad'), type=float, help='gradient clip threshold (off by default)')
     _flag(p, g, '--clip-mode', to=o('clip_mode'), choices=CLIP_MODES, help='gradient clipping mode')
     _flag(p, g, '--layer-decay', to=o('layer_decay'), type=float, help='layer-wise lr decay factor')
     _flag(p, g, '--layer-decay-min-scale', to=o('layer_decay_min_scale'), type=float,
           help='floor of the layer-wise lr scale')
-    g = p.add_argument_group('Learning-rate schedule')
-    s = lambda f: ('sched', f)  # noqa: E731
-    _flag(p, g, '--sched', to=s('sched'), choices=SCHEDULES, help='lr schedule')
+    _flag(p, g, '--layer-decay-no-opt-scale', to=o('layer_decay_no_opt_scale'), type=float,
+          help='layers whose lr scale is below this are not trained')
+    _flag(p, g, '--opt-kwargs', to=o('kwargs', dict), nargs='*', action=ParseKwargs, metavar='KEY=VALUE',
+          help='more optimizer arguments, e.g. caution=True (Python literals, as --model-kwargs)')
+    g = p.add_argument_group('Learning-rate schedule (timm.scheduler.create_scheduler_v2)')
+    s = lambda f, conv=None: ('sched', f, conv)  # noqa: E731
+    _flag(p, g, '--sched', to=s('sched'), choices=SCHEDULERS, help='lr scheduler')
     _flag(p, g, '--sched-on-updates', to=s('on_updates'), action='store_true', help='step the schedule per update')
     _flag(p, g, '--lr', to=o('lr'), type=float, help='peak lr (default: --lr-base scaled by global batch)')
     _flag(p, g, '--lr-base', to=o('lr_base'), type=float, help='lr for a global batch of --lr-base-size')
     _flag(p, g, '--lr-base-size', to=o('lr_base_size'), type=int, help='batch size --lr-base refers to')
     _flag(p, g, '--lr-base-scale', to=o('lr_base_scale'), choices=('', 'linear', 'sqrt'),
-          help="lr scaling with batch ('' = sqrt for adam-type, linear otherwise)")
+          help="lr scaling with batch ('' = sqrt for ada*/lamb* optimizers, linear otherwise)")
+    _flag(p, g, '--lr-noise', to=s('noise', _tuple), type=float, nargs='+', metavar='PCT',
+          help='lr noise on (and off) point, as fractions of the schedule')
+    _flag(p, g, '--lr-noise-pct', to=s('noise_pct'), type=float, help='lr noise limit')
+    _flag(p, g, '--lr-noise-std', to=s('noise_std'), type=float, help='lr noise std-dev')
+    _flag(p, g, '--lr-cycle-mul', to=s('cycle_mul'), type=float, help='cycle length multiplier (cosine, tanh, poly)')
+    _flag(p, g, '--lr-cycle-decay', to=s('cycle_decay'), type=float, help='lr decay per cycle')
+    _flag(p, g, '--lr-cycle-limit', to=s('cycle_limit'), type=int, help='number of cycles')
+    _flag(p, g, '--lr-k-decay', to=s('k_decay'), type=float, help='k-decay (cosine, poly)')
+    _flag(p, g, '--lr-decay-fn', to=s('decay_fn'), help="decay function of wsd / rsqrt (default: '1-sqrt' for wsd, "
+          "'linear' for rsqrt)")
+    _flag(p, g, '--lr-stable-timescale', to=s('stable_timescale'), type=float,
+          help='rsqrt timescale in epochs (default: --warmup-epochs)')
     _flag(p, g, '--warmup-lr', to=s('warmup_lr'), type=float, help='lr at the start of warmup')
-    _flag(p, g, '--min-lr', to=s('min_lr'), type=float, help='lr floor of the cosine')
+    _flag(p, g, '--min-lr', to=s('min_lr'), type=float, help='lr floor of the decaying schedules')
     _flag(p, g, '--epochs', to=s('epochs'), type=int, help='epochs of the schedule')
+    _flag(p, g, '--start-epoch', to=s('start_epoch'), type=int, help='start at this epoch (overrides --resume\'s)')
+    _flag(p, g, '--decay-milestones', to=s('decay_milestones', _tuple), type=int, nargs='+', metavar='EPOCH',
+          help='epochs to decay the lr at (multistep)')
+    _flag(p, g, '--decay-epochs', to=s('decay_epochs'), type=float,
+          help='epochs between decays (step; default 90), decay length of wsd / rsqrt (default 0.2 of the schedule)')
     _flag(p, g, '--warmup-epochs', to=s('warmup_epochs'), type=int, help='linear warmup epochs (inside --epochs)')
-    _flag(p, g, '--warmup-prefix', to=s('warmup_prefix'), action='store_true', help='warmup before the cosine')
+    _flag(p, g, '--warmup-prefix', to=s('warmup_prefix'), action='store_true', help='warmup before the schedule')
     _flag(p, g, '--cooldown-epochs', to=s('cooldown_epochs'), type=int, help='epochs at --min-lr after the schedule')
+    _flag(p, g, '--patience-epochs', to=s('patience_epochs'), type=int, help='plateau patience')
+    _flag(p, g, '--decay-rate', '--dr', to=s('decay_rate'), type=float,
+          help='lr decay rate (step, multistep, plateau), power (poly)')
 
 
 def _grayscale(v):
@@ -223,6 +253,12 @@ def _aug_flags(p: _Parser) -> None:
     _flag(p, g, '--mixup-switch-prob', to=x('switch_prob'), type=float, help='cutmix instead of mixup probability')
     _flag(p, g, '--mixup-off-epoch', to=x('off_epoch'), type=int, help='turn mixup off from this epoch (0 = never)')
     _flag(p, g, '--smoothing', to=[('train', 'smoothing'), x('smoothing')], type=float, help='label smoothing')
+    _flag(p, g, '--bce-loss', to=('train', 'bce_loss'), action='store_true',
+          help="binary cross-entropy (timm's BinaryCrossEntropy) instead of cross-entropy")
+    _flag(p, g, '--bce-sum', to=('train', 'bce_sum'), action='store_true', help='BCE: sum over classes')
+    _flag(p, g, '--bce-target-thresh', to=('train', 'bce_target_thresh'), type=float,
+          help='BCE: binarize the (soft) targets above this')
+    _flag(p, g, '--bce-pos-weight', to=('train', 'bce_pos_weight'), type=float, help='BCE: weight of positives')
     _flag(p, g, '--train-interpolation', to=a('interpolation'), metavar='|'.join(INTERPOLATIONS),
           help='training resize interpolation')
     _flag(p, g, '--no-jpeg-draft', to=a('draft', _not), default=False, action='store_true',

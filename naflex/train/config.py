@@ -20,9 +20,9 @@ from augment.mixup import MixupConfig
 from loaders.config import DatasetConfig, EvalLoaderConfig, TrainLoaderConfig
 from naflex.model import ATTN_BACKENDS, DEFAULT_MODEL, NaFlexVitCfg, get_config
 
-OPTIMIZERS = ('nadamw', 'adamw', 'sgd', 'momentum')
-CLIP_MODES = ('norm', 'value')
-SCHEDULES = ('cosine', 'constant', 'none')
+CLIP_MODES = ('norm', 'value', 'agc')  # timm.utils.dispatch_clip_grad's modes
+# timm.scheduler.create_scheduler_v2's names (timm 1.0.31; tests/test_schedule.py checks the list against timm)
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'constant', 'none')
 LOSS_SCALES = ('none', 'sqrt', 'linear')
 EVAL_METRICS = ('top1', 'top5', 'loss')
 AMP_DTYPES = ('float16', 'bfloat16')
@@ -161,69 +161,93 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimizer and gradient clipping (naflex.train.optim builds it)."""
-    opt: str = 'sgd'                                    # --opt
+    """Optimizer and gradient clipping: timm's optimizers and flags (naflex.train.optim builds them)."""
+    opt: str = 'sgd'                                    # --opt: a name of timm.optim.list_optimizers()
     lr: Optional[float] = None                          # --lr (None: lr_base scaled by the global batch)
     lr_base: float = 0.1                                # --lr-base
     lr_base_size: int = 256                             # --lr-base-size
-    lr_base_scale: str = ''                             # --lr-base-scale ('' = sqrt for adam-type, else linear)
-    eps: Optional[float] = None                         # --opt-eps
-    betas: Optional[Tuple[float, float]] = None         # --opt-betas
+    lr_base_scale: str = ''                             # --lr-base-scale ('' = sqrt for ada*/lamb*, else linear)
+    eps: Optional[float] = None                         # --opt-eps (None: the optimizer's)
+    betas: Optional[Tuple[float, ...]] = None           # --opt-betas (None: the optimizer's)
     momentum: float = 0.9                               # --momentum
     weight_decay: float = 2e-5                          # --weight-decay
     clip_grad: Optional[float] = None                   # --clip-grad
     clip_mode: str = 'norm'                             # --clip-mode
     layer_decay: Optional[float] = None                 # --layer-decay
     layer_decay_min_scale: float = 0.0                  # --layer-decay-min-scale
+    layer_decay_no_opt_scale: Optional[float] = None    # --layer-decay-no-opt-scale
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # --opt-kwargs: more keyword arguments of the optimizer
 
     def resolved_lr(self, global_batch: int) -> float:
-        """timm: without --lr, --lr-base scaled by global batch / --lr-base-size (sqrt for adam-type)."""
+        """timm: without --lr, --lr-base scaled by global batch / --lr-base-size (sqrt for ada*/lamb* optimizers)."""
         if self.lr:
             return self.lr
         ratio = global_batch / self.lr_base_size
-        scale = self.lr_base_scale or ('sqrt' if 'adam' in self.opt.lower() else 'linear')
+        scale = self.lr_base_scale or ('sqrt' if any(o in self.opt.lower() for o in ('ada', 'lamb')) else 'linear')
         return self.lr_base * (math.sqrt(ratio) if scale == 'sqrt' else ratio)
 
     def validate(self, name: Namer = None) -> None:
+        from .optim import optimizer_problems  # timm's optimizer registry decides what is valid
         p = Problems(name)
-        p.need(self.opt.lower() in OPTIMIZERS, 'opt', f'{self.opt} is not supported; valid: {", ".join(OPTIMIZERS)}')
         p.need(self.lr is None or self.lr > 0, 'lr', 'must be > 0')
         p.need(self.lr_base > 0 and self.lr_base_size >= 1, 'lr_base', f'and {p.name("lr_base_size")} must be > 0')
         p.need(self.lr_base_scale in ('', 'linear', 'sqrt'), 'lr_base_scale', "must be '', 'linear' or 'sqrt'")
         p.need(self.eps is None or self.eps > 0, 'eps', 'must be > 0')
-        p.need(self.betas is None or (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)), 'betas',
-               'takes two values in [0, 1)')
+        p.need(self.betas is None or all(0 <= b < 1 for b in self.betas), 'betas', 'takes values in [0, 1)')
         p.need(self.momentum >= 0, 'momentum', 'must be >= 0')
         p.need(self.weight_decay >= 0, 'weight_decay', 'must be >= 0')
         p.need(self.clip_grad is None or self.clip_grad > 0, 'clip_grad', 'must be > 0')
         p.need(self.clip_mode in CLIP_MODES, 'clip_mode', f'must be one of {", ".join(CLIP_MODES)}')
         p.need(self.layer_decay is None or 0 < self.layer_decay <= 1, 'layer_decay', 'must be in (0, 1]')
+        p.need(isinstance(self.kwargs, dict), 'kwargs', f'takes KEY=VALUE pairs, got {self.kwargs!r}')
+        if not p.items:
+            p.items.extend(optimizer_problems(self, p.name))
         p.raise_any()
 
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate schedule (naflex.train.schedule): warmup inside ``epochs``, cosine to ``min_lr``."""
+    """Learning-rate schedule: timm's schedulers and flags (naflex.train.schedule builds them with timm's
+    create_scheduler_v2). Field names are create_scheduler_v2's; the comments name the flags."""
     sched: str = 'cosine'                               # --sched
     on_updates: bool = False                            # --sched-on-updates
     warmup_lr: float = 1e-5                             # --warmup-lr
     min_lr: float = 0.0                                 # --min-lr
     epochs: int = 300                                   # --epochs
+    start_epoch: Optional[int] = None                   # --start-epoch (overrides the epoch a --resume gives)
     warmup_epochs: int = 5                              # --warmup-epochs
     warmup_prefix: bool = False                         # --warmup-prefix
     cooldown_epochs: int = 0                            # --cooldown-epochs
-
-    @property
-    def total_epochs(self) -> int:
-        return self.epochs + (self.warmup_epochs if self.warmup_prefix else 0) + self.cooldown_epochs
+    # None: timm's factory default, 90 epochs for step, 0.2 of the schedule for wsd / rsqrt
+    decay_epochs: Optional[float] = None                # --decay-epochs
+    decay_milestones: Tuple[int, ...] = (90, 180, 270)  # --decay-milestones
+    decay_rate: float = 0.1                             # --decay-rate / --dr
+    patience_epochs: int = 10                           # --patience-epochs
+    noise: Optional[Tuple[float, ...]] = None           # --lr-noise
+    noise_pct: float = 0.67                             # --lr-noise-pct
+    noise_std: float = 1.0                              # --lr-noise-std
+    cycle_mul: float = 1.0                              # --lr-cycle-mul
+    cycle_decay: float = 0.5                            # --lr-cycle-decay
+    cycle_limit: int = 1                                # --lr-cycle-limit
+    k_decay: float = 1.0                                # --lr-k-decay
+    decay_fn: Optional[str] = None                      # --lr-decay-fn (wsd / rsqrt)
+    stable_timescale: Optional[float] = None            # --lr-stable-timescale (rsqrt)
 
     def validate(self, name: Namer = None) -> None:
+        from .schedule import schedule_problems  # timm's factory decides what is valid
         p = Problems(name)
-        p.need(self.sched in SCHEDULES, 'sched', f'must be one of {", ".join(SCHEDULES)}')
+        p.need(self.sched in SCHEDULERS, 'sched',
+               f'{self.sched} is not a timm scheduler; valid: {", ".join(SCHEDULERS)}')
         p.need(self.epochs >= 1, 'epochs', 'must be >= 1')
         p.need(self.warmup_epochs >= 0 and self.cooldown_epochs >= 0, 'warmup_epochs',
                f'and {p.name("cooldown_epochs")} must be >= 0')
+        p.need(self.start_epoch is None or self.start_epoch >= 0, 'start_epoch', 'must be >= 0')
         p.need(not (self.sched == 'none' and self.on_updates), 'on_updates', f'has no effect with {p.name("sched")} none')
+        p.need(not (self.sched == 'plateau' and self.on_updates), 'on_updates',
+               f'does not apply to {p.name("sched")} plateau: timm steps it once per epoch, with the eval metric')
+        p.need(self.noise is None or len(self.noise) in (1, 2), 'noise', 'takes one or two fractions of the schedule')
+        if not p.items:
+            p.items.extend(schedule_problems(self, p.name))
         p.raise_any()
 
 
@@ -255,10 +279,17 @@ class TrainConfig:
     recovery_interval: int = 0                          # --recovery-interval (updates; 0 = off)
     checkpoint_hist: int = 10                           # --checkpoint-hist
     eval_metric: str = 'top1'                           # --eval-metric
+    bce_loss: bool = False                              # --bce-loss (timm.loss.BinaryCrossEntropy)
+    bce_sum: bool = False                               # --bce-sum
+    bce_target_thresh: Optional[float] = None           # --bce-target-thresh
+    bce_pos_weight: Optional[float] = None              # --bce-pos-weight
 
     def validate(self, name: Namer = None) -> None:
         p = Problems(name)
         p.need(self.device.split(':')[0] in ('cuda', 'cpu'), 'device', f"{self.device}: use 'cuda' or 'cpu'")
+        for bce in ('bce_sum', 'bce_target_thresh', 'bce_pos_weight'):
+            p.need(self.bce_loss or getattr(self, bce) in (None, False), bce,
+                   f'has no effect without {p.name("bce_loss")}')
         p.need(self.amp_dtype in AMP_DTYPES, 'amp_dtype', f'must be one of {", ".join(AMP_DTYPES)}')
         p.need(self.grad_accum_steps >= 1, 'grad_accum_steps', 'must be >= 1')
         p.need(self.loss_scale in LOSS_SCALES, 'loss_scale', f'must be one of {", ".join(LOSS_SCALES)}')
@@ -352,6 +383,12 @@ class Config:
                                          or self.model.pretrained)),
                name('run', 'resume'), 'restores the full training state; drop --initial-checkpoint/'
                '--pretrained-path/--pretrained')
+        device = self.train.device.split(':')[0]
+        if device == 'cpu':
+            from .optim import cuda_only
+            need = cuda_only(self.optim.opt)
+            p.need(not need, f'{name("optim", "opt")} {self.optim.opt}', f'runs on CUDA only ({need}); '
+                   f'{name("train", "device")} is cpu')
         problems.extend(p.items)
         problems.extend(self._attention_problems(name))
         if problems:

@@ -3,9 +3,10 @@ with evaluation and checkpoints.
 
 A step takes a device batch (packed tokens by default -- NaViT's "patch n' pack", arXiv:2307.06304 -- or
 timm's padded layout), runs the model under autocast, computes the loss (soft-target cross-entropy when the
-loader produced MixUp/CutMix soft targets, label-smoothing cross-entropy for class indices), scales it and
-back-propagates; every ``grad_accum_steps`` micro-batches the optimizer updates (gradient clipping, fp16
-GradScaler), the EMA follows and the per-update lr schedule advances.
+loader produced MixUp/CutMix soft targets, label-smoothing cross-entropy for class indices; timm's
+BinaryCrossEntropy with --bce-loss), scales it and back-propagates; every ``grad_accum_steps`` micro-batches the
+optimizer updates (timm's gradient clipping, fp16 GradScaler), the EMA follows and the lr schedule advances as in
+timm's train.py (per update, and per epoch after evaluation with the metric).
 
 Loss scaling follows timm's ``train.py --naflex-loader``: a step with ``b`` images at sequence length L is
 weighted by ``(b / -b)`` (``linear``), its square root (``sqrt``) or 1 (``none``); with several ranks each
@@ -14,9 +15,9 @@ image equally however the images split across ranks.
 
 No host syncs happen between log steps in fp32 and bf16 (naflex.train.metrics keeps the sums on the device); in fp16
 the GradScaler reads its inf/NaN flag on the host once per update unless the optimizer is a fused kernel that takes
-it on the device (adamw, sgd; not NAdam): tests/test_fake_cuda.py counts each case. Exact resume: each
-epoch's RNG stream (dropout, drop-path) is seeded from (seed, rank, epoch) once its first batch has arrived,
-and a mid-epoch checkpoint carries every rank's RNG state, so a run stopped and resumed repeats an
+it on the device (adam, adamw, sgd, momentum; not timm's NAdamW): tests/test_fake_cuda.py counts each case. Exact
+resume: each epoch's RNG stream (dropout, drop-path) is seeded from (seed, rank, epoch) once its first batch has
+arrived, and a mid-epoch checkpoint carries every rank's RNG state, so a run stopped and resumed repeats an
 uninterrupted run bit for bit on the same hardware (tests/test_train.py).
 """
 from __future__ import annotations
@@ -46,15 +47,35 @@ from .optim import clip_gradients
 _logger = logging.getLogger('train')
 
 __all__ = ['NonFiniteLossError', 'StopRequested', 'TrainState', 'Trainer', 'classification_loss', 'fit',
-           'loss_weight', 'seed_everything', 'train_one_epoch']
+           'loss_weight', 'make_loss', 'seed_everything', 'train_one_epoch']
 
 
 def classification_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-    """Soft-target CE for [B, C] float targets (mixup/cutmix, smoothing already inside), else label-smoothing CE."""
+    """Soft-target CE for [B, C] float targets (mixup/cutmix, smoothing already inside), else label-smoothing CE:
+    timm's SoftTargetCrossEntropy / LabelSmoothingCrossEntropy / CrossEntropyLoss in one fused call each."""
     logits = logits.float()
     if target.is_floating_point():
         return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
     return F.cross_entropy(logits, target, label_smoothing=smoothing)
+
+
+def make_loss(cfg: TrainConfig, device=None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """timm train.py's training loss for these flags, ``loss(logits, target)``. With --bce-loss: timm's
+    BinaryCrossEntropy for MixUp/CutMix targets, and for class indices when --smoothing > 0 (one-hot smoothed);
+    class indices without smoothing keep plain cross-entropy, as in timm. Otherwise ``classification_loss``."""
+    if not cfg.bce_loss:
+        return lambda logits, target: classification_loss(logits, target, cfg.smoothing)
+    from timm.loss import BinaryCrossEntropy
+    kw = dict(target_threshold=cfg.bce_target_thresh, sum_classes=cfg.bce_sum, pos_weight=cfg.bce_pos_weight)
+    soft = BinaryCrossEntropy(**kw).to(device)  # MixUp targets come smoothed already
+    hard = BinaryCrossEntropy(smoothing=cfg.smoothing, **kw).to(device) if cfg.smoothing else None
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if target.is_floating_point():
+            return soft(logits, target)
+        return hard(logits, target) if hard is not None else F.cross_entropy(logits, target)
+    return loss
 
 
 def loss_weight(batch_size: int, reference: float, mode: str) -> float:
@@ -90,6 +111,7 @@ class Trainer:
         self.callbacks = Callbacks(callbacks)
         self.amp_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}[cfg.amp_dtype] if cfg.amp else None
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+        self.loss_fn = make_loss(cfg, self.device)
         self.history: List[Dict] = []  # recent logged (epoch, step, loss) points (tests / analysis)
         self.update_lr = self.lr  # the lr the latest update used (logged like timm: before the schedule steps)
 
@@ -116,7 +138,7 @@ class Trainer:
         with self.model.no_sync() if distributed and not update else contextlib.nullcontext():
             with self.autocast():
                 logits = self.model(inputs)
-            loss = classification_loss(logits, target, self.cfg.smoothing)
+            loss = self.loss_fn(logits, target)
             scaled = loss * weight
             if self.world_size > 1:  # DDP averages over ranks; re-weight so every image counts the same
                 global_images = D.all_reduce_sum(torch.full((), float(images), device=self.device))
@@ -129,7 +151,7 @@ class Trainer:
         if self.scaler is not None and self.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
         if self.clip_grad is not None:
-            clip_gradients(self.module.parameters(), self.clip_grad, self.clip_mode)
+            clip_gradients(self.module, self.clip_grad, self.clip_mode)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -141,7 +163,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.module, step=state.num_updates)
         if self.schedule is not None:
-            self.schedule.step_update(state.num_updates)
+            self.schedule.step_update(state.num_updates)  # timm also passes the running loss, which none reads
 
     def begin_epoch(self, state: TrainState) -> None:
         """Pin the model's RNG stream (dropout, drop-path) once the epoch's first batch is there (starting
@@ -230,6 +252,8 @@ def train_one_epoch(trainer: Trainer, batches, num_steps: int, state: TrainState
         stop = False
         trainer.callbacks.after_update(trainer, state)
     check_finite()
+    if hasattr(trainer.optimizer, 'sync_lookahead'):  # --opt lookahead_*: as timm, at the end of each epoch
+        trainer.optimizer.sync_lookahead()
     meter.clear_bar()
     totals = dict(metrics.read_epoch(trainer.callbacks.wants_stop()), **meter.epoch_totals(), lr=trainer.lr)
     return dict(totals, images_per_s=totals['images'] / totals['time_s'],  # the whole epoch's, resumed or not
@@ -274,15 +298,16 @@ def fit(trainer: Trainer, train_loader, to_device: Callable, state: TrainState, 
         train_loader.set_start_step(state.step)
         train = train_one_epoch(trainer, to_device(train_loader), len(train_loader), state, save_recovery, writer)
         state.epoch, state.step = epoch + 1, 0
-        if trainer.schedule is not None:
-            trainer.schedule.step(epoch + 1)
         row = {'epoch': epoch, 'train_loss': train['loss'], 'eval_loss': None, 'eval_top1': None, 'eval_top5': None}
         if trainer.ema is not None:
             row.update(ema_loss=None, ema_top1=None, ema_top5=None)
         metric = None
-        if evaluate_fn is not None and ((epoch + 1) % cfg.val_interval == 0 or epoch + 1 == total_epochs):
+        due = (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == total_epochs
+        if evaluate_fn is not None and due:
             row.update(_evaluate(trainer, evaluate_fn, epoch))
             metric = row.pop('metric')
+        if trainer.schedule is not None:  # as timm: the eval metric (the train loss without evaluation), or none
+            trainer.schedule.step(epoch + 1, (metric if evaluate_fn is not None else train['loss']) if due else None)
         row.update({k: train[k] for k in ('lr', 'images_per_s', 'tokens_per_s', 'data_wait')})
         row.update(train_images=int(train['images']), train_tokens=int(train['tokens']), bad_files=train['bad_files'])
         if writer is not None:

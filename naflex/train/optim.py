@@ -1,102 +1,134 @@
-"""Optimizer side of training: parameter groups, torch optimizers, gradient clipping, weight EMA.
+"""Optimizer side of training: timm's optimizers as timm's train.py builds them, gradient clipping, weight EMA.
 
-- Parameter groups follow timm (``timm.optim.create_optimizer_v2``): no weight decay on 1-d parameters
-  (biases, norm scales) and on the names the model lists in ``no_weight_decay()`` (position embedding,
-  class/register tokens); ``--layer-decay`` scales each group's lr by ``decay ** (num_layers - 1 - layer)``
-  with layers from ``model.group_matcher()`` (BEiT-style layer-wise lr decay).
-- Optimizers are torch's own, using the fused (CUDA) or foreach (multi-tensor) kernels where they exist:
-  ``nadamw`` = ``torch.optim.NAdam(decoupled_weight_decay=True)``, ``adamw``, ``sgd`` (Nesterov, timm's
-  default) and ``momentum`` (classical momentum). For ``nadamw`` torch's Dozat momentum-decay warmup is
-  switched off (``momentum_decay`` huge -> mu_t = beta1) so the update is the one timm's NAdamW (the
-  MLCommons AlgoPerf variant used for the SigLIP 2 / NaFlexViT recipes) makes, up to the first-moment bias
-  correction of the first few steps (tests/test_optim.py states the tolerance).
+- ``create_optimizer`` is the call of timm's train.py, ``timm.optim.create_optimizer_v2(model,
+  **optimizer_kwargs(cfg=args), **args.opt_kwargs)``, on our ``OptimConfig``: every name of
+  ``timm.optim.list_optimizers()`` (and ``lookahead_<name>``) with timm's parameter groups (no weight decay on 1-d
+  parameters and the ``no_weight_decay()`` names, ``--layer-decay`` from ``group_matcher``) and defaults. One
+  addition: on CUDA, torch's SGD / Adam / AdamW get ``fused=True`` (timm leaves them on foreach), the same update in
+  one kernel that also takes the fp16 GradScaler's inf check on the device; ``--opt-kwargs fused=False`` or
+  ``foreach=...`` keeps timm's choice.
+- ``optimizer_problems`` checks the flags against timm's registry and the optimizer itself before a run starts.
+- ``clip_gradients`` is timm's ``dispatch_clip_grad`` with the parameters timm's train.py clips (``agc`` leaves
+  out the classifier).
 - ``ModelEma`` keeps an exponential moving average of the weights like timm's ``ModelEmaV3``.
 """
 import copy
-import fnmatch
+import importlib.util
 import logging
+import warnings
 import weakref
-from typing import Dict, Iterable, List, Optional
+from types import SimpleNamespace
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from .config import CLIP_MODES, OPTIMIZERS, OptimConfig
+from .config import OptimConfig
 
 _logger = logging.getLogger(__name__)
 
-# mu_t = beta1 * (1 - 0.5 * 0.96 ** (t * momentum_decay)) == beta1 for any t >= 1 (0.96 ** 1e6 underflows to 0).
-_NADAM_CONSTANT_MOMENTUM = 1e6
+LOOKAHEAD = 'lookahead_'
+# torch optimizers with a fused CUDA kernel (same algorithm as their foreach path, one launch per step, and
+# ``_step_supports_amp_scaling``: the GradScaler's inf check stays on the device)
+_FUSED_ON_CUDA = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+# flags whose value optimizer_kwargs passes (timm's train.py raises a TypeError if --opt-kwargs repeats one)
+_FLAG_OF_KWARG = {'opt': '--opt', 'lr': '--lr', 'weight_decay': '--weight-decay', 'momentum': '--momentum',
+                  'eps': '--opt-eps', 'betas': '--opt-betas', 'layer_decay': '--layer-decay',
+                  'layer_decay_min_scale': '--layer-decay-min-scale',
+                  'layer_decay_no_opt_scale': '--layer-decay-no-opt-scale'}
 
 
-def _layer_map(model: nn.Module) -> Dict[str, int]:
-    """Parameter name -> layer index (0 = stem ... last = head) from the model's ``group_matcher``."""
-    from timm.models import group_parameters  # timm is a dependency; its grouping keeps layer ids identical
-    return group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+def _base_name(opt: str) -> str:
+    """timm's parsing of --opt: lower case, an optional ``lookahead_`` prefix."""
+    name = opt.lower()
+    return name[len(LOOKAHEAD):] if name.startswith(LOOKAHEAD) else name
 
 
-def param_groups(
-        model: nn.Module,
-        weight_decay: float,
-        layer_decay: Optional[float] = None,
-        layer_decay_min_scale: float = 0.0,
-) -> List[Dict]:
-    """Split trainable parameters into weight-decay / no-weight-decay (and per-layer with layer decay) groups."""
-    skip = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
-    layer_of, scales = None, None
-    if layer_decay is not None:
-        layer_of = _layer_map(model)
-        num_layers = max(layer_of.values()) + 1
-        scales = [max(layer_decay_min_scale, layer_decay ** (num_layers - 1 - i)) for i in range(num_layers)]
-    groups: Dict[str, Dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        no_wd = (param.ndim <= 1 or name.endswith('.bias') or any(fnmatch.fnmatch(name, p) for p in skip)
-                 or not weight_decay)
-        key = 'no_decay' if no_wd else 'decay'
-        group = {'weight_decay': 0.0 if no_wd else weight_decay}
-        if layer_of is not None:
-            layer = layer_of.get(name, len(scales) - 1)
-            key = f'layer_{layer}_{key}'
-            group['lr_scale'] = scales[layer]
-        groups.setdefault(key, dict(group, params=[]))['params'].append(param)
-    return list(groups.values())
+def _info(opt: str):
+    from timm.optim import get_optimizer_info, list_optimizers
+    name = _base_name(opt)
+    return get_optimizer_info(name) if name in list_optimizers() else None
+
+
+def cuda_only(opt: str) -> str:
+    """Why timm's optimizer ``opt`` needs CUDA ('' if it does not): the apex and bitsandbytes ones."""
+    info = _info(opt)
+    source = info.opt_class if info is not None and isinstance(info.opt_class, str) else ''
+    return f'timm builds it from {source}' if source.startswith(('apex.', 'bitsandbytes.')) else ''
+
+
+def optimizer_args(cfg: OptimConfig, lr: Optional[float] = None) -> SimpleNamespace:
+    """The attributes of timm train.py's ``args`` that ``timm.optim.optimizer_kwargs`` reads, from ``cfg``."""
+    return SimpleNamespace(
+        opt=cfg.opt, lr=cfg.lr if lr is None else lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+        opt_eps=cfg.eps, opt_betas=None if cfg.betas is None else list(cfg.betas), layer_decay=cfg.layer_decay,
+        layer_decay_min_scale=cfg.layer_decay_min_scale, layer_decay_no_opt_scale=cfg.layer_decay_no_opt_scale)
+
+
+def _opt_kwargs(cfg: OptimConfig) -> Dict:
+    """--opt-kwargs as timm's ParseKwargs gives them (our parser stores tuples as lists, for args.yaml)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.kwargs.items()}
+
+
+def _fused(cfg: OptimConfig, model: nn.Module) -> Dict:
+    """``fused=True`` for torch's fused CUDA kernels, unless --opt-kwargs picks foreach or fused itself."""
+    params = list(model.parameters())
+    on_cuda = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    chosen = {'fused', 'foreach'} & set(cfg.kwargs)
+    return {'fused': True} if on_cuda and _info(cfg.opt).opt_class in _FUSED_ON_CUDA and not chosen else {}
 
 
 def create_optimizer(model: nn.Module, cfg: OptimConfig, lr: Optional[float] = None) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.opt`` names, with timm's semantics for lr, weight decay, eps, betas and momentum.
-    ``lr``: the resolved peak lr (``OptimConfig.resolved_lr``), default ``cfg.lr``."""
-    name = cfg.opt.lower()
-    if name not in OPTIMIZERS:
-        raise ValueError(f'unknown optimizer {cfg.opt!r}; valid: {", ".join(OPTIMIZERS)}')
-    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.layer_decay_min_scale)
-    params = [p for g in groups for p in g['params']]
-    on_cuda = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
-    kw: Dict = {'lr': cfg.lr if lr is None else lr, 'weight_decay': cfg.weight_decay}
-    if name in ('nadamw', 'adamw'):
-        if cfg.eps is not None:
-            kw['eps'] = cfg.eps
-        if cfg.betas is not None:
-            kw['betas'] = tuple(cfg.betas)
-    if name == 'nadamw':
-        return torch.optim.NAdam(groups, decoupled_weight_decay=True, momentum_decay=_NADAM_CONSTANT_MOMENTUM,
-                                 foreach=True if on_cuda else None, **kw)
-    fused = {'fused': True} if on_cuda else {}
-    if name == 'adamw':
-        return torch.optim.AdamW(groups, **fused, **kw)
-    return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=name == 'sgd', **fused, **kw)
+    """timm train.py's optimizer for these flags. ``lr``: the resolved peak lr (``OptimConfig.resolved_lr``),
+    default ``cfg.lr``."""
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    return create_optimizer_v2(model, **optimizer_kwargs(cfg=optimizer_args(cfg, lr)), **_opt_kwargs(cfg),
+                               **_fused(cfg, model))
 
 
-def clip_gradients(params: Iterable[torch.Tensor], value: float, mode: str = 'norm') -> Optional[torch.Tensor]:
-    """Clip gradients in place; returns the pre-clip total norm for ``norm`` mode (a device tensor, no sync)."""
-    params = [p for p in params if p.grad is not None]
-    if mode == 'norm':
-        return torch.nn.utils.clip_grad_norm_(params, value, foreach=True)
-    if mode == 'value':
-        torch.nn.utils.clip_grad_value_(params, value, foreach=True)
-        return None
-    raise ValueError(f'unknown clip mode {mode!r}; valid: {", ".join(CLIP_MODES)}')
+def optimizer_problems(cfg: OptimConfig, flag: Callable[[str], str] = str) -> List[str]:
+    """What timm would reject in these flags, as one-line messages: an unknown --opt, a package it needs, the wrong
+    number of --opt-betas, --opt-kwargs that repeat a flag or that the optimizer does not take."""
+    from timm.optim import create_optimizer_v2, list_optimizers, optimizer_kwargs
+    info = _info(cfg.opt)
+    opt = f'{flag("opt")} {cfg.opt}'
+    if info is None:
+        return [f'{opt} is not a timm optimizer; valid: {", ".join(list_optimizers())} (each also as '
+                f'{LOOKAHEAD}NAME)']
+    if info.second_order:
+        return [f'{opt} needs a second backward pass through the model (create_graph=True), and the attention '
+                'kernels (SDPA, flash / varlen) have no double backward']
+    source = cuda_only(cfg.opt)
+    package = source.split(' ')[-1].split('.')[0]
+    if package and importlib.util.find_spec(package) is None:
+        return [f'{opt} needs the {package} package ({source}): pip install {package}']
+    if cfg.betas is not None and info.has_betas and len(cfg.betas) != info.num_betas:
+        return [f'{flag("betas")} takes {info.num_betas} values for {info.name}, got {len(cfg.betas)}']
+    kwargs = optimizer_kwargs(cfg=optimizer_args(cfg, cfg.lr or cfg.lr_base))
+    repeated = sorted(set(cfg.kwargs) & set(kwargs))
+    if repeated:
+        return [f'{flag("kwargs")} {", ".join(repeated)}: set with {", ".join(_FLAG_OF_KWARG[k] for k in repeated)}']
+    if package:
+        return []  # built on CUDA only: the dry run below cannot run here
+    # a dry run on one parameter (layer decay applies to a model's groups only): the optimizer checks its own
+    # arguments, unknown keys and values out of range
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # the run's random stream stays as it was
+        warnings.simplefilter('ignore')  # the optimizer's own warnings come when the run builds it
+        try:
+            create_optimizer_v2([nn.Parameter(torch.zeros(2, 2))], **kwargs, **_opt_kwargs(cfg))
+        except (TypeError, ValueError, RuntimeError, AssertionError, KeyError) as e:
+            text = ' '.join(str(e).split()) or type(e).__name__
+            return [f'{opt} rejects these settings: {text}' + (f' ({flag("kwargs")} {cfg.kwargs})'
+                                                                 if cfg.kwargs else '')]
+    return []
+
+
+def clip_gradients(module: nn.Module, value: float, mode: str = 'norm') -> None:
+    """timm train.py's clipping: ``dispatch_clip_grad`` (norm, value or agc) over the model's parameters, without
+    the classifier's weight and bias for ``agc`` (timm leaves out the last two parameters)."""
+    from timm.models import model_parameters
+    from timm.utils import dispatch_clip_grad
+    dispatch_clip_grad(model_parameters(module, exclude_head='agc' in mode), value=value, mode=mode)
 
 
 class ModelEma(nn.Module):

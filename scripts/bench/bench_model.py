@@ -12,9 +12,9 @@ Runtime: GPU ~2-4 min (3 variants x (warmup + steps), longer with --compile); CP
 What is timed is the library's training step on the library's batches, so the figure is what train.py runs:
 - the step is ``naflex.train.engine.Trainer``: ``backward`` (forward under autocast, ``classification_loss``
   with label smoothing 0.1, the ``--naflex-loss-scale linear`` weight of the step's batch size) then ``update``
-  (optimizer step, zero_grad). Every variant goes through it; only the model and its optimizer differ: ours and
-  vit_plain step naflex.train.optim's NAdamW (what train.py builds: foreach on CUDA, no weight decay on 1-d /
-  pos-embed params), timm's variant timm's NAdamW (as timm's train.py; --timm-opt naflex for ours);
+  (optimizer step, zero_grad). Every variant goes through it; only the model differs: each steps timm's NAdamW,
+  ours and vit_plain as naflex.train.optim builds it for train.py, timm's variant from create_optimizer_v2 as timm's
+  train.py calls it (the same optimizer and parameter groups; --timm-opt naflex builds timm's through ours too);
 - the per-step (L, batch size) list is the train loader's ``loaders.SeqLenSchedule`` (one L drawn per step, the
   token budget's floor(budget / L / 8) * 8 images); warm-up runs one step of each L first, so compiles happen
   before timing;
@@ -75,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler top-15 table of ours_packed steps")
     p.add_argument("--timm-opt", default="timm", choices=("timm", "naflex"),
-                   help="optimizer of timm_padded: timm's NAdamW (as timm's train.py) or ours")
+                   help="how timm_padded's NAdamW is built: create_optimizer_v2 (timm's train.py) or our train.py's")
     p.add_argument("-b", "--batch-size", type=int, default=64, help="token budget is b x max(seq-lens)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[128, 256, 576, 784, 1024])
     p.add_argument("--amp-dtype", default=None, choices=("bfloat16", "float16", "float32"),
@@ -212,7 +212,7 @@ def plain_vit(model, name, drop_path):
 
 
 def make_optimizer(variant, model, timm_opt):
-    """What each side's train.py builds: naflex.train.optim.create_optimizer (ours), timm's NAdamW (timm's)."""
+    """What each side's train.py builds: naflex.train.optim.create_optimizer (ours), create_optimizer_v2 (timm's)."""
     if variant == "timm_padded" and timm_opt == "timm":
         from timm.optim import create_optimizer_v2
         return create_optimizer_v2(model, opt="nadamw", lr=3e-4, weight_decay=0.1)
