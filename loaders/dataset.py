@@ -48,7 +48,8 @@ def label_space(found: Iterable[str], classes: Optional[Sequence[str]] = None) -
     if classes is None:
         return sort_classes(set(found)), []
     if len(set(classes)) != len(classes):
-        raise ValueError(f"the class map names a class twice: {sorted(c for c in set(classes) if classes.count(c) > 1)[:5]}")
+        twice = sorted(c for c in set(classes) if classes.count(c) > 1)
+        raise ValueError(f"the class map names a class twice: {twice[:5]}")
     listed = set(classes)
     return list(classes), sort_classes({n for n in found if n not in listed})
 

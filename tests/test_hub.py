@@ -172,7 +172,8 @@ def test_validate_pretrained_by_name_equals_the_file(published, offline, demo_da
     assert [(r['top1'], r['loss']) for r in by_name] == [(r['top1'], r['loss']) for r in by_file]
     # bulk: a pattern validates every published name it matches; the one not cached is one error line
     rows, err = offline[0]['validate_pattern']
-    assert [(r['model'], r['checkpoint'], r['top1']) for r in rows] == [(NAME, f'hf-hub:{HUB_REPO}', by_name[0]['top1'])]
+    assert [(r['model'], r['checkpoint'], r['top1']) for r in rows] == [
+        (NAME, f'hf-hub:{HUB_REPO}', by_name[0]['top1'])]
     assert err.strip().splitlines()[0].startswith(f"validate.py: error ({MISSING}): {MISSING}'s published weights: ")
     # as timm's validate.py: no --checkpoint means the published weights; timm's hf-hub:timm/NAME names them too
     for key in ('validate_default', 'validate_hub_name'):
