@@ -218,6 +218,7 @@ def _dataset_for(args, weights: "Weights"):
     checkpoint of ours records (class folders it does not know are an error); else, for a checkpoint of ours
     written before names were recorded, sorted() order; else timm's order (timm's checkpoints, published weights)."""
     from loaders import read_class_map
+    from naflex.train.checkpoint import sorted_order_of
 
     root = args.data_dir or args.data
     if args.class_map:
@@ -233,10 +234,10 @@ def _dataset_for(args, weights: "Weights"):
                 f"classes {weights.source} was trained on: {', '.join(ds.skipped_classes[:5])}; pass --class-map "
                 "FILE to say which output each class is")
         print(f"classes: the {len(weights.classes)} names {weights.source} records, in its order")
-    elif weights.sorted_order and getattr(ds, "class_names_known", True) and sorted(ds.classes) != ds.classes:
+    elif weights.sorted_order and sorted_order_of(ds):
         print(f"classes: {weights.source} was written before checkpoints recorded class names, with classes in "
               "sorted() order; that order is used")
-        ds = _open_dataset(args, sorted(ds.classes))
+        ds = _open_dataset(args, sorted_order_of(ds))
     return ds
 
 

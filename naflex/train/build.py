@@ -89,16 +89,16 @@ def open_datasets(cfg: Config, resume_ckpt: Optional[dict] = None):
     or tar shards (``--dataset wds/NAME``, or shards found in ``--data-dir``); rank 0 opens them first, so an index
     it builds and caches is read, not rebuilt, by the other ranks. Class indices: ``class_map_for``; a resumed
     checkpoint written before checkpoints recorded class names had them in ``sorted()`` order, which is kept."""
-    from .checkpoint import sorted_class_order
+    from .checkpoint import sorted_class_order, sorted_order_of
     root, data = Path(cfg.data.root), cfg.data
     if not root.is_dir():
         raise UserError(f'--data-dir {root} does not exist')
     classes = class_map_for(cfg, resume_ckpt)
     with primary_first():  # rank 0 builds (and caches) a shard index first; the others then read it
         train_ds = _open_split(cfg, data.train_split, 'training', classes=classes)
-        if (classes is None and sorted_class_order(resume_ckpt) and getattr(train_ds, 'class_names_known', True)
-                and sorted(train_ds.classes) != train_ds.classes):
-            classes = sorted(train_ds.classes)
+        legacy = sorted_order_of(train_ds) if classes is None and sorted_class_order(resume_ckpt) else None
+        if legacy:
+            classes = legacy
             _logger.info('--resume: the checkpoint records no class names (written before they were recorded, with '
                          'classes in sorted() order): that order is kept')
             train_ds = _open_split(cfg, data.train_split, 'training', classes=classes)

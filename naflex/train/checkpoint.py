@@ -33,7 +33,7 @@ from torch import nn
 
 from naflex.model import load_into
 from naflex.model.registry import hub_id
-from naflex.model.weights import EMA_KEYS, load_hub_pretrained, read_file, read_state_dict, state_dict_from
+from naflex.model.weights import EMA_KEYS, load_hub_pretrained, read_file, state_dict_from
 
 from .schedule import restore_schedule, schedule_state
 
@@ -216,6 +216,15 @@ def sorted_class_order(ckpt) -> bool:
     """True for a checkpoint of ours written before checkpoints recorded class names (format version 2): its class
     indices are the class-folder names in ``sorted()`` order, not timm's natural order used since."""
     return isinstance(ckpt, dict) and ckpt.get('version') == 2 and 'train_state' in ckpt
+
+
+def sorted_order_of(dataset) -> Optional[List[str]]:
+    """The dataset's class names in ``sorted()`` order (the order of a ``sorted_class_order`` checkpoint) when they
+    are names and that order differs from the dataset's own; None otherwise (the dataset is right as it is)."""
+    if not getattr(dataset, 'class_names_known', True):
+        return None
+    order = sorted(dataset.classes)
+    return order if order != list(dataset.classes) else None
 
 
 def find_resume(output_dir) -> Optional[Path]:

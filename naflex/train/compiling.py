@@ -83,12 +83,10 @@ class CompileReport:
         self.watch = CompileWatch()
         self._mark = self.watch.mark()
         self.first = True
-        self.totals: Dict[str, float] = {}
 
     def after_epoch(self, state) -> bool:
         fig = self.watch.since(self._mark)
         self._mark = self.watch.mark()
-        self.totals = {k: self.totals.get(k, 0) + v for k, v in fig.items() if k != 'graph_breaks'}
         line = (f'{fig["dynamo_compiles"]} frames compiled ({fig["recompiles"]} recompiles), {fig["graphs"]} graphs, '
                 f'{fig["backward_compiles"]} backward graphs, {fig["graph_breaks"]} graph breaks so far, '
                 f'{fig["compile_s"]:.1f} s compiling')

@@ -92,7 +92,7 @@ echo "== $STAMP  device $DEVICE  model $MODEL  -b $BATCH  L {$SEQ_LENS}  -j $WOR
 echo "   timm: $TIMM_TRAIN  ours extra: ${EXTRA_TRAIN_ARGS:-none}  timm extra: ${TIMM_TRAIN_ARGS:-none}  steady state from update $STEADY_SKIP"
 
 ours_wall=0; timm_wall=0
-if [ "${ONLY:-ours}" = ours ] || [ -z "${ONLY:-}" ]; then
+if [ "${ONLY:-ours}" = ours ]; then
     t0=$(date +%s)
     "$PY" train.py "${CARD[@]}" "${DEV_FLAGS[@]}" --model "$MODEL" --log-interval "$OURS_LOG_INTERVAL" \
         ${EXTRA_OURS[@]+"${EXTRA_OURS[@]}"} \
@@ -100,7 +100,7 @@ if [ "${ONLY:-ours}" = ours ] || [ -z "${ONLY:-}" ]; then
         || { echo "our train.py failed; see $OUT/ours-$STAMP.log" >&2; tail -5 "$OUT/ours-$STAMP.log" >&2; exit 1; }
     ours_wall=$(( $(date +%s) - t0 ))
 fi
-if [ "${ONLY:-timm}" = timm ] || [ -z "${ONLY:-}" ]; then
+if [ "${ONLY:-timm}" = timm ]; then
     t0=$(date +%s)
     (cd "$OUT" && "$PY" "$TIMM_TRAIN" "${CARD[@]}" "${DEV_FLAGS[@]}" "${TIMM_MODEL[@]}" --num-classes "$NUM_CLASSES" \
         --log-interval 1 ${EXTRA_TIMM[@]+"${EXTRA_TIMM[@]}"} \
