@@ -106,7 +106,7 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
         callbacks.append(CompileReport())
     if dist.distributed:
         run_model = DistributedDataParallel(run_model, device_ids=[dist.device] if dist.device.type == 'cuda'
-                                            else None)
+                                            else None, broadcast_buffers=cfg.train.broadcast_buffers)
     evaluates = bool(cfg.data.val_split)  # timm: without evaluation, plateau watches the (falling) train loss
     try:
         schedule, total_epochs = create_schedule(cfg.sched, optimizer, updates_per_epoch, seed=cfg.train.seed,

@@ -54,7 +54,11 @@ class AugConfig:
     vflip: float = 0.0                                # --vflip (after hflip, as timm)
     aa: Optional[str] = None                          # --aa, e.g. 'rand-m8-inc1-mstd1.0'
     color_jitter: Union[None, float, Sequence[float]] = 0.4  # --color-jitter (ignored with --aa)
+    color_jitter_prob: Optional[float] = None         # --color-jitter-prob (None: jitter every image)
     grayscale_prob: float = 0.0                       # --grayscale-prob
+    gaussian_blur_prob: float = 0.0                   # --gaussian-blur-prob (kernel 23, sigma 0.1-2, as timm)
+    no_aug: bool = False                              # --no-aug: the eval resize (whole image, aspect kept), no
+                                                      # flip, RandAugment, jitter, grayscale, blur or erasing
     reprob: float = 0.0                               # --reprob
     remode: str = 'pixel'                             # --remode
     recount: int = 1                                  # --recount
@@ -83,8 +87,10 @@ class AugConfig:
                f'{self.interpolation!r} is not one of {", ".join(INTERPOLATIONS)}')
         p.need(self.ra_interpolation is None or self.ra_interpolation in RA_INTERPOLATIONS, 'ra_interpolation',
                f'{self.ra_interpolation!r} is not one of {", ".join(RA_INTERPOLATIONS)}')
-        for field in ('hflip', 'vflip', 'grayscale_prob', 'reprob'):
+        for field in ('hflip', 'vflip', 'grayscale_prob', 'gaussian_blur_prob', 'reprob'):
             p.need(is_prob(getattr(self, field)), field, f'must be a probability in [0, 1], got {getattr(self, field)}')
+        p.need(self.color_jitter_prob is None or is_prob(self.color_jitter_prob), 'color_jitter_prob',
+               f'must be a probability in [0, 1], got {self.color_jitter_prob}')
         p.need(self.remode in ERASE_MODES, 'remode', f'{self.remode!r} is not one of {", ".join(ERASE_MODES)}')
         p.need(self.recount >= 1, 'recount', 'must be >= 1')
         if self.aa:

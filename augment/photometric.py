@@ -1,4 +1,4 @@
-"""Colour jitter and random grayscale for the NaFlex training transform (per image, explicit RNG).
+"""Colour jitter, random grayscale and Gaussian blur for the NaFlex training transform (per image, explicit RNG).
 
 timm's rule (transforms_factory): colour jitter is used only when no RandAugment/AutoAugment policy is set
 (``--color-jitter``, scalar s -> brightness/contrast/saturation factors uniform in [max(0, 1-s), 1+s], hue
@@ -50,4 +50,17 @@ def color_jitter(img, strength: Tuple[float, float, float, float], rng: random.R
 def random_grayscale(img, prob: float, rng: random.Random):
     if prob > 0 and rng.random() < prob:
         return F.rgb_to_grayscale(img, num_output_channels=3)
+    return img
+
+
+BLUR_KERNEL = 23            # timm's transforms_factory: GaussianBlur(kernel_size=23)
+BLUR_SIGMA = (0.1, 2.0)     # torchvision's GaussianBlur default, drawn per image
+
+
+def random_gaussian_blur(img, prob: float, rng: random.Random):
+    """``--gaussian-blur-prob``: with probability ``prob`` a Gaussian blur of kernel 23 and sigma uniform in
+    [0.1, 2.0], as timm's ``RandomApply([GaussianBlur(23)])``."""
+    if prob > 0 and rng.random() < prob:
+        sigma = rng.uniform(*BLUR_SIGMA)
+        return F.gaussian_blur(img, [BLUR_KERNEL, BLUR_KERNEL], [sigma, sigma])
     return img

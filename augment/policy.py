@@ -16,15 +16,16 @@ from torchvision.transforms.v2 import functional as F
 
 from .config import AugConfig
 from .erasing import RandomErasing
-from .photometric import color_jitter, parse_color_jitter, random_grayscale
+from .photometric import color_jitter, parse_color_jitter, random_gaussian_blur, random_grayscale
 from .randaugment import RandAugment
 from .stages import StageHook, stage
 
 
 class ImageAugment:
-    """flip -> RandAugment -> colour jitter (no AA only) -> grayscale on a PIL image or uint8 CHW tensor;
-    ``after_mix``: random erasing on the uint8 HWC image once the batch has been mixed. ``timer``: an optional
-    stage hook (augment.stages) called around each stage."""
+    """flip -> RandAugment -> colour jitter (no AA only; with ``color_jitter_prob``: that share of images) ->
+    grayscale -> Gaussian blur on a PIL image or uint8 CHW tensor (timm's order); ``after_mix``: random erasing on
+    the uint8 HWC image once the batch has been mixed. ``no_aug``: identity. ``timer``: an optional stage hook
+    (augment.stages) called around each stage."""
 
     def __init__(self, cfg: AugConfig, timer: Optional[StageHook] = None):
         self.cfg = cfg
@@ -40,10 +41,12 @@ class ImageAugment:
         use_jitter = self.rand_augment is None or '3a' in (cfg.aa or '')
         self.jitter = parse_color_jitter(cfg.color_jitter) if use_jitter else None
         self.erasing = (RandomErasing(cfg.reprob, cfg.remode, cfg.recount, mean=cfg.mean, std=cfg.std)
-                        if cfg.reprob > 0 else None)
+                        if cfg.reprob > 0 and not cfg.no_aug else None)
 
     def __call__(self, img, rng: random.Random):
         cfg = self.cfg
+        if cfg.no_aug:
+            return img
         with stage(self.timer, 'flip'):
             if cfg.hflip > 0 and rng.random() < cfg.hflip:
                 img = F.horizontal_flip(img)
@@ -53,10 +56,13 @@ class ImageAugment:
             with stage(self.timer, 'RandAugment'):
                 img = self.rand_augment(img, rng)
         with stage(self.timer, 'jitter/grayscale'):
-            if self.jitter is not None:
+            if self.jitter is not None and (cfg.color_jitter_prob is None or rng.random() < cfg.color_jitter_prob):
                 img = color_jitter(img, self.jitter, rng)
             if cfg.grayscale_prob > 0:
                 img = random_grayscale(img, cfg.grayscale_prob, rng)
+        if cfg.gaussian_blur_prob > 0:
+            with stage(self.timer, 'blur'):
+                img = random_gaussian_blur(img, cfg.gaussian_blur_prob, rng)
         return img
 
     def after_mix(self, img_HWC, rng: random.Random, patch_size: int):

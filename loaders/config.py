@@ -34,6 +34,7 @@ class DatasetConfig:
     class_map: str = ''                 # --class-map: class names in index order (timm's .txt / .pkl), else timm's
                                         # folder order (natural sort)
     cache_dir: Optional[str] = None     # cache the folder index here (never inside the data folder)
+    input_img_mode: Optional[str] = None  # --input-img-mode: images are decoded to RGB ('RGB' or None)
 
     def validate(self, name: Optional[Callable[[str], str]] = None) -> None:
         p = Problems(name)
@@ -41,6 +42,8 @@ class DatasetConfig:
         kind, sep, _ = self.dataset.partition('/')
         p.need(not sep or kind.lower() in DATASET_KINDS + ('folder', 'imagefolder'), 'dataset',
                f"type {kind!r} is not read here: use wds/NAME (tar shards) or leave it empty (image folder)")
+        p.need(self.input_img_mode in (None, 'RGB'), 'input_img_mode',
+               f'{self.input_img_mode}: images are decoded to RGB here (the model takes 3 channels)')
         p.raise_any()
 
 
@@ -59,12 +62,17 @@ class TrainLoaderConfig:
     pin_memory: Optional[bool] = None                     # None: when CUDA is available
     persistent_workers: bool = True
     prefetch_factor: int = 2
+    num_samples: Optional[int] = None                     # --train-num-samples: samples per epoch (None: all)
+    aug_repeats: int = 0                                  # --aug-repeats: copies of each image per epoch (timm's
+                                                          # RepeatAugSampler; 0 or 1: off)
 
     def validate(self, name: Optional[Callable[[str], str]] = None) -> None:
         p = Problems(name)
         p.need(bool(self.seq_lens) and all(L > 0 for L in self.seq_lens), 'seq_lens', 'must be > 0')
         p.need(self.batch_size >= 1, 'batch_size', 'must be >= 1')
         p.need(self.num_workers >= 0, 'num_workers', 'must be >= 0')
+        p.need(self.num_samples is None or self.num_samples >= 1, 'num_samples', 'must be >= 1')
+        p.need(self.aug_repeats >= 0, 'aug_repeats', 'must be >= 0')
         p.need(self.patch_size >= 1 and all(s >= 1 for s in self.patch_sizes or ()), 'patch_sizes', 'must be >= 1')
         p.need(self.patch_size_probs is None or (
             bool(self.patch_sizes) and len(self.patch_size_probs) == len(self.patch_sizes)
@@ -85,12 +93,14 @@ class EvalLoaderConfig:
     draft: bool = False                 # JPEG reduced-DCT decoding (off: same pixels as timm)
     exif_orientation: bool = False      # --exif-orientation: turn images upright by their EXIF tag (timm: no)
     pin_memory: Optional[bool] = None
+    num_samples: Optional[int] = None   # --val-num-samples: score the first N images of the split (None: all)
 
     def validate(self, name: Optional[Callable[[str], str]] = None) -> None:
         p = Problems(name)
         p.need(self.max_seq_len > 0, 'max_seq_len', 'must be > 0')
         p.need(self.batch_size >= 1, 'batch_size', 'must be >= 1')
         p.need(self.num_workers >= 0, 'num_workers', 'must be >= 0')
+        p.need(self.num_samples is None or self.num_samples >= 1, 'num_samples', 'must be >= 1')
         p.need(self.patch_size >= 1, 'patch_size', 'must be >= 1')
         # 'random' is a training-only choice: evaluation resizes every image the same way
         p.need(self.interpolation in INTERPOLATIONS and self.interpolation != 'random', 'interpolation',

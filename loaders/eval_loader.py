@@ -2,7 +2,8 @@
 no crop; NaViT arXiv:2307.06304 / SigLIP 2 arXiv:2502.14786), packed or padded batches.
 
 Each rank gets a contiguous shard ``[r*n//W, (r+1)*n//W)`` with no padding duplicates, so every image is
-scored exactly once across ranks (sum the per-rank counts). A file that fails to decode is dropped from its
+scored exactly once across ranks (sum the per-rank counts); ``num_samples`` (``--val-num-samples``) limits the
+split to its first N images. A file that fails to decode is dropped from its
 batch (it cannot be replaced without double counting) and listed in ``inputs['bad_files']`` (the consumer
 reports it: a warning from each worker would repeat per worker and epoch); a batch whose files all fail is
 yielded with B = 0.
@@ -24,8 +25,9 @@ from .workers import ignore_interrupts
 
 class EvalImages(Dataset):
     def __init__(self, dataset, max_seq_len: int, patch_size: int, interpolation: str, draft: bool,
-                 rank: int = 0, world_size: int = 1, exif_orientation: bool = EvalLoaderConfig.exif_orientation):
-        n = len(dataset)
+                 rank: int = 0, world_size: int = 1, exif_orientation: bool = EvalLoaderConfig.exif_orientation,
+                 num_samples: Optional[int] = None):
+        n = len(dataset) if num_samples is None else min(num_samples, len(dataset))
         self.dataset = dataset
         self.lo, self.hi = rank * n // world_size, (rank + 1) * n // world_size
         self.max_seq_len, self.patch_size = max_seq_len, patch_size
@@ -63,7 +65,7 @@ def make_eval_loader(dataset, cfg: Optional[EvalLoaderConfig] = None, *, rank: i
     cfg = dataclasses.replace(cfg or EvalLoaderConfig(), **fields)
     cfg.validate()
     images = EvalImages(dataset, cfg.max_seq_len, cfg.patch_size, cfg.interpolation, cfg.draft, rank, world_size,
-                        exif_orientation=cfg.exif_orientation)
+                        exif_orientation=cfg.exif_orientation, num_samples=cfg.num_samples)
     kwargs = dict(persistent_workers=persistent_workers) if cfg.num_workers > 0 else {}
     return DataLoader(images, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                       collate_fn=EvalCollate(cfg.patch_size, cfg.packing, cfg.max_seq_len),

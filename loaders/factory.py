@@ -49,7 +49,8 @@ def create_train_loader(root, split: str = 'train', cfg: Optional[TrainLoaderCon
     sizes = list(cfg.patch_sizes) if cfg.patch_sizes else [cfg.patch_size]
     schedule = SeqLenSchedule(len(dataset), cfg.seq_lens, cfg.batch_size * max(cfg.seq_lens), seed=cfg.seed,
                               rank=rank, world_size=world_size, patch_sizes=sizes,
-                              patch_size_probs=cfg.patch_size_probs)
+                              patch_size_probs=cfg.patch_size_probs, epoch_samples=cfg.num_samples,
+                              repeats=max(1, cfg.aug_repeats))
     if mixup is not None and not mixup.num_classes:
         mixup = dataclasses.replace(mixup, num_classes=num_classes or dataset.num_classes)
     step_ds = StepDataset(dataset, schedule, aug, mixup, packing=cfg.packing, seed=cfg.seed)

@@ -3,8 +3,9 @@
 Train (NaViT arXiv:2307.06304 / SigLIP 2 NaFlex arXiv:2502.14786, timm's RandomResizedCropToSequence):
 read the header, sample the crop in full-resolution coordinates, decode (JPEG draft when the output is
 >= 2x smaller, unless ``--no-jpeg-draft``), crop+resize straight to grid*P (``--train-interpolation``;
-'random' = bilinear or bicubic), then flip / RandAugment / jitter / grayscale (augment.ImageAugment) on the PIL
-image. An optional stage hook (augment.stages) times each of these stages for the profiler.
+'random' = bilinear or bicubic), then flip / RandAugment / jitter / grayscale / blur (augment.ImageAugment) on
+the PIL image. ``--no-aug`` (timm's) uses the eval resize below instead, with no augmentation. An optional stage
+hook (augment.stages) times each of these stages for the profiler.
 
 Eval: timm's NaFlex eval rule (ResizeToSequence): aspect-preserving resize of the whole image to the largest
 grid that fits ``max_seq_len``, no crop. JPEG draft is off by default here so pixels match timm's.
@@ -41,8 +42,12 @@ class TrainSampleBuilder:
         """The same image as an RGB PIL image (the loader mixes PIL images, then converts)."""
         with stage(self.timer, 'read + header'):
             opened = open_image(path, exif_orientation=self.cfg.exif_orientation)
+        _, h, w, _ = opened
+        if self.cfg.no_aug:  # timm's --no-aug: the eval resize (whole image, aspect kept), no augmentation
+            gh, gw = fit_grid_to_seq(h, w, patch_size, seq_len)
+            return decode_resized(path, None, (gh * patch_size, gw * patch_size), self.interps[0],
+                                  draft=self.cfg.draft, opened=opened, timer=self.timer)
         with stage(self.timer, 'RRC params'):
-            _, h, w, _ = opened
             crop = sample_rrc(h, w, rng, patch_size=patch_size, max_seq_len=seq_len,
                               scale=self.cfg.scale, ratio=self.cfg.ratio)
             interp = self.interps[0] if len(self.interps) == 1 else rng.choice(self.interps)

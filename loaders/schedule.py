@@ -9,7 +9,12 @@ FlexiViT arXiv:2212.08013 patch-size randomisation), with timm 1.0.31's semantic
   every epoch has the same number of steps on every rank.
 - Each epoch: the indices are shuffled from (seed, epoch), padded by wrapping to a multiple of world_size
   (the only duplicates: ``ceil(n / W) * W - n`` per epoch) and dealt rank-strided, so ranks hold disjoint
-  shards; the step order is permuted from (seed, epoch) and a patch size is drawn per step — all identical
+  shards. ``epoch_samples`` (``--train-num-samples``) sets the epoch's length instead of n: a shorter epoch takes
+  the first samples of the shuffled order (another subset each epoch), a longer one wraps around it.
+  ``repeats`` R > 1 (timm's ``--aug-repeats``, RepeatAugSampler) repeats every index R times in a row before
+  dealing, so its copies go to R consecutive ranks; the epoch keeps its length, so it sees n / R distinct
+  images. Each slot carries its copy number (``Step.copies``: 0 for an index's first occurrence in the epoch),
+  which keys a repeated image's augmentation apart from its first copy's; the step order is permuted from (seed, epoch) and a patch size is drawn per step — all identical
   on every rank. Everything is a pure function of (seed, epoch, rank, world_size, n): re-runs and resumes are
   exact.
 """
@@ -38,6 +43,7 @@ class Step:
     seq_len: int
     patch_size: int
     indices: np.ndarray  # dataset indices of this rank's images for the step
+    copies: Optional[np.ndarray] = None  # each index's occurrence number in the epoch (None: all first copies)
 
 
 class SeqLenSchedule:
@@ -54,12 +60,20 @@ class SeqLenSchedule:
             patch_size_probs: Optional[Sequence[float]] = None,
             divisor: int = 8,
             shuffle: bool = True,
+            epoch_samples: Optional[int] = None,
+            repeats: int = 1,
     ):
         if num_samples <= 0:
             raise ValueError("empty dataset")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
+        if epoch_samples is not None and epoch_samples <= 0:
+            raise ValueError("epoch_samples must be > 0")
+        if repeats < 1:
+            raise ValueError("repeats must be >= 1")
         self.num_samples = num_samples
+        self.epoch_samples = int(epoch_samples or num_samples)
+        self.repeats = int(repeats)
         self.seq_lens = sorted(set(int(s) for s in seq_lens))
         self.tokens_per_batch = int(tokens_per_batch)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
@@ -75,7 +89,7 @@ class SeqLenSchedule:
         self.patch_size_probs = [p / sum(probs) for p in probs]
         self.divisor = divisor
         self.shuffle = shuffle
-        self.samples_per_rank = -(-num_samples // world_size)
+        self.samples_per_rank = -(-self.epoch_samples // world_size)
         self.canonical: List[Tuple[int, int]] = self._canonical()
         self._cache_epoch = None
         self._cache_steps: List[Step] = []
@@ -100,17 +114,19 @@ class SeqLenSchedule:
     def __len__(self) -> int:
         return self.num_steps
 
-    def epoch_indices(self, epoch: int) -> np.ndarray:
-        """This rank's dataset indices for ``epoch``, in consumption order (length samples_per_rank)."""
-        n, W = self.num_samples, self.world_size
+    def epoch_indices(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(dataset indices, copy numbers) of this rank for ``epoch``, in consumption order (samples_per_rank each).
+
+        The epoch's stream is the shuffled order with each index repeated ``repeats`` times, wrapped around
+        (cyclically, if W or ``epoch_samples`` exceed it) to samples_per_rank x W slots and dealt rank-strided."""
+        n, R, W = self.num_samples, self.repeats, self.world_size
         if self.shuffle:
             perm = np.random.default_rng([self.seed, int(epoch), 0x6E61666C]).permutation(n)
         else:
             perm = np.arange(n)
-        total = self.samples_per_rank * W
-        if total > n:
-            perm = np.resize(perm, total)  # wrap around the shuffled order (cyclically if W > n)
-        return perm[self.rank::W]
+        pos = np.arange(self.samples_per_rank * W)[self.rank::W]
+        cycle = n * R
+        return perm[(pos % cycle) // R], (pos // cycle) * R + pos % R
 
     def steps(self, epoch: int) -> List[Step]:
         if self._cache_epoch == epoch:
@@ -119,13 +135,13 @@ class SeqLenSchedule:
         order = list(range(self.num_steps))
         if self.shuffle:
             rng.shuffle(order)
-        indices = self.epoch_indices(epoch)
+        indices, copies = self.epoch_indices(epoch)
         steps, pos = [], 0
         for k in order:
             L, bs = self.canonical[k]
             p = self.patch_sizes[0] if len(self.patch_sizes) == 1 else \
                 rng.choices(self.patch_sizes, weights=self.patch_size_probs)[0]
-            steps.append(Step(L, p, indices[pos:pos + bs]))
+            steps.append(Step(L, p, indices[pos:pos + bs], copies[pos:pos + bs]))
             pos += bs
         self._cache_epoch, self._cache_steps = epoch, steps
         return steps

@@ -10,10 +10,10 @@ builds the whole batch for a key inside a worker. So
 - every random choice is a pure function of the run's seed, so a batch is identical whatever the number of
   workers, and re-runs and resumes are exact:
   - a sample's draws (crop, interpolation, flips, RandAugment, grayscale, erasing) come from ``random.Random``
-    seeded by (seed, epoch, dataset index): an image is augmented the same way whatever its rank, slot or the
-    world size, and the images of one global step, on every rank, draw independently (as timm's per-rank,
-    per-worker seeding gives). The few wrap-around repeats that even the ranks out (``ceil(n/W)*W - n`` per
-    epoch) repeat their first copy's augmentation too;
+    seeded by (seed, epoch, dataset index, copy number): an image is augmented the same way whatever its rank,
+    slot or the world size, and the images of one global step, on every rank, draw independently (as timm's
+    per-rank, per-worker seeding gives). A repeated copy (``--aug-repeats``, the wrap-around that evens the ranks
+    out, an epoch longer than the dataset) draws its own augmentation;
   - a step's MixUp/CutMix draws (mode, lambda, pairing, boxes) come from (seed, epoch, step, rank).
 
 A file that fails to decode is replaced (the step keeps its shape) and its path is listed in
@@ -102,19 +102,21 @@ class StepDataset(Dataset):
     def __len__(self) -> int:
         return self.schedule.num_steps
 
-    def _load(self, epoch: int, idx: int, L: int, P: int, bad: List[str]):
-        """(PIL image, target, the sample's RNG) for dataset index ``idx``, or for its replacement if it fails."""
+    def _load(self, epoch: int, idx: int, copy: int, L: int, P: int, bad: List[str]):
+        """(PIL image, target, the sample's RNG) for copy ``copy`` of dataset index ``idx``, or for its replacement
+        if it fails."""
         n, picked = len(self.dataset), idx
         replacements = None
+        key = f"{idx}#{copy}" if copy else f"{idx}"
         for attempt in range(MAX_REPLACEMENTS):
             suffix = f"/{attempt}" if attempt else ""
-            rng = random.Random(f"sample/{self.seed}/{epoch}/{idx}{suffix}")
+            rng = random.Random(f"sample/{self.seed}/{epoch}/{key}{suffix}")
             path = self.dataset.path(picked)
             try:
                 return self.builder.build_pil(path, L, P, rng), self.dataset.target(picked), rng
             except UndecodableImage:  # only a file that cannot be read or decoded is replaced (reported
                 bad.append(path)      # through the batch's bad_files: the trainer logs each path once)
-                replacements = replacements or random.Random(f"replace/{self.seed}/{epoch}/{idx}")
+                replacements = replacements or random.Random(f"replace/{self.seed}/{epoch}/{key}")
                 picked = replacements.randrange(n)
         raise _GaveUp()
 
@@ -124,9 +126,10 @@ class StepDataset(Dataset):
         step = self.schedule.step(epoch, step_idx)
         L, P = step.seq_len, step.patch_size
         imgs, targets, bad, rngs = [], [], [], []
-        for idx in step.indices.tolist():
+        copies = step.copies.tolist() if step.copies is not None else [0] * len(step.indices)
+        for idx, copy in zip(step.indices.tolist(), copies):
             try:
-                img, t, rng = self._load(epoch, idx, L, P, bad)
+                img, t, rng = self._load(epoch, idx, copy, L, P, bad)
             except _GaveUp:
                 return _StepFailed(bad, epoch, step_idx)
             imgs.append(img)

@@ -7,24 +7,28 @@ from naflex.train.cli import ConfigError, build_parser, parse_args
 
 # Changing the CLI is a deliberate act: update this list (and the README) in the same commit.
 FROZEN_FLAGS = [
-    '--aa', '--amp', '--amp-dtype', '--attn-backend', '--batch-size', '--bce-loss', '--bce-pos-weight', '--bce-sum',
-    '--bce-target-thresh', '--checkpoint-hist', '--class-map', '--clip-grad', '--clip-mode', '--color-jitter',
-    '--config', '--cooldown-epochs', '--cutmix', '--data-dir', '--dataset', '--decay-epochs', '--decay-milestones',
-    '--decay-rate', '--device', '--dr', '--drop', '--drop-path', '--epochs', '--eval-metric', '--exif-orientation',
-    '--experiment', '--gp', '--grad-accum-steps', '--grad-checkpointing', '--grayscale-prob', '--help', '--hflip',
-    '--initial-checkpoint', '--layer-decay', '--layer-decay-min-scale', '--layer-decay-no-opt-scale',
-    '--log-interval', '--log-wandb', '--lr', '--lr-base', '--lr-base-scale', '--lr-base-size', '--lr-cycle-decay',
-    '--lr-cycle-limit', '--lr-cycle-mul', '--lr-decay-fn', '--lr-k-decay', '--lr-noise', '--lr-noise-pct',
-    '--lr-noise-std', '--lr-stable-timescale', '--mean', '--min-lr', '--mixup', '--mixup-off-epoch', '--mixup-prob',
-    '--mixup-switch-prob', '--model', '--model-ema', '--model-ema-decay', '--model-ema-warmup', '--model-kwargs',
-    '--momentum', '--naflex-loader', '--naflex-loss-scale', '--naflex-max-seq-len', '--naflex-patch-size-probs',
-    '--naflex-patch-sizes', '--naflex-train-seq-lens', '--no-jpeg-draft', '--no-naflex-packing', '--no-resume-opt',
-    '--num-classes', '--opt', '--opt-betas', '--opt-eps', '--opt-kwargs', '--output', '--patience-epochs',
-    '--pin-mem', '--pretrained', '--pretrained-path', '--ratio', '--recount', '--recovery-interval', '--remode',
-    '--reprob', '--resume', '--scale', '--sched', '--sched-on-updates', '--seed', '--smoothing', '--start-epoch',
-    '--std', '--torchcompile', '--torchcompile-mode', '--train-interpolation', '--train-split', '--val-interval',
-    '--val-split', '--validation-batch-size', '--vflip', '--wandb-project', '--warmup-epochs', '--warmup-lr',
-    '--warmup-prefix', '--weight-decay', '--workers',
+    '--aa', '--amp', '--amp-dtype', '--attn-backend', '--aug-repeats', '--batch-size', '--bce-loss',
+    '--bce-pos-weight', '--bce-sum', '--bce-target-thresh', '--channels-last', '--checkpoint-hist', '--class-map',
+    '--clip-grad', '--clip-mode', '--color-jitter', '--color-jitter-prob', '--config', '--cooldown-epochs',
+    '--cutmix', '--data-dir', '--dataset', '--decay-epochs', '--decay-milestones', '--decay-rate', '--device',
+    '--dr', '--drop', '--drop-path', '--epochs', '--eval-metric', '--exif-orientation', '--experiment',
+    '--gaussian-blur-prob', '--gp', '--grad-accum-steps', '--grad-checkpointing', '--grayscale-prob',
+    '--head-init-bias', '--head-init-scale', '--help', '--hflip', '--initial-checkpoint', '--input-img-mode',
+    '--interpolation', '--layer-decay', '--layer-decay-min-scale', '--layer-decay-no-opt-scale', '--local-rank',
+    '--local_rank', '--log-interval', '--log-wandb', '--lr', '--lr-base', '--lr-base-scale', '--lr-base-size',
+    '--lr-cycle-decay', '--lr-cycle-limit', '--lr-cycle-mul', '--lr-decay-fn', '--lr-k-decay', '--lr-noise',
+    '--lr-noise-pct', '--lr-noise-std', '--lr-stable-timescale', '--mean', '--min-lr', '--mixup',
+    '--mixup-off-epoch', '--mixup-prob', '--mixup-switch-prob', '--model', '--model-dtype', '--model-ema',
+    '--model-ema-decay', '--model-ema-warmup', '--model-kwargs', '--momentum', '--naflex-loader',
+    '--naflex-loss-scale', '--naflex-max-seq-len', '--naflex-patch-size-probs', '--naflex-patch-sizes',
+    '--naflex-train-seq-lens', '--no-aug', '--no-ddp-bb', '--no-jpeg-draft', '--no-naflex-packing',
+    '--no-resume-opt', '--num-classes', '--opt', '--opt-betas', '--opt-eps', '--opt-kwargs', '--output',
+    '--patience-epochs', '--pin-mem', '--pretrained', '--pretrained-path', '--ratio', '--recount',
+    '--recovery-interval', '--remode', '--reprob', '--resume', '--scale', '--sched', '--sched-on-updates', '--seed',
+    '--smoothing', '--start-epoch', '--std', '--synchronize-step', '--torchcompile', '--torchcompile-mode',
+    '--train-interpolation', '--train-num-samples', '--train-split', '--val-interval', '--val-num-samples',
+    '--val-split', '--validation-batch-size', '--vflip', '--wandb-project', '--wandb-resume-id', '--wandb-tags',
+    '--warmup-epochs', '--warmup-lr', '--warmup-prefix', '--weight-decay', '--workers',
 ]
 
 CARD = ('--data-dir /data/imagenet/ --amp --amp-dtype bfloat16 --model naflexvit_base_patch16_gap --naflex-loader '
@@ -33,7 +37,10 @@ CARD = ('--data-dir /data/imagenet/ --amp --amp-dtype bfloat16 --model naflexvit
 
 
 def test_flag_list_is_frozen():
-    flags = sorted(s for a in build_parser()._actions for s in a.option_strings if s.startswith('--'))
+    """The flags train.py honours (timm's refused ones are listed in naflex.train.timm_flags)."""
+    from naflex.train.timm_flags import Refused
+    flags = sorted(s for a in build_parser()._actions if not isinstance(a, Refused)
+                   for s in a.option_strings if s.startswith('--'))
     assert flags == sorted(FROZEN_FLAGS)
 
 
@@ -55,7 +62,7 @@ def test_loader_flags_are_config_flags():
     cfg = config_from_args(parser.parse_args([]), parser)
     cli_only = {('mixup', 'mixup_alpha'), ('mixup', 'cutmix_alpha'), ('eval', 'batch_size'),
                 ('run', 'resume_opt'), ('loader', 'packing'), ('eval', 'packing'), ('loader', 'pin_memory'),
-                ('eval', 'pin_memory')}  # flags whose CLI default means 'off' / 'same as another flag'
+                ('eval', 'pin_memory'), ('train', 'broadcast_buffers')}  # flags whose CLI default means 'off' / 'same as another flag'
     from naflex.train.config import Config
     defaults = Config()
     for (section, field), flag in parser.flag_of.items():
@@ -222,3 +229,23 @@ def test_saved_args_yaml_reloads_as_config(tmp_path):
     path.write_text(text)
     again, _ = parse_args(['-c', str(path)])
     assert vars(again) == dict(vars(args), config=str(path))
+
+
+def test_docs_list_every_timm_train_flag_as_the_parser_treats_it():
+    """docs/training.md's table of timm's train.py flags is the parser's: every timm flag is declared here,
+    honoured or refused with its reason, and the table says which."""
+    from pathlib import Path
+    from naflex.train.timm_flags import TIMM_TRAIN_FLAGS, flag_table
+    parser = build_parser()
+    declared = {s for a in parser._actions for s in (a.option_strings or [a.dest])}
+    assert not [f for f in TIMM_TRAIN_FLAGS if f not in declared]
+    docs = (Path(__file__).resolve().parents[1] / 'docs' / 'training.md').read_text()
+    start = docs.index('<!-- train.py flags: generated by naflex.train.timm_flags.flag_table -->\n')
+    end = docs.index('\n<!-- end of train.py flags -->')
+    assert docs[docs.index('\n', start) + 1:end] == flag_table(parser, TIMM_TRAIN_FLAGS)
+
+
+@pytest.mark.parametrize('flag', ['--sync-bn', '--kd-model-name resnet50', '--img-size 224', '--tta 2'])
+def test_refused_timm_flag_is_one_line_with_the_reason(flag):
+    with pytest.raises(ConfigError, match=r"is timm's flag but does not apply here: \S"):
+        parse_args(['--data-dir', 'x'] + flag.split())

@@ -136,9 +136,10 @@ class NaFlexEmbeds(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def project(self, patches: torch.Tensor, patch_size: Tuple[int, int]) -> torch.Tensor:
-        """Linear embedding of flattened (P-P-C) patches [..., p*p*C] -> [..., D], resampling the kernel if needed."""
+        """Linear embedding of flattened (P-P-C) patches [..., p*p*C] -> [..., D], resampling the kernel if needed.
+        Patches come in the weights' dtype (a model cast to bfloat16 takes the loader's float32 patches)."""
         weight = self._resampled_weight(tuple(patch_size))
-        return self.norm(F.linear(patches, weight, self.proj.bias))
+        return self.norm(F.linear(patches.to(weight.dtype), weight, self.proj.bias))
 
     def pos_embed_tokens(self, coord: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """[T, D] float32 position embedding of tokens at ``coord`` [T, 2] (y, x) in grids ``grid`` [T, 2] (h, w).

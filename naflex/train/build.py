@@ -144,12 +144,34 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
         _load_file(model, m.pretrained_path, '--pretrained-path', fresh_head=True)
     elif m.pretrained:
         _load_published(model, m.name)
+    _init_head(model, m.head_init_scale, m.head_init_bias)
+    if m.dtype not in (None, 'float32'):
+        model.to(dtype=getattr(torch, m.dtype))
+        _logger.info(f'--model-dtype {m.dtype}: weights, gradients and optimizer state in {m.dtype}, no autocast'
+                     + (' (timm advises bfloat16 over float16 for training)' if m.dtype == 'float16' else ''))
+    if m.channels_last:
+        _logger.info('--channels-last: no effect here: the model holds no 4-D tensor (patches are embedded by a '
+                     'linear layer)')
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.set_attn_backend(m.attn_backend)
     if cfg.loader.patch_sizes and m.torchcompile:
         model.prewarm_patch_sizes(cfg.loader.patch_sizes)  # resampling matrices built outside the graph
     return model
+
+
+def _init_head(model: torch.nn.Module, scale: Optional[float], bias: Optional[float]) -> None:
+    """timm's --head-init-scale (classifier weight and bias times ``scale``) and --head-init-bias (the bias set to
+    ``bias``), applied to the start weights, whichever flag loaded them."""
+    head = model.get_classifier()
+    if (scale is not None or bias is not None) and not isinstance(head, torch.nn.Linear):
+        raise UserError('--head-init-scale/--head-init-bias: the model has no classifier (--num-classes 0)')
+    with torch.no_grad():
+        if scale is not None:
+            head.weight.mul_(scale)
+            head.bias.mul_(scale)
+        if bias is not None:
+            head.bias.fill_(bias)
 
 
 def _load_file(model: torch.nn.Module, path: str, flag: str, fresh_head: bool = False) -> None:
@@ -201,7 +223,9 @@ def start_wandb(cfg: Config, out_dir: Path, config: dict):
         return None
     import wandb
     try:
-        return wandb.init(project=cfg.run.wandb_project, name=out_dir.name, config=config, dir=str(out_dir))
+        resume_id = cfg.run.wandb_resume_id or None
+        return wandb.init(project=cfg.run.wandb_project, name=out_dir.name, config=config, dir=str(out_dir),
+                          tags=list(cfg.run.wandb_tags), id=resume_id, resume='must' if resume_id else None)
     except Exception as e:  # wandb raises its own error types, e.g. a missing API key
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f'--log-wandb: wandb.init failed: {first} (run `wandb login`, or set WANDB_MODE=offline)') \
@@ -209,19 +233,29 @@ def start_wandb(cfg: Config, out_dir: Path, config: dict):
 
 
 def resolve_data_config(cfg: Config, model: torch.nn.Module) -> Config:
-    """The configs with the model's patch size, normalization and eval interpolation filled in."""
+    """The configs with the model's patch size, normalization and eval interpolation filled in (--mean, --std,
+    --interpolation override the model's; with --no-aug training resizes with the eval interpolation, as timm)."""
     norm = naflex.data_config(model)
     mean, std = tuple(cfg.model.mean or norm['mean']), tuple(cfg.model.std or norm['std'])
+    interpolation = cfg.model.interpolation or norm['interpolation']
+    train_interpolation = interpolation if cfg.aug.no_aug else cfg.aug.interpolation
     return dataclasses.replace(
-        cfg, aug=dataclasses.replace(cfg.aug, mean=mean, std=std),
+        cfg, aug=dataclasses.replace(cfg.aug, mean=mean, std=std, interpolation=train_interpolation),
         model=dataclasses.replace(cfg.model, mean=mean, std=std),
         loader=dataclasses.replace(cfg.loader, patch_size=model.patch_size),
-        eval=dataclasses.replace(cfg.eval, patch_size=model.patch_size, interpolation=norm['interpolation']))
+        eval=dataclasses.replace(cfg.eval, patch_size=model.patch_size, interpolation=interpolation))
 
 
 def build_loaders(cfg: Config, train_ds, val_ds, num_classes: int, dist: DistInfo) -> Tuple[object, Optional[object]]:
     """(train loader, eval loader or None) for this rank; host memory is pinned on CUDA."""
     pin = True if dist.device.type == 'cuda' else cfg.loader.pin_memory
+    if cfg.loader.aug_repeats > 1:
+        _logger.info(f'--aug-repeats {cfg.loader.aug_repeats}: each epoch keeps its length and shows every image it '
+                     f'holds {cfg.loader.aug_repeats} times, on different ranks (timm\'s NaFlex loader refuses the flag)')
+    if cfg.loader.num_samples:
+        _logger.info(f'--train-num-samples {cfg.loader.num_samples}: epochs of {cfg.loader.num_samples} samples '
+                     f'drawn from the {len(train_ds)} of {cfg.data.train_split!r} (timm applies the flag to streamed '
+                     'datasets and tar shards only, as their epoch length)')
     train = loaders.create_train_loader(
         train_ds, cfg=dataclasses.replace(cfg.loader, pin_memory=pin), aug=cfg.aug, mixup=cfg.mixup,
         num_classes=num_classes, rank=dist.rank, world_size=dist.world_size)

@@ -26,7 +26,8 @@ from augment.mixup import MixupConfig
 
 from naflex.model import ATTN_BACKENDS
 
-from .config import AMP_DTYPES, CLIP_MODES, EVAL_METRICS, LOSS_SCALES, SCHEDULERS, Config
+from .config import AMP_DTYPES, CLIP_MODES, EVAL_METRICS, LOSS_SCALES, MODEL_DTYPES, SCHEDULERS, Config
+from .timm_flags import TRAIN_REFUSED, refuse
 
 _DEFAULTS = Config(mixup=MixupConfig(num_classes=0))  # where every flag's default is read from
 _UNSET = object()
@@ -124,6 +125,8 @@ def _tuple(v):
 
 def _dataset_flags(p: _Parser) -> None:
     g = p.add_argument_group('Dataset')
+    g.add_argument('data', nargs='?', metavar='DIR', help='the dataset root (positional, deprecated in timm: use '
+                   '--data-dir)')
     _flag(p, g, '--data-dir', to=('data', 'root'), metavar='DIR', help='root with one folder per split, class subfolders')
     _flag(p, g, '--dataset', to=('data', 'dataset'), metavar='TYPE/NAME',
           help="'wds/NAME': WebDataset tar shards + _info.json in --data-dir (found without it too); '' = image folder")
@@ -134,6 +137,13 @@ def _dataset_flags(p: _Parser) -> None:
                "default: timm's folder order (natural sort), or the order a resumed checkpoint records")
     _flag(p, g, '--num-classes', to=('model', 'num_classes'), type=int,
           help='classifier size (default: number of class folders)')
+    _flag(p, g, '--train-num-samples', to=('loader', 'num_samples'), type=int, metavar='N',
+          help='samples per training epoch (default: the split\'s; fewer: another random subset each epoch, more: '
+               'the shuffled order wraps around)')
+    _flag(p, g, '--val-num-samples', to=('eval', 'num_samples'), type=int, metavar='N',
+          help='evaluate the first N images of the eval split (default: all)')
+    _flag(p, g, '--input-img-mode', to=('data', 'input_img_mode'), metavar='MODE',
+          help="image mode: RGB (the only one here: the model takes 3 channels)")
 
 
 def _model_flags(p: _Parser) -> None:
@@ -163,12 +173,27 @@ def _model_flags(p: _Parser) -> None:
     _flag(p, g, '--attn-backend', to=m('attn_backend'), choices=ATTN_BACKENDS, help='attention kernel')
     _flag(p, g, '--drop', to=m('drop_rate'), type=float, help='dropout rate')
     _flag(p, g, '--drop-path', to=m('drop_path_rate'), type=float, help="stochastic depth rate (default: the model's)")
+    _flag(p, g, '--head-init-scale', to=m('head_init_scale'), type=float, help='scale the classifier\'s initial '
+          'weight and bias by this')
+    _flag(p, g, '--head-init-bias', to=m('head_init_bias'), type=float, help='set the classifier\'s initial bias')
+    _flag(p, g, '--interpolation', to=m('interpolation'), metavar='NAME',
+          help="eval resize interpolation, and training's with --no-aug (default: the model's, bicubic)")
+    _flag(p, g, '--channels-last', to=m('channels_last'), action='store_true',
+          help='accepted; no effect: the model holds no 4-D tensor (patches are embedded by a linear layer)')
     g = p.add_argument_group('Device and precision')
     _flag(p, g, '--device', to=('train', 'device'), help="'cuda' or 'cpu' (torchrun picks cuda:LOCAL_RANK)")
     _flag(p, g, '--amp', to=('train', 'amp'), action='store_true', help='mixed precision autocast')
     _flag(p, g, '--amp-dtype', to=('train', 'amp_dtype'), choices=AMP_DTYPES,
           help=f'autocast dtype (default: {_DEFAULTS.train.amp_dtype}, as in timm and validate.py; the model card '
                'uses bfloat16)')
+    _flag(p, g, '--model-dtype', to=m('dtype'), choices=MODEL_DTYPES,
+          help='dtype of the weights (default float32); bfloat16/float16 train without autocast, not with --amp')
+    _flag(p, g, '--synchronize-step', to=('train', 'synchronize_step'), action='store_true',
+          help='wait for the device at the end of every update (for timing; slower)')
+    _flag(p, g, '--no-ddp-bb', to=('train', 'broadcast_buffers', _not), default=False, action='store_true',
+          help="DDP without broadcast_buffers")
+    g.add_argument('--local-rank', '--local_rank', type=int, default=0,
+                   help="accepted for torch.distributed.launch; the device follows torchrun's LOCAL_RANK")
 
 
 def _optim_flags(p: _Parser) -> None:
@@ -228,7 +253,7 @@ def _optim_flags(p: _Parser) -> None:
           help='lr decay rate (step, multistep, plateau), power (poly)')
 
 
-def _grayscale(v):
+def _zero_if_none(v):
     return v or 0.0  # timm: None means off
 
 
@@ -240,8 +265,16 @@ def _aug_flags(p: _Parser) -> None:
     _flag(p, g, '--ratio', to=a('ratio', _tuple), type=float, nargs='+', help='random-resized-crop aspect')
     _flag(p, g, '--hflip', to=a('hflip'), type=float, help='horizontal flip probability')
     _flag(p, g, '--vflip', to=a('vflip'), type=float, help='vertical flip probability')
+    _flag(p, g, '--no-aug', to=a('no_aug'), action='store_true',
+          help='no augmentation: each training image resized whole like eval (aspect kept), no erasing')
     _flag(p, g, '--color-jitter', to=a('color_jitter'), type=float, help='color jitter strength (without --aa)')
-    _flag(p, g, '--grayscale-prob', to=a('grayscale_prob', _grayscale), type=float, help='random grayscale probability')
+    _flag(p, g, '--color-jitter-prob', to=a('color_jitter_prob'), type=float,
+          help='apply color jitter to this share of images (default: all)')
+    _flag(p, g, '--grayscale-prob', to=a('grayscale_prob', _zero_if_none), type=float, help='random grayscale probability')
+    _flag(p, g, '--gaussian-blur-prob', to=a('gaussian_blur_prob', _zero_if_none), type=float,
+          help='random Gaussian blur probability (kernel 23, sigma 0.1-2.0)')
+    _flag(p, g, '--aug-repeats', to=('loader', 'aug_repeats'), type=int,
+          help='repeated augmentation: copies of each image per epoch, on different ranks (0 = off)')
     _flag(p, g, '--aa', to=a('aa'), help="RandAugment spec, e.g. 'rand-m8-inc1-mstd1.0'")
     _flag(p, g, '--reprob', to=a('reprob'), type=float, help='random erasing probability')
     _flag(p, g, '--remode', to=a('remode'), help='random erasing mode')
@@ -313,6 +346,9 @@ def _run_flags(p: _Parser) -> None:
     _flag(p, g, '--log-wandb', to=('run', 'log_wandb'), action='store_true',
           help='also log the per-epoch summary to Weights & Biases (pip install wandb)')
     _flag(p, g, '--wandb-project', to=('run', 'wandb_project'), metavar='NAME', help='wandb project')
+    _flag(p, g, '--wandb-tags', to=('run', 'wandb_tags', _tuple), nargs='+', metavar='TAG', help='wandb tags')
+    _flag(p, g, '--wandb-resume-id', to=('run', 'wandb_resume_id'), metavar='ID',
+          help='with --resume: continue this wandb run')
 
 
 def _pin(v):
@@ -329,6 +365,8 @@ def build_parser(groups: Sequence[str] = tuple(FLAG_GROUPS), prog: str = 'train.
     p.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file whose keys set flag defaults')
     for name in groups:
         FLAG_GROUPS[name](p)
+    if tuple(groups) == tuple(FLAG_GROUPS):
+        refuse(p, TRAIN_REFUSED)  # timm's flags that do not apply: one line each, with the reason
     return p
 
 
@@ -398,6 +436,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespa
     if cfg_args.config:
         _load_yaml_defaults(parser, cfg_args.config)
     args = parser.parse_args(argv)
+    if args.data and not args.data_dir:
+        args.data_dir = args.data  # timm's positional dataset root
     return args, check_args(args, parser)
 
 

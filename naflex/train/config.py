@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from augment.config import AugConfig, Problems
+from augment.config import INTERPOLATIONS, AugConfig, Problems
 from augment.mixup import MixupConfig
 from loaders.config import DatasetConfig, EvalLoaderConfig, TrainLoaderConfig
 from naflex.model import ATTN_BACKENDS, DEFAULT_MODEL, NaFlexVitCfg, get_config
@@ -26,6 +26,8 @@ SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'plateau', 'poly', 'wsd', '
 LOSS_SCALES = ('none', 'sqrt', 'linear')
 EVAL_METRICS = ('top1', 'top5', 'loss')
 AMP_DTYPES = ('float16', 'bfloat16')
+EVAL_INTERPOLATIONS = tuple(i for i in INTERPOLATIONS if i != 'random')  # one filter for every eval image
+MODEL_DTYPES = ('float32', 'float16', 'bfloat16')  # --model-dtype: the weights' dtype (timm's choices)
 
 Namer = Optional[Callable[[str], str]]
 
@@ -98,8 +100,13 @@ class ModelConfig:
     grad_checkpointing: bool = False                    # --grad-checkpointing
     mean: Optional[Tuple[float, ...]] = None            # --mean (None: the model's)
     std: Optional[Tuple[float, ...]] = None             # --std
+    interpolation: Optional[str] = None                 # --interpolation (None: the model's eval interpolation)
     torchcompile: Optional[str] = None                  # --torchcompile [backend]
     torchcompile_mode: Optional[str] = None             # --torchcompile-mode
+    head_init_scale: Optional[float] = None             # --head-init-scale: classifier weight and bias times this
+    head_init_bias: Optional[float] = None              # --head-init-bias: classifier bias set to this
+    dtype: Optional[str] = None                         # --model-dtype (None: float32)
+    channels_last: bool = False                         # --channels-last (no 4-D tensor here: no effect)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # --model-kwargs: architecture fields (embed_dim, depth, ...)
 
     # model settings with a flag of their own: set there, not in --model-kwargs
@@ -146,6 +153,9 @@ class ModelConfig:
         p.need(self.mean is None or len(self.mean) == 3, 'mean', 'takes three values')
         p.need(self.std is None or len(self.std) == 3, 'std', 'takes three values')
         p.need(self.std is None or all(s > 0 for s in self.std), 'std', 'must be > 0 (the patches are divided by it)')
+        p.need(self.interpolation is None or self.interpolation in EVAL_INTERPOLATIONS, 'interpolation',
+               f'{self.interpolation!r} is not one of {", ".join(EVAL_INTERPOLATIONS)}')
+        p.need(self.dtype is None or self.dtype in MODEL_DTYPES, 'dtype', f'must be one of {", ".join(MODEL_DTYPES)}')
         # timm's meaning: a local copy of the published weights, read only with --pretrained (timm then ignores it
         # without a word; here it is one line)
         p.need(not self.pretrained_path or self.pretrained, 'pretrained_path',
@@ -283,6 +293,8 @@ class TrainConfig:
     bce_sum: bool = False                               # --bce-sum
     bce_target_thresh: Optional[float] = None           # --bce-target-thresh
     bce_pos_weight: Optional[float] = None              # --bce-pos-weight
+    synchronize_step: bool = False                      # --synchronize-step: wait for the device after each update
+    broadcast_buffers: bool = True                      # --no-ddp-bb turns off DDP's buffer broadcast
 
     def validate(self, name: Namer = None) -> None:
         p = Problems(name)
@@ -312,6 +324,8 @@ class RunConfig:
     resume_opt: bool = True                             # --no-resume-opt turns it off
     log_wandb: bool = False                             # --log-wandb (needs the optional wandb package)
     wandb_project: Optional[str] = None                 # --wandb-project (None: wandb's default / WANDB_PROJECT)
+    wandb_tags: Tuple[str, ...] = ()                    # --wandb-tags
+    wandb_resume_id: str = ''                           # --wandb-resume-id: continue this wandb run (with --resume)
 
     def validate(self, name: Namer = None) -> None:
         p = Problems(name)
@@ -321,6 +335,8 @@ class RunConfig:
         p.need(not any(c in self.experiment for c in '/\\') and self.experiment not in ('.', '..'), 'experiment',
                f'{self.experiment!r} must be a folder name without path separators or "..": the run folder is '
                f'{p.name("output")}/NAME (pass the path with {p.name("output")})')
+        p.need(not self.wandb_resume_id or bool(self.resume), 'wandb_resume_id',
+               f'continues a wandb run: it goes with {p.name("resume")} (as in timm)')
         p.need(not self.log_wandb or _installed('wandb'), 'log_wandb',
                "needs the wandb package: pip install wandb (or pip install -e '.[wandb]')")
         p.raise_any()
@@ -383,6 +399,9 @@ class Config:
                                          or self.model.pretrained)),
                name('run', 'resume'), 'restores the full training state; drop --initial-checkpoint/'
                '--pretrained-path/--pretrained')
+        dtype = self.model.dtype
+        p.need(not (self.train.amp and dtype not in (None, 'float32')), f'{name("model", "dtype")} {dtype}',
+               f'with {name("train", "amp")}: autocast needs float32 weights (as in timm); drop one of the two')
         device = self.train.device.split(':')[0]
         if device == 'cpu':
             from .optim import cuda_only

@@ -164,6 +164,8 @@ class Trainer:
             self.ema.update(self.module, step=state.num_updates)
         if self.schedule is not None:
             self.schedule.step_update(state.num_updates)  # timm also passes the running loss, which none reads
+        if self.cfg.synchronize_step and self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)  # --synchronize-step: step timings then include the device work
 
     def begin_epoch(self, state: TrainState) -> None:
         """Pin the model's RNG stream (dropout, drop-path) once the epoch's first batch is there (starting
