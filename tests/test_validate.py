@@ -382,6 +382,7 @@ def test_timm_eval_flags_have_timms_meaning(demo_dataset, tiny):
     assert bf16["loss"] != ref["loss"] and abs(bf16["loss"] - ref["loss"]) < 0.05 * abs(ref["loss"]) + 0.05
     for extra in (["--gp", "max"], ["--mean", "0.4", "0.4", "0.4"], ["--interpolation", "nearest"]):
         assert validate.main(base + extra)[0]["loss"] != ref["loss"], extra
+    assert ref["images"] == 16 and validate.main(base + ["--num-samples", "5"])[0]["images"] == 5
 
 
 def test_retry_halves_the_batch_on_out_of_memory():

@@ -73,8 +73,6 @@ VALIDATE_REFUSED: Dict[str, str] = {
     '--tf-preprocessing': "TensorFlow's fixed-size Inception preprocessing does not apply to NaFlex's resize rule",
     '--in-chans': 'images are decoded to RGB here: the model takes 3 channels',
     '--input-img-mode': 'images are decoded to RGB here',
-    '--num-samples': ('it sizes an iterable dataset; image folders and tar shards here know their size: a subset is '
-                      'a split file (--split list.txt)'),
     '--dataset-download': _FOLDERS_AND_SHARDS,
     '--dataset-trust-remote-code': _FOLDERS_AND_SHARDS,
     '--input-key': _FOLDERS_AND_SHARDS + ' (tar shards: the image and .cls members, as timm reads them by default)',
