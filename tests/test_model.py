@@ -322,6 +322,14 @@ def test_features_only_and_forward_head_like_timm():
     assert len(default(x)) == 1
 
 
+def test_reset_classifier_keeps_the_model_mode():
+    model = naflex.create_model('naflexvit_tiny_test').eval()
+    model.reset_classifier(7)
+    assert not model.head.training and model.head.out_features == 7
+    model.train().reset_classifier(3)
+    assert model.head.training
+
+
 def test_bad_inputs_give_clear_errors():
     model = naflex.create_model('naflexvit_tiny_test')
     with pytest.raises(ValueError, match='multiple of the patch size'):

@@ -371,6 +371,7 @@ class NaFlexVit(nn.Module):
             self.global_pool = global_pool
         w = self.embeds.proj.weight
         self.head = nn.Linear(self.embed_dim, num_classes).to(w.device, w.dtype) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)  # a model in eval() keeps its new head in eval mode too
 
     @property
     def default_cfg(self) -> Dict:
