@@ -134,6 +134,9 @@ def _open_run_folder(out_dir: Path, dist, cfg, resolved_args: str, resumed_from)
     from naflex.train.logger import attach_log_file
     create_run_dir(out_dir, cfg, dist)
     attach_log_file(out_dir / 'train.log')
+    # logged only now: before, a refused input would read as if the folder had been made
+    _logger.info(f'{"torchrun: rank %d of %d, " % (dist.rank, dist.world_size) if dist.distributed else ""}'
+                 f'device {dist.device}, output {out_dir}')
     if not dist.is_primary:
         return None
     with writing(out_dir / 'args.yaml'):
@@ -159,8 +162,6 @@ def _train(cfg, args, hooks=None):
     setup_logging(None, dist.is_primary)  # train.log starts once the run folder exists, with these lines
     # Every input is checked before the run folder is created: a mistake leaves nothing on disk.
     out_dir = build.run_dir(cfg, dist)
-    _logger.info(f'{"torchrun: rank %d of %d, " % (dist.rank, dist.world_size) if dist.distributed else ""}'
-                 f'device {dist.device}, output {out_dir}')
     resume, resume_ckpt = _resume_checkpoint(cfg, out_dir)  # before the datasets: it fixes the class order
     train_ds, val_ds = build.open_datasets(cfg, resume_ckpt)
     seed_everything(cfg.train.seed, dist.rank)

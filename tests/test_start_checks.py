@@ -111,7 +111,19 @@ def test_mistakes_leave_no_run_folder(demo_dataset, tmp_path, extra, message, ca
 def test_train_log_starts_with_the_lines_logged_before_the_folder_existed(demo_dataset, tmp_path):
     train.main(_argv(demo_dataset, tmp_path, '--epochs', '1'))
     log = (tmp_path / 'e' / 'train.log').read_text().splitlines()
-    assert 'device cpu, output' in log[0] and any('naflexvit_tiny_test: ' in line for line in log[:4])
+    assert '--num-classes 4: the classes found' in log[0]
+    model = next(i for i, line in enumerate(log) if 'naflexvit_tiny_test: ' in line)
+    (output,) = [i for i, line in enumerate(log) if f'device cpu, output {tmp_path / "e"}' in line]
+    assert model < output  # said once the folder exists, after the lines that checked the inputs
+
+
+def test_refused_input_names_no_output_folder(demo_dataset, tmp_path, capsys):
+    """The 'device ..., output DIR' line comes once DIR exists: a refused start never reads as if it was made."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.main(_argv(demo_dataset, tmp_path / 'out', '--num-classes', '3'))
+    out, err = capsys.readouterr()
+    assert '--num-classes 3 is below' in err and 'output' not in out and not (tmp_path / 'out').exists()
 
 
 # --- datasets -------------------------------------------------------------------------------------------------
