@@ -88,6 +88,18 @@ def _resume(trainer, cfg, resume, ckpt, updates_per_epoch: int, steps_per_epoch:
     return state
 
 
+def _nothing_to_train(cfg, epoch: int, total_epochs: int, resume) -> str:
+    """The line for a start at or past the schedule's end (a finished run resumed, or --start-epoch beyond it):
+    training on needs a longer schedule, which only --epochs gives."""
+    extra = '' if total_epochs == cfg.sched.epochs else ' with the warm-up prefix, cycles and cool-down'
+    ends = (f'and the schedule ends after {total_epochs} epoch{"s" * (total_epochs != 1)} (--epochs '
+            f'{cfg.sched.epochs}{extra}); nothing is written')
+    if cfg.sched.start_epoch is not None:
+        return f'nothing to train: --start-epoch {epoch}, {ends}. Lower --start-epoch or raise --epochs'
+    return (f'nothing to train: --resume {resume} continues at epoch {epoch}, {ends}. To train longer, raise '
+            f'--epochs (now {cfg.sched.epochs}) and resume again: the lr schedule is then laid out over the new length')
+
+
 def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     """Optimizer, schedule, EMA, compile / DDP wrappers around ``model`` (already on the device)."""
     from torch.nn.parallel import DistributedDataParallel
@@ -186,6 +198,9 @@ def _train(cfg, args, hooks=None):
     used = dict(lr=lr, num_classes=num_classes, model_kwargs=cfg.model.kwargs)  # resolved: what the run uses
     used_args = dict(vars(args), **used)  # the configuration actually used (on resume too)
     state = _resume(trainer, cfg, resume, resume_ckpt, updates_per_epoch, len(train_loader), used_args)
+    if state.epoch >= total_epochs:  # exit 0 without writing: the finished run stays as it was
+        _logger.info(_nothing_to_train(cfg, state.epoch, total_epochs, resume))
+        return []
 
     saver = _open_run_folder(out_dir, dist, cfg, args_yaml(args, **used), resume_ckpt)
     del resume_ckpt  # its tensors are in the model and optimizer now

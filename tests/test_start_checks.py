@@ -62,6 +62,30 @@ def test_existing_experiment_is_refused_not_overwritten(demo_dataset, tmp_path, 
     assert _snapshot(run) == before
 
 
+def test_resume_of_a_finished_run_has_nothing_to_train(demo_dataset, tmp_path, capsys):
+    """Exit 0 with a line saying how to train on; the finished run is not touched (train.log included)."""
+    train.main(_argv(demo_dataset, tmp_path, experiment='done'))
+    run = tmp_path / 'done'
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert train.main(_argv(demo_dataset, tmp_path, '--resume', 'auto', experiment='done')) == []
+    out, err = capsys.readouterr()
+    assert (f'nothing to train: --resume {run / "last.pth"} continues at epoch 1, and the schedule ends after 1 epoch '
+            '(--epochs 1); nothing is written. To train longer, raise --epochs (now 1) and resume again') in out
+    assert 'training epochs' not in out and not err
+    assert _snapshot(run) == before
+    assert 'nothing to train: --start-epoch 3, and the schedule ends after 2 epochs (--epochs 1 with the warm-up ' \
+        'prefix, cycles and cool-down); nothing is written. Lower --start-epoch or raise --epochs' in _log_of(
+            train.main, _argv(demo_dataset, tmp_path / 'new', '--start-epoch', '3', '--cooldown-epochs', '1'), capsys)
+    assert not (tmp_path / 'new').exists()
+
+
+def _log_of(main, argv, capsys) -> str:
+    capsys.readouterr()
+    main(argv)
+    return capsys.readouterr().out
+
+
 def test_generated_run_name_gets_a_suffix(tmp_path, monkeypatch):
     """Without --experiment the folder is date-model; a clash gets timm's -1, -2 suffix instead of reuse."""
     from datetime import datetime
