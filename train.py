@@ -106,7 +106,7 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
 
     from naflex.train.build import UserError
     from naflex.train.compiling import CompileReport, compile_model
-    from naflex.train.engine import Trainer
+    from naflex.train.engine import Trainer, log_precision
     from naflex.train.optim import ModelEma, create_optimizer
     from naflex.train.schedule import create_schedule, schedule_problem
     optimizer = create_optimizer(model, cfg.optim, lr)
@@ -130,11 +130,7 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
                       device=dist.device, schedule=schedule, ema=ema, clip_grad=cfg.optim.clip_grad,
                       clip_mode=cfg.optim.clip_mode, world_size=dist.world_size, rank=dist.rank,
                       callbacks=callbacks)
-    if trainer.scaler is not None and dist.device.type == 'cuda' and not getattr(
-            optimizer, '_step_supports_amp_scaling', False):
-        _logger.info(f'--amp-dtype float16 with --opt {cfg.optim.opt}: the loss scaler reads its inf/NaN check on '
-                     'the host at every update (one device sync per update); bfloat16 needs no scaler, and the fused '
-                     'adam / adamw / sgd / momentum kernels take the check on the device')
+    log_precision(trainer, cfg.optim.opt)
     return trainer, total_epochs
 
 
