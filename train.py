@@ -108,7 +108,7 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     from naflex.train.compiling import CompileReport, compile_model
     from naflex.train.engine import Trainer, log_precision
     from naflex.train.optim import ModelEma, create_optimizer
-    from naflex.train.schedule import create_schedule, schedule_problem
+    from naflex.train.schedule import create_schedule, schedule_problem, warmup_warning
     optimizer = create_optimizer(model, cfg.optim, lr)
     _logger.info(f'optimizer {type(optimizer).__name__} (--opt {cfg.optim.opt}): {dict(optimizer.defaults)}')
     ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
@@ -126,6 +126,8 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     except ValueError as e:  # per-update settings timm's factory rejects for this run's updates per epoch
         raise UserError(f'{schedule_problem(cfg.sched, e, lambda f: "--" + f)} ({updates_per_epoch} updates per '
                         'epoch)') from None
+    if warmup_warning(cfg.sched, lr):
+        _logger.warning(warmup_warning(cfg.sched, lr))
     trainer = Trainer(run_model, optimizer, cfg.train, batch_size_reference=cfg.loader.batch_size,
                       device=dist.device, schedule=schedule, ema=ema, clip_grad=cfg.optim.clip_grad,
                       clip_mode=cfg.optim.clip_mode, world_size=dist.world_size, rank=dist.rank,
