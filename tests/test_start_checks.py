@@ -161,6 +161,20 @@ def test_empty_validation_split_is_an_error_not_a_zero_score(demo_dataset, tmp_p
     assert '--val-split ""' in msg and not (tmp_path / 'out').exists()
 
 
+def test_training_classes_missing_from_validation_say_what_to_do(demo_dataset, tmp_path, capsys):
+    data = _copy(demo_dataset, tmp_path)
+    shutil.rmtree(data / 'val' / '03_cross')
+    msg = _one_line_error(train.main, _argv(data, tmp_path / 'out'), capsys)
+    assert msg == (f"train.py: error: class folders differ between 'train' and 'validation', so their labels would not "
+                   f"match: {data / 'val'} lacks 1 training class (03_cross); add the missing folders (empty ones will "
+                   f"do), or pass --class-map FILE naming the training classes one a line (`ls {data / 'train'} > "
+                   f'classes.txt`), or --val-split "" to train without evaluation')
+    assert not (tmp_path / 'out').exists()
+    (tmp_path / 'classes.txt').write_text(''.join(f'{p.name}\n' for p in sorted((data / 'train').iterdir())))
+    train.main(_argv(data, tmp_path / 'out', '--class-map', str(tmp_path / 'classes.txt')))  # the advice works
+    assert (tmp_path / 'out' / 'e' / 'model_best.pth').exists()
+
+
 def test_empty_train_class_is_named_in_a_warning(demo_dataset, tmp_path, caplog):
     from naflex.train import build
     from naflex.train.cli import config_from_args, parse_args

@@ -160,7 +160,8 @@ def test_class_folders_differ(demo_dataset, tmp_path, capsys):
     victim = sorted((data / 'val').iterdir())[0]
     victim.rename(victim.with_name('zz_extra'))
     msg = _main_error(_tiny(data, tmp_path), capsys)
-    assert 'class folders differ' in msg and 'zz_extra' in msg
+    assert 'class folders differ' in msg and 'holds 1 folder of no training class (zz_extra)' in msg
+    assert 'add the missing folders (empty ones will do) and remove the others, or pass --class-map FILE' in msg
 
 
 def test_unknown_model(demo_dataset, tmp_path, capsys):
