@@ -136,9 +136,10 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     return trainer, total_epochs
 
 
-def _open_run_folder(out_dir: Path, dist, cfg, resolved_args: str, resumed_from):
+def _open_run_folder(out_dir: Path, dist, cfg, resolved_args: str, resume, resumed_from):
     """Create the run folder once every input is checked: train.log (from the run's first line), args.yaml (the
-    configuration actually used) and, on rank 0, the checkpoint manager (returned; None on other ranks)."""
+    configuration actually used) and, on rank 0, the checkpoint manager (returned; None on other ranks), which
+    continues the best-epoch ranking of ``resumed_from`` only when ``resume`` lies in this folder."""
     from naflex.train.build import create_run_dir
     from naflex.train.checkpoint import CheckpointManager, writing
     from naflex.train.logger import attach_log_file
@@ -153,7 +154,7 @@ def _open_run_folder(out_dir: Path, dist, cfg, resolved_args: str, resumed_from)
         (out_dir / 'args.yaml').write_text(resolved_args)
     saver = CheckpointManager(out_dir, cfg.train.checkpoint_hist, decreasing=cfg.train.eval_metric == 'loss')
     if resumed_from is not None:
-        saver.restore(resumed_from)
+        saver.restore(resumed_from, resume.parent, cfg.train.eval_metric)
     return saver
 
 
@@ -200,7 +201,7 @@ def _train(cfg, args, hooks=None):
         _logger.info(_nothing_to_train(cfg, state.epoch, total_epochs, resume))
         return []
 
-    saver = _open_run_folder(out_dir, dist, cfg, args_yaml(args, **used), resume_ckpt)
+    saver = _open_run_folder(out_dir, dist, cfg, args_yaml(args, **used), resume, resume_ckpt)
     del resume_ckpt  # its tensors are in the model and optimizer now
     bad_files = BadFileTracker(out_dir if dist.is_primary else None, dataset_size=len(train_ds))
     mean, std = cfg.model.mean, cfg.model.std
@@ -235,7 +236,8 @@ def _train(cfg, args, hooks=None):
         writer.close()
         trainer.callbacks.close()
     if saver is not None and saver.best[0] is not None:
-        _logger.info(f'*** best {cfg.train.eval_metric}: {saver.best[0]:.4f} (epoch {saver.best[1]})')
+        _logger.info(f'*** best {cfg.train.eval_metric}: {saver.best[0]:.4f} (epoch {saver.best[1]}, '
+                     f'{out_dir / "model_best.pth"})')
     return results
 
 
