@@ -27,19 +27,14 @@ class OutOfMemory(Exception):
     """Device memory ran out; the message names the flags to lower."""
 
 
-def _oom_message(cfg) -> str:
-    b, longest = cfg.loader.batch_size, max(cfg.loader.seq_lens)
-    return (f'out of GPU memory with -b {b} x longest sequence {longest} = {b * longest} tokens per step: lower -b '
-            f'(e.g. -b {max(1, b // 2)}), drop {longest} from --naflex-train-seq-lens, or add --grad-checkpointing')
-
-
 def run(argv=None, hooks=None):
     from naflex.train.cli import parse_config
+    from naflex.train.memory import oom_message
     args, cfg = parse_config(argv)  # checked: every problem is one ConfigError line
     try:
         return _train(cfg, args, hooks)
     except torch.OutOfMemoryError:
-        raise OutOfMemory(_oom_message(cfg)) from None
+        raise OutOfMemory(oom_message(cfg)) from None
 
 
 def _resume_checkpoint(cfg, out_dir: Path):
@@ -168,12 +163,15 @@ def _train(cfg, args, hooks=None):
     from naflex.train.engine import fit, seed_everything
     from naflex.train.evaluate import NoImagesEvaluated, evaluate
     from naflex.train.logger import RunWriter, setup_logging
+    from naflex.train.memory import oom_message
 
     dist = init_distributed(cfg.train.device)
     setup_logging(None, dist.is_primary)  # train.log starts once the run folder exists, with these lines
     # Every input is checked before the run folder is created: a mistake leaves nothing on disk.
     out_dir = build.run_dir(cfg, dist)
     resume, resume_ckpt = _resume_checkpoint(cfg, out_dir)  # before the datasets: it fixes the class order
+    cfg = build.with_recorded_model(cfg, resume_ckpt)
+    build.check_step_memory(cfg, dist)  # an impossible sequence length is refused before the data is read
     train_ds, val_ds = build.open_datasets(cfg, resume_ckpt)
     seed_everything(cfg.train.seed, dist.rank)
     if dist.device.type == 'cuda':
@@ -181,7 +179,6 @@ def _train(cfg, args, hooks=None):
         torch.backends.cudnn.allow_tf32 = True
 
     num_classes = build.num_classes_for(cfg, train_ds)
-    cfg = build.with_recorded_model(cfg, resume_ckpt)
     model = build.build_model(cfg, num_classes)
     cfg = build.resolve_data_config(cfg, model)
     train_loader, eval_loader = build.build_loaders(cfg, train_ds, val_ds, num_classes, dist)
@@ -216,6 +213,8 @@ def _train(cfg, args, hooks=None):
         except NoImagesEvaluated as e:  # no metrics of no image: stop, with the files listed
             bad_files.record(e.bad_file_paths, 'evaluation')
             raise
+        except torch.OutOfMemoryError:  # the eval flags size this step, not the training ones
+            raise OutOfMemory(oom_message(cfg, evaluating=True)) from None
         bad_files.record(ev['bad_file_paths'], 'evaluation')
         return ev
 

@@ -132,6 +132,43 @@ def test_mistakes_leave_no_run_folder(demo_dataset, tmp_path, extra, message, ca
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('extra, message', [
+    (['-b', '128', '--naflex-max-seq-len', '100000'],
+     '--naflex-max-seq-len 100000: an evaluation step of -vb 128 images x 100000 tokens = 12,800,000 tokens (every '
+     'image is resized to fill the length: about 5060 x 5060 px at patch 16) needs more than 219.7 GiB for '
+     'naflexvit_base_patch16_gap, and the RAM has 80.0 GiB; lower --naflex-max-seq-len (the model card evaluates at '
+     '576), or -vb (it defaults to -b; above 46 it cannot fit)'),
+    (['-b', '64', '--amp', '--amp-dtype', 'bfloat16', '--naflex-train-seq-lens', '128', '8192', '100000'],
+     '--naflex-train-seq-lens 128 8192 100000: a training step of -b 64 x longest sequence 100000 = 6,400,000 tokens '
+     'needs more than 457.8 GiB for naflexvit_base_patch16_gap (the activations its blocks keep for the backward '
+     'pass), and the RAM has 80.0 GiB; lower -b (above 11 it cannot fit), or drop 100000 from '
+     '--naflex-train-seq-lens'),
+    (['-b', '64', '--naflex-train-seq-lens', '16384'], 'lower -b (above 34 it cannot fit), drop 16384 from '
+                                                       '--naflex-train-seq-lens, or add --grad-checkpointing'),
+])
+def test_a_step_too_large_for_the_device_is_refused_up_front(demo_dataset, tmp_path, monkeypatch, extra, message,
+                                                              capsys):
+    """A lower bound of the step's memory (naflex.train.memory) above the device's: one line before the data is
+    read, rather than a run that fails at its first evaluation. The machine is taken to have 80 GiB."""
+    import naflex.train.memory
+    monkeypatch.setattr(naflex.train.memory, 'device_memory', lambda device: 80 << 30)
+    msg = _one_line_error(train.main, _argv('/nonexistent/data', tmp_path / 'out', '--model',
+                                            'naflexvit_base_patch16_gap', *extra), capsys)
+    assert msg.startswith('train.py: error: --naflex') and msg.endswith(message)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_the_model_card_step_fits_an_80_gib_gpu():
+    """The lower bound refuses only what cannot fit: the card's flags (-b 64 x 1024 tokens, eval at 576) pass."""
+    from naflex.train.cli import parse_config
+    from naflex.train.memory import step_memory_problem
+    card = ['--data-dir', 'x', '--amp', '--amp-dtype', 'bfloat16', '--model', 'naflexvit_base_patch16_gap', '-b', '64']
+    assert step_memory_problem(parse_config(card)[1], 80 << 30, 'cuda:0') is None
+    assert step_memory_problem(parse_config(card + ['--naflex-max-seq-len', '4096'])[1], 80 << 30, 'cuda:0') is None
+    assert 'activations its blocks keep' in step_memory_problem(
+        parse_config(card + ['--naflex-train-seq-lens', '128', '65536'])[1], 80 << 30, 'cuda:0')
+
+
 def test_train_log_starts_with_the_lines_logged_before_the_folder_existed(demo_dataset, tmp_path):
     train.main(_argv(demo_dataset, tmp_path, '--epochs', '1'))
     log = (tmp_path / 'e' / 'train.log').read_text().splitlines()

@@ -216,6 +216,15 @@ def with_recorded_model(cfg: Config, ckpt: Optional[dict]) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kwargs=kwargs))
 
 
+def check_step_memory(cfg: Config, dist: DistInfo) -> None:
+    """A training or evaluation step too large for the device's memory is a UserError (naflex.train.memory says how
+    that is decided); ``cfg`` holds the model as it will be built (``with_recorded_model``)."""
+    from .memory import describe, device_memory, step_memory_problem
+    problem = step_memory_problem(cfg, device_memory(dist.device), describe(dist.device))
+    if problem:
+        raise UserError(problem)
+
+
 def start_wandb(cfg: Config, out_dir: Path, config: dict):
     """``--log-wandb``: a Weights & Biases run named after the run folder, its files in ``out_dir/wandb``
     (call on the primary rank only). A failing ``wandb.init`` (not logged in, no network) is one UserError."""
@@ -311,5 +320,5 @@ def create_run_dir(path: Path, cfg: Config, dist: DistInfo) -> Path:
     return path
 
 
-__all__ = ['UserError', 'build_loaders', 'build_model', 'create_run_dir', 'num_classes_for', 'open_datasets',
-           'resolve_data_config', 'run_dir', 'start_wandb', 'with_recorded_model']
+__all__ = ['UserError', 'build_loaders', 'build_model', 'check_step_memory', 'create_run_dir', 'num_classes_for',
+           'open_datasets', 'resolve_data_config', 'run_dir', 'start_wandb', 'with_recorded_model']
