@@ -121,8 +121,8 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     except ValueError as e:  # per-update settings timm's factory rejects for this run's updates per epoch
         raise UserError(f'{schedule_problem(cfg.sched, e, lambda f: "--" + f)} ({updates_per_epoch} updates per '
                         'epoch)') from None
-    if warmup_warning(cfg.sched, lr):
-        _logger.warning(warmup_warning(cfg.sched, lr))
+    if warning := warmup_warning(cfg.sched, lr):
+        _logger.warning(warning)
     trainer = Trainer(run_model, optimizer, cfg.train, batch_size_reference=cfg.loader.batch_size,
                       device=dist.device, schedule=schedule, ema=ema, clip_grad=cfg.optim.clip_grad,
                       clip_mode=cfg.optim.clip_mode, world_size=dist.world_size, rank=dist.rank,
@@ -196,6 +196,7 @@ def _train(cfg, args, hooks=None):
     state = _resume(trainer, cfg, resume, resume_ckpt, updates_per_epoch, len(train_loader), used_args)
     if state.epoch >= total_epochs:  # exit 0 without writing: the finished run stays as it was
         _logger.info(_nothing_to_train(cfg, state.epoch, total_epochs, resume))
+        trainer.callbacks.close()
         return []
 
     saver = _open_run_folder(out_dir, dist, cfg, args_yaml(args, **used), resume, resume_ckpt)
