@@ -27,19 +27,14 @@ class OutOfMemory(Exception):
     """Device memory ran out; the message names the flags to lower."""
 
 
-def _oom_message(cfg) -> str:
-    b, longest = cfg.loader.batch_size, max(cfg.loader.seq_lens)
-    return (f'out of GPU memory with -b {b} x longest sequence {longest} = {b * longest} tokens per step: lower -b '
-            f'(e.g. -b {max(1, b // 2)}), drop {longest} from --naflex-train-seq-lens, or add --grad-checkpointing')
-
-
 def run(argv=None, hooks=None):
     from naflex.train.cli import parse_config
+    from naflex.train.memory import oom_message
     args, cfg = parse_config(argv)  # checked: every problem is one ConfigError line
     try:
         return _train(cfg, args, hooks)
     except torch.OutOfMemoryError:
-        raise OutOfMemory(_oom_message(cfg)) from None
+        raise OutOfMemory(oom_message(cfg)) from None
 
 
 def _resume_checkpoint(cfg, out_dir: Path):
@@ -88,15 +83,27 @@ def _resume(trainer, cfg, resume, ckpt, updates_per_epoch: int, steps_per_epoch:
     return state
 
 
+def _nothing_to_train(cfg, epoch: int, total_epochs: int, resume) -> str:
+    """The line for a start at or past the schedule's end (a finished run resumed, or --start-epoch beyond it):
+    training on needs a longer schedule, which only --epochs gives."""
+    extra = '' if total_epochs == cfg.sched.epochs else ' with the warm-up prefix, cycles and cool-down'
+    ends = (f'and the schedule ends after {total_epochs} epoch{"s" * (total_epochs != 1)} (--epochs '
+            f'{cfg.sched.epochs}{extra}); nothing is written')
+    if cfg.sched.start_epoch is not None:
+        return f'nothing to train: --start-epoch {epoch}, {ends}. Lower --start-epoch or raise --epochs'
+    return (f'nothing to train: --resume {resume} continues at epoch {epoch}, {ends}. To train longer, raise '
+            f'--epochs (now {cfg.sched.epochs}) and resume again: the lr schedule is then laid out over the new length')
+
+
 def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     """Optimizer, schedule, EMA, compile / DDP wrappers around ``model`` (already on the device)."""
     from torch.nn.parallel import DistributedDataParallel
 
     from naflex.train.build import UserError
     from naflex.train.compiling import CompileReport, compile_model
-    from naflex.train.engine import Trainer
+    from naflex.train.engine import Trainer, log_precision
     from naflex.train.optim import ModelEma, create_optimizer
-    from naflex.train.schedule import create_schedule, schedule_problem
+    from naflex.train.schedule import create_schedule, schedule_problem, warmup_warning
     optimizer = create_optimizer(model, cfg.optim, lr)
     _logger.info(f'optimizer {type(optimizer).__name__} (--opt {cfg.optim.opt}): {dict(optimizer.defaults)}')
     ema = ModelEma(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
@@ -114,33 +121,35 @@ def _trainer(cfg, model, dist, updates_per_epoch: int, lr: float, hooks):
     except ValueError as e:  # per-update settings timm's factory rejects for this run's updates per epoch
         raise UserError(f'{schedule_problem(cfg.sched, e, lambda f: "--" + f)} ({updates_per_epoch} updates per '
                         'epoch)') from None
+    if warning := warmup_warning(cfg.sched, lr):
+        _logger.warning(warning)
     trainer = Trainer(run_model, optimizer, cfg.train, batch_size_reference=cfg.loader.batch_size,
                       device=dist.device, schedule=schedule, ema=ema, clip_grad=cfg.optim.clip_grad,
                       clip_mode=cfg.optim.clip_mode, world_size=dist.world_size, rank=dist.rank,
                       callbacks=callbacks)
-    if trainer.scaler is not None and dist.device.type == 'cuda' and not getattr(
-            optimizer, '_step_supports_amp_scaling', False):
-        _logger.info(f'--amp-dtype float16 with --opt {cfg.optim.opt}: the loss scaler reads its inf/NaN check on '
-                     'the host at every update (one device sync per update); bfloat16 needs no scaler, and the fused '
-                     'adam / adamw / sgd / momentum kernels take the check on the device')
+    log_precision(trainer, cfg.optim.opt)
     return trainer, total_epochs
 
 
-def _open_run_folder(out_dir: Path, dist, cfg, resolved_args: str, resumed_from):
+def _open_run_folder(out_dir: Path, dist, cfg, resolved_args: str, resume, resumed_from):
     """Create the run folder once every input is checked: train.log (from the run's first line), args.yaml (the
-    configuration actually used) and, on rank 0, the checkpoint manager (returned; None on other ranks)."""
+    configuration actually used) and, on rank 0, the checkpoint manager (returned; None on other ranks), which
+    continues the best-epoch ranking of ``resumed_from`` only when ``resume`` lies in this folder."""
     from naflex.train.build import create_run_dir
     from naflex.train.checkpoint import CheckpointManager, writing
     from naflex.train.logger import attach_log_file
     create_run_dir(out_dir, cfg, dist)
     attach_log_file(out_dir / 'train.log')
+    # logged only now: before, a refused input would read as if the folder had been made
+    _logger.info(f'{"torchrun: rank %d of %d, " % (dist.rank, dist.world_size) if dist.distributed else ""}'
+                 f'device {dist.device}, output {out_dir}')
     if not dist.is_primary:
         return None
     with writing(out_dir / 'args.yaml'):
         (out_dir / 'args.yaml').write_text(resolved_args)
     saver = CheckpointManager(out_dir, cfg.train.checkpoint_hist, decreasing=cfg.train.eval_metric == 'loss')
     if resumed_from is not None:
-        saver.restore(resumed_from)
+        saver.restore(resumed_from, resume.parent, cfg.train.eval_metric)
     return saver
 
 
@@ -154,14 +163,15 @@ def _train(cfg, args, hooks=None):
     from naflex.train.engine import fit, seed_everything
     from naflex.train.evaluate import NoImagesEvaluated, evaluate
     from naflex.train.logger import RunWriter, setup_logging
+    from naflex.train.memory import oom_message
 
     dist = init_distributed(cfg.train.device)
     setup_logging(None, dist.is_primary)  # train.log starts once the run folder exists, with these lines
     # Every input is checked before the run folder is created: a mistake leaves nothing on disk.
     out_dir = build.run_dir(cfg, dist)
-    _logger.info(f'{"torchrun: rank %d of %d, " % (dist.rank, dist.world_size) if dist.distributed else ""}'
-                 f'device {dist.device}, output {out_dir}')
     resume, resume_ckpt = _resume_checkpoint(cfg, out_dir)  # before the datasets: it fixes the class order
+    cfg = build.with_recorded_model(cfg, resume_ckpt)
+    build.check_step_memory(cfg, dist)  # an impossible sequence length is refused before the data is read
     train_ds, val_ds = build.open_datasets(cfg, resume_ckpt)
     seed_everything(cfg.train.seed, dist.rank)
     if dist.device.type == 'cuda':
@@ -169,7 +179,6 @@ def _train(cfg, args, hooks=None):
         torch.backends.cudnn.allow_tf32 = True
 
     num_classes = build.num_classes_for(cfg, train_ds)
-    cfg = build.with_recorded_model(cfg, resume_ckpt)
     model = build.build_model(cfg, num_classes)
     cfg = build.resolve_data_config(cfg, model)
     train_loader, eval_loader = build.build_loaders(cfg, train_ds, val_ds, num_classes, dist)
@@ -185,8 +194,12 @@ def _train(cfg, args, hooks=None):
     used = dict(lr=lr, num_classes=num_classes, model_kwargs=cfg.model.kwargs)  # resolved: what the run uses
     used_args = dict(vars(args), **used)  # the configuration actually used (on resume too)
     state = _resume(trainer, cfg, resume, resume_ckpt, updates_per_epoch, len(train_loader), used_args)
+    if state.epoch >= total_epochs:  # exit 0 without writing: the finished run stays as it was
+        _logger.info(_nothing_to_train(cfg, state.epoch, total_epochs, resume))
+        trainer.callbacks.close()
+        return []
 
-    saver = _open_run_folder(out_dir, dist, cfg, args_yaml(args, **used), resume_ckpt)
+    saver = _open_run_folder(out_dir, dist, cfg, args_yaml(args, **used), resume, resume_ckpt)
     del resume_ckpt  # its tensors are in the model and optimizer now
     bad_files = BadFileTracker(out_dir if dist.is_primary else None, dataset_size=len(train_ds))
     mean, std = cfg.model.mean, cfg.model.std
@@ -201,6 +214,8 @@ def _train(cfg, args, hooks=None):
         except NoImagesEvaluated as e:  # no metrics of no image: stop, with the files listed
             bad_files.record(e.bad_file_paths, 'evaluation')
             raise
+        except torch.OutOfMemoryError:  # the eval flags size this step, not the training ones
+            raise OutOfMemory(oom_message(cfg, evaluating=True)) from None
         bad_files.record(ev['bad_file_paths'], 'evaluation')
         return ev
 
@@ -221,7 +236,8 @@ def _train(cfg, args, hooks=None):
         writer.close()
         trainer.callbacks.close()
     if saver is not None and saver.best[0] is not None:
-        _logger.info(f'*** best {cfg.train.eval_metric}: {saver.best[0]:.4f} (epoch {saver.best[1]})')
+        _logger.info(f'*** best {cfg.train.eval_metric}: {saver.best[0]:.4f} (epoch {saver.best[1]}, '
+                     f'{out_dir / "model_best.pth"})')
     return results
 
 

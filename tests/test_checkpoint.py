@@ -50,6 +50,26 @@ def test_best_history_and_links(tmp_path):
     assert sorted(p.name for p in tmp_path.glob('checkpoint-*')) == ['checkpoint-4.pth', 'checkpoint-5.pth']
 
 
+def test_best_ranking_continues_in_its_own_folder_only(tmp_path, caplog):
+    """Resumed in the folder that wrote it, the ranking goes on (its files are there); in another folder it starts
+    afresh, so model_best.pth there is an epoch trained there, and a line says where the earlier best is."""
+    old, new = tmp_path / 'old', tmp_path / 'new'
+    old.mkdir(), new.mkdir()
+    first = CheckpointManager(old)
+    first.save_epoch(_state(0), 0, 90.0)
+    ckpt = torch.load(old / 'last.pth', weights_only=True)
+    same = CheckpointManager(old)
+    same.restore(ckpt, old, 'top1')
+    same.save_epoch(_state(1), 1, 50.0)
+    assert same.best == (90.0, 0) and torch.load(old / 'model_best.pth', weights_only=True)['epoch'] == 0
+    other = CheckpointManager(new)
+    with caplog.at_level('INFO'):
+        other.restore(ckpt, old, 'top1')
+    other.save_epoch(_state(1), 1, 50.0)
+    assert other.best == (50.0, 1) and torch.load(new / 'model_best.pth', weights_only=True)['epoch'] == 1
+    assert f"the resumed run's best, top1 90.0000 at epoch 0, stays in {old / 'model_best.pth'}" in caplog.text
+
+
 def test_decreasing_metric(tmp_path):
     mgr = CheckpointManager(tmp_path, max_history=1, decreasing=True)
     for epoch, loss in enumerate([2.0, 1.0, 3.0]):

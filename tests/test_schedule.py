@@ -249,3 +249,29 @@ def test_train_py_wires_metric_direction_and_noise_seed(demo_dataset, tmp_path):
                 scheduler.step_update(epoch * upe + u + 1)
             scheduler.step(epoch + 1, row['eval_top1'])
         assert hooks.lrs == want, name
+
+
+WARMUP_LINE = ('--warmup-epochs 5 is not shorter than --epochs 3: the whole run is warm-up, the lr climbs from '
+               '--warmup-lr 0 towards 1.000e-03 and never reaches it nor decays (epoch 0 trains at lr 0: without '
+               '--sched-on-updates the lr steps once per epoch); lower --warmup-epochs, raise --epochs, or add '
+               '--warmup-prefix (warm-up before the --epochs)')
+
+
+@pytest.mark.parametrize('argv, said', [
+    (['--epochs', '3', '--warmup-epochs', '5', '--warmup-lr', '0'], WARMUP_LINE),
+    (['--epochs', '3', '--warmup-epochs', '3', '--sched-on-updates'],
+     '--warmup-epochs 3 is not shorter than --epochs 3: the whole run is warm-up, the lr climbs from --warmup-lr 0.001 '
+     'towards 1.000e-03 and never reaches it nor decays; lower'),
+    (['--epochs', '3', '--warmup-epochs', '2'], None),
+    (['--epochs', '3', '--warmup-epochs', '5', '--warmup-prefix'], None),  # the warm-up comes before the 3 epochs
+    (['--epochs', '3', '--warmup-epochs', '5', '--sched', 'none'], None),  # no schedule, no warm-up
+])
+def test_a_warmup_as_long_as_the_run_is_a_start_up_warning(argv, said, caplog):
+    """timm counts the warm-up inside --epochs: as long as the run, the lr never reaches its peak nor decays."""
+    import train
+    from naflex.train.distributed import DistInfo
+    cfg = _flags(*argv)[1]
+    with caplog.at_level('WARNING', logger='train'):
+        train._trainer(cfg, naflex.create_model('naflexvit_tiny_test', num_classes=4), DistInfo(), 2, 1e-3, None)
+    lines = [r.getMessage() for r in caplog.records if '--warmup-epochs' in r.getMessage()]
+    assert len(lines) == (said is not None) and all(line.startswith(said) for line in lines)

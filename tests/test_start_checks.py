@@ -62,6 +62,30 @@ def test_existing_experiment_is_refused_not_overwritten(demo_dataset, tmp_path, 
     assert _snapshot(run) == before
 
 
+def test_resume_of_a_finished_run_has_nothing_to_train(demo_dataset, tmp_path, capsys):
+    """Exit 0 with a line saying how to train on; the finished run is not touched (train.log included)."""
+    train.main(_argv(demo_dataset, tmp_path, experiment='done'))
+    run = tmp_path / 'done'
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert train.main(_argv(demo_dataset, tmp_path, '--resume', 'auto', experiment='done')) == []
+    out, err = capsys.readouterr()
+    assert (f'nothing to train: --resume {run / "last.pth"} continues at epoch 1, and the schedule ends after 1 epoch '
+            '(--epochs 1); nothing is written. To train longer, raise --epochs (now 1) and resume again') in out
+    assert 'training epochs' not in out and not err
+    assert _snapshot(run) == before
+    assert 'nothing to train: --start-epoch 3, and the schedule ends after 2 epochs (--epochs 1 with the warm-up ' \
+        'prefix, cycles and cool-down); nothing is written. Lower --start-epoch or raise --epochs' in _log_of(
+            train.main, _argv(demo_dataset, tmp_path / 'new', '--start-epoch', '3', '--cooldown-epochs', '1'), capsys)
+    assert not (tmp_path / 'new').exists()
+
+
+def _log_of(main, argv, capsys) -> str:
+    capsys.readouterr()
+    main(argv)
+    return capsys.readouterr().out
+
+
 def test_generated_run_name_gets_a_suffix(tmp_path, monkeypatch):
     """Without --experiment the folder is date-model; a clash gets timm's -1, -2 suffix instead of reuse."""
     from datetime import datetime
@@ -108,10 +132,59 @@ def test_mistakes_leave_no_run_folder(demo_dataset, tmp_path, extra, message, ca
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('extra, message', [
+    (['-b', '128', '--naflex-max-seq-len', '100000'],
+     '--naflex-max-seq-len 100000: an evaluation step of -vb 128 images x 100000 tokens = 12,800,000 tokens (every '
+     'image is resized to fill the length: about 5060 x 5060 px at patch 16) needs more than 219.7 GiB for '
+     'naflexvit_base_patch16_gap, and the RAM has 80.0 GiB; lower --naflex-max-seq-len (the model card evaluates at '
+     '576), or -vb (it defaults to -b; above 46 it cannot fit)'),
+    (['-b', '64', '--amp', '--amp-dtype', 'bfloat16', '--naflex-train-seq-lens', '128', '8192', '100000'],
+     '--naflex-train-seq-lens 128 8192 100000: a training step of -b 64 x longest sequence 100000 = 6,400,000 tokens '
+     'needs more than 457.8 GiB for naflexvit_base_patch16_gap (the activations its blocks keep for the backward '
+     'pass), and the RAM has 80.0 GiB; lower -b (above 11 it cannot fit), or drop 100000 from '
+     '--naflex-train-seq-lens'),
+    (['-b', '64', '--naflex-train-seq-lens', '16384'], 'lower -b (above 34 it cannot fit), drop 16384 from '
+                                                       '--naflex-train-seq-lens, or add --grad-checkpointing'),
+])
+def test_a_step_too_large_for_the_device_is_refused_up_front(demo_dataset, tmp_path, monkeypatch, extra, message,
+                                                              capsys):
+    """A lower bound of the step's memory (naflex.train.memory) above the device's: one line before the data is
+    read, rather than a run that fails at its first evaluation. The machine is taken to have 80 GiB."""
+    import naflex.train.memory
+    monkeypatch.setattr(naflex.train.memory, 'device_memory', lambda device: 80 << 30)
+    msg = _one_line_error(train.main, _argv('/nonexistent/data', tmp_path / 'out', '--model',
+                                            'naflexvit_base_patch16_gap', *extra), capsys)
+    assert msg.startswith('train.py: error: --naflex') and msg.endswith(message)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_the_model_card_step_fits_an_80_gib_gpu():
+    """The lower bound refuses only what cannot fit: the card's flags (-b 64 x 1024 tokens, eval at 576) pass."""
+    from naflex.train.cli import parse_config
+    from naflex.train.memory import step_memory_problem
+    card = ['--data-dir', 'x', '--amp', '--amp-dtype', 'bfloat16', '--model', 'naflexvit_base_patch16_gap', '-b', '64']
+    assert step_memory_problem(parse_config(card)[1], 80 << 30, 'cuda:0') is None
+    assert step_memory_problem(parse_config(card + ['--naflex-max-seq-len', '4096'])[1], 80 << 30, 'cuda:0') is None
+    assert 'activations its blocks keep' in step_memory_problem(
+        parse_config(card + ['--naflex-train-seq-lens', '128', '65536'])[1], 80 << 30, 'cuda:0')
+
+
 def test_train_log_starts_with_the_lines_logged_before_the_folder_existed(demo_dataset, tmp_path):
     train.main(_argv(demo_dataset, tmp_path, '--epochs', '1'))
     log = (tmp_path / 'e' / 'train.log').read_text().splitlines()
-    assert 'device cpu, output' in log[0] and any('naflexvit_tiny_test: ' in line for line in log[:4])
+    assert '--num-classes 4: the classes found' in log[0]
+    model = next(i for i, line in enumerate(log) if 'naflexvit_tiny_test: ' in line)
+    (output,) = [i for i, line in enumerate(log) if f'device cpu, output {tmp_path / "e"}' in line]
+    assert model < output  # said once the folder exists, after the lines that checked the inputs
+
+
+def test_refused_input_names_no_output_folder(demo_dataset, tmp_path, capsys):
+    """The 'device ..., output DIR' line comes once DIR exists: a refused start never reads as if it was made."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.main(_argv(demo_dataset, tmp_path / 'out', '--num-classes', '3'))
+    out, err = capsys.readouterr()
+    assert '--num-classes 3 is below' in err and 'output' not in out and not (tmp_path / 'out').exists()
 
 
 # --- datasets -------------------------------------------------------------------------------------------------
@@ -123,6 +196,20 @@ def test_empty_validation_split_is_an_error_not_a_zero_score(demo_dataset, tmp_p
     msg = _one_line_error(train.main, _argv(data, tmp_path / 'out'), capsys)
     assert "split 'validation' holds no images (4 class folders, all empty)" in msg
     assert '--val-split ""' in msg and not (tmp_path / 'out').exists()
+
+
+def test_training_classes_missing_from_validation_say_what_to_do(demo_dataset, tmp_path, capsys):
+    data = _copy(demo_dataset, tmp_path)
+    shutil.rmtree(data / 'val' / '03_cross')
+    msg = _one_line_error(train.main, _argv(data, tmp_path / 'out'), capsys)
+    assert msg == (f"train.py: error: class folders differ between 'train' and 'validation', so their labels would not "
+                   f"match: {data / 'val'} lacks 1 training class (03_cross); add the missing folders (empty ones will "
+                   f"do), or pass --class-map FILE naming the training classes one a line (`ls {data / 'train'} > "
+                   f'classes.txt`), or --val-split "" to train without evaluation')
+    assert not (tmp_path / 'out').exists()
+    (tmp_path / 'classes.txt').write_text(''.join(f'{p.name}\n' for p in sorted((data / 'train').iterdir())))
+    train.main(_argv(data, tmp_path / 'out', '--class-map', str(tmp_path / 'classes.txt')))  # the advice works
+    assert (tmp_path / 'out' / 'e' / 'model_best.pth').exists()
 
 
 def test_empty_train_class_is_named_in_a_warning(demo_dataset, tmp_path, caplog):

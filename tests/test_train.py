@@ -116,6 +116,25 @@ def test_stop_and_resume_matches_uninterrupted(reference, demo_dataset, tmp_path
     assert [r['train_loss'] for r in rows] == [r['train_loss'] for r in ref_rows]
 
 
+def test_resume_into_a_new_folder_ranks_its_best_epochs_afresh(reference, demo_dataset, tmp_path, caplog):
+    """The new folder's model_best.pth and '*** best' line are epochs trained there, even when the resumed run's
+    best (here forged to top1 100, which no new epoch beats) is better; one line says where that one stays."""
+    old = tmp_path / 'old'
+    old.mkdir()
+    ckpt = torch.load(reference[0] / 'last.pth', map_location='cpu', weights_only=True)
+    ckpt['best_history'] = [[100.0, 1]]
+    torch.save(ckpt, old / 'last.pth')
+    os.link(old / 'last.pth', old / 'model_best.pth')
+    with caplog.at_level('INFO'):
+        train.main(card_argv(demo_dataset, tmp_path, 'new', '--resume', str(old / 'last.pth'), '--epochs', '3'))
+    new = tmp_path / 'new'
+    assert torch.load(new / 'model_best.pth', map_location='cpu', weights_only=True)['epoch'] == 2
+    assert re.search(rf'\*\*\* best top1: [\d.]+ \(epoch 2, {re.escape(str(new / "model_best.pth"))}\)', caplog.text)
+    assert (f"--resume from another run folder: the best epochs are ranked afresh in {new} (model_best.pth and the "
+            f"best reported are epochs trained here); the resumed run's best, top1 100.0000 at epoch 1, stays in "
+            f"{old / 'model_best.pth'}") in caplog.text
+
+
 def test_sigkill_mid_epoch_then_resume_auto(reference, demo_dataset, tmp_path):
     ref_run, ref_hooks, _ = reference
     script = (f'import sys; sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(Path(__file__).parent)!r})\n'

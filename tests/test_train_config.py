@@ -167,7 +167,8 @@ def test_class_folders_differ(demo_dataset, tmp_path, capsys):
     victim = sorted((data / 'val').iterdir())[0]
     victim.rename(victim.with_name('zz_extra'))
     msg = _main_error(_tiny(data, tmp_path), capsys)
-    assert 'class folders differ' in msg and 'zz_extra' in msg
+    assert 'class folders differ' in msg and 'holds 1 folder of no training class (zz_extra)' in msg
+    assert 'add the missing folders (empty ones will do) and remove the others, or pass --class-map FILE' in msg
 
 
 def test_unknown_model(demo_dataset, tmp_path, capsys):
@@ -207,6 +208,24 @@ def test_out_of_memory_advice(demo_dataset, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'out of GPU memory with -b 2 x longest sequence 16 = 32 tokens per step' in err[0]
     assert 'lower -b (e.g. -b 1)' in err[0] and 'drop 16 from --naflex-train-seq-lens' in err[0]
+
+
+def test_out_of_memory_in_evaluation_names_the_eval_flags(demo_dataset, tmp_path, monkeypatch, capsys):
+    import torch
+
+    import naflex.train.evaluate
+
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError('CUDA out of memory')
+
+    monkeypatch.setattr(naflex.train.evaluate, 'evaluate', boom)
+    with pytest.raises(SystemExit) as exc:
+        train.main(_tiny(demo_dataset, tmp_path, '-b', '2', '-vb', '6', '--naflex-train-seq-lens', '16',
+                         '--naflex-max-seq-len', '32', '--epochs', '1'))
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['train.py: error: out of GPU memory in evaluation with -vb 6 x --naflex-max-seq-len 32 = 192 tokens '
+                   'per step: lower -vb (e.g. -vb 3; it defaults to -b) or --naflex-max-seq-len']
 
 
 def test_schedule_settings_timm_rejects(demo_dataset, tmp_path, capsys):

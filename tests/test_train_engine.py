@@ -226,3 +226,24 @@ def test_fp16_host_sync_is_said_at_start_up(amp_dtype, opt, said, caplog):
         warnings.simplefilter('ignore')
         train._trainer(cfg, model.to('cuda'), DistInfo(device=torch.device('cuda')), 2, 1e-3, None)
     assert ('one device sync per update' in caplog.text) == said, caplog.text
+
+
+@pytest.mark.parametrize('flags, line, advised', [
+    ([], 'precision: float32 (no --amp)', False),
+    (['--amp'], 'precision: float16 autocast (--amp --amp-dtype float16), with a loss scaler', True),
+    (['--amp', '--amp-dtype', 'bfloat16'], 'precision: bfloat16 autocast (--amp --amp-dtype bfloat16), no loss scaler',
+     False),
+])
+def test_precision_is_said_at_start_up_and_float16_on_the_cpu_gets_a_warning(flags, line, advised, caplog):
+    """--amp alone means float16 (timm's default), which the CPU emulates several times slower than float32."""
+    import train
+    from naflex.train.cli import parse_config
+    from naflex.train.distributed import DistInfo
+    _, cfg = parse_config(['--data-dir', 'x', '--model', 'naflexvit_tiny_test', '--device', 'cpu', *flags])
+    with caplog.at_level('INFO', logger='train'):
+        train._trainer(cfg, _model(), DistInfo(), 2, 1e-3, None)
+    assert line in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert [w for w in warnings if 'float16' in w] == (
+        ["--amp-dtype float16 (--amp's default, as in timm) on the CPU: few CPUs compute in float16, so autocast runs "
+         'several times slower than float32 there; use --amp-dtype bfloat16, or drop --amp'] if advised else [])

@@ -84,6 +84,31 @@ def class_map_for(cfg: Config, resume_ckpt: Optional[dict] = None) -> Optional[L
     return classes
 
 
+def _shown(names: List[str]) -> str:
+    return ', '.join(names[:5]) + (f' (+{len(names) - 5} more)' if len(names) > 5 else '')
+
+
+def _classes_differ(cfg: Config, train_ds, val_ds) -> str:
+    """The one line for splits whose class folders differ (a label index would not name the same class in both),
+    with the ways out: make the folders agree, fix the label space with --class-map, or train without evaluation."""
+    data = cfg.data
+    only_t = [c for c in train_ds.classes if c not in set(val_ds.classes)]
+    only_v = [c for c in val_ds.classes if c not in set(train_ds.classes)]
+    what = []
+    if only_t:
+        what.append(f'lacks {len(only_t)} training class{"es" * (len(only_t) > 1)} ({_shown(only_t)})')
+    if only_v:
+        what.append(f'holds {len(only_v)} folder{"s" * (len(only_v) > 1)} of no training class ({_shown(only_v)})')
+    fix = {(True, True): 'add the missing folders (empty ones will do) and remove the others',
+           (True, False): 'add the missing folders (empty ones will do)', (False, True): 'remove those folders',
+           (False, False): 'give both splits the same classes'}[bool(only_t), bool(only_v)]
+    train_dir, val_dir = getattr(train_ds, 'base', None), getattr(val_ds, 'base', None) or data.val_split
+    example = f' (`ls {train_dir} > classes.txt`)' if train_dir is not None and Path(train_dir).is_dir() else ''
+    return (f'class folders differ between {data.train_split!r} and {data.val_split!r}, so their labels would not '
+            f'match: {val_dir} {" and ".join(what) or "orders the classes differently"}; {fix}, or pass --class-map '
+            f'FILE naming the training classes one a line{example}, or --val-split "" to train without evaluation')
+
+
 def open_datasets(cfg: Config, resume_ckpt: Optional[dict] = None):
     """(train dataset, val dataset or None), checked: both exist, hold images and the same classes. Image folders
     or tar shards (``--dataset wds/NAME``, or shards found in ``--data-dir``); rank 0 opens them first, so an index
@@ -107,10 +132,7 @@ def open_datasets(cfg: Config, resume_ckpt: Optional[dict] = None):
             val_ds = _open_split(cfg, data.val_split, 'validation',
                                  ' (pass --val-split "" to train without evaluation)', classes=classes)
     if val_ds is not None and not classes_compatible(train_ds, val_ds):
-        only_t = sorted(set(train_ds.classes) - set(val_ds.classes))[:5]
-        only_v = sorted(set(val_ds.classes) - set(train_ds.classes))[:5]
-        raise UserError(f'class folders differ between {data.train_split!r} and {data.val_split!r}: '
-                        f'only in train {only_t}, only in val {only_v}')
+        raise UserError(_classes_differ(cfg, train_ds, val_ds))
     _warn_empty_classes(train_ds, val_ds, data)
     return train_ds, val_ds
 
@@ -214,6 +236,15 @@ def with_recorded_model(cfg: Config, ckpt: Optional[dict]) -> Config:
         raise UserError(f'--model-kwargs {format_kwargs(cfg.model.kwargs)} differ from the checkpoint\'s '
                         f'({format_kwargs(kwargs) or "none"}): drop them to resume')
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kwargs=kwargs))
+
+
+def check_step_memory(cfg: Config, dist: DistInfo) -> None:
+    """A training or evaluation step too large for the device's memory is a UserError (naflex.train.memory says how
+    that is decided); ``cfg`` holds the model as it will be built (``with_recorded_model``)."""
+    from .memory import describe, device_memory, step_memory_problem
+    problem = step_memory_problem(cfg, device_memory(dist.device), describe(dist.device))
+    if problem:
+        raise UserError(problem)
 
 
 def start_wandb(cfg: Config, out_dir: Path, config: dict):
@@ -323,5 +354,5 @@ def create_run_dir(path: Path, cfg: Config, dist: DistInfo) -> Path:
     return path
 
 
-__all__ = ['UserError', 'build_loaders', 'build_model', 'create_run_dir', 'num_classes_for', 'open_datasets',
-           'resolve_data_config', 'run_dir', 'start_wandb', 'with_recorded_model']
+__all__ = ['UserError', 'build_loaders', 'build_model', 'check_step_memory', 'create_run_dir', 'num_classes_for',
+           'open_datasets', 'resolve_data_config', 'run_dir', 'start_wandb', 'with_recorded_model']

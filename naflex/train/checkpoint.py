@@ -288,8 +288,22 @@ class CheckpointManager:
                 p.unlink(missing_ok=True)
         return path
 
-    def restore(self, ckpt: Dict) -> None:
-        self.history = [tuple(h) for h in ckpt.get('best_history', [])]
+    def restore(self, ckpt: Dict, written_in=None, metric_name: str = 'metric') -> None:
+        """Continue the ranking of best epochs that ``ckpt`` records, when it was written in this folder
+        (``written_in``; None: here): the files it names are here. A checkpoint of another run folder starts the
+        ranking afresh, so model_best.pth, checkpoint-<epoch>.pth and the best the log reports are epochs trained in
+        this folder; one line says where the resumed run's best stays."""
+        history = [tuple(h) for h in ckpt.get('best_history', [])]
+        if written_in is None or Path(written_in).resolve() == self.out_dir.resolve():
+            self.history = history
+            return
+        self.history = []
+        if history:
+            (metric, epoch), best = history[0], Path(written_in) / BEST
+            where = best if best.exists() else Path(written_in)
+            _logger.info(f'--resume from another run folder: the best epochs are ranked afresh in {self.out_dir} '
+                         f'(model_best.pth and the best reported are epochs trained here); the resumed run\'s best, '
+                         f'{metric_name} {metric:.4f} at epoch {epoch}, stays in {where}')
 
 
 @dataclass

@@ -47,7 +47,7 @@ from .optim import clip_gradients
 _logger = logging.getLogger('train')
 
 __all__ = ['NonFiniteLossError', 'StopRequested', 'TrainState', 'Trainer', 'classification_loss', 'fit',
-           'loss_weight', 'make_loss', 'seed_everything', 'train_one_epoch']
+           'log_precision', 'loss_weight', 'make_loss', 'seed_everything', 'train_one_epoch']
 
 
 def classification_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
@@ -175,6 +175,28 @@ class Trainer:
             state.rng = None
         else:
             seed_everything(self.cfg.seed, self.rank, state.epoch)
+
+
+def log_precision(trainer: Trainer, opt: str) -> None:
+    """Say at start-up which precision the run computes in, and what it costs where that is not obvious: float16 on
+    the CPU (autocast's default dtype, as in timm) is emulated and runs several times slower than float32 there, and
+    on CUDA its loss scaler reads its inf/NaN check on the host at every update unless the optimizer is a fused
+    kernel that takes the check on the device (``_step_supports_amp_scaling``)."""
+    cfg, device = trainer.cfg, trainer.device
+    if trainer.amp_dtype is None:
+        _logger.info('precision: float32 (no --amp)')
+        return
+    scaler = 'with a loss scaler' if trainer.scaler is not None else 'no loss scaler'
+    _logger.info(f'precision: {cfg.amp_dtype} autocast (--amp --amp-dtype {cfg.amp_dtype}), {scaler}')
+    if trainer.amp_dtype == torch.float16 and device.type == 'cpu':
+        _logger.warning('--amp-dtype float16 (--amp\'s default, as in timm) on the CPU: few CPUs compute in float16, '
+                        'so autocast runs several times slower than float32 there; use --amp-dtype bfloat16, or drop '
+                        '--amp')
+    if trainer.scaler is not None and device.type == 'cuda' and not getattr(
+            trainer.optimizer, '_step_supports_amp_scaling', False):
+        _logger.info(f'--amp-dtype float16 with --opt {opt}: the loss scaler reads its inf/NaN check on the host at '
+                     'every update (one device sync per update); bfloat16 needs no scaler, and the fused adam / '
+                     'adamw / sgd / momentum kernels take the check on the device')
 
 
 def _micro_steps(step: int, num_steps: int, accum: int) -> int:

@@ -50,6 +50,18 @@ def create_schedule(cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, updat
                                    updates_per_epoch=updates_per_epoch)
 
 
+def warmup_warning(cfg: ScheduleConfig, peak_lr: float) -> Optional[str]:
+    """The line for a warm-up as long as the run or longer: timm counts it inside --epochs (unless --warmup-prefix),
+    so the lr only climbs, never reaching ``peak_lr`` nor decaying; only the lr curve would show it. None otherwise."""
+    if cfg.sched == 'none' or cfg.warmup_prefix or cfg.warmup_epochs < cfg.epochs:
+        return None
+    zero = (' (epoch 0 trains at lr 0: without --sched-on-updates the lr steps once per epoch)'
+            if cfg.warmup_lr == 0 and not cfg.on_updates else '')
+    return (f'--warmup-epochs {cfg.warmup_epochs} is not shorter than --epochs {cfg.epochs}: the whole run is warm-up, '
+            f'the lr climbs from --warmup-lr {cfg.warmup_lr:g} towards {peak_lr:.3e} and never reaches it nor decays'
+            f'{zero}; lower --warmup-epochs, raise --epochs, or add --warmup-prefix (warm-up before the --epochs)')
+
+
 def schedule_problems(cfg: ScheduleConfig, flag: Callable[[str], str] = str) -> List[str]:
     """What timm's factory rejects in these flags (e.g. a wsd decay longer than the schedule), as one line. A
     schedule stepped per update is checked when the run knows its updates per epoch (``create_schedule``)."""
