@@ -19,7 +19,7 @@ from .config import EvalLoaderConfig, resolve_pin_memory
 from .decode import UndecodableImage
 from .packing import collate
 from .pipeline import eval_sample
-from .workers import ignore_interrupts
+from .workers import worker_init
 
 
 class EvalImages(Dataset):
@@ -67,5 +67,5 @@ def make_eval_loader(dataset, cfg: Optional[EvalLoaderConfig] = None, *, rank: i
     kwargs = dict(persistent_workers=persistent_workers) if cfg.num_workers > 0 else {}
     return DataLoader(images, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                       collate_fn=EvalCollate(cfg.patch_size, cfg.packing, cfg.max_seq_len),
-                      pin_memory=resolve_pin_memory(cfg.pin_memory), worker_init_fn=ignore_interrupts,
+                      pin_memory=resolve_pin_memory(cfg.pin_memory), worker_init_fn=worker_init(),
                       drop_last=False, **kwargs)

@@ -41,7 +41,7 @@ from .decode import UndecodableImage, pil_to_hwc
 from .packing import collate
 from .pipeline import TrainSampleBuilder
 from .schedule import SeqLenSchedule
-from .workers import ignore_interrupts
+from .workers import worker_init
 
 MAX_REPLACEMENTS = 20
 
@@ -163,7 +163,7 @@ class TrainLoader:
         if num_workers > 0:
             kwargs = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         self.loader = DataLoader(step_dataset, batch_size=None, sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=pin_memory, worker_init_fn=ignore_interrupts, **kwargs)
+                                 pin_memory=pin_memory, worker_init_fn=worker_init(), **kwargs)
 
     def __len__(self) -> int:
         return self.schedule.num_steps

@@ -6,6 +6,7 @@ every image equally even when the images of a step split unevenly across ranks (
 atol/rtol 1e-5 (float32 summation order is the only difference). Also: torchrun end to end, and a non-finite
 loss on one rank stopping every rank.
 """
+import contextlib
 import os
 
 import pytest
@@ -225,9 +226,11 @@ def test_sigterm_on_one_rank_stops_all_at_the_same_step(tmp_path):
         assert msg.startswith('stopped on SIGTERM at epoch 0 step 2/3') and msg.endswith('saved=[2]'), msg
 
 
-def test_sigterm_to_torchrun_saves_and_torchrun_exits_1(demo_dataset, tmp_path):
+@pytest.mark.parametrize('to', ['torchrun', 'group'])
+def test_sigterm_to_torchrun_saves_and_torchrun_exits_1(demo_dataset, tmp_path, to):
     """What a scheduler sees: torchrun forwards SIGTERM to every process, each stops at the same update after the
-    recovery save and exits 143, and torchrun itself exits 1 with a SignalException (documented in the README)."""
+    recovery save and exits 143, and torchrun itself exits 1 with a SignalException (documented in the README).
+    'group': SIGTERM to every process of the job at once (Slurm, Kubernetes), 2 loader workers per rank included."""
     import signal
     import subprocess
     import sys
@@ -235,20 +238,26 @@ def test_sigterm_to_torchrun_saves_and_torchrun_exits_1(demo_dataset, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
            'train.py', '--data-dir', str(demo_dataset), '--model', 'naflexvit_tiny_test', '--device', 'cpu',
-           '-b', '4', '-j', '0', '--epochs', '1000', '--warmup-epochs', '0', '--naflex-train-seq-lens', '32',
-           '--naflex-max-seq-len', '32', '--val-split', '', '--log-interval', '1', '--output', str(tmp_path),
-           '--experiment', 'term']
-    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           '-b', '4', '-j', '2' if to == 'group' else '0', '--epochs', '1000', '--warmup-epochs', '0',
+           '--naflex-train-seq-lens', '32', '--naflex-max-seq-len', '32', '--val-split', '', '--log-interval', '1',
+           '--output', str(tmp_path), '--experiment', 'term']
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         for line in proc.stdout:  # rank 0's log: the signal handlers are installed once training logs a step
             if 'Train: 0' in line:
                 break
-        proc.send_signal(signal.SIGTERM)
+        if to == 'group':
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):  # whatever the test left running
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 1, err[-3000:]
     assert 'SignalException' in err and 'got signal: 15' in err
+    assert 'DataLoader worker' not in err, err[-3000:]
     assert 'stopped on SIGTERM' in out and 'continue with --resume auto' in out
     run = tmp_path / 'term'
     assert list(run.glob('recovery-*.pth')) or (run / 'last.pth').is_file()
