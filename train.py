@@ -188,7 +188,8 @@ def _train(cfg, args, hooks=None):
 
     saver = _open_run_folder(out_dir, dist, cfg, args_yaml(args, **used), resume_ckpt)
     del resume_ckpt  # its tensors are in the model and optimizer now
-    bad_files = BadFileTracker(out_dir if dist.is_primary else None, dataset_size=len(train_ds))
+    bad_files = BadFileTracker(out_dir if dist.is_primary else None, cfg.train.bad_file_limit,
+                               dataset_size=len(train_ds))
     mean, std = cfg.model.mean, cfg.model.std
 
     def to_device(loader):

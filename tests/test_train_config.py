@@ -7,7 +7,7 @@ from naflex.train.cli import ConfigError, build_parser, parse_args
 
 # Changing the CLI is a deliberate act: update this list (and the README) in the same commit.
 FROZEN_FLAGS = [
-    '--aa', '--amp', '--amp-dtype', '--attn-backend', '--batch-size', '--bce-loss', '--bce-pos-weight', '--bce-sum',
+    '--aa', '--amp', '--amp-dtype', '--attn-backend', '--bad-file-limit', '--batch-size', '--bce-loss', '--bce-pos-weight', '--bce-sum',
     '--bce-target-thresh', '--checkpoint-hist', '--class-map', '--clip-grad', '--clip-mode', '--color-jitter',
     '--config', '--cooldown-epochs', '--cutmix', '--data-dir', '--dataset', '--decay-epochs', '--decay-milestones',
     '--decay-rate', '--device', '--dr', '--drop', '--drop-path', '--epochs', '--eval-metric', '--exif-orientation',
@@ -121,6 +121,8 @@ def test_bad_yaml(tmp_path, content, match):
     (['--naflex-patch-size-probs', '0.5', '0.5'], 'needs --naflex-patch-sizes'),
     (['--opt-betas', '0.9'], '--opt-betas takes 2 values for nadamw, got 1'),
     (['--device', 'tpu'], "use 'cuda' or 'cpu'"),
+    (['--bad-file-limit', '1.5'], '--bad-file-limit must be in [0, 1]: the share of decode attempts that may fail'),
+    (['--bad-file-limit', 'nan'], '--bad-file-limit must be in [0, 1]'),
     (['--attn-backend', 'foo'], "invalid choice: 'foo'"),
     (['--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
 ])

@@ -257,16 +257,33 @@ def test_every_validation_file_undecodable(demo_dataset, tmp_path, capsys):
     assert len((tmp_path / 'v' / 'bad_files.txt').read_text().split()) == 4
 
 
-def test_small_dataset_with_many_bad_files_stops(demo_dataset, tmp_path, capsys):
-    """7 undecodable files among 31 (23%): judged after one epoch's worth of samples, not after 1000."""
-    data = tmp_path / 'data'
+def _seven_bad_of_31(demo_dataset, data):
     shutil.copytree(demo_dataset, data)
     for i in range(7):
         _garbage(data / 'train' / sorted(os.listdir(data / 'train'))[i % 4] / f'bad{i}.jpg')
+    return data
+
+
+def test_small_dataset_with_many_bad_files_stops(demo_dataset, tmp_path, capsys):
+    """7 undecodable files among 31 (23%): judged after one epoch's worth of samples, not after 1000."""
+    data = _seven_bad_of_31(demo_dataset, tmp_path / 'data')
     code, line, err = _fail(card_argv(data, tmp_path, 's'), capsys)
     assert code == 1 and 'Traceback' not in err
-    assert 'decode attempts' in line and 'above the 1.00% threshold' in line and 'after 31 training samples' in line
+    assert 'decode attempts' in line and 'after 31 training samples' in line
+    assert 'above the 1.00% threshold (--bad-file-limit 0.01)' in line
     assert not (tmp_path / 's' / 'last.pth').exists()  # it stopped within epoch 0
+
+
+def test_bad_file_limit_sets_the_share_that_stops(demo_dataset, tmp_path, capsys):
+    """The same 23% of bad files: --bad-file-limit 0.5 trains through them (each replaced and counted), 0.1
+    stops at its own threshold."""
+    data = _seven_bad_of_31(demo_dataset, tmp_path / 'data')
+    train.main(card_argv(data, tmp_path, 'half', *ONE_EPOCH, '--bad-file-limit', '0.5'))
+    assert int(_summary(tmp_path / 'half' / 'summary.csv')[0]['bad_files']) >= 1
+    assert len((tmp_path / 'half' / 'bad_files.txt').read_text().split()) >= 1
+    code, line, err = _fail(card_argv(data, tmp_path, 'tenth', *ONE_EPOCH, '--bad-file-limit', '0.1'), capsys)
+    assert code == 1 and 'Traceback' not in err
+    assert 'above the 10.00% threshold (--bad-file-limit 0.1)' in line
 
 
 class _Records(logging.Handler):

@@ -9,8 +9,9 @@ The stop rule, for training files: ``fraction`` is the share of decode attempts 
 (samples + failures): with a share p of bad files it estimates p, replacements that hit a bad file again
 included). Once ``min(min_samples, dataset size)`` samples have been drawn (1000, or one epoch of a smaller
 dataset, so a small dataset is judged as soon as every file had its chance) the run stops with
-``TooManyBadFiles`` while that share exceeds ``max_fraction`` (1%). A loader that gives up on one sample (every
-replacement failed too: ``loaders.UndecodableFiles``) stops the run at once, with the same error.
+``TooManyBadFiles`` while that share exceeds ``max_fraction`` (``--bad-file-limit``, 1% by default). A loader
+that gives up on one sample (every replacement failed too: ``loaders.UndecodableFiles``) stops the run at once,
+with the same error.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from loaders import UndecodableFiles
 from naflex.model import batch as B
 
 from .checkpoint import writing
+from .config import TrainConfig
 
 _log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ class TooManyBadFiles(RuntimeError):
 
 
 class BadFileTracker:
-    def __init__(self, output_dir=None, max_fraction: float = 0.01, min_samples: int = 1000,
+    def __init__(self, output_dir=None, max_fraction: float = TrainConfig.bad_file_limit, min_samples: int = 1000,
                  dataset_size: Optional[int] = None, logger: Optional[logging.Logger] = None):
         self.path = Path(output_dir) / 'bad_files.txt' if output_dir is not None else None
         self.max_fraction = max_fraction
@@ -91,4 +93,4 @@ class BadFileTracker:
             raise TooManyBadFiles(
                 f"{self.num_failures} of {self.num_samples + self.num_failures} decode attempts "
                 f"({100 * self.fraction:.2f}%) failed after {self.num_samples} training samples, above the "
-                f"{100 * self.max_fraction:.2f}% threshold; {self._listed()}")
+                f"{100 * self.max_fraction:.2f}% threshold (--bad-file-limit {self.max_fraction:g}); {self._listed()}")
