@@ -156,7 +156,7 @@ def _open_run_folder(out_dir: Path, dist, cfg, resolved_args: str, resume, resum
 def _train(cfg, args, hooks=None):
     from loaders import DevicePrefetcher
     from naflex.train import build
-    from naflex.train.bad_files import BadFileTracker
+    from naflex.train.bad_files import BadFileTracker, TooManyBadFiles
     from naflex.train.callbacks import StopOnSignal
     from naflex.train.cli import args_yaml
     from naflex.train.distributed import init_distributed
@@ -201,7 +201,9 @@ def _train(cfg, args, hooks=None):
 
     saver = _open_run_folder(out_dir, dist, cfg, args_yaml(args, **used), resume, resume_ckpt)
     del resume_ckpt  # its tensors are in the model and optimizer now
-    bad_files = BadFileTracker(out_dir if dist.is_primary else None, dataset_size=len(train_ds))
+    bad_files = BadFileTracker(out_dir, cfg.train.bad_file_limit, dataset_size=-(-len(train_ds) // dist.world_size),
+                               writes=dist.is_primary, world_size=dist.world_size)  # each rank judges its share
+    trainer.callbacks.items.append(bad_files)
     mean, std = cfg.model.mean, cfg.model.std
 
     def to_device(loader):
@@ -232,6 +234,10 @@ def _train(cfg, args, hooks=None):
             results = fit(trainer, train_loader, to_device, state, total_epochs,
                           evaluate_fn=evaluate_fn if eval_loader is not None else None, saver=saver, writer=writer,
                           checkpoint_meta=meta)
+    except TooManyBadFiles as e:  # maybe another rank's: rank 0 lists its files
+        if dist.is_primary:
+            bad_files.record(e.paths)
+        raise
     finally:
         writer.close()
         trainer.callbacks.close()

@@ -13,7 +13,8 @@ Public API
     k..len-1: exact mid-epoch resume). Token budget = batch_size x max(seq_lens); a step at length L holds
     floor(budget / L / 8) * 8 images.
 ``create_eval_loader(root_or_dataset, split='validation', cfg=None, *, rank=0, world_size=1, **cfg_fields)``
-    (``make_eval_loader(dataset, ...)`` for a dataset object): every image of this rank's shard once.
+    (``make_eval_loader(dataset, ...)`` for a dataset object): every image of this rank's shard once; a split that
+    cannot be scored whole (a tar shard cut short) is ``IncompleteSplit`` (``require_whole(dataset)`` checks).
 ``DevicePrefetcher(loader, device, mean, std, dtype=torch.float32)``: batches on the device, patches normalised
     to float there.
 ``ImageFolderDataset(root, split)``, ``ShardDataset(root, split)`` (WebDataset tar shards, timm's ``wds/NAME``),
@@ -27,7 +28,7 @@ target: int64 [B], or float32 [B, num_classes] soft targets when MixUp/CutMix is
 """
 from .config import DatasetConfig, EvalLoaderConfig, TrainLoaderConfig
 from .dataset import ImageFolderDataset, ListDataset, read_class_map
-from .eval_loader import make_eval_loader
+from .eval_loader import IncompleteSplit, make_eval_loader, require_whole
 from .factory import create_eval_loader, create_train_loader, open_dataset
 from .packing import pack, pad, patchify_hwc
 from .prefetch import DevicePrefetcher, normalize_patches
@@ -36,8 +37,8 @@ from .shards import ShardDataset
 from .train_loader import TrainLoader, UndecodableFiles
 
 __all__ = [
-    'DatasetConfig', 'DevicePrefetcher', 'EvalLoaderConfig', 'ImageFolderDataset', 'ListDataset', 'SeqLenSchedule',
-    'ShardDataset', 'TrainLoader', 'TrainLoaderConfig', 'UndecodableFiles', 'batch_size_for', 'create_eval_loader',
-    'create_train_loader', 'make_eval_loader', 'normalize_patches', 'open_dataset', 'pack', 'pad', 'patchify_hwc',
-    'read_class_map',
+    'DatasetConfig', 'DevicePrefetcher', 'EvalLoaderConfig', 'ImageFolderDataset', 'IncompleteSplit', 'ListDataset',
+    'SeqLenSchedule', 'ShardDataset', 'TrainLoader', 'TrainLoaderConfig', 'UndecodableFiles', 'batch_size_for',
+    'create_eval_loader', 'create_train_loader', 'make_eval_loader', 'normalize_patches', 'open_dataset', 'pack', 'pad',
+    'patchify_hwc', 'read_class_map', 'require_whole',
 ]

@@ -6,7 +6,8 @@ scored exactly once across ranks (sum the per-rank counts); ``num_samples`` (``-
 split to its first N images. A file that fails to decode is dropped from its
 batch (it cannot be replaced without double counting) and listed in ``inputs['bad_files']`` (the consumer
 reports it: a warning from each worker would repeat per worker and epoch); a batch whose files all fail is
-yielded with B = 0.
+yielded with B = 0. So images + bad files is the split's size, and a split where that cannot hold (a tar shard
+cut short: its samples after the cut are unknown) is refused with ``IncompleteSplit`` (``require_whole``).
 """
 from __future__ import annotations
 
@@ -20,7 +21,23 @@ from .config import EvalLoaderConfig, resolve_pin_memory
 from .decode import UndecodableImage
 from .packing import collate
 from .pipeline import eval_sample
-from .workers import ignore_interrupts
+from .workers import worker_init
+
+
+class IncompleteSplit(ValueError):
+    """The split holds samples that can be neither read nor counted: a tar shard cut short (a copy or download that
+    stopped), after whose cut the number of samples is unknown."""
+
+
+def require_whole(dataset) -> None:
+    """Raise ``IncompleteSplit`` unless every sample of ``dataset`` is either scored or counted as a bad file, so
+    an evaluation never reports fewer samples than its split holds as the split's result."""
+    cut = list(getattr(dataset, 'cut_short', ()))
+    if cut:
+        more = f' (+{len(cut) - 3} more shards)' if len(cut) > 3 else ''
+        raise IncompleteSplit(f'split {dataset.split!r} of {dataset.root} cannot be scored whole: {"; ".join(cut[:3])}'
+                              f'{more}; the samples from the cut on can be neither read nor counted: copy the '
+                              f'shard{"s" * (len(cut) > 1)} again')
 
 
 class EvalImages(Dataset):
@@ -61,13 +78,15 @@ class EvalCollate:
 
 def make_eval_loader(dataset, cfg: Optional[EvalLoaderConfig] = None, *, rank: int = 0, world_size: int = 1,
                      persistent_workers: bool = False, **fields) -> DataLoader:
-    """DataLoader over this rank's shard of ``dataset``; config fields may be given as keywords."""
+    """DataLoader over this rank's shard of ``dataset`` (IncompleteSplit unless it is whole); config fields may
+    be given as keywords."""
     cfg = dataclasses.replace(cfg or EvalLoaderConfig(), **fields)
     cfg.validate()
+    require_whole(dataset)
     images = EvalImages(dataset, cfg.max_seq_len, cfg.patch_size, cfg.interpolation, cfg.draft, rank, world_size,
                         exif_orientation=cfg.exif_orientation, num_samples=cfg.num_samples)
     kwargs = dict(persistent_workers=persistent_workers) if cfg.num_workers > 0 else {}
     return DataLoader(images, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
                       collate_fn=EvalCollate(cfg.patch_size, cfg.packing, cfg.max_seq_len),
-                      pin_memory=resolve_pin_memory(cfg.pin_memory), worker_init_fn=ignore_interrupts,
+                      pin_memory=resolve_pin_memory(cfg.pin_memory), worker_init_fn=worker_init(),
                       drop_last=False, **kwargs)

@@ -41,7 +41,7 @@ import numpy as np
 from .dataset import _SPLIT_ALIASES, IMG_EXTENSIONS, ImageFolderDataset, write_cache_file
 
 INFO_FILES = ('_info.json', 'info.json')  # the names timm's wds reader looks for
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 # Image member preference within a sample: timm's default input key 'jpg;png;webp', then the other formats.
 IMAGE_EXTS = ('jpg', 'png', 'webp') + tuple(e[1:] for e in IMG_EXTENSIONS if e[1:] not in ('jpg', 'png', 'webp'))
 _RANGE = re.compile(r'^(-?\d+)\.\.(-?\d+)(?:\.\.(\d+))?$')
@@ -185,6 +185,7 @@ class ShardIndex:
     names: np.ndarray                   # uint8 blob of the image member names
     name_offsets: np.ndarray            # int64 [n + 1]
     problems: List[str] = field(default_factory=list)
+    cut_short: List[str] = field(default_factory=list)  # the problems that are shards ending inside a member
 
     def __len__(self) -> int:
         return len(self.target)
@@ -327,11 +328,12 @@ def _add_sample(key, found: dict, fd: int, shard_name: str, samples: list, probl
     samples.append((image[1], image[2], target, image[0]))
 
 
-def index_shard(path: str) -> Tuple[List[tuple], List[str]]:
-    """(samples as (offset, size, target, image member name), problems) of one uncompressed tar shard.
+def index_shard(path: str) -> Tuple[List[tuple], List[str], Optional[str]]:
+    """(samples as (offset, size, target, image member name), problems, cut) of one uncompressed tar shard.
 
     Reads the member headers (seeking over the data) and the small ``.cls`` members. A shard cut short keeps the
-    samples before the cut (the problem says where); a sample without an image or a class index is left out.
+    samples before the cut; ``cut`` is then the problem that says where (None for a whole shard): how many samples
+    followed is unknown. A sample without an image or a class index is left out.
     """
     name = os.path.basename(path)
     with open(path, 'rb', buffering=0) as f:
@@ -339,7 +341,7 @@ def index_shard(path: str) -> Tuple[List[tuple], List[str]]:
         if os.pread(fd, 3, 0) in _COMPRESSED_MAGIC:
             raise ValueError(f'{path}: compressed shards cannot be read by offset; decompress them to .tar')
         for scan in (_scan_headers, _tarfile_members):
-            samples, problems = [], []
+            samples, problems, cut = [], [], None
             try:
                 _group_samples(scan(path, fd, file_size), fd, name, samples, problems)
                 break
@@ -348,9 +350,10 @@ def index_shard(path: str) -> Tuple[List[tuple], List[str]]:
             except _ShardCut as e:
                 if not samples:
                     raise ValueError(f'{path} is not a readable tar shard ({e})') from None
-                problems.append(f'{name}: cut short after {len(samples)} samples ({e})')
+                cut = f'{name}: cut short after {len(samples)} samples ({e})'
+                problems.append(cut)
                 break
-    return samples, problems
+    return samples, problems, cut
 
 
 def build_index(shards: Sequence[str], num_threads: int = 8) -> ShardIndex:
@@ -358,7 +361,7 @@ def build_index(shards: Sequence[str], num_threads: int = 8) -> ShardIndex:
     what matters on network storage; on local disk the header parsing dominates and they change little."""
     with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(shards)))) as pool:
         per_shard = list(pool.map(index_shard, shards))
-    rows = [(s, *sample) for s, (samples, _) in enumerate(per_shard) for sample in samples]
+    rows = [(s, *sample) for s, (samples, _, _) in enumerate(per_shard) for sample in samples]
     encoded = [r[4].encode('utf-8') for r in rows]
     name_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in encoded], out=name_offsets[1:])
@@ -369,7 +372,8 @@ def build_index(shards: Sequence[str], num_threads: int = 8) -> ShardIndex:
         target=np.fromiter((r[3] for r in rows), np.int64, len(rows)),
         names=np.frombuffer(b''.join(encoded), dtype=np.uint8).copy(),
         name_offsets=name_offsets,
-        problems=[p for _, problems in per_shard for p in problems])
+        problems=[p for _, problems, _ in per_shard for p in problems],
+        cut_short=[cut for _, _, cut in per_shard if cut])
 
 
 def default_cache_dir() -> Path:
@@ -399,11 +403,12 @@ def load_index(shards: Sequence[str], cache_dir=None) -> ShardIndex:
     if index is not None:
         return index
     index = build_index(shards)
-    problems = np.frombuffer(json.dumps(index.problems).encode('utf-8'), dtype=np.uint8)
+    problems, cut_short = (np.frombuffer(json.dumps(x).encode('utf-8'), dtype=np.uint8)
+                           for x in (index.problems, index.cut_short))
     try:  # atomic: ranks that build the same index concurrently never see half a file
         write_cache_file(cache, lambda f: np.savez(
             f, shard=index.shard, offset=index.offset, size=index.size, target=index.target, names=index.names,
-            name_offsets=index.name_offsets, problems=problems))
+            name_offsets=index.name_offsets, problems=problems, cut_short=cut_short))
     except OSError as e:
         warnings.warn(f'shard index not cached ({e}); it is rebuilt on the next start')
     return index
@@ -414,14 +419,14 @@ def _read_cached(cache: Path, num_shards: int) -> Optional[ShardIndex]:
     try:
         with np.load(cache, allow_pickle=False) as z:
             arrays = {k: z[k] for k in ('shard', 'offset', 'size', 'target', 'names', 'name_offsets')}
-            problems = json.loads(z['problems'].tobytes().decode('utf-8'))
+            problems, cut_short = (json.loads(z[k].tobytes().decode('utf-8')) for k in ('problems', 'cut_short'))
     except Exception:  # a torn or foreign file (zipfile, numpy and json errors alike): rebuild
         return None
     n = len(arrays['target'])
     fits = all(len(arrays[k]) == n for k in ('shard', 'offset', 'size')) and len(arrays['name_offsets']) == n + 1
     if not fits or (n and not 0 <= int(arrays['shard'].max()) < num_shards):
         return None
-    return ShardIndex(**arrays, problems=problems)
+    return ShardIndex(**arrays, problems=problems, cut_short=cut_short)
 
 
 # --- reading members -------------------------------------------------------------------------------------------
@@ -493,7 +498,8 @@ class ShardDataset:
     (``NAME-train-{0000..0009}.tar``, relative to ``root``), or without ``_info.json`` the split word in the shard
     names. Class names come from ``_info.json``'s ``"classes"`` when present, else they are the indices ('0', '1',
     ...; ``class_names_known`` False). ``classes`` (a class map) re-indexes named classes by it; every class the
-    split holds must be in it.
+    split holds must be in it. ``problems``: the samples the index leaves out, reported once as a warning;
+    ``cut_short``: those of them that are shards ending inside a member (loaders.eval_loader.require_whole).
     """
 
     def __init__(self, root, split: str = 'train', *, classes=None, cache_dir=None):
@@ -505,6 +511,7 @@ class ShardDataset:
         self._index = load_index(self.shards, cache_dir)
         self.targets = self._index.target
         self.problems = self._index.problems
+        self.cut_short = self._index.cut_short  # shards that end inside a member (evaluation refuses the split)
         if self.problems:
             warnings.warn(f'{len(self.problems)} problem(s) indexing {self.root} split {self.split!r}, samples '
                           f'left out: {"; ".join(self.problems[:3])}' + (' ...' if len(self.problems) > 3 else ''))

@@ -22,7 +22,9 @@ stay silent instead of repeating the warning per worker and epoch. The replaceme
 scheduled index: indices are drawn from (seed, epoch, index, 'replace'), and the k-th replacement's augmentation
 from (seed, epoch, index, k). When ``MAX_REPLACEMENTS`` files in a row fail for one sample the data is broken,
 not a file: iterating the loader raises ``UndecodableFiles`` (in the main process, with the paths, not as a
-worker traceback).
+worker traceback). It carries the step all the same (``batch``), with a grey one-patch stand-in for that sample and
+the rest of the step, read no further: with several ranks the trainer steps on it until the ranks agree to stop,
+since a rank that left at once would leave the others waiting for it in a collective.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from augment.config import AugConfig
@@ -41,31 +44,29 @@ from .decode import UndecodableImage, pil_to_hwc
 from .packing import collate
 from .pipeline import TrainSampleBuilder
 from .schedule import SeqLenSchedule
-from .workers import ignore_interrupts
+from .workers import worker_init
 
 MAX_REPLACEMENTS = 20
 
 
 class UndecodableFiles(RuntimeError):
-    """``MAX_REPLACEMENTS`` files in a row failed to decode for one sample; ``paths``: every failure of its step."""
+    """``MAX_REPLACEMENTS`` files in a row failed to decode for one sample; ``paths``: every failure of its step;
+    ``batch``: the step's (inputs, target) with stand-ins from that sample on."""
 
-    def __init__(self, paths: List[str], epoch: int, step: int):
-        self.paths, self.epoch, self.step = list(paths), epoch, step
+    def __init__(self, paths: List[str], epoch: int, step: int, batch=None):
+        self.paths, self.epoch, self.step, self.batch = list(paths), epoch, step, batch
         super().__init__(f'{MAX_REPLACEMENTS} files in a row failed to decode for one sample of step {step} '
                          f'(epoch {epoch}), e.g. {", ".join(self.paths[-3:])}')
 
 
-class _GaveUp(Exception):
-    pass
-
-
 @dataclass
 class _StepFailed:
-    """What a worker returns instead of a step it could not build: an exception raised in a worker reaches the
-    main process as text inside torch's re-raised copy, while this object arrives intact."""
+    """What a worker returns for a step it gave up on: an exception raised in a worker reaches the main process
+    as text inside torch's re-raised copy, while this object arrives intact."""
     paths: List[str]
     epoch: int
     step: int
+    batch: tuple
 
 
 class StepSampler(Sampler):
@@ -104,7 +105,7 @@ class StepDataset(Dataset):
 
     def _load(self, epoch: int, idx: int, copy: int, L: int, P: int, bad: List[str]):
         """(PIL image, target, the sample's RNG) for copy ``copy`` of dataset index ``idx``, or for its replacement
-        if it fails."""
+        if it fails; None when ``MAX_REPLACEMENTS`` files in a row failed."""
         n, picked = len(self.dataset), idx
         replacements = None
         key = f"{idx}#{copy}" if copy else f"{idx}"
@@ -118,20 +119,24 @@ class StepDataset(Dataset):
                 bad.append(path)      # through the batch's bad_files: the trainer logs each path once)
                 replacements = replacements or random.Random(f"replace/{self.seed}/{epoch}/{key}")
                 picked = replacements.randrange(n)
-        raise _GaveUp()
+        return None
 
+    def _stand_in(self, epoch: int, idx: int, P: int):
+        """A grey one-patch image in place of a sample the loader gave up on (UndecodableFiles.batch)."""
+        return Image.new('RGB', (P, P), (128, 128, 128)), self.dataset.target(idx), random.Random(
+            f"stand-in/{self.seed}/{epoch}/{idx}")
 
     def __getitem__(self, key: Tuple[int, int]):
         epoch, step_idx = key
         step = self.schedule.step(epoch, step_idx)
         L, P = step.seq_len, step.patch_size
         imgs, targets, bad, rngs = [], [], [], []
+        gave_up = False
         copies = step.copies.tolist() if step.copies is not None else [0] * len(step.indices)
         for idx, copy in zip(step.indices.tolist(), copies):
-            try:
-                img, t, rng = self._load(epoch, idx, copy, L, P, bad)
-            except _GaveUp:
-                return _StepFailed(bad, epoch, step_idx)
+            loaded = None if gave_up else self._load(epoch, idx, copy, L, P, bad)
+            gave_up = loaded is None
+            img, t, rng = loaded or self._stand_in(epoch, idx, P)
             imgs.append(img)
             targets.append(t)
             rngs.append(rng)
@@ -150,7 +155,7 @@ class StepDataset(Dataset):
             tensors.append(self.builder.augment.after_mix(x, rng, P))  # random erasing
         with stage(self.timer, 'pack'):
             inputs = collate(tensors, P, self.packing, L, bad)
-        return inputs, target
+        return _StepFailed(bad, epoch, step_idx, (inputs, target)) if gave_up else (inputs, target)
 
 
 class TrainLoader:
@@ -166,7 +171,7 @@ class TrainLoader:
         if num_workers > 0:
             kwargs = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         self.loader = DataLoader(step_dataset, batch_size=None, sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=pin_memory, worker_init_fn=ignore_interrupts, **kwargs)
+                                 pin_memory=pin_memory, worker_init_fn=worker_init(), **kwargs)
 
     def __len__(self) -> int:
         return self.schedule.num_steps
@@ -187,7 +192,7 @@ class TrainLoader:
     def __iter__(self):
         for item in self.loader:
             if isinstance(item, _StepFailed):
-                raise UndecodableFiles(item.paths, item.epoch, item.step)
+                raise UndecodableFiles(item.paths, item.epoch, item.step, item.batch)
             yield item
 
     @property

@@ -1,5 +1,6 @@
 """Datasets (folder scan, class order, splits), decoding (modes, EXIF, JPEG draft) and bad-file handling."""
 import io
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 import loaders
+from augment import MixupConfig
 from naflex.train.bad_files import BadFileTracker, TooManyBadFiles
 from loaders.dataset import ImageFolderDataset
 from loaders.decode import decode_resized, open_image, to_rgb
@@ -220,6 +222,50 @@ def test_bad_file_tracker_threshold(tmp_path, caplog):
     assert (tmp_path / 'bad_files.txt').read_text() == '/x/a.jpg\n'
     with pytest.raises(TooManyBadFiles, match='threshold'):
         t.update({'bad_files': ['/x/b.jpg'] * 5, 'seq_lens': torch.zeros(10)})
+
+
+def test_a_step_given_up_on_comes_with_stand_ins(tmp_path):
+    """Every file undecodable: iterating the loader raises UndecodableFiles with the 20 failures of the sample it
+    gave up on, and with the step itself (grey one-patch stand-ins, the shape kept), through a worker process."""
+    for c in ('a', 'b'):
+        (tmp_path / 'train' / c).mkdir(parents=True)
+        for i in range(4):
+            (tmp_path / 'train' / c / f'{i}.jpg').write_bytes(b'not an image')
+    ld = loaders.create_train_loader(tmp_path, 'train', seq_lens=(16,), batch_size=8, patch_size=8, num_workers=1,
+                                     seed=0, mixup=MixupConfig(num_classes=2, mixup_alpha=0.8, cutmix_alpha=1.0))
+    step = next(iter(ld.schedule.steps(0)))
+    with pytest.raises(loaders.UndecodableFiles) as exc:
+        next(iter(ld))
+    inputs, target = exc.value.batch
+    assert len(exc.value.paths) == 20 and inputs['bad_files'] == exc.value.paths
+    assert inputs['seq_lens'].tolist() == [1] * len(step.indices) and target.shape == (len(step.indices), 2)
+    assert (inputs['patches'] == 128).all()
+
+
+def _batch(name, num_images, bad=()):
+    return {'bad_files': list(bad), 'seq_lens': torch.zeros(num_images), 'name': name}, None
+
+
+def test_bad_file_tracker_of_one_rank_of_several_holds_its_stop(tmp_path):
+    """With several ranks the tracker raises nothing: it keeps the stop for the trainer (``failure()``) and hands
+    out the batch at hand again, so this rank reaches the update where all ranks agree to stop."""
+    t = BadFileTracker(tmp_path, max_fraction=0.01, min_samples=10, writes=False, world_size=2)
+    batches = [_batch('a', 10), _batch('b', 10, ['/x/b.jpg'] * 5), _batch('c', 10)]
+    it = t.track(iter(batches))
+    assert t.failure() is None and next(it)[0]['name'] == 'a' and t.failure() is None
+    assert [next(it)[0]['name'] for _ in range(4)] == ['b'] * 4
+    assert 'above the 1.00% threshold' in str(t.failure()) and t.failure().paths == ['/x/b.jpg']
+    assert not (tmp_path / 'bad_files.txt').exists() and f'listed in {tmp_path}/bad_files.txt' in str(t.failure())
+
+    def gives_up():
+        yield _batch('a', 10)
+        raise loaders.UndecodableFiles(['/x/c.jpg'] * 20, 0, 1, _batch('stand-ins', 10, ['/x/c.jpg'] * 20))
+
+    t = BadFileTracker(tmp_path, writes=False, world_size=2)
+    assert [b['name'] for b, _ in itertools.islice(t.track(gives_up()), 4)] == ['a'] + ['stand-ins'] * 3
+    assert str(t.failure()).startswith('20 files in a row failed to decode for one sample of step 1 (epoch 0)')
+    with pytest.raises(TooManyBadFiles, match='20 files in a row'):  # one process: at once, as before
+        list(BadFileTracker(tmp_path).track(gives_up()))
 
 
 def test_shared_data_classes_and_eval(shared_data):

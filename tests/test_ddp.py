@@ -6,6 +6,7 @@ every image equally even when the images of a step split unevenly across ranks (
 atol/rtol 1e-5 (float32 summation order is the only difference). Also: torchrun end to end, and a non-finite
 loss on one rank stopping every rank.
 """
+import contextlib
 import os
 
 import pytest
@@ -217,6 +218,45 @@ def _stop_worker(rank, store, out_dir):
     _finish()
 
 
+def _failure_worker(rank, store, out_dir):
+    _init_gloo(rank, store)
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    batches = [take(make_packed(GRIDS, s), SPLIT[rank]) for s in range(STEPS)]
+
+    class Broken:  # only rank 1 holds an error (as its bad-file tracker does), from its first update on
+        error = None
+
+        def after_update(self, engine, state):
+            if rank == 1:
+                self.error = RuntimeError('its share is undecodable')
+
+        def failure(self):
+            return self.error
+
+    saved = []
+    eng = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                  TrainConfig(device='cpu', loss_scale='none', log_interval=100, recovery_interval=1, smoothing=0.0),
+                  batch_size_reference=1, world_size=2, callbacks=[Broken()])
+    try:
+        train_one_epoch(eng, iter(batches), len(batches), TrainState(), save_recovery=lambda st: saved.append(st.step))
+        msg = 'finished'
+    except RuntimeError as e:
+        msg = f'{e} saved={saved}'
+    with open(os.path.join(out_dir, f'rank{rank}.txt'), 'w') as f:
+        f.write(msg)
+    del model, eng
+    _finish()
+
+
+def test_an_error_on_one_rank_stops_all_before_the_next_save(tmp_path):
+    """A failure one rank holds is agreed on before a recovery save between log updates: both ranks raise it at
+    the same update (its message names the rank) and nothing is saved after it."""
+    mp.start_processes(_failure_worker, args=(str(tmp_path / 'store'), str(tmp_path)), nprocs=2, join=True,
+                       start_method='spawn')
+    for rank in (0, 1):
+        assert (tmp_path / f'rank{rank}.txt').read_text() == 'rank 1 of 2: its share is undecodable saved=[1]'
+
+
 def test_sigterm_on_one_rank_stops_all_at_the_same_step(tmp_path):
     mp.start_processes(_stop_worker, args=(str(tmp_path / 'store'), str(tmp_path)), nprocs=2, join=True,
                        start_method='spawn')
@@ -225,9 +265,11 @@ def test_sigterm_on_one_rank_stops_all_at_the_same_step(tmp_path):
         assert msg.startswith('stopped on SIGTERM at epoch 0 step 2/3') and msg.endswith('saved=[2]'), msg
 
 
-def test_sigterm_to_torchrun_saves_and_torchrun_exits_1(demo_dataset, tmp_path):
+@pytest.mark.parametrize('to', ['torchrun', 'group'])
+def test_sigterm_to_torchrun_saves_and_torchrun_exits_1(demo_dataset, tmp_path, to):
     """What a scheduler sees: torchrun forwards SIGTERM to every process, each stops at the same update after the
-    recovery save and exits 143, and torchrun itself exits 1 with a SignalException (documented in the README)."""
+    recovery save and exits 143, and torchrun itself exits 1 with a SignalException (documented in the README).
+    'group': SIGTERM to every process of the job at once (Slurm, Kubernetes), 2 loader workers per rank included."""
     import signal
     import subprocess
     import sys
@@ -235,20 +277,79 @@ def test_sigterm_to_torchrun_saves_and_torchrun_exits_1(demo_dataset, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
            'train.py', '--data-dir', str(demo_dataset), '--model', 'naflexvit_tiny_test', '--device', 'cpu',
-           '-b', '4', '-j', '0', '--epochs', '1000', '--warmup-epochs', '0', '--naflex-train-seq-lens', '32',
-           '--naflex-max-seq-len', '32', '--val-split', '', '--log-interval', '1', '--output', str(tmp_path),
-           '--experiment', 'term']
-    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           '-b', '4', '-j', '2' if to == 'group' else '0', '--epochs', '1000', '--warmup-epochs', '0',
+           '--naflex-train-seq-lens', '32', '--naflex-max-seq-len', '32', '--val-split', '', '--log-interval', '1',
+           '--output', str(tmp_path), '--experiment', 'term']
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         for line in proc.stdout:  # rank 0's log: the signal handlers are installed once training logs a step
             if 'Train: 0' in line:
                 break
-        proc.send_signal(signal.SIGTERM)
+        if to == 'group':
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):  # whatever the test left running
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 1, err[-3000:]
     assert 'SignalException' in err and 'got signal: 15' in err
+    assert 'DataLoader worker' not in err, err[-3000:]
     assert 'stopped on SIGTERM' in out and 'continue with --resume auto' in out
     run = tmp_path / 'term'
     assert list(run.glob('recovery-*.pth')) or (run / 'last.pth').is_file()
+
+
+def _broken_share_worker(rank, store, argv, out_dir, share):
+    """train.py's main on one of two gloo ranks; rank 1's reads fail, as on a node whose data mount broke: all of
+    them (``share`` 'all': it gives up on its first sample) or those of two classes (half: the share rule)."""
+    import train
+    from loaders import pipeline
+    from loaders.decode import UndecodableImage
+    _init_gloo(rank, store)
+    if rank == 1:
+        build = pipeline.TrainSampleBuilder.build_pil
+
+        def failing(self, path, *args):
+            if share == 'all' or '00_disk' in str(path) or '01_square' in str(path):
+                raise UndecodableImage('unreadable')
+            return build(self, path, *args)
+        pipeline.TrainSampleBuilder.build_pil = failing
+    try:
+        train.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    with open(os.path.join(out_dir, f'rank{rank}.txt'), 'w') as f:
+        f.write(str(code))
+
+
+@pytest.mark.parametrize('share', ['all', 'half'])
+def test_bad_files_on_one_rank_stop_every_rank(demo_dataset, tmp_path, share):
+    """Only rank 1's share is undecodable: both ranks stop within a minute with exit 1 (none waits in a collective
+    for the other), train.log says why and bad_files.txt lists rank 1's files."""
+    import time
+    argv = ['--data-dir', str(demo_dataset), '--model', 'naflexvit_tiny_test', '--device', 'cpu', '-b', '4', '-j', '0',
+            '--epochs', '3', '--warmup-epochs', '0', '--naflex-train-seq-lens', '32', '--naflex-max-seq-len', '32',
+            '--log-interval', '1', '--output', str(tmp_path), '--experiment', 'bad']
+    ctx = mp.start_processes(_broken_share_worker, args=(str(tmp_path / 'store'), argv, str(tmp_path), share),
+                             nprocs=2, join=False, start_method='spawn')
+    t0 = time.time()
+    try:
+        while not ctx.join(timeout=2):
+            assert time.time() - t0 < 90, 'a rank still waits after the other stopped on bad files'
+    finally:
+        for p in ctx.processes:
+            p.kill() if p.is_alive() else None
+    assert [(tmp_path / f'rank{r}.txt').read_text() for r in (0, 1)] == ['1', '1']
+    run = tmp_path / 'bad'
+    log = (run / 'train.log').read_text()
+    expected = ('20 files in a row failed to decode for one sample of step 0 (epoch 0)' if share == 'all' else
+                'above the 1.00% threshold (--bad-file-limit 0.01)')
+    assert 'ERROR rank 1 of 2: ' in log and expected in log, log[-2000:]
+    listed = (run / 'bad_files.txt').read_text().split()
+    assert listed and f'{len(listed)} distinct files listed in {run}/bad_files.txt' in log
+    assert share == 'all' or all('00_disk' in p or '01_square' in p for p in listed)
+    assert not (run / 'last.pth').exists() and not list(run.glob('recovery-*'))

@@ -1,6 +1,7 @@
 """Train/eval loader, packing and device prefetch on small generated image folders."""
 
 import contextlib
+import time
 
 import numpy as np
 import pytest
@@ -428,3 +429,36 @@ def test_prefetcher_matches_timm_prefetcher_normalization(folder):
     ref = [x['patches'] for x, _ in NaFlexPrefetchLoader(batches, mean=mean, std=std, device=torch.device('cpu'))]
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _signalled_worker(init, ready):
+    init(0)
+    ready.set()
+    time.sleep(60)
+
+
+def test_workers_leave_sigint_and_sigterm_to_the_main_process():
+    """A worker set up by loaders.workers lives through the SIGINT and SIGTERM that a terminal or a scheduler sends
+    to every process of a job, and still dies of the SIGTERM its main process sends (DataLoader's terminate())."""
+    import multiprocessing
+    import os
+    import signal
+    import subprocess
+
+    from loaders.workers import worker_init
+    ctx = multiprocessing.get_context('fork')
+    ready = ctx.Event()
+    worker = ctx.Process(target=_signalled_worker, args=(worker_init(), ready), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(30)
+        os.kill(worker.pid, signal.SIGINT)
+        subprocess.run(['kill', '-TERM', str(worker.pid)], check=True)  # sent by another process
+        worker.join(1.0)
+        assert worker.is_alive()
+        worker.terminate()  # SIGTERM from this process, the worker's main process
+        worker.join(10)
+        assert worker.exitcode == -signal.SIGTERM
+    finally:
+        if worker.is_alive():
+            worker.kill()

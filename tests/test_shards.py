@@ -145,7 +145,7 @@ def test_header_scanner_equals_tarfile(tmp_path, monkeypatch, fmt, mtime):
     path = _write_tar(tmp_path / 'a.tar', members, fmt, mtime)
     reference = _tarfile_index(path)
     monkeypatch.setattr(S, '_tarfile_members', None)  # the fast scanner reads this shard without falling back
-    samples, problems = S.index_shard(str(path))
+    samples, problems, _ = S.index_shard(str(path))
     assert (samples, problems) == reference
     assert [s[2] for s in samples] == [0, 1, 2, 3, 4] and len(problems) == 3
     with open(path, 'rb') as f:
@@ -156,8 +156,8 @@ def test_broken_shards(tmp_path):
     members = [(f'k{i}.{e}', d) for i in range(4) for e, d in (('jpg', b'j' * 3000), ('cls', b'1'))]
     whole = _write_tar(tmp_path / 'whole.tar', members).read_bytes()
     (tmp_path / 'cut.tar').write_bytes(whole[:3 * 4096])  # cut inside the 3rd sample's image
-    samples, problems = S.index_shard(str(tmp_path / 'cut.tar'))
-    assert len(samples) == 2 and 'cut short after 2 samples' in problems[0]
+    samples, problems, cut = S.index_shard(str(tmp_path / 'cut.tar'))
+    assert len(samples) == 2 and 'cut short after 2 samples' in problems[0] and cut == problems[0]
     (tmp_path / 'junk.tar').write_bytes(b'<html>not found</html>' * 40)
     with pytest.raises(ValueError, match='not a readable tar shard'):
         S.index_shard(str(tmp_path / 'junk.tar'))
@@ -170,11 +170,34 @@ def test_broken_shards(tmp_path):
     (tmp_path / '_info.json').write_text(json.dumps(info))
     with pytest.warns(UserWarning, match='cut short after 2 samples'):
         ds = loaders.ShardDataset(tmp_path, 'train')
-    assert len(ds) == 6 and ds.problems
+    assert len(ds) == 6 and ds.problems and ds.cut_short == [problems[0]]
+    with pytest.raises(loaders.IncompleteSplit, match='cut.tar: cut short after 2 samples'):
+        loaders.make_eval_loader(ds)  # the samples after the cut can be neither scored nor counted
+    whole = loaders.ShardDataset(tmp_path, 'whole.tar')  # the cached index keeps the cut shards apart too
+    assert whole.cut_short == [] and loaders.ShardDataset(tmp_path, 'train').cut_short == [problems[0]]
     info['splits']['train']['alt_label'] = 'label_12k'  # timm would read that label from KEY.json
     (tmp_path / '_info.json').write_text(json.dumps(info))
     with pytest.warns(UserWarning, match="alt_label 'label_12k'"):
         loaders.ShardDataset(tmp_path, 'train')
+
+
+def test_a_shard_cut_during_evaluation_counts_its_lost_samples_as_bad_files(demo_shards, tmp_path):
+    """Indexed whole, then cut inside its 3rd sample's image (a file replaced while the run reads it): the samples
+    from the cut on fail to read and are counted as bad files, so images + bad files is still the split's size."""
+    import shutil
+    shutil.copytree(demo_shards, tmp_path / 'wds')
+    ds = loaders.ShardDataset(tmp_path / 'wds', 'validation', cache_dir=tmp_path / 'cache')
+    shard = tmp_path / 'wds' / 'demo-validation-0000.tar'
+    with tarfile.open(shard) as tf:
+        m = [m for m in tf if m.name.endswith('.jpg')][2]
+    with open(shard, 'r+b') as f:
+        f.truncate(m.offset_data + m.size // 2)
+    images, bad = 0, []
+    for inputs, target in loaders.make_eval_loader(ds, batch_size=4, max_seq_len=64, patch_size=8, num_workers=1):
+        images += target.shape[0]
+        bad += inputs['bad_files']
+    assert len(ds) == 16 and images + len(bad) == 16
+    assert bad == [str(ds.path(i)) for i in (2, 3, 4)] and bad[0] == f'{shard}:{m.name}'
 
 
 def _corrupt_one_member(src: Path, dst: Path) -> str:

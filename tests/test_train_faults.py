@@ -4,6 +4,7 @@ full disk, Ctrl-C, undecodable training files, flags changed on resume. Each cas
 
 Tiny model, generated images, CPU; the runs are one or two epochs of ~4 steps (tests/test_train.py's setup).
 """
+import contextlib
 import errno
 import logging
 import os
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +97,54 @@ def test_ctrl_c_saves_a_recovery_checkpoint_and_resumes(demo_dataset, tmp_path):
     assert 'SIGINT received: saving a recovery checkpoint at the next update' in proc.stdout
     assert 'stopped on SIGINT at epoch 0 step 2/' in proc.stdout
     run = tmp_path / 'c'
+    assert [p.name for p in run.glob('recovery-*')] == ['recovery-0-2.pth']
+    hooks = Hooks()
+    train.main(argv + ['--resume', 'auto'], hooks=hooks)
+    assert hooks.losses[0][:2] == (0, 2) and len(_summary(run / 'summary.csv')) == 1
+
+
+class AwaitSignal(Hooks):
+    """After the update that ends ``at`` = (epoch, step): touches ``marker`` and waits (at most a minute) for the
+    stop that a signal from outside the run asks for, so the signal arrives mid-epoch with every worker alive."""
+
+    def __init__(self, at, marker):
+        super().__init__()
+        self.at, self.marker = at, Path(marker)
+
+    def after_update(self, engine, state):
+        super().after_update(engine, state)
+        if (state.epoch, state.step) == self.at:
+            self.marker.touch()
+            deadline = time.monotonic() + 60
+            while not engine.callbacks.wants_stop() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+def test_sigterm_to_the_process_group_saves_and_resumes(demo_dataset, tmp_path):
+    """Preemption as Slurm and Kubernetes do it: SIGTERM to every process of the job, the two DataLoader workers
+    included. The workers outlive it, the main process saves at the next update and exits 143; --resume auto
+    continues from that checkpoint."""
+    argv = card_argv(demo_dataset, tmp_path, 'pg', *ONE_EPOCH, '-j', '2')
+    marker = tmp_path / 'training'
+    script = (f'import sys; sys.path[:0] = [{str(REPO)!r}, {str(Path(__file__).parent)!r}]\n'
+              'import train, test_train_faults as t\n'
+              f'train.main({argv!r}, hooks=t.AwaitSignal(at=(0, 1), marker={str(marker)!r}))\n')
+    proc = subprocess.Popen([sys.executable, '-c', script], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate(timeout=60)[1][-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    assert 'Traceback' not in out + err and 'DataLoader worker' not in err, err[-3000:]
+    assert 'stopped on SIGTERM at epoch 0 step 2/' in out
+    run = tmp_path / 'pg'
     assert [p.name for p in run.glob('recovery-*')] == ['recovery-0-2.pth']
     hooks = Hooks()
     train.main(argv + ['--resume', 'auto'], hooks=hooks)
@@ -207,16 +257,33 @@ def test_every_validation_file_undecodable(demo_dataset, tmp_path, capsys):
     assert len((tmp_path / 'v' / 'bad_files.txt').read_text().split()) == 4
 
 
-def test_small_dataset_with_many_bad_files_stops(demo_dataset, tmp_path, capsys):
-    """7 undecodable files among 31 (23%): judged after one epoch's worth of samples, not after 1000."""
-    data = tmp_path / 'data'
+def _seven_bad_of_31(demo_dataset, data):
     shutil.copytree(demo_dataset, data)
     for i in range(7):
         _garbage(data / 'train' / sorted(os.listdir(data / 'train'))[i % 4] / f'bad{i}.jpg')
+    return data
+
+
+def test_small_dataset_with_many_bad_files_stops(demo_dataset, tmp_path, capsys):
+    """7 undecodable files among 31 (23%): judged after one epoch's worth of samples, not after 1000."""
+    data = _seven_bad_of_31(demo_dataset, tmp_path / 'data')
     code, line, err = _fail(card_argv(data, tmp_path, 's'), capsys)
     assert code == 1 and 'Traceback' not in err
-    assert 'decode attempts' in line and 'above the 1.00% threshold' in line and 'after 31 training samples' in line
+    assert 'decode attempts' in line and 'after 31 training samples' in line
+    assert 'above the 1.00% threshold (--bad-file-limit 0.01)' in line
     assert not (tmp_path / 's' / 'last.pth').exists()  # it stopped within epoch 0
+
+
+def test_bad_file_limit_sets_the_share_that_stops(demo_dataset, tmp_path, capsys):
+    """The same 23% of bad files: --bad-file-limit 0.5 trains through them (each replaced and counted), 0.1
+    stops at its own threshold."""
+    data = _seven_bad_of_31(demo_dataset, tmp_path / 'data')
+    train.main(card_argv(data, tmp_path, 'half', *ONE_EPOCH, '--bad-file-limit', '0.5'))
+    assert int(_summary(tmp_path / 'half' / 'summary.csv')[0]['bad_files']) >= 1
+    assert len((tmp_path / 'half' / 'bad_files.txt').read_text().split()) >= 1
+    code, line, err = _fail(card_argv(data, tmp_path, 'tenth', *ONE_EPOCH, '--bad-file-limit', '0.1'), capsys)
+    assert code == 1 and 'Traceback' not in err
+    assert 'above the 10.00% threshold (--bad-file-limit 0.1)' in line
 
 
 class _Records(logging.Handler):

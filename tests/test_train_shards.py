@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import naflex
 import train
 import validate
 from test_train import Hooks, _weights, card_argv
@@ -89,6 +90,40 @@ def test_validate_reports_a_bad_member_by_shard_and_member(runs, demo_shards, tm
                          str(out / 'shards' / 'last.pth'), '-j', '1', '--naflex-max-seq-len', '64'])[0]
     assert row['images'] == 15 and row['bad_files'] == 1
     assert f'bad image file (skipped): {shard}:{m.name}' in capsys.readouterr().err
+
+
+def _cut_validation_shard(demo_shards, dst: Path) -> Path:
+    """A copy of the shards whose first validation shard ends inside the image member of its 3rd sample (a copy
+    or download that stopped there)."""
+    shutil.copytree(demo_shards, dst)
+    shard = dst / 'demo-validation-0000.tar'
+    with tarfile.open(shard) as tf:
+        m = [m for m in tf if m.name.endswith('.jpg')][2]
+    with open(shard, 'r+b') as f:
+        f.truncate(m.offset_data + m.size // 2)
+    return shard
+
+
+def test_a_validation_shard_cut_short_is_one_error(demo_shards, tmp_path, capsys):
+    """The samples from the cut on can be neither scored nor counted, so the rest would read as the whole split's
+    result: validate.py and train.py refuse the split in one line, before anything is evaluated or written."""
+    shard = _cut_validation_shard(demo_shards, tmp_path / 'wds')
+    ckpt = tmp_path / 'tiny.pth'
+    torch.save({'state_dict': naflex.create_model('naflexvit_tiny_test', num_classes=4).state_dict()}, ckpt)
+    with pytest.raises(SystemExit) as exc:
+        validate.main(['--data-dir', str(tmp_path / 'wds'), '--model', 'naflexvit_tiny_test', '--checkpoint',
+                       str(ckpt), '-j', '0', '--naflex-max-seq-len', '64', '--device', 'cpu'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"validate.py: error: split 'validation' of {tmp_path / 'wds'} cannot be scored whole: "
+                             f"{shard.name}: cut short after 2 samples (member "), err[0]
+    assert 'runs past the end of the file' in err[0] and 'copy the shard again' in err[0]
+    with pytest.raises(SystemExit) as exc:
+        train.main(card_argv(tmp_path / 'wds', tmp_path / 'out', 'e'))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert f'cannot be scored whole: {shard.name}: cut short after 2 samples' in err[0]
+    assert err[0].endswith('(pass --val-split "" to train without evaluation)') and not (tmp_path / 'out').exists()
 
 
 def test_train_errors_on_shards_are_one_line(demo_shards, tmp_path, capsys):

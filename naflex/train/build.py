@@ -131,6 +131,11 @@ def open_datasets(cfg: Config, resume_ckpt: Optional[dict] = None):
         if data.val_split:
             val_ds = _open_split(cfg, data.val_split, 'validation',
                                  ' (pass --val-split "" to train without evaluation)', classes=classes)
+    if val_ds is not None:
+        try:
+            loaders.require_whole(val_ds)
+        except loaders.IncompleteSplit as e:
+            raise UserError(f'{e} (pass --val-split "" to train without evaluation)') from None
     if val_ds is not None and not classes_compatible(train_ds, val_ds):
         raise UserError(_classes_differ(cfg, train_ds, val_ds))
     _warn_empty_classes(train_ds, val_ds, data)

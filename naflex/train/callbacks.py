@@ -7,6 +7,9 @@ A callback is any object with some of these methods; the trainer calls those it 
 - ``wants_stop() -> bool``: polled at every update; True makes the trainer write a recovery checkpoint at
   that update (with several ranks: at the next log update, where the ranks agree) and raise ``StopRequested``;
   a callback's ``signum`` attribute, when set, names the signal in the message and the exit status;
+- ``failure() -> Exception | None``: an error that ends the run without saving (naflex.train.bad_files: too many
+  undecodable files); polled at every log update and before a recovery save, where the ranks agree: every rank
+  raises the error of the lowest rank that has one, at the same update, so none waits for a rank that left;
 - ``close()``: when training ends, however it ends.
 
 ``StopOnSignal`` is the handler train.py installs: SIGTERM (a scheduler preempting the job) and SIGINT (Ctrl-C)
@@ -52,6 +55,10 @@ class Callbacks:
 
     def wants_stop(self) -> bool:
         return any(c.wants_stop() for c in self.items if hasattr(c, 'wants_stop'))
+
+    def failure(self):
+        """The first callback's error that ends the run, or None."""
+        return next((e for e in (c.failure() for c in self.items if hasattr(c, 'failure')) if e is not None), None)
 
     def close(self) -> None:
         """Release what callbacks hold (those with a ``close()``) at the end of training."""

@@ -5,7 +5,8 @@ dataclasses stay the only home of the defaults (timm's train.py values: epochs 3
 cosine, smoothing 0.1, naflex-max-seq-len 576, checkpoint-hist 10, seed 42, ...) and the NaFlexViT model card
 command runs as written. Additions of ours: ``--no-naflex-packing`` (timm-style padded batches instead of
 packed sequences, NaViT arXiv:2307.06304), ``--attn-backend``, ``--no-jpeg-draft`` and ``--exif-orientation``
-(decoding switches; without them training decodes JPEGs with reduced DCT where it applies, and no EXIF rotation).
+(decoding switches; without them training decodes JPEGs with reduced DCT where it applies, and no EXIF rotation),
+``--bad-file-limit`` (the share of undecodable training files that stops a run; timm has no such stop).
 
 ``-c/--config file.yaml`` sets defaults (unknown keys are an error); flags given on the command line win. The
 resolved namespace is what ``train.py`` writes to ``<output>/args.yaml`` (a valid ``-c`` file).
@@ -334,6 +335,9 @@ def _run_flags(p: _Parser) -> None:
     _flag(p, g, '--val-interval', to=t('val_interval'), type=int, help='evaluate every N epochs')
     _flag(p, g, '--recovery-interval', to=t('recovery_interval'), type=int, help='mid-epoch recovery save every N updates')
     _flag(p, g, '--checkpoint-hist', to=t('checkpoint_hist'), type=int, help='best checkpoints kept')
+    _flag(p, g, '--bad-file-limit', to=t('bad_file_limit'), type=float, metavar='FRACTION',
+          help='stop training once more than this share of the decode attempts has failed (judged after 1000 '
+               'samples, or one epoch of a smaller dataset; 1 = no limit)')
     _flag(p, g, '-j', '--workers', to=[('loader', 'num_workers'), ('eval', 'num_workers')], type=int,
           help='loader worker processes per rank')
     _flag(p, g, '--pin-mem', to=[('loader', 'pin_memory', _pin), ('eval', 'pin_memory', _pin)], default=False,

@@ -287,6 +287,7 @@ class TrainConfig:
     log_interval: int = 50                              # --log-interval (updates)
     val_interval: int = 1                               # --val-interval (epochs)
     recovery_interval: int = 0                          # --recovery-interval (updates; 0 = off)
+    bad_file_limit: float = 0.01                        # --bad-file-limit (share of failed decodes that stops a run)
     checkpoint_hist: int = 10                           # --checkpoint-hist
     eval_metric: str = 'top1'                           # --eval-metric
     bce_loss: bool = False                              # --bce-loss (timm.loss.BinaryCrossEntropy)
@@ -309,6 +310,8 @@ class TrainConfig:
         p.need(self.log_interval >= 1 and self.val_interval >= 1, 'log_interval',
                f'and {p.name("val_interval")} must be >= 1')
         p.need(self.recovery_interval >= 0, 'recovery_interval', 'must be >= 0')
+        p.need(0 <= self.bad_file_limit <= 1, 'bad_file_limit',
+               'must be in [0, 1]: the share of decode attempts that may fail (0: none, 1: no limit)')
         p.need(self.checkpoint_hist >= 1, 'checkpoint_hist', 'must be >= 1')
         p.need(0 <= self.seed < 2 ** 32, 'seed', 'must be in [0, 2**32)')  # what numpy and torch accept
         p.need(self.eval_metric in EVAL_METRICS, 'eval_metric', f'must be one of {", ".join(EVAL_METRICS)}')

@@ -18,7 +18,9 @@ the GradScaler reads its inf/NaN flag on the host once per update unless the opt
 it on the device (adam, adamw, sgd, momentum; not timm's NAdamW): tests/test_fake_cuda.py counts each case. Exact
 resume: each epoch's RNG stream (dropout, drop-path) is seeded from (seed, rank, epoch) once its first batch has
 arrived, and a mid-epoch checkpoint carries every rank's RNG state, so a run stopped and resumed repeats an
-uninterrupted run bit for bit on the same hardware (tests/test_train.py).
+uninterrupted run bit for bit on the same hardware (tests/test_train.py). A stop asked for on one rank (a signal)
+and an error one rank holds (too many undecodable files: naflex.train.bad_files) travel in the log update's
+all-reduce, so every rank stops at the same update and none is left waiting in a collective for another.
 """
 from __future__ import annotations
 
@@ -221,6 +223,21 @@ def _log(trainer: Trainer, state: TrainState, step: int, num_steps: int, fig: Di
             f'train/{k}': fig[k] for k in ('images_per_s', 'tokens_per_s', 'data_wait')}}, state.num_updates)
 
 
+def _stop_on_failure(trainer: Trainer, failed: Optional[bool] = None) -> None:
+    """Raise the error a callback holds (``failure()``; e.g. too many undecodable files) on every rank at once.
+    ``failed``: whether any rank holds one, as the log update's all-reduce says; None asks the ranks with one tiny
+    all-reduce (before a recovery save, which waits for the device anyway)."""
+    error = trainer.callbacks.failure()
+    if trainer.world_size == 1:
+        if error is not None:
+            raise error
+        return
+    if failed is None:
+        failed = D.all_reduce_sum(torch.tensor(float(error is not None), device=trainer.device)).item() > 0
+    if failed:
+        raise D.first_failure(error)
+
+
 def train_one_epoch(trainer: Trainer, batches, num_steps: int, state: TrainState,
                     save_recovery: Optional[Callable[[TrainState], None]] = None, writer=None) -> Dict[str, float]:
     """Train ``state.epoch`` from batch ``state.step`` to ``num_steps`` over the device batch iterator ``batches``
@@ -256,7 +273,8 @@ def train_one_epoch(trainer: Trainer, batches, num_steps: int, state: TrainState
         if (step // accum) % cfg.log_interval == 0 or last:
             check_finite()
             meter.clear_bar()
-            win = metrics.read_window(trainer.callbacks.wants_stop())
+            win = metrics.read_window(trainer.callbacks.wants_stop(), trainer.callbacks.failure() is not None)
+            _stop_on_failure(trainer, win['failed'])
             stop = win['stop']  # the same on every rank: all stop at this update
             _log(trainer, state, step, num_steps, meter.window(step, tokens=win['tokens'], images=win['images']),
                  win, writer)
@@ -266,6 +284,7 @@ def train_one_epoch(trainer: Trainer, batches, num_steps: int, state: TrainState
         recover = cfg.recovery_interval and (step // accum + 1) % cfg.recovery_interval == 0
         if (stop or recover) and not last and save_recovery is not None:
             check_finite()
+            _stop_on_failure(trainer)  # nothing is saved after a failure
             state.epoch_sums = dict(metrics.state_dict(), **meter.state_dict())  # carried by the checkpoint
             save_recovery(state)
             state.epoch_sums = None

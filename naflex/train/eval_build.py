@@ -28,7 +28,7 @@ _SPLIT_NAMES = ("train", "training", "val", "validation", "valid", "eval", "eval
 def _open_dataset(args, classes=None):
     """The split as an image folder or as tar shards (``--dataset wds/NAME``, or shards found in the root:
     loaders.shards), its class indices those of ``classes`` when given (a class map), else timm's order."""
-    from loaders import ImageFolderDataset, open_dataset
+    from loaders import ImageFolderDataset, IncompleteSplit, open_dataset, require_whole
     from loaders.shards import dataset_kind, is_shard_source
 
     root = args.data_dir or args.data
@@ -54,6 +54,10 @@ def _open_dataset(args, classes=None):
             raise ValidateError(f"split '{args.split}' not found under {root}: {e}") from None
     if len(ds) == 0 or not ds.classes:
         raise ValidateError(f"no images found in {ds.base} (expected <class>/<image> folders)")
+    try:
+        require_whole(ds)
+    except IncompleteSplit as e:
+        raise ValidateError(str(e)) from None
     return ds
 
 

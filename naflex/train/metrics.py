@@ -1,5 +1,6 @@
 """Training-loop metrics kept on the device: loss and token sums per epoch and per log window, the first
-non-finite step, and the one all-reduce per log point that turns them into numbers.
+non-finite step, and the one all-reduce per log point that turns them into numbers (and sums the ranks' votes
+to stop).
 
 Adding a step launches a few kernels with host scalars and never reads the device (no host sync between log
 points); ``check_finite`` and ``read_window`` are the only places that wait for the device. Image counts are
@@ -67,15 +68,17 @@ class TrainMetrics:
                 'checkpoint is kept). Try a lower --lr, --clip-grad 1.0 or --amp-dtype bfloat16.')
         self.pending.clear()
 
-    def read_window(self, stop: bool) -> Dict[str, float]:
-        """Sum the window and epoch figures (and the stop votes) over ranks; resets the window."""
-        counts = torch.tensor([self.window_images, self.epoch_images, float(stop)], dtype=torch.float64)
+    def read_window(self, stop: bool, failed: bool = False) -> Dict[str, float]:
+        """Sum the window and epoch figures and the votes (a stop asked for, a failure) over ranks; resets the
+        window."""
+        counts = torch.tensor([self.window_images, self.epoch_images, float(stop), float(failed)], dtype=torch.float64)
         sums = torch.cat([self.window, self.epoch, self.last_loss.double().reshape(1), counts.to(self.device)])
-        w_loss, w_tok, e_loss, _, now, w_img, e_img, stops = D.all_reduce_sum(sums).tolist()
+        w_loss, w_tok, e_loss, _, now, w_img, e_img, stops, failures = D.all_reduce_sum(sums).tolist()
         self.window.zero_()
         self.window_images = 0
         return {'loss': now / self.world_size, 'window_loss': w_loss / max(w_img, 1.0),
-                'avg_loss': e_loss / max(e_img, 1.0), 'tokens': w_tok, 'images': w_img, 'stop': stops > 0}
+                'avg_loss': e_loss / max(e_img, 1.0), 'tokens': w_tok, 'images': w_img, 'stop': stops > 0,
+                'failed': failures > 0}
 
     def read_epoch(self, stop: bool) -> Dict[str, float]:
         """The epoch's totals over ranks: mean loss, images, valid tokens, replaced files, and whether any rank
