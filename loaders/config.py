@@ -35,6 +35,8 @@ class DatasetConfig:
                                         # folder order (natural sort)
     cache_dir: Optional[str] = None     # cache the folder index here (never inside the data folder)
     input_img_mode: Optional[str] = None  # --input-img-mode: images are decoded to RGB ('RGB' or None)
+    input_key: Optional[str] = None     # --input-key: tar shards' image member, e.g. 'jpg;png;webp' (first present)
+    target_key: Optional[str] = None    # --target-key: tar shards' label, a field of KEY.json (None: KEY.cls)
 
     def validate(self, name: Optional[Callable[[str], str]] = None) -> None:
         p = Problems(name)

@@ -21,15 +21,22 @@ from .shards import ShardDataset, is_shard_source
 from .train_loader import StepDataset, TrainLoader
 
 
-def open_dataset(root, split: str, classes=None, cache_dir=None, dataset: str = ''):
+def open_dataset(root, split: str, classes=None, cache_dir=None, dataset: str = '', input_key=None,
+                 target_key=None):
     """``root`` itself when it already is a dataset (``ImageFolderDataset`` / ``ShardDataset`` / ``ListDataset`` /
     any object with ``path(i)``, ``target(i)``, ``len``), else the split's tar shards (``dataset='wds/NAME'``, or
     shards found in ``root`` where it has no folder for the split: loaders.shards.is_shard_source), else the
-    image folder ``root/split``. ``classes``: a class map (class names in index order), else timm's order."""
+    image folder ``root/split``. ``classes``: a class map (class names in index order), else timm's order.
+    ``input_key`` / ``target_key``: which members of a tar shard's sample are the image and the label (timm's
+    ``--input-key`` / ``--target-key``; loaders.shards.SampleKeys); an image folder takes neither."""
     if hasattr(root, 'path') and hasattr(root, 'target'):
         return root
     if is_shard_source(root, split, dataset):
-        return ShardDataset(root, split, classes=classes, cache_dir=cache_dir)
+        return ShardDataset(root, split, classes=classes, cache_dir=cache_dir, input_key=input_key,
+                            target_key=target_key)
+    if input_key or target_key:
+        raise ValueError(f'{root}: --input-key / --target-key name members of tar shards; an image folder has '
+                         'none (its labels are its class folders)')
     return ImageFolderDataset(root, split, classes=classes, cache_dir=cache_dir)
 
 

@@ -1,7 +1,7 @@
 """WebDataset tar shards as an indexable dataset, in the layout timm reads with ``--dataset wds/NAME``
 (timm/imagenet-1k-wds and friends): ``ROOT/_info.json`` listing each split's shards, shards
 ``NAME-SPLIT-NNNN.tar`` whose samples are consecutive members ``KEY.jpg|png|webp`` + ``KEY.cls`` (the class
-index as text; other members such as ``KEY.json`` are ignored).
+index as text), or, with timm's ``--target-key`` / a split's ``alt_label``, a field of ``KEY.json`` (SampleKeys).
 
 Why random access rather than streaming (webdataset's shard shuffle + shuffle buffer): a NaFlex step
 (NaViT arXiv:2307.06304, SigLIP 2 arXiv:2502.14786) is built from the schedule's dataset indices, so a dataset
@@ -298,40 +298,76 @@ def _tarfile_members(path: str, fd: int, file_size: int):
         raise _ShardCut(str(e)) from None
 
 
-def _group_samples(members, fd: int, shard_name: str, samples: list, problems: list) -> None:
+@dataclass(frozen=True)
+class SampleKeys:
+    """Which members make a sample, as timm's ``--input-key`` / ``--target-key`` name them: the image is the first of
+    ``image`` a sample has; the label is the ``.cls`` text, or with ``target`` that field of the ``.json`` member
+    (``a.b`` for a nested one; an integer class index, a negative one skipping the sample as timm does)."""
+    image: Tuple[str, ...] = IMAGE_EXTS
+    target: Optional[str] = None
+
+    @classmethod
+    def parse(cls, input_key: Optional[str] = None, target_key: Optional[str] = None) -> 'SampleKeys':
+        """From timm's flag values: ``input_key`` 'jpg;png;webp' (';'-separated, first present wins)."""
+        image = tuple(k.strip().lstrip('.') for k in (input_key or '').split(';') if k.strip())
+        return cls(image or IMAGE_EXTS, target_key or None)
+
+
+def _json_label(data: bytes, field: str) -> Tuple[Optional[int], str]:
+    """(class index, '') from ``field`` of a ``.json`` member, or (None, why it has none)."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None, 'a .json member that is not valid JSON'
+    for part in field.split('.'):
+        if not isinstance(value, dict) or part not in value:
+            keys = sorted(value) if isinstance(value, dict) else []
+            return None, f'no field {field!r} in its .json (fields: {", ".join(map(str, keys[:8]))})'
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None, f'{value!r} in .json field {field!r}, not a class index (multi-label targets are not read)'
+    return (value, '') if value >= 0 else (None, f'a skipped label ({value} in .json field {field!r})')
+
+
+def _group_samples(members, fd: int, shard_name: str, samples: list, problems: list, keys: SampleKeys) -> None:
     """Groups consecutive members by key into samples (offset, size, target, image member name)."""
     key, found = None, {}
     try:
         for name, offset, size in members:
             k, ext = _split_key(name)
             if k != key:
-                _add_sample(key, found, fd, shard_name, samples, problems)
+                _add_sample(key, found, fd, shard_name, samples, problems, keys)
                 key, found = k, {}
             found[ext] = (name, offset, size)
     finally:  # also where the shard is cut short: the sample before the cut is whole
-        _add_sample(key, found, fd, shard_name, samples, problems)
+        _add_sample(key, found, fd, shard_name, samples, problems, keys)
 
 
-def _add_sample(key, found: dict, fd: int, shard_name: str, samples: list, problems: list) -> None:
+def _add_sample(key, found: dict, fd: int, shard_name: str, samples: list, problems: list, keys: SampleKeys) -> None:
     if key is None:
         return
-    image = next((found[e] for e in IMAGE_EXTS if e in found), None)
-    if image is None or 'cls' not in found:
-        problems.append(f'{shard_name}: sample {key!r} has no ' + ('image member' if image is None else '.cls'))
+    image = next((found[e] for e in keys.image if e in found), None)
+    label = 'json' if keys.target else 'cls'
+    if image is None or label not in found:
+        problems.append(f'{shard_name}: sample {key!r} has no ' + ('image member' if image is None else f'.{label}'))
         return
-    _, cls_offset, cls_size = found['cls']
-    text = os.pread(fd, min(cls_size, 32), cls_offset)
-    target = int(text) if text.strip().isdigit() else -1
-    if target < 0:
-        problems.append(f'{shard_name}: sample {key!r} has no valid class index in its .cls ({text[:20]!r})')
+    _, label_offset, label_size = found[label]
+    if keys.target:
+        target, why = _json_label(os.pread(fd, min(label_size, 1 << 20), label_offset), keys.target)
+    else:
+        text = os.pread(fd, min(label_size, 32), label_offset)
+        target = int(text) if text.strip().isdigit() else None
+        why = f'no valid class index in its .cls ({text[:20]!r})'
+    if target is None:
+        problems.append(f'{shard_name}: sample {key!r} has {why}')
         return
     samples.append((image[1], image[2], target, image[0]))
 
 
-def index_shard(path: str) -> Tuple[List[tuple], List[str], Optional[str]]:
+def index_shard(path: str, keys: SampleKeys = SampleKeys()) -> Tuple[List[tuple], List[str], Optional[str]]:
     """(samples as (offset, size, target, image member name), problems, cut) of one uncompressed tar shard.
 
-    Reads the member headers (seeking over the data) and the small ``.cls`` members. A shard cut short keeps the
+    Reads the member headers (seeking over the data) and the small label members (``keys``: which ones). A shard cut short keeps the
     samples before the cut; ``cut`` is then the problem that says where (None for a whole shard): how many samples
     followed is unknown. A sample without an image or a class index is left out.
     """
@@ -343,7 +379,7 @@ def index_shard(path: str) -> Tuple[List[tuple], List[str], Optional[str]]:
         for scan in (_scan_headers, _tarfile_members):
             samples, problems, cut = [], [], None
             try:
-                _group_samples(scan(path, fd, file_size), fd, name, samples, problems)
+                _group_samples(scan(path, fd, file_size), fd, name, samples, problems, keys)
                 break
             except _Unsupported:
                 continue  # rescan the whole shard with tarfile
@@ -356,11 +392,11 @@ def index_shard(path: str) -> Tuple[List[tuple], List[str], Optional[str]]:
     return samples, problems, cut
 
 
-def build_index(shards: Sequence[str], num_threads: int = 8) -> ShardIndex:
+def build_index(shards: Sequence[str], num_threads: int = 8, keys: SampleKeys = SampleKeys()) -> ShardIndex:
     """The index of all ``shards`` (in order). Threads overlap the header reads of several shards, which is
     what matters on network storage; on local disk the header parsing dominates and they change little."""
     with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(shards)))) as pool:
-        per_shard = list(pool.map(index_shard, shards))
+        per_shard = list(pool.map(lambda s: index_shard(s, keys), shards))
     rows = [(s, *sample) for s, (samples, _, _) in enumerate(per_shard) for sample in samples]
     encoded = [r[4].encode('utf-8') for r in rows]
     name_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -383,7 +419,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'naflex'
 
 
-def _cache_file(shards: Sequence[str], cache_dir: Path) -> Path:
+def _cache_file(shards: Sequence[str], cache_dir: Path, keys: SampleKeys) -> Path:
     stats = []
     for s in shards:
         try:
@@ -391,18 +427,19 @@ def _cache_file(shards: Sequence[str], cache_dir: Path) -> Path:
         except FileNotFoundError:
             raise FileNotFoundError(f'shard {s} not found') from None
         stats.append((os.path.abspath(s), st.st_size, st.st_mtime_ns))
-    key = hashlib.sha1(repr((INDEX_VERSION, stats)).encode()).hexdigest()[:20]
+    extra = () if keys == SampleKeys() else (keys.image, keys.target)  # the default keeps the caches it wrote
+    key = hashlib.sha1(repr((INDEX_VERSION, stats, *extra)).encode()).hexdigest()[:20]
     return cache_dir / f'naflex_shards_{key}.npz'
 
 
-def load_index(shards: Sequence[str], cache_dir=None) -> ShardIndex:
+def load_index(shards: Sequence[str], cache_dir=None, keys: SampleKeys = SampleKeys()) -> ShardIndex:
     """The cached index of ``shards`` if it is there and current, else a new one (then cached; a cache folder
     that cannot be written only costs the rebuild next time)."""
-    cache = _cache_file(shards, Path(cache_dir) if cache_dir else default_cache_dir())
+    cache = _cache_file(shards, Path(cache_dir) if cache_dir else default_cache_dir(), keys)
     index = _read_cached(cache, len(shards)) if cache.is_file() else None
     if index is not None:
         return index
-    index = build_index(shards)
+    index = build_index(shards, keys=keys)
     problems, cut_short = (np.frombuffer(json.dumps(x).encode('utf-8'), dtype=np.uint8)
                            for x in (index.problems, index.cut_short))
     try:  # atomic: ranks that build the same index concurrently never see half a file
@@ -502,13 +539,17 @@ class ShardDataset:
     ``cut_short``: those of them that are shards ending inside a member (loaders.eval_loader.require_whole).
     """
 
-    def __init__(self, root, split: str = 'train', *, classes=None, cache_dir=None):
+    def __init__(self, root, split: str = 'train', *, classes=None, cache_dir=None, input_key: Optional[str] = None,
+                 target_key: Optional[str] = None):
         self.root = self.base = Path(root)
         info = load_info(self.root)
         self.split, self.shards = split_shards(self.root, split or 'train', info)
         if not self.shards:
             raise FileNotFoundError(f'split {split!r} of {self.root} lists no shards')
-        self._index = load_index(self.shards, cache_dir)
+        split_info = (info.get('splits') or {}).get(self.split) or {}
+        # timm: without a target key, a split's alt_label (a field of KEY.json) gives its labels
+        self.keys = SampleKeys.parse(input_key, target_key or split_info.get('alt_label'))
+        self._index = load_index(self.shards, cache_dir, self.keys)
         self.targets = self._index.target
         self.problems = self._index.problems
         self.cut_short = self._index.cut_short  # shards that end inside a member (evaluation refuses the split)
@@ -536,16 +577,12 @@ class ShardDataset:
         self.targets, self.classes = lookup[self.targets], classes
 
     def _check_info(self, info: dict) -> None:
-        """Warns when the shards hold another number of samples than ``_info.json`` says (timm trusts the file), and
-        when the split's labels are meant to come from another field (``alt_label``: timm then reads ``KEY.json``)."""
+        """Warns when the shards hold another number of samples than ``_info.json`` says (timm trusts the file)."""
         split_info = (info.get('splits') or {}).get(self.split) or {}
         expected = split_info.get('num_samples')
         if expected is not None and int(expected) != len(self):
             warnings.warn(f'{self.root} split {self.split!r}: _info.json says {expected} samples, the shards hold '
                           f'{len(self)} readable ones')
-        if split_info.get('alt_label'):
-            warnings.warn(f'{self.root} split {self.split!r}: _info.json names alt_label '
-                          f'{split_info["alt_label"]!r} (a label in KEY.json); the KEY.cls labels are used here')
 
     def path(self, i: int) -> ShardMember:
         ix = self._index
@@ -577,6 +614,6 @@ def classes_compatible(train_ds, val_ds) -> bool:
     return len(val_ds.classes) <= len(train_ds.classes)
 
 
-__all__ = ['ShardDataset', 'ShardIndex', 'ShardMember', 'build_index', 'classes_compatible', 'dataset_kind',
+__all__ = ['SampleKeys', 'ShardDataset', 'ShardIndex', 'ShardMember', 'build_index', 'classes_compatible', 'dataset_kind',
            'default_cache_dir', 'expand_braces', 'index_shard', 'is_shard_pattern', 'is_shard_source', 'load_index',
            'load_info', 'split_shards']

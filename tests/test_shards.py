@@ -175,10 +175,40 @@ def test_broken_shards(tmp_path):
         loaders.make_eval_loader(ds)  # the samples after the cut can be neither scored nor counted
     whole = loaders.ShardDataset(tmp_path, 'whole.tar')  # the cached index keeps the cut shards apart too
     assert whole.cut_short == [] and loaders.ShardDataset(tmp_path, 'train').cut_short == [problems[0]]
-    info['splits']['train']['alt_label'] = 'label_12k'  # timm would read that label from KEY.json
+
+
+def test_input_key_target_key_and_alt_label_as_timm(tmp_path):
+    """--input-key picks the image member (first of 'a;b' present), --target-key a field of KEY.json as the label;
+    a split's alt_label in _info.json does the same without the flag. Samples without it are left out, counted."""
+    import io
+    rng = np.random.default_rng(0)
+
+    def png():
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(buf, format='PNG')
+        return buf.getvalue()
+
+    members = []
+    for k in range(4):
+        members += [(f's{k}.png', png()), (f's{k}.webp.txt', b'x'), (f's{k}.cls', b'0'),
+                    (f's{k}.json', json.dumps({'meta': {'label12k': 10 + k}, 'label': 3 - k}).encode())]
+    members += [('s4.png', png()), ('s4.cls', b'1'), ('s4.json', json.dumps({'label': -1}).encode())]
+    _write_tar(tmp_path / 'd-train-0.tar', members)
+    by_cls = loaders.ShardDataset(tmp_path, 'train', cache_dir=tmp_path / 'c')
+    assert by_cls.targets.tolist() == [0, 0, 0, 0, 1]
+    with pytest.warns(UserWarning, match=r"s4' has a skipped label \(-1 in .json field 'label'\)"):
+        by_json = loaders.ShardDataset(tmp_path, 'train', target_key='label', cache_dir=tmp_path / 'c')
+    assert by_json.targets.tolist() == [3, 2, 1, 0] and by_json.path(0).endswith(':s0.png')
+    info = {'splits': {'train': {'name': 'train', 'filenames': ['d-train-0.tar'], 'alt_label': 'meta.label12k'}}}
     (tmp_path / '_info.json').write_text(json.dumps(info))
-    with pytest.warns(UserWarning, match="alt_label 'label_12k'"):
-        loaders.ShardDataset(tmp_path, 'train')
+    with pytest.warns(UserWarning, match="s4' has no field 'meta.label12k'"):
+        alt = loaders.ShardDataset(tmp_path, 'train', cache_dir=tmp_path / 'c')
+    assert alt.targets.tolist() == [10, 11, 12, 13]
+    with pytest.warns(UserWarning, match='has no image member'):
+        assert len(loaders.ShardDataset(tmp_path, 'train', input_key='jpg', cache_dir=tmp_path / 'c')) == 0
+    webp_first = loaders.ShardDataset(tmp_path, 'train', input_key='webp;png', target_key='label',
+                                      cache_dir=tmp_path / 'c')
+    assert webp_first.path(0).endswith(':s0.png')  # no .webp member: the next key
 
 
 def test_a_shard_cut_during_evaluation_counts_its_lost_samples_as_bad_files(demo_shards, tmp_path):

@@ -122,3 +122,12 @@ def test_head_init_model_dtype_and_interpolation_in_a_run(demo_dataset, tmp_path
     assert 'epochs of 8 samples drawn from the 24' in caplog.text
     ckpt = torch.load(tmp_path / 'bf16' / 'last.pth', map_location='cpu', weights_only=True)
     assert ckpt['state_dict']['head.weight'].dtype == torch.bfloat16
+
+
+def test_input_and_target_keys_name_shard_members_only(demo_dataset):
+    """--input-key / --target-key (timm's) choose a tar shard's image and label members (tests/test_shards.py); on an
+    image folder, whose labels are its class folders, they are one line."""
+    from naflex.train import build
+    _, cfg = parse_config(['--data-dir', str(demo_dataset), '--target-key', 'label'] + TINY)
+    with pytest.raises(build.UserError, match='--target-key name members of tar shards; an image folder has none'):
+        build.open_datasets(cfg)

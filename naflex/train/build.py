@@ -35,7 +35,8 @@ def _open_split(cfg: Config, split: str, what: str, hint: str = '', classes=None
     UserError."""
     root, data = Path(cfg.data.root), cfg.data
     try:
-        ds = loaders.open_dataset(root, split, classes=classes, cache_dir=data.cache_dir, dataset=data.dataset)
+        ds = loaders.open_dataset(root, split, classes=classes, cache_dir=data.cache_dir, dataset=data.dataset,
+                                  input_key=data.input_key, target_key=data.target_key)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f'no {what} images: {e}{hint}') from None
     if getattr(ds, 'skipped_classes', None):

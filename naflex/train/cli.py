@@ -143,6 +143,11 @@ def _dataset_flags(p: _Parser) -> None:
                'the shuffled order wraps around)')
     _flag(p, g, '--val-num-samples', to=('eval', 'num_samples'), type=int, metavar='N',
           help='evaluate the first N images of the eval split (default: all)')
+    _flag(p, g, '--input-key', to=('data', 'input_key'), metavar='EXTS',
+          help="tar shards: the image member, e.g. 'jpg;png;webp' (the first a sample has; default: any image)")
+    _flag(p, g, '--target-key', to=('data', 'target_key'), metavar='FIELD',
+          help="tar shards: the label, a field of the sample's .json (a.b for a nested one; default: its .cls, or "
+               "_info.json's alt_label)")
     _flag(p, g, '--input-img-mode', to=('data', 'input_img_mode'), metavar='MODE',
           help="image mode: RGB (the only one here: the model takes 3 channels)")
 

@@ -37,7 +37,8 @@ def _open_dataset(args, classes=None):
     if dataset_kind(args.dataset) not in ("", "wds"):
         raise ValidateError(f"--dataset {args.dataset}: only wds/NAME (tar shards) and image folders are read")
     try:
-        ds = open_dataset(root, args.split, classes=classes, dataset=args.dataset)
+        ds = open_dataset(root, args.split, classes=classes, dataset=args.dataset, input_key=args.input_key,
+                          target_key=args.target_key)
     except (FileNotFoundError, ValueError) as e:
         if is_shard_source(root, args.split, args.dataset):
             raise ValidateError(str(e)) from None

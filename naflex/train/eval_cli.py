@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true",
                    help="the model's published weights (Hugging Face Hub, cached; HF_HUB_OFFLINE=1 reads the cache "
                         "only); the default without --checkpoint, as in timm")
+    p.add_argument("--input-key", default=None, metavar="EXTS",
+                   help="tar shards: the image member, e.g. 'jpg;png;webp' (the first a sample has; default: any image)")
+    p.add_argument("--target-key", default=None, metavar="FIELD",
+                   help="tar shards: the label, a field of the sample's .json (a.b for a nested one; default: its "
+                        ".cls, or _info.json's alt_label)")
     p.add_argument("--class-map", default="", metavar="FILE",
                    help="class names in index order (timm's .txt / .pkl; default: the names the checkpoint records, "
                         "else timm's folder order)")

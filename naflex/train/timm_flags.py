@@ -75,8 +75,6 @@ VALIDATE_REFUSED: Dict[str, str] = {
     '--input-img-mode': 'images are decoded to RGB here',
     '--dataset-download': _FOLDERS_AND_SHARDS,
     '--dataset-trust-remote-code': _FOLDERS_AND_SHARDS,
-    '--input-key': _FOLDERS_AND_SHARDS + ' (tar shards: the image and .cls members, as timm reads them by default)',
-    '--target-key': _FOLDERS_AND_SHARDS + ' (tar shards: the image and .cls members, as timm reads them by default)',
     '--num-gpu': 'DataParallel is not used: torchrun --nproc_per_node N validate.py scores every image once on N GPUs',
     '--no-prefetcher': 'the device prefetcher (uint8 batches normalized on the device) is always used; it does not '
                        'change the results',
@@ -99,7 +97,7 @@ _NO_AUGMIX_SPLITS = "AugMix-style augmentation splits are not built here (timm's
 # timm's train.py flags that do not apply, with the reason and what to use instead
 TRAIN_REFUSED: Dict[str, str] = {
     **{f: VALIDATE_REFUSED[f] for f in ('--img-size', '--input-size', '--crop-pct', '--in-chans', '--dataset-download',
-                                        '--dataset-trust-remote-code', '--input-key', '--target-key', '--fuser',
+                                        '--dataset-trust-remote-code', '--fuser',
                                         '--fast-norm', '--torchscript', '--no-prefetcher')},
     '--device-modules': 'only CUDA and CPU devices are supported (no out-of-tree device modules)',
     '--epoch-repeats': 'set the epoch length with --train-num-samples N (N samples per epoch)',
