@@ -25,8 +25,24 @@ import os
 import sys
 from pathlib import Path
 
-from naflex.train.eval_build import bulk_runs, prepare
-from naflex.train.eval_cli import ValidateError, build_parser, check_args
+
+
+def build_parser():
+    """validate.py's parser (naflex.train.eval_cli; imported here, not at import time: importing this file is cheap)."""
+    from naflex.train.eval_cli import build_parser as parser
+    return parser()
+
+
+def check_args(args) -> None:
+    from naflex.train.eval_cli import check_args as check
+    check(args)
+
+
+def __getattr__(name):
+    if name == "ValidateError":  # validate.ValidateError, without importing the project at import time
+        from naflex.train.eval_cli import ValidateError
+        return ValidateError
+    raise AttributeError(name)
 
 __all__ = ["build_parser", "check_args", "main"]
 
@@ -38,6 +54,7 @@ def run(args) -> list[dict]:
     from loaders import DevicePrefetcher, make_eval_loader
     from naflex.train.evaluate import evaluate
 
+    from naflex.train.eval_build import prepare
     model, dataset, (name, checkpoint), dist, norm = prepare(args)
     amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
 
@@ -77,6 +94,8 @@ def _with_retry(evaluate_at, seq_len: int, batch_size: int, retry: bool) -> dict
     (timm's --retry), down to one image."""
     import torch
 
+    from naflex.train.eval_cli import ValidateError
+
     while True:
         try:
             return evaluate_at(seq_len, batch_size)
@@ -110,6 +129,9 @@ def _primary() -> bool:
 def run_all(args) -> list[dict]:
     """One run, or every run of a bulk validation (``bulk_runs``): one results file, rows by top-1 as timm sorts
     them. A run that fails is one error line and the others go on; all failing is the last one's error."""
+    from naflex.train.eval_build import bulk_runs
+    from naflex.train.eval_cli import ValidateError
+
     runs = bulk_runs(args)
     if not runs:
         rows = run(args)
@@ -133,6 +155,7 @@ def run_all(args) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
+    from naflex.train.eval_cli import ValidateError
     from naflex.train.evaluate import NoImagesEvaluated
 
     try:
