@@ -1,14 +1,14 @@
 """Configuration of the per-image training augmentation: the one home of its defaults (timm's train.py values).
 
-``AugConfig`` fields carry timm's flag names in their comments; ``validate()`` checks every value before a run
+``AugConfig`` fields declare their train.py flags (``flag``: timm's names, help); ``validate()`` checks every value before a run
 starts (a RandAugment spec, an interpolation name, a probability), so a typo is one clear error instead of a
 failure inside a loader worker. NaFlex (SigLIP 2, arXiv:2502.14786) trains on crops resized to each step's
 sequence length; the crop/resize parameters live here too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 # Resampling filters for the crop resize (``--train-interpolation``); 'random' picks bilinear or bicubic per
 # image like timm. The loaders map the names onto Pillow's filters.
@@ -17,6 +17,33 @@ RA_INTERPOLATIONS = ('random', 'bilinear', 'bicubic', 'nearest')  # what Rotate/
 ERASE_MODES = ('pixel', 'rand', 'const')
 NORM_MEAN = (0.5, 0.5, 0.5)  # SigLIP / NaFlexViT normalization, until the trainer passes the model's
 NORM_STD = (0.5, 0.5, 0.5)
+
+
+def flag(*names: str, help: str, default: Any = MISSING, factory: Optional[Callable[[], Any]] = None,
+         group: Optional[str] = None, invert: bool = False, convert: Optional[Callable[[Any], Any]] = None,
+         cli_default: Any = MISSING, **argparse_kwargs) -> Any:
+    """A config field declared with its command-line flag: the one place of the flag's names (timm's), type (the
+    field's annotation), default (the field's) and help. naflex.train.cli builds train.py's parser from these fields;
+    to library users they are plain dataclass fields.
+
+    ``group``: the --help section when it is not the config's own; ``invert``: a ``--no-x`` switch that sets the field
+    False; ``convert``: maps the flag's value onto the field; ``cli_default``: the flag's default where it differs
+    from the field's; ``argparse_kwargs``: what the type does not imply (choices, metavar, const, nargs='?')."""
+    spec = dict(names=names, help=help, group=group, invert=invert, convert=convert, cli_default=cli_default,
+                kwargs=argparse_kwargs)
+    if factory is not None:
+        return field(default_factory=factory, metadata={'flag': spec})
+    return field(default=default, metadata={'flag': spec})
+
+
+def same_flag(name: str, *, default: Any, invert: bool = False, convert: Optional[Callable[[Any], Any]] = None) -> Any:
+    """A config field that another field's flag sets too (``--seed`` seeds the trainer and the loader)."""
+    return field(default=default, metadata={'same_flag': dict(name=name, invert=invert, convert=convert)})
+
+
+def zero_if_none(value):
+    """timm writes an unset probability as None: off."""
+    return value or 0.0
 
 
 class Problems:
@@ -47,27 +74,34 @@ def is_range(v) -> bool:
 @dataclass
 class AugConfig:
     """Training augmentation flags (timm train.py names in comments). Defaults are timm's."""
-    scale: Tuple[float, float] = (0.08, 1.0)          # --scale
-    ratio: Tuple[float, float] = (3 / 4, 4 / 3)       # --ratio (multiplier of the source aspect)
-    interpolation: str = 'random'                     # --train-interpolation: random|bilinear|bicubic|...
-    hflip: float = 0.5                                # --hflip
-    vflip: float = 0.0                                # --vflip (after hflip, as timm)
-    aa: Optional[str] = None                          # --aa, e.g. 'rand-m8-inc1-mstd1.0'
-    color_jitter: Union[None, float, Sequence[float]] = 0.4  # --color-jitter (ignored with --aa)
-    color_jitter_prob: Optional[float] = None         # --color-jitter-prob (None: jitter every image)
-    grayscale_prob: float = 0.0                       # --grayscale-prob
-    gaussian_blur_prob: float = 0.0                   # --gaussian-blur-prob (kernel 23, sigma 0.1-2, as timm)
-    no_aug: bool = False                              # --no-aug: the eval resize (whole image, aspect kept), no
-                                                      # flip, RandAugment, jitter, grayscale, blur or erasing
-    reprob: float = 0.0                               # --reprob
-    remode: str = 'pixel'                             # --remode
-    recount: int = 1                                  # --recount
+    scale: Tuple[float, float] = flag('--scale', default=(0.08, 1.0), help='random-resized-crop area range')
+    ratio: Tuple[float, float] = flag('--ratio', default=(3 / 4, 4 / 3), help='random-resized-crop aspect')
+    interpolation: str = flag('--train-interpolation', default='random', metavar='|'.join(INTERPOLATIONS),
+                              help='training resize interpolation')
+    hflip: float = flag('--hflip', default=0.5, help='horizontal flip probability')
+    vflip: float = flag('--vflip', default=0.0, help='vertical flip probability')
+    aa: Optional[str] = flag('--aa', default=None, help="RandAugment spec, e.g. 'rand-m8-inc1-mstd1.0'")
+    color_jitter: Union[None, float, Sequence[float]] = flag('--color-jitter', default=0.4, type=float,
+                                                             help='color jitter strength (without --aa)')
+    color_jitter_prob: Optional[float] = flag('--color-jitter-prob', default=None,
+                                              help='apply color jitter to this share of images (default: all)')
+    grayscale_prob: float = flag('--grayscale-prob', default=0.0, convert=zero_if_none,
+                                 help='random grayscale probability')
+    gaussian_blur_prob: float = flag('--gaussian-blur-prob', default=0.0, convert=zero_if_none,
+                                     help='random Gaussian blur probability (kernel 23, sigma 0.1-2.0)')
+    no_aug: bool = flag('--no-aug', default=False,
+                        help='no augmentation: each training image resized whole like eval (aspect kept), no erasing')
+    reprob: float = flag('--reprob', default=0.0, help='random erasing probability')
+    remode: str = flag('--remode', default='pixel', help='random erasing mode')
+    recount: int = flag('--recount', default=1, help='random erasing count')
     mean: Tuple[float, float, float] = NORM_MEAN      # model mean (RA fill colour, erasing values)
     std: Tuple[float, float, float] = NORM_STD
-    draft: bool = True                                # JPEG reduced-DCT decoding when downscaling >= 2x
-                                                      # (--no-jpeg-draft: timm's full decode)
-    exif_orientation: bool = False                    # --exif-orientation: turn images upright by their EXIF
-                                                      # tag (timm applies none)
+    draft: bool = flag('--no-jpeg-draft', default=True, invert=True,
+                       help='decode training JPEGs in full like timm (default: reduced-DCT decoding when a crop is '
+                            'downscaled >= 2x, which is faster)')
+    exif_orientation: bool = flag('--exif-orientation', default=False,
+                                  help='turn images upright by their EXIF orientation tag, in training and eval '
+                                       '(default: no, like timm)')
     # Rotate/Shear resampling in RandAugment. None: like timm, ``interpolation`` itself ('random': bilinear or
     # bicubic drawn per op). 'bilinear' saves ~0.16 CPU ms/image with the documented augmentations (PIL's bicubic
     # affine costs ~1.5-2x its bilinear one; 2 shared vCPUs, 2026-12-02), at the price of a deviation from timm.
@@ -87,8 +121,8 @@ class AugConfig:
                f'{self.interpolation!r} is not one of {", ".join(INTERPOLATIONS)}')
         p.need(self.ra_interpolation is None or self.ra_interpolation in RA_INTERPOLATIONS, 'ra_interpolation',
                f'{self.ra_interpolation!r} is not one of {", ".join(RA_INTERPOLATIONS)}')
-        for field in ('hflip', 'vflip', 'grayscale_prob', 'gaussian_blur_prob', 'reprob'):
-            p.need(is_prob(getattr(self, field)), field, f'must be a probability in [0, 1], got {getattr(self, field)}')
+        for name in ('hflip', 'vflip', 'grayscale_prob', 'gaussian_blur_prob', 'reprob'):
+            p.need(is_prob(getattr(self, name)), name, f'must be a probability in [0, 1], got {getattr(self, name)}')
         p.need(self.color_jitter_prob is None or is_prob(self.color_jitter_prob), 'color_jitter_prob',
                f'must be a probability in [0, 1], got {self.color_jitter_prob}')
         p.need(self.remode in ERASE_MODES, 'remode', f'{self.remode!r} is not one of {", ".join(ERASE_MODES)}')

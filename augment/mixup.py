@@ -25,19 +25,19 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
-from .config import Problems, is_prob
+from .config import Problems, flag, is_prob, same_flag
 
 
 @dataclass
 class MixupConfig:
     num_classes: int
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    prob: float = 1.0          # --mixup-prob: chance a step is mixed at all
-    switch_prob: float = 0.5   # --mixup-switch-prob: chance of CutMix when both are enabled
-    smoothing: float = 0.1     # --smoothing
+    mixup_alpha: float = flag('--mixup', default=0.8, cli_default=0.0, help='mixup alpha (0 = off)')
+    cutmix_alpha: float = flag('--cutmix', default=1.0, cli_default=0.0, help='cutmix alpha (0 = off)')
+    prob: float = flag('--mixup-prob', default=1.0, help='probability of mixup/cutmix per batch')
+    switch_prob: float = flag('--mixup-switch-prob', default=0.5, help='cutmix instead of mixup probability')
+    smoothing: float = same_flag('--smoothing', default=0.1)
     local_shuffle: int = 4
-    off_epoch: int = 0         # --mixup-off-epoch: no mixing from this epoch on (0 = never off)
+    off_epoch: int = flag('--mixup-off-epoch', default=0, help='turn mixup off from this epoch (0 = never)')
 
     @property
     def active(self) -> bool:

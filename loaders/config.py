@@ -1,5 +1,6 @@
 """Configuration of the data side: which dataset, how train steps are scheduled and batched, how eval batches
-are made. The one home of these defaults (timm train.py / validate.py values for the NaFlex loader).
+are made. The one home of these defaults (timm train.py / validate.py values for the NaFlex loader), each field
+with the train.py flag that sets it (augment.config.flag).
 
 NaViT (arXiv:2307.06304) token budgets and packing, FlexiViT (arXiv:2212.08013) per-step patch sizes, SigLIP 2
 (arXiv:2502.14786) NaFlex sequence lengths. ``validate()`` reports every bad value in one ValueError; its
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-from augment.config import INTERPOLATIONS, Problems
+from augment.config import INTERPOLATIONS, Problems, flag, same_flag
 
 def resolve_pin_memory(pin_memory: Optional[bool]) -> bool:
     """None means: pin host batches when CUDA is available (the prefetcher then copies them asynchronously)."""
@@ -20,6 +21,11 @@ def resolve_pin_memory(pin_memory: Optional[bool]) -> bool:
     return torch.cuda.is_available()
 
 
+def pinned_or_auto(pin_mem: bool) -> Optional[bool]:
+    """``--pin-mem``: pinned; without it None, which pins whenever CUDA is available (``resolve_pin_memory``)."""
+    return True if pin_mem else None
+
+
 DATASET_KINDS = ('', 'wds')  # timm's --dataset TYPE/NAME types read here: image folders, WebDataset tar shards
 
 
@@ -27,16 +33,25 @@ DATASET_KINDS = ('', 'wds')  # timm's --dataset TYPE/NAME types read here: image
 class DatasetConfig:
     """Where the images are: ``root/<split>/<class>/<image>``, a text-list split (see loaders.dataset) or tar
     shards (``dataset='wds/NAME'``, or found in ``root`` without a split folder; see loaders.shards)."""
-    root: str = ''                      # --data-dir
-    dataset: str = ''                   # --dataset: '' = image folder or shards found in root, 'wds/NAME' = shards
-    train_split: str = 'train'          # --train-split
-    val_split: str = 'validation'       # --val-split ('val' and other aliases are found too; '' = none)
-    class_map: str = ''                 # --class-map: class names in index order (timm's .txt / .pkl), else timm's
-                                        # folder order (natural sort)
+    root: str = flag('--data-dir', default='', metavar='DIR', help='root with one folder per split, class subfolders')
+    dataset: str = flag('--dataset', default='', metavar='TYPE/NAME',
+                        help="'wds/NAME': WebDataset tar shards + _info.json in --data-dir (found without it too); "
+                             "'' = image folder")
+    train_split: str = flag('--train-split', default='train', help='training split folder')
+    val_split: str = flag('--val-split', default='validation', help="eval split folder ('val' is found too); '' = none")
+    class_map: str = flag('--class-map', default='', metavar='FILE',
+                          help='class names in index order (.txt: one a line; .pkl: name -> index; as given or under '
+                               "--data-dir); default: timm's folder order (natural sort), or the order a resumed "
+                               'checkpoint records')
     cache_dir: Optional[str] = None     # cache the folder index here (never inside the data folder)
-    input_img_mode: Optional[str] = None  # --input-img-mode: images are decoded to RGB ('RGB' or None)
-    input_key: Optional[str] = None     # --input-key: tar shards' image member, e.g. 'jpg;png;webp' (first present)
-    target_key: Optional[str] = None    # --target-key: tar shards' label, a field of KEY.json (None: KEY.cls)
+    input_img_mode: Optional[str] = flag('--input-img-mode', default=None, metavar='MODE',
+                                         help='image mode: RGB (the only one here: the model takes 3 channels)')
+    input_key: Optional[str] = flag('--input-key', default=None, metavar='EXTS',
+                                    help="tar shards: the image member, e.g. 'jpg;png;webp' (the first a sample has; "
+                                         'default: any image)')
+    target_key: Optional[str] = flag('--target-key', default=None, metavar='FIELD',
+                                     help="tar shards: the label, a field of the sample's .json (a.b for a nested "
+                                          "one; default: its .cls, or _info.json's alt_label)")
 
     def validate(self, name: Optional[Callable[[str], str]] = None) -> None:
         p = Problems(name)
@@ -53,20 +68,28 @@ class DatasetConfig:
 class TrainLoaderConfig:
     """One training step = one sequence length L and patch size P; ``batch_size`` images at the longest L,
     so every step holds about ``batch_size x max(seq_lens)`` tokens (timm's token budget)."""
-    seq_lens: Tuple[int, ...] = (128, 256, 576, 784, 1024)  # --naflex-train-seq-lens
-    batch_size: int = 128                                 # -b
+    seq_lens: Tuple[int, ...] = flag('--naflex-train-seq-lens', default=(128, 256, 576, 784, 1024),
+                                     help='training sequence lengths, one drawn per step')
+    batch_size: int = flag('-b', '--batch-size', default=128,
+                           help='per-process images per step at the longest sequence length (token budget b x max L)')
     patch_size: int = 16                                  # the model's (set by the trainer)
-    patch_sizes: Optional[Tuple[int, ...]] = None         # --naflex-patch-sizes (FlexiViT)
-    patch_size_probs: Optional[Tuple[float, ...]] = None  # --naflex-patch-size-probs
-    num_workers: int = 4                                  # -j
-    seed: int = 42                                        # --seed: schedule, shuffles and every sample's draws
-    packing: bool = True                                  # --no-naflex-packing turns it off (timm's padding)
-    pin_memory: Optional[bool] = None                     # None: when CUDA is available
+    patch_sizes: Optional[Tuple[int, ...]] = flag('--naflex-patch-sizes', default=None,
+                                                  help='variable patch sizes (FlexiViT)')
+    patch_size_probs: Optional[Tuple[float, ...]] = flag('--naflex-patch-size-probs', default=None,
+                                                         help='patch size weights')
+    num_workers: int = flag('-j', '--workers', default=4, group='run', help='loader worker processes per rank')
+    seed: int = same_flag('--seed', default=42)
+    packing: bool = flag('--no-naflex-packing', default=True, invert=True,
+                         help='timm-style padded batches instead of packed sequences')
+    pin_memory: Optional[bool] = flag('--pin-mem', default=None, group='run', convert=pinned_or_auto,
+                                      help='pin host memory (always on for CUDA)')
     persistent_workers: bool = True
     prefetch_factor: int = 2
-    num_samples: Optional[int] = None                     # --train-num-samples: samples per epoch (None: all)
-    aug_repeats: int = 0                                  # --aug-repeats: copies of each image per epoch (timm's
-                                                          # RepeatAugSampler; 0 or 1: off)
+    num_samples: Optional[int] = flag('--train-num-samples', default=None, group='dataset', metavar='N',
+                                      help="samples per training epoch (default: the split's; fewer: another random "
+                                           'subset each epoch, more: the shuffled order wraps around)')
+    aug_repeats: int = flag('--aug-repeats', default=0, group='aug',
+                            help='repeated augmentation: copies of each image per epoch, on different ranks (0 = off)')
 
     def validate(self, name: Optional[Callable[[str], str]] = None) -> None:
         p = Problems(name)
@@ -86,16 +109,18 @@ class TrainLoaderConfig:
 @dataclass
 class EvalLoaderConfig:
     """Eval batches: every image once, aspect kept, resized to the largest patch grid within ``max_seq_len``."""
-    max_seq_len: int = 576              # --naflex-max-seq-len
-    batch_size: int = 256               # validate.py -b (train.py: -vb, else -b)
+    max_seq_len: int = flag('--naflex-max-seq-len', default=576, help='eval sequence length')
+    batch_size: int = flag('-vb', '--validation-batch-size', default=256, cli_default=None,
+                           help='eval batch size (default -b)')
     patch_size: int = 16                # the model's (set by the trainer)
-    num_workers: int = 4                # -j
-    packing: bool = True
+    num_workers: int = same_flag('--workers', default=4)
+    packing: bool = same_flag('--no-naflex-packing', default=True, invert=True)
     interpolation: str = 'bicubic'      # the model's eval interpolation (timm: bicubic for NaFlexViT)
     draft: bool = False                 # JPEG reduced-DCT decoding (off: same pixels as timm)
-    exif_orientation: bool = False      # --exif-orientation: turn images upright by their EXIF tag (timm: no)
-    pin_memory: Optional[bool] = None
-    num_samples: Optional[int] = None   # --val-num-samples: score the first N images of the split (None: all)
+    exif_orientation: bool = same_flag('--exif-orientation', default=False)
+    pin_memory: Optional[bool] = same_flag('--pin-mem', default=None, convert=pinned_or_auto)
+    num_samples: Optional[int] = flag('--val-num-samples', default=None, group='dataset', metavar='N',
+                                      help='evaluate the first N images of the eval split (default: all)')
 
     def validate(self, name: Optional[Callable[[str], str]] = None) -> None:
         p = Problems(name)

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from augment.config import INTERPOLATIONS, AugConfig, Problems
+from augment.config import INTERPOLATIONS, AugConfig, Problems, flag
 from augment.mixup import MixupConfig
 from loaders.config import DatasetConfig, EvalLoaderConfig, TrainLoaderConfig
 from naflex.model import ATTN_BACKENDS, DEFAULT_MODEL, NaFlexVitCfg, get_config
@@ -88,26 +88,44 @@ def _compile_problems(backend: str, mode: Optional[str], name: Callable[[str], s
 @dataclass
 class ModelConfig:
     """Which model to build and how to start it (the architecture itself: naflex.model's registry)."""
-    name: str = DEFAULT_MODEL                           # --model
-    num_classes: Optional[int] = None                   # --num-classes (None: one per class folder)
-    pretrained: bool = False                            # --pretrained
-    pretrained_path: Optional[str] = None               # --pretrained-path (with --pretrained; EMA preferred)
-    initial_checkpoint: str = ''                        # --initial-checkpoint (EMA preferred, as timm)
-    global_pool: Optional[str] = None                   # --gp
-    drop_rate: float = NaFlexVitCfg.drop_rate           # --drop
-    drop_path_rate: Optional[float] = None              # --drop-path (None: the variant's)
-    attn_backend: str = NaFlexVitCfg.attn_backend       # --attn-backend
-    grad_checkpointing: bool = False                    # --grad-checkpointing
-    mean: Optional[Tuple[float, ...]] = None            # --mean (None: the model's)
-    std: Optional[Tuple[float, ...]] = None             # --std
-    interpolation: Optional[str] = None                 # --interpolation (None: the model's eval interpolation)
-    torchcompile: Optional[str] = None                  # --torchcompile [backend]
-    torchcompile_mode: Optional[str] = None             # --torchcompile-mode
-    head_init_scale: Optional[float] = None             # --head-init-scale: classifier weight and bias times this
-    head_init_bias: Optional[float] = None              # --head-init-bias: classifier bias set to this
-    dtype: Optional[str] = None                         # --model-dtype (None: float32)
-    channels_last: bool = False                         # --channels-last (no 4-D tensor here: no effect)
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # --model-kwargs: architecture fields (embed_dim, depth, ...)
+    name: str = flag('--model', default=DEFAULT_MODEL, help='model name (naflex.list_models()), optionally NAME.TAG')
+    num_classes: Optional[int] = flag('--num-classes', default=None, group='dataset',
+                                      help='classifier size (default: number of class folders)')
+    pretrained: bool = flag('--pretrained', default=False,
+                            help="start from the model's published weights (Hugging Face Hub, cached)")
+    pretrained_path: Optional[str] = flag('--pretrained-path', default=None, metavar='PATH',
+                                          help='with --pretrained: a local copy of the published weights (EMA copy '
+                                               "preferred; the classifier starts fresh, as timm's overlay)")
+    initial_checkpoint: str = flag('--initial-checkpoint', default='', metavar='PATH',
+                                   help='weights-only start (EMA copy preferred, as timm; a classifier of another '
+                                        'size starts fresh)')
+    global_pool: Optional[str] = flag('--gp', default=None, metavar='POOL', help='global pool override')
+    drop_rate: float = flag('--drop', default=NaFlexVitCfg.drop_rate, help='dropout rate')
+    drop_path_rate: Optional[float] = flag('--drop-path', default=None,
+                                           help="stochastic depth rate (default: the model's)")
+    attn_backend: str = flag('--attn-backend', default=NaFlexVitCfg.attn_backend, choices=ATTN_BACKENDS,
+                             help='attention kernel')
+    grad_checkpointing: bool = flag('--grad-checkpointing', default=False, help='activation checkpointing')
+    mean: Optional[Tuple[float, ...]] = flag('--mean', default=None, help='normalization mean override')
+    std: Optional[Tuple[float, ...]] = flag('--std', default=None, help='normalization std override')
+    interpolation: Optional[str] = flag('--interpolation', default=None, metavar='NAME',
+                                        help="eval resize interpolation, and training's with --no-aug (default: the "
+                                             "model's, bicubic)")
+    torchcompile: Optional[str] = flag('--torchcompile', default=None, nargs='?', const='inductor',
+                                       help='torch.compile the model')
+    torchcompile_mode: Optional[str] = flag('--torchcompile-mode', default=None, help='torch.compile mode')
+    head_init_scale: Optional[float] = flag('--head-init-scale', default=None,
+                                            help="scale the classifier's initial weight and bias by this")
+    head_init_bias: Optional[float] = flag('--head-init-bias', default=None, help="set the classifier's initial bias")
+    dtype: Optional[str] = flag('--model-dtype', default=None, group='device', choices=MODEL_DTYPES,
+                                help='dtype of the weights (default float32); bfloat16/float16 train without '
+                                     'autocast, not with --amp')
+    channels_last: bool = flag('--channels-last', default=False,
+                               help='accepted; no effect: the model holds no 4-D tensor (patches are embedded by a '
+                                    'linear layer)')
+    kwargs: Dict[str, Any] = flag('--model-kwargs', factory=dict,
+                                  help='model config fields, e.g. embed_dim=192 depth=6 num_heads=3 (saved in '
+                                       'args.yaml and checkpoints)')
 
     # model settings with a flag of their own: set there, not in --model-kwargs
     FLAG_FIELDS = ('num_classes', 'drop_rate', 'drop_path_rate', 'global_pool', 'attn_backend')
@@ -172,21 +190,29 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     """Optimizer and gradient clipping: timm's optimizers and flags (naflex.train.optim builds them)."""
-    opt: str = 'sgd'                                    # --opt: a name of timm.optim.list_optimizers()
-    lr: Optional[float] = None                          # --lr (None: lr_base scaled by the global batch)
-    lr_base: float = 0.1                                # --lr-base
-    lr_base_size: int = 256                             # --lr-base-size
-    lr_base_scale: str = ''                             # --lr-base-scale ('' = sqrt for ada*/lamb*, else linear)
-    eps: Optional[float] = None                         # --opt-eps (None: the optimizer's)
-    betas: Optional[Tuple[float, ...]] = None           # --opt-betas (None: the optimizer's)
-    momentum: float = 0.9                               # --momentum
-    weight_decay: float = 2e-5                          # --weight-decay
-    clip_grad: Optional[float] = None                   # --clip-grad
-    clip_mode: str = 'norm'                             # --clip-mode
-    layer_decay: Optional[float] = None                 # --layer-decay
-    layer_decay_min_scale: float = 0.0                  # --layer-decay-min-scale
-    layer_decay_no_opt_scale: Optional[float] = None    # --layer-decay-no-opt-scale
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # --opt-kwargs: more keyword arguments of the optimizer
+    opt: str = flag('--opt', default='sgd', metavar='OPTIMIZER',
+                    help='a name of timm.optim.list_optimizers() (nadamw, adamw, sgd, momentum, lamb, lion, adopt, '
+                         '...), optionally lookahead_NAME')
+    lr: Optional[float] = flag('--lr', default=None, group='sched',
+                               help='peak lr (default: --lr-base scaled by global batch)')
+    lr_base: float = flag('--lr-base', default=0.1, group='sched', help='lr for a global batch of --lr-base-size')
+    lr_base_size: int = flag('--lr-base-size', default=256, group='sched', help='batch size --lr-base refers to')
+    lr_base_scale: str = flag('--lr-base-scale', default='', group='sched', choices=('', 'linear', 'sqrt'),
+                              help="lr scaling with batch ('' = sqrt for ada*/lamb* optimizers, linear otherwise)")
+    eps: Optional[float] = flag('--opt-eps', default=None, help="optimizer epsilon (default: the optimizer's)")
+    betas: Optional[Tuple[float, ...]] = flag('--opt-betas', default=None,
+                                              help="optimizer betas (default: the optimizer's)")
+    momentum: float = flag('--momentum', default=0.9, help='momentum, for optimizers that take one')
+    weight_decay: float = flag('--weight-decay', default=2e-5, help='weight decay')
+    clip_grad: Optional[float] = flag('--clip-grad', default=None, help='gradient clip threshold (off by default)')
+    clip_mode: str = flag('--clip-mode', default='norm', choices=CLIP_MODES, help='gradient clipping mode')
+    layer_decay: Optional[float] = flag('--layer-decay', default=None, help='layer-wise lr decay factor')
+    layer_decay_min_scale: float = flag('--layer-decay-min-scale', default=0.0, help='floor of the layer-wise lr scale')
+    layer_decay_no_opt_scale: Optional[float] = flag('--layer-decay-no-opt-scale', default=None,
+                                                     help='layers whose lr scale is below this are not trained')
+    kwargs: Dict[str, Any] = flag('--opt-kwargs', factory=dict,
+                                  help='more optimizer arguments, e.g. caution=True (Python literals, as '
+                                       '--model-kwargs)')
 
     def resolved_lr(self, global_batch: int) -> float:
         """timm: without --lr, --lr-base scaled by global batch / --lr-base-size (sqrt for ada*/lamb* optimizers)."""
@@ -219,29 +245,37 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning-rate schedule: timm's schedulers and flags (naflex.train.schedule builds them with timm's
     create_scheduler_v2). Field names are create_scheduler_v2's; the comments name the flags."""
-    sched: str = 'cosine'                               # --sched
-    on_updates: bool = False                            # --sched-on-updates
-    warmup_lr: float = 1e-5                             # --warmup-lr
-    min_lr: float = 0.0                                 # --min-lr
-    epochs: int = 300                                   # --epochs
-    start_epoch: Optional[int] = None                   # --start-epoch (overrides the epoch a --resume gives)
-    warmup_epochs: int = 5                              # --warmup-epochs
-    warmup_prefix: bool = False                         # --warmup-prefix
-    cooldown_epochs: int = 0                            # --cooldown-epochs
+    sched: str = flag('--sched', default='cosine', choices=SCHEDULERS, help='lr scheduler')
+    on_updates: bool = flag('--sched-on-updates', default=False, help='step the schedule per update')
+    warmup_lr: float = flag('--warmup-lr', default=1e-5, help='lr at the start of warmup')
+    min_lr: float = flag('--min-lr', default=0.0, help='lr floor of the decaying schedules')
+    epochs: int = flag('--epochs', default=300, help='epochs of the schedule')
+    start_epoch: Optional[int] = flag('--start-epoch', default=None, help="start at this epoch (overrides --resume's)")
+    warmup_epochs: int = flag('--warmup-epochs', default=5, help='linear warmup epochs (inside --epochs)')
+    warmup_prefix: bool = flag('--warmup-prefix', default=False, help='warmup before the schedule')
+    cooldown_epochs: int = flag('--cooldown-epochs', default=0, help='epochs at --min-lr after the schedule')
     # None: timm's factory default, 90 epochs for step, 0.2 of the schedule for wsd / rsqrt
-    decay_epochs: Optional[float] = None                # --decay-epochs
-    decay_milestones: Tuple[int, ...] = (90, 180, 270)  # --decay-milestones
-    decay_rate: float = 0.1                             # --decay-rate / --dr
-    patience_epochs: int = 10                           # --patience-epochs
-    noise: Optional[Tuple[float, ...]] = None           # --lr-noise
-    noise_pct: float = 0.67                             # --lr-noise-pct
-    noise_std: float = 1.0                              # --lr-noise-std
-    cycle_mul: float = 1.0                              # --lr-cycle-mul
-    cycle_decay: float = 0.5                            # --lr-cycle-decay
-    cycle_limit: int = 1                                # --lr-cycle-limit
-    k_decay: float = 1.0                                # --lr-k-decay
-    decay_fn: Optional[str] = None                      # --lr-decay-fn (wsd / rsqrt)
-    stable_timescale: Optional[float] = None            # --lr-stable-timescale (rsqrt)
+    decay_epochs: Optional[float] = flag('--decay-epochs', default=None,
+                                         help='epochs between decays (step; default 90), decay length of wsd / rsqrt '
+                                              '(default 0.2 of the schedule)')
+    decay_milestones: Tuple[int, ...] = flag('--decay-milestones', default=(90, 180, 270), metavar='EPOCH',
+                                             help='epochs to decay the lr at (multistep)')
+    decay_rate: float = flag('--decay-rate', '--dr', default=0.1,
+                             help='lr decay rate (step, multistep, plateau), power (poly)')
+    patience_epochs: int = flag('--patience-epochs', default=10, help='plateau patience')
+    noise: Optional[Tuple[float, ...]] = flag('--lr-noise', default=None, metavar='PCT',
+                                              help='lr noise on (and off) point, as fractions of the schedule')
+    noise_pct: float = flag('--lr-noise-pct', default=0.67, help='lr noise limit')
+    noise_std: float = flag('--lr-noise-std', default=1.0, help='lr noise std-dev')
+    cycle_mul: float = flag('--lr-cycle-mul', default=1.0, help='cycle length multiplier (cosine, tanh, poly)')
+    cycle_decay: float = flag('--lr-cycle-decay', default=0.5, help='lr decay per cycle')
+    cycle_limit: int = flag('--lr-cycle-limit', default=1, help='number of cycles')
+    k_decay: float = flag('--lr-k-decay', default=1.0, help='k-decay (cosine, poly)')
+    decay_fn: Optional[str] = flag('--lr-decay-fn', default=None,
+                                   help="decay function of wsd / rsqrt (default: '1-sqrt' for wsd, 'linear' for "
+                                        'rsqrt)')
+    stable_timescale: Optional[float] = flag('--lr-stable-timescale', default=None,
+                                             help='rsqrt timescale in epochs (default: --warmup-epochs)')
 
     def validate(self, name: Namer = None) -> None:
         from .schedule import schedule_problems  # timm's factory decides what is valid
@@ -264,9 +298,9 @@ class ScheduleConfig:
 @dataclass
 class EmaConfig:
     """Exponential moving average of the weights (timm ModelEmaV3 semantics)."""
-    enabled: bool = False                               # --model-ema
-    decay: float = 0.9998                               # --model-ema-decay
-    warmup: bool = False                                # --model-ema-warmup
+    enabled: bool = flag('--model-ema', default=False, help='keep an EMA of the weights')
+    decay: float = flag('--model-ema-decay', default=0.9998, help='EMA decay per update')
+    warmup: bool = flag('--model-ema-warmup', default=False, help='ramp the EMA decay up')
 
     def validate(self, name: Namer = None) -> None:
         p = Problems(name)
@@ -277,25 +311,36 @@ class EmaConfig:
 @dataclass
 class TrainConfig:
     """The training loop: precision, accumulation, loss, logging, evaluation and checkpoint cadence."""
-    device: str = 'cuda'                                # --device ('cuda', 'cuda:N' or 'cpu')
-    amp: bool = False                                   # --amp
-    amp_dtype: str = 'float16'                          # --amp-dtype
-    grad_accum_steps: int = 1                           # --grad-accum-steps
-    loss_scale: str = 'linear'                          # --naflex-loss-scale
-    smoothing: float = MixupConfig.smoothing            # --smoothing (the same flag sets MixupConfig's)
-    seed: int = TrainLoaderConfig.seed                  # --seed (the same flag seeds the loader)
-    log_interval: int = 50                              # --log-interval (updates)
-    val_interval: int = 1                               # --val-interval (epochs)
-    recovery_interval: int = 0                          # --recovery-interval (updates; 0 = off)
-    bad_file_limit: float = 0.01                        # --bad-file-limit (share of failed decodes that stops a run)
-    checkpoint_hist: int = 10                           # --checkpoint-hist
-    eval_metric: str = 'top1'                           # --eval-metric
-    bce_loss: bool = False                              # --bce-loss (timm.loss.BinaryCrossEntropy)
-    bce_sum: bool = False                               # --bce-sum
-    bce_target_thresh: Optional[float] = None           # --bce-target-thresh
-    bce_pos_weight: Optional[float] = None              # --bce-pos-weight
-    synchronize_step: bool = False                      # --synchronize-step: wait for the device after each update
-    broadcast_buffers: bool = True                      # --no-ddp-bb turns off DDP's buffer broadcast
+    device: str = flag('--device', default='cuda', group='device',
+                       help="'cuda' or 'cpu' (torchrun picks cuda:LOCAL_RANK)")
+    amp: bool = flag('--amp', default=False, group='device', help='mixed precision autocast')
+    amp_dtype: str = flag('--amp-dtype', default='float16', group='device', choices=AMP_DTYPES,
+                          help='autocast dtype (as in timm and validate.py; the model card uses bfloat16)')
+    grad_accum_steps: int = flag('--grad-accum-steps', default=1, group='model',
+                                 help='micro-batches per optimizer update')
+    loss_scale: str = flag('--naflex-loss-scale', default='linear', group='naflex', choices=LOSS_SCALES,
+                           help='scale the loss by (step batch / -b) like timm')
+    smoothing: float = flag('--smoothing', default=MixupConfig.smoothing, group='aug', help='label smoothing')
+    seed: int = flag('--seed', default=TrainLoaderConfig.seed, help='random seed')
+    log_interval: int = flag('--log-interval', default=50, help='log every N updates')
+    val_interval: int = flag('--val-interval', default=1, help='evaluate every N epochs')
+    recovery_interval: int = flag('--recovery-interval', default=0, help='mid-epoch recovery save every N updates')
+    bad_file_limit: float = flag('--bad-file-limit', default=0.01, metavar='FRACTION',
+                                 help='stop training once more than this share of the decode attempts has failed '
+                                      '(judged after 1000 samples, or one epoch of a smaller dataset; 1 = no limit)')
+    checkpoint_hist: int = flag('--checkpoint-hist', default=10, help='best checkpoints kept')
+    eval_metric: str = flag('--eval-metric', default='top1', choices=EVAL_METRICS, help='best-checkpoint metric')
+    bce_loss: bool = flag('--bce-loss', default=False, group='aug',
+                          help="binary cross-entropy (timm's BinaryCrossEntropy) instead of cross-entropy")
+    bce_sum: bool = flag('--bce-sum', default=False, group='aug', help='BCE: sum over classes')
+    bce_target_thresh: Optional[float] = flag('--bce-target-thresh', default=None, group='aug',
+                                              help='BCE: binarize the (soft) targets above this')
+    bce_pos_weight: Optional[float] = flag('--bce-pos-weight', default=None, group='aug',
+                                           help='BCE: weight of positives')
+    synchronize_step: bool = flag('--synchronize-step', default=False, group='device',
+                                  help='wait for the device at the end of every update (for timing; slower)')
+    broadcast_buffers: bool = flag('--no-ddp-bb', default=True, group='device', invert=True,
+                                   help='DDP without broadcast_buffers')
 
     def validate(self, name: Namer = None) -> None:
         p = Problems(name)
@@ -321,14 +366,20 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     """Where the run lives and what it continues from."""
-    output: str = './output/train'                      # --output
-    experiment: str = ''                                # --experiment (default: date-model)
-    resume: str = ''                                    # --resume PATH | auto
-    resume_opt: bool = True                             # --no-resume-opt turns it off
-    log_wandb: bool = False                             # --log-wandb (needs the optional wandb package)
-    wandb_project: Optional[str] = None                 # --wandb-project (None: wandb's default / WANDB_PROJECT)
-    wandb_tags: Tuple[str, ...] = ()                    # --wandb-tags
-    wandb_resume_id: str = ''                           # --wandb-resume-id: continue this wandb run (with --resume)
+    output: str = flag('--output', default='./output/train', metavar='PATH', help='output root')
+    experiment: str = flag('--experiment', default='',
+                           help='run folder name under --output (default: date-model); a folder holding a run is '
+                                'only continued, with --resume auto')
+    resume: str = flag('--resume', default='', group='model', metavar='PATH',
+                       help="full-state resume from PATH, or 'auto'")
+    resume_opt: bool = flag('--no-resume-opt', default=True, group='model', invert=True,
+                            help='resume weights but not optimizer')
+    log_wandb: bool = flag('--log-wandb', default=False,
+                           help='also log the per-epoch summary to Weights & Biases (pip install wandb)')
+    wandb_project: Optional[str] = flag('--wandb-project', default=None, metavar='NAME', help='wandb project')
+    wandb_tags: Tuple[str, ...] = flag('--wandb-tags', default=(), metavar='TAG', help='wandb tags')
+    wandb_resume_id: str = flag('--wandb-resume-id', default='', metavar='ID',
+                                help='with --resume: continue this wandb run')
 
     def validate(self, name: Namer = None) -> None:
         p = Problems(name)
