@@ -1,10 +1,9 @@
 """Configuration of the per-image training augmentation: the one home of its defaults (timm's train.py values).
 
-``AugConfig`` fields declare their train.py flags (``flag``: timm's names, help); ``validate()`` checks every value before a run
-starts (a RandAugment spec, an interpolation name, a probability), so a typo is one clear error instead of a
-failure inside a loader worker. NaFlex (SigLIP 2, arXiv:2502.14786) trains on crops resized to each step's
-sequence length; the crop/resize parameters live here too.
-"""
+``AugConfig`` fields declare their train.py flags (``flag``: timm's names, help); ``validate()`` checks every value
+before a run starts (a RandAugment spec, an interpolation name, a probability), so a typo is one clear error instead of
+a failure inside a loader worker. NaFlex (SigLIP 2, arXiv:2502.14786) trains on crops resized to each step's sequence
+length; the crop/resize parameters live here too."""
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field

@@ -102,7 +102,8 @@ class TrainLoaderConfig:
         p.need(self.patch_size_probs is None or (
             bool(self.patch_sizes) and len(self.patch_size_probs) == len(self.patch_sizes)
             and all(w >= 0 for w in self.patch_size_probs) and sum(self.patch_size_probs) > 0),
-            'patch_size_probs', f'needs {p.name("patch_sizes")} with the same number of values (weights >= 0, not all 0)')
+            'patch_size_probs',
+            f'needs {p.name("patch_sizes")} with the same number of values (weights >= 0, not all 0)')
         p.raise_any()
 
 

@@ -14,9 +14,9 @@ FlexiViT arXiv:2212.08013 patch-size randomisation), with timm 1.0.31's semantic
   ``repeats`` R > 1 (timm's ``--aug-repeats``, RepeatAugSampler) repeats every index R times in a row before
   dealing, so its copies go to R consecutive ranks; the epoch keeps its length, so it sees n / R distinct
   images. Each slot carries its copy number (``Step.copies``: 0 for an index's first occurrence in the epoch),
-  which keys a repeated image's augmentation apart from its first copy's; the step order is permuted from (seed, epoch) and a patch size is drawn per step — all identical
-  on every rank. Everything is a pure function of (seed, epoch, rank, world_size, n): re-runs and resumes are
-  exact.
+  which keys a repeated image's augmentation apart from its first copy's. The step order is permuted from
+  (seed, epoch) and a patch size is drawn per step — all identical on every rank. Everything is a pure function
+  of (seed, epoch, rank, world_size, n): re-runs and resumes are exact.
 """
 from __future__ import annotations
 

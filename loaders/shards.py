@@ -367,9 +367,9 @@ def _add_sample(key, found: dict, fd: int, shard_name: str, samples: list, probl
 def index_shard(path: str, keys: SampleKeys = SampleKeys()) -> Tuple[List[tuple], List[str], Optional[str]]:
     """(samples as (offset, size, target, image member name), problems, cut) of one uncompressed tar shard.
 
-    Reads the member headers (seeking over the data) and the small label members (``keys``: which ones). A shard cut short keeps the
-    samples before the cut; ``cut`` is then the problem that says where (None for a whole shard): how many samples
-    followed is unknown. A sample without an image or a class index is left out.
+    Reads the member headers (seeking over the data) and the small label members (``keys``: which ones). A shard
+    cut short keeps the samples before the cut; ``cut`` is then the problem that says where (None for a whole
+    shard): how many samples followed is unknown. A sample without an image or a class index is left out.
     """
     name = os.path.basename(path)
     with open(path, 'rb', buffering=0) as f:
@@ -614,6 +614,7 @@ def classes_compatible(train_ds, val_ds) -> bool:
     return len(val_ds.classes) <= len(train_ds.classes)
 
 
-__all__ = ['SampleKeys', 'ShardDataset', 'ShardIndex', 'ShardMember', 'build_index', 'classes_compatible', 'dataset_kind',
+__all__ = ['SampleKeys', 'ShardDataset', 'ShardIndex', 'ShardMember', 'build_index', 'classes_compatible',
+           'dataset_kind',
            'default_cache_dir', 'expand_braces', 'index_shard', 'is_shard_pattern', 'is_shard_source', 'load_index',
            'load_info', 'split_shards']

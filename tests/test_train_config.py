@@ -63,7 +63,8 @@ def test_loader_flags_are_config_flags():
     cfg = config_from_args(parser.parse_args([]), parser)
     cli_only = {('mixup', 'mixup_alpha'), ('mixup', 'cutmix_alpha'), ('eval', 'batch_size'),
                 ('run', 'resume_opt'), ('loader', 'packing'), ('eval', 'packing'), ('loader', 'pin_memory'),
-                ('eval', 'pin_memory'), ('train', 'broadcast_buffers')}  # flags whose CLI default means 'off' / 'same as another flag'
+                ('eval', 'pin_memory'), ('train', 'broadcast_buffers')}
+    # (those are the flags whose CLI default means 'off' / 'same as another flag')
     from naflex.train.config import Config
     defaults = Config()
     for (section, field), flag in parser.flag_of.items():

@@ -1,12 +1,13 @@
 """train.py's command line: timm's flag names and meanings, mapped onto the typed configs (naflex.train.config).
 
-Each flag is declared once, on the config field it sets (``augment.config.flag``: names, help, the field's type
-and default), and this module builds the parser from those fields and the ``Config`` from the parsed values. The
-defaults are timm's train.py values (epochs 300, warmup-epochs 5, sched cosine, smoothing 0.1,
-naflex-max-seq-len 576, checkpoint-hist 10, seed 42, ...), so the NaFlexViT model card command runs as written. Additions of ours: ``--no-naflex-packing`` (timm-style padded batches instead of
-packed sequences, NaViT arXiv:2307.06304), ``--attn-backend``, ``--no-jpeg-draft`` and ``--exif-orientation``
-(decoding switches; without them training decodes JPEGs with reduced DCT where it applies, and no EXIF rotation),
-``--bad-file-limit`` (the share of undecodable training files that stops a run; timm has no such stop).
+Each flag is declared once, on the config field it sets (``augment.config.flag``: names, help, the field's type and
+default), and this module builds the parser from those fields and the ``Config`` from the parsed values. The defaults
+are timm's train.py values (epochs 300, warmup-epochs 5, sched cosine, smoothing 0.1, naflex-max-seq-len 576,
+checkpoint-hist 10, seed 42, ...), so the NaFlexViT model card command runs as written. Additions of ours:
+``--no-naflex-packing`` (timm-style padded batches instead of packed sequences, NaViT arXiv:2307.06304),
+``--attn-backend``, ``--no-jpeg-draft`` and ``--exif-orientation`` (decoding switches; without them training decodes
+JPEGs with reduced DCT where it applies, and no EXIF rotation), ``--bad-file-limit`` (the share of undecodable training
+files that stops a run; timm has no such stop).
 
 ``-c/--config file.yaml`` sets defaults (unknown keys are an error); flags given on the command line win. The
 resolved namespace is what ``train.py`` writes to ``<output>/args.yaml`` (a valid ``-c`` file).

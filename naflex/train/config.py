@@ -286,7 +286,8 @@ class ScheduleConfig:
         p.need(self.warmup_epochs >= 0 and self.cooldown_epochs >= 0, 'warmup_epochs',
                f'and {p.name("cooldown_epochs")} must be >= 0')
         p.need(self.start_epoch is None or self.start_epoch >= 0, 'start_epoch', 'must be >= 0')
-        p.need(not (self.sched == 'none' and self.on_updates), 'on_updates', f'has no effect with {p.name("sched")} none')
+        p.need(not (self.sched == 'none' and self.on_updates), 'on_updates',
+               f'has no effect with {p.name("sched")} none')
         p.need(not (self.sched == 'plateau' and self.on_updates), 'on_updates',
                f'does not apply to {p.name("sched")} plateau: timm steps it once per epoch, with the eval metric')
         p.need(self.noise is None or len(self.noise) in (1, 2), 'noise', 'takes one or two fractions of the schedule')
@@ -448,7 +449,8 @@ class Config:
                     problems.append(str(e))
         p = Problems()
         lr, min_lr = self.optim.lr, self.sched.min_lr
-        p.need(lr is None or min_lr <= lr, f'{name("sched", "min_lr")} {min_lr}', f'is above {name("optim", "lr")} {lr}')
+        p.need(lr is None or min_lr <= lr, f'{name("sched", "min_lr")} {min_lr}',
+               f'is above {name("optim", "lr")} {lr}')
         p.need(not (self.run.resume and (self.model.initial_checkpoint or self.model.pretrained_path
                                          or self.model.pretrained)),
                name('run', 'resume'), 'restores the full training state; drop --initial-checkpoint/'

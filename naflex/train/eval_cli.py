@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's published weights (Hugging Face Hub, cached; HF_HUB_OFFLINE=1 reads the cache "
                         "only); the default without --checkpoint, as in timm")
     p.add_argument("--input-key", default=None, metavar="EXTS",
-                   help="tar shards: the image member, e.g. 'jpg;png;webp' (the first a sample has; default: any image)")
+                   help="tar shards: the image member, e.g. 'jpg;png;webp' (the first a sample has; default: any "
+                        "image)")
     p.add_argument("--target-key", default=None, metavar="FIELD",
                    help="tar shards: the label, a field of the sample's .json (a.b for a nested one; default: its "
                         ".cls, or _info.json's alt_label)")
@@ -109,7 +110,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="score the first N images of the split (default: all)")
 
 
-_FLAGS = {"num_samples": "--num-samples", "max_seq_len": "--naflex-max-seq-len", "batch_size": "-b/--batch-size", "num_workers": "-j/--workers",
+_FLAGS = {"num_samples": "--num-samples", "max_seq_len": "--naflex-max-seq-len", "batch_size": "-b/--batch-size",
+          "num_workers": "-j/--workers",
           "name": "--model", "num_classes": "--num-classes", "attn_backend": "--attn-backend", "device": "--device",
           "amp": "--amp", "amp_dtype": "--amp-dtype", "packing": "--padded", "torchcompile": "--torchcompile",
           "torchcompile_mode": "--torchcompile-mode", "global_pool": "--gp", "std": "--std", "kwargs": "--model-kwargs"}
