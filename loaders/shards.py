@@ -329,7 +329,8 @@ def _json_label(data: bytes, field: str) -> Tuple[Optional[int], str]:
     return (value, '') if value >= 0 else (None, f'a skipped label ({value} in .json field {field!r})')
 
 
-def _group_samples(members, fd: int, shard_name: str, samples: list, problems: list, keys: SampleKeys) -> None:
+def _group_samples(members, fd: int, shard_name: str, samples: list, problems: list,
+                   keys: SampleKeys = SampleKeys()) -> None:
     """Groups consecutive members by key into samples (offset, size, target, image member name)."""
     key, found = None, {}
     try:
