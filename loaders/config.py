@@ -26,17 +26,20 @@ def pinned_or_auto(pin_mem: bool) -> Optional[bool]:
     return True if pin_mem else None
 
 
-DATASET_KINDS = ('', 'wds')  # timm's --dataset TYPE/NAME types read here: image folders, WebDataset tar shards
+DATASET_KINDS = ('', 'wds', 'hfds')  # timm's --dataset TYPE/NAME types read here: image folders, WebDataset tar
+                                     # shards, Hugging Face datasets
 
 
 @dataclass
 class DatasetConfig:
     """Where the images are: ``root/<split>/<class>/<image>``, a text-list split (see loaders.dataset) or tar
     shards (``dataset='wds/NAME'``, or found in ``root`` without a split folder; see loaders.shards)."""
-    root: str = flag('--data-dir', default='', metavar='DIR', help='root with one folder per split, class subfolders')
+    root: str = flag('--data-dir', default='', metavar='DIR',
+                     help='root with one folder per split, class subfolders (hfds/: the datasets cache folder)')
     dataset: str = flag('--dataset', default='', metavar='TYPE/NAME',
                         help="'wds/NAME': WebDataset tar shards + _info.json in --data-dir (found without it too); "
-                             "'' = image folder")
+                             "'hfds/NAME': a Hugging Face dataset (Hub id, or a local folder of "
+                             "data/<split>-*.parquet); '' = image folder")
     train_split: str = flag('--train-split', default='train', help='training split folder')
     val_split: str = flag('--val-split', default='validation', help="eval split folder ('val' is found too); '' = none")
     class_map: str = flag('--class-map', default='', metavar='FILE',
@@ -55,10 +58,13 @@ class DatasetConfig:
 
     def validate(self, name: Optional[Callable[[str], str]] = None) -> None:
         p = Problems(name)
-        p.need(bool(self.root), 'root', 'is required')
-        kind, sep, _ = self.dataset.partition('/')
+        kind, sep, name = self.dataset.partition('/')
+        p.need(bool(self.root) or kind.lower() == 'hfds', 'root', 'is required')
         p.need(not sep or kind.lower() in DATASET_KINDS + ('folder', 'imagefolder'), 'dataset',
-               f"type {kind!r} is not read here: use wds/NAME (tar shards) or leave it empty (image folder)")
+               f"type {kind!r} is not read here: use wds/NAME (tar shards), hfds/NAME (Hugging Face datasets) or "
+               "leave it empty (image folder)")
+        p.need(kind.lower() != 'hfds' or bool(name), 'dataset',
+               'hfds/ needs a name: a Hub dataset id or a local folder')
         p.need(self.input_img_mode in (None, 'RGB'), 'input_img_mode',
                f'{self.input_img_mode}: images are decoded to RGB here (the model takes 3 channels)')
         p.raise_any()

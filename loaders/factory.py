@@ -8,6 +8,7 @@ overrides ``cfg``. The configs (loaders.config, augment.config, augment.mixup) a
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 from augment.config import AugConfig
@@ -17,7 +18,7 @@ from .config import EvalLoaderConfig, TrainLoaderConfig, resolve_pin_memory
 from .dataset import ImageFolderDataset
 from .eval_loader import make_eval_loader
 from .schedule import SeqLenSchedule
-from .shards import ShardDataset, is_shard_source
+from .shards import ShardDataset, dataset_kind, is_shard_source
 from .train_loader import StepDataset, TrainLoader
 
 
@@ -25,12 +26,17 @@ def open_dataset(root, split: str, classes=None, cache_dir=None, dataset: str = 
                  target_key=None):
     """``root`` itself when it already is a dataset (``ImageFolderDataset`` / ``ShardDataset`` / ``ListDataset`` /
     any object with ``path(i)``, ``target(i)``, ``len``), else the split's tar shards (``dataset='wds/NAME'``, or
-    shards found in ``root`` where it has no folder for the split: loaders.shards.is_shard_source), else the
-    image folder ``root/split``. ``classes``: a class map (class names in index order), else timm's order.
+    shards found in ``root`` where it has no folder for the split: loaders.shards.is_shard_source), a Hugging Face
+    dataset (``dataset='hfds/NAME'``, NAME a Hub id or a local folder; ``root`` its cache folder: loaders.hfds),
+    else the image folder ``root/split``. ``classes``: a class map (class names in index order), else timm's order.
     ``input_key`` / ``target_key``: which members of a tar shard's sample are the image and the label (timm's
     ``--input-key`` / ``--target-key``; loaders.shards.SampleKeys); an image folder takes neither."""
     if hasattr(root, 'path') and hasattr(root, 'target'):
         return root
+    if dataset_kind(dataset) == 'hfds':  # root: the datasets cache folder (timm's --data-dir for hfds/)
+        from .hfds import HfDataset
+        return HfDataset(dataset.partition('/')[2], split, cache_dir=os.fspath(root) if root else None,
+                         classes=classes, input_key=input_key, target_key=target_key)
     if is_shard_source(root, split, dataset):
         return ShardDataset(root, split, classes=classes, cache_dir=cache_dir, input_key=input_key,
                             target_key=target_key)

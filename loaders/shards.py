@@ -151,7 +151,7 @@ def split_shards(root, split: str, info: dict) -> Tuple[str, List[str]]:
 
 def dataset_kind(dataset: str) -> str:
     """timm's ``--dataset TYPE/NAME``: 'wds' for tar shards, '' for an image folder (any name without a type,
-    or 'folder'/'imagefolder'), or the unsupported type itself (torch, hfds, tfds, ...)."""
+    or 'folder'/'imagefolder'), 'hfds' for Hugging Face datasets, or the unsupported type itself (torch, tfds, ...)."""
     kind, sep, _ = (dataset or '').partition('/')
     kind = kind.lower() if sep else ''
     return '' if kind in ('folder', 'imagefolder') else kind

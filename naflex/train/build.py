@@ -33,7 +33,7 @@ class UserError(Exception):
 def _open_split(cfg: Config, split: str, what: str, hint: str = '', classes=None):
     """The dataset of one split (image folder or tar shards); a missing split or one without a single image is a
     UserError."""
-    root, data = Path(cfg.data.root), cfg.data
+    root, data = (Path(cfg.data.root) if cfg.data.root else None), cfg.data  # none: hfds/ without a cache folder
     try:
         ds = loaders.open_dataset(root, split, classes=classes, cache_dir=data.cache_dir, dataset=data.dataset,
                                   input_key=data.input_key, target_key=data.target_key)
@@ -112,12 +112,13 @@ def _classes_differ(cfg: Config, train_ds, val_ds) -> str:
 
 def open_datasets(cfg: Config, resume_ckpt: Optional[dict] = None):
     """(train dataset, val dataset or None), checked: both exist, hold images and the same classes. Image folders
-    or tar shards (``--dataset wds/NAME``, or shards found in ``--data-dir``); rank 0 opens them first, so an index
+    or tar shards (``--dataset wds/NAME``, or shards found in ``--data-dir``) or a Hugging Face dataset
+    (``--dataset hfds/NAME``); rank 0 opens them first, so an index
     it builds and caches is read, not rebuilt, by the other ranks. Class indices: ``class_map_for``; a resumed
     checkpoint written before checkpoints recorded class names had them in ``sorted()`` order, which is kept."""
     from .checkpoint import sorted_class_order, sorted_order_of
     root, data = Path(cfg.data.root), cfg.data
-    if not root.is_dir():
+    if not root.is_dir() and not (loaders.dataset_kind(data.dataset) == 'hfds' and not data.root):
         raise UserError(f'--data-dir {root} does not exist')
     classes = class_map_for(cfg, resume_ckpt)
     with primary_first():  # rank 0 builds (and caches) a shard index first; the others then read it

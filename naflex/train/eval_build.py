@@ -32,10 +32,18 @@ def _open_dataset(args, classes=None):
     from loaders.shards import dataset_kind, is_shard_source
 
     root = args.data_dir or args.data
+    kind = dataset_kind(args.dataset)
+    if kind not in ("", "wds", "hfds"):
+        raise ValidateError(f"--dataset {args.dataset}: only wds/NAME (tar shards), hfds/NAME (Hugging Face "
+                            "datasets) and image folders are read")
+    if kind == "hfds":  # --data-dir: the datasets cache folder, if any
+        try:
+            return open_dataset(root, args.split, classes=classes, dataset=args.dataset, input_key=args.input_key,
+                                target_key=args.target_key)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValidateError(str(e)) from None
     if not Path(root).is_dir():
         raise ValidateError(f"dataset folder not found: {root}")
-    if dataset_kind(args.dataset) not in ("", "wds"):
-        raise ValidateError(f"--dataset {args.dataset}: only wds/NAME (tar shards) and image folders are read")
     try:
         ds = open_dataset(root, args.split, classes=classes, dataset=args.dataset, input_key=args.input_key,
                           target_key=args.target_key)
