@@ -12,9 +12,9 @@ from typing import Dict
 
 _NO_FIXED_SIZE = ('NaFlex has no fixed image size or center crop: each image keeps its aspect ratio at the largest '
                   'patch grid that fits the sequence length; set it with --naflex-max-seq-len')
-_FOLDERS_AND_SHARDS = ('image folders, WebDataset tar shards (--dataset wds/NAME) and Hugging Face datasets '
-                       '(--dataset hfds/NAME, from the Hub cache or a local folder) are read here, not torchvision\'s '
-                       'datasets, and nothing is downloaded on request')
+_FOLDERS_AND_SHARDS = ("it is for torchvision's datasets (torch/NAME), which are not read here: image folders, "
+                       'WebDataset tar shards (--dataset wds/NAME) and Hugging Face datasets (--dataset hfds/NAME, a '
+                       'Hub id that datasets fetches into its cache itself, or a local folder) are')
 
 # Every flag of timm's validate.py (1.0.31), in its order ('data' is the positional dataset root)
 TIMM_VALIDATE_FLAGS = (
