@@ -289,8 +289,8 @@ def build_loaders(cfg: Config, train_ds, val_ds, num_classes: int, dist: DistInf
     pin = True if dist.device.type == 'cuda' else cfg.loader.pin_memory
     if cfg.loader.aug_repeats > 1:
         _logger.info(f'--aug-repeats {cfg.loader.aug_repeats}: each epoch keeps its length and shows every image it '
-                     f'holds {cfg.loader.aug_repeats} times, on different ranks (timm\'s NaFlex loader refuses the '
-                     'flag)')
+                     f'holds {cfg.loader.aug_repeats} times, each copy augmented apart and, with several ranks, on '
+                     'another rank (timm\'s NaFlex loader refuses the flag)')
     if cfg.loader.num_samples:
         _logger.info(f'--train-num-samples {cfg.loader.num_samples}: epochs of {cfg.loader.num_samples} samples '
                      f'drawn from the {len(train_ds)} of {cfg.data.train_split!r} (timm applies the flag to streamed '
