@@ -6,7 +6,8 @@ and FlexiViT patch-size flexibility (arXiv:2212.08013); timm-checkpoint compatib
 """
 from .attention import BACKENDS as ATTN_BACKENDS
 from .naflexvit import NaFlexFeatures, NaFlexVit, NaFlexVitCfg
-from .registry import DEFAULT_MODEL, create_model, data_config, get_config, list_models
+from .factory import create_model
+from .registry import DEFAULT_MODEL, data_config, get_config, list_models
 from .weights import HubUnavailable, WeightsMismatch, load_into, read_state_dict
 
 __all__ = ['ATTN_BACKENDS', 'DEFAULT_MODEL', 'HubUnavailable', 'NaFlexFeatures', 'NaFlexVit', 'NaFlexVitCfg',

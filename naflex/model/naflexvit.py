@@ -16,6 +16,7 @@ Parameter names and shapes equal timm's ``NaFlexVit`` (timm 1.0.31), so timm che
 The packed path runs without host syncs: every per-image quantity (grid size, prefix-token slot, pooling
 segment) is gathered per token with tensor ops, so ``torch.compile(fullgraph=True)`` traces it whole.
 """
+import contextlib
 import math
 from dataclasses import dataclass, fields, replace
 from typing import (Dict, List, Optional, Set, Tuple, Union, get_args, get_origin,
@@ -280,10 +281,25 @@ class AttentionPoolLatent(nn.Module):
 class NaFlexVit(nn.Module):
     """NaFlexViT classifier / backbone; see module docstring for inputs."""
 
-    def __init__(self, cfg: Optional[NaFlexVitCfg] = None, num_classes: int = 1000, in_chans: int = 3):
+    def __init__(self, cfg: Optional[NaFlexVitCfg] = None, in_chans: int = 3, num_classes: int = 1000,
+                 device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None, **kwargs):
+        """timm's constructor: ``kwargs`` are ``NaFlexVitCfg`` fields laid over ``cfg`` (another key is a
+        TypeError, as in timm); the parameters are created on ``device`` and cast to ``dtype``."""
         super().__init__()
         cfg = cfg or NaFlexVitCfg()
+        unknown = sorted(set(kwargs) - set(_FIELD_TYPES))
+        if unknown:
+            raise TypeError(f'{type(self).__name__}.__init__() got unexpected keyword argument(s): {unknown}; '
+                            f'valid config fields: {", ".join(_FIELD_TYPES)}')
+        cfg = replace(cfg, **kwargs)
         cfg.validate()
+        cfg = replace(cfg, pos_embed_grid_size=tuple(cfg.pos_embed_grid_size))  # a list from JSON / YAML
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self._build(cfg, in_chans, num_classes)
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    def _build(self, cfg: NaFlexVitCfg, in_chans: int, num_classes: int) -> None:
         self.cfg = cfg
         self.num_classes = num_classes
         self.in_chans = in_chans
