@@ -24,6 +24,9 @@ _SOURCE_PREFIX = re.compile(r'[a-zA-Z][a-zA-Z0-9+.\-_]+')
 # pretrained_cfg keys that locate weights; setting one through the overlay resets custom_load (timm's rule)
 _WEIGHT_KEYS = ('file', 'url', 'hf_hub_id', 'hf_hub_filename')
 _CFG_FIELDS = tuple(f.name for f in dataclasses.fields(NaFlexVitCfg))
+# how the model runs, not what it is: left out of the recorded model args (timm leaves out device and dtype), so a
+# save_for_hf folder stays readable by timm
+_RUNTIME_KWARGS = ('attn_backend',)
 _MODEL_KWARGS = ('num_classes', 'in_chans', 'features_only', 'out_indices', 'feature_norm')
 PathLike = Union[str, os.PathLike]
 
@@ -137,7 +140,7 @@ def create_model(
             features_only, out_indices, feature_norm. Another key is a TypeError.
     """
     source, model_id = parse_model_name(model_name)
-    kwargs = dict(kwargs)
+    kwargs, model_args = dict(kwargs), {}
     if source == 'local-dir':
         if pretrained_cfg:
             raise ValueError(f'{model_name}: pretrained_cfg comes from the folder\'s config.json; do not pass one')
@@ -160,6 +163,7 @@ def create_model(
             from .registry import hub_id
             hub_id(arch if source == 'local-dir' else model_name)  # the registry's message, naming those with weights
             raise ValueError(f'{model_name}: its pretrained_cfg names no weights (file, state_dict or hf_hub_id)')
+    recorded = {k: v for k, v in kwargs.items() if k not in _RUNTIME_KWARGS}
     if cfg.get('num_classes') is not None and cfg['num_classes'] >= 0:
         kwargs.setdefault('num_classes', cfg['num_classes'])
     if cfg.get('input_size'):
@@ -169,10 +173,13 @@ def create_model(
     feature_norm = kwargs.pop('feature_norm', False)
     model = NaFlexVit(_VARIANTS[arch][0], device=device, dtype=dtype, **kwargs)
     model.pretrained_cfg = cfg
+    model.pretrained_model_args = dict(model_args)  # what the source folder's weights were built with
     if where[0]:
         _load_pretrained(model, where)
     if features_only:
         model = NaFlexFeatures(model, out_indices=out_indices, norm=feature_norm)
+    # what timm's get_model_args / save_for_hf read to rebuild this model (timm records the same keywords)
+    model._model_args = recorded
     if checkpoint_path:
         from .weights import load_into, read_state_dict
         load_into(model, read_state_dict(checkpoint_path), source=repr(os.fspath(checkpoint_path)))

@@ -313,6 +313,11 @@ class NaFlexVit(nn.Module):
         self.attn_backend = cfg.attn_backend
         self.grad_checkpointing = False
         self.pretrained_cfg: Dict = {}
+        # timm's reconstruction record (``timm.models.get_model_args`` / ``save_for_hf`` read them): the keyword
+        # arguments ``create_model`` was given, the source checkpoint's, and the input traits
+        self._model_args: Dict = {}
+        self.pretrained_model_args: Dict = {}
+        self._traits = dict(fixed_input_size=False, first_conv='embeds.proj', img_size=None)
 
         self.embeds = NaFlexEmbeds(
             patch_size=cfg.patch_size, in_chans=in_chans, embed_dim=cfg.embed_dim, proj_bias=not cfg.pre_norm,
@@ -385,6 +390,8 @@ class NaFlexVit(nn.Module):
             if global_pool != 'map':
                 self.attn_pool = None
             self.global_pool = global_pool
+            # fc_norm's default follows global_pool, so a rebuild from the recorded args must be told the current one
+            self._model_args = dict(self._model_args, fc_norm=not isinstance(self.fc_norm, nn.Identity))
         w = self.embeds.proj.weight
         self.head = nn.Linear(self.embed_dim, num_classes).to(w.device, w.dtype) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)  # a model in eval() keeps its new head in eval mode too
