@@ -14,7 +14,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from .naflexvit import NaFlexFeatures, NaFlexVit, NaFlexVitCfg
+from .features import NaFlexFeatures
+from .naflexvit import NaFlexVit, NaFlexVitCfg
 from .registry import _VARIANTS, pretrained_cfg as registered_cfg, split_name
 
 # timm's parse_model_name: a source prefix of two or more characters (so 'C:\\' stays a path), then an opaque id
