@@ -172,3 +172,35 @@ def test_names_keywords_and_sources_fail_like_timm(tmp_path):
         assert cls(depth=1, embed_dim=32, num_heads=2, num_classes=3).blocks[0].attn.num_heads == 2
         with pytest.raises(TypeError, match='drop_pth_rate'):
             cls(depth=1, drop_pth_rate=0.1)
+
+
+@pytest.mark.parametrize('kwargs', [dict(), dict(out_indices=(0, 1)), dict(out_indices=[-1], feature_cls='getter'),
+                                    dict(out_indices=1, feature_cls='Getter', pretrained_cfg_overlay=dict(mean=(0, 0, 0)))])
+@torch.no_grad()
+def test_features_only_is_timms_feature_getter(kwargs):
+    """features_only=True: timm's FeatureGetterNet (its NaFlexViT default): same pruned state dict, outputs,
+    feature_info, input traits, and the backbone's pretrained_cfg without the classifier entries."""
+    kwargs = dict(SMALL, depth=3, features_only=True, **kwargs)
+    ours, theirs = both(**kwargs)
+    assert type(theirs).__name__ == 'FeatureGetterNet' and isinstance(ours, naflex.NaFlexFeatures)
+    assert ours.pretrained_cfg == theirs.pretrained_cfg and 'num_classes' not in ours.pretrained_cfg
+    assert ours.default_cfg == theirs.default_cfg
+    assert (ours._traits, ours.in_chans) == (theirs._traits, theirs.in_chans)
+    assert timm.data.resolve_model_data_config(ours) == timm.data.resolve_model_data_config(theirs)
+    assert ours.out_indices == theirs.out_indices
+    for what in ('channels', 'reduction', 'module_name'):
+        assert getattr(ours.feature_info, what)() == getattr(theirs.feature_info, what)()
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    randomize_(theirs, seed=8)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 48, 80)
+    outs, touts = ours(x), theirs(x)
+    assert len(outs) == len(touts) == len(ours.out_indices)
+    for a, b in zip(outs, touts):
+        assert a.shape == b.shape and maxdiff(a, b) < TOL
+    assert timm.models.get_model_args(ours) == timm.models.get_model_args(theirs)
+
+
+def test_other_feature_classes_are_refused():
+    with pytest.raises(ValueError, match="feature_cls='hook' is not available for NaFlexViT; valid: getter"):
+        naflex.create_model('naflexvit_tiny_test', features_only=True, feature_cls='hook')

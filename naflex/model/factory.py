@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from .features import NaFlexFeatures
+from .features import FEATURE_CLASSES, NaFlexFeatures
 from .naflexvit import NaFlexVit, NaFlexVitCfg
 from .registry import _VARIANTS, pretrained_cfg as registered_cfg, split_name
 
@@ -28,7 +28,7 @@ _CFG_FIELDS = tuple(f.name for f in dataclasses.fields(NaFlexVitCfg))
 # how the model runs, not what it is: left out of the recorded model args (timm leaves out device and dtype), so a
 # save_for_hf folder stays readable by timm
 _RUNTIME_KWARGS = ('attn_backend',)
-_MODEL_KWARGS = ('num_classes', 'in_chans', 'features_only', 'out_indices', 'feature_norm')
+_MODEL_KWARGS = ('num_classes', 'in_chans', 'features_only', 'out_indices', 'feature_cls', 'feature_norm')
 PathLike = Union[str, os.PathLike]
 
 
@@ -138,7 +138,8 @@ def create_model(
         checkpoint_path: a file loaded after creation, as timm's ``load_checkpoint`` (EMA copy first, strict).
         device / dtype: where the parameters are created / the dtype they are cast to.
         **kwargs: any ``NaFlexVitCfg`` field and num_classes, in_chans (default: the pretrained_cfg's),
-            features_only, out_indices, feature_norm. Another key is a TypeError.
+            features_only (with out_indices, feature_cls 'getter', feature_norm: ``NaFlexFeatures``, timm's
+            FeatureGetterNet). Another key is a TypeError.
     """
     source, model_id = parse_model_name(model_name)
     kwargs, model_args = dict(kwargs), {}
@@ -171,7 +172,11 @@ def create_model(
         kwargs.setdefault('in_chans', cfg['input_size'][0])
     features_only = kwargs.pop('features_only', False)
     out_indices = kwargs.pop('out_indices', 3)
+    feature_cls = kwargs.pop('feature_cls', 'getter')
     feature_norm = kwargs.pop('feature_norm', False)
+    if features_only and not (feature_cls is NaFlexFeatures or str(feature_cls).lower() in FEATURE_CLASSES):
+        raise ValueError(f'feature_cls={feature_cls!r} is not available for NaFlexViT; valid: '
+                         f'{", ".join(FEATURE_CLASSES)} (timm\'s FeatureGetterNet: forward_intermediates)')
     model = NaFlexVit(_VARIANTS[arch][0], device=device, dtype=dtype, **kwargs)
     model.pretrained_cfg = cfg
     model.pretrained_model_args = dict(model_args)  # what the source folder's weights were built with

@@ -4,10 +4,22 @@
 (``prune_intermediate_layers``) and returns ``forward_intermediates(..., intermediates_only=True)``, so the wrapped
 state dict (keys ``model.*``) and the outputs equal timm's ``features_only=True`` model's.
 """
-from typing import List, Optional, Sequence, Tuple, Union
+from copy import deepcopy
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+FEATURE_CLASSES = ('getter',)  # create_model(features_only=True, feature_cls=...): timm's getter, its NaFlexViT default
+
+
+def features_pretrained_cfg(cfg: Dict) -> Dict:
+    """A backbone's pretrained_cfg, as timm's ``pretrained_cfg_for_features``: without the classifier entries
+    (num_classes, classifier, global_pool), which describe a head the wrapper does not have."""
+    cfg = deepcopy(cfg)
+    for key in ('num_classes', 'classifier', 'global_pool'):
+        cfg.pop(key, None)
+    return cfg
 
 
 def feature_take_indices(num_blocks: int, indices: Optional[Union[int, Sequence[int]]] = None) -> Tuple[List[int], int]:
@@ -47,7 +59,14 @@ class NaFlexFeatures(nn.Module):
         self.out_indices = out_indices
         self.norm = norm
         self.output_fmt = output_fmt
-        self.pretrained_cfg = getattr(model, 'pretrained_cfg', {})
+        self.pretrained_cfg = features_pretrained_cfg(getattr(model, 'pretrained_cfg', {}))
+        # timm copies the input traits to the wrapper, so its data-config helpers read the wrapper like the model
+        self._traits = dict(getattr(model, '_traits', {}))
+        self.in_chans = model.in_chans
+
+    @property
+    def default_cfg(self) -> Dict:
+        return self.pretrained_cfg  # timm's older name
 
     def forward(self, x) -> List[torch.Tensor]:
         return self.model.forward_intermediates(
