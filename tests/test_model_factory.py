@@ -174,8 +174,9 @@ def test_names_keywords_and_sources_fail_like_timm(tmp_path):
             cls(depth=1, drop_pth_rate=0.1)
 
 
-@pytest.mark.parametrize('kwargs', [dict(), dict(out_indices=(0, 1)), dict(out_indices=[-1], feature_cls='getter'),
-                                    dict(out_indices=1, feature_cls='Getter', pretrained_cfg_overlay=dict(mean=(0, 0, 0)))])
+@pytest.mark.parametrize('kwargs', [
+    dict(), dict(out_indices=(0, 1)), dict(out_indices=[-1], feature_cls='getter'),
+    dict(out_indices=1, feature_cls='Getter', pretrained_cfg_overlay=dict(mean=(0, 0, 0)))])
 @torch.no_grad()
 def test_features_only_is_timms_feature_getter(kwargs):
     """features_only=True: timm's FeatureGetterNet (its NaFlexViT default): same pruned state dict, outputs,

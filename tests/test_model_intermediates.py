@@ -17,7 +17,8 @@ NAMES = ['naflexvit_tiny_test', 'naflexvit_tiny_test_token', 'naflexvit_tiny_tes
 CALLS = [
     dict(), dict(indices=1), dict(indices=[0, -1]), dict(indices=[0], stop_early=True), dict(norm=True),
     dict(output_fmt='NLC', norm=True), dict(return_prefix_tokens=True), dict(intermediates_only=True, indices=(1,)),
-    dict(output_dict=True, return_prefix_tokens=True, output_fmt='NLC'), dict(output_dict=True, intermediates_only=True),
+    dict(output_dict=True, return_prefix_tokens=True, output_fmt='NLC'),
+    dict(output_dict=True, intermediates_only=True),
 ]
 
 
