@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from .features import FEATURE_CLASSES, NaFlexFeatures
+from .features import FEATURE_CLASSES, NaFlexFeatures, features_pretrained_cfg, graph_features
 from .naflexvit import NaFlexVit, NaFlexVitCfg
 from .registry import _VARIANTS, pretrained_cfg as registered_cfg, split_name
 
@@ -138,8 +138,8 @@ def create_model(
         checkpoint_path: a file loaded after creation, as timm's ``load_checkpoint`` (EMA copy first, strict).
         device / dtype: where the parameters are created / the dtype they are cast to.
         **kwargs: any ``NaFlexVitCfg`` field and num_classes, in_chans (default: the pretrained_cfg's),
-            features_only (with out_indices, feature_cls 'getter', feature_norm: ``NaFlexFeatures``, timm's
-            FeatureGetterNet). Another key is a TypeError.
+            features_only (with out_indices, feature_norm and feature_cls: 'getter', ``NaFlexFeatures``, timm's
+            FeatureGetterNet; or 'fx', timm's FeatureGraphNet over the traced model). Another key is a TypeError.
     """
     source, model_id = parse_model_name(model_name)
     kwargs, model_args = dict(kwargs), {}
@@ -174,15 +174,19 @@ def create_model(
     out_indices = kwargs.pop('out_indices', 3)
     feature_cls = kwargs.pop('feature_cls', 'getter')
     feature_norm = kwargs.pop('feature_norm', False)
-    if features_only and not (feature_cls is NaFlexFeatures or str(feature_cls).lower() in FEATURE_CLASSES):
+    feature_cls = 'getter' if feature_cls is NaFlexFeatures else str(feature_cls).lower()
+    if features_only and feature_cls not in FEATURE_CLASSES:
         raise ValueError(f'feature_cls={feature_cls!r} is not available for NaFlexViT; valid: '
-                         f'{", ".join(FEATURE_CLASSES)} (timm\'s FeatureGetterNet: forward_intermediates)')
+                         f'{", ".join(FEATURE_CLASSES)} (timm\'s FeatureGetterNet and FeatureGraphNet)')
     model = NaFlexVit(_VARIANTS[arch][0], device=device, dtype=dtype, **kwargs)
     model.pretrained_cfg = cfg
     model.pretrained_model_args = dict(model_args)  # what the source folder's weights were built with
     if where[0]:
         _load_pretrained(model, where)
-    if features_only:
+    if features_only and feature_cls == 'fx':
+        model = graph_features(model, out_indices)
+        model.pretrained_cfg = model.default_cfg = features_pretrained_cfg(cfg)
+    elif features_only:
         model = NaFlexFeatures(model, out_indices=out_indices, norm=feature_norm)
     # what timm's get_model_args / save_for_hf read to rebuild this model (timm records the same keywords)
     model._model_args = recorded

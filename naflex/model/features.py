@@ -10,7 +10,19 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-FEATURE_CLASSES = ('getter',)  # create_model(features_only=True, feature_cls=...): timm's getter, its NaFlexViT default
+# create_model(features_only=True, feature_cls=...): 'getter' (NaFlexFeatures, timm's NaFlexViT default) or 'fx'
+# (timm's FeatureGraphNet: the block outputs of the torch.fx-traced image forward, prefix tokens included, NLC)
+FEATURE_CLASSES = ('getter', 'fx')
+
+
+def graph_features(model: nn.Module, out_indices: Union[int, Sequence[int]]) -> nn.Module:
+    """timm's FeatureGraphNet around ``model`` (torchvision's fx feature extraction; image tensors only), with the
+    input traits copied as timm copies them."""
+    from timm.models._features_fx import FeatureGraphNet  # lazy: importing timm costs seconds
+    out_indices = feature_take_indices(len(model.blocks), out_indices)[0]
+    features = FeatureGraphNet(model, out_indices=out_indices)
+    features._traits, features.in_chans = dict(model._traits), model.in_chans
+    return features
 
 
 def features_pretrained_cfg(cfg: Dict) -> Dict:

@@ -133,6 +133,14 @@ def _type_name(hint) -> str:
     return {int: 'an int', float: 'a number', bool: 'a bool', str: 'a string', type(None): 'None'}.get(hint, str(hint))
 
 
+@torch.fx.wrap
+def check_image_size(h: int, w: int, p: int) -> None:
+    """ValueError unless an h x w image splits into p x p patches. A leaf of torch.fx graphs (``fx.wrap``): symbolic
+    tracing records the call instead of branching on traced sizes, and the traced module still checks every input."""
+    if h % p or w % p:
+        raise ValueError(f'image size {h}x{w} is not a multiple of the patch size {p}')
+
+
 def _layer_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=1e-6)  # timm's LayerNorm default eps
 
@@ -408,7 +416,7 @@ class NaFlexVit(nn.Module):
         if self.embeds.pos_embed_type == 'none':
             return x
         pe = self.embeds.pos_embed_tokens(coord.reshape(-1, 2), grid.reshape(-1, 2))
-        return x + pe.reshape(*coord.shape[:-1], -1).to(x.dtype)
+        return x + pe.unflatten(0, coord.shape[:-1]).to(x.dtype)
 
     def _embed_padded(self, patches: torch.Tensor, coord: torch.Tensor, grid: torch.Tensor,
                       patch_size: Tuple[int, int]) -> torch.Tensor:
@@ -487,8 +495,7 @@ class NaFlexVit(nn.Module):
     def _image_tokens(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(f'image size {h}x{w} is not a multiple of the patch size {p}')
+        check_image_size(h, w, p)
         nh, nw = h // p, w // p
         patches = x.reshape(b, c, nh, p, nw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, nh * nw, p * p * c)
         coord = grid_coords(nh, nw, x.device)
