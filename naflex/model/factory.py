@@ -14,9 +14,10 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
+from . import weights
 from .features import FEATURE_CLASSES, NaFlexFeatures, features_pretrained_cfg, graph_features
 from .naflexvit import NaFlexVit, NaFlexVitCfg
-from .registry import _VARIANTS, pretrained_cfg as registered_cfg, split_name
+from .registry import _VARIANTS, hub_id, pretrained_cfg as registered_cfg, split_name
 
 # timm's parse_model_name: a source prefix of two or more characters (so 'C:\\' stays a path), then an opaque id
 _SOURCES = ('hf-hub', 'local-dir')
@@ -99,7 +100,6 @@ def weights_source(cfg: Dict) -> Tuple[str, Any]:
 
 def _load_pretrained(model: NaFlexVit, where: Tuple[str, Any]) -> None:
     """Strict, except that a classifier of another size keeps its fresh initialization (as timm drops it)."""
-    from . import weights
     kind, loc = where
     if kind == 'hub':
         repo, filename = loc
@@ -162,7 +162,6 @@ def create_model(
     if pretrained is True:
         where = weights_source(cfg)
         if not where[0]:  # no weights: fail before building anything
-            from .registry import hub_id
             hub_id(arch if source == 'local-dir' else model_name)  # the registry's message, naming those with weights
             raise ValueError(f'{model_name}: its pretrained_cfg names no weights (file, state_dict or hf_hub_id)')
     recorded = {k: v for k, v in kwargs.items() if k not in _RUNTIME_KWARGS}
@@ -191,6 +190,5 @@ def create_model(
     # what timm's get_model_args / save_for_hf read to rebuild this model (timm records the same keywords)
     model._model_args = recorded
     if checkpoint_path:
-        from .weights import load_into, read_state_dict
-        load_into(model, read_state_dict(checkpoint_path), source=repr(os.fspath(checkpoint_path)))
+        weights.load_into(model, weights.read_state_dict(checkpoint_path), source=repr(os.fspath(checkpoint_path)))
     return model
