@@ -250,7 +250,7 @@ def test_registry_and_overrides():
                                                                      if n.startswith('naflexvit_base')]
     with pytest.raises(ValueError, match='naflexvit_tiny_test'):
         naflex.create_model('naflexvit_nope')
-    with pytest.raises(ValueError, match='drop_path_rate'):
+    with pytest.raises(TypeError, match='drop_path_rate'):  # timm's error type for an unknown keyword
         naflex.create_model('naflexvit_tiny_test', drop_pth_rate=0.1)
     with pytest.raises(ValueError, match='global_pool'):
         naflex.create_model('naflexvit_tiny_test', global_pool='mean')

@@ -5,8 +5,10 @@ NaFlex (SigLIP 2, arXiv:2502.14786) vision transformers with NaViT-style sequenc
 and FlexiViT patch-size flexibility (arXiv:2212.08013); timm-checkpoint compatible.
 """
 from .attention import BACKENDS as ATTN_BACKENDS
-from .naflexvit import NaFlexFeatures, NaFlexVit, NaFlexVitCfg
-from .registry import DEFAULT_MODEL, create_model, data_config, get_config, list_models
+from .factory import create_model
+from .features import NaFlexFeatures
+from .naflexvit import NaFlexVit, NaFlexVitCfg
+from .registry import DEFAULT_MODEL, data_config, get_config, list_models
 from .weights import HubUnavailable, WeightsMismatch, load_into, read_state_dict
 
 __all__ = ['ATTN_BACKENDS', 'DEFAULT_MODEL', 'HubUnavailable', 'NaFlexFeatures', 'NaFlexVit', 'NaFlexVitCfg',

@@ -16,6 +16,7 @@ Parameter names and shapes equal timm's ``NaFlexVit`` (timm 1.0.31), so timm che
 The packed path runs without host syncs: every per-image quantity (grid size, prefix-token slot, pooling
 segment) is gathered per token with tensor ops, so ``torch.compile(fullgraph=True)`` traces it whole.
 """
+import contextlib
 import math
 from dataclasses import dataclass, fields, replace
 from typing import (Dict, List, Optional, Set, Tuple, Union, get_args, get_origin,
@@ -28,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import BACKENDS, AttnContext, attend, check_backend
 from .batch import grid_coords, is_packed
+from .features import feature_take_indices
 from .patch_embed import NaFlexEmbeds
 
 POOL_TYPES = ('', 'avg', 'avgmax', 'max', 'token', 'map')
@@ -129,6 +131,14 @@ def _type_name(hint) -> str:
     if get_origin(hint) is tuple:
         return f'{len(get_args(hint))} ints'
     return {int: 'an int', float: 'a number', bool: 'a bool', str: 'a string', type(None): 'None'}.get(hint, str(hint))
+
+
+@torch.fx.wrap
+def check_image_size(h: int, w: int, p: int) -> None:
+    """ValueError unless an h x w image splits into p x p patches. A leaf of torch.fx graphs (``fx.wrap``): symbolic
+    tracing records the call instead of branching on traced sizes, and the traced module still checks every input."""
+    if h % p or w % p:
+        raise ValueError(f'image size {h}x{w} is not a multiple of the patch size {p}')
 
 
 def _layer_norm(dim: int) -> nn.LayerNorm:
@@ -280,10 +290,25 @@ class AttentionPoolLatent(nn.Module):
 class NaFlexVit(nn.Module):
     """NaFlexViT classifier / backbone; see module docstring for inputs."""
 
-    def __init__(self, cfg: Optional[NaFlexVitCfg] = None, num_classes: int = 1000, in_chans: int = 3):
+    def __init__(self, cfg: Optional[NaFlexVitCfg] = None, in_chans: int = 3, num_classes: int = 1000,
+                 device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None, **kwargs):
+        """timm's constructor: ``kwargs`` are ``NaFlexVitCfg`` fields laid over ``cfg`` (another key is a
+        TypeError, as in timm); the parameters are created on ``device`` and cast to ``dtype``."""
         super().__init__()
         cfg = cfg or NaFlexVitCfg()
+        unknown = sorted(set(kwargs) - set(_FIELD_TYPES))
+        if unknown:
+            raise TypeError(f'{type(self).__name__}.__init__() got unexpected keyword argument(s): {unknown}; '
+                            f'valid config fields: {", ".join(_FIELD_TYPES)}')
+        cfg = replace(cfg, **kwargs)
         cfg.validate()
+        cfg = replace(cfg, pos_embed_grid_size=tuple(cfg.pos_embed_grid_size))  # a list from JSON / YAML
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self._build(cfg, in_chans, num_classes)
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    def _build(self, cfg: NaFlexVitCfg, in_chans: int, num_classes: int) -> None:
         self.cfg = cfg
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -297,6 +322,11 @@ class NaFlexVit(nn.Module):
         self.attn_backend = cfg.attn_backend
         self.grad_checkpointing = False
         self.pretrained_cfg: Dict = {}
+        # timm's reconstruction record (``timm.models.get_model_args`` / ``save_for_hf`` read them): the keyword
+        # arguments ``create_model`` was given, the source checkpoint's, and the input traits
+        self._model_args: Dict = {}
+        self.pretrained_model_args: Dict = {}
+        self._traits = dict(fixed_input_size=False, first_conv='embeds.proj', img_size=None)
 
         self.embeds = NaFlexEmbeds(
             patch_size=cfg.patch_size, in_chans=in_chans, embed_dim=cfg.embed_dim, proj_bias=not cfg.pre_norm,
@@ -369,6 +399,8 @@ class NaFlexVit(nn.Module):
             if global_pool != 'map':
                 self.attn_pool = None
             self.global_pool = global_pool
+            # fc_norm's default follows global_pool, so a rebuild from the recorded args must be told the current one
+            self._model_args = dict(self._model_args, fc_norm=not isinstance(self.fc_norm, nn.Identity))
         w = self.embeds.proj.weight
         self.head = nn.Linear(self.embed_dim, num_classes).to(w.device, w.dtype) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)  # a model in eval() keeps its new head in eval mode too
@@ -384,7 +416,7 @@ class NaFlexVit(nn.Module):
         if self.embeds.pos_embed_type == 'none':
             return x
         pe = self.embeds.pos_embed_tokens(coord.reshape(-1, 2), grid.reshape(-1, 2))
-        return x + pe.reshape(*coord.shape[:-1], -1).to(x.dtype)
+        return x + pe.unflatten(0, coord.shape[:-1]).to(x.dtype)
 
     def _embed_padded(self, patches: torch.Tensor, coord: torch.Tensor, grid: torch.Tensor,
                       patch_size: Tuple[int, int]) -> torch.Tensor:
@@ -444,12 +476,14 @@ class NaFlexVit(nn.Module):
                     num_images=num_images)
         return x, ctx, meta
 
+    def _run_block(self, blk: Block, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, ctx, use_reentrant=False)
+        return blk(x, ctx)
+
     def _run_blocks(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, ctx, use_reentrant=False)
-            else:
-                x = blk(x, ctx)
+            x = self._run_block(blk, x, ctx)
         return x
 
     # -------------------------------------------------------------------------------------------- forward
@@ -461,8 +495,7 @@ class NaFlexVit(nn.Module):
     def _image_tokens(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(f'image size {h}x{w} is not a multiple of the patch size {p}')
+        check_image_size(h, w, p)
         nh, nw = h // p, w // p
         patches = x.reshape(b, c, nh, p, nw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, nh * nw, p * p * c)
         coord = grid_coords(nh, nw, x.device)
@@ -560,72 +593,99 @@ class NaFlexVit(nn.Module):
     # -------------------------------------------------------------------------------------- intermediates
     def forward_intermediates(
             self,
-            x: torch.Tensor,
+            x: Union[torch.Tensor, Dict],
             indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
             norm: bool = False,
+            stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
-            return_prefix_tokens: bool = False,
+            output_dict: bool = False,
     ):
-        """Block outputs for an image tensor (timm semantics: int n = last n blocks, list = those blocks)."""
-        if isinstance(x, dict):
-            raise ValueError('forward_intermediates takes image tensors; use forward_features for dict inputs')
+        """Block outputs, with timm's arguments, return types and values (dense prediction heads, feature pyramids).
+
+        Args:
+            x: an image tensor, timm's padded NaFlex dict or the packed dict.
+            indices: None: every block; an int n: the last n; a list: those blocks (negative counts from the end).
+            return_prefix_tokens: pair each intermediate with its prefix (class / register) tokens.
+            norm: apply the final norm to the intermediates.
+            stop_early: run no block after the last one taken (the final features then come from it).
+            output_fmt: 'NCHW' (image tensors only: [B, D, H/p, W/p]) or 'NLC'.
+            intermediates_only: return only the intermediates.
+            output_dict: a dict with 'image_intermediates', 'image_intermediates_prefix' (return_prefix_tokens),
+                'patch_valid' (padded dict input) and 'image_features' (unless intermediates_only).
+
+        Returns:
+            (final features, intermediates), the intermediates, or the dict. Per input, an intermediate holds the
+            patch tokens only: [B, D, h, w] / [B, N, D] for images, [B, N, D] for the padded dict (its patch_valid
+            marks padding), [T, D] in the input's patch order for the packed dict; prefix tokens are [B, prefix, D].
+            The final features are what ``forward_features`` gives, so ``forward_head`` takes them.
+        """
         if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
-        take = take_indices(len(self.blocks), indices)
-        b, _, h, w = x.shape
-        nh, nw = h // self.patch_size, w // self.patch_size
-        tokens = self._image_tokens(x)
-        ctx = AttnContext.padded_from(b)
-        npre = self.num_prefix_tokens
-        outs = []
-        for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens, ctx)
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        meta = valid = None
+        if isinstance(x, dict):
+            if output_fmt == 'NCHW':  # timm's rule: one spatial reshape cannot fit every image's grid
+                raise ValueError('output_fmt="NCHW" is not supported for NaFlex (dict) inputs, use "NLC"; each image '
+                                 'has its own grid: patch_coord places its tokens')
+            if is_packed(x):
+                tokens, ctx, meta = self._embed_packed(x)
+            else:
+                tokens, valid, ctx = self._padded_inputs(x)
+        else:
+            grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+            tokens = self._image_tokens(x)
+            ctx = AttnContext.padded_from(x.shape[0])
+
+        intermediates = []
+        for i, blk in enumerate(self.blocks[:max_index + 1] if stop_early else self.blocks):
+            tokens = self._run_block(blk, tokens, ctx)
             if i in take:
-                y = self.norm(tokens) if norm else tokens
-                prefix, y = y[:, :npre], y[:, npre:]
-                if output_fmt == 'NCHW':
-                    y = y.reshape(b, nh, nw, -1).permute(0, 3, 1, 2).contiguous()
-                outs.append((y, prefix) if return_prefix_tokens and npre else y)
-        if intermediates_only:
-            return outs
-        return self.norm(tokens), outs
+                intermediates.append(self.norm(tokens) if norm else tokens)
 
+        npre = self.num_prefix_tokens
+        if meta is not None:  # packed: each image's prefix tokens sit in front of its patches
+            starts = meta['cu_seqlens'][:-1]
+            prefix_pos = (starts[:, None] + torch.arange(npre, device=starts.device)[None]).reshape(-1)
+            prefix = [y[prefix_pos].reshape(meta['num_images'], npre, -1) for y in intermediates]
+            intermediates = [y[meta['patch_pos']] for y in intermediates]
+        else:
+            prefix = [y[:, :npre] for y in intermediates]
+            intermediates = [y[:, npre:] for y in intermediates]
+        if output_fmt == 'NCHW':
+            intermediates = [y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        prefix = prefix if npre else None
 
-def take_indices(num_blocks: int, indices: Optional[Union[int, List[int]]]) -> List[int]:
-    if indices is None:
-        indices = num_blocks
-    if isinstance(indices, int):
-        if not 0 < indices <= num_blocks:
-            raise ValueError(f'last-n ({indices}) is out of range (1 to {num_blocks})')
-        return list(range(num_blocks - indices, num_blocks))
-    return [i if i >= 0 else num_blocks + i for i in indices]
+        final = None
+        if not intermediates_only:
+            final = self.norm(tokens)
+            if meta is not None:
+                final = dict(tokens=final, **meta)
+        if output_dict:
+            out = {'image_intermediates': intermediates}
+            if prefix is not None and return_prefix_tokens:
+                out['image_intermediates_prefix'] = prefix
+            if valid is not None:
+                out['patch_valid'] = valid
+            if final is not None:
+                out['image_features'] = final
+            return out
+        if return_prefix_tokens and prefix is not None:
+            intermediates = list(zip(intermediates, prefix))
+        return intermediates if intermediates_only else (final, intermediates)
 
-
-class NaFlexFeatures(nn.Module):
-    """``features_only`` wrapper like timm's FeatureGetterNet: list of [B, D, H/p, W/p] block outputs.
-
-    Blocks after the last requested index, the final norm and the head are pruned (state-dict keys
-    are ``model.*`` as in timm).
-    """
-
-    def __init__(self, model: NaFlexVit, out_indices: Union[int, List[int]] = 3, norm: bool = False,
-                 output_fmt: str = 'NCHW'):
-        super().__init__()
-        take = take_indices(len(model.blocks), out_indices)
-        model.blocks = model.blocks[:max(take) + 1]
-        if not norm:
-            model.norm = nn.Identity()
-        model.fc_norm = nn.Identity()
-        model.reset_classifier(0, '')
-        self.model = model
-        self.out_indices = take
-        self.norm = norm
-        self.output_fmt = output_fmt
-        from timm.models._features import FeatureInfo  # lazy: importing timm costs seconds
-        self.feature_info = FeatureInfo(model.feature_info, take)  # timm's helper: .channels(), .reduction()
-        self.pretrained_cfg = model.pretrained_cfg
-
-    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        return self.model.forward_intermediates(
-            x, self.out_indices, norm=self.norm, output_fmt=self.output_fmt, intermediates_only=True)
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop what ``forward_intermediates(indices=...)`` does not need (timm's semantics): the blocks after the
+        last index, the final norm (``prune_norm``), pooling and classifier (``prune_head``). Returns the indices,
+        made absolute (negative ones would point elsewhere once blocks are gone)."""
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, '')  # also drops the attention pool
+        return take

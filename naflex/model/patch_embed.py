@@ -11,6 +11,7 @@ patch to p x p (bicubic, anti-aliased). ``R`` is separable, ``R = Ry (x) Rx``, s
 pinv(Rx)``; we invert the two 1-D matrices (in float64) instead of a 256 x p^2 one. NaFlex: SigLIP 2
 (arXiv:2502.14786).
 """
+import contextlib
 from typing import Dict, Tuple
 
 import torch
@@ -56,6 +57,14 @@ def resample_patch_weight(
     return apply_pinv(weight, py, px, in_chans)
 
 
+def _autocast_off(like: torch.Tensor):
+    """Autocast disabled on ``like``'s device. Under torch.fx symbolic tracing ``like`` is a Proxy whose device is
+    unknown, and a graph records no context manager anyway: the traced module computes in its inputs' dtype."""
+    if isinstance(like, torch.fx.Proxy):
+        return contextlib.nullcontext()
+    return torch.autocast(like.device.type, enabled=False)
+
+
 class NaFlexEmbeds(nn.Module):
     """Linear patch projection + per-token position embedding + prefix (class / register) tokens.
 
@@ -94,6 +103,7 @@ class NaFlexEmbeds(nn.Module):
         self.proj = nn.Linear(patch_size * patch_size * in_chans, embed_dim, bias=proj_bias)
         self.norm = nn.Identity()  # timm's (unused by NaFlexViT variants) post-projection norm slot
         gh, gw = pos_embed_grid_size
+        self.pos_embed_grid_size = (gh, gw)  # the table's size as numbers, which torch.fx cannot read off a parameter
         self.pos_embed = self.pos_embed_y = self.pos_embed_x = None
         if self.pos_embed_type == 'learned':
             self.pos_embed = nn.Parameter(torch.zeros(1, gh, gw, embed_dim))
@@ -145,14 +155,15 @@ class NaFlexEmbeds(nn.Module):
         """[T, D] float32 position embedding of tokens at ``coord`` [T, 2] (y, x) in grids ``grid`` [T, 2] (h, w).
 
         Computed in float32 even under autocast (timm resizes the table in float32 too)."""
-        with torch.autocast(coord.device.type, enabled=False):
+        with _autocast_off(coord):
             if self.pos_embed_type == 'learned':
                 return learned_pos_embed(
                     self.pos_embed, coord, grid, self.pos_embed_interp_mode, self.pos_embed_antialias,
-                    self.pos_embed_ar_preserving)
+                    self.pos_embed_ar_preserving, self.pos_embed_grid_size)
             if self.pos_embed_type == 'factorized':
                 return factorized_pos_embed(
-                    self.pos_embed_y, self.pos_embed_x, coord, grid, self.pos_embed_ar_preserving)
+                    self.pos_embed_y, self.pos_embed_x, coord, grid, self.pos_embed_ar_preserving,
+                    self.pos_embed_grid_size)
         raise RuntimeError('model has no position embedding')
 
     def prefix_tokens(self):

@@ -18,6 +18,8 @@ Supported resize kernels (all with ``align_corners=False``, as used by every tim
 - ``bicubic`` / ``bilinear`` without anti-aliasing: PyTorch's plain kernels (cubic a=-0.75 with clamped border
   taps / linear with clamped source index). ``linear`` (1-D, factorized tables) uses the bilinear rule.
 """
+from typing import Optional, Tuple
+
 import torch
 
 INTERP_MODES = ('bicubic', 'bilinear')
@@ -99,7 +101,7 @@ def axis_weights(
         wts = torch.stack([far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)], dim=1)
         offs = torch.arange(-1, 3, device=pos.device)
         idx = (i0.long()[:, None] + offs[None, :]).clamp(0, in_len - 1)
-    out = torch.zeros(n, in_len, device=pos.device, dtype=torch.float32)
+    out = wts.new_zeros(n, in_len)  # float32, like pos; a method call, so torch.fx records it
     return out.scatter_add(1, idx, wts)
 
 
@@ -110,6 +112,7 @@ def learned_pos_embed(
         mode: str = 'bicubic',
         antialias: bool = True,
         ar_preserving: bool = False,
+        table_size: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Position embedding of each token from a learned 2-D table, as timm's NaFlex resize would give it.
 
@@ -118,19 +121,21 @@ def learned_pos_embed(
         coord: [T, 2] (y, x) patch coordinates.
         grid: [T, 2] (h, w) grid size of the image each token belongs to.
         ar_preserving: resize the table to (L, L), L = max(h, w), and take the top-left (h, w) crop.
+        table_size: (Gh, Gw) as Python ints, when the caller knows them: torch.fx sees a parameter's shape as
+            symbols, and the resize weights need numbers (default: read from ``table``).
 
     Returns:
         [T, C] float32 position embeddings.
     """
-    table = table.reshape(table.shape[-3], table.shape[-2], table.shape[-1])
-    gh, gw, c = table.shape
+    gh, gw = table_size or (table.shape[-3], table.shape[-2])
+    table = table.reshape(gh * gw, -1)
     out_h, out_w = grid[:, 0], grid[:, 1]
     if ar_preserving:
         out_h = out_w = torch.maximum(out_h, out_w)
     wy = axis_weights(coord[:, 0], out_h, gh, mode, antialias)  # [T, Gh]
     wx = axis_weights(coord[:, 1], out_w, gw, mode, antialias)  # [T, Gw]
     w = (wy[:, :, None] * wx[:, None, :]).reshape(-1, gh * gw)
-    return w @ table.reshape(gh * gw, c).float()
+    return w @ table.float()
 
 
 def factorized_pos_embed(
@@ -139,22 +144,25 @@ def factorized_pos_embed(
         coord: torch.Tensor,
         grid: torch.Tensor,
         ar_preserving: bool = False,
+        table_size: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Factorized (NaViT) position embedding: linearly resized y and x tables, summed per token.
 
     Args:
         table_y: [1, Gh, C] (or [Gh, C]); table_x: [1, Gw, C] (or [Gw, C]).
         coord: [T, 2] (y, x); grid: [T, 2] (h, w).
+        table_size: (Gh, Gw) as Python ints when known (see ``learned_pos_embed``).
 
     Returns:
         [T, C] float32.
     """
-    table_y = table_y.reshape(-1, table_y.shape[-1]).float()
-    table_x = table_x.reshape(-1, table_x.shape[-1]).float()
+    gh, gw = table_size or (table_y.shape[-2], table_x.shape[-2])
+    table_y = table_y.reshape(gh, -1).float()
+    table_x = table_x.reshape(gw, -1).float()
     out_h, out_w = grid[:, 0], grid[:, 1]
     if ar_preserving:
         out_h = out_w = torch.maximum(out_h, out_w)
-    wy = axis_weights(coord[:, 0], out_h, table_y.shape[0], 'linear', antialias=False)
-    wx = axis_weights(coord[:, 1], out_w, table_x.shape[0], 'linear', antialias=False)
+    wy = axis_weights(coord[:, 0], out_h, gh, 'linear', antialias=False)
+    wx = axis_weights(coord[:, 1], out_w, gw, 'linear', antialias=False)
     return wy @ table_y + wx @ table_x
 

@@ -1,37 +1,41 @@
-"""Registry of NaFlexViT variants and ``create_model`` / ``list_models``.
+"""Registry of NaFlexViT variants: ``list_models``, ``get_config``, names, tags and pretrained_cfgs.
 
 Each variant is a small ``NaFlexVitCfg`` with the same hyper-parameters as timm 1.0.31's registration of the
 same name (NaFlex from SigLIP 2, arXiv:2502.14786; packing / factorized embeddings from NaViT,
-arXiv:2307.06304), plus tiny variants (depth 2, width 64) for tests and the demo. ``create_model`` rejects an
-unknown name or override with a message listing the valid ones.
+arXiv:2307.06304), plus tiny variants (depth 2, width 64) for tests and the demo. An unknown name or tag is a
+ValueError listing the valid ones; ``naflex.model.factory.create_model`` builds the variants.
 
 Names follow timm: ``architecture.tag`` names a variant and its published weights
 (``naflexvit_base_patch16_gap.e300_s576_in1k``); a bare architecture means its default tag.
-``create_model(name, pretrained=True)`` fetches those weights from the Hugging Face Hub through timm's loader and
-huggingface_hub's cache (see ``naflex.model.weights.read_hub_state_dict``); ``pretrained=PATH`` loads a local file.
 """
 import fnmatch
-import os
-from dataclasses import fields, replace
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 
-from .naflexvit import NaFlexFeatures, NaFlexVit, NaFlexVitCfg
+from .naflexvit import NaFlexVitCfg
 
 _INCEPTION_MEAN = (0.5, 0.5, 0.5)
 _INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
-def _pretrained_cfg(name: str, tag: str = '', num_classes: int = 1000, **kwargs) -> Dict:
-    """A pretrained_cfg like timm's, so ``timm.data.resolve_model_data_config(model)`` works."""
+def _pretrained_cfg(name: str, tag: str = '', num_classes: int = 1000) -> Dict:
+    """The pretrained_cfg timm 1.0.31 gives ``name.tag`` (its ``_cfg`` with the null entries dropped, as
+    ``PretrainedCfg.to_dict`` does), so ``timm.data.resolve_model_data_config(model)`` works."""
+    hub = {'hf_hub_id': _HUB_WEIGHTS[f'{name}.{tag}']} if f'{name}.{tag}' in _HUB_WEIGHTS else {}
     return {
-        'url': '', 'hf_hub_id': _HUB_WEIGHTS.get(f'{name}.{tag}', ''), 'architecture': name, 'tag': tag,
+        'url': '', **hub, 'architecture': name, 'tag': tag,
         'custom_load': False, 'input_size': (3, 384, 384), 'fixed_input_size': False,
         'interpolation': 'bicubic', 'crop_pct': 1.0, 'crop_mode': 'center',
         'mean': _INCEPTION_MEAN, 'std': _INCEPTION_STD, 'num_classes': num_classes, 'pool_size': None,
-        'first_conv': 'embeds.proj', 'classifier': 'head', 'license': 'apache-2.0', **kwargs,
+        'first_conv': 'embeds.proj', 'classifier': 'head', 'license': 'apache-2.0',
     }
+
+
+def pretrained_cfg(name: str) -> Dict:
+    """A fresh copy of the registered pretrained_cfg of ``name`` (``architecture[.tag]``)."""
+    arch, tag = split_name(name)
+    return _pretrained_cfg(arch, tag, num_classes=_VARIANTS[arch][2])
 
 
 _BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
@@ -79,9 +83,6 @@ _HUB_WEIGHTS: Dict[str, str] = {f'{name}.{tag}': f'timm/{name}.{tag}' for name, 
     ('naflexvit_base_patch16_gap', 'e300_s576_in1k'), ('naflexvit_base_patch16_par_gap', 'e300_s576_in1k'),
     ('naflexvit_base_patch16_parfac_gap', 'e300_s576_in1k'), ('naflexvit_base_patch16_siglip', 'v2_webli'),
     ('naflexvit_so400m_patch16_siglip', 'v2_webli'))}
-
-_CFG_FIELDS = tuple(f.name for f in fields(NaFlexVitCfg))
-_EXTRA_KWARGS = ('num_classes', 'in_chans', 'features_only', 'out_indices', 'feature_norm')
 
 
 def list_models(filter: Union[str, Sequence[str]] = '', pretrained: bool = False) -> List[str]:
@@ -142,46 +143,3 @@ def data_config(model: torch.nn.Module) -> Dict:
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     return {'mean': tuple(cfg.get('mean', _INCEPTION_MEAN)), 'std': tuple(cfg.get('std', _INCEPTION_STD)),
             'interpolation': cfg.get('interpolation', 'bicubic')}
-
-
-def valid_overrides() -> Tuple[str, ...]:
-    return _EXTRA_KWARGS + _CFG_FIELDS
-
-
-def create_model(name: str, pretrained: Union[bool, str, os.PathLike, None] = None, **overrides) -> torch.nn.Module:
-    """Build a registered NaFlexViT variant.
-
-    Args:
-        name: a name from ``list_models()``, optionally with its pretrained tag (``list_models(pretrained=True)``).
-        pretrained: None / False; True: the published weights of ``name``, fetched from the Hugging Face Hub into
-            huggingface_hub's cache (``HF_HUB_OFFLINE=1`` reads the cache only; ``HubUnavailable`` when the
-            weights are neither cached nor reachable); or a local .safetensors / .pth / .pt / .bin file (timm or
-            this project's checkpoint; plain state dict or wrapped in 'state_dict' / 'model' / 'state_dict_ema').
-            Loaded strictly, except that the classifier is skipped when ``num_classes`` differs from the weights'.
-        **overrides: any ``NaFlexVitCfg`` field (drop_rate, drop_path_rate, global_pool, pos_embed_*,
-            attn_backend, ...) and num_classes, in_chans, features_only, out_indices, feature_norm.
-    """
-    arch, tag = split_name(name)
-    base_cfg, _, default_classes = _VARIANTS[arch]
-    repo = hub_id(name) if pretrained is True else ''  # no published weights: fail before building anything
-    unknown = sorted(set(overrides) - set(valid_overrides()))
-    if unknown:
-        raise ValueError(f'unknown override(s) {unknown} for {name}; valid: {", ".join(valid_overrides())}')
-    num_classes = overrides.pop('num_classes', default_classes)
-    in_chans = overrides.pop('in_chans', 3)
-    features_only = overrides.pop('features_only', False)
-    out_indices = overrides.pop('out_indices', 3)
-    feature_norm = overrides.pop('feature_norm', False)
-    if 'pos_embed_grid_size' in overrides:
-        overrides['pos_embed_grid_size'] = tuple(overrides['pos_embed_grid_size'])
-    model = NaFlexVit(replace(base_cfg, **overrides), num_classes=num_classes, in_chans=in_chans)  # validates cfg
-    model.pretrained_cfg = _pretrained_cfg(arch, tag, num_classes=default_classes)
-    if repo:
-        from .weights import load_hub_pretrained
-        load_hub_pretrained(model, repo)
-    elif pretrained:
-        from .weights import load_pretrained
-        load_pretrained(model, pretrained)
-    if features_only:
-        return NaFlexFeatures(model, out_indices=out_indices, norm=feature_norm)
-    return model

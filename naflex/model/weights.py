@@ -83,6 +83,30 @@ def read_state_dict(path, use_ema: bool = True, require_ema: bool = False) -> Di
     return state_dict_from(read_file(path), use_ema=use_ema, require_ema=require_ema, path=os.fspath(path))
 
 
+# The files a timm save_for_hf folder may hold, in the order timm 1.0.31's load_state_dict_from_path looks for them;
+# without any, the first file (sorted) of the first extension that has one.
+DIR_FILES = ('model.safetensors', 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth',
+             'open_clip_model.safetensors', 'open_clip_pytorch_model.safetensors', 'open_clip_pytorch_model.bin',
+             'open_clip_pytorch_model.pth')
+DIR_EXTENSIONS = ('.safetensors', '.pth', '.pth.tar', '.bin')
+
+
+def dir_weights_file(folder) -> str:
+    """The weights file timm reads from ``folder`` (``local-dir:`` names); FileNotFoundError, one line, if none."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f'weights folder not found: {folder!r}')
+    for name in DIR_FILES:
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    for ext in DIR_EXTENSIONS:
+        found = sorted(n for n in os.listdir(folder) if n.endswith(ext))
+        if found:
+            return os.path.join(folder, found[0])
+    raise FileNotFoundError(f'no weights file in {folder!r} (looked for {", ".join(DIR_FILES[:2])}, *.safetensors, '
+                            '*.pth, *.bin)')
+
+
 class WeightsMismatch(ValueError):
     """A state dict does not fit a model; the message lists missing / unexpected / mis-shaped tensors."""
 
@@ -119,11 +143,6 @@ def load_into(model: nn.Module, state: Dict[str, torch.Tensor], *, source: str =
     return skipped
 
 
-def load_pretrained(model: nn.Module, path: str) -> None:
-    """``create_model(pretrained=path)``: strict, except that a classifier of another shape is re-initialized."""
-    load_into(model, read_state_dict(path), source=repr(os.fspath(path)), reinit_head=True)
-
-
 class HubUnavailable(FileNotFoundError):
     """Published weights that are neither in the local Hugging Face cache nor reachable (no network, or
     ``HF_HUB_OFFLINE=1`` with an empty cache); the message names the repository and the cache folder."""
@@ -147,21 +166,21 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def read_hub_state_dict(repo: str) -> Dict[str, torch.Tensor]:
+def read_hub_state_dict(repo: str, filename: str = HUB_FILE) -> Dict[str, torch.Tensor]:
     """The state dict published in the Hugging Face Hub repository ``repo`` (e.g.
-    'timm/naflexvit_base_patch16_gap.e300_s576_in1k'), through timm's loader and huggingface_hub's cache.
+    'timm/naflexvit_base_patch16_gap.e300_s576_in1k'), through timm's loader and huggingface_hub's cache
+    (``filename``: another file of the repository, a pretrained_cfg's ``hf_hub_filename``).
 
     Raises ``HubUnavailable`` when it is not cached and the Hub cannot be reached, ValueError (one line) for any
     other failure (no such repository, a gated one, a broken file)."""
     from huggingface_hub import constants, hf_hub_download
-    from safetensors.torch import load_file
     from timm.models import load_state_dict_from_hf
     offline = constants.HF_HUB_OFFLINE or not hub_reachable()
     try:
         if offline:  # the cached copy only: huggingface_hub would retry an unreachable Hub for ~25 s first
-            obj = load_file(hf_hub_download(repo, HUB_FILE, local_files_only=True), device='cpu')
+            obj = read_file(hf_hub_download(repo, filename, local_files_only=True))
         else:  # naming the safetensors file skips timm's fallback to pytorch_model.bin: one request, no pickle
-            obj = load_state_dict_from_hf(repo, filename=HUB_FILE)
+            obj = load_state_dict_from_hf(repo, filename=filename)
     except (FileNotFoundError, ConnectionError):  # huggingface_hub's LocalEntryNotFoundError / OfflineModeIsEnabled
         why = ' (HF_HUB_OFFLINE=1)' if constants.HF_HUB_OFFLINE else f' (no connection to {constants.ENDPOINT})'
         raise HubUnavailable(f'{repo} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and the Hub cannot '

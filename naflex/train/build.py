@@ -163,7 +163,7 @@ def build_model(cfg: Config, num_classes: int) -> torch.nn.Module:
     m = cfg.model
     try:
         model = naflex.create_model(m.name, **m.overrides(num_classes))
-    except ValueError as e:
+    except (TypeError, ValueError) as e:  # an unknown keyword is timm's TypeError
         raise UserError(str(e)) from None
     if m.initial_checkpoint:
         if m.pretrained:

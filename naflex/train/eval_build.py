@@ -181,7 +181,7 @@ def create_model(args, weights: Weights, num_dataset_classes: int, names_known: 
         num_classes = num_dataset_classes if not source else None
     try:
         model = naflex.create_model(name, **kwargs, **({} if num_classes is None else {"num_classes": num_classes}))
-    except ValueError as e:
+    except (TypeError, ValueError) as e:  # an unknown keyword is timm's TypeError
         raise ValidateError(str(e).splitlines()[0]) from None
     try:
         naflex.load_into(model, state, source=source)
