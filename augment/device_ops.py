@@ -127,16 +127,19 @@ def brightness(x_TD: torch.Tensor, layout: PackedLayout, apply_B: torch.Tensor, 
     return _blend(layout, x_TD, torch.zeros((), device=x_TD.device), factor_B, apply_B)
 
 
-def contrast(x_TD: torch.Tensor, layout: PackedLayout, apply_B: torch.Tensor, factor_B: torch.Tensor):
-    """``ImageEnhance.Contrast``: blend with the grey ``int(mean luma + 0.5)`` of each image (ImageStat's mean over
-    the L histogram; computed exactly in integers as floor((2 sum + n) / 2n))."""
-    luma_sum_T = _luma(x_TD).sum(1, dtype=torch.int64)
-    sum_B = torch.zeros(layout.num_images, dtype=torch.int64, device=x_TD.device).index_add_(0, layout.seg_T,
-                                                                                            luma_sum_T)
+def _mean_grey(luma_TN: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """int64 [B]: ``int(mean + 0.5)`` of each image's L values (ImageStat's mean of the L histogram), exactly, in
+    integers: floor((2 sum + n) / 2n)."""
+    sum_B = torch.zeros(layout.num_images, dtype=torch.int64, device=luma_TN.device).index_add_(
+        0, layout.seg_T, luma_TN.sum(1, dtype=torch.int64))
     pixels_B = layout.grid_B2[:, 0] * layout.grid_B2[:, 1] * (layout.patch_size ** 2)
-    mean_B = torch.div(2 * sum_B + pixels_B, 2 * pixels_B, rounding_mode='floor')
-    degenerate = layout.per_token(mean_B.to(torch.float32)).view(-1, 1, 1)
-    return _blend(layout, x_TD, degenerate, factor_B, apply_B)
+    return torch.div(2 * sum_B + pixels_B, 2 * pixels_B, rounding_mode='floor')
+
+
+def contrast(x_TD: torch.Tensor, layout: PackedLayout, apply_B: torch.Tensor, factor_B: torch.Tensor):
+    """``ImageEnhance.Contrast``: blend with a grey image of each image's rounded mean luma."""
+    mean_B = _mean_grey(_luma(x_TD), layout)
+    return _blend(layout, x_TD, layout.per_token(mean_B.to(torch.float32)).view(-1, 1, 1), factor_B, apply_B)
 
 
 def saturation(x_TD: torch.Tensor, layout: PackedLayout, apply_B: torch.Tensor, factor_B: torch.Tensor):
@@ -349,20 +352,28 @@ def hue(x_TD: torch.Tensor, layout: PackedLayout, apply_B: torch.Tensor, factor_
 
 
 # ------------------------------------------------------------------------------------------------ colour jitter
-JITTER_OPS = (brightness, contrast, saturation, hue)  # the indices of augment.photometric.color_jitter's order
-
-
 def color_jitter(x_TD: torch.Tensor, layout: PackedLayout, apply_B: torch.Tensor, order_B4: torch.Tensor,
                  factor_B4: torch.Tensor, active_B4: torch.Tensor, with_hue: bool = True):
     """augment.photometric.color_jitter (torchvision ColorJitter's semantics): per image, brightness (0), contrast
     (1), saturation (2) and hue (3) in the image's drawn order ``order_B4`` (a permutation of 0..3), each where
-    ``active_B4`` is set, with ``factor_B4`` (float64: the hue column is used as float64). The four positions are
-    applied in turn, each running every adjustment on the images that have it there: 16 masked calls (12 with
+    ``active_B4`` is set, with ``factor_B4`` (float64: the hue column is used as float64).
+
+    The four positions are applied in turn. Brightness, contrast and saturation are all ``Image.blend`` with a
+    different degenerate image (black, the mean grey, the luma), so each position is one blend whose degenerate
+    image is picked per image, then hue on the images that have it there: 4 blends (+ 4 hue passes; none with
     ``with_hue=False``, a host setting from the jitter strength, never from the data)."""
     for k in range(4):
-        for j, op in enumerate(JITTER_OPS if with_hue else JITTER_OPS[:3]):
-            sel = apply_B & active_B4[:, j] & (order_B4[:, k] == j)
-            x_TD = op(x_TD, layout, sel, factor_B4[:, j])
+        op_B = order_B4[:, k]
+        factor_B = factor_B4.gather(1, op_B.view(-1, 1)).squeeze(1)
+        on_B = apply_B & active_B4.gather(1, op_B.view(-1, 1)).squeeze(1)
+        luma = _luma(x_TD)
+        mean_T11 = layout.per_token(_mean_grey(luma, layout).to(torch.float32)).view(-1, 1, 1)
+        op_T11 = layout.per_token(op_B).view(-1, 1, 1)
+        luma_TN1 = luma.to(torch.float32).unsqueeze(-1)
+        degenerate = torch.where(op_T11 == 0, 0.0, torch.where(op_T11 == 1, mean_T11, luma_TN1))
+        x_TD = _blend(layout, x_TD, degenerate, factor_B, on_B & (op_B < 3))
+        if with_hue:
+            x_TD = hue(x_TD, layout, on_B & (op_B == 3), factor_B)
     return x_TD
 
 
