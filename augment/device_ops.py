@@ -110,21 +110,23 @@ def _luma(x_TD: torch.Tensor) -> torch.Tensor:
     return (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
 
 
-def _blend(layout: PackedLayout, x_TD: torch.Tensor, degenerate: torch.Tensor, factor_B: torch.Tensor,
+def _blend(layout: PackedLayout, x_TD: torch.Tensor, degenerate: Optional[torch.Tensor], factor_B: torch.Tensor,
            apply_B: torch.Tensor) -> torch.Tensor:
     """``Image.blend(degenerate, image, factor)`` for uint8 images (Pillow's Blend.c): the float32 value
-    ``d + f * (x - d)``, clipped to [0, 255] and truncated. ``degenerate`` broadcasts against [T, P*P, C]."""
+    ``d + f * (x - d)``, clipped to [0, 255] and truncated. ``degenerate`` broadcasts against [T, P*P, C]; None is
+    a black image, for which the value is ``f * x`` exactly (two passes fewer)."""
     x = x_TD.view(x_TD.shape[0], -1, C)
     xf = x.to(torch.float32)
     f = _per_token(layout, factor_B.to(torch.float32), xf)
-    out = (degenerate + f * (xf - degenerate)).clamp_(0, 255).to(torch.uint8)  # float -> uint8 truncates
+    value = f * xf if degenerate is None else degenerate + f * (xf - degenerate)
+    out = value.clamp_(0, 255).to(torch.uint8)  # float -> uint8 truncates
     return _where_applied(layout, apply_B, out, x).view_as(x_TD)
 
 
 # ------------------------------------------------------------------------------------------- ImageEnhance ops
 def brightness(x_TD: torch.Tensor, layout: PackedLayout, apply_B: torch.Tensor, factor_B: torch.Tensor):
     """``ImageEnhance.Brightness``: blend with a black image (``F.adjust_brightness`` on PIL)."""
-    return _blend(layout, x_TD, torch.zeros((), device=x_TD.device), factor_B, apply_B)
+    return _blend(layout, x_TD, None, factor_B, apply_B)
 
 
 def _mean_grey(luma_TN: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
