@@ -9,7 +9,9 @@ unchanged, and at least one applied image must change (an op that does nothing f
 ``shared_data`` is present. On fake CUDA tensors (tests/fake_cuda.py) every op runs with no host sync, no host tensor,
 no host-to-device copy, and the same sequence of tensor ops for a batch of 3 images as for one of 9.
 """
+import importlib.util
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from loaders import prefetch
 from loaders.packing import pack
 
 CTX = OpContext((128, 128, 128), InterpolationMode.BILINEAR)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _enhance_factor(rng):  # RandAugment's range (0.1..1.9), jitter's (0..2), and the blend's special values
@@ -262,3 +265,16 @@ def test_the_audit_sees_a_host_sync():
             layout = D.PackedLayout.from_batch(dev)
             int(layout.grid_B2[0, 0])
     assert audit.syncs
+
+
+# ------------------------------------------------------------------------------------------------- benchmark
+def test_benchmark_script_runs_every_op(capsys):
+    path = REPO / 'scripts' / 'bench' / 'bench_device_ops.py'
+    spec = importlib.util.spec_from_file_location('bench_device_ops', path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(['--images', '3', '--tokens', '4', '--patch-size', '4', '--repeats', '1', '--device', 'cpu'])
+    out = capsys.readouterr().out
+    assert {r['op'] for r in rows} == set(bench.OPS) and all(r['ms'] > 0 for r in rows)
+    for name in bench.OPS:
+        assert name in out
