@@ -7,7 +7,8 @@ Pillow's integer and float arithmetic step by step (see the module's docstring).
 unchanged, and at least one applied image must change (an op that does nothing fails). Images: generated ones
 (smooth shading, shapes, noise, flat and two-level images, saturated colours) always, natural caltech101 photos when
 ``shared_data`` is present. On fake CUDA tensors (tests/fake_cuda.py) every op runs with no host sync, no host tensor,
-no host-to-device copy, and the same sequence of tensor ops for a batch of 3 images as for one of 9.
+no host-to-device copy, and the same sequence of tensor ops for a batch of 3 images as for one of 9. On a GPU
+(``-m cuda``), each op gives the CPU's pixels without synchronising. The benchmark script runs on a tiny batch.
 """
 import importlib.util
 import random
@@ -223,21 +224,28 @@ def _device_call(name, imgs, patch_size=4):
     return batch, [apply] + params
 
 
+def _to(batch, params, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, [p.to(device) for p in params]
+
+
+def _run(name, batch, params):
+    """Op ``name`` on a batch already on its device, the layout included (what a step runs)."""
+    if name == 'normalize':
+        return D.normalize_patches(batch['patches'], *params, torch.bfloat16)
+    layout = D.PackedLayout.from_batch(batch)
+    op = D.color_jitter if name == 'color_jitter' else SPECS[name][0]
+    return op(batch['patches'], layout, *params)
+
+
 def _audit_op(name, imgs):
     """Runs op ``name`` (and the layout it needs) on fake CUDA tensors; returns the audit and the output."""
     batch, params = _device_call(name, imgs)
     with fake_cuda() as mode:
-        dev = {k: v.to('cuda') if torch.is_tensor(v) else v for k, v in batch.items()}
-        params = [p.to('cuda') for p in params]
+        dev, params = _to(batch, params, 'cuda')
         mode.allow_non_fake_inputs = False  # a host tensor reached inside the step raises
         audit = StepAudit()
         with audit:
-            if name == 'normalize':
-                out = D.normalize_patches(dev['patches'], *params, torch.bfloat16)
-            else:
-                layout = D.PackedLayout.from_batch(dev)
-                op = D.color_jitter if name == 'color_jitter' else SPECS[name][0]
-                out = op(dev['patches'], layout, *params)
+            out = _run(name, dev, params)
         return audit, out, batch['patches'].shape
 
 
@@ -265,6 +273,23 @@ def test_the_audit_sees_a_host_sync():
             layout = D.PackedLayout.from_batch(dev)
             int(layout.grid_B2[0, 0])
     assert audit.syncs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('name', sorted(SPECS) + ['color_jitter', 'normalize'])
+def test_op_on_cuda_equals_cpu_without_syncing(name):
+    """On a GPU: the same pixels as on the CPU (so as the PIL path), and no synchronisation (torch's sync debug
+    mode raises on one)."""
+    batch, params = _device_call(name, generated_batch(16) + generated_batch(16, seed=1), patch_size=16)
+    expected = _run(name, batch, params)
+    dev, dev_params = _to(batch, params, 'cuda')
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        out = _run(name, dev, dev_params)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(out.cpu(), expected)
 
 
 # ------------------------------------------------------------------------------------------------- benchmark
