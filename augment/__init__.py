@@ -8,6 +8,8 @@ FlexiViT arXiv:2212.08013, SigLIP 2 arXiv:2502.14786). Imports nothing else of t
 - ``photometric``: colour jitter, random grayscale. ``erasing``: random erasing on uint8 images.
 - ``mixup``: ``MixupConfig``, ``mix_variable_size`` (area-exact soft targets).
 - ``policy``: ``ImageAugment``: flip -> RA -> jitter -> grayscale, and erasing after the batch is mixed.
+- ``device_ops``: the photometric ops and flips batched over a packed uint8 batch on the device (CPU or CUDA),
+  equal to the PIL path per image, with no host sync.
 """
 from .config import AugConfig
 from .erasing import RandomErasing

@@ -9,7 +9,7 @@ workers) or uint8 tensors. Used by the SigLIP 2 / NaFlex (arXiv:2502.14786) styl
 from __future__ import annotations
 
 import random
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from torchvision.transforms.v2 import functional as F
 
@@ -31,20 +31,39 @@ def parse_color_jitter(value: Union[None, float, Sequence[float]]) -> Optional[T
     return None if not any(vals) else tuple(vals)
 
 
-def color_jitter(img, strength: Tuple[float, float, float, float], rng: random.Random):
+def sample_color_jitter(strength: Tuple[float, float, float, float], rng: random.Random):
+    """The draws of one ``color_jitter`` call: (order, factors), ``order`` a permutation of brightness (0), contrast
+    (1), saturation (2), hue (3) as torchvision's ColorJitter shuffles them, ``factors`` one per adjustment (None
+    where its strength is 0). Drawn apart from their application so that the device path (augment.device_ops) gets
+    the same values from the same RNG stream."""
     b, c, s, h = strength
     order = [0, 1, 2, 3]
     rng.shuffle(order)
+    factors: List[Optional[float]] = [None] * 4
     for i in order:
         if i == 0 and b > 0:
-            img = F.adjust_brightness(img, rng.uniform(max(0.0, 1 - b), 1 + b))
+            factors[0] = rng.uniform(max(0.0, 1 - b), 1 + b)
         elif i == 1 and c > 0:
-            img = F.adjust_contrast(img, rng.uniform(max(0.0, 1 - c), 1 + c))
+            factors[1] = rng.uniform(max(0.0, 1 - c), 1 + c)
         elif i == 2 and s > 0:
-            img = F.adjust_saturation(img, rng.uniform(max(0.0, 1 - s), 1 + s))
+            factors[2] = rng.uniform(max(0.0, 1 - s), 1 + s)
         elif i == 3 and h > 0:
-            img = F.adjust_hue(img, rng.uniform(-min(h, 0.5), min(h, 0.5)))
+            factors[3] = rng.uniform(-min(h, 0.5), min(h, 0.5))
+    return order, factors
+
+
+_ADJUST = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+
+
+def apply_color_jitter(img, order: Sequence[int], factors: Sequence[Optional[float]]):
+    for i in order:
+        if factors[i] is not None:
+            img = _ADJUST[i](img, factors[i])
     return img
+
+
+def color_jitter(img, strength: Tuple[float, float, float, float], rng: random.Random):
+    return apply_color_jitter(img, *sample_color_jitter(strength, rng))
 
 
 def random_grayscale(img, prob: float, rng: random.Random):

@@ -3,10 +3,10 @@ arXiv:2502.14786 / NaViT arXiv:2307.06304 inputs).
 
 ``DevicePrefetcher(loader, device, mean, std)`` iterates ``loader`` one batch ahead: on CUDA it pins the
 host tensors (unless the DataLoader already did), copies them with ``non_blocking=True`` on a side stream,
-and normalises ``patches`` there to float: ``(p / 255 - mean[c]) / std[c]`` with ``c = last-dim index % 3``
-(P-P-C layout), computed as ``p * (1 / (255 std)) - mean / std``. An event is recorded on the side stream
-right after each batch's copy; when a batch is handed out the consumer stream waits on that batch's own event
-only, so step k never waits for the copy of batch k+1 that is already queued behind it. Handed-out tensors are
+and normalises ``patches`` there to float with augment.device_ops.normalize_patches: ``(p / 255 - mean[c]) /
+std[c]`` with ``c = last-dim index % 3`` (P-P-C layout). An event is recorded on the side stream right after
+each batch's copy; when a batch is handed out the consumer stream waits on that batch's own event only, so step
+k never waits for the copy of batch k+1 that is already queued behind it. Handed-out tensors are
 ``record_stream``-ed so the allocator does not reuse them early. On CPU the same code runs synchronously (used
 by the tests). Non-tensor entries ('max_seqlen', 'patch_size', 'bad_files') pass through.
 ``len``/``set_epoch``/``set_start_step`` forward to the loader.
@@ -17,16 +17,9 @@ from typing import Dict, Iterable, Sequence, Tuple
 
 import torch
 
+from augment.device_ops import normalize_patches
 
-def normalize_patches(patches: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [..., P*P*C] -> dtype, channel = last index % C. ``mean``/``std`` are [C] on the same device."""
-    C = mean.numel()
-    shape = patches.shape
-    x = patches.view(*shape[:-1], shape[-1] // C, C).to(torch.float32)
-    scale = 1.0 / (255.0 * std)
-    shift = mean / std
-    return (x * scale - shift).to(dtype).view(shape)
+__all__ = ['CudaCopyStream', 'DevicePrefetcher', 'normalize_patches']
 
 
 class CudaCopyStream:

@@ -7,9 +7,11 @@ import torch
 from PIL import Image
 
 from augment import AugConfig, ImageAugment, MixupConfig, RandAugment, RandomErasing, mix_variable_size
+from augment.photometric import color_jitter, sample_color_jitter
 from augment.randaugment import (LEVEL_TO_ARG, OPS, OpContext, RAND_INCREASING_OPS, RAND_OPS, apply_op,
                                  parse_rand_augment)
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 ALL_OPS = sorted(OPS)
 # magnitudes 0..10 by 0.5, plus what mstd noise with a large mmax can reach
@@ -306,3 +308,32 @@ def test_rotate_shear_resampling_follows_timm():
     ra = lambda **kw: ImageAugment(AugConfig(aa='rand-m9', **kw)).rand_augment.interps  # noqa: E731
     assert ra() == (bl, bc) and ra(interpolation='bicubic') == (bc,) and ra(interpolation='bilinear') == (bl,)
     assert ra(ra_interpolation='bilinear') == (bl,)
+
+
+def test_color_jitter_split_keeps_its_stream():
+    """color_jitter is now sample_color_jitter (the draws, which the device path reuses) + apply_color_jitter: same
+    images and same RNG state afterwards as the code before the split, which drew each factor just before its
+    adjustment."""
+    def former(img, strength, rng):
+        b, c, s, h = strength
+        order = [0, 1, 2, 3]
+        rng.shuffle(order)
+        for i in order:
+            if i == 0 and b > 0:
+                img = TF.adjust_brightness(img, rng.uniform(max(0.0, 1 - b), 1 + b))
+            elif i == 1 and c > 0:
+                img = TF.adjust_contrast(img, rng.uniform(max(0.0, 1 - c), 1 + c))
+            elif i == 2 and s > 0:
+                img = TF.adjust_saturation(img, rng.uniform(max(0.0, 1 - s), 1 + s))
+            elif i == 3 and h > 0:
+                img = TF.adjust_hue(img, rng.uniform(-min(h, 0.5), min(h, 0.5)))
+        return img
+
+    img = _imgs(24, 16)[0]
+    for seed in range(12):
+        strength = (0.4, 0.0 if seed % 3 == 0 else 0.3, 0.4, 0.1 * (seed % 2))
+        r1, r2 = random.Random(seed), random.Random(seed)
+        assert np.array_equal(np.asarray(color_jitter(img, strength, r1)), np.asarray(former(img, strength, r2)))
+        assert r1.getstate() == r2.getstate()
+        order, factors = sample_color_jitter(strength, random.Random(seed))
+        assert sorted(order) == [0, 1, 2, 3] and [f is not None for f in factors] == [v > 0 for v in strength]
