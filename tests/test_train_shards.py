@@ -132,8 +132,8 @@ def test_train_errors_on_shards_are_one_line(demo_shards, tmp_path, capsys):
     assert exc.value.code == 2
     assert "no training images: split 'nope' is not in" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        train.main(card_argv(demo_shards, tmp_path, 'e', '--dataset', 'hfds/imagenet'))
-    assert exc.value.code == 2 and "--dataset type 'hfds' is not read here" in capsys.readouterr().err
+        train.main(card_argv(demo_shards, tmp_path, 'e', '--dataset', 'tfds/imagenet'))
+    assert exc.value.code == 2 and "--dataset type 'tfds' is not read here" in capsys.readouterr().err
 
 
 def test_torchrun_two_ranks_on_shards(demo_shards, tmp_path):
