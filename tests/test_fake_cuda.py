@@ -217,6 +217,27 @@ def test_padded_batches_step_on_fake_cuda(monkeypatch):
     assert not r['audit'].ops('varlen') and r['audit'].ops('aten._safe_softmax')
 
 
+@pytest.mark.parametrize('packing', [True, False])
+def test_patch_drop_step_on_fake_cuda(packing, monkeypatch):
+    """Patch dropout in training steps: no host sync, on packed and padded batches. Packed, flash attention gets
+    the kept tokens only: cu_seqlens of B+1 entries over B + floor((T - B)(1 - p)) patches plus the prefix tokens,
+    and max_seqlen the host bound of the longest image's kept tokens."""
+    from naflex.model.patch_drop import packed_max_kept, packed_num_kept
+    r = fake_step('naflexvit_tiny_test', 'varlen', 'bf16', monkeypatch, packing=packing, patch_drop_rate=0.5)
+    r['audit'].assert_clean()
+    assert r['syncs_per_step'] == [0] * len(STEPS)
+    if not packing:
+        return
+    npre = r['model'].num_prefix_tokens
+    expected = set()
+    for x, _ in r['batches']:
+        n, t = B.num_images(x), x['patches'].shape[0]
+        expected.add((packed_num_kept(t, n, 0.5) + n * npre, n + 1, packed_max_kept(int(x['max_seqlen']), 0.5) + npre))
+    calls = r['audit'].ops('torch_attn._varlen_attn')
+    seen = {(call.args[0][0][0], call.args[3][0][0], call.scalars[0]) for call in calls}
+    assert calls and seen == expected, (seen, expected)
+
+
 def test_hard_targets_and_fused_adamw_on_fake_cuda(monkeypatch):
     """Without MixUp the targets are class indices (label-smoothing CE). AdamW is the fused kernel on CUDA, which
     takes the GradScaler's scale and inf flag on the device: fp16 with adamw never syncs, gradient clipping

@@ -3,7 +3,7 @@ import pytest
 import yaml
 
 import train
-from naflex.train.cli import ConfigError, build_parser, parse_args
+from naflex.train.cli import ConfigError, build_parser, config_from_args, parse_args
 
 # Changing the CLI is a deliberate act: update this list (and the README) in the same commit.
 FROZEN_FLAGS = [
@@ -23,7 +23,8 @@ FROZEN_FLAGS = [
     '--naflex-loader', '--naflex-loss-scale', '--naflex-max-seq-len', '--naflex-patch-size-probs',
     '--naflex-patch-sizes', '--naflex-train-seq-lens', '--no-aug', '--no-ddp-bb', '--no-jpeg-draft',
     '--no-naflex-packing', '--no-resume-opt', '--num-classes', '--opt', '--opt-betas', '--opt-eps', '--opt-kwargs',
-    '--output', '--patience-epochs', '--pin-mem', '--pretrained', '--pretrained-path', '--ratio', '--recount',
+    '--output', '--patch-drop-rate', '--patience-epochs', '--pin-mem', '--pretrained', '--pretrained-path',
+    '--ratio', '--recount',
     '--recovery-interval', '--remode', '--reprob', '--resume', '--scale', '--sched', '--sched-on-updates', '--seed',
     '--smoothing', '--start-epoch', '--std', '--synchronize-step', '--target-key', '--torchcompile',
     '--torchcompile-mode', '--train-interpolation', '--train-num-samples', '--train-split', '--val-interval',
@@ -133,6 +134,8 @@ def test_bad_yaml(tmp_path, content, match):
     (['--bad-file-limit', '1.5'], '--bad-file-limit must be in [0, 1]: the share of decode attempts that may fail'),
     (['--bad-file-limit', 'nan'], '--bad-file-limit must be in [0, 1]'),
     (['--attn-backend', 'foo'], "invalid choice: 'foo'"),
+    (['--patch-drop-rate', '1'], '--patch-drop-rate must be in [0, 1)'),
+    (['--model-kwargs', 'patch_drop_rate=0.1'], 'patch_drop_rate: set with --patch-drop-rate'),
     (['--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
 ])
 def test_contradictory_flags_one_line(extra, match, capsys):
@@ -141,6 +144,18 @@ def test_contradictory_flags_one_line(extra, match, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith('train.py: error:') and match in err
+
+
+def test_patch_drop_rate_reaches_the_model_like_drop_path():
+    """--patch-drop-rate sets the model's patch_drop_rate (as --drop-path sets drop_path_rate); unset, the model's
+    default stays."""
+    import naflex
+    cfg = config_from_args(parse_args(['--data-dir', 'd', '--model', 'naflexvit_tiny_test', '--patch-drop-rate',
+                                       '0.25'])[0])
+    model = naflex.create_model(cfg.model.name, **cfg.model.overrides(5))
+    assert model.patch_drop_rate == 0.25 and model.cfg.patch_drop_rate == 0.25
+    cfg = config_from_args(parse_args(['--data-dir', 'd', '--model', 'naflexvit_tiny_test'])[0])
+    assert 'patch_drop_rate' not in cfg.model.overrides(5)
 
 
 def _main_error(argv, capsys):

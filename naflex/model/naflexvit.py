@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import BACKENDS, AttnContext, attend, check_backend
 from .batch import grid_coords, is_packed
 from .features import feature_take_indices
+from .patch_drop import (drop_packed, drop_padded, packed_max_kept, padded_keep_indices, some_key)
 from .patch_embed import NaFlexEmbeds
 
 POOL_TYPES = ('', 'avg', 'avgmax', 'max', 'token', 'map')
@@ -68,6 +69,7 @@ class NaFlexVitCfg:
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    patch_drop_rate: float = 0.0  # training only: see naflex.model.patch_drop
     fix_init: bool = True
     attn_backend: str = 'auto'
 
@@ -95,7 +97,8 @@ class NaFlexVitCfg:
                              f'{self.mlp_ratio}, {self.reg_tokens}, {self.pos_embed_grid_size}')
         if self.embed_dim % self.num_heads:
             raise ValueError(f'embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}')
-        for name in ('drop_rate', 'pos_drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate'):
+        for name in ('drop_rate', 'pos_drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate',
+                     'patch_drop_rate'):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f'{name} must be in [0, 1), got {getattr(self, name)}')
 
@@ -320,6 +323,7 @@ class NaFlexVit(nn.Module):
         self.global_pool = cfg.global_pool
         self.pool_include_prefix = cfg.pool_include_prefix
         self.attn_backend = cfg.attn_backend
+        self.patch_drop_rate = cfg.patch_drop_rate
         self.grad_checkpointing = False
         self.pretrained_cfg: Dict = {}
         # timm's reconstruction record (``timm.models.get_model_args`` / ``save_for_hf`` read them): the keyword
@@ -418,15 +422,24 @@ class NaFlexVit(nn.Module):
         pe = self.embeds.pos_embed_tokens(coord.reshape(-1, 2), grid.reshape(-1, 2))
         return x + pe.unflatten(0, coord.shape[:-1]).to(x.dtype)
 
+    def _patch_drop_active(self) -> bool:
+        return self.training and self.patch_drop_rate > 0
+
     def _embed_padded(self, patches: torch.Tensor, coord: torch.Tensor, grid: torch.Tensor,
-                      patch_size: Tuple[int, int]) -> torch.Tensor:
-        """patches [B, N, p*p*C], coord / grid [B, N, 2] or [N, 2] (shared) -> [B, prefix + N, D]."""
-        b = patches.shape[0]
+                      patch_size: Tuple[int, int], valid: Optional[torch.Tensor] = None):
+        """patches [B, N, p*p*C], coord / grid [B, N, 2] or [N, 2] (shared), valid [B, N] or None ->
+        ([B, prefix + K, D], valid [B, K] or None); K = N unless patch dropout runs (timm's order: after the
+        position dropout, before norm_pre)."""
+        b, n = patches.shape[:2]
         x = self._add_pos(self.embeds.project(patches, patch_size), coord, grid)  # [B, N, D]
         prefix = self.embeds.prefix_tokens()
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype)[None].expand(b, -1, -1), x], dim=1)
-        return self.norm_pre(self.embeds.pos_drop(x))
+        x = self.embeds.pos_drop(x)
+        if self._patch_drop_active():
+            keep = padded_keep_indices(b, n, self.patch_drop_rate, x.device)
+            x, valid = drop_padded(x, valid, keep, self.num_prefix_tokens)
+        return self.norm_pre(x), valid
 
     def _embed_packed(self, batch: Dict) -> Tuple[torch.Tensor, AttnContext, Dict]:
         """Embed a packed batch and insert each image's prefix tokens in front of its patches."""
@@ -453,6 +466,16 @@ class NaFlexVit(nn.Module):
 
         x = self.embeds.project(patches, (p, p))
         x = self._add_pos(x, coord, grid_B2[seg])
+        max_len = int(batch.get('max_seqlen') or num_tokens)
+
+        keep_index = None
+        if self._patch_drop_active():  # per image, sizes from shapes only (see naflex.model.patch_drop)
+            keep_index, seq_lens = drop_packed(cu, seg, self.patch_drop_rate)
+            x, seg = x[keep_index], seg[keep_index]
+            cu = F.pad(torch.cumsum(seq_lens, 0), (1, 0))
+            num_tokens = keep_index.shape[0]
+            tok = torch.arange(num_tokens, device=device)
+            max_len = packed_max_kept(max_len, self.patch_drop_rate)
 
         npre = self.num_prefix_tokens
         patch_pos = tok + npre * (seg + 1)  # where each patch token lands once prefixes are inserted
@@ -469,11 +492,13 @@ class NaFlexVit(nn.Module):
             seg_all = seg
         x = self.norm_pre(self.embeds.pos_drop(x))
 
-        max_seqlen = int(batch.get('max_seqlen') or num_tokens) + npre
+        max_seqlen = max_len + npre
         attn_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
         ctx = AttnContext.packed_from(self.attn_backend, seg_all, cu2, max_seqlen, num_images, device, attn_dtype)
         meta = dict(patch_pos=patch_pos, seg=seg, seq_lens=seq_lens, cu_seqlens=cu2, seg_all=seg_all,
                     num_images=num_images)
+        if keep_index is not None:
+            meta['keep_index'] = keep_index  # input patch of each kept token
         return x, ctx, meta
 
     def _run_block(self, blk: Block, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
@@ -500,7 +525,7 @@ class NaFlexVit(nn.Module):
         patches = x.reshape(b, c, nh, p, nw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, nh * nw, p * p * c)
         coord = grid_coords(nh, nw, x.device)
         grid = coord.new_tensor([nh, nw]).expand(nh * nw, 2)
-        return self._embed_padded(patches, coord, grid, (p, p))
+        return self._embed_padded(patches, coord, grid, (p, p))[0]
 
     def _padded_inputs(self, batch: Dict):
         patches = batch['patches']
@@ -515,8 +540,8 @@ class NaFlexVit(nn.Module):
         grid = self._padded_grid(coord, valid)  # [B, 2]
         b, n = valid.shape
         grid_tok = grid[:, None, :].expand(b, n, 2)
-        x = self._embed_padded(patches, coord, grid_tok, ps)
-        return x, valid, AttnContext.padded_from(b, self._with_prefix_valid(valid))
+        x, valid = self._embed_padded(patches, coord, grid_tok, ps, valid)
+        return x, valid, AttnContext.padded_from(b, self._with_prefix_valid(some_key(valid)))
 
     def forward_features(self, x: Union[torch.Tensor, Dict]) -> Union[torch.Tensor, Dict]:
         """Image tensor -> [B, prefix + N, D]. Padded dict -> {'patches', 'patch_valid'} (timm's format).
@@ -546,7 +571,7 @@ class NaFlexVit(nn.Module):
         elif valid is not None:
             valid = self._with_prefix_valid(valid)
         if self.attn_pool is not None:
-            return self.attn_pool(x, valid)
+            return self.attn_pool(x, some_key(valid) if valid is not None else None)
         if valid is None:
             avg, mx = x.mean(1), x.amax(1)
         else:
@@ -613,13 +638,15 @@ class NaFlexVit(nn.Module):
             output_fmt: 'NCHW' (image tensors only: [B, D, H/p, W/p]) or 'NLC'.
             intermediates_only: return only the intermediates.
             output_dict: a dict with 'image_intermediates', 'image_intermediates_prefix' (return_prefix_tokens),
-                'patch_valid' (padded dict input) and 'image_features' (unless intermediates_only).
+                'patch_valid' (padded dict input), 'keep_index' (packed input under patch dropout) and
+                'image_features' (unless intermediates_only).
 
         Returns:
             (final features, intermediates), the intermediates, or the dict. Per input, an intermediate holds the
             patch tokens only: [B, D, h, w] / [B, N, D] for images, [B, N, D] for the padded dict (its patch_valid
             marks padding), [T, D] in the input's patch order for the packed dict; prefix tokens are [B, prefix, D].
-            The final features are what ``forward_features`` gives, so ``forward_head`` takes them.
+            The final features are what ``forward_features`` gives, so ``forward_head`` takes them. Under patch
+            dropout (train mode) only the kept tokens appear, so dict inputs need ``output_dict`` (timm's rule).
         """
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
@@ -629,11 +656,17 @@ class NaFlexVit(nn.Module):
             if output_fmt == 'NCHW':  # timm's rule: one spatial reshape cannot fit every image's grid
                 raise ValueError('output_fmt="NCHW" is not supported for NaFlex (dict) inputs, use "NLC"; each image '
                                  'has its own grid: patch_coord places its tokens')
+            if self._patch_drop_active() and not output_dict:  # timm's rule
+                raise ValueError('NaFlex forward_intermediates with active patch dropout needs output_dict=True, '
+                                 'which returns the kept tokens\' patch_valid (padded) or keep_index (packed)')
             if is_packed(x):
                 tokens, ctx, meta = self._embed_packed(x)
             else:
                 tokens, valid, ctx = self._padded_inputs(x)
         else:
+            if self._patch_drop_active() and output_fmt == 'NCHW':
+                raise ValueError('output_fmt="NCHW" needs every patch token: patch dropout is active (train mode), '
+                                 'use "NLC" or eval()')
             grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
             tokens = self._image_tokens(x)
             ctx = AttnContext.padded_from(x.shape[0])
@@ -669,6 +702,8 @@ class NaFlexVit(nn.Module):
                 out['image_intermediates_prefix'] = prefix
             if valid is not None:
                 out['patch_valid'] = valid
+            if meta is not None and 'keep_index' in meta:
+                out['keep_index'] = meta['keep_index']
             if final is not None:
                 out['image_features'] = final
             return out

@@ -103,6 +103,9 @@ class ModelConfig:
     drop_rate: float = flag('--drop', default=NaFlexVitCfg.drop_rate, help='dropout rate')
     drop_path_rate: Optional[float] = flag('--drop-path', default=None,
                                            help="stochastic depth rate (default: the model's)")
+    patch_drop_rate: Optional[float] = flag('--patch-drop-rate', default=None,
+                                            help="patch dropout: each image trains on about 1 - RATE of its patch "
+                                                 "tokens (timm's patch_drop_rate; default: the model's)")
     attn_backend: str = flag('--attn-backend', default=NaFlexVitCfg.attn_backend, choices=ATTN_BACKENDS,
                              help='attention kernel')
     grad_checkpointing: bool = flag('--grad-checkpointing', default=False, help='activation checkpointing')
@@ -128,13 +131,15 @@ class ModelConfig:
                                        'args.yaml and checkpoints)')
 
     # model settings with a flag of their own: set there, not in --model-kwargs
-    FLAG_FIELDS = ('num_classes', 'drop_rate', 'drop_path_rate', 'global_pool', 'attn_backend')
+    FLAG_FIELDS = ('num_classes', 'drop_rate', 'drop_path_rate', 'patch_drop_rate', 'global_pool', 'attn_backend')
 
     def overrides(self, num_classes: int) -> dict:
         """Keyword overrides for ``naflex.create_model``."""
         kw = dict(self.kwargs, num_classes=num_classes, drop_rate=self.drop_rate)
         if self.drop_path_rate is not None:
             kw['drop_path_rate'] = self.drop_path_rate
+        if self.patch_drop_rate is not None:
+            kw['patch_drop_rate'] = self.patch_drop_rate
         if self.global_pool is not None:
             kw['global_pool'] = self.global_pool
         return kw
@@ -168,6 +173,7 @@ class ModelConfig:
         p.need(self.num_classes is None or self.num_classes >= 1, 'num_classes', 'must be >= 1')
         p.need(0 <= self.drop_rate < 1, 'drop_rate', 'must be in [0, 1)')
         p.need(self.drop_path_rate is None or 0 <= self.drop_path_rate < 1, 'drop_path_rate', 'must be in [0, 1)')
+        p.need(self.patch_drop_rate is None or 0 <= self.patch_drop_rate < 1, 'patch_drop_rate', 'must be in [0, 1)')
         p.need(self.mean is None or len(self.mean) == 3, 'mean', 'takes three values')
         p.need(self.std is None or len(self.std) == 3, 'std', 'takes three values')
         p.need(self.std is None or all(s > 0 for s in self.std), 'std', 'must be > 0 (the patches are divided by it)')
