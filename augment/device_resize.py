@@ -20,10 +20,11 @@ loaders.decode.decode_resized and the flip of augment.policy give on the CPU:
 - weights to fixed point with 22 fraction bits, ``(int)(w * 2**22 +- 0.5)`` (``normalize_coeffs_8bpc``);
 - two separable passes, each value ``2**21 + sum(pixel * weight)`` in int32, shifted right by 22 and clipped to
   [0, 255] (``clip8``), the second pass reading the first pass's rounded 8-bit values (Pillow's ``imTemp``).
-  Upstream Resample.c always passes horizontally first; the Pillow 13.0 release (the tested one) passes
-  vertically first when the output is shorter than the source image and ``2 * (out_w - src_w) > out_h - src_h``
-  (source sizes of the whole image, not the box): measured against it on thousands of random boxes and sizes,
-  every case matches exactly one order and this rule picks it (tests/test_device_resize.py keeps checking it).
+  Resample.c on Pillow's main branch (2026-08) always passes horizontally first; the Pillow 13.0 release (the
+  tested one) passes vertically first when the output is shorter than the source image and ``2 * (out_w -
+  src_w) > out_h - src_h`` (sizes of the whole source image, not the box). Measured against it on ~1,400 random
+  boxes, sizes and filters and on full grids of output sizes: every case matches exactly one order, and this rule
+  picks it (tests/test_device_resize.py fails if the order is wrong).
   Pillow skips a pass whose box and size leave the axis unchanged; the tables then hold the single weight 1.0 at
   each pixel, so the pass is the identity here too.
 Every step is repeated in the same float64 / int32 arithmetic, so the output is Pillow's bit for bit.
