@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -83,8 +84,7 @@ def pil_resize(imgs, boxes, grids, filters, flips, P) -> List[torch.Tensor]:
     out = []
     for img, (top, left, ch, cw), (gh, gw), name, flip in zip(imgs, boxes, grids, filters, flips):
         im = Image.fromarray(img.numpy()).resize((gw * P, gh * P), FILTERS[name], box=(left, top, left + cw, top + ch))
-        out.append(torch.from_numpy(__import__('numpy').asarray(
-            im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im).copy()))
+        out.append(torch.from_numpy(np.array(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im)))
     return out
 
 
