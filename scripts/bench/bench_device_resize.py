@@ -24,7 +24,6 @@ import math
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -33,8 +32,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark's timer
 
 from augment import device_resize as R  # noqa: E402
+from bench_device_ops import time_call  # noqa: E402
 from augment.geometry import sample_rrc  # noqa: E402
 from loaders.packing import pack  # noqa: E402
 
@@ -86,20 +87,6 @@ def pil_resize(imgs, boxes, grids, filters, flips, P) -> List[torch.Tensor]:
         im = Image.fromarray(img.numpy()).resize((gw * P, gh * P), FILTERS[name], box=(left, top, left + cw, top + ch))
         out.append(torch.from_numpy(np.array(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im)))
     return out
-
-
-def time_call(fn, device: torch.device, repeats: int) -> List[float]:
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def main(argv=None) -> Dict:
