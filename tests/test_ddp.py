@@ -203,18 +203,8 @@ def _stop_worker(rank, store, out_dir):
         def wants_stop(self):
             return self.requested
 
-    saved = []
-    eng = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                  TrainConfig(device='cpu', loss_scale='none', log_interval=1, smoothing=0.0), batch_size_reference=1,
-                  world_size=2, callbacks=[Sigterm()])
-    try:
-        train_one_epoch(eng, iter(batches), len(batches), TrainState(), save_recovery=lambda st: saved.append(st.step))
-        msg = 'finished'
-    except StopRequested as e:
-        msg = f'{e} saved={saved}'
-    with open(os.path.join(out_dir, f'rank{rank}.txt'), 'w') as f:
-        f.write(msg)
-    del model, eng
+    _epoch_outcome(rank, out_dir, model, batches, Sigterm(), StopRequested, log_interval=1)
+    del model
     _finish()
 
 
@@ -233,19 +223,25 @@ def _failure_worker(rank, store, out_dir):
         def failure(self):
             return self.error
 
+    _epoch_outcome(rank, out_dir, model, batches, Broken(), RuntimeError, log_interval=100, recovery_interval=1)
+    del model
+    _finish()
+
+
+def _epoch_outcome(rank, out_dir, model, batches, callback, stops_with, **train_cfg):
+    """One epoch with ``callback``; writes 'finished' or the stop message with the recovery saves to rank<R>.txt."""
     saved = []
     eng = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                  TrainConfig(device='cpu', loss_scale='none', log_interval=100, recovery_interval=1, smoothing=0.0),
-                  batch_size_reference=1, world_size=2, callbacks=[Broken()])
+                  TrainConfig(device='cpu', loss_scale='none', smoothing=0.0, **train_cfg), batch_size_reference=1,
+                  world_size=2, callbacks=[callback])
     try:
         train_one_epoch(eng, iter(batches), len(batches), TrainState(), save_recovery=lambda st: saved.append(st.step))
         msg = 'finished'
-    except RuntimeError as e:
+    except stops_with as e:
         msg = f'{e} saved={saved}'
+    del eng
     with open(os.path.join(out_dir, f'rank{rank}.txt'), 'w') as f:
         f.write(msg)
-    del model, eng
-    _finish()
 
 
 def test_an_error_on_one_rank_stops_all_before_the_next_save(tmp_path):
