@@ -42,7 +42,7 @@ def _open_split(cfg: Config, split: str, what: str, hint: str = '', classes=None
     if getattr(ds, 'skipped_classes', None):
         names = ds.skipped_classes
         _logger.warning(f'split {split!r}: {len(names)} class folders are not in the class map and are left out: '
-                        f'{", ".join(names[:5])}' + (f' (+{len(names) - 5} more)' if len(names) > 5 else ''))
+                        f'{_shown(names)}')
     if len(ds) == 0:
         raise UserError(f'--data-dir {root}: split {split!r} holds no images ({len(ds.classes)} class folders, '
                         f'all empty){hint}')
@@ -93,8 +93,9 @@ def _classes_differ(cfg: Config, train_ds, val_ds) -> str:
     """The one line for splits whose class folders differ (a label index would not name the same class in both),
     with the ways out: make the folders agree, fix the label space with --class-map, or train without evaluation."""
     data = cfg.data
-    only_t = [c for c in train_ds.classes if c not in set(val_ds.classes)]
-    only_v = [c for c in val_ds.classes if c not in set(train_ds.classes)]
+    train_classes, val_classes = set(train_ds.classes), set(val_ds.classes)
+    only_t = [c for c in train_ds.classes if c not in val_classes]
+    only_v = [c for c in val_ds.classes if c not in train_classes]
     what = []
     if only_t:
         what.append(f'lacks {len(only_t)} training class{"es" * (len(only_t) > 1)} ({_shown(only_t)})')
