@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .eval_cli import ValidateError
 
+
 @dataclass
 class Weights:
     """What to evaluate: the state dict (None: random init), where it came from, the model name and kwargs, and the
@@ -29,11 +30,12 @@ def _open_dataset(args, classes=None):
     """The split as an image folder or as tar shards (``--dataset wds/NAME``, or shards found in the root:
     loaders.shards), its class indices those of ``classes`` when given (a class map), else timm's order."""
     from loaders import ImageFolderDataset, IncompleteSplit, open_dataset, require_whole
+    from loaders.config import DATASET_KINDS
     from loaders.shards import dataset_kind, is_shard_source
 
     root = args.data_dir or args.data
     kind = dataset_kind(args.dataset)
-    if kind not in ("", "wds", "hfds"):
+    if kind not in DATASET_KINDS:
         raise ValidateError(f"--dataset {args.dataset}: only wds/NAME (tar shards), hfds/NAME (Hugging Face "
                             "datasets) and image folders are read")
     if kind == "hfds":  # --data-dir: the datasets cache folder, if any
