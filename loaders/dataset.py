@@ -54,6 +54,18 @@ def label_space(found: Iterable[str], classes: Optional[Sequence[str]] = None) -
     return list(classes), sort_classes({n for n in found if n not in listed})
 
 
+def remap_targets(targets: np.ndarray, names: Sequence[str], classes: Sequence[str], where: str) -> np.ndarray:
+    """``targets`` (indices into ``names``) as indices into the class map ``classes``, for sources whose labels are
+    indices with names (tar shards, Hugging Face datasets); a class the samples hold that the map does not name is a
+    ValueError naming ``where``."""
+    index = {c: i for i, c in enumerate(classes)}
+    missing = [c for c in (names[t] for t in np.unique(targets)) if c not in index]
+    if missing:
+        more = f' (+{len(missing) - 5} more)' if len(missing) > 5 else ''
+        raise ValueError(f'{where} holds classes the class map does not name: {", ".join(missing[:5])}{more}')
+    return np.array([index.get(c, -1) for c in names], dtype=np.int64)[targets]
+
+
 def read_class_map(path, root='') -> List[str]:
     """Class names in index order from timm's ``--class-map`` file (.txt: one name a line; .pkl: a name -> index
     dict), found as given or relative to ``root`` as timm finds it (timm's own reader parses it)."""

@@ -17,10 +17,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from .dataset import ImageFolderDataset
-
-_SPLIT_ALIASES = {'val': 'validation', 'valid': 'validation', 'validation': 'val', 'eval': 'validation'}
-
+from .dataset import ImageFolderDataset, remap_targets
+from .shards import split_candidates
 
 class HfImage(str):
     """``NAME[split][i]``: the name a sample has in messages and bad-file lists, which also reads the image's encoded
@@ -63,8 +61,8 @@ def _load(name: str, split: str, cache_dir: Optional[str]):
         raise FileNotFoundError(f'hfds/{name}: the Hub cannot be reached and nothing is cached '
                                 f'({_first_line(e)}); pass a local folder with data/<split>-*.parquet') from None
     splits = list(builder.config.data_files or {}) or list((builder.info.splits or {}).keys())
-    picked = split if split in splits or not splits else _SPLIT_ALIASES.get(split)
-    if splits and picked not in splits:
+    picked = next((s for s in split_candidates(split) if s in splits), None) if splits else split
+    if picked is None:
         raise FileNotFoundError(f'hfds/{name} has no split {split!r} (splits: {", ".join(splits)})')
     return datasets.load_dataset(source, split=picked, cache_dir=cache_dir), picked
 
@@ -110,12 +108,7 @@ class HfDataset:
         if not self.class_names_known:
             raise ValueError(f'{self._name}: its labels are bare indices (no ClassLabel names), so a class map '
                              'cannot be applied')
-        index = {c: i for i, c in enumerate(classes)}
-        missing = [c for c in (self.classes[t] for t in np.unique(self.targets)) if c not in index]
-        if missing:
-            raise ValueError(f'{self._name} holds classes the class map does not name: {", ".join(missing[:5])}')
-        lookup = np.array([index.get(c, -1) for c in self.classes], dtype=np.int64)
-        self.targets, self.classes = lookup[self.targets], classes
+        self.targets, self.classes = remap_targets(self.targets, self.classes, classes, self._name), classes
 
     def path(self, i: int) -> HfImage:
         return HfImage(f'{self._name}[{i}]', self._images, int(i))

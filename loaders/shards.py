@@ -38,7 +38,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .dataset import _SPLIT_ALIASES, IMG_EXTENSIONS, ImageFolderDataset, write_cache_file
+from .dataset import _SPLIT_ALIASES, IMG_EXTENSIONS, ImageFolderDataset, remap_targets, write_cache_file
 
 INFO_FILES = ('_info.json', 'info.json')  # the names timm's wds reader looks for
 INDEX_VERSION = 2
@@ -568,14 +568,8 @@ class ShardDataset:
         if not self.class_names_known:
             raise ValueError(f'{self.root}: these shards give class indices only (no "classes" in _info.json), so '
                              'class names cannot be mapped')
-        index = {c: i for i, c in enumerate(classes)}
-        held = [self.classes[t] for t in np.unique(self.targets)]
-        missing = [c for c in held if c not in index]
-        if missing:
-            raise ValueError(f'{self.root} split {self.split!r} holds classes the class map does not name: '
-                             f'{", ".join(missing[:5])}' + (f' (+{len(missing) - 5} more)' if len(missing) > 5 else ''))
-        lookup = np.array([index.get(c, -1) for c in self.classes], dtype=np.int64)
-        self.targets, self.classes = lookup[self.targets], classes
+        self.targets = remap_targets(self.targets, self.classes, classes, f'{self.root} split {self.split!r}')
+        self.classes = classes
 
     def _check_info(self, info: dict) -> None:
         """Warns when the shards hold another number of samples than ``_info.json`` says (timm trusts the file)."""
