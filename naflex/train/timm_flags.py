@@ -93,6 +93,8 @@ _NO_BATCHNORM = 'the model has no BatchNorm layers (LayerNorm only)'
 _FIXED_SIZE_SCHEDULE = ("timm's multi-resolution schedule for fixed-size models; NaFlex varies the sequence length "
                         "per step instead: --naflex-train-seq-lens")
 _NO_DISTILLATION = 'knowledge distillation is not built here'
+_STEPS_FROM_BUDGET = ('steps per epoch follow from the token budget (-b x the longest sequence length); set the '
+                      'samples per epoch with --train-num-samples')
 _NO_AUGMIX_SPLITS = "AugMix-style augmentation splits are not built here (timm's NaFlex loader refuses them too)"
 
 # timm's train.py flags that do not apply, with the reason and what to use instead
@@ -128,10 +130,8 @@ TRAIN_REFUSED: Dict[str, str] = {
     '--train-size-schedule': _FIXED_SIZE_SCHEDULE,
     '--train-size-schedule-spread': _FIXED_SIZE_SCHEDULE,
     '--train-size-random-mix': _FIXED_SIZE_SCHEDULE,
-    '--train-steps-per-epoch': ('steps per epoch follow from the token budget (-b x the longest sequence length); '
-                                'set the samples per epoch with --train-num-samples'),
-    '--train-batches-per-epoch': ('steps per epoch follow from the token budget (-b x the longest sequence length); '
-                                  'set the samples per epoch with --train-num-samples'),
+    '--train-steps-per-epoch': _STEPS_FROM_BUDGET,
+    '--train-batches-per-epoch': _STEPS_FROM_BUDGET,
     '--variable-batch-loss-scale': "use --naflex-loss-scale (linear, sqrt or none), the NaFlex loader's loss scale",
     '--naflex-patchify-channels-first': ("patches are flattened (y, x, channel) as the published weights expect; "
                                          "another order would need other weights"),
