@@ -94,6 +94,9 @@ class TrainLoaderConfig:
     num_samples: Optional[int] = flag('--train-num-samples', default=None, group='dataset', metavar='N',
                                       help="samples per training epoch (default: the split's; fewer: another random "
                                            'subset each epoch, more: the shuffled order wraps around)')
+    shuffle_buffer: int = flag('--wds-shuffle-buffer', default=2048, group='dataset', metavar='N',
+                               help='streamed shards (--data-dir URL): samples of each window of N consecutive '
+                                    'ones per loader worker come out in a random order (0 or 1: shard order only)')
     aug_repeats: int = flag('--aug-repeats', default=0, group='aug',
                             help='repeated augmentation: copies of each image per epoch, on different ranks (0 = off)')
 
@@ -104,6 +107,7 @@ class TrainLoaderConfig:
         p.need(self.num_workers >= 0, 'num_workers', 'must be >= 0')
         p.need(self.num_samples is None or self.num_samples >= 1, 'num_samples', 'must be >= 1')
         p.need(self.aug_repeats >= 0, 'aug_repeats', 'must be >= 0')
+        p.need(self.shuffle_buffer >= 0, 'shuffle_buffer', 'must be >= 0')
         p.need(self.patch_size >= 1 and all(s >= 1 for s in self.patch_sizes or ()), 'patch_sizes', 'must be >= 1')
         p.need(self.patch_size_probs is None or (
             bool(self.patch_sizes) and len(self.patch_size_probs) == len(self.patch_sizes)

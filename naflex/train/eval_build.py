@@ -32,6 +32,7 @@ def _open_dataset(args, classes=None):
     from loaders import ImageFolderDataset, IncompleteSplit, open_dataset, require_whole
     from loaders.config import DATASET_KINDS
     from loaders.shards import dataset_kind, is_shard_source
+    from loaders.stream import DataSourceError, wants_stream
 
     root = args.data_dir or args.data
     kind = dataset_kind(args.dataset)
@@ -44,6 +45,13 @@ def _open_dataset(args, classes=None):
                                 target_key=args.target_key)
         except (FileNotFoundError, ValueError) as e:
             raise ValidateError(str(e)) from None
+    if wants_stream(root):  # a URL, bucket or file:// folder of tar shards, read front to back
+        try:
+            ds = open_dataset(root, args.split, classes=classes, dataset=args.dataset, input_key=args.input_key,
+                              target_key=args.target_key)
+        except (FileNotFoundError, ValueError, DataSourceError) as e:
+            raise ValidateError(str(e)) from None
+        return ds
     if not Path(root).is_dir():
         raise ValidateError(f"dataset folder not found: {root}")
     try:
