@@ -36,7 +36,7 @@ import os
 import random
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -126,7 +126,8 @@ def open_stream(root: str, split: str, *, classes=None, input_key: Optional[str]
     else:
         picked = next((s for s in split_candidates(split) if s in splits), None)
         if picked is None:
-            raise FileNotFoundError(f'split {split!r} is not in {root}/_info.json (splits: {", ".join(splits) or "none"})')
+            raise FileNotFoundError(f'split {split!r} is not in {root}/_info.json '
+                                    f'(splits: {", ".join(splits) or "none"})')
         split_info = splits[picked]
         names, lengths = list(split_info.get('filenames') or ()), list(split_info.get('shard_lengths') or ())
         if not names:
@@ -169,8 +170,7 @@ def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch), _ORDER_TAG]).permutation(num_shards)
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """``count`` consecutive samples of one shard: listed shard ``shard`` from sample ``skip`` on; ``copy``: the
     epoch's pass over the data they belong to (> 0 only where the epoch is longer than the split)."""
     shard: int

@@ -1,0 +1,134 @@
+"""Streamed tar shards (loaders.stream): who reads what in an epoch, steps, resume, and the loaders over it.
+
+Sample k of the generated shards has class k, so the targets of a loader's batches say exactly which samples it
+read. Shards are read through ``file://`` here (the same code path as a URL, without a server); test_stream_http.py
+serves them over HTTP.
+"""
+import numpy as np
+import pytest
+import torch
+
+import loaders
+from loaders.stream import StreamSource, rank_step_sizes, segments, shard_order, split_streams
+from stream_helpers import write_shards
+
+
+def _loader(source, rank=0, world_size=1, **fields):
+    cfg = dict(seq_lens=(16, 32), batch_size=8, num_workers=0, patch_size=16, shuffle_buffer=4)
+    return loaders.create_train_loader(source, cfg=loaders.TrainLoaderConfig(**dict(cfg, **fields)), rank=rank,
+                                       world_size=world_size)
+
+
+def _epoch(loader, epoch, start=0):
+    loader.set_epoch(epoch)
+    loader.set_start_step(start)
+    return [(inputs, target) for inputs, target in loader]
+
+
+def _read(shards, lengths):
+    write_shards(shards, lengths)
+    source = loaders.open_dataset(f'file://{shards}', 'train')
+    assert isinstance(source, StreamSource) and len(source) == sum(lengths)
+    return source
+
+
+def test_segments_follow_the_shard_order_and_wrap_around():
+    lengths, order = np.array([6, 6, 3]), np.array([2, 0, 1])  # shard 2 (3 samples), shard 0 (6), shard 1 (6)
+    assert segments(lengths, order, 1, 11) == [(2, 1, 2, 0), (0, 0, 6, 0), (1, 0, 2, 0)]
+    assert segments(lengths, order, 13, 18) == [(1, 4, 2, 0), (2, 0, 3, 1)]  # past the end: copy 1
+    assert not np.array_equal(shard_order(100, 0, 0), shard_order(100, 0, 1))
+    assert np.array_equal(shard_order(100, 0, 1), shard_order(100, 0, 1))
+
+
+def test_a_short_rank_takes_one_image_fewer_in_its_largest_step():
+    assert rank_step_sizes([8, 16, 3], 26) == ([8, 15, 3], 0)
+    assert rank_step_sizes([8, 16, 3], 27) == ([8, 16, 3], 0)
+    assert rank_step_sizes([1, 1, 1], 2) == ([1, 1, 1], 1)  # no step can give one up: one sample more is read
+    parts = split_streams([4, 3, 2, 5, 1], 10, 2)  # steps 0, 2, 4 on stream 0; 1, 3 on stream 1
+    assert [(p.lo, p.hi) for p in parts] == [(10, 17), (17, 25)]
+    assert parts[1].steps == ((1, 0, 3), (3, 3, 5))
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_two_ranks_read_every_sample_once_with_uneven_shards(tmp_path, workers):
+    """timm's wds reader reads 16 samples (14 distinct) of shards of 6, 6 and 3 on 2 ranks; here each of the 15 once
+    per epoch, both ranks run the same steps (sequence lengths and count), the short rank one image fewer."""
+    source = _read(tmp_path, [6, 6, 3])
+    for epoch in (0, 1):
+        seen, shapes = [], []
+        for rank in (0, 1):
+            steps = _epoch(_loader(source, rank, 2, num_workers=workers), epoch)
+            seen += [t for _, target in steps for t in target.tolist()]
+            shapes.append([(len(target), int(inputs['max_seqlen'])) for inputs, target in steps])
+        assert sorted(seen) == list(range(15)), (epoch, seen)
+        assert [L for _, L in shapes[0]] == [L for _, L in shapes[1]]
+        images = [[n for n, _ in shape] for shape in shapes]
+        assert sum(abs(a - b) for a, b in zip(*images)) == 1  # rank 1 (8 samples) has one image more in one step
+
+
+def test_three_ranks_and_workers_over_many_steps_each_sample_once(tmp_path):
+    source = _read(tmp_path, [9, 4, 7, 5, 6, 2])
+    seen, counts = [], []
+    for rank in range(3):
+        steps = _epoch(_loader(source, rank, 3, batch_size=2, seq_lens=(16,), num_workers=2), 3)
+        counts.append(len(steps))
+        seen += [t for _, target in steps for t in target.tolist()]
+    assert sorted(seen) == list(range(33)) and counts == [11, 11, 11]
+
+
+def test_shuffle_window_draws_from_the_seed(tmp_path):
+    source = _read(tmp_path, [9, 4, 7, 5, 6])
+    order = {}
+    for buffer in (0, 8):
+        for run in (0, 1):
+            steps = _epoch(_loader(source, batch_size=2, seq_lens=(16,), shuffle_buffer=buffer), 0)
+            order[buffer, run] = [t for _, target in steps for t in target.tolist()]
+    assert order[0, 0] == order[0, 1] and order[8, 0] == order[8, 1]
+    assert order[0, 0] != order[8, 0] and sorted(order[8, 0]) == list(range(31))
+    assert all(abs(a - b) < 8 for a, b in zip(np.argsort(order[0, 0]), np.argsort(order[8, 0])))  # within windows
+
+
+@pytest.mark.parametrize('start', [5, 12])
+def test_resume_mid_epoch_gives_the_rest_of_the_uninterrupted_epoch(tmp_path, start):
+    """Two workers, a shuffle window of 4, several steps per worker stream: a loader that starts the epoch at step
+    ``start`` yields the same images, augmented the same way, as the uninterrupted epoch from there."""
+    source = _read(tmp_path, [9, 4, 7, 5, 6])
+    full = _epoch(_loader(source, batch_size=2, seq_lens=(16,), num_workers=2), 2)
+    rest = _epoch(_loader(source, batch_size=2, seq_lens=(16,), num_workers=2), 2, start=start)
+    assert len(full) == 31 and len(rest) == 31 - start
+    for (a, ta), (b, tb) in zip(full[start:], rest):
+        assert torch.equal(ta, tb) and torch.equal(a['patches'], b['patches'])
+
+
+def test_augmentation_draws_are_the_local_paths(tmp_path):
+    """One rank, no sample shuffle: streamed step k holds other samples than the local step k, but an image
+    augmented in a step of the same length and patch size draws the same crop and flips as on the local path."""
+    source = _read(tmp_path, [5, 5])
+    local = loaders.open_dataset(tmp_path, 'train', dataset='wds/ds')
+    cfg = dict(batch_size=2, seq_lens=(16,), shuffle_buffer=0)
+    streamed = {int(t): inputs for inputs, t in _epoch(_loader(source, **cfg), 0)}
+    on_disk = {int(t): inputs for inputs, t in _epoch(_loader(local, **cfg), 0)}
+    assert sorted(streamed) == sorted(on_disk) == list(range(10))
+    for k in range(10):
+        assert torch.equal(streamed[k]['patches'], on_disk[k]['patches']), k
+
+
+def test_a_bad_member_is_replaced_within_its_step_and_reported(tmp_path):
+    write_shards(tmp_path, [4, 4], bad=[5])
+    source = loaders.open_dataset(f'file://{tmp_path}', 'train')
+    steps = _epoch(_loader(source, batch_size=8, seq_lens=(16,), shuffle_buffer=0), 0)
+    bad = [p for inputs, _ in steps for p in inputs.get('bad_files', [])]
+    targets = sorted(t for _, target in steps for t in target.tolist())
+    assert bad == ['ds-train-0001.tar:s00005.jpg'] and len(targets) == 8 and 5 not in targets
+
+
+def test_a_split_without_shard_lengths_is_one_error(tmp_path):
+    import json
+    write_shards(tmp_path, [3, 3])
+    info = json.loads((tmp_path / '_info.json').read_text())
+    del info['splits']['train']['shard_lengths']
+    (tmp_path / '_info.json').write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="gives no shard_lengths for its 2 shards"):
+        loaders.open_dataset(f'file://{tmp_path}', 'train')
+    with pytest.raises(FileNotFoundError, match=r"split 'test' is not in"):
+        loaders.open_dataset(f'file://{tmp_path}', 'test')
