@@ -26,8 +26,8 @@ def pinned_or_auto(pin_mem: bool) -> Optional[bool]:
     return True if pin_mem else None
 
 
-DATASET_KINDS = ('', 'wds', 'hfds')  # timm's --dataset TYPE/NAME types read here: image folders, WebDataset tar
-                                     # shards, Hugging Face datasets
+DATASET_KINDS = ('', 'wds', 'hfds', 'hfids')  # timm's --dataset TYPE/NAME types read here: image folders,
+                                              # WebDataset tar shards, Hugging Face datasets (map-style, streamed)
 
 
 @dataclass
@@ -38,8 +38,8 @@ class DatasetConfig:
                      help='root with one folder per split, class subfolders (hfds/: the datasets cache folder)')
     dataset: str = flag('--dataset', default='', metavar='TYPE/NAME',
                         help="'wds/NAME': WebDataset tar shards + _info.json in --data-dir (found without it too); "
-                             "'hfds/NAME': a Hugging Face dataset (Hub id, or a local folder of "
-                             "data/<split>-*.parquet); '' = image folder")
+                             "'hfds/NAME' ('hfids/NAME': streamed): a Hugging Face dataset (Hub id, or a local "
+                             "folder of data/<split>-*.parquet); '' = image folder")
     train_split: str = flag('--train-split', default='train', help='training split folder')
     val_split: str = flag('--val-split', default='validation', help="eval split folder ('val' is found too); '' = none")
     class_map: str = flag('--class-map', default='', metavar='FILE',
@@ -59,12 +59,13 @@ class DatasetConfig:
     def validate(self, name: Optional[Callable[[str], str]] = None) -> None:
         p = Problems(name)
         kind, sep, name = self.dataset.partition('/')
-        p.need(bool(self.root) or kind.lower() == 'hfds', 'root', 'is required')
+        p.need(bool(self.root) or kind.lower() in ('hfds', 'hfids'), 'root', 'is required')
         p.need(not sep or kind.lower() in DATASET_KINDS + ('folder', 'imagefolder'), 'dataset',
-               f"type {kind!r} is not read here: use wds/NAME (tar shards), hfds/NAME (Hugging Face datasets) or "
+               f"type {kind!r} is not read here: use wds/NAME (tar shards), hfds/NAME or hfids/NAME (Hugging Face "
+               "datasets) or "
                "leave it empty (image folder)")
-        p.need(kind.lower() != 'hfds' or bool(name), 'dataset',
-               'hfds/ needs a name: a Hub dataset id or a local folder')
+        p.need(kind.lower() not in ('hfds', 'hfids') or bool(name), 'dataset',
+               f'{kind}/ needs a name: a Hub dataset id or a local folder')
         p.need(self.input_img_mode in (None, 'RGB'), 'input_img_mode',
                f'{self.input_img_mode}: images are decoded to RGB here (the model takes 3 channels)')
         p.raise_any()

@@ -39,6 +39,10 @@ def open_dataset(root, split: str, classes=None, cache_dir=None, dataset: str = 
         if dataset_kind(dataset) not in ('', 'wds'):
             raise ValueError(f'--dataset {dataset}: a --data-dir URL streams WebDataset tar shards (wds/NAME)')
         return open_stream(os.fspath(root), split, classes=classes, input_key=input_key, target_key=target_key)
+    if dataset_kind(dataset) == 'hfids':  # streamed: its parquet files are the shards (loaders.hfids)
+        from .hfids import open_hfids
+        return open_hfids(dataset.partition('/')[2], split, cache_dir=os.fspath(root) if root else None,
+                          classes=classes, input_key=input_key, target_key=target_key)
     if dataset_kind(dataset) == 'hfds':  # root: the datasets cache folder (timm's --data-dir for hfds/)
         from .hfds import HfDataset
         return HfDataset(dataset.partition('/')[2], split, cache_dir=os.fspath(root) if root else None,

@@ -45,6 +45,13 @@ class HfImage(str):
 def _load(name: str, split: str, cache_dir: Optional[str]):
     """``datasets.load_dataset`` for a Hub id or a local folder; a split named otherwise there ('val' /
     'validation') is found too. FileNotFoundError / ValueError name what is missing in one line."""
+    source, _, picked = _load_builder_split(name, split, cache_dir)
+    import datasets
+    return datasets.load_dataset(source, split=picked, cache_dir=cache_dir), picked
+
+
+def _load_builder_split(name: str, split: str, cache_dir: Optional[str]):
+    """(source, dataset builder, split name found) for a Hub id or a local folder (see ``_load``)."""
     try:
         import datasets
     except ImportError:
@@ -64,7 +71,7 @@ def _load(name: str, split: str, cache_dir: Optional[str]):
     picked = next((s for s in split_candidates(split) if s in splits), None) if splits else split
     if picked is None:
         raise FileNotFoundError(f'hfds/{name} has no split {split!r} (splits: {", ".join(splits)})')
-    return datasets.load_dataset(source, split=picked, cache_dir=cache_dir), picked
+    return source, builder, picked
 
 
 def _first_line(e: Exception) -> str:

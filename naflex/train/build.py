@@ -35,7 +35,7 @@ def _open_split(cfg: Config, split: str, what: str, hint: str = '', classes=None
     """The dataset of one split (image folder or tar shards); a missing split or one without a single image is a
     UserError."""
     data = cfg.data
-    root = (data.root if wants_stream(data.root) else Path(data.root)) if data.root else None  # none: hfds/ uncached
+    root = (data.root if wants_stream(data.root) else Path(data.root)) if data.root else None  # None: hf, no cache
     try:
         ds = loaders.open_dataset(root, split, classes=classes, cache_dir=data.cache_dir, dataset=data.dataset,
                                   input_key=data.input_key, target_key=data.target_key)
@@ -122,8 +122,8 @@ def open_datasets(cfg: Config, resume_ckpt: Optional[dict] = None):
     checkpoint written before checkpoints recorded class names had them in ``sorted()`` order, which is kept."""
     from .checkpoint import sorted_class_order, sorted_order_of
     root, data = Path(cfg.data.root), cfg.data
-    streamed = wants_stream(data.root) or loaders.dataset_kind(data.dataset) == 'hfids'
-    if not streamed and not root.is_dir() and not (loaders.dataset_kind(data.dataset) == 'hfds' and not data.root):
+    hub = loaders.dataset_kind(data.dataset) in ('hfds', 'hfids')
+    if not wants_stream(data.root) and not root.is_dir() and not (hub and not data.root):
         raise UserError(f'--data-dir {root} does not exist')
     classes = class_map_for(cfg, resume_ckpt)
     with primary_first():  # rank 0 builds (and caches) a shard index first; the others then read it

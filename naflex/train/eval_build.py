@@ -37,9 +37,9 @@ def _open_dataset(args, classes=None):
     root = args.data_dir or args.data
     kind = dataset_kind(args.dataset)
     if kind not in DATASET_KINDS:
-        raise ValidateError(f"--dataset {args.dataset}: only wds/NAME (tar shards), hfds/NAME (Hugging Face "
-                            "datasets) and image folders are read")
-    if kind == "hfds":  # --data-dir: the datasets cache folder, if any
+        raise ValidateError(f"--dataset {args.dataset}: only wds/NAME (tar shards), hfds/NAME or hfids/NAME (Hugging "
+                            "Face datasets) and image folders are read")
+    if kind in ("hfds", "hfids"):  # --data-dir: the datasets cache folder, if any
         try:
             return open_dataset(root, args.split, classes=classes, dataset=args.dataset, input_key=args.input_key,
                                 target_key=args.target_key)

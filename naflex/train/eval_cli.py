@@ -140,7 +140,7 @@ def check_args(args) -> None:
         problems.append("--log-freq must be >= 0")
     if args.model_dtype not in (None, "float32") and args.amp:
         problems.append(f"--model-dtype {args.model_dtype} with --amp: autocast runs float32 weights (as timm)")
-    if not (args.data_dir or args.data or args.dataset.lower().startswith("hfds/")):
+    if not (args.data_dir or args.data or args.dataset.lower().startswith(("hfds/", "hfids/"))):
         problems.append("no dataset given: pass --data-dir DIR")
     for flag, path in (("--results-file", args.results_file), ("--plot", args.plot)):
         problems += [f"{flag} {path}: {why}" for why in [_cannot_write(path)] if path and why]
