@@ -95,3 +95,14 @@ def test_the_server_going_away_mid_run_is_one_line(shards, tmp_path, quick_failu
     assert exc.value.code == 1 and len(err) == 1, err
     assert err[0].startswith('train.py: error: ') and url in err[0], err
     assert time.time() - t0 < 60
+
+
+def test_bench_loader_compares_local_and_http_streamed_shards(demo_shards, capsys):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts' / 'bench'))
+    import bench_loader
+    best = bench_loader.main(['--data-dir', str(demo_shards), '--dataset', 'wds/demo', '--steps', '2', '-j', '1',
+                              '-b', '4', '--naflex-train-seq-lens', '32', '64', '--stream-http'])
+    assert best['shards']['steps'] == best['http']['steps'] == 2 and best['http']['ms_cpu_img'] > 0
+    assert '| http |' in capsys.readouterr().out
