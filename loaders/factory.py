@@ -30,6 +30,7 @@ def open_dataset(root, split: str, classes=None, cache_dir=None, dataset: str = 
     any object with ``path(i)``, ``target(i)``, ``len``), else the split's tar shards (``dataset='wds/NAME'``, or
     shards found in ``root`` where it has no folder for the split: loaders.shards.is_shard_source), a Hugging Face
     dataset (``dataset='hfds/NAME'``, NAME a Hub id or a local folder; ``root`` its cache folder: loaders.hfds),
+    a URL, bucket or ``file://`` root (or ``dataset='hfids/NAME'``) as streamed shards (loaders.stream.StreamSource),
     else the image folder ``root/split``. ``classes``: a class map (class names in index order), else timm's order.
     ``input_key`` / ``target_key``: which members of a tar shard's sample are the image and the label (timm's
     ``--input-key`` / ``--target-key``; loaders.shards.SampleKeys); an image folder takes neither."""
