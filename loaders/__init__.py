@@ -43,6 +43,6 @@ from .train_loader import TrainLoader, UndecodableFiles
 __all__ = [
     'DatasetConfig', 'DevicePrefetcher', 'EvalLoaderConfig', 'ImageFolderDataset', 'IncompleteSplit', 'ListDataset',
     'SeqLenSchedule', 'ShardDataset', 'StreamSource', 'TrainLoader', 'TrainLoaderConfig', 'UndecodableFiles',
-    'batch_size_for', 'create_eval_loader', 'create_train_loader', 'dataset_kind', 'make_eval_loader', 'normalize_patches',
-    'open_dataset', 'pack', 'pad', 'patchify_hwc', 'read_class_map', 'require_whole',
+    'batch_size_for', 'create_eval_loader', 'create_train_loader', 'dataset_kind', 'make_eval_loader',
+    'normalize_patches', 'open_dataset', 'pack', 'pad', 'patchify_hwc', 'read_class_map', 'require_whole',
 ]
