@@ -25,7 +25,7 @@ from .train_loader import StepDataset, TrainLoader
 
 
 def open_dataset(root, split: str, classes=None, cache_dir=None, dataset: str = '', input_key=None,
-                 target_key=None):
+                 target_key=None, num_classes=None):
     """``root`` itself when it already is a dataset (``ImageFolderDataset`` / ``ShardDataset`` / ``ListDataset`` /
     any object with ``path(i)``, ``target(i)``, ``len``), else the split's tar shards (``dataset='wds/NAME'``, or
     shards found in ``root`` where it has no folder for the split: loaders.shards.is_shard_source), a Hugging Face
@@ -33,13 +33,15 @@ def open_dataset(root, split: str, classes=None, cache_dir=None, dataset: str = 
     a URL, bucket or ``file://`` root (or ``dataset='hfids/NAME'``) as streamed shards (loaders.stream.StreamSource),
     else the image folder ``root/split``. ``classes``: a class map (class names in index order), else timm's order.
     ``input_key`` / ``target_key``: which members of a tar shard's sample are the image and the label (timm's
-    ``--input-key`` / ``--target-key``; loaders.shards.SampleKeys); an image folder takes neither."""
+    ``--input-key`` / ``--target-key``; loaders.shards.SampleKeys); an image folder takes neither. ``num_classes``:
+    the class count of streamed shards whose ``_info.json`` names no classes (``--num-classes``)."""
     if hasattr(root, 'path') and hasattr(root, 'target') or isinstance(root, StreamSource):
         return root
     if wants_stream(root):  # a URL, bucket or file:// folder: read front to back (loaders.stream)
         if dataset_kind(dataset) not in ('', 'wds'):
             raise ValueError(f'--dataset {dataset}: a --data-dir URL streams WebDataset tar shards (wds/NAME)')
-        return open_stream(os.fspath(root), split, classes=classes, input_key=input_key, target_key=target_key)
+        return open_stream(os.fspath(root), split, classes=classes, input_key=input_key, target_key=target_key,
+                           num_classes=num_classes)
     if dataset_kind(dataset) == 'hfids':  # streamed: its parquet files are the shards (loaders.hfids)
         from .hfids import open_hfids
         return open_hfids(dataset.partition('/')[2], split, cache_dir=os.fspath(root) if root else None,

@@ -89,21 +89,18 @@ class StreamSource:
         return len(self.classes)
 
     def target(self, listed: int) -> int:
-        """The class index a sample's listed label means here (-1: a class the class map leaves out)."""
+        """The class index a sample's label means here; -1 for a class the class map leaves out or an index beyond
+        the classes (the loaders treat that sample as a bad one)."""
         if self.remap is None:
-            return int(listed)
+            return int(listed) if 0 <= listed < len(self.classes) else -1
         return int(self.remap[listed]) if 0 <= listed < len(self.remap) else -1
 
     def read(self, shard: int, skip: int = 0) -> Iterator[StreamSample]:
         """Samples ``skip..`` of shard ``shard`` (listed order), front to back."""
-        retries, timeout = stream_settings()
         if self.open_shard is not None:
             return self.open_shard(self.urls[shard], skip)
+        retries, timeout = stream_settings()
         return stream_io.iter_shard_samples(self.urls[shard], self.keys, retries=retries, timeout=timeout, skip=skip)
-
-
-def _local_path(root: str) -> str:
-    return root[len('file://'):] if root.startswith('file://') else root
 
 
 def open_stream(root: str, split: str, *, classes=None, input_key: Optional[str] = None,
@@ -117,7 +114,8 @@ def open_stream(root: str, split: str, *, classes=None, input_key: Optional[str]
     splits = info.get('splits') or {}
     if is_shard_pattern(split):
         names = expand_braces(split.split('|', 1)[0])
-        known = {n: int(k) for s in splits.values() for n, k in zip(s.get('filenames', ()), s.get('shard_lengths', ()))}
+        known = {n: int(k) for s in splits.values()
+                 for n, k in zip(s.get('filenames', ()), s.get('shard_lengths', ()))}
         missing = [n for n in names if n not in known]
         if missing:
             raise ValueError(f'{root}: streaming needs each shard\'s length, and _info.json lists none for '
@@ -140,11 +138,11 @@ def open_stream(root: str, split: str, *, classes=None, input_key: Optional[str]
     if names_known:
         listed = [str(c) for c in info['classes']]
     else:
-        count = int(info.get('num_classes') or num_classes or 0)
+        count = int(num_classes or info.get('num_classes') or 0)
         if not count:
             raise ValueError(f'{root}/_info.json names no classes ("classes" or "num_classes"): pass --num-classes')
         listed = [str(i) for i in range(count)]
-    base = _local_path(root) if root.startswith('file://') else root
+    base = root[len('file://'):] if root.startswith('file://') else root
     source = StreamSource(root, picked, [stream_io.join_url(base, n) for n in names],
                           np.asarray(lengths, dtype=np.int64), listed, names_known, keys)
     if classes is not None:

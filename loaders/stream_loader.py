@@ -140,7 +140,7 @@ class StreamStepDataset(StepDataset):
             target = self.dataset.target(item.sample.target)
             try:
                 if target < 0:
-                    raise UndecodableImage(f'its class {item.sample.target} is not in the class map')
+                    raise UndecodableImage(f'its class {item.sample.target} is not among the classes read')
                 return self.builder.build_pil(StreamMember(item), L, P, rng), target, rng
             except UndecodableImage:
                 bad.append(item.sample.name)
@@ -213,7 +213,7 @@ class _StreamEvalBatches(IterableDataset):
         target = self.source.target(item.sample.target)
         try:
             if target < 0:
-                raise UndecodableImage('its class is not in the class map')
+                raise UndecodableImage(f'its class {item.sample.target} is not among the classes read')
             img = eval_sample(name, cfg.max_seq_len, cfg.patch_size, cfg.interpolation, cfg.draft,
                               cfg.exif_orientation)
         except UndecodableImage:

@@ -38,7 +38,8 @@ def _open_split(cfg: Config, split: str, what: str, hint: str = '', classes=None
     root = (data.root if wants_stream(data.root) else Path(data.root)) if data.root else None  # None: hf, no cache
     try:
         ds = loaders.open_dataset(root, split, classes=classes, cache_dir=data.cache_dir, dataset=data.dataset,
-                                  input_key=data.input_key, target_key=data.target_key)
+                                  input_key=data.input_key, target_key=data.target_key,
+                                  num_classes=cfg.model.num_classes)
     except (FileNotFoundError, ValueError, DataSourceError) as e:
         raise UserError(f'no {what} images: {e}{hint}') from None
     if getattr(ds, 'skipped_classes', None):

@@ -48,7 +48,7 @@ def _open_dataset(args, classes=None):
     if wants_stream(root):  # a URL, bucket or file:// folder of tar shards, read front to back
         try:
             ds = open_dataset(root, args.split, classes=classes, dataset=args.dataset, input_key=args.input_key,
-                              target_key=args.target_key)
+                              target_key=args.target_key, num_classes=args.num_classes)
         except (FileNotFoundError, ValueError, DataSourceError) as e:
             raise ValidateError(str(e)) from None
         return ds
