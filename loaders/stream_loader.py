@@ -82,6 +82,7 @@ class StreamStepDataset(StepDataset):
         if epoch not in self._plans:
             sched = self.schedule
             lo, hi = rank_range(self.epoch_samples, sched.rank, sched.world_size)
+            # a rank that reads one sample past its range has it in ``sizes`` already: its parts reach hi + 1
             sizes, _ = rank_step_sizes([len(s.indices) for s in sched.steps(epoch)], hi - lo)
             parts = tuple(split_streams(sizes, lo, self.num_streams))
             step_part = {s: (p.index, slot, n) for p in parts for s, slot, n in p.steps}
@@ -118,9 +119,10 @@ class StreamStepDataset(StepDataset):
             for i, item in enumerate(items):
                 loaded = None if gave_up else self._load_item(epoch, items, i, reader, L, P, bad)
                 gave_up = loaded is None
-                imgs_t_rng = loaded or self._stand_in_item(epoch, item, P)
-                for out, v in zip((imgs, targets, rngs), imgs_t_rng):
-                    out.append(v)
+                img, target, rng = loaded or self._stand_in_item(epoch, item, P)
+                imgs.append(img)
+                targets.append(target)
+                rngs.append(rng)
             bad.extend(m.what for m in reader.missing() for _ in range(m.count))  # read while peeking
         except DataSourceError as e:
             return SourceLost(DataSourceError(str(e)))

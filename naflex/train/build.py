@@ -307,9 +307,12 @@ def build_loaders(cfg: Config, train_ds, val_ds, num_classes: int, dist: DistInf
                      f'order from (seed, epoch), each rank and loader worker a contiguous share (every sample once per '
                      f'epoch), ' + (f'samples shuffled in windows of {buffer} (--wds-shuffle-buffer)' if buffer > 1
                                     else 'no sample shuffle (--wds-shuffle-buffer 0)'))
-    train = loaders.create_train_loader(
-        train_ds, cfg=dataclasses.replace(cfg.loader, pin_memory=pin), aug=cfg.aug, mixup=cfg.mixup,
-        num_classes=num_classes, rank=dist.rank, world_size=dist.world_size)
+    try:
+        train = loaders.create_train_loader(
+            train_ds, cfg=dataclasses.replace(cfg.loader, pin_memory=pin), aug=cfg.aug, mixup=cfg.mixup,
+            num_classes=num_classes, rank=dist.rank, world_size=dist.world_size)
+    except ValueError as e:  # what the data cannot do with these flags (e.g. --aug-repeats on streamed shards)
+        raise UserError(str(e)) from None
     val = None
     if val_ds is not None:
         val = loaders.make_eval_loader(val_ds, dataclasses.replace(cfg.eval, pin_memory=pin), rank=dist.rank,
