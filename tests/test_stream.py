@@ -132,3 +132,33 @@ def test_a_split_without_shard_lengths_is_one_error(tmp_path):
         loaders.open_dataset(f'file://{tmp_path}', 'train')
     with pytest.raises(FileNotFoundError, match=r"split 'test' is not in"):
         loaders.open_dataset(f'file://{tmp_path}', 'test')
+
+
+@pytest.mark.slow  # three short training runs: ~20 s on an idle 2-core machine
+def test_train_sigterm_mid_epoch_resumes_the_stream_exactly(demo_shards, tmp_path):
+    """train.py on the demo shards streamed (file://, 2 loader workers, a shuffle window of 4): SIGTERM at epoch 1
+    step 1, then --resume auto gives the uninterrupted run's losses and weights."""
+    import os
+    import signal
+
+    import train
+    from test_train import Hooks, _weights, card_argv
+
+    class Term(Hooks):
+        def after_update(self, engine, state):
+            super().after_update(engine, state)
+            if (state.epoch, state.step) == (1, 1):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def argv(name):
+        return card_argv(f'file://{demo_shards}', tmp_path, name, '-j', '2', '--wds-shuffle-buffer', '4')
+    full = Hooks()
+    train.main(argv('full'), hooks=full)
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv('cut'), hooks=Term())
+    assert exc.value.code == 143
+    resumed = Hooks()
+    train.main(argv('cut') + ['--resume', 'auto'], hooks=resumed)
+    assert resumed.losses and resumed.losses == [h for h in full.losses if (h[0], h[1]) >= (1, 2)]
+    for k, v in _weights(tmp_path / 'full' / 'last.pth').items():
+        assert torch.equal(v, _weights(tmp_path / 'cut' / 'last.pth')[k]), k
