@@ -1,0 +1,123 @@
+"""A tiny threaded HTTP/1.1 server on 127.0.0.1 for the stream tests (loaders.stream_io): serves the files of a
+folder with keep-alive and ``Range: bytes=N-`` requests (206), and injects faults per path, one action per request:
+
+- an int status (500, 503, 404 ...): that status with a short body;
+- ``('cut', n)``: the headers with the full length, then n bytes of the body, then the connection is closed;
+- ``('stall', s)``: s seconds of silence before the response (ended early when the server stops);
+- ``('redirect', path)``: 302 to another path of the same server.
+
+``ranges=False`` makes it a server that ignores Range (200 and the whole file). ``requests`` records (path, Range
+header) of every request, ``connections`` counts the TCP connections accepted. ``stop()`` closes the listening
+socket and every open connection, so later connections are refused.
+"""
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+
+class ShardServer:
+    def __init__(self, root, ranges: bool = True):
+        self.root, self.ranges = Path(root), ranges
+        self.faults = {}
+        self.requests = []
+        self.connections = 0
+        self._open = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.owner = self
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f'http://127.0.0.1:{self.httpd.server_address[1]}'
+
+    def fault(self, name: str, *actions) -> None:
+        """The next requests for ``name`` get ``actions``, one each; then the file as it is."""
+        self.faults['/' + name.lstrip('/')] = list(actions)
+
+    def paths(self, name: str):
+        return [rng for path, rng in self.requests if path == '/' + name.lstrip('/')]
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        with self._lock:
+            for sock in list(self._open):
+                try:
+                    sock.shutdown(2)
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self._stopping.is_set():
+            self.stop()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+
+    def setup(self):
+        super().setup()
+        srv = self.server.owner
+        with srv._lock:
+            srv.connections += 1
+            srv._open.add(self.connection)
+
+    def finish(self):
+        with self.server.owner._lock:
+            self.server.owner._open.discard(self.connection)
+        super().finish()
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, status: int, body: bytes = b'', headers=()):
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        srv = self.server.owner
+        path = unquote(urlsplit(self.path).path)
+        srv.requests.append((path, self.headers.get('Range')))
+        actions = srv.faults.get(path)
+        action = actions.pop(0) if actions else 'ok'
+        if isinstance(action, int):
+            return self._reply(action, f'status {action}\n'.encode())
+        if action[0] == 'stall':
+            if srv._stopping.wait(action[1]):
+                self.close_connection = True
+                return None
+        if action[0] == 'redirect':
+            return self._reply(302, headers=[('Location', action[1])])
+        file = srv.root / path.lstrip('/')
+        if not file.is_file():
+            return self._reply(404, b'not found\n')
+        data = file.read_bytes()
+        m = re.fullmatch(r'bytes=(\d+)-', self.headers.get('Range') or '') if srv.ranges else None
+        start = int(m.group(1)) if m else 0
+        self.send_response(206 if m else 200)
+        if m:
+            self.send_header('Content-Range', f'bytes {start}-{len(data) - 1}/{len(data)}')
+        self.send_header('Accept-Ranges', 'bytes' if srv.ranges else 'none')
+        self.send_header('Content-Length', str(len(data) - start))
+        self.end_headers()
+        if action[0] == 'cut':
+            self.wfile.write(data[start:start + action[1]])
+            self.wfile.flush()
+            self.close_connection = True
+            return None
+        self.wfile.write(data[start:])
+        return None

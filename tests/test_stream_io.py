@@ -1,0 +1,274 @@
+"""The shard transport (loaders.stream_io): a shard streamed from a file, over HTTP (tests/shard_server.py on
+127.0.0.1), from a ``pipe:`` command or through fsspec gives the samples of the random-access index, in shard
+order; and each fault (5xx, a cut connection, a server that stops, stalls or ignores Range, 404, a bad
+``_info.json``) ends as the documented retry, DataSourceError or ShardFailed, within bounded time."""
+import gzip
+import io
+import json
+import socket
+import tarfile
+import time
+
+import pytest
+
+import loaders
+from loaders import shards as S
+from loaders import stream_io as IO
+from shard_server import ShardServer
+
+FAST = dict(retries=2, timeout=2.0, backoff=0.02)  # small test timeouts: every fault ends within seconds
+
+
+def _write_tar(path, members):
+    with tarfile.open(path, 'w', format=tarfile.PAX_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _members(n, size=3000, start=0):
+    """n samples KEY.jpg (distinct bytes) + KEY.cls + KEY.json, the layout make_shards.py writes."""
+    out = []
+    for i in range(start, start + n):
+        out += [(f's{i:03d}.jpg', bytes([i % 251]) * (size + 37 * i)), (f's{i:03d}.cls', str(i % 7).encode()),
+                (f's{i:03d}.json', json.dumps({'label': i % 5}).encode())]
+    return out
+
+
+def _as_tuples(samples):
+    return [(s.key, s.image, s.image_ext, s.target, s.name) for s in samples]
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    _write_tar(tmp_path / 'x-train-0000.tar', _members(12))
+    _write_tar(tmp_path / 'x-train-0001.tar', _members(5, start=12))
+    info = {'splits': {'train': {'name': 'train', 'num_samples': 17, 'filenames': ['x-train-0000.tar',
+                                                                                   'x-train-0001.tar'],
+                                 'shard_lengths': [12, 5]}}}
+    (tmp_path / '_info.json').write_text(json.dumps(info))
+    return tmp_path
+
+
+@pytest.fixture
+def server(shard_dir):
+    with ShardServer(shard_dir) as srv:
+        yield srv
+
+
+def _expected(path, keys=S.SampleKeys(), name_prefix=None):
+    """The samples of the random-access index of ``path``, as (key, bytes, ext, target, name)."""
+    samples, _, _ = S.index_shard(str(path), keys)
+    data = path.read_bytes()
+    prefix = name_prefix or str(path)
+    return [(S._split_key(member)[0], data[off:off + size], S._split_key(member)[1], target, f'{prefix}:{member}')
+            for off, size, target, member in samples]
+
+
+# --- names, local files, equality with the index ---------------------------------------------------------------
+
+def test_is_remote_and_join_url():
+    for url in ('https://huggingface.co/datasets/timm/x/resolve/main/', 'http://h:8/d', 's3://b/p', 'gs://b',
+                'hf://datasets/timm/x', 'pipe:curl -sfL https://h/x.tar', 'file:///data/x'):
+        assert IO.is_remote(url), url
+    for path in ('/data/in1k', 'data/in1k', 'C:\\data', 'x:y'):
+        assert not IO.is_remote(path), path
+    assert IO.join_url('https://h/d/', 'a.tar') == IO.join_url('https://h/d', 'a.tar') == 'https://h/d/a.tar'
+    assert IO.join_url('https://h/d?sig=1', 'a.tar') == 'https://h/d/a.tar?sig=1'
+    assert IO.join_url('s3://bucket', 'a.tar') == 's3://bucket/a.tar'
+    assert IO.join_url('/data/in1k', 'a.tar') == '/data/in1k/a.tar'
+    assert IO.join_url('pipe:aws s3 cp s3://b/d/{} -', 'a.tar') == 'pipe:aws s3 cp s3://b/d/a.tar -'
+    assert IO.join_url('pipe:curl -sfL https://h/d', 'a.tar') == 'pipe:curl -sfL https://h/d/a.tar'
+    assert IO.join_url('https://h/d', 's3://other/a.tar') == 's3://other/a.tar'  # already a URL
+
+
+def test_local_stream_equals_the_index(demo_shards):
+    ds = loaders.ShardDataset(demo_shards, 'train')
+    streamed = [s for shard in ds.shards for s in IO.iter_shard_samples(shard)]
+    assert len(streamed) == len(ds) == 24
+    for i, s in enumerate(streamed):
+        assert s.name == str(ds.path(i)) and s.image == ds.path(i).read_bytes() and s.target == ds.target(i)
+        assert s.image_ext == 'jpg' and s.name.endswith(f'{s.key}.jpg')
+
+
+def test_bad_members_are_left_out_as_the_index_does(tmp_path):
+    odd = [('orphan.jpg', b'x'), ('nocls.png', b'y' * 10), ('badcls.jpg', b'z'), ('badcls.cls', b'-1'),
+           ('d/k.webp', b'w' * 700), ('d/k.cls', b' 4\n')]
+    members = _members(3) + odd + _members(2, start=3)
+    path = _write_tar(tmp_path / 'a.tar', members)
+    problems = []
+    got = _as_tuples(IO.iter_shard_samples(path, problems=problems))
+    assert got == _expected(path) and len(got) == 6 and got[3][2:4] == ('webp', 4)
+    _, index_problems, _ = S.index_shard(str(path))
+    assert problems == [p.replace('a.tar:', f'{path}:') for p in index_problems] and len(problems) == 3
+    keys = S.SampleKeys.parse('png;jpg', 'label')  # timm's --input-key / --target-key
+    assert _as_tuples(IO.iter_shard_samples(path, keys)) == _expected(path, keys)
+    assert [s.target for s in IO.iter_shard_samples(path, keys)] == [0, 1, 2, 3, 4]
+
+
+def test_skip_resumes_mid_shard(shard_dir):
+    path = shard_dir / 'x-train-0000.tar'
+    whole = _as_tuples(IO.iter_shard_samples(path))
+    assert _as_tuples(IO.iter_shard_samples(path, skip=5)) == whole[5:]
+    assert list(IO.iter_shard_samples(path, skip=40)) == []
+
+
+def test_truncated_shard_yields_what_was_read_then_fails(shard_dir, tmp_path, server):
+    data = (shard_dir / 'x-train-0000.tar').read_bytes()
+    cut = tmp_path / 'cut.tar'
+    cut.write_bytes(data[:len(data) // 2 + 100])
+    kept, _, why = S.index_shard(str(cut))
+    (shard_dir / 'cut.tar').write_bytes(cut.read_bytes())
+    for url in (str(cut), f'{server.url}/cut.tar'):
+        got = []
+        with pytest.raises(IO.ShardFailed, match='cut short') as e:
+            for s in IO.iter_shard_samples(url, **FAST):
+                got.append(s)
+        assert len(got) == len(kept) == e.value.samples_read and why and e.value.url == url
+        assert str(e.value).startswith(url) and '\n' not in str(e.value)
+
+
+def test_compressed_shards_stream(shard_dir, tmp_path):
+    plain = shard_dir / 'x-train-0000.tar'
+    (tmp_path / 'x.tar.gz').write_bytes(gzip.compress(plain.read_bytes()))
+    assert [s.image for s in IO.iter_shard_samples(tmp_path / 'x.tar.gz')] == [
+        s.image for s in IO.iter_shard_samples(plain)]
+    (tmp_path / 'z.tar.zst').write_bytes(b'(\xb5/\xfd' + bytes(100))
+    with pytest.raises(IO.DataSourceError, match='zstd'):
+        next(IO.iter_shard_samples(tmp_path / 'z.tar.zst'))
+
+
+# --- HTTP -----------------------------------------------------------------------------------------------------
+
+def test_http_stream_equals_local_with_one_connection(shard_dir, server):
+    for name in ('x-train-0000.tar', 'x-train-0001.tar', 'x-train-0000.tar'):
+        url = f'{server.url}/{name}'
+        assert _as_tuples(IO.iter_shard_samples(url)) == _expected(shard_dir / name, name_prefix=url)
+    assert server.connections == 1  # keep-alive: the shards of a worker share one connection
+    server.fault('moved.tar', ('redirect', '/x-train-0001.tar'))
+    assert len(list(IO.iter_shard_samples(f'{server.url}/moved.tar'))) == 5
+
+
+def test_http_500_then_ok_is_retried(server):
+    url = f'{server.url}/x-train-0000.tar'
+    server.fault('x-train-0000.tar', 500, 503)
+    assert len(list(IO.iter_shard_samples(url, **FAST))) == 12
+    assert len(server.paths('x-train-0000.tar')) == 3
+
+
+@pytest.mark.parametrize('ranges', [True, False])
+def test_cut_connection_resumes_without_repeating_a_member(shard_dir, ranges):
+    with ShardServer(shard_dir, ranges=ranges) as srv:
+        url = f'{srv.url}/x-train-0000.tar'
+        srv.fault('x-train-0000.tar', ('cut', 10_000), ('cut', 30_000))
+        got = _as_tuples(IO.iter_shard_samples(url, **FAST))
+        assert got == _expected(shard_dir / 'x-train-0000.tar', name_prefix=url)
+        # the 2nd request asks for byte 10,000 on; with ranges it gets 30,000 bytes from there, without them the
+        # whole file again, cut at 30,000 (the first 10,000 bytes read again are dropped)
+        assert srv.paths('x-train-0000.tar') == [None, 'bytes=10000-', 'bytes=40000-' if ranges else 'bytes=30000-']
+
+
+def test_a_connection_cut_at_the_same_byte_every_time_fails_the_shard(shard_dir, server):
+    url = f'{server.url}/x-train-0000.tar'
+    server.fault('x-train-0000.tar', ('cut', 20_000), *[('cut', 0)] * 5)  # resumed at 20,000: nothing more comes
+    got, start = [], time.monotonic()
+    with pytest.raises(IO.ShardFailed, match=r'connection closed at byte 20000 .*gave up after 2 retries') as e:
+        for s in IO.iter_shard_samples(url, **FAST):
+            got.append(s)
+    assert time.monotonic() - start < 3
+    expected = _expected(shard_dir / 'x-train-0000.tar', name_prefix=url)
+    assert _as_tuples(got) == expected[:len(got)] and e.value.samples_read == len(got) and 0 < len(got) < 12
+    assert len(server.paths('x-train-0000.tar')) == 3  # the first try and 2 retries
+
+
+def test_404_and_unknown_host_are_one_line_and_not_retried(server, monkeypatch):
+    url = f'{server.url}/missing.tar'
+    with pytest.raises(IO.DataSourceError) as e:
+        next(IO.iter_shard_samples(url, **FAST))
+    assert str(e.value) == f'{url}: HTTP 404 Not Found' and len(server.paths('missing.tar')) == 1
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):  # no DNS in tests: the resolver's answer for a name that does not exist
+        if host == 'no-such-host.invalid':
+            raise socket.gaierror(socket.EAI_NONAME, 'Name or service not known')
+        return real(host, *args, **kwargs)
+    monkeypatch.setattr(socket, 'getaddrinfo', resolve)
+    start = time.monotonic()
+    with pytest.raises(IO.DataSourceError, match=r"^http://no-such-host.invalid/x.tar: host 'no-such-host.invalid' "
+                                                 'not found'):
+        next(IO.iter_shard_samples('http://no-such-host.invalid/x.tar', **FAST))
+    assert time.monotonic() - start < 0.5  # not retried
+
+
+def test_a_stopped_server_ends_within_seconds(shard_dir):
+    srv = ShardServer(shard_dir)
+    url = f'{srv.url}/x-train-0000.tar'
+    assert len(list(IO.iter_shard_samples(url, **FAST))) == 12  # leaves a kept-alive connection behind
+    srv.stop()
+    start = time.monotonic()
+    with pytest.raises(IO.DataSourceError, match=r'^http://127.0.0.1:\d+/x-train-0000.tar: connection refused '
+                                                 r'by 127.0.0.1:\d+ \(after 2 retries\)$'):
+        next(IO.iter_shard_samples(url, **FAST))
+    assert time.monotonic() - start < 2
+
+
+def test_a_server_that_stops_mid_shard_fails_the_shard(shard_dir):
+    srv = ShardServer(shard_dir)
+    url = f'{srv.url}/x-train-0000.tar'
+    samples = IO.iter_shard_samples(url, **FAST)
+    srv.fault('x-train-0000.tar', ('cut', 20_000))
+    first = next(samples)
+    srv.stop()
+    rest = []
+    with pytest.raises(IO.ShardFailed, match='connection refused') as e:
+        for s in samples:
+            rest.append(s)
+    assert e.value.samples_read == 1 + len(rest) and first.key == 's000'
+
+
+def test_a_slow_server_times_out(server):
+    url = f'{server.url}/x-train-0001.tar'
+    server.fault('x-train-0001.tar', ('stall', 5))  # one stalled response, then the file: retried and read
+    start = time.monotonic()
+    assert len(list(IO.iter_shard_samples(url, retries=2, timeout=0.3, backoff=0.02))) == 5
+    server.fault('x-train-0001.tar', *[('stall', 5)] * 3)
+    with pytest.raises(IO.ShardFailed, match=r'no response from 127.0.0.1:\d+ within 0.3 s; gave up after 2 retries'):
+        next(IO.iter_shard_samples(url, retries=2, timeout=0.3, backoff=0.02))
+    assert time.monotonic() - start < 3  # 4 timeouts of 0.3 s and the backoffs
+
+
+# --- _info.json -----------------------------------------------------------------------------------------------
+
+def test_read_info_local_and_http(shard_dir, server, tmp_path):
+    local = IO.read_info(shard_dir)
+    assert local == S.load_info(shard_dir) and local['splits']['train']['shard_lengths'] == [12, 5]
+    assert IO.read_info(server.url + '/') == local
+    (shard_dir / '_info.json').rename(shard_dir / 'info.json')  # timm's other name
+    assert IO.read_info(server.url) == local
+    assert IO.read_info(tmp_path / 'nothing', missing_ok=True) == {}
+    with pytest.raises(IO.DataSourceError, match=rf'^no _info.json or info.json at {server.url}/sub \({server.url}'
+                                                  r'/sub/_info.json: HTTP 404 Not Found\)$'):
+        IO.read_info(server.url + '/sub')
+
+
+@pytest.mark.parametrize('text,why', [
+    ('<html>rate limited</html>', 'is not valid JSON'),
+    ('[1, 2]', 'holds a JSON list'),
+    ('{"splits": {"train": {"filenames": "a.tar"}}}', "split 'train': \"filenames\" is not a list"),
+    ('{"splits": {"train": {"filenames": ["a.tar"], "shard_lengths": [1, 2]}}}', 'one sample count per shard'),
+])
+def test_a_bad_info_file_is_one_line_naming_it(shard_dir, server, text, why):
+    (shard_dir / '_info.json').write_text(text)
+    with pytest.raises(IO.DataSourceError) as e:
+        IO.read_info(server.url)
+    assert str(e.value).startswith(f'{server.url}/_info.json') and why in str(e.value) and '\n' not in str(e.value)
+
+
+def test_read_info_retries_a_5xx(server):
+    server.fault('_info.json', 502)
+    assert IO.read_info(server.url, **FAST)['splits']['train']['num_samples'] == 17
+    server.fault('_info.json', 502, 502, 502)
+    with pytest.raises(IO.DataSourceError, match=r'_info.json: HTTP 502 Bad Gateway; gave up after 2 retries'):
+        IO.read_info(server.url, **FAST)
