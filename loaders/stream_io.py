@@ -438,7 +438,7 @@ class _Resuming:
                 continue
             except DataSourceError as e:
                 self.close()
-                if self.opened_once:  # the object went away mid-read: this shard fails, not the run
+                if self.pos:  # the object went away mid-read: this shard fails, not the run
                     raise _GaveUp(str(e).removeprefix(f'{self.url}: ')) from None
                 raise
             if data:

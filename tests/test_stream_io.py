@@ -3,11 +3,13 @@
 order; and each fault (5xx, a cut connection, a server that stops, stalls or ignores Range, 404, a bad
 ``_info.json``) ends as the documented retry, DataSourceError or ShardFailed, within bounded time."""
 import gzip
+import importlib.util
 import io
 import json
 import socket
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -272,3 +274,108 @@ def test_read_info_retries_a_5xx(server):
     server.fault('_info.json', 502, 502, 502)
     with pytest.raises(IO.DataSourceError, match=r'_info.json: HTTP 502 Bad Gateway; gave up after 2 retries'):
         IO.read_info(server.url, **FAST)
+
+
+# --- pipe: commands -------------------------------------------------------------------------------------------
+
+def test_pipe_source_equals_local_and_reports_the_commands_error(shard_dir, tmp_path):
+    path = shard_dir / 'x-train-0000.tar'
+    url = f'pipe:cat {path}'
+    assert _as_tuples(IO.iter_shard_samples(url)) == _expected(path, name_prefix=url)
+    with pytest.raises(IO.DataSourceError, match=r'^pipe:cat /nonexistent.tar: the command exited with status 1: '
+                                                 r'cat: /nonexistent.tar: No such file or directory$'):
+        next(IO.iter_shard_samples('pipe:cat /nonexistent.tar', **FAST))
+    # fails once mid-shard, then works: run again, the bytes already read dropped, every sample once
+    flag = tmp_path / 'failed-once'
+    flaky = (f'pipe:if [ -e {flag} ]; then cat {path}; else touch {flag}; head -c 20000 {path}; '
+             'echo connection reset >&2; exit 3; fi')
+    assert [s.key for s in IO.iter_shard_samples(flaky, **FAST)] == [f's{i:03d}' for i in range(12)]
+    broken = f'pipe:head -c 20000 {path}; echo connection reset >&2; exit 3'
+    got = []
+    with pytest.raises(IO.ShardFailed, match='the command exited with status 3: connection reset; gave up after 2 '
+                                             'retries') as e:
+        for s in IO.iter_shard_samples(broken, **FAST):
+            got.append(s)
+    assert 0 < len(got) == e.value.samples_read < 12
+
+
+def test_a_silent_pipe_times_out_and_an_abandoned_one_is_killed(shard_dir, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(IO.ShardFailed, match='no output for 0.3 s'):
+        next(IO.iter_shard_samples('pipe:sleep 30', retries=1, timeout=0.3, backoff=0.02))
+    assert time.monotonic() - start < 2
+    pid_file = tmp_path / 'pid'
+    samples = IO.iter_shard_samples(f'pipe:sleep 30 & echo $! > {pid_file}; cat {shard_dir / "x-train-0000.tar"}; '
+                                    'wait')
+    assert next(samples).key == 's000'
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        time.sleep(0.02)
+    pid = int(pid_file.read_text())
+    samples.close()  # the loader stops early: the command and what it started are killed
+    for _ in range(100):
+        try:  # gone, or a zombie waiting for its new parent to reap it
+            if Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0] == 'Z':
+                break
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.02)
+    else:
+        pytest.fail(f'the sleep {pid} started by the command still runs')
+
+
+# --- fsspec ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def memory_fs(shard_dir):
+    fsspec = pytest.importorskip('fsspec')
+    fs = fsspec.filesystem('memory')
+    for name in ('x-train-0000.tar', '_info.json'):
+        fs.pipe(f'/stream-io-test/{name}', (shard_dir / name).read_bytes())
+    yield fs
+    fs.rm('/stream-io-test', recursive=True)
+
+
+def test_fsspec_urls(shard_dir, memory_fs):
+    url = 'memory://stream-io-test/x-train-0000.tar'
+    assert _as_tuples(IO.iter_shard_samples(url)) == _expected(shard_dir / 'x-train-0000.tar', name_prefix=url)
+    assert IO.read_info('memory://stream-io-test') == IO.read_info(shard_dir)
+    with pytest.raises(IO.DataSourceError, match='^memory://stream-io-test/no.tar: not found$'):
+        next(IO.iter_shard_samples('memory://stream-io-test/no.tar'))
+    with pytest.raises(IO.DataSourceError, match="^nosuchproto://b/x.tar: .*nosuchproto"):
+        next(IO.iter_shard_samples('nosuchproto://b/x.tar'))
+    if importlib.util.find_spec('s3fs') is None:  # a bucket without its back end: the extra to install
+        with pytest.raises(IO.DataSourceError, match=r'^s3://b/x.tar: .*s3fs.*pip install "naflex-train\[cloud\]"'):
+            next(IO.iter_shard_samples('s3://b/x.tar'))
+
+
+def test_fsspec_read_errors_resume_at_the_byte(shard_dir, memory_fs, monkeypatch):
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    breaks = [15_000, 15_000, 40_000]  # the byte at which each opened file fails
+
+    class Breaking(io.RawIOBase):
+        def __init__(self, f, at):
+            self.f, self.at = f, at
+
+        def seek(self, pos, whence=0):
+            return self.f.seek(pos, whence)
+
+        def read(self, n=-1):
+            if self.f.tell() >= self.at:
+                raise ConnectionResetError('reset by peer')
+            return self.f.read(min(n, self.at - self.f.tell()) if n >= 0 else self.at - self.f.tell())
+
+    opened = []
+    real_open = MemoryFileSystem._open
+
+    def flaky_open(self, path, mode='rb', **kwargs):
+        f = real_open(self, path, mode, **kwargs)
+        opened.append(f)
+        return Breaking(f, breaks.pop(0)) if breaks else f
+    monkeypatch.setattr(MemoryFileSystem, '_open', flaky_open)
+    url = 'memory://stream-io-test/x-train-0000.tar'
+    assert _as_tuples(IO.iter_shard_samples(url, **FAST)) == _expected(shard_dir / 'x-train-0000.tar',
+                                                                       name_prefix=url)
+    assert len(opened) == 4  # the first open, a retry that made no progress, two that did
