@@ -147,20 +147,21 @@ def affine(x_TD: torch.Tensor, layout: PackedLayout, apply_B: torch.Tensor, matr
     for k in offsets:  # per column tap: its token column and the column inside the token
         c = (x0 + k).clamp(min=0).minimum(w_T - 1)
         cols.append((torch.div(c, P, rounding_mode='floor'), c % P))
-    row_values = []
-    for j in offsets:  # per row tap: the row's taps gathered, then interpolated along the row
+    i = 1 if cubic else 0  # the bilinear taps x0, x0 + 1 (rows y0, y0 + 1) inside the bicubic window
+    linear_rows, cubic_rows = [], []
+    for j in offsets:  # per row: its taps gathered and interpolated along the row (only one row's taps held)
         r = (y0 + j).clamp(min=0).minimum(h_T - 1)
         row_token = base_T + torch.div(r, P, rounding_mode='floor') * gw_T
         row_pixel = (r % P) * P
         taps = [pixels.index_select(0, ((row_token + tc) * (P * P) + row_pixel + pc).view(-1)).view(T, P, P, C)
                 .to(f64) for tc, pc in cols]
-        row_values.append(taps)
-    i = 1 if cubic else 0  # the bilinear taps x0, x0 + 1 (rows y0, y0 + 1) inside the bicubic window
-    lin = [_lerp(row[i], row[i + 1], dx) for row in row_values[i:i + 2]]
-    out = _lerp(lin[0], lin[1], dy).to(torch.uint8)  # in [0, 255]: a convex combination; truncates
+        if j in (0, 1):
+            linear_rows.append(_lerp(taps[i], taps[i + 1], dx))
+        if cubic:
+            cubic_rows.append(_cubic(*taps, dx))
+    out = _lerp(*linear_rows, dy).to(torch.uint8)  # in [0, 255]: a convex combination; truncates
     if cubic:
-        rows = [_cubic(*row, dx) for row in row_values]
-        bicubic = _cubic(*rows, dy).clamp_(0, 255).to(torch.uint8)  # v <= 0: 0, v >= 255: 255, else truncated
+        bicubic = _cubic(*cubic_rows, dy).clamp_(0, 255).to(torch.uint8)  # v <= 0: 0, v >= 255: 255, else truncated
         out = torch.where(layout.per_token(bicubic_B).view(-1, 1, 1, 1), bicubic, out)
     fill = layout.per_token(fill_B3.to(torch.uint8)).view(-1, 1, 1, C)
     out = torch.where(inside.unsqueeze(-1), out, fill)
