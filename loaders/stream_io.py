@@ -69,6 +69,9 @@ class ShardFailed(Exception):
         super().__init__(f'{url}: {reason} ({samples_read} samples read)')
         self.url, self.reason, self.samples_read = url, reason, samples_read
 
+    def __reduce__(self):  # crosses process boundaries (DataLoader workers, queues) whole
+        return type(self), (self.url, self.reason, self.samples_read)
+
 
 class _Retry(Exception):
     """A failure worth another try. ``unreachable``: no connection could be made at all."""
@@ -151,7 +154,7 @@ class _Connections:
             if self._pid != os.getpid():
                 self._idle, self._pid = {}, os.getpid()
             conn = self._idle.pop((scheme, netloc), None)
-        if conn is not None:
+        if conn is not None and conn.sock is not None:
             conn.timeout = timeout
             conn.sock.settimeout(timeout)
             return conn, True

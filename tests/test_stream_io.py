@@ -6,6 +6,8 @@ import gzip
 import importlib.util
 import io
 import json
+import pickle
+import sys
 import socket
 import tarfile
 import time
@@ -379,3 +381,22 @@ def test_fsspec_read_errors_resume_at_the_byte(shard_dir, memory_fs, monkeypatch
     assert _as_tuples(IO.iter_shard_samples(url, **FAST)) == _expected(shard_dir / 'x-train-0000.tar',
                                                                        name_prefix=url)
     assert len(opened) == 4  # the first open, a retry that made no progress, two that did
+
+
+def test_errors_are_one_line_and_cross_processes(tmp_path):
+    failed = pickle.loads(pickle.dumps(IO.ShardFailed('http://h/a.tar', 'cut short (x)', 7)))
+    assert (failed.url, failed.reason, failed.samples_read) == ('http://h/a.tar', 'cut short (x)', 7)
+    assert str(failed) == 'http://h/a.tar: cut short (x) (7 samples read)'
+    with pytest.raises(IO.DataSourceError, match=f'^{tmp_path}/no.tar: no such file$'):
+        next(IO.iter_shard_samples(tmp_path / 'no.tar'))
+
+
+def test_bench_stream_runs(demo_shards, capsys):
+    """scripts/bench/bench_stream.py: every reader reads every sample of the split, with its own server process."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts' / 'bench'))
+    import bench_stream
+    rows = bench_stream.main(['--shards', str(demo_shards), '--repeats', '1'])
+    assert [what for what, *_ in rows][:2] == ['ours, local files', 'ours, HTTP from 127.0.0.1']
+    assert {result for *_, result in rows} == {(24, sum(len(loaders.ShardDataset(demo_shards).path(i).read_bytes())
+                                                        for i in range(24)))}
+    assert '| ours, HTTP from 127.0.0.1 |' in capsys.readouterr().out
