@@ -18,6 +18,7 @@ Tar headers and the rules that make members a sample are those of the random-acc
 """
 from __future__ import annotations
 
+import base64
 import bz2
 import http.client
 import json
@@ -33,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
@@ -149,24 +151,46 @@ class _Connections:
         self._pid = None
 
     def take(self, scheme: str, netloc: str, timeout: float):
-        """(connection, whether it is a kept-alive one)."""
+        """(connection, whether it is a kept-alive one, ``via``): ``via`` is None for a direct connection (or a
+        tunnel), else the headers for the http proxy it goes to, which takes whole URLs as request targets."""
         with self._lock:
             if self._pid != os.getpid():
                 self._idle, self._pid = {}, os.getpid()
-            conn = self._idle.pop((scheme, netloc), None)
+            conn, via = self._idle.pop((scheme, netloc), (None, None))
         if conn is not None and conn.sock is not None:
             conn.timeout = timeout
             conn.sock.settimeout(timeout)
-            return conn, True
-        cls = http.client.HTTPSConnection if scheme == 'https' else http.client.HTTPConnection
-        return cls(netloc, timeout=timeout), False
+            return conn, True, via
+        proxy = _proxy(scheme, netloc)
+        if proxy is None:
+            cls = http.client.HTTPSConnection if scheme == 'https' else http.client.HTTPConnection
+            return cls(netloc, timeout=timeout), False, None
+        auth = {}
+        if proxy.username:
+            basic = base64.b64encode(f'{unquote(proxy.username)}:{unquote(proxy.password or "")}'.encode()).decode()
+            auth = {'Proxy-Authorization': f'Basic {basic}'}
+        proxy_host = proxy.netloc.rpartition('@')[2]
+        if scheme == 'https':  # a CONNECT tunnel through the proxy, TLS to the host inside it
+            conn = http.client.HTTPSConnection(proxy_host, timeout=timeout)
+            conn.set_tunnel(netloc, headers=auth)
+            return conn, False, None
+        return http.client.HTTPConnection(proxy_host, timeout=timeout), False, auth
 
-    def give(self, scheme: str, netloc: str, conn) -> None:
+    def give(self, scheme: str, netloc: str, conn, via: Optional[dict]) -> None:
         with self._lock:
-            old = self._idle.pop((scheme, netloc), None)
-            self._idle[(scheme, netloc)] = conn
+            old, _ = self._idle.pop((scheme, netloc), (None, None))
+            self._idle[(scheme, netloc)] = conn, via
         if old is not None:
             old.close()
+
+
+def _proxy(scheme: str, netloc: str):
+    """The proxy of ``$http_proxy`` / ``$https_proxy`` for this host (``$no_proxy`` honoured), as curl and urllib
+    take them, or None."""
+    proxy = urllib.request.getproxies().get(scheme)
+    if not proxy or urllib.request.proxy_bypass(netloc):
+        return None
+    return urlsplit(proxy if '://' in proxy else f'http://{proxy}')
 
 
 _connections = _Connections()
@@ -243,11 +267,14 @@ class _HttpSource:
             headers['Authorization'] = f'Bearer {token}'
         target = quote(parts.path or '/', safe="/%:@!$&'()*+,;=-._~") + (f'?{parts.query}' if parts.query else '')
         for attempt in (0, 1):
-            conn, kept_alive = _connections.take(parts.scheme, parts.netloc, self.timeout)
+            conn, kept_alive, via = _connections.take(parts.scheme, parts.netloc, self.timeout)
             try:
                 if conn.sock is None:
                     self._connect(conn, parts)
-                conn.request('GET', target, headers=headers)
+                if via is not None:  # an http proxy: the whole URL as the target, and the proxy's credentials
+                    conn.request('GET', f'http://{parts.netloc}{target}', headers={**headers, **via})
+                else:
+                    conn.request('GET', target, headers=headers)
                 resp = conn.getresponse()
             except (DataSourceError, _Retry):
                 conn.close()
@@ -260,7 +287,7 @@ class _HttpSource:
                 if kept_alive and attempt == 0:
                     continue  # the server had closed the idle connection: a new one, not a retry
                 raise _Retry(f'request failed ({type(e).__name__}: {e})') from None
-            self.conn, self.resp, self.host = conn, resp, (parts.scheme, parts.netloc)
+            self.conn, self.resp, self.host = conn, resp, (parts.scheme, parts.netloc, via)
             return resp
 
     def _connect(self, conn, parts) -> None:
@@ -299,7 +326,8 @@ class _HttpSource:
         except (OSError, http.client.HTTPException):
             pass
         if resp.isclosed() and not resp.will_close:
-            _connections.give(*self.host, conn)
+            scheme, netloc, via = self.host
+            _connections.give(scheme, netloc, conn, via)
         else:
             conn.close()
 
@@ -328,7 +356,9 @@ class _PipeSource:
 
     def read(self, n: int) -> bytes:
         fd = self.proc.stdout.fileno()
-        if not select.select([fd], [], [], self.timeout)[0]:
+        poller = select.poll()  # not select(): a worker may hold more than 1024 descriptors (loaders.shards)
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(self.timeout * 1000):
             raise _Retry(f'no output for {self.timeout:g} s at byte {self.at}')
         data = os.read(fd, n)
         if data:

@@ -7,7 +7,8 @@ folder with keep-alive and ``Range: bytes=N-`` requests (206), and injects fault
 - ``('redirect', path)``: 302 to another path of the same server.
 
 ``ranges=False`` makes it a server that ignores Range (200 and the whole file). ``requests`` records (path, Range
-header) of every request, ``connections`` counts the TCP connections accepted. ``stop()`` closes the listening
+header) of every request, ``targets`` the request targets as sent, ``connections`` counts the TCP connections
+accepted. ``stop()`` closes the listening
 socket and every open connection, so later connections are refused.
 """
 import re
@@ -22,6 +23,7 @@ class ShardServer:
         self.root, self.ranges = Path(root), ranges
         self.faults = {}
         self.requests = []
+        self.targets = []  # the request targets as sent (a whole URL when the client takes the server for a proxy)
         self.connections = 0
         self._open = set()
         self._lock = threading.Lock()
@@ -92,6 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.server.owner
         path = unquote(urlsplit(self.path).path)
         srv.requests.append((path, self.headers.get('Range')))
+        srv.targets.append(self.path)
         actions = srv.faults.get(path)
         action = actions.pop(0) if actions else 'ok'
         if isinstance(action, int):

@@ -45,6 +45,14 @@ def _as_tuples(samples):
     return [(s.key, s.image, s.image_ext, s.target, s.name) for s in samples]
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    """The tests talk to 127.0.0.1 directly, whatever proxy the machine's environment names."""
+    for name in ('http_proxy', 'https_proxy', 'all_proxy', 'no_proxy'):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
 @pytest.fixture
 def shard_dir(tmp_path):
     _write_tar(tmp_path / 'x-train-0000.tar', _members(12))
@@ -153,6 +161,16 @@ def test_http_stream_equals_local_with_one_connection(shard_dir, server):
     assert server.connections == 1  # keep-alive: the shards of a worker share one connection
     server.fault('moved.tar', ('redirect', '/x-train-0001.tar'))
     assert len(list(IO.iter_shard_samples(f'{server.url}/moved.tar'))) == 5
+
+
+def test_http_proxy_from_the_environment(shard_dir, server, monkeypatch):
+    monkeypatch.setenv('http_proxy', server.url)  # the test server answers as a forward proxy would
+    url = 'http://shards.example.invalid/x-train-0001.tar'
+    assert _as_tuples(IO.iter_shard_samples(url)) == _expected(shard_dir / 'x-train-0001.tar', name_prefix=url)
+    assert server.requests[-1] == ('/x-train-0001.tar', None) and server.targets[-1] == url
+    monkeypatch.setenv('http_proxy', 'http://127.0.0.1:9')  # a dead proxy, bypassed for this host
+    monkeypatch.setenv('no_proxy', '127.0.0.1')
+    assert len(list(IO.iter_shard_samples(f'{server.url}/x-train-0001.tar'))) == 5
 
 
 def test_http_500_then_ok_is_retried(server):
