@@ -518,6 +518,7 @@ class _TarStream:
 
     def __init__(self, read: Callable[[int], bytes], head: bytes = b''):
         self._read, self.head, self.pos = read, head, 0
+        self.start = b''  # the first bytes, for the message when they are no tar header
 
     def read_at(self, offset: int, size: int) -> bytes:
         assert offset >= self.pos, (offset, self.pos)
@@ -531,7 +532,9 @@ class _TarStream:
                 break
             chunks.append(chunk)
             left -= len(chunk)
-        return chunks[0] if len(chunks) == 1 else b''.join(chunks)
+        data = chunks[0] if len(chunks) == 1 else b''.join(chunks)
+        self.start = self.start or data[:32]
+        return data
 
     def _next(self, n: int) -> bytes:
         if self.head:
@@ -616,6 +619,8 @@ def iter_shard_samples(url: str, keys: SampleKeys = SampleKeys(), *, retries: in
         if sample is not None:
             yield sample
     except (_ShardCut, _Unsupported, _GaveUp) as e:
+        if isinstance(e, _Unsupported) and key is None:  # the first header already: an error page, not a shard
+            raise DataSourceError(f'{url}: not a tar archive (it starts with {tar.start!r})') from None
         sample = complete()  # the members before the failure make a sample when they are whole, as in the index
         if sample is not None:
             yield sample

@@ -173,6 +173,12 @@ def test_http_proxy_from_the_environment(shard_dir, server, monkeypatch):
     assert len(list(IO.iter_shard_samples(f'{server.url}/x-train-0001.tar'))) == 5
 
 
+def test_an_error_page_served_as_a_shard(shard_dir, server):
+    (shard_dir / 'page.tar').write_bytes(b'<!DOCTYPE html><html>Sign in to continue</html>\n' * 20)
+    with pytest.raises(IO.DataSourceError, match=r"/page.tar: not a tar archive \(it starts with b'<!DOCTYPE html>"):
+        next(IO.iter_shard_samples(f'{server.url}/page.tar'))
+
+
 def test_http_500_then_ok_is_retried(server):
     url = f'{server.url}/x-train-0000.tar'
     server.fault('x-train-0000.tar', 500, 503)
