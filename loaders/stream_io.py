@@ -46,6 +46,7 @@ _URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 8
 _CHUNK = 1 << 16
+_OUT = 1 << 20         # the most a decompressor gives at a time
 _DRAIN = 1 << 16       # the rest of a body read to keep its connection alive (a tar's end-of-archive padding)
 _INFO_LIMIT = 64 << 20
 _HF_HOSTS = ('huggingface.co', 'hf.co')  # hosts that get the Hugging Face token (never the CDN they redirect to)
@@ -497,19 +498,29 @@ class _Resuming:
 # --- from bytes to samples ------------------------------------------------------------------------------------
 
 class _Decompressed:
-    """A gzip / bzip2 / xz stream decompressed on the fly (streams, unlike random access, can read them)."""
+    """A gzip / bzip2 / xz stream decompressed on the fly (streams, unlike random access, can read them), at most
+    1 MiB of output at a time however well the input compresses."""
 
     def __init__(self, head: bytes, read: Callable[[int], bytes], decompressor):
-        self.head, self._read, self.d, self.buf = head, read, decompressor, b''
+        self.head, self._read, self.d = head, read, decompressor
+        self.buf, self.off = b'', 0
 
     def read(self, n: int) -> bytes:
-        while not self.buf and not self.d.eof:
-            data, self.head = (self.head or self._read(_CHUNK)), b''
-            if not data:
-                raise _ShardCut('the compressed stream ends early')
-            self.buf = self.d.decompress(data)
-        out, self.buf = self.buf[:n], self.buf[n:]
+        while self.off >= len(self.buf) and not self.d.eof:
+            if hasattr(self.d, 'unconsumed_tail'):  # zlib's interface
+                self.buf = self.d.decompress(self.d.unconsumed_tail or self._input(), _OUT)
+            else:  # bz2's and lzma's
+                self.buf = self.d.decompress(self._input() if self.d.needs_input else b'', _OUT)
+            self.off = 0
+        out = self.buf[self.off:self.off + n]
+        self.off += len(out)
         return out
+
+    def _input(self) -> bytes:
+        data, self.head = (self.head or self._read(_CHUNK)), b''
+        if not data:
+            raise _ShardCut('the compressed stream ends early')
+        return data
 
 
 class _TarStream:

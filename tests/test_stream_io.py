@@ -2,10 +2,12 @@
 127.0.0.1), from a ``pipe:`` command or through fsspec gives the samples of the random-access index, in shard
 order; and each fault (5xx, a cut connection, a server that stops, stalls or ignores Range, 404, a bad
 ``_info.json``) ends as the documented retry, DataSourceError or ShardFailed, within bounded time."""
+import bz2
 import gzip
 import importlib.util
 import io
 import json
+import lzma
 import pickle
 import sys
 import socket
@@ -144,9 +146,15 @@ def test_truncated_shard_yields_what_was_read_then_fails(shard_dir, tmp_path, se
 
 def test_compressed_shards_stream(shard_dir, tmp_path):
     plain = shard_dir / 'x-train-0000.tar'
-    (tmp_path / 'x.tar.gz').write_bytes(gzip.compress(plain.read_bytes()))
-    assert [s.image for s in IO.iter_shard_samples(tmp_path / 'x.tar.gz')] == [
-        s.image for s in IO.iter_shard_samples(plain)]
+    zeros = _write_tar(tmp_path / 'zeros.tar', [('z.jpg', bytes(5 << 20)), ('z.cls', b'1')])  # 5 MiB, 1,000x smaller
+    for source, compress, ext in ((plain, gzip.compress, 'gz'), (zeros, bz2.compress, 'bz2'),
+                                  (plain, lzma.compress, 'xz')):
+        packed = tmp_path / f'{source.stem}.tar.{ext}'
+        packed.write_bytes(compress(source.read_bytes()))
+        assert _as_tuples(IO.iter_shard_samples(packed)) == _expected(source, name_prefix=str(packed))
+        packed.write_bytes(packed.read_bytes()[:len(packed.read_bytes()) // 2])
+        with pytest.raises(IO.ShardFailed, match='cut short'):
+            list(IO.iter_shard_samples(packed))
     (tmp_path / 'z.tar.zst').write_bytes(b'(\xb5/\xfd' + bytes(100))
     with pytest.raises(IO.DataSourceError, match='zstd'):
         next(IO.iter_shard_samples(tmp_path / 'z.tar.zst'))
