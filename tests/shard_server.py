@@ -6,12 +6,13 @@ folder with keep-alive and ``Range: bytes=N-`` requests (206), and injects fault
 - ``('stall', s)``: s seconds of silence before the response (ended early when the server stops);
 - ``('redirect', path)``: 302 to another path of the same server.
 
-``ranges=False`` makes it a server that ignores Range (200 and the whole file). ``requests`` records (path, Range
-header) of every request, ``targets`` the request targets as sent, ``connections`` counts the TCP connections
-accepted. ``stop()`` closes the listening
-socket and every open connection, so later connections are refused.
+``tls=(certfile, keyfile)`` serves https. ``ranges=False`` makes it a server that ignores Range (200 and the whole
+file). ``requests`` records (path, Range header) of every request, ``targets`` the request targets as sent,
+``connections`` counts the TCP connections accepted. ``stop()`` closes the listening socket and every open
+connection, so later connections are refused.
 """
 import re
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 
 class ShardServer:
-    def __init__(self, root, ranges: bool = True):
+    def __init__(self, root, ranges: bool = True, tls=None):
         self.root, self.ranges = Path(root), ranges
         self.faults = {}
         self.requests = []
@@ -31,12 +32,17 @@ class ShardServer:
         self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self
+        self.scheme = 'https' if tls else 'http'
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True)
         self._thread.start()
 
     @property
     def url(self) -> str:
-        return f'http://127.0.0.1:{self.httpd.server_address[1]}'
+        return f'{self.scheme}://127.0.0.1:{self.httpd.server_address[1]}'
 
     def fault(self, name: str, *actions) -> None:
         """The next requests for ``name`` get ``actions``, one each; then the file as it is."""

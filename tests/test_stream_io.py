@@ -9,8 +9,10 @@ import io
 import json
 import lzma
 import pickle
+import shutil
 import sys
 import socket
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -185,6 +187,24 @@ def test_an_error_page_served_as_a_shard(shard_dir, server):
     (shard_dir / 'page.tar').write_bytes(b'<!DOCTYPE html><html>Sign in to continue</html>\n' * 20)
     with pytest.raises(IO.DataSourceError, match=r"/page.tar: not a tar archive \(it starts with b'<!DOCTYPE html>"):
         next(IO.iter_shard_samples(f'{server.url}/page.tar'))
+
+
+def test_https_checks_the_certificate(shard_dir, tmp_path, monkeypatch):
+    if shutil.which('openssl') is None:
+        pytest.skip('needs the openssl command to make a certificate')
+    cert, key = tmp_path / 'cert.pem', tmp_path / 'key.pem'
+    subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', str(key), '-out', str(cert),
+                    '-days', '1', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'],
+                   check=True, capture_output=True)
+    monkeypatch.delenv('SSL_CERT_FILE', raising=False)
+    with ShardServer(shard_dir, tls=(cert, key)) as srv:
+        url = f'{srv.url}/x-train-0001.tar'
+        assert url.startswith('https://')
+        with pytest.raises(IO.DataSourceError, match=r'^https://127.0.0.1:\d+/x-train-0001.tar: TLS certificate not '
+                                                     r'accepted \(self.signed certificate\)$'):
+            next(IO.iter_shard_samples(url, **FAST))
+        monkeypatch.setenv('SSL_CERT_FILE', str(cert))  # trusted: read as over http
+        assert _as_tuples(IO.iter_shard_samples(url)) == _expected(shard_dir / 'x-train-0001.tar', name_prefix=url)
 
 
 def test_http_500_then_ok_is_retried(server):
