@@ -4,12 +4,12 @@ folder with keep-alive and ``Range: bytes=N-`` requests (206), and injects fault
 - an int status (500, 503, 404 ...): that status with a short body;
 - ``('cut', n)``: the headers with the full length, then n bytes of the body, then the connection is closed;
 - ``('stall', s)``: s seconds of silence before the response (ended early when the server stops);
-- ``('redirect', path)``: 302 to another path of the same server.
+- ``('redirect', location)``: 302 to another path or URL.
 
 ``tls=(certfile, keyfile)`` serves https. ``ranges=False`` makes it a server that ignores Range (200 and the whole
 file). ``requests`` records (path, Range header) of every request, ``targets`` the request targets as sent,
-``connections`` counts the TCP connections accepted. ``stop()`` closes the listening socket and every open
-connection, so later connections are refused.
+``authorization`` their Authorization headers, ``connections`` counts the TCP connections accepted. ``stop()``
+closes the listening socket and every open connection, so later connections are refused.
 """
 import re
 import ssl
@@ -25,6 +25,7 @@ class ShardServer:
         self.faults = {}
         self.requests = []
         self.targets = []  # the request targets as sent (a whole URL when the client takes the server for a proxy)
+        self.authorization = []  # the Authorization header of each request
         self.connections = 0
         self._open = set()
         self._lock = threading.Lock()
@@ -101,6 +102,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         srv.requests.append((path, self.headers.get('Range')))
         srv.targets.append(self.path)
+        srv.authorization.append(self.headers.get('Authorization'))
         actions = srv.faults.get(path)
         action = actions.pop(0) if actions else 'ok'
         if isinstance(action, int):

@@ -183,6 +183,20 @@ def test_http_proxy_from_the_environment(shard_dir, server, monkeypatch):
     assert len(list(IO.iter_shard_samples(f'{server.url}/x-train-0001.tar'))) == 5
 
 
+def test_the_hub_token_goes_to_huggingface_co_only(shard_dir, server, monkeypatch):
+    monkeypatch.setenv('http_proxy', server.url)  # every host is the test server, reached as a proxy
+    monkeypatch.setenv('HF_TOKEN', 'hf_test_token')
+    monkeypatch.setattr(IO, '_hf_token_cache', {})
+    cdn = 'http://cdn.example.invalid/x-train-0001.tar'
+    server.fault('datasets/timm/x/resolve/main/x-train-0001.tar', ('redirect', cdn))
+    assert len(list(IO.iter_shard_samples('http://huggingface.co/datasets/timm/x/resolve/main/x-train-0001.tar'))) == 5
+    assert server.targets[-2:] == ['http://huggingface.co/datasets/timm/x/resolve/main/x-train-0001.tar', cdn]
+    assert server.authorization[-2:] == ['Bearer hf_test_token', None]  # the CDN it redirects to never sees it
+    server.fault('x-train-0000.tar', 403)
+    with pytest.raises(IO.DataSourceError, match='HTTP 403 Forbidden .*set HF_TOKEN'):
+        next(IO.iter_shard_samples('http://huggingface.co/x-train-0000.tar'))
+
+
 def test_an_error_page_served_as_a_shard(shard_dir, server):
     (shard_dir / 'page.tar').write_bytes(b'<!DOCTYPE html><html>Sign in to continue</html>\n' * 20)
     with pytest.raises(IO.DataSourceError, match=r"/page.tar: not a tar archive \(it starts with b'<!DOCTYPE html>"):
