@@ -4,14 +4,14 @@ that writes the shard to its stdout, as webdataset's ``gopen`` runs it) and any 
 
 Why streams: an object store or a web server answers one request per read, so the random access of
 loaders.shards (one ``pread`` per image) would cost a round trip per sample; read front to back, a shard costs one
-request and memory bounded by one sample. What this layer adds is reliability. Every socket operation has a timeout
-(a dead server never hangs a worker). A dropped connection, a timeout or a 5xx is retried with exponential backoff
-and the read resumes at the byte where it stopped (an HTTP Range request; where the server ignores ranges, or for a
-``pipe:`` command, the shard is read again from its start and the bytes already delivered are discarded), so no
-member is delivered twice. What retries cannot fix ends in one of two exceptions: DataSourceError, the source itself
-is wrong (404, unknown host, a server refusing connections, a bad ``_info.json``) and the run should stop with its
-one-line message; or ShardFailed, this shard could not be read to its end, which the caller counts like a bad file
-before going on with the next shard.
+request and memory bounded by one sample. What this layer adds is reliability. Every connect and read of an http(s)
+URL and every wait for a command's output has a timeout (a dead server never hangs a worker). A dropped connection,
+a timeout or a 5xx is retried with exponential backoff and the read resumes at the byte where it stopped (an HTTP
+Range request; where the server ignores ranges, or for a ``pipe:`` command, the shard is read again from its start
+and the bytes already delivered are discarded), so no member is delivered twice. What retries cannot fix ends in
+one of two exceptions: DataSourceError, the source itself is wrong (404, unknown host, a server refusing
+connections, a bad ``_info.json``) and the run should stop with its one-line message; or ShardFailed, this shard
+could not be read to its end, which the caller counts like a bad file before going on with the next shard.
 
 Tar headers and the rules that make members a sample are those of the random-access index (loaders.shards:
 ``tar_members``, ``sample_label``), so a shard streamed gives the samples its index gives, in shard order.
