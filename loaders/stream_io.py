@@ -49,6 +49,7 @@ _CHUNK = 1 << 16
 _OUT = 1 << 20         # the most a decompressor gives at a time
 _DRAIN = 1 << 16       # the rest of a body read to keep its connection alive (a tar's end-of-archive padding)
 _INFO_LIMIT = 64 << 20
+_MAX_WAIT = 60.0       # the longest Retry-After honoured
 _HF_HOSTS = ('huggingface.co', 'hf.co')  # hosts that get the Hugging Face token (never the CDN they redirect to)
 _COMPRESSED = {b'\x1f\x8b': lambda: zlib.decompressobj(31), b'BZh': bz2.BZ2Decompressor,
                b'\xfd7zXZ': lzma.LZMADecompressor}
@@ -77,11 +78,12 @@ class ShardFailed(Exception):
 
 
 class _Retry(Exception):
-    """A failure worth another try. ``unreachable``: no connection could be made at all."""
+    """A failure worth another try. ``unreachable``: no connection could be made at all; ``wait``: the seconds the
+    server asked for (``Retry-After``)."""
 
-    def __init__(self, reason: str, unreachable: bool = False):
+    def __init__(self, reason: str, unreachable: bool = False, wait: float = 0.0):
         super().__init__(reason)
-        self.reason, self.unreachable = reason, unreachable
+        self.reason, self.unreachable, self.wait = reason, unreachable, wait
 
 
 class _GaveUp(Exception):
@@ -238,7 +240,8 @@ class _HttpSource:
             reason = f'HTTP {resp.status} {resp.reason}'.strip()
             self.close()
             if resp.status in (408, 429) or resp.status >= 500:
-                raise _Retry(reason)
+                after = resp.getheader('Retry-After') or ''
+                raise _Retry(reason, wait=min(float(after), _MAX_WAIT) if after.isdigit() else 0.0)
             if resp.status in (401, 403) and urlsplit(self.url).hostname in _HF_HOSTS:
                 reason += ' (a gated or private dataset: set HF_TOKEN or run `huggingface-cli login`)'
             raise (_Missing if resp.status in (404, 410) else DataSourceError)(f'{self.url}: {reason}')
@@ -452,7 +455,8 @@ def _source(url: str, timeout: float):
 class _Resuming:
     """``read(n)`` over a source that reconnects at the byte where a failure stopped it, after a backoff of
     ``backoff * 2**(k-1)`` seconds (times a random 0.5-1, so workers do not retry in step) for the k-th failure in a
-    row; a read that makes progress starts the count again. Beyond ``retries`` failures in a row: _GaveUp, or
+    row, or what the server's ``Retry-After`` asks for (up to a minute); a read that makes progress starts the count
+    again. Beyond ``retries`` failures in a row: _GaveUp, or
     DataSourceError where no connection was ever made."""
 
     def __init__(self, source, url: str, retries: int, backoff: float):
@@ -488,7 +492,7 @@ class _Resuming:
             if not self.opened_once and e.unreachable:
                 raise DataSourceError(f'{self.url}: {e.reason} (after {tries})') from None
             raise _GaveUp(f'{e.reason}; gave up after {tries}') from None
-        time.sleep(self.backoff * 2 ** (self.failures - 1) * random.uniform(0.5, 1.0))
+        time.sleep(max(self.backoff * 2 ** (self.failures - 1) * random.uniform(0.5, 1.0), e.wait))
 
     def close(self) -> None:
         self.source.close()

@@ -1,7 +1,7 @@
 """A tiny threaded HTTP/1.1 server on 127.0.0.1 for the stream tests (loaders.stream_io): serves the files of a
 folder with keep-alive and ``Range: bytes=N-`` requests (206), and injects faults per path, one action per request:
 
-- an int status (500, 503, 404 ...): that status with a short body;
+- an int status (500, 503, 404 ...): that status with a short body; ``(status, seconds)``: with ``Retry-After``;
 - ``('cut', n)``: the headers with the full length, then n bytes of the body, then the connection is closed;
 - ``('stall', s)``: s seconds of silence before the response (ended early when the server stops);
 - ``('redirect', location)``: 302 to another path or URL.
@@ -107,6 +107,8 @@ class _Handler(BaseHTTPRequestHandler):
         action = actions.pop(0) if actions else 'ok'
         if isinstance(action, int):
             return self._reply(action, f'status {action}\n'.encode())
+        if isinstance(action[0], int):
+            return self._reply(action[0], b'busy\n', [('Retry-After', str(action[1]))])
         if action[0] == 'stall':
             if srv._stopping.wait(action[1]):
                 self.close_connection = True

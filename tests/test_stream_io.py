@@ -226,6 +226,10 @@ def test_http_500_then_ok_is_retried(server):
     server.fault('x-train-0000.tar', 500, 503)
     assert len(list(IO.iter_shard_samples(url, **FAST))) == 12
     assert len(server.paths('x-train-0000.tar')) == 3
+    server.fault('x-train-0000.tar', (429, 1))  # Too Many Requests, Retry-After: 1 s (not the 0.02 s backoff)
+    start = time.monotonic()
+    assert len(list(IO.iter_shard_samples(url, **FAST))) == 12
+    assert 1 <= time.monotonic() - start < 2
 
 
 @pytest.mark.parametrize('ranges', [True, False])
