@@ -118,19 +118,22 @@ class _Handler(BaseHTTPRequestHandler):
         file = srv.root / path.lstrip('/')
         if not file.is_file():
             return self._reply(404, b'not found\n')
-        data = file.read_bytes()
+        size = file.stat().st_size
         m = re.fullmatch(r'bytes=(\d+)-', self.headers.get('Range') or '') if srv.ranges else None
         start = int(m.group(1)) if m else 0
         self.send_response(206 if m else 200)
         if m:
-            self.send_header('Content-Range', f'bytes {start}-{len(data) - 1}/{len(data)}')
+            self.send_header('Content-Range', f'bytes {start}-{size - 1}/{size}')
         self.send_header('Accept-Ranges', 'bytes' if srv.ranges else 'none')
-        self.send_header('Content-Length', str(len(data) - start))
+        self.send_header('Content-Length', str(size - start))
         self.end_headers()
+        left = action[1] if action[0] == 'cut' else size - start
+        with open(file, 'rb') as f:  # in chunks: the server holds no whole file in memory (the tests measure it)
+            f.seek(start)
+            while left > 0 and (chunk := f.read(min(left, 1 << 16))):
+                self.wfile.write(chunk)
+                left -= len(chunk)
         if action[0] == 'cut':
-            self.wfile.write(data[start:start + action[1]])
             self.wfile.flush()
             self.close_connection = True
-            return None
-        self.wfile.write(data[start:])
         return None

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tarfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,20 @@ def test_truncated_shard_yields_what_was_read_then_fails(shard_dir, tmp_path, se
                 got.append(s)
         assert len(got) == len(kept) == e.value.samples_read and why and e.value.url == url
         assert str(e.value).startswith(url) and '\n' not in str(e.value)
+
+
+def test_memory_stays_bounded_by_a_sample(tmp_path):
+    big = _write_tar(tmp_path / 'big.tar', [(f'b{i:02d}.{e}', bytes([i]) * (1 << 20) if e == 'jpg' else b'3')
+                                            for i in range(24) for e in ('jpg', 'cls')])  # 24 MiB of 1 MiB images
+    with ShardServer(tmp_path) as srv:
+        for url in (str(big), f'{srv.url}/big.tar', f'pipe:cat {big}'):
+            tracemalloc.start()
+            try:
+                sizes = [len(s.image) for s in IO.iter_shard_samples(url)]
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert sizes == [1 << 20] * 24 and peak < 4 << 20, (url, peak)  # about one image at a time, not 24
 
 
 def test_compressed_shards_stream(shard_dir, tmp_path):
