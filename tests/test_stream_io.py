@@ -128,6 +128,7 @@ def test_bad_members_are_left_out_as_the_index_does(tmp_path):
 def test_skip_resumes_mid_shard(shard_dir):
     path = shard_dir / 'x-train-0000.tar'
     whole = _as_tuples(IO.iter_shard_samples(path))
+    assert _as_tuples(IO.iter_shard_samples(f'file://{path}')) == [(*s[:4], f'file://{s[4]}') for s in whole]
     assert _as_tuples(IO.iter_shard_samples(path, skip=5)) == whole[5:]
     assert list(IO.iter_shard_samples(path, skip=40)) == []
 
@@ -369,6 +370,10 @@ def test_pipe_source_equals_local_and_reports_the_commands_error(shard_dir, tmp_
     path = shard_dir / 'x-train-0000.tar'
     url = f'pipe:cat {path}'
     assert _as_tuples(IO.iter_shard_samples(url)) == _expected(path, name_prefix=url)
+    assert IO.read_info(f'pipe:cat {shard_dir}/{{}}') == IO.read_info(shard_dir)  # {}: each file's name
+    with pytest.raises(IO.DataSourceError, match=r'^no _info.json or info.json at pipe:cat /nowhere/\{\} \(pipe:cat '
+                                                 r'/nowhere/_info.json: the command exited with status 1: cat: '):
+        IO.read_info('pipe:cat /nowhere/{}')
     with pytest.raises(IO.DataSourceError, match=r'^pipe:cat /nonexistent.tar: the command exited with status 1: '
                                                  r'cat: /nonexistent.tar: No such file or directory$'):
         next(IO.iter_shard_samples('pipe:cat /nonexistent.tar', **FAST))
