@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import lzma
+import multiprocessing
 import pickle
 import shutil
 import sys
@@ -235,6 +236,23 @@ def test_https_checks_the_certificate(shard_dir, tmp_path, monkeypatch):
             next(IO.iter_shard_samples(url, **FAST))
         monkeypatch.setenv('SSL_CERT_FILE', str(cert))  # trusted: read as over http
         assert _as_tuples(IO.iter_shard_samples(url)) == _expected(shard_dir / 'x-train-0001.tar', name_prefix=url)
+
+
+def _count_in_child(url, queue):
+    queue.put(len(list(IO.iter_shard_samples(url))))
+
+
+def test_a_forked_worker_opens_its_own_connection(server):
+    url = f'{server.url}/x-train-0001.tar'
+    assert len(list(IO.iter_shard_samples(url))) == 5  # the parent keeps an idle connection
+    ctx = multiprocessing.get_context('fork')  # as DataLoader workers start on Linux
+    queue = ctx.Queue()
+    child = ctx.Process(target=_count_in_child, args=(url, queue))
+    child.start()
+    assert queue.get(timeout=30) == 5
+    child.join(timeout=30)
+    assert len(list(IO.iter_shard_samples(url))) == 5  # the parent's connection still works for the parent
+    assert server.connections == 2  # the parent's, reused, and the child's own
 
 
 def test_http_500_then_ok_is_retried(server):
