@@ -4,20 +4,21 @@ that writes the shard to its stdout, as webdataset's ``gopen`` runs it) and any 
 
 Why streams: an object store or a web server answers one request per read, so the random access of
 loaders.shards (one ``pread`` per image) would cost a round trip per sample; read front to back, a shard costs one
-request and memory bounded by one sample. What this layer adds is reliability. Every socket operation has a timeout
-(a dead server never hangs a worker). A dropped connection, a timeout or a 5xx is retried with exponential backoff
-and the read resumes at the byte where it stopped (an HTTP Range request; where the server ignores ranges, or for a
-``pipe:`` command, the shard is read again from its start and the bytes already delivered are discarded), so no
-member is delivered twice. What retries cannot fix ends in one of two exceptions: DataSourceError, the source itself
-is wrong (404, unknown host, a server refusing connections, a bad ``_info.json``) and the run should stop with its
-one-line message; or ShardFailed, this shard could not be read to its end, which the caller counts like a bad file
-before going on with the next shard.
+request and memory bounded by one sample. What this layer adds is reliability. Every connect and read of an http(s)
+URL and every wait for a command's output has a timeout (a dead server never hangs a worker). A dropped connection,
+a timeout or a 5xx is retried with exponential backoff and the read resumes at the byte where it stopped (an HTTP
+Range request; where the server ignores ranges, or for a ``pipe:`` command, the shard is read again from its start
+and the bytes already delivered are discarded), so no member is delivered twice. What retries cannot fix ends in
+one of two exceptions: DataSourceError, the source itself is wrong (404, unknown host, a server refusing
+connections, a bad ``_info.json``) and the run should stop with its one-line message; or ShardFailed, this shard
+could not be read to its end, which the caller counts like a bad file before going on with the next shard.
 
 Tar headers and the rules that make members a sample are those of the random-access index (loaders.shards:
 ``tar_members``, ``sample_label``), so a shard streamed gives the samples its index gives, in shard order.
 """
 from __future__ import annotations
 
+import base64
 import bz2
 import http.client
 import json
@@ -33,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
@@ -44,8 +46,10 @@ _URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 8
 _CHUNK = 1 << 16
+_OUT = 1 << 20         # the most a decompressor gives at a time
 _DRAIN = 1 << 16       # the rest of a body read to keep its connection alive (a tar's end-of-archive padding)
 _INFO_LIMIT = 64 << 20
+_MAX_WAIT = 60.0       # the longest Retry-After honoured
 _HF_HOSTS = ('huggingface.co', 'hf.co')  # hosts that get the Hugging Face token (never the CDN they redirect to)
 _COMPRESSED = {b'\x1f\x8b': lambda: zlib.decompressobj(31), b'BZh': bz2.BZ2Decompressor,
                b'\xfd7zXZ': lzma.LZMADecompressor}
@@ -69,13 +73,17 @@ class ShardFailed(Exception):
         super().__init__(f'{url}: {reason} ({samples_read} samples read)')
         self.url, self.reason, self.samples_read = url, reason, samples_read
 
+    def __reduce__(self):  # crosses process boundaries (DataLoader workers, queues) whole
+        return type(self), (self.url, self.reason, self.samples_read)
+
 
 class _Retry(Exception):
-    """A failure worth another try. ``unreachable``: no connection could be made at all."""
+    """A failure worth another try. ``unreachable``: no connection could be made at all; ``wait``: the seconds the
+    server asked for (``Retry-After``)."""
 
-    def __init__(self, reason: str, unreachable: bool = False):
+    def __init__(self, reason: str, unreachable: bool = False, wait: float = 0.0):
         super().__init__(reason)
-        self.reason, self.unreachable = reason, unreachable
+        self.reason, self.unreachable, self.wait = reason, unreachable, wait
 
 
 class _GaveUp(Exception):
@@ -146,24 +154,46 @@ class _Connections:
         self._pid = None
 
     def take(self, scheme: str, netloc: str, timeout: float):
-        """(connection, whether it is a kept-alive one)."""
+        """(connection, whether it is a kept-alive one, ``via``): ``via`` is None for a direct connection (or a
+        tunnel), else the headers for the http proxy it goes to, which takes whole URLs as request targets."""
         with self._lock:
             if self._pid != os.getpid():
                 self._idle, self._pid = {}, os.getpid()
-            conn = self._idle.pop((scheme, netloc), None)
-        if conn is not None:
+            conn, via = self._idle.pop((scheme, netloc), (None, None))
+        if conn is not None and conn.sock is not None:
             conn.timeout = timeout
             conn.sock.settimeout(timeout)
-            return conn, True
-        cls = http.client.HTTPSConnection if scheme == 'https' else http.client.HTTPConnection
-        return cls(netloc, timeout=timeout), False
+            return conn, True, via
+        proxy = _proxy(scheme, netloc)
+        if proxy is None:
+            cls = http.client.HTTPSConnection if scheme == 'https' else http.client.HTTPConnection
+            return cls(netloc, timeout=timeout), False, None
+        auth = {}
+        if proxy.username:
+            basic = base64.b64encode(f'{unquote(proxy.username)}:{unquote(proxy.password or "")}'.encode()).decode()
+            auth = {'Proxy-Authorization': f'Basic {basic}'}
+        proxy_host = proxy.netloc.rpartition('@')[2]
+        if scheme == 'https':  # a CONNECT tunnel through the proxy, TLS to the host inside it
+            conn = http.client.HTTPSConnection(proxy_host, timeout=timeout)
+            conn.set_tunnel(netloc, headers=auth)
+            return conn, False, None
+        return http.client.HTTPConnection(proxy_host, timeout=timeout), False, auth
 
-    def give(self, scheme: str, netloc: str, conn) -> None:
+    def give(self, scheme: str, netloc: str, conn, via: Optional[dict]) -> None:
         with self._lock:
-            old = self._idle.pop((scheme, netloc), None)
-            self._idle[(scheme, netloc)] = conn
+            old, _ = self._idle.pop((scheme, netloc), (None, None))
+            self._idle[(scheme, netloc)] = conn, via
         if old is not None:
             old.close()
+
+
+def _proxy(scheme: str, netloc: str):
+    """The proxy of ``$http_proxy`` / ``$https_proxy`` for this host (``$no_proxy`` honoured), as curl and urllib
+    take them, or None."""
+    proxy = urllib.request.getproxies().get(scheme)
+    if not proxy or urllib.request.proxy_bypass(netloc):
+        return None
+    return urlsplit(proxy if '://' in proxy else f'http://{proxy}')
 
 
 _connections = _Connections()
@@ -210,7 +240,8 @@ class _HttpSource:
             reason = f'HTTP {resp.status} {resp.reason}'.strip()
             self.close()
             if resp.status in (408, 429) or resp.status >= 500:
-                raise _Retry(reason)
+                after = resp.getheader('Retry-After') or ''
+                raise _Retry(reason, wait=min(float(after), _MAX_WAIT) if after.isdigit() else 0.0)
             if resp.status in (401, 403) and urlsplit(self.url).hostname in _HF_HOSTS:
                 reason += ' (a gated or private dataset: set HF_TOKEN or run `huggingface-cli login`)'
             raise (_Missing if resp.status in (404, 410) else DataSourceError)(f'{self.url}: {reason}')
@@ -240,11 +271,14 @@ class _HttpSource:
             headers['Authorization'] = f'Bearer {token}'
         target = quote(parts.path or '/', safe="/%:@!$&'()*+,;=-._~") + (f'?{parts.query}' if parts.query else '')
         for attempt in (0, 1):
-            conn, kept_alive = _connections.take(parts.scheme, parts.netloc, self.timeout)
+            conn, kept_alive, via = _connections.take(parts.scheme, parts.netloc, self.timeout)
             try:
                 if conn.sock is None:
                     self._connect(conn, parts)
-                conn.request('GET', target, headers=headers)
+                if via is not None:  # an http proxy: the whole URL as the target, and the proxy's credentials
+                    conn.request('GET', f'http://{parts.netloc}{target}', headers={**headers, **via})
+                else:
+                    conn.request('GET', target, headers=headers)
                 resp = conn.getresponse()
             except (DataSourceError, _Retry):
                 conn.close()
@@ -257,7 +291,7 @@ class _HttpSource:
                 if kept_alive and attempt == 0:
                     continue  # the server had closed the idle connection: a new one, not a retry
                 raise _Retry(f'request failed ({type(e).__name__}: {e})') from None
-            self.conn, self.resp, self.host = conn, resp, (parts.scheme, parts.netloc)
+            self.conn, self.resp, self.host = conn, resp, (parts.scheme, parts.netloc, via)
             return resp
 
     def _connect(self, conn, parts) -> None:
@@ -296,7 +330,8 @@ class _HttpSource:
         except (OSError, http.client.HTTPException):
             pass
         if resp.isclosed() and not resp.will_close:
-            _connections.give(*self.host, conn)
+            scheme, netloc, via = self.host
+            _connections.give(scheme, netloc, conn, via)
         else:
             conn.close()
 
@@ -325,7 +360,9 @@ class _PipeSource:
 
     def read(self, n: int) -> bytes:
         fd = self.proc.stdout.fileno()
-        if not select.select([fd], [], [], self.timeout)[0]:
+        poller = select.poll()  # not select(): a worker may hold more than 1024 descriptors (loaders.shards)
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(self.timeout * 1000):
             raise _Retry(f'no output for {self.timeout:g} s at byte {self.at}')
         data = os.read(fd, n)
         if data:
@@ -418,7 +455,8 @@ def _source(url: str, timeout: float):
 class _Resuming:
     """``read(n)`` over a source that reconnects at the byte where a failure stopped it, after a backoff of
     ``backoff * 2**(k-1)`` seconds (times a random 0.5-1, so workers do not retry in step) for the k-th failure in a
-    row; a read that makes progress starts the count again. Beyond ``retries`` failures in a row: _GaveUp, or
+    row, or what the server's ``Retry-After`` asks for (up to a minute); a read that makes progress starts the count
+    again. Beyond ``retries`` failures in a row: _GaveUp, or
     DataSourceError where no connection was ever made."""
 
     def __init__(self, source, url: str, retries: int, backoff: float):
@@ -454,7 +492,7 @@ class _Resuming:
             if not self.opened_once and e.unreachable:
                 raise DataSourceError(f'{self.url}: {e.reason} (after {tries})') from None
             raise _GaveUp(f'{e.reason}; gave up after {tries}') from None
-        time.sleep(self.backoff * 2 ** (self.failures - 1) * random.uniform(0.5, 1.0))
+        time.sleep(max(self.backoff * 2 ** (self.failures - 1) * random.uniform(0.5, 1.0), e.wait))
 
     def close(self) -> None:
         self.source.close()
@@ -464,19 +502,29 @@ class _Resuming:
 # --- from bytes to samples ------------------------------------------------------------------------------------
 
 class _Decompressed:
-    """A gzip / bzip2 / xz stream decompressed on the fly (streams, unlike random access, can read them)."""
+    """A gzip / bzip2 / xz stream decompressed on the fly (streams, unlike random access, can read them), at most
+    1 MiB of output at a time however well the input compresses."""
 
     def __init__(self, head: bytes, read: Callable[[int], bytes], decompressor):
-        self.head, self._read, self.d, self.buf = head, read, decompressor, b''
+        self.head, self._read, self.d = head, read, decompressor
+        self.buf, self.off = b'', 0
 
     def read(self, n: int) -> bytes:
-        while not self.buf and not self.d.eof:
-            data, self.head = (self.head or self._read(_CHUNK)), b''
-            if not data:
-                raise _ShardCut('the compressed stream ends early')
-            self.buf = self.d.decompress(data)
-        out, self.buf = self.buf[:n], self.buf[n:]
+        while self.off >= len(self.buf) and not self.d.eof:
+            if hasattr(self.d, 'unconsumed_tail'):  # zlib's interface
+                self.buf = self.d.decompress(self.d.unconsumed_tail or self._input(), _OUT)
+            else:  # bz2's and lzma's
+                self.buf = self.d.decompress(self._input() if self.d.needs_input else b'', _OUT)
+            self.off = 0
+        out = self.buf[self.off:self.off + n]
+        self.off += len(out)
         return out
+
+    def _input(self) -> bytes:
+        data, self.head = (self.head or self._read(_CHUNK)), b''
+        if not data:
+            raise _ShardCut('the compressed stream ends early')
+        return data
 
 
 class _TarStream:
@@ -485,6 +533,7 @@ class _TarStream:
 
     def __init__(self, read: Callable[[int], bytes], head: bytes = b''):
         self._read, self.head, self.pos = read, head, 0
+        self.start = b''  # the first bytes, for the message when they are no tar header
 
     def read_at(self, offset: int, size: int) -> bytes:
         assert offset >= self.pos, (offset, self.pos)
@@ -498,7 +547,9 @@ class _TarStream:
                 break
             chunks.append(chunk)
             left -= len(chunk)
-        return chunks[0] if len(chunks) == 1 else b''.join(chunks)
+        data = chunks[0] if len(chunks) == 1 else b''.join(chunks)
+        self.start = self.start or data[:32]
+        return data
 
     def _next(self, n: int) -> bytes:
         if self.head:
@@ -583,6 +634,8 @@ def iter_shard_samples(url: str, keys: SampleKeys = SampleKeys(), *, retries: in
         if sample is not None:
             yield sample
     except (_ShardCut, _Unsupported, _GaveUp) as e:
+        if isinstance(e, _Unsupported) and key is None:  # the first header already: an error page, not a shard
+            raise DataSourceError(f'{url}: not a tar archive (it starts with {tar.start!r})') from None
         sample = complete()  # the members before the failure make a sample when they are whole, as in the index
         if sample is not None:
             yield sample

@@ -1,16 +1,18 @@
 """A tiny threaded HTTP/1.1 server on 127.0.0.1 for the stream tests (loaders.stream_io): serves the files of a
 folder with keep-alive and ``Range: bytes=N-`` requests (206), and injects faults per path, one action per request:
 
-- an int status (500, 503, 404 ...): that status with a short body;
+- an int status (500, 503, 404 ...): that status with a short body; ``(status, seconds)``: with ``Retry-After``;
 - ``('cut', n)``: the headers with the full length, then n bytes of the body, then the connection is closed;
 - ``('stall', s)``: s seconds of silence before the response (ended early when the server stops);
-- ``('redirect', path)``: 302 to another path of the same server.
+- ``('redirect', location)``: 302 to another path or URL.
 
-``ranges=False`` makes it a server that ignores Range (200 and the whole file). ``requests`` records (path, Range
-header) of every request, ``connections`` counts the TCP connections accepted. ``stop()`` closes the listening
-socket and every open connection, so later connections are refused.
+``tls=(certfile, keyfile)`` serves https. ``ranges=False`` makes it a server that ignores Range (200 and the whole
+file). ``requests`` records (path, Range header) of every request, ``targets`` the request targets as sent,
+``authorization`` their Authorization headers, ``connections`` counts the TCP connections accepted. ``stop()``
+closes the listening socket and every open connection, so later connections are refused.
 """
 import re
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,10 +20,12 @@ from urllib.parse import unquote, urlsplit
 
 
 class ShardServer:
-    def __init__(self, root, ranges: bool = True):
+    def __init__(self, root, ranges: bool = True, tls=None):
         self.root, self.ranges = Path(root), ranges
         self.faults = {}
         self.requests = []
+        self.targets = []  # the request targets as sent (a whole URL when the client takes the server for a proxy)
+        self.authorization = []  # the Authorization header of each request
         self.connections = 0
         self._open = set()
         self._lock = threading.Lock()
@@ -29,12 +33,17 @@ class ShardServer:
         self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.owner = self
+        self.scheme = 'https' if tls else 'http'
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True)
         self._thread.start()
 
     @property
     def url(self) -> str:
-        return f'http://127.0.0.1:{self.httpd.server_address[1]}'
+        return f'{self.scheme}://127.0.0.1:{self.httpd.server_address[1]}'
 
     def fault(self, name: str, *actions) -> None:
         """The next requests for ``name`` get ``actions``, one each; then the file as it is."""
@@ -92,10 +101,14 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.server.owner
         path = unquote(urlsplit(self.path).path)
         srv.requests.append((path, self.headers.get('Range')))
+        srv.targets.append(self.path)
+        srv.authorization.append(self.headers.get('Authorization'))
         actions = srv.faults.get(path)
         action = actions.pop(0) if actions else 'ok'
         if isinstance(action, int):
             return self._reply(action, f'status {action}\n'.encode())
+        if isinstance(action[0], int):
+            return self._reply(action[0], b'busy\n', [('Retry-After', str(action[1]))])
         if action[0] == 'stall':
             if srv._stopping.wait(action[1]):
                 self.close_connection = True
@@ -105,19 +118,22 @@ class _Handler(BaseHTTPRequestHandler):
         file = srv.root / path.lstrip('/')
         if not file.is_file():
             return self._reply(404, b'not found\n')
-        data = file.read_bytes()
+        size = file.stat().st_size
         m = re.fullmatch(r'bytes=(\d+)-', self.headers.get('Range') or '') if srv.ranges else None
         start = int(m.group(1)) if m else 0
         self.send_response(206 if m else 200)
         if m:
-            self.send_header('Content-Range', f'bytes {start}-{len(data) - 1}/{len(data)}')
+            self.send_header('Content-Range', f'bytes {start}-{size - 1}/{size}')
         self.send_header('Accept-Ranges', 'bytes' if srv.ranges else 'none')
-        self.send_header('Content-Length', str(len(data) - start))
+        self.send_header('Content-Length', str(size - start))
         self.end_headers()
+        left = action[1] if action[0] == 'cut' else size - start
+        with open(file, 'rb') as f:  # in chunks: the server holds no whole file in memory (the tests measure it)
+            f.seek(start)
+            while left > 0 and (chunk := f.read(min(left, 1 << 16))):
+                self.wfile.write(chunk)
+                left -= len(chunk)
         if action[0] == 'cut':
-            self.wfile.write(data[start:start + action[1]])
             self.wfile.flush()
             self.close_connection = True
-            return None
-        self.wfile.write(data[start:])
         return None

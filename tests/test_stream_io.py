@@ -2,13 +2,21 @@
 127.0.0.1), from a ``pipe:`` command or through fsspec gives the samples of the random-access index, in shard
 order; and each fault (5xx, a cut connection, a server that stops, stalls or ignores Range, 404, a bad
 ``_info.json``) ends as the documented retry, DataSourceError or ShardFailed, within bounded time."""
+import bz2
 import gzip
 import importlib.util
 import io
 import json
+import lzma
+import multiprocessing
+import pickle
+import shutil
+import sys
 import socket
+import subprocess
 import tarfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -41,6 +49,14 @@ def _members(n, size=3000, start=0):
 
 def _as_tuples(samples):
     return [(s.key, s.image, s.image_ext, s.target, s.name) for s in samples]
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    """The tests talk to 127.0.0.1 directly, whatever proxy the machine's environment names."""
+    for name in ('http_proxy', 'https_proxy', 'all_proxy', 'no_proxy'):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
 
 
 @pytest.fixture
@@ -113,6 +129,7 @@ def test_bad_members_are_left_out_as_the_index_does(tmp_path):
 def test_skip_resumes_mid_shard(shard_dir):
     path = shard_dir / 'x-train-0000.tar'
     whole = _as_tuples(IO.iter_shard_samples(path))
+    assert _as_tuples(IO.iter_shard_samples(f'file://{path}')) == [(*s[:4], f'file://{s[4]}') for s in whole]
     assert _as_tuples(IO.iter_shard_samples(path, skip=5)) == whole[5:]
     assert list(IO.iter_shard_samples(path, skip=40)) == []
 
@@ -132,11 +149,31 @@ def test_truncated_shard_yields_what_was_read_then_fails(shard_dir, tmp_path, se
         assert str(e.value).startswith(url) and '\n' not in str(e.value)
 
 
+def test_memory_stays_bounded_by_a_sample(tmp_path):
+    big = _write_tar(tmp_path / 'big.tar', [(f'b{i:02d}.{e}', bytes([i]) * (1 << 20) if e == 'jpg' else b'3')
+                                            for i in range(24) for e in ('jpg', 'cls')])  # 24 MiB of 1 MiB images
+    with ShardServer(tmp_path) as srv:
+        for url in (str(big), f'{srv.url}/big.tar', f'pipe:cat {big}'):
+            tracemalloc.start()
+            try:
+                sizes = [len(s.image) for s in IO.iter_shard_samples(url)]
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert sizes == [1 << 20] * 24 and peak < 4 << 20, (url, peak)  # about one image at a time, not 24
+
+
 def test_compressed_shards_stream(shard_dir, tmp_path):
     plain = shard_dir / 'x-train-0000.tar'
-    (tmp_path / 'x.tar.gz').write_bytes(gzip.compress(plain.read_bytes()))
-    assert [s.image for s in IO.iter_shard_samples(tmp_path / 'x.tar.gz')] == [
-        s.image for s in IO.iter_shard_samples(plain)]
+    zeros = _write_tar(tmp_path / 'zeros.tar', [('z.jpg', bytes(5 << 20)), ('z.cls', b'1')])  # 5 MiB, 1,000x smaller
+    for source, compress, ext in ((plain, gzip.compress, 'gz'), (zeros, bz2.compress, 'bz2'),
+                                  (plain, lzma.compress, 'xz')):
+        packed = tmp_path / f'{source.stem}.tar.{ext}'
+        packed.write_bytes(compress(source.read_bytes()))
+        assert _as_tuples(IO.iter_shard_samples(packed)) == _expected(source, name_prefix=str(packed))
+        packed.write_bytes(packed.read_bytes()[:len(packed.read_bytes()) // 2])
+        with pytest.raises(IO.ShardFailed, match='cut short'):
+            list(IO.iter_shard_samples(packed))
     (tmp_path / 'z.tar.zst').write_bytes(b'(\xb5/\xfd' + bytes(100))
     with pytest.raises(IO.DataSourceError, match='zstd'):
         next(IO.iter_shard_samples(tmp_path / 'z.tar.zst'))
@@ -153,11 +190,80 @@ def test_http_stream_equals_local_with_one_connection(shard_dir, server):
     assert len(list(IO.iter_shard_samples(f'{server.url}/moved.tar'))) == 5
 
 
+def test_http_proxy_from_the_environment(shard_dir, server, monkeypatch):
+    monkeypatch.setenv('http_proxy', server.url)  # the test server answers as a forward proxy would
+    url = 'http://shards.example.invalid/x-train-0001.tar'
+    assert _as_tuples(IO.iter_shard_samples(url)) == _expected(shard_dir / 'x-train-0001.tar', name_prefix=url)
+    assert server.requests[-1] == ('/x-train-0001.tar', None) and server.targets[-1] == url
+    monkeypatch.setenv('http_proxy', 'http://127.0.0.1:9')  # a dead proxy, bypassed for this host
+    monkeypatch.setenv('no_proxy', '127.0.0.1')
+    assert len(list(IO.iter_shard_samples(f'{server.url}/x-train-0001.tar'))) == 5
+
+
+def test_the_hub_token_goes_to_huggingface_co_only(shard_dir, server, monkeypatch):
+    monkeypatch.setenv('http_proxy', server.url)  # every host is the test server, reached as a proxy
+    monkeypatch.setenv('HF_TOKEN', 'hf_test_token')
+    monkeypatch.setattr(IO, '_hf_token_cache', {})
+    cdn = 'http://cdn.example.invalid/x-train-0001.tar'
+    server.fault('datasets/timm/x/resolve/main/x-train-0001.tar', ('redirect', cdn))
+    assert len(list(IO.iter_shard_samples('http://huggingface.co/datasets/timm/x/resolve/main/x-train-0001.tar'))) == 5
+    assert server.targets[-2:] == ['http://huggingface.co/datasets/timm/x/resolve/main/x-train-0001.tar', cdn]
+    assert server.authorization[-2:] == ['Bearer hf_test_token', None]  # the CDN it redirects to never sees it
+    server.fault('x-train-0000.tar', 403)
+    with pytest.raises(IO.DataSourceError, match='HTTP 403 Forbidden .*set HF_TOKEN'):
+        next(IO.iter_shard_samples('http://huggingface.co/x-train-0000.tar'))
+
+
+def test_an_error_page_served_as_a_shard(shard_dir, server):
+    (shard_dir / 'page.tar').write_bytes(b'<!DOCTYPE html><html>Sign in to continue</html>\n' * 20)
+    with pytest.raises(IO.DataSourceError, match=r"/page.tar: not a tar archive \(it starts with b'<!DOCTYPE html>"):
+        next(IO.iter_shard_samples(f'{server.url}/page.tar'))
+
+
+def test_https_checks_the_certificate(shard_dir, tmp_path, monkeypatch):
+    if shutil.which('openssl') is None:
+        pytest.skip('needs the openssl command to make a certificate')
+    cert, key = tmp_path / 'cert.pem', tmp_path / 'key.pem'
+    subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', str(key), '-out', str(cert),
+                    '-days', '1', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1'],
+                   check=True, capture_output=True)
+    monkeypatch.delenv('SSL_CERT_FILE', raising=False)
+    with ShardServer(shard_dir, tls=(cert, key)) as srv:
+        url = f'{srv.url}/x-train-0001.tar'
+        assert url.startswith('https://')
+        with pytest.raises(IO.DataSourceError, match=r'^https://127.0.0.1:\d+/x-train-0001.tar: TLS certificate not '
+                                                     r'accepted \(self.signed certificate\)$'):
+            next(IO.iter_shard_samples(url, **FAST))
+        monkeypatch.setenv('SSL_CERT_FILE', str(cert))  # trusted: read as over http
+        assert _as_tuples(IO.iter_shard_samples(url)) == _expected(shard_dir / 'x-train-0001.tar', name_prefix=url)
+
+
+def _count_in_child(url, queue):
+    queue.put(len(list(IO.iter_shard_samples(url))))
+
+
+def test_a_forked_worker_opens_its_own_connection(server):
+    url = f'{server.url}/x-train-0001.tar'
+    assert len(list(IO.iter_shard_samples(url))) == 5  # the parent keeps an idle connection
+    ctx = multiprocessing.get_context('fork')  # as DataLoader workers start on Linux
+    queue = ctx.Queue()
+    child = ctx.Process(target=_count_in_child, args=(url, queue))
+    child.start()
+    assert queue.get(timeout=30) == 5
+    child.join(timeout=30)
+    assert len(list(IO.iter_shard_samples(url))) == 5  # the parent's connection still works for the parent
+    assert server.connections == 2  # the parent's, reused, and the child's own
+
+
 def test_http_500_then_ok_is_retried(server):
     url = f'{server.url}/x-train-0000.tar'
     server.fault('x-train-0000.tar', 500, 503)
     assert len(list(IO.iter_shard_samples(url, **FAST))) == 12
     assert len(server.paths('x-train-0000.tar')) == 3
+    server.fault('x-train-0000.tar', (429, 1))  # Too Many Requests, Retry-After: 1 s (not the 0.02 s backoff)
+    start = time.monotonic()
+    assert len(list(IO.iter_shard_samples(url, **FAST))) == 12
+    assert 1 <= time.monotonic() - start < 2
 
 
 @pytest.mark.parametrize('ranges', [True, False])
@@ -282,6 +388,10 @@ def test_pipe_source_equals_local_and_reports_the_commands_error(shard_dir, tmp_
     path = shard_dir / 'x-train-0000.tar'
     url = f'pipe:cat {path}'
     assert _as_tuples(IO.iter_shard_samples(url)) == _expected(path, name_prefix=url)
+    assert IO.read_info(f'pipe:cat {shard_dir}/{{}}') == IO.read_info(shard_dir)  # {}: each file's name
+    with pytest.raises(IO.DataSourceError, match=r'^no _info.json or info.json at pipe:cat /nowhere/\{\} \(pipe:cat '
+                                                 r'/nowhere/_info.json: the command exited with status 1: cat: '):
+        IO.read_info('pipe:cat /nowhere/{}')
     with pytest.raises(IO.DataSourceError, match=r'^pipe:cat /nonexistent.tar: the command exited with status 1: '
                                                  r'cat: /nonexistent.tar: No such file or directory$'):
         next(IO.iter_shard_samples('pipe:cat /nonexistent.tar', **FAST))
@@ -379,3 +489,22 @@ def test_fsspec_read_errors_resume_at_the_byte(shard_dir, memory_fs, monkeypatch
     assert _as_tuples(IO.iter_shard_samples(url, **FAST)) == _expected(shard_dir / 'x-train-0000.tar',
                                                                        name_prefix=url)
     assert len(opened) == 4  # the first open, a retry that made no progress, two that did
+
+
+def test_errors_are_one_line_and_cross_processes(tmp_path):
+    failed = pickle.loads(pickle.dumps(IO.ShardFailed('http://h/a.tar', 'cut short (x)', 7)))
+    assert (failed.url, failed.reason, failed.samples_read) == ('http://h/a.tar', 'cut short (x)', 7)
+    assert str(failed) == 'http://h/a.tar: cut short (x) (7 samples read)'
+    with pytest.raises(IO.DataSourceError, match=f'^{tmp_path}/no.tar: no such file$'):
+        next(IO.iter_shard_samples(tmp_path / 'no.tar'))
+
+
+def test_bench_stream_runs(demo_shards, capsys):
+    """scripts/bench/bench_stream.py: every reader reads every sample of the split, with its own server process."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts' / 'bench'))
+    import bench_stream
+    rows = bench_stream.main(['--shards', str(demo_shards), '--repeats', '1'])
+    assert [what for what, *_ in rows][:2] == ['ours, local files', 'ours, HTTP from 127.0.0.1']
+    assert {result for *_, result in rows} == {(24, sum(len(loaders.ShardDataset(demo_shards).path(i).read_bytes())
+                                                        for i in range(24)))}
+    assert '| ours, HTTP from 127.0.0.1 |' in capsys.readouterr().out
