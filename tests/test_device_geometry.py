@@ -6,8 +6,9 @@ TranslateX/Y, absolute or relative), argument, filter (bilinear / bicubic) and f
 Every applied image must equal what augment.randaugment.OPS gives for it on the PIL image within ``TOLERANCE``
 levels (0: the device code repeats Pillow's Geometry.c arithmetic), every other image must come out unchanged, and
 the applied images must change. Images: generated ones (test_device_ops.generated_batch) always, caltech101 photos
-when ``shared_data`` is present. The ops also equal timm's own (timm.data.auto_augment). On fake CUDA tensors the op runs with no host sync, no host tensor and the same
-sequence of tensor ops for 3 images as for 9; on a GPU (``-m cuda``) it gives the CPU's pixels without syncing.
+when ``shared_data`` is present. The ops also equal timm's own (timm.data.auto_augment). On fake CUDA tensors the
+op runs with no host sync, no host tensor and the same sequence of tensor ops for 3 images as for 9; on a GPU
+(``-m cuda``) it gives the CPU's pixels without syncing.
 """
 import random
 
