@@ -34,7 +34,8 @@ image; CUDA runs the same IEEE float64 element-wise ops one kernel each, so it i
 confirmed on a GPU; a compiler that fuses ``a * b + c`` into one FMA could move a value across an integer: 1 level).
 
 Cost: 16 taps (4 with ``filters=('bilinear',)``, a host setting) gathered per output pixel, float64 arithmetic on
-[T, P, P, 3] values; ``nearest`` is not supported (Pillow's nearest affine path accumulates positions row by row).
+[T, P, P, 3] values, about a dozen such float64 tensors alive at the peak (docs/performance.md has the figures);
+``nearest`` is not supported (Pillow's nearest affine path accumulates positions row by row).
 """
 from __future__ import annotations
 
