@@ -18,8 +18,9 @@ Semantics: the CPU path (augment.randaugment.OPS on PIL images) resamples with P
 (Geometry.c): Rotate is torchvision's ``F.rotate`` -> ``Image.rotate`` (centre (w/2, h/2), matrix entries
 ``round(cos/sin, 15)``, no expand), Shear is ``Image.transform(AFFINE, (1, f, 0, 0, 1, 0))`` about the top-left
 corner, Translate is a whole-pixel shift (``int(round(dx))``, crop + paste), which is the identity matrix plus that
-integer offset (a resample at whole-pixel offsets copies pixels exactly). Pillow, per output pixel and channel, in
-double precision:
+integer offset (a resample at whole-pixel offsets copies pixels exactly; ``whole_pixels=False`` gives timm's
+sub-pixel translate instead: tests/test_device_geometry.py checks every op against timm's too). Pillow, per output
+pixel and channel, in double precision:
 - source position ``xs = (a * (x + .5) + b * (y + .5)) + c`` (``ys`` alike); outside ``0 <= xs < w, 0 <= ys < h``
   the pixel keeps the fill colour (``Image.transform`` starts from an image of ``fillcolor``);
 - ``xs - 0.5 = x0 + dx`` with ``x0 = floor``; taps x0, x0 + 1 (bilinear) or x0 - 1 .. x0 + 2 (bicubic), indices
@@ -33,7 +34,8 @@ image; CUDA runs the same IEEE float64 element-wise ops one kernel each, so it i
 confirmed on a GPU; a compiler that fuses ``a * b + c`` into one FMA could move a value across an integer: 1 level).
 
 Cost: 16 taps (4 with ``filters=('bilinear',)``, a host setting) gathered per output pixel, float64 arithmetic on
-[T, P, P, 3] values; ``nearest`` is not supported (Pillow's nearest affine path accumulates positions row by row).
+[T, P, P, 3] values, about a dozen such float64 tensors alive at the peak (docs/performance.md has the figures);
+``nearest`` is not supported (Pillow's nearest affine path accumulates positions row by row).
 """
 from __future__ import annotations
 
@@ -66,14 +68,18 @@ def shear_matrix(factor: float, axis: str) -> Matrix:
     return (1.0, float(factor), 0.0, 0.0, 1.0, 0.0) if axis == 'x' else (1.0, 0.0, 0.0, float(factor), 1.0, 0.0)
 
 
-def translate_matrix(dx: float, dy: float) -> Matrix:
-    """augment.randaugment.op_translate on PIL images: output (x, y) shows input (x + round(dx), y + round(dy))."""
-    return 1.0, 0.0, float(int(round(dx))), 0.0, 1.0, float(int(round(dy)))
+def translate_matrix(dx: float, dy: float, whole_pixels: bool = True) -> Matrix:
+    """augment.randaugment.op_translate on PIL images: output (x, y) shows input (x + round(dx), y + round(dy)).
+    ``whole_pixels=False``: timm's translate, resampled at the sub-pixel offset with the op's filter."""
+    if whole_pixels:
+        dx, dy = int(round(dx)), int(round(dy))
+    return 1.0, 0.0, float(dx), 0.0, 1.0, float(dy)
 
 
-def op_matrix(name: str, arg: float, width: int, height: int) -> Matrix:
+def op_matrix(name: str, arg: float, width: int, height: int, whole_pixels: bool = True) -> Matrix:
     """The matrix of RandAugment op ``name`` (augment.randaugment.OPS) with its drawn argument, for a width x height
-    image. TranslateX/Y take pixels, TranslateX/YRel a fraction of the width/height."""
+    image. TranslateX/Y take pixels, TranslateX/YRel a fraction of the width/height; ``whole_pixels``: see
+    ``translate_matrix``."""
     if name == 'Rotate':
         return rotate_matrix(arg, width, height)
     if name in ('ShearX', 'ShearY'):
@@ -82,7 +88,7 @@ def op_matrix(name: str, arg: float, width: int, height: int) -> Matrix:
               'TranslateXRel': (arg * width, 0.0), 'TranslateYRel': (0.0, arg * height)}
     if name not in shifts:
         raise ValueError(f"{name!r} is not a geometric op; supported: Rotate, ShearX, ShearY, {', '.join(shifts)}")
-    return translate_matrix(*shifts[name])
+    return translate_matrix(*shifts[name], whole_pixels=whole_pixels)
 
 
 def stack_affine(matrices: Sequence[Matrix | None], interpolations: Sequence[str],

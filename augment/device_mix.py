@@ -101,7 +101,7 @@ def mix(x_TD: torch.Tensor, layout: PackedLayout, partner_B: torch.Tensor, cutmi
     weight ``lam_B`` (float64, used as float32 as Pillow does) on the own image, or the CutMix box ``box_B4`` (top,
     left, height, width inside the overlap) taken from the partner (module docstring)."""
     P, T = layout.patch_size, x_TD.shape[0]
-    hw_B2, _, overlap_B2, corner_B2 = _overlap(layout, partner_B)
+    _, partner_hw_B2, overlap_B2, corner_B2 = _overlap(layout, partner_B)
     partner = partner_B.clamp(min=0)
     partner_corner_B2 = corner_B2.index_select(0, partner)
 
@@ -117,8 +117,8 @@ def mix(x_TD: torch.Tensor, layout: PackedLayout, partner_B: torch.Tensor, cutmi
     taken = in_overlap & torch.where(tok(cutmix_B), in_box, True) & tok(partner_B >= 0)
 
     # the partner's pixel at the same overlap position (clamped into its image where nothing is taken)
-    sy = (u + tok(partner_corner_B2[:, 0])).clamp(min=0).minimum(tok(hw_B2.index_select(0, partner)[:, 0]) - 1)
-    sx = (v + tok(partner_corner_B2[:, 1])).clamp(min=0).minimum(tok(hw_B2.index_select(0, partner)[:, 1]) - 1)
+    sy = (u + tok(partner_corner_B2[:, 0])).clamp(min=0).minimum(tok(partner_hw_B2[:, 0]) - 1)
+    sx = (v + tok(partner_corner_B2[:, 1])).clamp(min=0).minimum(tok(partner_hw_B2[:, 1]) - 1)
     gw = tok(layout.grid_B2.index_select(0, partner)[:, 1])
     token = tok(layout.start_B.index_select(0, partner)) + torch.div(sy, P, rounding_mode='floor') * gw + \
         torch.div(sx, P, rounding_mode='floor')

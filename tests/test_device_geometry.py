@@ -6,8 +6,9 @@ TranslateX/Y, absolute or relative), argument, filter (bilinear / bicubic) and f
 Every applied image must equal what augment.randaugment.OPS gives for it on the PIL image within ``TOLERANCE``
 levels (0: the device code repeats Pillow's Geometry.c arithmetic), every other image must come out unchanged, and
 the applied images must change. Images: generated ones (test_device_ops.generated_batch) always, caltech101 photos
-when ``shared_data`` is present. On fake CUDA tensors the op runs with no host sync, no host tensor and the same
-sequence of tensor ops for 3 images as for 9; on a GPU (``-m cuda``) it gives the CPU's pixels without syncing.
+when ``shared_data`` is present. The ops also equal timm's own (timm.data.auto_augment). On fake CUDA tensors the
+op runs with no host sync, no host tensor and the same sequence of tensor ops for 3 images as for 9; on a GPU
+(``-m cuda``) it gives the CPU's pixels without syncing.
 """
 import random
 
@@ -119,6 +120,29 @@ def test_right_angles_equal_pillows_transposes():
         for i, img in enumerate(imgs):
             ref = Image.fromarray(img.numpy()).rotate(angle, Image.Resampling.BICUBIC, fillcolor=(5, 6, 7))
             assert torch.equal(unpack(out, batch, i), torch.from_numpy(np.array(ref))), (angle, i)
+
+
+@pytest.mark.parametrize('filter_name', sorted(MODES))
+def test_ops_equal_timms(filter_name):
+    """timm 1.0.31's own op functions (timm.data.auto_augment, PIL): Rotate and Shear equal, and TranslateX/YRel
+    with ``whole_pixels=False`` (timm resamples at the sub-pixel offset, where the CPU path shifts whole pixels)."""
+    from timm.data import auto_augment as timm_aa
+    imgs = generated_batch(4, 9, seed=4)
+    rng = random.Random(2)
+    resample = {'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC}[filter_name]
+    cases = [('Rotate', timm_aa.rotate), ('ShearX', timm_aa.shear_x), ('ShearY', timm_aa.shear_y),
+             ('TranslateXRel', timm_aa.translate_x_rel), ('TranslateYRel', timm_aa.translate_y_rel)]
+    ops = [cases[i % len(cases)] for i in range(len(imgs))]
+    args = [LEVEL_TO_ARG[name](rng.uniform(1, 10), rng) for name, _ in ops]
+    matrices = [G.op_matrix(name, a, x.shape[1], x.shape[0], whole_pixels=False)
+                for (name, _), a, x in zip(ops, args, imgs)]
+    assert any(m[2] % 1 or m[5] % 1 for m in matrices), 'the test needs sub-pixel shifts'
+    batch = pack(imgs, 4)
+    out = G.affine(batch['patches'], D.PackedLayout.from_batch(batch),
+                   *G.stack_affine(matrices, [filter_name] * len(imgs), [(128, 128, 128)] * len(imgs)))
+    for i, ((name, fn), img) in enumerate(zip(ops, imgs)):
+        ref = fn(Image.fromarray(img.numpy()), args[i], fillcolor=(128, 128, 128), resample=resample)
+        assert torch.equal(unpack(out, batch, i), torch.from_numpy(np.array(ref))), (name, args[i])
 
 
 def test_bilinear_only_reads_four_taps_and_gives_the_same_pixels():
