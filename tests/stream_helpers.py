@@ -1,11 +1,13 @@
 """Helpers of the streaming tests: tar shards whose sample i has class i (so a batch's targets say which samples it
 holds), and a plain HTTP server on 127.0.0.1 that serves a folder and can be stopped mid-run."""
-import functools
 import io
 import json
+import socket
+import subprocess
+import sys
 import tarfile
-import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+import time
+import urllib.request
 from pathlib import Path
 from typing import Sequence
 
@@ -43,29 +45,35 @@ def write_shards(root: Path, lengths: Sequence[int], split: str = 'train', name:
 
 
 class Server:
-    """``with Server(folder) as url:`` serves ``folder`` at ``url`` (``http://127.0.0.1:PORT``); ``stop()`` ends it
-    at once (later connections are refused)."""
+    """``with Server(folder) as url:`` serves ``folder`` at ``url`` (``http://127.0.0.1:PORT``) from its own process
+    (``python -m http.server``: a server thread of the test process would leave its listening socket open in every
+    forked DataLoader worker, so it could never go away); ``stop()`` ends it at once (later connections are
+    refused)."""
 
     def __init__(self, folder: Path):
-        handler = functools.partial(_QuietHandler, directory=str(folder))
-        self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), handler)
-        self.httpd.daemon_threads = True
-        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        with socket.socket() as sock:
+            sock.bind(('127.0.0.1', 0))
+            port = sock.getsockname()[1]
+        self.url = f'http://127.0.0.1:{port}'
+        self.cmd = [sys.executable, '-m', 'http.server', str(port), '--bind', '127.0.0.1', '--directory', str(folder)]
+        self.proc = None
 
     def __enter__(self) -> str:
-        self.thread.start()
-        return self.url
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while time.time() < deadline:  # until it answers
+            try:
+                urllib.request.urlopen(self.url + '/', timeout=1).close()
+                return self.url
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f'the test server at {self.url} did not start')
 
     def stop(self) -> None:
-        if self.thread.is_alive():
-            self.httpd.shutdown()
-        self.httpd.server_close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def __exit__(self, *exc):
         self.stop()
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass

@@ -119,7 +119,7 @@ def test_a_bad_member_is_replaced_within_its_step_and_reported(tmp_path):
     steps = _epoch(_loader(source, batch_size=8, seq_lens=(16,), shuffle_buffer=0), 0)
     bad = [p for inputs, _ in steps for p in inputs.get('bad_files', [])]
     targets = sorted(t for _, target in steps for t in target.tolist())
-    assert bad == ['ds-train-0001.tar:s00005.jpg'] and len(targets) == 8 and 5 not in targets
+    assert bad == [f'{tmp_path}/ds-train-0001.tar:s00005.jpg'] and len(targets) == 8 and 5 not in targets
 
 
 def test_a_split_without_shard_lengths_is_one_error(tmp_path):
@@ -162,3 +162,29 @@ def test_train_sigterm_mid_epoch_resumes_the_stream_exactly(demo_shards, tmp_pat
     assert resumed.losses and resumed.losses == [h for h in full.losses if (h[0], h[1]) >= (1, 2)]
     for k, v in _weights(tmp_path / 'full' / 'last.pth').items():
         assert torch.equal(v, _weights(tmp_path / 'cut' / 'last.pth')[k]), k
+
+
+def _cut(shard, member_index):
+    """Truncate ``shard`` inside the data of its ``member_index``-th member (a download that stopped there)."""
+    import tarfile
+    with tarfile.open(shard) as tf:
+        m = tf.getmembers()[member_index]
+    with open(shard, 'r+b') as f:
+        f.truncate(m.offset_data + m.size // 2)
+
+
+def test_a_failed_shard_is_counted_and_its_samples_made_up(tmp_path):
+    """Shard 1 (samples 4-7) ends inside sample 6's image: training reports it once per missing sample (2) and reads
+    two samples further on, so the epoch keeps its 12 images; evaluation counts the 2 as bad files."""
+    write_shards(tmp_path, [4, 4, 4])
+    _cut(tmp_path / 'ds-train-0001.tar', 4)  # members: 4 .jpg, 4 .cls, ...: the 3rd sample's image
+    source = loaders.open_dataset(f'file://{tmp_path}', 'train')
+    steps = _epoch(_loader(source, batch_size=2, seq_lens=(16,), shuffle_buffer=0), 0)
+    bad = [p for inputs, _ in steps for p in inputs.get('bad_files', [])]
+    images = [t for _, target in steps for t in target.tolist()]
+    assert len(images) == 12 and not {6, 7} & set(images) and len(set(images)) == 10
+    assert len(bad) == 2 and len(set(bad)) == 1 and bad[0].startswith(f'{tmp_path}/ds-train-0001.tar: ')
+    assert 'after 2 of 4 samples' in bad[0]
+    evaluated = list(loaders.make_eval_loader(source, max_seq_len=16, batch_size=5, num_workers=0, patch_size=16))
+    assert sum(len(t) for _, t in evaluated) == 10
+    assert sum(len(inputs.get('bad_files', [])) for inputs, _ in evaluated) == 2

@@ -54,8 +54,8 @@ def test_two_ranks_train_over_http_through_a_corrupt_member(shards, tmp_path):
     run = tmp_path / 'http'
     log = (run / 'train.log').read_text()
     assert 'streaming 15 samples in 3 shards from http://127.0.0.1:' in log and 'Eval: 0' in log, log[-2000:]
-    assert (run / 'bad_files.txt').read_text().split() == ['ds-train-0000.tar:s00004.jpg',
-                                                           'ds-validation-0000.tar:s00002.jpg']
+    assert (run / 'bad_files.txt').read_text().split() == [f'{url}/ds-train-0000.tar:s00004.jpg',
+                                                           f'{url}/ds-validation-0000.tar:s00002.jpg']
     assert (run / 'last.pth').is_file()
 
 
