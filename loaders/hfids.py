@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .hfds import _first_line, _load_builder_split
+from .hfds import first_line, resolve_split
 from .stream import StreamSource, apply_class_map
 from .stream_io import ShardFailed, StreamSample
 
@@ -39,7 +39,7 @@ def open_hfids(name: str, split: str = 'train', *, cache_dir=None, classes=None,
     """The split as a StreamSource over its parquet files. FileNotFoundError / ValueError name what is missing."""
     import datasets
     input_key, target_key = input_key or 'image', target_key or 'label'
-    source, builder, picked = _load_builder_split(name, split, str(cache_dir) if cache_dir else None)
+    source, builder, picked = resolve_split(name, split, str(cache_dir) if cache_dir else None)
     files = [str(f) for f in (builder.config.data_files or {}).get(picked, ())]
     ids = datasets.load_dataset(source, split=picked, streaming=True, cache_dir=str(cache_dir) if cache_dir else None)
     if not files or ids.n_shards != len(files):
@@ -53,7 +53,7 @@ def open_hfids(name: str, split: str = 'train', *, cache_dir=None, classes=None,
     try:
         lengths = [_num_rows(f) for f in files]
     except OSError as e:
-        raise FileNotFoundError(f'hfids/{name}: cannot read the footer of its parquet files ({_first_line(e)})') \
+        raise FileNotFoundError(f'hfids/{name}: cannot read the footer of its parquet files ({first_line(e)})') \
             from None
     label = features[target_key]
     if isinstance(label, datasets.ClassLabel):
@@ -92,7 +92,7 @@ class _ParquetRows:
                             read += 1
                     first += rows
         except OSError as e:
-            raise ShardFailed(path, _first_line(e), read) from None
+            raise ShardFailed(path, first_line(e), read) from None
 
     def _sample(self, path: str, cell, target: int, row: int) -> StreamSample:
         index = int(self.offsets[path]) + row

@@ -319,14 +319,15 @@ class StreamReader:
                         if got == seg.count:
                             break
                 except ShardFailed as e:
-                    reason = f'{e.reason} (after {seg.skip + got} of {int(self.source.lengths[seg.shard])} samples)'
+                    reason = f'{e.reason}; after {seg.skip + got} of {int(self.source.lengths[seg.shard])} samples'
                 else:
                     reason = f'it ended after {seg.skip + got} of the {int(self.source.lengths[seg.shard])} samples ' \
                              '_info.json lists'
                 finally:
                     samples.close()  # a shard read to its planned count: the connection goes now, not at GC
                 if got < seg.count:
-                    self._missing.append(Missing(f'{self.source.urls[seg.shard]}: {reason}', seg.count - got))
+                    self._missing.append(Missing(f'{self.source.urls[seg.shard]}: {seg.count - got} samples not read '
+                                                 f'({reason})', seg.count - got))
                     owed += seg.count - got
             if not owed or not self.extent:
                 return

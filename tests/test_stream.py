@@ -184,7 +184,7 @@ def test_a_failed_shard_is_counted_and_its_samples_made_up(tmp_path):
     images = [t for _, target in steps for t in target.tolist()]
     assert len(images) == 12 and not {6, 7} & set(images) and len(set(images)) == 10
     assert len(bad) == 2 and len(set(bad)) == 1 and bad[0].startswith(f'{tmp_path}/ds-train-0001.tar: ')
-    assert 'after 2 of 4 samples' in bad[0]
+    assert ': 2 samples not read (' in bad[0] and 'after 2 of 4 samples' in bad[0]
     evaluated = list(loaders.make_eval_loader(source, max_seq_len=16, batch_size=5, num_workers=0, patch_size=16))
     assert sum(len(t) for _, t in evaluated) == 10
     assert sum(len(inputs.get('bad_files', [])) for inputs, _ in evaluated) == 2
