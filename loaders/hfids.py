@@ -50,9 +50,10 @@ def open_hfids(name: str, split: str = 'train', *, cache_dir=None, classes=None,
     if missing:
         raise ValueError(f'hfids/{name} split {picked!r} has no column {", ".join(map(repr, missing))} '
                          f'(columns: {", ".join(features)}); choose with --input-key / --target-key')
+    import pyarrow as pa
     try:
         lengths = [_num_rows(f) for f in files]
-    except OSError as e:
+    except (OSError, pa.ArrowException) as e:
         raise FileNotFoundError(f'hfids/{name}: cannot read the footer of its parquet files ({first_line(e)})') \
             from None
     label = features[target_key]
@@ -77,6 +78,7 @@ class _ParquetRows:
         self.name, self.input_key, self.target_key, self.offsets = name, input_key, target_key, offsets
 
     def __call__(self, path: str, skip: int = 0) -> Iterator[StreamSample]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
         read = 0
         try:
@@ -91,7 +93,7 @@ class _ParquetRows:
                             yield self._sample(path, images[i], int(labels[i].as_py()), first + i)
                             read += 1
                     first += rows
-        except OSError as e:
+        except (OSError, pa.ArrowException) as e:  # a file cut short or not parquet: this shard fails, not the run
             raise ShardFailed(path, first_line(e), read) from None
 
     def _sample(self, path: str, cell, target: int, row: int) -> StreamSample:
