@@ -188,3 +188,46 @@ def test_a_failed_shard_is_counted_and_its_samples_made_up(tmp_path):
     evaluated = list(loaders.make_eval_loader(source, max_seq_len=16, batch_size=5, num_workers=0, patch_size=16))
     assert sum(len(t) for _, t in evaluated) == 10
     assert sum(len(inputs.get('bad_files', [])) for inputs, _ in evaluated) == 2
+
+
+def _lose_source_in_eval(rank, store, out_dir):
+    """Evaluation on two gloo ranks whose rank 1 loses its streamed source after one batch."""
+    import os
+
+    import naflex
+    from loaders.stream_io import DataSourceError
+    from naflex.train.evaluate import evaluate
+    from test_ddp import GRIDS, _init_gloo, make_packed
+    _init_gloo(rank, store)
+
+    def batches():
+        for s in range(3):
+            yield make_packed(GRIDS, s)
+            if rank == 1:
+                raise DataSourceError('http://127.0.0.1:1/x.tar: connection refused by 127.0.0.1:1 (after 3 '
+                                      'retries)')
+    model = naflex.create_model('naflexvit_tiny_test', num_classes=4)
+    try:
+        evaluate(model, batches(), 'cpu', world_size=2, mean=(0.5,) * 3, std=(0.5,) * 3)
+        outcome = 'no error'
+    except DataSourceError as e:
+        outcome = str(e)
+    with open(os.path.join(out_dir, f'rank{rank}.txt'), 'w') as f:
+        f.write(outcome)
+    import torch.distributed as dist
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes importing torch: ~10 s on an idle 2-core machine
+def test_a_source_lost_on_one_rank_during_evaluation_stops_every_rank(tmp_path):
+    """No rank waits in the evaluation's all-reduce for one that lost its source: both raise rank 1's error."""
+    import time
+
+    import torch.multiprocessing as mp
+    t0 = time.time()
+    mp.start_processes(_lose_source_in_eval, args=(str(tmp_path / 'store'), str(tmp_path)), nprocs=2, join=True,
+                       start_method='spawn')
+    outcomes = [(tmp_path / f'rank{r}.txt').read_text() for r in (0, 1)]
+    lost = 'http://127.0.0.1:1/x.tar: connection refused by 127.0.0.1:1 (after 3 retries)'
+    assert outcomes == [f'rank 1 of 2: {lost}'] * 2
+    assert time.time() - t0 < 120
