@@ -122,6 +122,17 @@ def test_a_bad_member_is_replaced_within_its_step_and_reported(tmp_path):
     assert bad == [f'{tmp_path}/ds-train-0001.tar:s00005.jpg'] and len(targets) == 8 and 5 not in targets
 
 
+def test_evaluation_scores_each_sample_once_across_ranks_and_workers(tmp_path):
+    source = _read(tmp_path, [6, 6, 3])
+    seen = []
+    for rank in (0, 1):
+        loader = loaders.make_eval_loader(source, max_seq_len=16, batch_size=2, num_workers=2, patch_size=16,
+                                          rank=rank, world_size=2)
+        seen += [t for _, target in loader for t in target.tolist()]
+        assert len(loader) == 4  # batches of 2 of the rank's two worker parts (7 samples: 3 + 4; 8: 4 + 4)
+    assert sorted(seen) == list(range(15))
+
+
 def test_a_split_without_shard_lengths_is_one_error(tmp_path):
     import json
     write_shards(tmp_path, [3, 3])
