@@ -17,7 +17,8 @@ import torch
 import loaders
 import naflex
 from loaders.shards import classes_compatible
-from loaders.stream import DataSourceError, StreamSource, wants_stream
+from loaders.stream import StreamSource, wants_stream
+from loaders.stream_io import DataSourceError
 
 from .checkpoint import load_hub_weights, load_weights, recorded_model
 from .cli import format_kwargs

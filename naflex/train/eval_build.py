@@ -32,7 +32,8 @@ def _open_dataset(args, classes=None):
     from loaders import ImageFolderDataset, IncompleteSplit, open_dataset, require_whole
     from loaders.config import DATASET_KINDS
     from loaders.shards import dataset_kind, is_shard_source
-    from loaders.stream import DataSourceError, wants_stream
+    from loaders.stream import wants_stream
+    from loaders.stream_io import DataSourceError
 
     root = args.data_dir or args.data
     kind = dataset_kind(args.dataset)
