@@ -28,14 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev, split = EvalLoaderConfig(), DatasetConfig.val_split
     p = _Parser(description="Evaluate a NaFlexViT model at one or more sequence lengths.")
     p.add_argument("data", nargs="?", default=None, help="dataset root (same as --data-dir)")
-    p.add_argument("--data-dir", default=None, help="dataset root holding <split>/<class>/*.jpg")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset root holding <split>/<class>/*.jpg, or tar shards (a URL, bucket or file:// folder "
+                        "of them is streamed)")
     p.add_argument("--split", default=split,
                    help=f"split folder under the root (default: {split}, like train.py's --val-split; 'val', "
                         "'valid', 'eval' are found too, and a root that holds the class folders is used as it is), "
                         "or a split of tar shards (a name in _info.json or NAME-validation-{00..63}.tar)")
     p.add_argument("--dataset", default="", metavar="TYPE/NAME",
                    help="'wds/NAME': WebDataset tar shards + _info.json in --data-dir (found without it too); "
-                        "default: image folder")
+                        "'hfds/NAME' ('hfids/NAME': streamed): a Hugging Face dataset; default: image folder")
     p.add_argument("--model", "-m", default=None,
                    help=f"model name (naflex.list_models()), optionally NAME.TAG or hf-hub:timm/NAME.TAG (default: the "
                         f"name the checkpoint stores, else {DEFAULT_MODEL}); as timm, 'all', a wildcard pattern, a "
