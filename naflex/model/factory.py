@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from . import weights
+from . import big_vision, weights
 from .features import FEATURE_CLASSES, NaFlexFeatures, features_pretrained_cfg, graph_features
 from .naflexvit import NaFlexVit, NaFlexVitCfg
 from .registry import _VARIANTS, hub_id, pretrained_cfg as registered_cfg, split_name
@@ -98,8 +98,9 @@ def weights_source(cfg: Dict) -> Tuple[str, Any]:
     return '', None
 
 
-def _load_pretrained(model: NaFlexVit, where: Tuple[str, Any]) -> None:
-    """Strict, except that a classifier of another size keeps its fresh initialization (as timm drops it)."""
+def _load_pretrained(model: NaFlexVit, where: Tuple[str, Any], custom_load: bool = False) -> None:
+    """Strict, except that a classifier of another size keeps its fresh initialization (as timm drops it). A
+    JAX / Flax .npz file (by its extension, or a file with ``custom_load``) loads as timm's ``load_pretrained``."""
     kind, loc = where
     if kind == 'hub':
         repo, filename = loc
@@ -109,6 +110,9 @@ def _load_pretrained(model: NaFlexVit, where: Tuple[str, Any]) -> None:
         state, source = weights.strip_prefixes(loc), 'the pretrained_cfg state_dict'
     else:
         path = weights.dir_weights_file(loc) if kind == 'dir' else loc
+        if custom_load or weights.is_npz(path):  # timm: custom_load files go to model.load_pretrained (.npz)
+            big_vision.load_npz(model, path)
+            return
         state, source = weights.read_state_dict(path), repr(os.fspath(path))
     weights.load_into(model, state, source=source, reinit_head=True)
 
@@ -181,7 +185,10 @@ def create_model(
     model.pretrained_cfg = cfg
     model.pretrained_model_args = dict(model_args)  # what the source folder's weights were built with
     if where[0]:
-        _load_pretrained(model, where)
+        _load_pretrained(model, where, custom_load=bool(cfg.get('custom_load')) and pretrained is True)
+    npz_checkpoint = bool(checkpoint_path) and weights.is_npz(checkpoint_path)
+    if npz_checkpoint:  # timm's load_checkpoint hands a .npz file to model.load_pretrained
+        big_vision.load_npz(model, checkpoint_path)
     if features_only and feature_cls == 'fx':
         model = graph_features(model, out_indices)
         model.pretrained_cfg = model.default_cfg = features_pretrained_cfg(cfg)
@@ -189,6 +196,6 @@ def create_model(
         model = NaFlexFeatures(model, out_indices=out_indices, norm=feature_norm)
     # what timm's get_model_args / save_for_hf read to rebuild this model (timm records the same keywords)
     model._model_args = recorded
-    if checkpoint_path:
+    if checkpoint_path and not npz_checkpoint:
         weights.load_into(model, weights.read_state_dict(checkpoint_path), source=repr(os.fspath(checkpoint_path)))
     return model

@@ -370,6 +370,12 @@ class NaFlexVit(nn.Module):
                     blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
     @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str, prefix: str = '') -> None:
+        """A JAX / Flax .npz checkpoint, as timm's ``load_pretrained`` (timm's ``load_checkpoint`` calls it)."""
+        from .big_vision import load_npz
+        load_npz(self, checkpoint_path, prefix)
+
+    @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         return {'embeds.pos_embed', 'embeds.pos_embed_y', 'embeds.pos_embed_x', 'embeds.cls_token',
                 'embeds.reg_token'}
