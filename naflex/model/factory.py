@@ -17,7 +17,8 @@ import torch
 from . import big_vision, weights
 from .features import FEATURE_CLASSES, NaFlexFeatures, features_pretrained_cfg, graph_features
 from .naflexvit import NaFlexVit, NaFlexVitCfg
-from .registry import _VARIANTS, hub_id, pretrained_cfg as registered_cfg, split_name
+from .registry import _VARIANTS, hub_id, split_name
+from .registry import get_config as registered_config, pretrained_cfg as registered_cfg
 
 # timm's parse_model_name: a source prefix of two or more characters (so 'C:\\' stays a path), then an opaque id
 _SOURCES = ('hf-hub', 'local-dir')
@@ -52,9 +53,41 @@ def parse_model_name(name: str) -> Tuple[Optional[str], str]:
 
 def read_local_dir(path: PathLike) -> Tuple[Dict[str, Any], str, Dict[str, Any]]:
     """(pretrained_cfg, architecture, model_args) of a ``save_for_hf`` folder, parsed by timm's own reader (the
-    legacy single-dict layout, label names, in_chans repairs), its cfg sourcing weights from the folder."""
+    legacy single-dict layout, label names, in_chans repairs), its cfg sourcing weights from the folder.
+    FileNotFoundError, one line, when the folder or its config.json is missing."""
     from timm.models._hub import load_model_config_from_path
-    return load_model_config_from_path(os.fspath(path))
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, 'config.json')):
+        what = 'has no config.json (a folder written by timm.models.save_for_hf holds one)' if os.path.isdir(path) \
+            else 'is not a folder'
+        raise FileNotFoundError(f'local-dir:{path}: {what}')
+    return load_model_config_from_path(path)
+
+
+def get_config(name: str) -> NaFlexVitCfg:
+    """The architecture ``name`` builds: a registered name (``NAME[.TAG]``, ``hf-hub:timm/NAME.TAG``), or a
+    ``local-dir:PATH`` folder's architecture with the config fields of its model_args laid over it (the model its
+    weights fit). ValueError, one line, for an unknown name or an unreadable folder."""
+    source, model_id = parse_model_name(name)
+    if source != 'local-dir':
+        return registered_config(name)
+    try:
+        _, arch, model_args = read_local_dir(model_id)
+    except (OSError, ValueError) as e:  # json errors are ValueErrors
+        raise ValueError(str(e).splitlines()[0]) from None
+    return dataclasses.replace(registered_config(arch), **{k: v for k, v in model_args.items() if k in _CFG_FIELDS})
+
+
+def published_state_dict(name: str) -> Tuple[Dict[str, torch.Tensor], str]:
+    """(state dict, where it came from) of the weights a model name carries without a file: the weights file of a
+    ``local-dir:`` folder (the one timm reads), else the published weights of a registered name on the Hugging
+    Face Hub (``HubUnavailable`` when neither cached nor reachable; ValueError for a name without any)."""
+    source, model_id = parse_model_name(name)
+    if source == 'local-dir':
+        path = weights.dir_weights_file(model_id)
+        return weights.read_state_dict(path), path
+    repo = hub_id(name)
+    return weights.read_hub_state_dict(repo), f'hf-hub:{repo}'
 
 
 def resolve_pretrained_cfg(arch: str, tag: str, pretrained_cfg=None, overlay: Optional[Dict] = None) -> Dict:

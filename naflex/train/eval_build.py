@@ -114,20 +114,24 @@ def _read_checkpoint(path: str, use_ema: bool) -> tuple[dict, object]:
 
 
 def read_published(name: str) -> tuple[dict, str]:
-    """(state dict, 'hf-hub:<repo>') of the weights published for ``name``; a model without any is an error."""
+    """(state dict, 'hf-hub:<repo>' or the file) of the weights ``name`` carries: published ones, or a
+    ``local-dir:`` folder's; a model without any is an error."""
     import naflex
+    from naflex.model.factory import parse_model_name, published_state_dict
     from naflex.model.registry import hub_id
-    from naflex.model.weights import read_hub_state_dict
 
     try:
-        repo = hub_id(name)
+        if parse_model_name(name)[0] != "local-dir":
+            hub_id(name)
     except ValueError as e:
         raise ValidateError(f"{e}: pass --checkpoint FILE") from None
     try:
-        return read_hub_state_dict(repo), f"hf-hub:{repo}"
+        return published_state_dict(name)
     except naflex.HubUnavailable as e:
         raise ValidateError(f"{name}'s published weights: {e}; pass --checkpoint FILE (its model.safetensors), or "
                             "fill the cache on a machine with network and run with HF_HUB_OFFLINE=1") from None
+    except FileNotFoundError as e:  # a local-dir: folder without a weights file
+        raise ValidateError(f"{name}: {e}") from None
     except ValueError as e:
         raise ValidateError(f"{name}'s published weights: {e}") from None
 
