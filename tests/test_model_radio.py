@@ -104,10 +104,10 @@ def nvidia_layout(state: dict) -> dict:
     tensors a converter must drop (input conditioner, adaptor heads)."""
     w = state['embeds.proj.weight']
     d, p = w.shape[0], int((w.shape[1] // 3) ** 0.5)
-    out = {'radio_model.model.patch_generator.embedder.weight': w.reshape(d, p, p, 3).permute(0, 3, 1, 2).reshape(d, -1),
-           'radio_model.model.patch_generator.pos_embed': state['embeds.pos_embed'].reshape(1, -1, d),
-           'radio_model.model.patch_generator.cls_token.token': torch.cat(
-               [state['embeds.cls_token'][0], state['embeds.reg_token'][0]]),
+    gen = 'radio_model.model.patch_generator.'
+    out = {gen + 'embedder.weight': w.reshape(d, p, p, 3).permute(0, 3, 1, 2).reshape(d, -1),
+           gen + 'pos_embed': state['embeds.pos_embed'].reshape(1, -1, d),
+           gen + 'cls_token.token': torch.cat([state['embeds.cls_token'][0], state['embeds.reg_token'][0]]),
            'radio_model.input_conditioner.norm_mean': torch.zeros(3, 1, 1),
            'radio_model.adaptors.clip.head.weight': torch.zeros(4, d)}
     out.update({f'radio_model.model.{k.replace(".gamma", ".grandma")}': v for k, v in state.items()
