@@ -233,8 +233,3 @@ def read_hub_state_dict(repo: str, filename: str = HUB_FILE) -> Dict[str, torch.
         raise ValueError(f'could not fetch {repo} from the Hugging Face Hub: {_first_line(e)}') from None
     return state_dict_from(obj, path=f'hf-hub:{repo}')
 
-
-def load_hub_pretrained(model: nn.Module, repo: str) -> List[str]:
-    """``create_model(name, pretrained=True)``: the published weights of ``repo``, loaded like a local file
-    (strict; a classifier of another shape keeps its fresh initialization). Returns the head keys skipped."""
-    return load_into(model, read_hub_state_dict(repo), source=f'hf-hub:{repo}', reinit_head=True)
