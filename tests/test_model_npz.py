@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 
 import naflex
 from naflex.model.big_vision import load_npz
@@ -57,7 +58,9 @@ def big_vision_npz(model, path, prefix='params/img/'):
               f'{att}query/bias': sd['attn_pool.q.bias'].reshape(h, -1), f'{att}key/kernel': _heads(kw, h),
               f'{att}key/bias': kbias.reshape(h, -1), f'{att}value/kernel': _heads(vw, h),
               f'{att}value/bias': vbias.reshape(h, -1),
-              f'{att}out/kernel': sd['attn_pool.proj.weight'].T.reshape(h, -1, d), f'{att}out/bias': sd['attn_pool.proj.bias'], 'MAPHead_0/LayerNorm_0/scale': sd['attn_pool.norm.weight'],
+              f'{att}out/kernel': sd['attn_pool.proj.weight'].T.reshape(h, -1, d),
+              f'{att}out/bias': sd['attn_pool.proj.bias'],
+              'MAPHead_0/LayerNorm_0/scale': sd['attn_pool.norm.weight'],
               'MAPHead_0/LayerNorm_0/bias': sd['attn_pool.norm.bias']})
     for j in range(2):
         w[f'MAPHead_0/MlpBlock_0/Dense_{j}/kernel'] = sd[f'attn_pool.mlp.fc{j + 1}.weight'].T
@@ -161,3 +164,36 @@ def test_npz_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"vit.npz' does not fit the model: \['embeds.proj.weight: file \(32, 768\) "
                                          r"vs model \(64, 768\)', .*\(\+26 more\)$"):
         load_npz(model, vit)
+
+
+def test_validate_and_train_read_npz_checkpoints(tmp_path, demo_dataset, capsys):
+    """validate.py --checkpoint X.npz scores the model it loads into (the classifier must fit the dataset's
+    classes); train.py --initial-checkpoint X.npz starts from it."""
+    import train
+    import validate
+    from naflex.model.big_vision import read_npz_state_dict
+
+    path = str(vit_npz(tmp_path / 'vit.npz', num_classes=4))
+    common = ['--data-dir', str(demo_dataset), '-j', '0', '--naflex-max-seq-len', '36']
+    rows = validate.main([*common, '--model', 'naflexvit_tiny_test_token', '--checkpoint', path])
+    model = naflex.create_model('naflexvit_tiny_test_token', num_classes=4, checkpoint_path=path)
+    save_file(model.state_dict(), str(tmp_path / 'same.safetensors'))
+    same = validate.main([*common, '--model', 'naflexvit_tiny_test_token', '--checkpoint',
+                          str(tmp_path / 'same.safetensors')])
+    assert rows[0]['checkpoint'] == path and rows[0]['top1'] == same[0]['top1']
+    assert rows[0]['loss'] == pytest.approx(same[0]['loss'], abs=1e-3)  # registers differ by their 1e-6 init
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a 1000-class .npz for a 4-class dataset: no classifier to score with
+        validate.main([*common, '--model', 'naflexvit_tiny_test_token', '--checkpoint',
+                       str(vit_npz(tmp_path / 'vit1000.npz'))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith('vit1000.npz holds no 4-class classifier (a .npz classifier loads only '
+                                             'when its class count is the model\'s; pass --num-classes N)'), err
+
+    train.main(['--data-dir', str(demo_dataset), '--model', 'naflexvit_tiny_test_token', '--initial-checkpoint', path,
+                '--device', 'cpu', '-b', '8', '--epochs', '1', '--warmup-epochs', '0', '--lr', '1e-12',
+                '--weight-decay', '0', '--opt', 'adamw', '--naflex-train-seq-lens', '32', '--val-split', '', '-j', '0',
+                '--output', str(tmp_path), '--experiment', 'npz'])
+    trained = torch.load(tmp_path / 'npz' / 'last.pth', map_location='cpu', weights_only=True)['state_dict']
+    for k, v in read_npz_state_dict(path, model).items():
+        torch.testing.assert_close(trained[k], v, atol=1e-6, rtol=0, msg=k)

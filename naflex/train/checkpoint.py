@@ -33,7 +33,8 @@ from torch import nn
 
 from naflex.model import load_into
 from naflex.model.factory import published_state_dict
-from naflex.model.weights import EMA_KEYS, read_file, state_dict_from
+from naflex.model.big_vision import load_npz
+from naflex.model.weights import EMA_KEYS, is_npz, read_file, state_dict_from
 
 from .schedule import restore_schedule, schedule_state
 
@@ -168,7 +169,10 @@ def load_weights(model: nn.Module, path, use_ema: bool = True) -> Tuple[str, Lis
     """Weights-only start (``--initial-checkpoint`` / ``--pretrained-path``) from our, timm's or a safetensors
     file, its EMA copy when ``use_ema`` and it has one (timm's ``load_checkpoint`` default); a classifier of
     another shape (other ``--num-classes``) keeps its fresh initialization. Returns the copy read ('ema' or
-    'plain') and the classifier keys left at their initialization."""
+    'plain') and the classifier keys left at their initialization. A JAX / Flax ``.npz`` file is read for this
+    model as timm's ``load_checkpoint`` reads it (``naflex.model.big_vision``)."""
+    if is_npz(path):
+        return 'plain', [k for k in load_npz(model, path) if k.startswith('head.')]
     obj = read_file(path)
     state = state_dict_from(obj, use_ema=use_ema, path=os.fspath(path))
     ema = use_ema and isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in EMA_KEYS)

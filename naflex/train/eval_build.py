@@ -142,6 +142,7 @@ def weights_for(args) -> Weights:
     checked). A training checkpoint supplies the architecture, the --model-kwargs and the class
     names it records; flags given here win."""
     from naflex.model import DEFAULT_MODEL
+    from naflex.model.weights import is_npz
     from naflex.train.checkpoint import recorded_classes, recorded_model, sorted_class_order
     from naflex.train.cli import format_kwargs
 
@@ -153,6 +154,8 @@ def weights_for(args) -> Weights:
         raise ValidateError(f"checkpoint file not found: {path}")
     if args.pretrained:
         print("note: --checkpoint replaces the published weights --pretrained names (as in timm)")
+    if is_npz(path):  # JAX / Flax: read into the model once it is built (``create_model``)
+        return Weights({}, path, args.model or DEFAULT_MODEL, dict(args.model_kwargs))
     state, obj = _read_checkpoint(path, args.use_ema)
     arch, kwargs = recorded_model(obj)
     if kwargs:
@@ -174,8 +177,11 @@ def create_model(args, weights: Weights, num_dataset_classes: int, names_known: 
     """The model with ``weights`` loaded strictly; one-line errors for every mismatch. ``names_known`` False (tar
     shards that only give class indices): a head larger than the dataset is fine."""
     import naflex
+    from naflex.model.weights import is_npz
 
     state, source, name, kwargs = weights.state, weights.source, weights.name, weights.kwargs
+    if source and is_npz(source):
+        return _npz_model(args, weights, num_dataset_classes)
     num_classes = args.num_classes
     head = state.get("head.weight") if state else None
     if head is not None:
@@ -198,6 +204,24 @@ def create_model(args, weights: Weights, num_dataset_classes: int, names_known: 
         raise ValidateError(
             f"class-count mismatch: the dataset has {num_dataset_classes} classes but the model has "
             f"{model.num_classes} outputs" + ("" if source else f" (pass --num-classes {num_dataset_classes})"))
+    return model
+
+
+def _npz_model(args, weights: Weights, num_dataset_classes: int):
+    """The model with a JAX / Flax .npz checkpoint read into it as timm's ``load_checkpoint`` reads it: its
+    classifier loads only when its class count is the model's (--num-classes, else the dataset's), as in timm."""
+    import naflex
+    from naflex.model.big_vision import load_npz
+
+    num_classes = args.num_classes or num_dataset_classes
+    try:
+        model = naflex.create_model(weights.name, **weights.kwargs, num_classes=num_classes)
+        left = load_npz(model, weights.source)
+    except (TypeError, FileNotFoundError, ValueError) as e:
+        raise ValidateError(str(e).splitlines()[0]) from None
+    if "head.weight" in left:
+        raise ValidateError(f"{weights.source} holds no {num_classes}-class classifier (a .npz classifier loads only "
+                            "when its class count is the model's; pass --num-classes N)")
     return model
 
 
