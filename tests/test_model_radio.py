@@ -183,3 +183,13 @@ def test_each_tag_loads_by_name_from_the_hub_cache(tmp_path, demo_dataset):
     assert trained['head.weight'].shape == (4, 64)  # a fresh classifier on the backbone
     for k, v in published['naflexvit_base_patch16_radio_v3'].items():
         torch.testing.assert_close(trained[k], v, atol=1e-6, rtol=0, msg=k)
+
+
+def test_training_step_on_fake_cuda_makes_no_host_sync(monkeypatch):
+    """The gathered position taps (F.embedding_bag) on the training path of a GPU: varlen attention, bf16, every
+    tensor on the device, no host sync (fake CUDA tensors, see tests/fake_cuda.py)."""
+    from test_fake_cuda import check_varlen_contract, fake_step
+    r = fake_step('naflexvit_base_patch16_radio_v3', 'auto', 'bf16', monkeypatch, **SMALL)
+    r['audit'].assert_clean()
+    assert r['audit'].ops('embedding_bag')
+    check_varlen_contract(r['audit'], r['batches'], torch.bfloat16, r['model'].num_prefix_tokens)
