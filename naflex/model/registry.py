@@ -170,7 +170,7 @@ def hub_id(name: str) -> str:
 
 def data_config(model: torch.nn.Module) -> Dict:
     """The input normalization and eval resize a model was trained with: ``mean``, ``std``, ``interpolation``
-    (from its ``pretrained_cfg``; the registry's variants all use SigLIP's 0.5 / 0.5 and bicubic)."""
+    (from its ``pretrained_cfg``: SigLIP's 0.5 / 0.5 for most variants, OpenAI CLIP's for C-RADIO; bicubic for all)."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     return {'mean': tuple(cfg.get('mean', _INCEPTION_MEAN)), 'std': tuple(cfg.get('std', _INCEPTION_STD)),
             'interpolation': cfg.get('interpolation', 'bicubic')}
