@@ -131,6 +131,10 @@ def test_nvidia_layout_loads_as_timms_filter_converts_it(tmp_path):
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         assert maxdiff(model(x), ref(x)) < 1e-4
+    # a classifier on the backbone: the weights have none, so it keeps its fresh initialization (as timm)
+    head = naflex.create_model('naflexvit_base_patch16_radio_v3', pretrained=str(tmp_path / 'model.safetensors'),
+                               num_classes=5, **SMALL)
+    assert head.head.out_features == 5 and torch.equal(head.embeds.pos_embed, model.embeds.pos_embed)
 
 
 # Offline in one interpreter: each tag by name (ours and timm's loaders reading the same cache), then train.py with

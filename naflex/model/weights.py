@@ -172,7 +172,8 @@ def load_into(model: nn.Module, state: Dict[str, torch.Tensor], *, source: str =
     own = model.state_dict()
     skipped = []
     if reinit_head:
-        skipped = [k for k in _HEAD_KEYS if (k in state) != (k in own) or k in own and own[k].shape != state[k].shape]
+        skipped = [k for k in _HEAD_KEYS
+                   if (k in state) != (k in own) or (k in own and own[k].shape != state[k].shape)]
         state = {k: v for k, v in state.items() if k not in skipped}
     missing = sorted(k for k in own if k not in state and k not in skipped)
     unexpected = sorted(k for k in state if k not in own)

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from naflex.model import load_into
-from naflex.model.factory import published_state_dict
 from naflex.model.big_vision import load_npz
+from naflex.model.factory import published_state_dict
 from naflex.model.weights import EMA_KEYS, is_npz, read_file, state_dict_from
 
 from .schedule import restore_schedule, schedule_state
