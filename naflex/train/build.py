@@ -20,7 +20,7 @@ from loaders.shards import classes_compatible
 from loaders.stream import StreamSource, wants_stream
 from loaders.stream_io import DataSourceError
 
-from .checkpoint import load_hub_weights, load_weights, recorded_model
+from .checkpoint import load_published_weights, load_weights, recorded_model
 from .cli import format_kwargs
 from .config import Config
 from .distributed import DistInfo, broadcast_object, primary_first
@@ -231,13 +231,13 @@ def _load_file(model: torch.nn.Module, path: str, flag: str, fresh_head: bool = 
 
 def _load_published(model: torch.nn.Module, name: str) -> None:
     try:
-        repo = load_hub_weights(model, name)
+        source = load_published_weights(model, name)
     except naflex.HubUnavailable as e:
         raise UserError(f'--pretrained: {e}; pass --pretrained-path FILE (its model.safetensors), or fill the cache '
                         'on a machine with network and run with HF_HUB_OFFLINE=1') from None
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise UserError(f'--pretrained: {e}') from None
-    _logger.info(f'loaded weights from hf-hub:{repo}')
+    _logger.info(f'loaded weights from {source}')
 
 
 def with_recorded_model(cfg: Config, ckpt: Optional[dict]) -> Config:

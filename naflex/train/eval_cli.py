@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'wds/NAME': WebDataset tar shards + _info.json in --data-dir (found without it too); "
                         "'hfds/NAME' ('hfids/NAME': streamed): a Hugging Face dataset; default: image folder")
     p.add_argument("--model", "-m", default=None,
-                   help=f"model name (naflex.list_models()), optionally NAME.TAG or hf-hub:timm/NAME.TAG (default: the "
+                   help=f"model name (naflex.list_models()), optionally NAME.TAG, hf-hub:timm/NAME.TAG or "
+                        f"local-dir:PATH (a save_for_hf folder, its weights by default) (default: the "
                         f"name the checkpoint stores, else {DEFAULT_MODEL}); as timm, 'all', a wildcard pattern, a "
                         "comma list or a file of names validates each with its published weights")
     p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
