@@ -5,18 +5,23 @@ sample shuffle window, the steps and exact resume are those of streamed tar shar
 ``NAME`` is a Hub dataset id or a local folder in the Hub's layout (``data/<split>-*.parquet``, read offline).
 ``datasets.load_dataset(..., streaming=True)`` resolves the split's files and features (its IterableDataset's
 ``n_shards`` files, in its order); the rows of each file are counted from its parquet footer (a few KB read per
-file, no image data), and a file is read with pyarrow one row group at a time, the image column as encoded bytes
-(decoded by the loader like a file), the label column as the class index (its ``ClassLabel`` names the classes).
+file, no image data; cached for files on the Hub), and a file is read with pyarrow one row group at a time, the
+image column as encoded bytes (decoded by the loader like a file), the label column as the class index (its
+``ClassLabel`` names the classes).
 Reading from sample ``skip`` of a file passes over whole row groups without reading them.
 """
 from __future__ import annotations
 
-import os
-from typing import Iterator, Optional
+import contextlib
+import hashlib
+import json
+from typing import Iterator, List, Optional
 
 import numpy as np
 
+from .dataset import write_cache_file
 from .hfds import first_line, resolve_split
+from .shards import default_cache_dir
 from .stream import StreamSource, apply_class_map
 from .stream_io import ShardFailed, StreamSample
 
@@ -32,6 +37,25 @@ def _num_rows(path: str) -> int:
     import pyarrow.parquet as pq
     with _open(path) as f:
         return pq.ParquetFile(f).metadata.num_rows
+
+
+def row_counts(files: List[str]) -> List[int]:
+    """The rows of each parquet file, from its footer. Files on the Hub are named at a revision, so their counts are
+    kept in the cache folder (loaders.shards.default_cache_dir): a large split's footers (1,024 requests for
+    ImageNet's) are read once, not by every rank of every run."""
+    remote = all('://' in f for f in files)
+    key = hashlib.sha1('\n'.join(files).encode()).hexdigest()[:20]
+    cache = default_cache_dir() / f'naflex_parquet_rows_{key}.json'
+    if remote and cache.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            counts = json.loads(cache.read_text())
+            if isinstance(counts, list) and len(counts) == len(files):
+                return [int(c) for c in counts]
+    counts = [_num_rows(f) for f in files]
+    if remote:
+        with contextlib.suppress(OSError):  # not cached: read again next time
+            write_cache_file(cache, lambda f: f.write(json.dumps(counts).encode()))
+    return counts
 
 
 def open_hfids(name: str, split: str = 'train', *, cache_dir=None, classes=None, input_key: Optional[str] = None,
@@ -52,7 +76,7 @@ def open_hfids(name: str, split: str = 'train', *, cache_dir=None, classes=None,
                          f'(columns: {", ".join(features)}); choose with --input-key / --target-key')
     import pyarrow as pa
     try:
-        lengths = [_num_rows(f) for f in files]
+        lengths = row_counts(files)
     except (OSError, pa.ArrowException) as e:
         raise FileNotFoundError(f'hfids/{name}: cannot read the footer of its parquet files ({first_line(e)})') \
             from None

@@ -75,3 +75,24 @@ def test_train_and_validate_stream_it_offline(hf_folder, tmp_path, capsys):
     by_index = validate.main(['--dataset', f'hfds/{hf_folder}'] + argv)[0]
     assert streamed['images'] == by_index['images'] == 5
     assert (streamed['top1'], streamed['top5']) == (by_index['top1'], by_index['top5'])
+
+
+def test_row_counts_of_files_on_the_hub_are_read_once(hf_folder, tmp_path, monkeypatch):
+    """Remote parquet files (fsspec's memory:// standing in for hf://) are counted from their footers once; the
+    next open reads the counts from the cache folder."""
+    import fsspec
+    from loaders import hfids
+    monkeypatch.setenv('NAFLEX_CACHE_DIR', str(tmp_path / 'cache'))
+    files = []
+    for path in sorted((hf_folder / 'data').glob('train-*.parquet')):
+        files.append(f'memory://hub/{path.name}')
+        with fsspec.open(files[-1], 'wb') as f:
+            f.write(path.read_bytes())
+    assert hfids.row_counts(files) == [4, 3, 2]
+
+    def unreadable(path):
+        raise OSError('the footer was read again')
+    monkeypatch.setattr(hfids, '_num_rows', unreadable)
+    assert hfids.row_counts(files) == [4, 3, 2]
+    with pytest.raises(OSError, match='read again'):
+        hfids.row_counts([str(p) for p in sorted((hf_folder / 'data').glob('train-*.parquet'))])  # local: not cached
