@@ -40,7 +40,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
 from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
-from .shards import INFO_FILES, SampleKeys, _ShardCut, _split_key, _Unsupported, label_ext, sample_label, tar_members
+from . import stream_offsets
+from .shards import (INFO_FILES, SampleKeys, _BLOCK, _ShardCut, _split_key, _Unsupported, label_ext, sample_label,
+                     tar_members)
+from .stream_offsets import ShardOffsets
 
 _URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -120,8 +123,11 @@ def join_url(base, name: str) -> str:
 class _FileSource:
     """A local file."""
 
+    seekable = True
+
     def __init__(self, url: str, path: str):
         self.url, self.path, self.f = url, path, None
+        self.validator = None
 
     def open(self, pos: int) -> None:
         try:
@@ -130,6 +136,8 @@ class _FileSource:
             raise _Missing(f'{self.url}: no such file') from None
         except OSError as e:
             raise DataSourceError(f'{self.url}: {e.strerror or e}') from None
+        st = os.fstat(self.f.fileno())
+        self.validator = ['file', st.st_size, st.st_mtime_ns]
         self.f.seek(pos)
 
     def read(self, n: int) -> bytes:
@@ -219,10 +227,11 @@ def _hf_token(host: Optional[str]) -> Optional[str]:
 
 class _HttpSource:
     """An http(s) URL, with redirects followed, ``Range`` to resume, and keep-alive connections."""
+    seekable = True
 
     def __init__(self, url: str, timeout: float):
         self.url, self.timeout = url, timeout
-        self.conn = self.resp = self.host = None
+        self.conn = self.resp = self.host = self.validator = None
         self.at = 0        # the byte of the shard the next read gives
         self.end = None    # the byte where the body ends, when the server says
 
@@ -245,16 +254,19 @@ class _HttpSource:
             if resp.status in (401, 403) and urlsplit(self.url).hostname in _HF_HOSTS:
                 reason += ' (a gated or private dataset: set HF_TOKEN or run `huggingface-cli login`)'
             raise (_Missing if resp.status in (404, 410) else DataSourceError)(f'{self.url}: {reason}')
-        self.at = 0
+        self.at, size = 0, None
         if resp.status == 206:
             content_range = resp.getheader('Content-Range') or ''
-            m = re.match(r'bytes (\d+)-\d+/', content_range)
+            m = re.match(r'bytes (\d+)-\d+/(\d+)?', content_range)
             if not m or int(m.group(1)) != pos:
                 self.close()
                 raise _Retry(f'asked for byte {pos}, got Content-Range {content_range!r}')
-            self.at = pos
+            self.at, size = pos, m.group(2) and int(m.group(2))
         length = resp.getheader('Content-Length')
         self.end = self.at + int(length) if length and length.isdigit() and not resp.chunked else None
+        size = size if resp.status == 206 else self.end
+        validator = [resp.getheader('ETag'), resp.getheader('Last-Modified'), size]
+        self.validator = ['http', *validator] if any(validator) else None
         while self.at < pos:  # the server ignored the Range: read up to where we were
             if not self.read(min(_CHUNK, pos - self.at)):
                 raise _Retry(f'the body ends at byte {self.at}, before byte {pos}')
@@ -339,10 +351,11 @@ class _HttpSource:
 class _PipeSource:
     """``pipe:CMD``: the shard is what the shell command writes to stdout (``pipe:curl -sfL URL``,
     ``pipe:aws s3 cp s3://bucket/shard.tar -``). Resuming runs the command again and discards what was read."""
+    seekable = False
 
     def __init__(self, url: str, timeout: float):
         self.url, self.cmd, self.timeout = url, url[len('pipe:'):], timeout
-        self.proc = self.stderr = None
+        self.proc = self.stderr = self.validator = None
         self.at = 0
         self.delivered = False  # some output came, in this or an earlier run
 
@@ -404,9 +417,11 @@ class _PipeSource:
 class _FsspecSource:
     """Any other ``scheme://`` URL through fsspec (``s3://`` needs s3fs, ``gs://`` gcsfs: the ``[cloud]`` extra;
     ``hf://`` comes with huggingface_hub). Timeouts are the backend's own (s3fs, gcsfs and aiohttp have them)."""
+    seekable = True
+    _VALIDATORS = ('ETag', 'etag', 'blob_id', 'LastModified', 'last_modified', 'mtime', 'size')
 
     def __init__(self, url: str):
-        self.url, self.f = url, None
+        self.url, self.f, self.validator = url, None, None
 
     def open(self, pos: int) -> None:
         try:
@@ -418,6 +433,9 @@ class _FsspecSource:
             raise DataSourceError(f'{self.url}: {e}') from None
         try:
             self.f = fs.open(path, 'rb')
+            details = getattr(self.f, 'details', None) or fs.info(path)
+            validator = [str(details[k]) for k in self._VALIDATORS if details.get(k) is not None]
+            self.validator = ['fsspec', *validator] if validator else None
             self.f.seek(pos)
         except FileNotFoundError:
             raise _Missing(f'{self.url}: not found') from None
@@ -456,20 +474,23 @@ class _Resuming:
     """``read(n)`` over a source that reconnects at the byte where a failure stopped it, after a backoff of
     ``backoff * 2**(k-1)`` seconds (times a random 0.5-1, so workers do not retry in step) for the k-th failure in a
     row, or what the server's ``Retry-After`` asks for (up to a minute); a read that makes progress starts the count
-    again. Beyond ``retries`` failures in a row: _GaveUp, or
-    DataSourceError where no connection was ever made."""
+    again. Beyond ``retries`` failures in a row: _GaveUp, or DataSourceError where no connection was ever made.
+    ``pos``: the byte to start at. ``validator``: what the source said of the object when first opened (ETag,
+    Last-Modified, size); an object that says otherwise on a reconnect has changed under the read: _GaveUp."""
 
-    def __init__(self, source, url: str, retries: int, backoff: float):
+    def __init__(self, source, url: str, retries: int, backoff: float, pos: int = 0):
         self.source, self.url, self.retries, self.backoff = source, url, retries, backoff
-        self.pos, self.failures = 0, 0
+        self.pos, self.failures = pos, 0
         self.is_open = self.opened_once = False
+        self.validator = None
 
     def read(self, n: int) -> bytes:
         while True:
             try:
                 if not self.is_open:
                     self.source.open(self.pos)
-                    self.is_open = self.opened_once = True
+                    self.is_open = True
+                    self._check_validator()
                 data = self.source.read(n)
             except _Retry as e:
                 self._failed(e)
@@ -483,6 +504,13 @@ class _Resuming:
                 self.pos += len(data)
                 self.failures = 0
             return data
+
+    def _check_validator(self) -> None:
+        if not self.opened_once:
+            self.opened_once, self.validator = True, self.source.validator
+        elif self.source.validator != self.validator:
+            self.close()
+            raise _GaveUp('the object changed while it was read')
 
     def _failed(self, e: _Retry) -> None:
         self.close()
@@ -560,8 +588,8 @@ class _TarStream:
         return data
 
 
-def _tar_stream(raw: _Resuming, url: str) -> _TarStream:
-    """The shard's tar bytes, decompressed when its first bytes say so."""
+def _tar_stream(raw: _Resuming, url: str):
+    """(the shard's tar bytes, whether they are compressed): decompressed when its first bytes say so."""
     head = b''
     while len(head) < 6:
         chunk = raw.read(6 - len(head))
@@ -572,8 +600,8 @@ def _tar_stream(raw: _Resuming, url: str) -> _TarStream:
         raise DataSourceError(f'{url}: zstd-compressed; decompress it to .tar or read it as pipe:zstd -dc ...')
     for magic, make in _COMPRESSED.items():
         if head.startswith(magic):
-            return _TarStream(_Decompressed(head, raw.read, make()).read)
-    return _TarStream(raw.read, head)
+            return _TarStream(_Decompressed(head, raw.read, make()).read), True
+    return _TarStream(raw.read, head), False
 
 
 @dataclass
@@ -586,20 +614,45 @@ class StreamSample:
     name: str
 
 
+class _Stale(Exception):
+    """The remembered sample offsets do not fit the shard as it is now (raised before any sample is delivered)."""
+
+
 def iter_shard_samples(url: str, keys: SampleKeys = SampleKeys(), *, retries: int = 3, timeout: float = 30.0,
-                       skip: int = 0, backoff: float = 1.0,
-                       problems: Optional[List[str]] = None) -> Iterator[StreamSample]:
+                       skip: int = 0, backoff: float = 1.0, problems: Optional[List[str]] = None,
+                       offsets: bool = True) -> Iterator[StreamSample]:
     """The samples of one shard (a local path or a URL, see the module docstring), read front to back with memory
-    bounded by one sample. ``skip`` samples are passed over first (resuming mid-shard; their images are not kept).
-    Members that make no sample (no image, no valid label: loaders.shards' rules) are left out and described in
-    ``problems`` when given. ``timeout``: seconds any single connect or read may wait; ``retries``, ``backoff``:
-    see the module docstring. Raises DataSourceError (before any sample) or ShardFailed (after the samples read
-    before the failure)."""
+    bounded by one sample. ``skip`` samples are passed over first (resuming mid-shard; their images are not kept):
+    with ``offsets`` and a shard streamed before (loaders.stream_offsets), the stream opens at the byte of the
+    remembered sample nearest before ``skip``, so the samples before it are not read at all (nor described in
+    ``problems``); the samples delivered are the same either way. Members that make no sample (no image, no valid
+    label: loaders.shards' rules) are left out and described in ``problems`` when given. ``timeout``: seconds any
+    single connect or read may wait; ``retries``, ``backoff``: see the module docstring. Raises DataSourceError
+    (before any sample) or ShardFailed (after the samples read before the failure)."""
     url = os.fspath(url)
-    raw = _Resuming(_source(url, timeout), url, retries, backoff)
+    source = _source(url, timeout)
+    known = ShardOffsets(url, keys) if offsets and source.seekable and stream_offsets.enabled() else None
+    byte, first = known.start(skip) if known is not None else (0, 0)
+    if first:
+        try:
+            yield from _read_shard(url, source, keys, retries, backoff, skip, problems, known, byte, first)
+            return
+        except _Stale:
+            known.forget()
+    yield from _read_shard(url, source, keys, retries, backoff, skip, problems, known, 0, 0)
+
+
+def _read_shard(url: str, source, keys: SampleKeys, retries: int, backoff: float, skip: int,
+                problems: Optional[List[str]], known: Optional[ShardOffsets], byte: int,
+                first: int) -> Iterator[StreamSample]:
+    """iter_shard_samples from byte ``byte``, where sample ``first`` starts (0, 0: the whole shard); the offsets of
+    the samples read are handed to ``known``."""
+    raw = _Resuming(source, url, retries, backoff, pos=byte)
     label = label_ext(keys)
-    count = 0  # samples of the shard passed so far, skipped ones included
-    key, found = None, {}
+    count = first  # samples of the shard passed so far, skipped ones included
+    key, found, start = None, {}, byte
+    starts, names = [], []  # the offsets and keys of samples first.. as they go by
+    compressed = True  # until the stream shows its first bytes
 
     def complete() -> Optional[StreamSample]:
         nonlocal count
@@ -610,20 +663,28 @@ def iter_shard_samples(url: str, keys: SampleKeys = SampleKeys(), *, retries: in
             if problems is not None:
                 problems.append(f'{url}: sample {key!r} {why}')
             return None
+        starts.append(start)
+        names.append(key)
         count += 1
         if count <= skip:
             return None
         return StreamSample(key, image[3], _split_key(image[0])[1], target, f'{url}:{image[0]}')
 
     try:
-        tar = _tar_stream(raw, url)
+        tar, compressed = _tar_stream(raw, url)
+        if first and (compressed or raw.validator != known.validator):
+            raise _Stale()
+        headers = byte  # where the headers of the next member start
         for member, offset, size in tar_members(tar.read_at):
             k, ext = _split_key(member)
             if k != key:
+                if first and key is None and k != known.keys[first]:
+                    raise _Stale()
                 sample = complete()
-                key, found = k, {}
+                key, found, start = k, {}, headers
                 if sample is not None:
                     yield sample
+            headers = byte + offset + -(-size // _BLOCK) * _BLOCK
             data = None
             if ext == label or (ext in keys.image and count >= skip):
                 data = tar.read_at(offset, size)
@@ -634,6 +695,8 @@ def iter_shard_samples(url: str, keys: SampleKeys = SampleKeys(), *, retries: in
         if sample is not None:
             yield sample
     except (_ShardCut, _Unsupported, _GaveUp) as e:
+        if first and key is None and not isinstance(e, _GaveUp):  # no tar header at the remembered byte
+            raise _Stale() from None
         if isinstance(e, _Unsupported) and key is None:  # the first header already: an error page, not a shard
             raise DataSourceError(f'{url}: not a tar archive (it starts with {tar.start!r})') from None
         sample = complete()  # the members before the failure make a sample when they are whole, as in the index
@@ -643,6 +706,8 @@ def iter_shard_samples(url: str, keys: SampleKeys = SampleKeys(), *, retries: in
         raise ShardFailed(url, f'{what} ({e})' if what else str(e), count) from None
     finally:
         raw.close()
+        if known is not None and starts and not compressed:
+            known.save(raw.validator, first, starts, names)
 
 
 # --- _info.json -----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 
 import loaders
 from loaders.stream import StreamSource, rank_step_sizes, segments, shard_order, split_streams
-from stream_helpers import write_shards
+from shard_server import write_shards
 
 
 def _loader(source, rank=0, world_size=1, **fields):

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import naflex
 import train
 import validate
-from stream_helpers import Server, write_shards
+from shard_server import ShardServer, write_shards
 from test_ddp import _init_gloo
 
 TINY = ['--model', 'naflexvit_tiny_test', '--device', 'cpu', '--warmup-epochs', '0', '--naflex-max-seq-len', '32']
@@ -45,7 +45,8 @@ def _rank_main(rank, store, argv, out_dir):
 
 @pytest.mark.slow  # two processes importing torch and training: ~30 s on an idle 2-core machine
 def test_two_ranks_train_over_http_through_a_corrupt_member(shards, tmp_path):
-    with Server(shards) as url:
+    with ShardServer(shards, process=True) as server:
+        url = server.url
         argv = ['--data-dir', url, *TINY, '-b', '8', '-j', '1', '--epochs', '1', '--naflex-train-seq-lens', '16', '32',
                 '--bad-file-limit', '0.5', '--output', str(tmp_path), '--experiment', 'http']
         mp.start_processes(_rank_main, args=(str(tmp_path / 'store'), argv, str(tmp_path)), nprocs=2, join=True,
@@ -66,8 +67,8 @@ def test_validate_over_http_scores_what_the_local_shards_score(shards, tmp_path,
     argv = ['--model', 'naflexvit_tiny_test', '--checkpoint', str(ckpt), '-j', '2', '-b', '3',
             '--naflex-max-seq-len', '32', '--device', 'cpu']
     local = validate.main(['--data-dir', str(shards)] + argv)[0]
-    with Server(shards) as url:
-        streamed = validate.main(['--data-dir', url] + argv)[0]
+    with ShardServer(shards, process=True) as server:
+        streamed = validate.main(['--data-dir', server.url] + argv)[0]
     assert (streamed['images'], streamed['bad_files']) == (local['images'], local['bad_files']) == (6, 1)
     assert (streamed['top1'], streamed['top5']) == (local['top1'], local['top5'])
     assert streamed['loss'] == pytest.approx(local['loss'], abs=1e-6)
@@ -75,7 +76,7 @@ def test_validate_over_http_scores_what_the_local_shards_score(shards, tmp_path,
 
 def test_the_server_going_away_mid_run_is_one_line(shards, tmp_path, quick_failures, capsys):
     write_shards(shards, [2] * 10)  # 20 steps of one image, a shard every second step
-    server = Server(shards)
+    server = ShardServer(shards, process=True)
 
     class StopServer:
         def after_update(self, engine, state):
@@ -85,7 +86,8 @@ def test_the_server_going_away_mid_run_is_one_line(shards, tmp_path, quick_failu
         def after_epoch(self, state):
             return False
 
-    with server as url:
+    with server:
+        url = server.url
         argv = ['--data-dir', url, *TINY, '-b', '2', '-j', '1', '--epochs', '1', '--naflex-train-seq-lens', '16',
                 '--wds-shuffle-buffer', '0', '--val-split', '', '--output', str(tmp_path), '--experiment', 'gone']
         t0 = time.time()

@@ -347,6 +347,87 @@ def test_a_slow_server_times_out(server):
     assert time.monotonic() - start < 3  # 4 timeouts of 0.3 s and the backoffs
 
 
+# --- mid-shard starts at remembered offsets ----------------------------------------------------------------------
+
+@pytest.fixture
+def offsets_dir(tmp_path, monkeypatch):
+    """A cache folder of this test's own for the remembered sample offsets (loaders.stream_offsets)."""
+    monkeypatch.setenv('NAFLEX_CACHE_DIR', str(tmp_path / 'cache'))
+    return tmp_path / 'cache' / 'stream_offsets'
+
+
+def test_a_mid_shard_start_opens_the_stream_at_the_remembered_sample(shard_dir, server, offsets_dir):
+    url = f'{server.url}/x-train-0000.tar'
+    whole = _as_tuples(IO.iter_shard_samples(url))
+    cold_bytes = server.bytes_sent
+    assert cold_bytes == (shard_dir / 'x-train-0000.tar').stat().st_size and len(list(offsets_dir.iterdir())) == 1
+    index, _, _ = S.index_shard(str(shard_dir / 'x-train-0000.tar'))
+    header = index[7][0] - 512  # sample 7's first member (.jpg): its tar header, before its data
+    assert _as_tuples(IO.iter_shard_samples(url, skip=7)) == whole[7:]
+    assert server.requests[-1] == ('/x-train-0000.tar', f'bytes={header}-')
+    assert server.bytes_sent - cold_bytes == cold_bytes - header  # the shard's head is not read again
+    assert _as_tuples(IO.iter_shard_samples(url, skip=7, offsets=False)) == whole[7:]
+    assert server.requests[-1] == ('/x-train-0000.tar', None)
+
+
+def test_local_files_and_fsspec_seek_to_the_remembered_sample(shard_dir, memory_fs, offsets_dir, monkeypatch):
+    reads = []
+    real_source = IO._source
+
+    def counting_source(url, timeout):  # the bytes each read takes from its source
+        source = real_source(url, timeout)
+        read = source.read
+        source.read = lambda n: reads.append(len(data := read(n))) or data
+        return source
+    monkeypatch.setattr(IO, '_source', counting_source)
+    for url in (str(shard_dir / 'x-train-0000.tar'), 'memory://stream-io-test/x-train-0000.tar'):
+        whole = _as_tuples(IO.iter_shard_samples(url))
+        cold, reads[:] = sum(reads), []
+        assert _as_tuples(IO.iter_shard_samples(url, skip=10)) == whole[10:] and len(whole) == 12
+        assert 0 < sum(reads) < cold // 4, url
+        reads.clear()
+
+
+def test_a_shard_read_in_pieces_remembers_what_each_piece_saw(shard_dir, server, offsets_dir):
+    url = f'{server.url}/x-train-0000.tar'
+    expected = _expected(shard_dir / 'x-train-0000.tar', name_prefix=url)
+    head = IO.iter_shard_samples(url)
+    assert _as_tuples([next(head) for _ in range(4)]) == expected[:4]
+    head.close()  # a worker whose range ends inside the shard: samples 0..3 (and the 5th's start) remembered
+    assert _as_tuples(IO.iter_shard_samples(url, skip=9)) == expected[9:]
+    assert server.requests[-1][1] is not None  # opened at sample 4, the last one known, not at byte 0
+    assert _as_tuples(IO.iter_shard_samples(url, skip=11)) == expected[11:]
+    assert int(server.requests[-1][1][6:-1]) > int(server.requests[-2][1][6:-1])  # the later pieces added theirs
+
+
+def test_a_changed_shard_is_not_read_at_stale_offsets(shard_dir, server, offsets_dir):
+    url = f'{server.url}/x-train-0000.tar'
+    assert len(list(IO.iter_shard_samples(url))) == 12
+    _write_tar(shard_dir / 'x-train-0000.tar', _members(12, size=2000, start=100))  # new content, new ETag
+    assert [s.key for s in IO.iter_shard_samples(url, skip=3)] == [f's{i}' for i in range(103, 112)]
+    assert server.requests[-1][1] is None  # the validator differs: read from the start
+    # the same validator but another member at the remembered byte (a cache from elsewhere): read from the start
+    cache = next(offsets_dir.iterdir())
+    data = json.loads(cache.read_text())
+    data['keys'][6] = 'other'
+    cache.write_text(json.dumps(data))
+    requests = len(server.requests)
+    assert [s.key for s in IO.iter_shard_samples(url, skip=6)] == [f's{i}' for i in range(106, 112)]
+    assert [rng is None for _, rng in server.requests[requests:]] == [False, True]
+    cache.write_text('{"torn')  # a torn or foreign file: ignored
+    assert [s.key for s in IO.iter_shard_samples(url, skip=6)] == [f's{i}' for i in range(106, 112)]
+
+
+def test_pipes_and_compressed_shards_skip_by_reading(shard_dir, tmp_path, offsets_dir):
+    path = shard_dir / 'x-train-0000.tar'
+    packed = tmp_path / 'x.tar.gz'
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    for url in (f'pipe:cat {path}', packed):
+        whole = _as_tuples(IO.iter_shard_samples(url))
+        assert _as_tuples(IO.iter_shard_samples(url, skip=5)) == whole[5:]
+    assert not offsets_dir.exists()  # neither can open at a byte: nothing remembered
+
+
 # --- _info.json -----------------------------------------------------------------------------------------------
 
 def test_read_info_local_and_http(shard_dir, server, tmp_path):
