@@ -77,7 +77,7 @@ class ShardOffsets:
                            'keys': keys}, separators=(',', ':')).encode()
         try:
             write_cache_file(self.path, lambda f: f.write(text))
-        except OSError:  # a read-only cache: the next start reads the shard's head again, nothing worse
+        except Exception:  # a read-only cache, an interpreter shutting down: the next start reads the head again
             return
         self.validator, self.offsets, self.keys = validator, offsets, keys
 

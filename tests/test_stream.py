@@ -10,7 +10,7 @@ import torch
 
 import loaders
 from loaders.stream import StreamSource, rank_step_sizes, segments, shard_order, split_streams
-from shard_server import write_shards
+from shard_server import ShardServer, write_shards
 
 
 def _loader(source, rank=0, world_size=1, **fields):
@@ -242,3 +242,34 @@ def test_a_source_lost_on_one_rank_during_evaluation_stops_every_rank(tmp_path):
     lost = 'http://127.0.0.1:1/x.tar: connection refused by 127.0.0.1:1 (after 3 retries)'
     assert outcomes == [f'rank 1 of 2: {lost}'] * 2
     assert time.time() - t0 < 120
+
+
+def _epoch_in_process(source, world_size, workers, epoch):
+    """Every rank's steps of ``epoch`` built in this process, as its ``workers`` DataLoader workers would build them
+    (step s by stream s mod workers): the targets of each step."""
+    steps = []
+    for rank in range(world_size):
+        loader = _loader(source, rank, world_size, batch_size=2, seq_lens=(16,), num_workers=workers)
+        steps += [loader.step_dataset[(epoch, s)][1].tolist() for s in range(len(loader))]
+        for reader in loader.step_dataset._readers.values():  # as a worker's readers end with the epoch
+            reader.close()
+    return steps
+
+
+def test_a_warm_epoch_gives_the_same_samples_from_fewer_bytes(tmp_path, monkeypatch):
+    """2 ranks x 4 workers over 6 shards: most streams start inside a shard. The first epoch reads those shards'
+    heads to skip them and remembers where each sample starts; the same epoch again opens them at the sample."""
+    for name in ('http_proxy', 'HTTP_PROXY'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('NAFLEX_CACHE_DIR', str(tmp_path / 'cache'))
+    write_shards(tmp_path / 'wds', [7, 5, 6, 4, 8, 6])
+    with ShardServer(tmp_path / 'wds') as server:
+        source = loaders.open_dataset(server.url, 'train')
+        cold = _epoch_in_process(source, 2, 4, epoch=1)
+        cold_bytes = server.bytes_sent
+        ranges = sum(rng is not None for _, rng in server.requests)
+        warm = _epoch_in_process(source, 2, 4, epoch=1)
+        warm_bytes = server.bytes_sent - cold_bytes
+        warm_ranges = sum(rng is not None for _, rng in server.requests) - ranges
+    assert cold == warm and sorted(sum(cold, [])) == list(range(36))
+    assert warm_ranges > ranges and warm_bytes < 0.9 * cold_bytes, (cold_bytes, warm_bytes)
