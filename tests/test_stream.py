@@ -273,3 +273,16 @@ def test_a_warm_epoch_gives_the_same_samples_from_fewer_bytes(tmp_path, monkeypa
         warm_ranges = sum(rng is not None for _, rng in server.requests) - ranges
     assert cold == warm and sorted(sum(cold, [])) == list(range(36))
     assert warm_ranges > ranges and warm_bytes < 0.9 * cold_bytes, (cold_bytes, warm_bytes)
+
+
+def test_the_shuffle_buffer_on_data_read_by_random_access_says_it_has_no_effect(demo_shards, tmp_path, caplog):
+    import train
+    from test_train import Hooks, card_argv
+
+    with caplog.at_level('INFO'):
+        train.main(card_argv(demo_shards, tmp_path, 'local', '--epochs', '1', '--wds-shuffle-buffer', '64'),
+                   hooks=Hooks())
+    said = [r.getMessage() for r in caplog.records if '--wds-shuffle-buffer' in r.getMessage()]
+    assert said == ['--wds-shuffle-buffer 64 has no effect: it is the sample shuffle of streamed data (tar shards '
+                    'from a URL, bucket or file:// --data-dir; --dataset hfids/), and this training set is read by '
+                    'random access, in a fresh order of all its samples every epoch'], said

@@ -291,6 +291,10 @@ def resolve_data_config(cfg: Config, model: torch.nn.Module) -> Config:
         eval=dataclasses.replace(cfg.eval, patch_size=model.patch_size, interpolation=interpolation))
 
 
+_DEFAULT_SHUFFLE_BUFFER = next(f.default for f in dataclasses.fields(loaders.TrainLoaderConfig)
+                               if f.name == 'shuffle_buffer')
+
+
 def build_loaders(cfg: Config, train_ds, val_ds, num_classes: int, dist: DistInfo) -> Tuple[object, Optional[object]]:
     """(train loader, eval loader or None) for this rank; host memory is pinned on CUDA."""
     pin = True if dist.device.type == 'cuda' else cfg.loader.pin_memory
@@ -308,6 +312,10 @@ def build_loaders(cfg: Config, train_ds, val_ds, num_classes: int, dist: DistInf
                      f'order from (seed, epoch), each rank and loader worker a contiguous share (every sample once per '
                      f'epoch), ' + (f'samples shuffled in windows of {buffer} (--wds-shuffle-buffer)' if buffer > 1
                                     else 'no sample shuffle (--wds-shuffle-buffer 0)'))
+    elif cfg.loader.shuffle_buffer != _DEFAULT_SHUFFLE_BUFFER:
+        _logger.info(f'--wds-shuffle-buffer {cfg.loader.shuffle_buffer} has no effect: it is the sample shuffle of '
+                     'streamed data (tar shards from a URL, bucket or file:// --data-dir; --dataset hfids/), and this '
+                     'training set is read by random access, in a fresh order of all its samples every epoch')
     try:
         train = loaders.create_train_loader(
             train_ds, cfg=dataclasses.replace(cfg.loader, pin_memory=pin), aug=cfg.aug, mixup=cfg.mixup,
