@@ -95,12 +95,13 @@ class StreamSource:
             return int(listed) if 0 <= listed < len(self.classes) else -1
         return int(self.remap[listed]) if 0 <= listed < len(self.remap) else -1
 
-    def read(self, shard: int, skip: int = 0) -> Iterator[StreamSample]:
-        """Samples ``skip..`` of shard ``shard`` (listed order), front to back."""
+    def read(self, shard: int, skip: int = 0, count: Optional[int] = None) -> Iterator[StreamSample]:
+        """Samples ``skip..`` of shard ``shard`` (listed order), front to back; ``count``: how many will be taken."""
         if self.open_shard is not None:
             return self.open_shard(self.urls[shard], skip)
         retries, timeout = stream_settings()
-        return stream_io.iter_shard_samples(self.urls[shard], self.keys, retries=retries, timeout=timeout, skip=skip)
+        return stream_io.iter_shard_samples(self.urls[shard], self.keys, retries=retries, timeout=timeout, skip=skip,
+                                            count=count)
 
 
 def open_stream(root: str, split: str, *, classes=None, input_key: Optional[str] = None,
@@ -312,7 +313,7 @@ class StreamReader:
         hi, end, owed = self.part.hi, self.part.hi, 0
         while True:
             for seg in self.layout(lo, hi):
-                got, samples = 0, self.source.read(seg.shard, seg.skip)
+                got, samples = 0, self.source.read(seg.shard, seg.skip, seg.count)
                 try:
                     for got, sample in enumerate(samples, 1):
                         yield Item(sample, int(self.source.offsets[seg.shard]) + seg.skip + got - 1, seg.copy)

@@ -226,11 +226,12 @@ def _hf_token(host: Optional[str]) -> Optional[str]:
 
 
 class _HttpSource:
-    """An http(s) URL, with redirects followed, ``Range`` to resume, and keep-alive connections."""
+    """An http(s) URL, with redirects followed, ``Range`` to resume, and keep-alive connections. ``stop``: the byte
+    where reading will end, when known: the request asks for the bytes up to it only."""
     seekable = True
 
     def __init__(self, url: str, timeout: float):
-        self.url, self.timeout = url, timeout
+        self.url, self.timeout, self.stop = url, timeout, None
         self.conn = self.resp = self.host = self.validator = None
         self.at = 0        # the byte of the shard the next read gives
         self.end = None    # the byte where the body ends, when the server says
@@ -276,8 +277,8 @@ class _HttpSource:
         if parts.scheme not in ('http', 'https'):
             raise DataSourceError(f'{self.url}: redirected to {url}, which is not http(s)')
         headers = {'User-Agent': 'naflex-train', 'Accept-Encoding': 'identity'}
-        if pos:
-            headers['Range'] = f'bytes={pos}-'
+        if pos or self.stop is not None:
+            headers['Range'] = f'bytes={pos}-' + (f'{self.stop - 1}' if self.stop is not None else '')
         token = _hf_token(parts.hostname)
         if token:
             headers['Authorization'] = f'Bearer {token}'
@@ -475,16 +476,23 @@ class _Resuming:
     ``backoff * 2**(k-1)`` seconds (times a random 0.5-1, so workers do not retry in step) for the k-th failure in a
     row, or what the server's ``Retry-After`` asks for (up to a minute); a read that makes progress starts the count
     again. Beyond ``retries`` failures in a row: _GaveUp, or DataSourceError where no connection was ever made.
-    ``pos``: the byte to start at. ``validator``: what the source said of the object when first opened (ETag,
-    Last-Modified, size); an object that says otherwise on a reconnect has changed under the read: _GaveUp."""
+    ``pos``: the byte to start at, ``stop``: the byte to end at (None: the object's end). ``validator``: what the
+    source said of the object when first opened (ETag, Last-Modified, size); an object that says otherwise on a
+    reconnect has changed under the read: _GaveUp."""
 
-    def __init__(self, source, url: str, retries: int, backoff: float, pos: int = 0):
+    def __init__(self, source, url: str, retries: int, backoff: float, pos: int = 0, stop: Optional[int] = None):
         self.source, self.url, self.retries, self.backoff = source, url, retries, backoff
-        self.pos, self.failures = pos, 0
+        self.pos, self.stop, self.failures = pos, stop, 0
+        if hasattr(source, 'stop'):
+            source.stop = stop
         self.is_open = self.opened_once = False
         self.validator = None
 
     def read(self, n: int) -> bytes:
+        if self.stop is not None:
+            n = min(n, self.stop - self.pos)
+            if n <= 0:
+                return b''
         while True:
             try:
                 if not self.is_open:
@@ -619,13 +627,15 @@ class _Stale(Exception):
 
 
 def iter_shard_samples(url: str, keys: SampleKeys = SampleKeys(), *, retries: int = 3, timeout: float = 30.0,
-                       skip: int = 0, backoff: float = 1.0, problems: Optional[List[str]] = None,
-                       offsets: bool = True) -> Iterator[StreamSample]:
+                       skip: int = 0, count: Optional[int] = None, backoff: float = 1.0,
+                       problems: Optional[List[str]] = None, offsets: bool = True) -> Iterator[StreamSample]:
     """The samples of one shard (a local path or a URL, see the module docstring), read front to back with memory
     bounded by one sample. ``skip`` samples are passed over first (resuming mid-shard; their images are not kept):
     with ``offsets`` and a shard streamed before (loaders.stream_offsets), the stream opens at the byte of the
     remembered sample nearest before ``skip``, so the samples before it are not read at all (nor described in
-    ``problems``); the samples delivered are the same either way. Members that make no sample (no image, no valid
+    ``problems``); the samples delivered are the same either way. ``count``: the samples the caller will take (it
+    may stop the iterator there): where the offsets know where the next one starts, no byte past it is asked for
+    (an HTTP Range with an end), so the connection stays fit for the next shard. Members that make no sample (no image, no valid
     label: loaders.shards' rules) are left out and described in ``problems`` when given. ``timeout``: seconds any
     single connect or read may wait; ``retries``, ``backoff``: see the module docstring. Raises DataSourceError
     (before any sample) or ShardFailed (after the samples read before the failure)."""
@@ -633,21 +643,22 @@ def iter_shard_samples(url: str, keys: SampleKeys = SampleKeys(), *, retries: in
     source = _source(url, timeout)
     known = ShardOffsets(url, keys) if offsets and source.seekable and stream_offsets.enabled() else None
     byte, first = known.start(skip) if known is not None else (0, 0)
-    if first:
+    stop = known.stop(skip + count) if known is not None and count is not None else None
+    if first or stop is not None:
         try:
-            yield from _read_shard(url, source, keys, retries, backoff, skip, problems, known, byte, first)
+            yield from _read_shard(url, source, keys, retries, backoff, skip, problems, known, byte, first, stop)
             return
         except _Stale:
             known.forget()
-    yield from _read_shard(url, source, keys, retries, backoff, skip, problems, known, 0, 0)
+    yield from _read_shard(url, source, keys, retries, backoff, skip, problems, known, 0, 0, None)
 
 
 def _read_shard(url: str, source, keys: SampleKeys, retries: int, backoff: float, skip: int,
-                problems: Optional[List[str]], known: Optional[ShardOffsets], byte: int,
-                first: int) -> Iterator[StreamSample]:
-    """iter_shard_samples from byte ``byte``, where sample ``first`` starts (0, 0: the whole shard); the offsets of
-    the samples read are handed to ``known``."""
-    raw = _Resuming(source, url, retries, backoff, pos=byte)
+                problems: Optional[List[str]], known: Optional[ShardOffsets], byte: int, first: int,
+                stop: Optional[int]) -> Iterator[StreamSample]:
+    """iter_shard_samples from byte ``byte``, where sample ``first`` starts (0, 0: the whole shard), to byte
+    ``stop`` (None: the end), both from ``known``; the offsets of the samples read are handed to ``known``."""
+    raw = _Resuming(source, url, retries, backoff, pos=byte, stop=stop)
     label = label_ext(keys)
     count = first  # samples of the shard passed so far, skipped ones included
     key, found, start = None, {}, byte
@@ -672,7 +683,7 @@ def _read_shard(url: str, source, keys: SampleKeys, retries: int, backoff: float
 
     try:
         tar, compressed = _tar_stream(raw, url)
-        if first and (compressed or raw.validator != known.validator):
+        if (first or stop is not None) and (compressed or raw.validator != known.validator):
             raise _Stale()
         headers = byte  # where the headers of the next member start
         for member, offset, size in tar_members(tar.read_at):

@@ -56,6 +56,10 @@ class ShardOffsets:
         k = min(skip, len(self.offsets) - 1)
         return (self.offsets[k], k) if k > 0 else (0, 0)
 
+    def stop(self, sample: int) -> Optional[int]:
+        """The byte where sample ``sample`` starts (a read that ends before it need not go further), or None."""
+        return self.offsets[sample] if 0 < sample < len(self.offsets) else None
+
     def forget(self) -> None:
         """The remembered offsets did not fit the shard: dropped, so it is read from its start and remembered anew."""
         try:

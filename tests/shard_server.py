@@ -1,7 +1,8 @@
 """The HTTP server of the streaming tests, and the tar shards they serve.
 
-``ShardServer(folder)`` serves the files of a folder on 127.0.0.1 over HTTP/1.1 with keep-alive, ``Range: bytes=N-``
-requests (206), an ETag and a Last-Modified header, and injects faults per path, one action per request:
+``ShardServer(folder)`` serves the files of a folder on 127.0.0.1 over HTTP/1.1 with keep-alive, Range requests
+(``bytes=N-`` and ``bytes=N-M``: 206), an ETag and a Last-Modified header, and injects faults per path, one action
+per request:
 
 - an int status (500, 503, 404 ...): that status with a short body; ``(status, seconds)``: with ``Retry-After``;
 - ``('cut', n)``: the headers with the full length, then n bytes of the body, then the connection is closed;
@@ -208,17 +209,18 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(404, b'not found\n')
         st = file.stat()
         size = st.st_size
-        m = re.fullmatch(r'bytes=(\d+)-', self.headers.get('Range') or '') if srv.ranges else None
+        m = re.fullmatch(r'bytes=(\d+)-(\d*)', self.headers.get('Range') or '') if srv.ranges else None
         start = int(m.group(1)) if m else 0
+        end = min(size, int(m.group(2)) + 1) if m and m.group(2) else size
         self.send_response(206 if m else 200)
         if m:
-            self.send_header('Content-Range', f'bytes {start}-{size - 1}/{size}')
+            self.send_header('Content-Range', f'bytes {start}-{end - 1}/{size}')
         self.send_header('Accept-Ranges', 'bytes' if srv.ranges else 'none')
         self.send_header('ETag', f'"{size:x}-{st.st_mtime_ns:x}"')
         self.send_header('Last-Modified', formatdate(st.st_mtime, usegmt=True))
-        self.send_header('Content-Length', str(size - start))
+        self.send_header('Content-Length', str(end - start))
         self.end_headers()
-        left = action[1] if action[0] == 'cut' else size - start
+        left = action[1] if action[0] == 'cut' else end - start
         with open(file, 'rb') as f:  # in chunks: the server holds no whole file in memory (the tests measure it)
             f.seek(start)
             while left > 0 and (chunk := f.read(min(left, 1 << 16))):

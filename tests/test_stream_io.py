@@ -388,6 +388,22 @@ def test_local_files_and_fsspec_seek_to_the_remembered_sample(shard_dir, memory_
         reads.clear()
 
 
+def test_a_piece_of_a_known_shard_asks_for_its_bytes_only(shard_dir, server, offsets_dir):
+    url = f'{server.url}/x-train-0000.tar'
+    whole = _as_tuples(IO.iter_shard_samples(url))
+    index, _, _ = S.index_shard(str(shard_dir / 'x-train-0000.tar'))
+    sent, connections = server.bytes_sent, server.connections
+    assert _as_tuples(IO.iter_shard_samples(url, skip=3, count=4)) == whole[3:7]  # it ends there by itself
+    first, last = index[3][0] - 512, index[7][0] - 512 - 1
+    assert server.requests[-1] == ('/x-train-0000.tar', f'bytes={first}-{last}')
+    assert server.bytes_sent - sent == last + 1 - first
+    assert _as_tuples(IO.iter_shard_samples(url, count=2)) == whole[:2]  # the head of the shard alike
+    assert server.requests[-1] == ('/x-train-0000.tar', f'bytes=0-{index[2][0] - 512 - 1}')
+    assert _as_tuples(IO.iter_shard_samples(url, skip=10, count=5)) == whole[10:]  # past the end: to the end
+    assert server.requests[-1] == ('/x-train-0000.tar', f'bytes={index[10][0] - 512}-')
+    assert server.connections == connections  # each response read to its end: the connection is kept
+
+
 def test_a_shard_read_in_pieces_remembers_what_each_piece_saw(shard_dir, server, offsets_dir):
     url = f'{server.url}/x-train-0000.tar'
     expected = _expected(shard_dir / 'x-train-0000.tar', name_prefix=url)
