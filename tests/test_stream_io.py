@@ -23,7 +23,7 @@ import pytest
 
 import loaders
 from loaders import shards as S
-from loaders import stream_io as IO
+from loaders import stream_http, stream_io as IO
 from shard_server import ShardServer
 
 FAST = dict(retries=2, timeout=2.0, backoff=0.02)  # small test timeouts: every fault ends within seconds
@@ -203,7 +203,7 @@ def test_http_proxy_from_the_environment(shard_dir, server, monkeypatch):
 def test_the_hub_token_goes_to_huggingface_co_only(shard_dir, server, monkeypatch):
     monkeypatch.setenv('http_proxy', server.url)  # every host is the test server, reached as a proxy
     monkeypatch.setenv('HF_TOKEN', 'hf_test_token')
-    monkeypatch.setattr(IO, '_hf_token_cache', {})
+    monkeypatch.setattr(stream_http, '_hf_token_cache', {})
     cdn = 'http://cdn.example.invalid/x-train-0001.tar'
     server.fault('datasets/timm/x/resolve/main/x-train-0001.tar', ('redirect', cdn))
     assert len(list(IO.iter_shard_samples('http://huggingface.co/datasets/timm/x/resolve/main/x-train-0001.tar'))) == 5
