@@ -40,7 +40,10 @@ class _Connections:
             if self._pid != os.getpid():
                 self._idle, self._pid = {}, os.getpid()
             conn, via = self._idle.pop((scheme, netloc), (None, None))
-        if conn is not None and conn.sock is not None:
+        if conn is not None and conn.sock is not None and conn.sock.fileno() == -1:
+            # given back by a read the garbage collector ended: the collector closed its socket all the same
+            conn.close()
+        elif conn is not None and conn.sock is not None:
             conn.timeout = timeout
             conn.sock.settimeout(timeout)
             return conn, True, via

@@ -246,13 +246,12 @@ def test_a_source_lost_on_one_rank_during_evaluation_stops_every_rank(tmp_path):
 
 def _epoch_in_process(source, world_size, workers, epoch):
     """Every rank's steps of ``epoch`` built in this process, as its ``workers`` DataLoader workers would build them
-    (step s by stream s mod workers): the targets of each step."""
+    (step s by stream s mod workers): the targets of each step. The loaders are dropped with their readers open, so
+    the garbage collector ends reads whose connections go back to the pool (which must not hand them out again)."""
     steps = []
     for rank in range(world_size):
         loader = _loader(source, rank, world_size, batch_size=2, seq_lens=(16,), num_workers=workers)
         steps += [loader.step_dataset[(epoch, s)][1].tolist() for s in range(len(loader))]
-        for reader in loader.step_dataset._readers.values():  # as a worker's readers end with the epoch
-            reader.close()
     return steps
 
 
