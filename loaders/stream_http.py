@@ -141,8 +141,8 @@ class HttpSource:
         length = resp.getheader('Content-Length')
         self.end = self.at + int(length) if length and length.isdigit() and not resp.chunked else None
         size = size if resp.status == 206 else self.end
-        validator = [resp.getheader('ETag'), resp.getheader('Last-Modified'), size]
-        self.validator = ['http', *validator] if any(validator) else None
+        validator = {'etag': resp.getheader('ETag'), 'last_modified': resp.getheader('Last-Modified'), 'size': size}
+        self.validator = {k: v for k, v in validator.items() if v is not None} or None
         while self.at < pos:  # the server ignored the Range: read up to where we were
             if not self.read(min(_CHUNK, pos - self.at)):
                 raise _Retry(f'the body ends at byte {self.at}, before byte {pos}')

@@ -40,7 +40,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from . import stream_offsets
 from .shards import (INFO_FILES, SampleKeys, _BLOCK, _ShardCut, _split_key, _Unsupported, label_ext, sample_label,
                      tar_members)
-from .stream_offsets import ShardOffsets
+from .stream_offsets import ShardOffsets, same_object
 
 _URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 _CHUNK = 1 << 16
@@ -129,7 +129,7 @@ class _FileSource:
         except OSError as e:
             raise DataSourceError(f'{self.url}: {e.strerror or e}') from None
         st = os.fstat(self.f.fileno())
-        self.validator = ['file', st.st_size, st.st_mtime_ns]
+        self.validator = {'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
         self.f.seek(pos)
 
     def read(self, n: int) -> bytes:
@@ -230,8 +230,7 @@ class _FsspecSource:
         try:
             self.f = fs.open(path, 'rb')
             details = getattr(self.f, 'details', None) or fs.info(path)
-            validator = [str(details[k]) for k in self._VALIDATORS if details.get(k) is not None]
-            self.validator = ['fsspec', *validator] if validator else None
+            self.validator = {k: str(details[k]) for k in self._VALIDATORS if details.get(k) is not None} or None
             self.f.seek(pos)
         except FileNotFoundError:
             raise _Missing(f'{self.url}: not found') from None
@@ -312,7 +311,7 @@ class _Resuming:
     def _check_validator(self) -> None:
         if not self.opened_once:
             self.opened_once, self.validator = True, self.source.validator
-        elif self.source.validator != self.validator:
+        elif self.validator is not None and not same_object(self.source.validator, self.validator):
             self.close()
             raise _GaveUp('the object changed while it was read')
 
@@ -479,7 +478,7 @@ def _read_shard(url: str, source, keys: SampleKeys, retries: int, backoff: float
 
     try:
         tar, compressed = _tar_stream(raw, url)
-        if (first or stop is not None) and (compressed or raw.validator != known.validator):
+        if (first or stop is not None) and (compressed or not same_object(raw.validator, known.validator)):
             raise _Stale()
         headers = byte  # where the headers of the next member start
         for member, offset, size in tar_members(tar.read_at):

@@ -40,12 +40,12 @@ class ShardOffsets:
         self.path = Path(cache_dir or default_cache_dir()) / 'stream_offsets' / f'{digest}.json'
         self.validator, self.offsets, self.keys = self._read()
 
-    def _read(self) -> Tuple[Optional[list], List[int], List[str]]:
+    def _read(self) -> Tuple[Optional[dict], List[int], List[str]]:
         try:
             data = json.loads(self.path.read_text())
             offsets, keys, validator = data['offsets'], data['keys'], data['validator']
             ok = (data.get('version') == _VERSION and data.get('url') == self.url and len(offsets) == len(keys)
-                  and all(isinstance(x, int) and x >= 0 for x in offsets) and isinstance(validator, list))
+                  and all(isinstance(x, int) and x >= 0 for x in offsets) and isinstance(validator, dict))
         except (OSError, ValueError, KeyError, TypeError):  # none yet, or a foreign or torn file: start cold
             ok = False
         return (validator, offsets, keys) if ok else (None, [], [])
@@ -68,14 +68,14 @@ class ShardOffsets:
             pass
         self.validator, self.offsets, self.keys = None, [], []
 
-    def save(self, validator: Optional[list], first: int, offsets: List[int], keys: List[str]) -> None:
+    def save(self, validator: Optional[dict], first: int, offsets: List[int], keys: List[str]) -> None:
         """Remember ``offsets`` / ``keys`` of samples ``first..`` read under ``validator`` (the remembered ones
         before ``first`` kept), when that tells more than the file holds now. No validator: nothing is written."""
-        if not validator or first > len(self.offsets) or (first and validator != self.validator):
+        if not validator or first > len(self.offsets) or (first and not same_object(validator, self.validator)):
             return
         offsets, keys = self.offsets[:first] + offsets, self.keys[:first] + keys
         on_disk, known, _ = self._read()  # another worker may have written as much meanwhile
-        if len(offsets) <= len(known) and on_disk == validator:
+        if len(offsets) <= len(known) and same_object(on_disk, validator):
             return
         text = json.dumps({'version': _VERSION, 'url': self.url, 'validator': validator, 'offsets': offsets,
                            'keys': keys}, separators=(',', ':')).encode()
@@ -86,9 +86,17 @@ class ShardOffsets:
         self.validator, self.offsets, self.keys = validator, offsets, keys
 
 
+def same_object(a: Optional[dict], b: Optional[dict]) -> bool:
+    """Whether two validators (``{'etag': ..., 'last_modified': ..., 'size': ...}``, a local file's size and
+    mtime, an fsspec back end's fields) describe the same object: they share a field, and every field both give
+    agrees (a server may leave a header out of a Range response; what it does say must match)."""
+    common = [k for k in (a or {}) if k in (b or {})]
+    return bool(common) and all(a[k] == b[k] for k in common)
+
+
 def enabled() -> bool:
     """``NAFLEX_STREAM_OFFSETS=0`` turns the offsets cache off (every mid-shard start reads the shard's head)."""
     return os.environ.get('NAFLEX_STREAM_OFFSETS', '1') != '0'
 
 
-__all__ = ['ShardOffsets', 'enabled']
+__all__ = ['ShardOffsets', 'enabled', 'same_object']

@@ -605,3 +605,21 @@ def test_bench_stream_runs(demo_shards, capsys):
     assert {result for *_, result in rows} == {(24, sum(len(loaders.ShardDataset(demo_shards).path(i).read_bytes())
                                                         for i in range(24)))}
     assert '| ours, HTTP from 127.0.0.1 |' in capsys.readouterr().out
+
+
+def test_bench_stream_epochs_reads_a_warm_epoch_once(demo_shards, capsys):
+    """scripts/bench/bench_stream_epochs.py: the first epoch reads shard heads again, the next reads each byte once."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts' / 'bench'))
+    import bench_stream_epochs
+    rows, total = bench_stream_epochs.main(['--shards', str(demo_shards), '--ranks', '2', '--workers', '2',
+                                            '--epochs', '2', '-b', '2', '--seq-lens', '16'])
+    assert [samples for _, samples, _ in rows] == [24, 24]
+    assert rows[0][2] > total and rows[1][2] == total
+    assert '| 1 | 24 |' in capsys.readouterr().out
+
+
+def test_validators_agree_on_what_both_say():
+    from loaders.stream_offsets import same_object
+    assert same_object({'etag': '"a"', 'last_modified': 'Mon', 'size': 9}, {'etag': '"a"', 'size': 9})
+    assert not same_object({'etag': '"a"', 'size': 9}, {'etag': '"b"', 'size': 9})
+    assert not same_object({'etag': '"a"'}, {'size': 9}) and not same_object(None, {'size': 9})

@@ -30,32 +30,69 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 # loaders (which imports torch) is imported in main(), after the server process has branched off without it
 
 
+class _Piece:
+    """The ``left`` bytes of an open file from where it stands (a bounded Range's body)."""
+
+    def __init__(self, f, left: int):
+        self.f, self.left = f, left
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(self.left if n < 0 else min(n, self.left))
+        self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+
 class _RangeHandler(SimpleHTTPRequestHandler):
-    """Static files over HTTP/1.1 (keep-alive), with ``Range: bytes=N-`` answered by 206."""
+    """Static files over HTTP/1.1 (keep-alive), with ``Range: bytes=N-`` and ``bytes=N-M`` answered by 206; GET
+    ``/__bytes_sent__`` answers the body bytes of the files served so far."""
     protocol_version = 'HTTP/1.1'
+    bytes_sent = 0
 
     def log_message(self, *args):
         pass
 
+    def copyfile(self, source, outputfile):
+        while chunk := source.read(1 << 16):
+            outputfile.write(chunk)
+            _RangeHandler.bytes_sent += len(chunk)
+
     def send_head(self):
-        m = re.fullmatch(r'bytes=(\d+)-', self.headers.get('Range') or '')
+        if self.path == '/__bytes_sent__':
+            body = str(_RangeHandler.bytes_sent).encode()
+            self.send_response(200)
+            self.send_header('Content-Length', str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return None
+        m = re.fullmatch(r'bytes=(\d+)-(\d*)', self.headers.get('Range') or '')
         path = self.translate_path(self.path)
         if not m or not os.path.isfile(path):
             return super().send_head()
         f = open(path, 'rb')
         size, start = os.fstat(f.fileno()).st_size, int(m.group(1))
+        end = min(size, int(m.group(2)) + 1) if m.group(2) else size
         f.seek(start)
         self.send_response(206)
-        self.send_header('Content-Range', f'bytes {start}-{size - 1}/{size}')
-        self.send_header('Content-Length', str(size - start))
+        self.send_header('Content-Range', f'bytes {start}-{end - 1}/{size}')
+        self.send_header('Content-Length', str(end - start))
+        self.send_header('Last-Modified', self.date_time_string(int(os.fstat(f.fileno()).st_mtime)))
         self.end_headers()
-        return f
+        return _Piece(f, end - start)
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a reader that stops before a body's end
+            super().handle_error(request, client_address)
 
 
 def serve(folder: str) -> None:
     """The server process: prints its port, serves ``folder`` until killed."""
     os.chdir(folder)
-    httpd = ThreadingHTTPServer(('127.0.0.1', 0), _RangeHandler)
+    httpd = _Server(('127.0.0.1', 0), _RangeHandler)
     print(httpd.server_address[1], flush=True)
     httpd.serve_forever()
 
