@@ -623,3 +623,13 @@ def test_validators_agree_on_what_both_say():
     assert same_object({'etag': '"a"', 'last_modified': 'Mon', 'size': 9}, {'etag': '"a"', 'size': 9})
     assert not same_object({'etag': '"a"', 'size': 9}, {'etag': '"b"', 'size': 9})
     assert not same_object({'etag': '"a"'}, {'size': 9}) and not same_object(None, {'size': 9})
+
+
+def test_an_object_that_changes_between_reconnects_fails_the_shard(shard_dir, server):
+    url = f'{server.url}/x-train-0000.tar'
+    server.fault('x-train-0000.tar', ('cut', 20_000))
+    samples = IO.iter_shard_samples(url, **FAST)
+    assert next(samples).key == 's000'  # 20,000 bytes served, then the connection is cut
+    _write_tar(shard_dir / 'x-train-0000.tar', _members(12, size=2000, start=100))  # replaced meanwhile
+    with pytest.raises(IO.ShardFailed, match='the object changed while it was read'):
+        list(samples)
