@@ -430,15 +430,15 @@ def iter_shard_samples(url: str, keys: SampleKeys = SampleKeys(), *, retries: in
     remembered sample nearest before ``skip``, so the samples before it are not read at all (nor described in
     ``problems``); the samples delivered are the same either way. ``count``: the samples the caller will take (it
     may stop the iterator there): where the offsets know where the next one starts, no byte past it is asked for
-    (an HTTP Range with an end), so the connection stays fit for the next shard. Members that make no sample (no image, no valid
-    label: loaders.shards' rules) are left out and described in ``problems`` when given. ``timeout``: seconds any
-    single connect or read may wait; ``retries``, ``backoff``: see the module docstring. Raises DataSourceError
-    (before any sample) or ShardFailed (after the samples read before the failure)."""
+    (an HTTP Range with an end), so the connection stays fit for the next shard. Members that make no sample (no
+    image, no valid label: loaders.shards' rules) are left out and described in ``problems`` when given.
+    ``timeout``: seconds any single connect or read may wait; ``retries``, ``backoff``: see the module docstring.
+    Raises DataSourceError (before any sample) or ShardFailed (after the samples read before the failure)."""
     url = os.fspath(url)
     source = _source(url, timeout)
     known = ShardOffsets(url, keys) if offsets and source.seekable and stream_offsets.enabled() else None
     byte, first = known.start(skip) if known is not None else (0, 0)
-    stop = known.stop(skip + count) if known is not None and count is not None else None
+    stop = known.stop(skip + count) if known is not None and count else None
     if first or stop is not None:
         try:
             yield from _read_shard(url, source, keys, retries, backoff, skip, problems, known, byte, first, stop)

@@ -255,6 +255,7 @@ def _epoch_in_process(source, world_size, workers, epoch):
     return steps
 
 
+@pytest.mark.filterwarnings('ignore:This DataLoader will create')  # its 4 workers are never started
 def test_a_warm_epoch_gives_the_same_samples_from_fewer_bytes(tmp_path, monkeypatch):
     """2 ranks x 4 workers over 6 shards: most streams start inside a shard. The first epoch reads those shards'
     heads to skip them and remembers where each sample starts; the same epoch again opens them at the sample and
