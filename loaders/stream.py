@@ -8,7 +8,8 @@ to back (loaders.stream_io). The layout here keeps what the random-access path g
   default N) is positions ``0..E-1`` of it, position ``p`` being sample ``p mod N`` of the order (copy ``p // N``).
 - Rank ``r`` of ``W`` reads the contiguous positions ``[r*E//W, (r+1)*E//W)``: every sample exactly once per epoch
   across all ranks, whatever the shard lengths. A range that starts inside a shard streams it from there
-  (``skip=``), so each rank and worker pays at most one partial shard per epoch.
+  (``skip=``): opened at that sample's byte once the shard has been streamed before (loaders.stream_offsets), else
+  read from the shard's start, the samples before passed over.
 - Steps: the random-access path's schedule (loaders.schedule.SeqLenSchedule for N samples): the same sequence
   lengths, patch sizes, step order and step count on every rank. A rank whose range is one sample short of
   ``ceil(E/W)`` takes one image fewer in its largest step (DDP weighs images, not ranks, so nothing is biased);
@@ -19,8 +20,8 @@ to back (loaders.stream_io). The layout here keeps what the random-access path g
   stream come out in an order drawn from (seed, epoch, rank, stream, window) -- what a shuffle buffer of B does to
   a stream, but a pure function of the position, so a resumed epoch starts at any step exactly.
 - Resume at step k: each stream starts at its first step >= k; it skips whole shards without reading them, streams
-  the shard it starts in from the start of the shuffle window (up to B samples are read again) and goes on from
-  there: the rest of the epoch is the uninterrupted run's, sample for sample.
+  the shard it starts in from the start of the shuffle window (up to B samples are read again; the samples before
+  it as above) and goes on from there: the rest of the epoch is the uninterrupted run's, sample for sample.
 - A shard that fails (``stream_io.ShardFailed``) or ends before its listed length is reported with its missing
   samples counted as bad files; the stream reads as many samples further on (the next range's first ones) so
   every step keeps its shape. The samples after it are then one shard later than planned: that epoch is no longer
