@@ -633,3 +633,12 @@ def test_an_object_that_changes_between_reconnects_fails_the_shard(shard_dir, se
     _write_tar(shard_dir / 'x-train-0000.tar', _members(12, size=2000, start=100))  # replaced meanwhile
     with pytest.raises(IO.ShardFailed, match='the object changed while it was read'):
         list(samples)
+
+
+def test_remembered_offsets_on_a_server_that_ignores_ranges(shard_dir, offsets_dir):
+    with ShardServer(shard_dir, ranges=False) as srv:
+        url = f'{srv.url}/x-train-0000.tar'
+        whole = _as_tuples(IO.iter_shard_samples(url))
+        assert _as_tuples(IO.iter_shard_samples(url, skip=7, count=3)) == whole[7:10]  # 200: read up to the byte
+        assert _as_tuples(IO.iter_shard_samples(url, skip=2)) == whole[2:]
+        assert all(rng is not None for rng in srv.paths('x-train-0000.tar')[1:])  # asked for, answered with 200
