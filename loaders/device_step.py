@@ -1,0 +1,211 @@
+"""The device side of ``--device-aug``: a step's encoded JPEGs and drawn parameters (loaders.device_worker) become the
+packed uint8 batch the CPU path would have built, on the training device, in the main process.
+
+Why: a loader worker spends most of its CPU time per image decoding, resampling and augmenting pixels; the training
+device does the same work for the whole step in a fixed number of batched tensor ops. ``DeviceAugmenter`` runs inside
+the prefetcher (loaders.prefetch), on its side stream on CUDA, so it overlaps the previous step's compute.
+
+A step, in order (``augment_step`` after the decode: a fixed sequence of tensor ops for a given ``HostPlan``, no
+Python loop over images, no host sync, checked on fake CUDA tensors in tests/test_device_aug.py):
+1. decode: ``torchvision.io.decode_jpeg(list of byte tensors, device=...)`` (batched nvJPEG on CUDA, libjpeg on the
+   CPU), full size, CHW; pixels the workers decoded come as HWC;
+2. reduce (``reduce_sources``): every image by its power of two (2x2 box means per stage; the CPU path's JPEG draft
+   reduces by the DCT instead), into one HWC buffer;
+3. crop + resize + horizontal flip into the packed token layout (augment.device_resize, Pillow's resampling); the
+   tap count comes from the step's largest remaining downscale, 4 or 8 (a bucket: the graphs do not multiply);
+4. vertical flip, RandAugment's ops layer by layer, colour jitter, grayscale (augment.device_ops); each op runs once
+   per layer on the whole batch with the images that drew it selected (``apply_B``), and only when some image of the
+   step drew it (a host fact in the plan);
+5. [MixUp/CutMix, random erasing: augment.device_mix] -- then the prefetcher normalises to float.
+
+Tolerance against the CPU path: the draws are the same; decode + reduce differ from Pillow's draft decode by a few
+levels where the CPU path reduces (measured in docs/performance.md); without reduction the decoded pixels are
+libjpeg's in both; every step after that is bit-exact for the same source pixels.
+
+Not yet on the device: RandAugment's geometric ops (Rotate, ShearX/Y, TranslateX/YRel: augment.device_geometry),
+MixUp/CutMix and random erasing (augment.device_mix), Gaussian blur, resize filters other than bilinear/bicubic and
+timm's padded layout; ``unsupported`` names them and the trainer refuses such a configuration in one line.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from augment import device_ops as D
+from augment.config import AugConfig
+from augment.device_resize import ResizeParams, packed_layout, resize_to_packed
+from augment.mixup import MixupConfig
+from augment.randaugment import RandAugment
+
+from .device_worker import RA_OP_INDEX, HostPlan
+
+C = 3
+
+
+def _enhance(op):
+    return lambda x, layout, apply_B, arg_B: op(x, layout, apply_B, arg_B)
+
+
+def _no_arg(op):
+    return lambda x, layout, apply_B, arg_B: op(x, layout, apply_B)
+
+
+def _desaturate(x, layout, apply_B, arg_B):
+    return D.saturation(x, layout, apply_B, (1.0 - arg_B).clamp(0.0, 1.0))
+
+
+# RandAugment op -> (x_TD, layout, apply_B, arg_B float64) -> x_TD, as augment.randaugment.OPS on PIL images.
+DEVICE_RA_OPS: Dict[str, Callable] = {
+    'AutoContrast': _no_arg(D.autocontrast), 'Equalize': _no_arg(D.equalize), 'Invert': _no_arg(D.invert),
+    'Posterize': _enhance(D.posterize), 'PosterizeIncreasing': _enhance(D.posterize),
+    'PosterizeOriginal': _enhance(D.posterize),
+    'Solarize': _enhance(D.solarize), 'SolarizeIncreasing': _enhance(D.solarize),
+    'SolarizeAdd': _enhance(D.solarize_add),
+    'Color': _enhance(D.saturation), 'ColorIncreasing': _enhance(D.saturation),
+    'Contrast': _enhance(D.contrast), 'ContrastIncreasing': _enhance(D.contrast),
+    'Brightness': _enhance(D.brightness), 'BrightnessIncreasing': _enhance(D.brightness),
+    'Sharpness': _enhance(D.sharpness), 'SharpnessIncreasing': _enhance(D.sharpness),
+    'Desaturate': _desaturate,
+}
+# Hook: augment.device_geometry's Rotate / ShearX / ShearY / TranslateXRel / TranslateYRel join DEVICE_RA_OPS here.
+
+
+def unsupported(aug: AugConfig, mixup: Optional[MixupConfig], packing: bool = True) -> List[str]:
+    """What of this configuration has no device version yet (empty: ``--device-aug`` can run it)."""
+    out = []
+    if aug.aa:
+        ops = RandAugment(aug.aa).spec.ops
+        missing = [name for name in ops if name not in DEVICE_RA_OPS]
+        if missing:
+            out.append(f"RandAugment ops {', '.join(missing)} of --aa {aug.aa}")
+    if not set(aug.interpolations()) <= {'bilinear', 'bicubic'}:
+        out.append(f'--train-interpolation {aug.interpolation} (bilinear, bicubic, random only)')
+    if aug.gaussian_blur_prob > 0:
+        out.append('--gaussian-blur-prob')
+    if aug.reprob > 0 and not aug.no_aug:
+        out.append('random erasing (--reprob)')  # hook: augment.device_mix
+    if mixup is not None and mixup.active:
+        out.append('MixUp/CutMix (--mixup, --cutmix)')  # hook: augment.device_mix
+    if not packing:
+        out.append("timm's padded layout (--no-packing)")
+    return out
+
+
+def reduce_sources(buf: torch.Tensor, stages: torch.Tensor, order: torch.Tensor, stage_pixels: List[int]) -> torch.Tensor:
+    """Every image reduced by its power of two: per stage, each output pixel is the rounded mean of the 2x2 source
+    pixels it covers (fewer at an odd edge) where the image halves, a copy where it does not. ``buf``: the stage-1
+    source elements (uint8, CHW or HWC per image), ``stages`` int64 [S, B, 10] (loaders.device_worker._stages),
+    ``order`` int64 [B] the images in buffer order, ``stage_pixels`` the host's output pixel counts. Returns uint8 [N, 3] HWC pixels, images back to back."""
+    for k, total in enumerate(stage_pixels):
+        p = stages[k]
+        in_off, in_h, in_w, sc, sy, sx, halve, out_off, out_h, out_w = p.unbind(1)
+        n = torch.arange(total, device=buf.device)
+        ends = (out_off + out_h * out_w).index_select(0, order)  # in buffer order, where they increase
+        img = order.index_select(0, torch.searchsorted(ends, n, right=True))
+
+        def at(v):
+            return v.index_select(0, img)
+
+        local = n - at(out_off)
+        ow = at(out_w)
+        y = torch.div(local, ow, rounding_mode='floor')
+        x = local - y * ow
+        f = 1 + at(halve)
+        h, w = at(in_h), at(in_w)
+        chan = torch.arange(C, device=buf.device) * at(sc).unsqueeze(1)  # [N, 3]
+        acc = torch.zeros(total, C, dtype=torch.int32, device=buf.device)
+        count = torch.zeros(total, 1, dtype=torch.int32, device=buf.device)
+        for dy in (0, 1):
+            for dx in (0, 1):
+                yy, xx = y * f + dy, x * f + dx
+                ok = (yy < h) & (xx < w) & ((f > 1) | ((dy == 0) & (dx == 0)))
+                index = at(in_off) + torch.minimum(yy, h - 1) * at(sy) + torch.minimum(xx, w - 1) * at(sx)
+                value = buf.index_select(0, (index.unsqueeze(1) + chan).view(-1)).view(total, C)
+                acc += value.to(torch.int32) * ok.unsqueeze(1)
+                count += ok.unsqueeze(1)
+        buf = torch.div(acc + count // 2, count, rounding_mode='floor').to(torch.uint8).view(-1)
+    return buf.view(-1, C)
+
+
+def _resize_params(t: Dict[str, torch.Tensor], stages: torch.Tensor, plan: HostPlan) -> ResizeParams:
+    """The resize's per-image tensors, all made on the device from the shipped ones."""
+    last = stages[-1]
+    return ResizeParams(offset_B=last[:, 7], height_B=last[:, 8], width_B=last[:, 9], box_B4=t['box'],
+                        grid_B2=t['grid'], bicubic_B=t['bicubic'], flip_B=t['hflip'], patch_size=plan.patch_size,
+                        num_tokens=plan.num_tokens, max_seqlen=plan.max_seqlen)
+
+
+def augment_step(decoded: List[torch.Tensor], t: Dict[str, torch.Tensor], plan: HostPlan) -> Dict:
+    """The packed uint8 batch from the decoded JPEGs (CHW, in the plan's order) and the shipped parameters ``t``
+    (on the device): module docstring, steps 2-5."""
+    buf = torch.cat([x.reshape(-1) for x in decoded] + [t['pixels']]) if decoded else t['pixels']
+    stages = t['stages']
+    src = reduce_sources(buf, stages, t['source_order'], plan.stage_pixels)
+    lay = packed_layout(t['grid'], plan.num_tokens)
+    out = resize_to_packed(src, _resize_params(t, stages, plan), plan.taps, lay)
+    layout = D.PackedLayout(lay['seg_T'], out['patch_coord'][:, 0].long(), out['patch_coord'][:, 1].long(),
+                            t['grid'], out['cu_seqlens'][:-1].long(), plan.patch_size)
+    x = out['patches']
+    if plan.any_vflip:
+        x = D.vflip(x, layout, t['vflip'])
+    for k in range(plan.ra_layers):
+        op_B, arg_B = t['ra_op'][:, k], t['ra_arg'][:, k]
+        for name in plan.ra_ops:
+            x = DEVICE_RA_OPS[name](x, layout, op_B == RA_OP_INDEX[name], arg_B)
+    if plan.any_jitter:
+        x = D.color_jitter(x, layout, t['jitter_apply'], t['jitter_order'], t['jitter_factor'], t['jitter_active'],
+                           with_hue=plan.jitter_hue)
+    if plan.any_grayscale:
+        x = D.grayscale(x, layout, t['grayscale'])
+    # Hook: MixUp/CutMix (t['mix_partner'], t['mix_cut'], t['mix_lam']) and random erasing (t['erase_boxes'],
+    # t['erase_seed']) through augment.device_mix once it exists; ``unsupported`` refuses them until then.
+    out['patches'] = x
+    return out
+
+
+class DeviceAugmenter:
+    """Turns the host step of loaders.device_worker into the packed uint8 batch on ``device`` (the prefetcher then
+    normalises it). ``bad_files`` of the step gains any JPEG the device could not decode (a grey image stands in)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def decode(self, jpeg: torch.Tensor, plan: HostPlan) -> Tuple[List[torch.Tensor], List[str]]:
+        """The step's JPEGs decoded on the device (CHW uint8, full size), and the paths of any that failed."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+        if not plan.jpeg_lengths:
+            return [], []
+        parts = list(torch.split(jpeg, plan.jpeg_lengths))
+        try:
+            out = decode_jpeg(parts, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:  # one broken file fails the batch: decode one by one to find it
+            out = [self._decode_one(p, hw) for p, hw in zip(parts, plan.jpeg_hw)]
+        bad = []
+        for i, (x, hw) in enumerate(zip(out, plan.jpeg_hw)):
+            if x is None or tuple(x.shape) != (C, *hw):
+                bad.append(plan.jpeg_paths[i])
+                out[i] = torch.full((C, *hw), 128, dtype=torch.uint8, device=self.device)
+        return out, bad
+
+    def _decode_one(self, data: torch.Tensor, hw) -> Optional[torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            return None
+
+    def __call__(self, inputs: Dict, non_blocking: bool = True) -> Dict:
+        """``inputs`` of a device-path step (host tensors) -> the packed batch on the device (uint8 patches)."""
+        inputs = dict(inputs)
+        plan: HostPlan = inputs.pop('device_aug_plan')
+        t = dict(inputs.pop('device_aug'))
+        jpeg = t.pop('jpeg')
+        t = {k: v.to(self.device, non_blocking=non_blocking) for k, v in t.items()}
+        decoded, bad = self.decode(jpeg, plan)
+        out = augment_step(decoded, t, plan)
+        for k in ('seq_len', 'bad_files'):
+            if k in inputs:
+                out[k] = inputs[k]
+        out['bad_files'] = list(out.get('bad_files', [])) + bad
+        return out
