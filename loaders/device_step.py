@@ -195,13 +195,15 @@ class DeviceAugmenter:
         except RuntimeError:
             return None
 
-    def __call__(self, inputs: Dict, non_blocking: bool = True) -> Dict:
-        """``inputs`` of a device-path step (host tensors) -> the packed batch on the device (uint8 patches)."""
+    def __call__(self, inputs: Dict, copy: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict:
+        """``inputs`` of a device-path step (host tensors) -> the packed batch on the device (uint8 patches).
+        ``copy`` moves a host tensor to the device (the prefetcher's pinned, non-blocking copy)."""
+        copy = copy or (lambda v: v.to(self.device))
         inputs = dict(inputs)
         plan: HostPlan = inputs.pop('device_aug_plan')
         t = dict(inputs.pop('device_aug'))
-        jpeg = t.pop('jpeg')
-        t = {k: v.to(self.device, non_blocking=non_blocking) for k, v in t.items()}
+        jpeg = t.pop('jpeg')  # decode_jpeg reads the bytes from host memory
+        t = {k: copy(v) for k, v in t.items()}
         decoded, bad = self.decode(jpeg, plan)
         out = augment_step(decoded, t, plan)
         for k in ('seq_len', 'bad_files'):

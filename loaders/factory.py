@@ -58,6 +58,11 @@ def create_train_loader(root, split: str = 'train', cfg: Optional[TrainLoaderCon
     aug.validate()  # a bad spec fails here, in one line, not as a failure inside every worker
     if mixup is not None:
         mixup.validate()
+    if aug.device_aug:
+        from .device_step import unsupported
+        missing = unsupported(aug, mixup, cfg.packing)
+        if missing:
+            raise ValueError(f'device_aug has no device version yet of: {"; ".join(missing)}')
     dataset = open_dataset(root, split)
     sizes = list(cfg.patch_sizes) if cfg.patch_sizes else [cfg.patch_size]
     schedule = SeqLenSchedule(len(dataset), cfg.seq_lens, cfg.batch_size * max(cfg.seq_lens), seed=cfg.seed,
@@ -66,7 +71,7 @@ def create_train_loader(root, split: str = 'train', cfg: Optional[TrainLoaderCon
                               repeats=max(1, cfg.aug_repeats))
     if mixup is not None and not mixup.num_classes:
         mixup = dataclasses.replace(mixup, num_classes=num_classes or dataset.num_classes)
-    step_ds = StepDataset(dataset, schedule, aug, mixup, packing=cfg.packing, seed=cfg.seed)
+    step_ds = StepDataset(dataset, schedule, aug, mixup, packing=cfg.packing, seed=cfg.seed, device_aug=aug.device_aug)
     return TrainLoader(step_ds, num_workers=cfg.num_workers, pin_memory=resolve_pin_memory(cfg.pin_memory),
                        persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor, epoch=epoch)
 
