@@ -98,31 +98,27 @@ def reduce_sources(buf: torch.Tensor, stages: torch.Tensor, order: torch.Tensor,
     source elements (uint8, CHW or HWC per image), ``stages`` int64 [S, B, 10] (loaders.device_worker._stages),
     ``order`` int64 [B] the images in buffer order, ``stage_pixels`` the host's output pixel counts. Returns uint8 [N, 3] HWC pixels, images back to back."""
     for k, total in enumerate(stage_pixels):
-        p = stages[k]
-        in_off, in_h, in_w, sc, sy, sx, halve, out_off, out_h, out_w = p.unbind(1)
+        out_off, out_h, out_w = stages[k, :, 7], stages[k, :, 8], stages[k, :, 9]
         n = torch.arange(total, device=buf.device)
         ends = (out_off + out_h * out_w).index_select(0, order)  # in buffer order, where they increase
         img = order.index_select(0, torch.searchsorted(ends, n, right=True))
-
-        def at(v):
-            return v.index_select(0, img)
-
-        local = n - at(out_off)
-        ow = at(out_w)
+        # each pixel's row of the table: in offset, in h, in w, strides c / y / x, halve, out offset, out h, out w
+        in_off, h, w, sc, sy, sx, halve, off, _, ow = stages[k].index_select(0, img).unbind(1)
+        local = n - off
         y = torch.div(local, ow, rounding_mode='floor')
         x = local - y * ow
-        f = 1 + at(halve)
-        h, w = at(in_h), at(in_w)
-        chan = torch.arange(C, device=buf.device) * at(sc).unsqueeze(1)  # [N, 3]
+        f = 1 + halve
+        base = in_off.unsqueeze(1) + torch.arange(C, device=buf.device) * sc.unsqueeze(1)  # [N, 3]
         acc = torch.zeros(total, C, dtype=torch.int32, device=buf.device)
         count = torch.zeros(total, 1, dtype=torch.int32, device=buf.device)
         for dy in (0, 1):
             for dx in (0, 1):
                 yy, xx = y * f + dy, x * f + dx
-                ok = (yy < h) & (xx < w) & ((f > 1) | ((dy == 0) & (dx == 0)))
-                index = at(in_off) + torch.minimum(yy, h - 1) * at(sy) + torch.minimum(xx, w - 1) * at(sx)
-                value = buf.index_select(0, (index.unsqueeze(1) + chan).view(-1)).view(total, C)
-                acc += value.to(torch.int32) * ok.unsqueeze(1)
+                ok = (yy < h) & (xx < w)
+                if dy or dx:
+                    ok &= halve.bool()
+                index = base + (torch.minimum(yy, h - 1) * sy + torch.minimum(xx, w - 1) * sx).unsqueeze(1)
+                acc += buf.index_select(0, index.view(-1)).view(total, C) * ok.unsqueeze(1)
                 count += ok.unsqueeze(1)
         buf = torch.div(acc + count // 2, count, rounding_mode='floor').to(torch.uint8).view(-1)
     return buf.view(-1, C)
