@@ -197,6 +197,11 @@ class DeviceAugmenter:
         copy = copy or (lambda v: v.to(self.device))
         inputs = dict(inputs)
         plan: HostPlan = inputs.pop('device_aug_plan')
+        missing = [name for name in plan.ra_ops if name not in DEVICE_RA_OPS]
+        missing += [what for what, drawn in (('Gaussian blur', plan.any_blur), ('random erasing', plan.any_erasing),
+                                             ('MixUp/CutMix', plan.mix)) if drawn]
+        if missing:  # train.py refuses such a configuration up front (unsupported); a library caller learns here
+            raise ValueError(f'--device-aug: no device version yet of {", ".join(missing)}')
         t = dict(inputs.pop('device_aug'))
         jpeg = t.pop('jpeg')  # decode_jpeg reads the bytes from host memory
         t = {k: copy(v) for k, v in t.items()}

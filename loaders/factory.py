@@ -58,11 +58,6 @@ def create_train_loader(root, split: str = 'train', cfg: Optional[TrainLoaderCon
     aug.validate()  # a bad spec fails here, in one line, not as a failure inside every worker
     if mixup is not None:
         mixup.validate()
-    if aug.device_aug:
-        from .device_step import unsupported
-        missing = unsupported(aug, mixup, cfg.packing)
-        if missing:
-            raise ValueError(f'device_aug has no device version yet of: {"; ".join(missing)}')
     dataset = open_dataset(root, split)
     sizes = list(cfg.patch_sizes) if cfg.patch_sizes else [cfg.patch_size]
     schedule = SeqLenSchedule(len(dataset), cfg.seq_lens, cfg.batch_size * max(cfg.seq_lens), seed=cfg.seed,

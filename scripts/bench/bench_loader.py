@@ -10,6 +10,9 @@ The same images as WebDataset tar shards (``python scripts/make_shards.py ../sha
 the same command with ``--data-dir /tmp/cal_wds --dataset wds/caltech101 --only ours`` (timm reads shards only
 through the webdataset package, as a streaming IterableDataset, which its NaFlex loader does not take).
 
+Rows: timm, ours, and ours with ``--device-aug`` ('ours-devaug': the workers' side of that path, encoded bytes and
+drawn parameters; the decode and augmentation it leaves to the training device are not in this figure, see
+profile_loader.py --device-aug for their cost on this CPU). ``--only KIND`` runs one of them.
 Both are measured at the output of the CPU DataLoader (what the workers produce; no device copy): timm's
 float32 padded batches, our uint8 packed ones. Throughput counts the time after the first batch arrives (worker
 start-up excluded for both); ``valid tokens`` = real image patches (timm: patch_valid.sum(), ours: seq_lens.sum()).
@@ -22,6 +25,7 @@ Related: NaViT arXiv:2307.06304 (packing), SigLIP 2 arXiv:2502.14786 (NaFlex).
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import platform
@@ -40,11 +44,13 @@ from naflex.model import batch as B  # noqa: E402
 from naflex.train.cli import build_parser, config_from_args  # noqa: E402
 
 LOADER_FLAGS = ('dataset', 'aug', 'naflex', 'run')  # train.py's flag groups the loaders read
+KINDS = ('timm', 'ours', 'ours-devaug')
 
 
-def build_ours(args, dataset):
+def build_ours(args, dataset, device_aug=False):
     cfg = config_from_args(args, build_parser(LOADER_FLAGS))
-    return loaders.create_train_loader(dataset, cfg=cfg.loader, aug=cfg.aug, mixup=cfg.mixup,
+    aug = dataclasses.replace(cfg.aug, device_aug=device_aug or cfg.aug.device_aug)
+    return loaders.create_train_loader(dataset, cfg=cfg.loader, aug=aug, mixup=cfg.mixup,
                                        num_classes=dataset.num_classes, patch_size=16, persistent_workers=False)
 
 
@@ -108,27 +114,30 @@ def main(argv=None):
     p.description = __doc__.split('\n')[0]
     p.add_argument('--steps', type=int, default=0, help='stop each run after N steps (0 = one epoch)')
     p.add_argument('--repeats', type=int, default=1)
-    p.add_argument('--only', choices=('ours', 'timm'), default=None)
+    p.add_argument('--only', choices=KINDS, default=None)
     args = p.parse_args(argv)
     if not args.data_dir:
         p.error('--data-dir is required')
     torch.set_num_threads(1)
     dataset = loaders.open_dataset(args.data_dir, args.train_split, dataset=args.dataset)  # folder or shards
-    if isinstance(dataset, loaders.ShardDataset) and args.only != 'ours':
+    if isinstance(dataset, loaders.ShardDataset) and args.only not in ('ours', 'ours-devaug'):
         raise SystemExit('bench_loader.py: timm reads tar shards only as a streaming webdataset pipeline: '
-                         'pass --only ours')
+                         'pass --only ours (or ours-devaug)')
     num_classes = dataset.num_classes
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {platform.node()} cpus={os.cpu_count()} "
           f"torch={torch.__version__} data={type(dataset).__name__} workers={args.workers} -b {args.batch_size} "
           f"seq_lens={args.naflex_train_seq_lens} aa={args.aa} mixup={args.mixup} cutmix={args.cutmix}")
     runs = {}
-    kinds = [args.only] if args.only else ['timm', 'ours']
+    kinds = [args.only] if args.only else list(KINDS)
     for rep in range(args.repeats):
         for kind in kinds:
-            loader = build_ours(args, dataset) if kind == 'ours' else build_timm(args, num_classes)
+            if kind == 'timm':
+                loader = build_timm(args, num_classes)
+            else:
+                loader = build_ours(args, dataset, device_aug=kind == 'ours-devaug')
             r = run(loader, kind, args.steps)
             del loader
-            print(f"{kind:5s} run {rep}: {r['img_s']:8.1f} img/s {r['tok_s'] / 1e3:8.1f}k valid tok/s "
+            print(f"{kind:11s} run {rep}: {r['img_s']:8.1f} img/s {r['tok_s'] / 1e3:8.1f}k valid tok/s "
                   f"{r['tok_cpu_s'] / 1e3:7.1f}k valid tok per CPU-s ({r['steps']} steps, {r['seconds']:.1f}s wall, "
                   f"{r['cpu']:.1f} CPU-s)", flush=True)
             runs.setdefault(kind, []).append(r)
@@ -140,7 +149,7 @@ def main(argv=None):
     for kind in kinds:
         print(f"| {kind} | {best[kind]['img_s']:.1f} | {best[kind]['tok_s'] / 1e3:.1f}k | "
               f"{cpu_med[kind] / 1e3:.1f}k |")
-    if len(best) == 2:
+    if 'ours' in best and 'timm' in best:
         print(f"| ours/timm | {best['ours']['img_s'] / best['timm']['img_s']:.2f}x | "
               f"{best['ours']['tok_s'] / best['timm']['tok_s']:.2f}x | {cpu_med['ours'] / cpu_med['timm']:.2f}x |")
     return best
