@@ -215,3 +215,42 @@ def test_train_with_device_aug_resumes_exactly(demo_dataset, tmp_path):
     w_ref = torch.load(tmp_path / 'ref' / 'last.pth', map_location='cpu', weights_only=True)['state_dict']
     w = torch.load(tmp_path / 'r' / 'last.pth', map_location='cpu', weights_only=True)['state_dict']
     assert all(torch.equal(v, w[k]) for k, v in w_ref.items())
+
+
+@pytest.mark.cuda
+def test_device_step_on_cuda_equals_cpu(demo_dataset):
+    """On the GPU: nvJPEG's decode, the reduction, resize and colour ops give the CPU device step's batch (nvJPEG may
+    differ from libjpeg by a level: the tolerance is that of the photos test), no host sync inside the step."""
+    _, dev = step_datasets(demo_dataset, AUG_RA, seed=5)
+    for k in range(min(3, dev.schedule.num_steps)):
+        host, _ = dev[(0, k)]
+        want = run_device(host)
+        got = DeviceAugmenter('cuda')(host)
+        assert got['patches'].device.type == 'cuda'
+        for key in ('patch_coord', 'cu_seqlens', 'grid_sizes'):
+            assert torch.equal(got[key].cpu(), want[key]), key
+        diff = (got['patches'].cpu().float() - want['patches'].float()).abs()
+        assert float(diff.mean()) < 1.0, float(diff.mean())
+
+
+def test_profile_and_bench_scripts_run_the_device_path(demo_dataset, tmp_path):
+    """profile_loader.py --device-aug times the worker side (its JSON keeps pipelines.ours.untimed_ms_per_image) and
+    the device side on this CPU; bench_loader.py has an ours-devaug row."""
+    import json
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts' / 'bench'))
+    import bench_loader
+    import profile_loader
+    out = tmp_path / 'p.json'
+    profile_loader.main(['--data-dir', str(demo_dataset), '--only', 'ours', '--device-aug', '--cycles', '1',
+                         '--fraction', '0.05', '-b', '8', '--naflex-train-seq-lens', '32', '64', '--device-steps', '1',
+                         '--json', str(out)])
+    rec = json.loads(out.read_text())
+    assert rec['pipelines']['ours']['untimed_ms_per_image'] > 0 and 'device aug True' in rec['header']
+    assert set(rec['pipelines']['ours']['stages_s']) == {'read + header', 'RRC params', 'pack'}  # no pixel work
+    side = rec['device_side']
+    assert side['steps'] == 1 and side['ms_per_batch'] > 0 and 'Rotate' in side['left_out']
+    best = bench_loader.main(['--data-dir', str(demo_dataset), '--only', 'ours-devaug', '-j', '0', '-b', '4',
+                              '--naflex-train-seq-lens', '32', '--steps', '3'])
+    assert best['ours-devaug']['img_s'] > 0

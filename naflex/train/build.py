@@ -296,6 +296,10 @@ def build_loaders(cfg: Config, train_ds, val_ds, num_classes: int, dist: DistInf
         _logger.info(f'--train-num-samples {cfg.loader.num_samples}: epochs of {cfg.loader.num_samples} samples '
                      f'drawn from the {len(train_ds)} of {cfg.data.train_split!r} (timm applies the flag to streamed '
                      'datasets and tar shards only, as their epoch length)')
+    if cfg.aug.device_aug:
+        _logger.info(f'--device-aug: the workers read files and draw the augmentation, {dist.device} decodes and '
+                     'augments each step; a JPEG crop downscaled >= 2x is decoded in full and reduced by 2x2 means '
+                     'instead of the CPU path\'s reduced-DCT decode: its pixels differ by a few grey levels')
     train = loaders.create_train_loader(
         train_ds, cfg=dataclasses.replace(cfg.loader, pin_memory=pin), aug=cfg.aug, mixup=cfg.mixup,
         num_classes=num_classes, rank=dist.rank, world_size=dist.world_size)
