@@ -9,7 +9,8 @@ FlexiViT arXiv:2212.08013, SigLIP 2 arXiv:2502.14786). Imports nothing else of t
 - ``mixup``: ``MixupConfig``, ``mix_variable_size`` (area-exact soft targets).
 - ``policy``: ``ImageAugment``: flip -> RA -> jitter -> grayscale, and erasing after the batch is mixed.
 - ``device_ops``: the photometric ops and flips batched over a packed uint8 batch on the device (CPU or CUDA),
-  equal to the PIL path per image, with no host sync.
+  equal to the PIL path per image, with no host sync; ``device_geometry``: RandAugment's geometric ops the same way;
+  ``device_mix``: MixUp/CutMix (pixels and targets equal to ``mixup``'s) and random erasing on the packed batch.
 """
 from .config import AugConfig
 from .erasing import RandomErasing

@@ -34,7 +34,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -245,13 +245,19 @@ def _pax_records(data: bytes) -> dict:
     return out
 
 
-def _scan_headers(path: str, fd: int, file_size: int):
-    """Yields (name, data offset, size) of every regular member, reading only the 512-byte headers (ustar, plus
-    pax 'x' and GNU 'L' long-name records). ``tarfile`` parses every field of every header, ~10x slower."""
+def tar_members(read: Callable[[int, int], bytes], end: Optional[int] = None):
+    """Yields (name, data offset, size) of every regular member of an uncompressed tar, reading only the 512-byte
+    headers (ustar, plus pax 'x' and GNU 'L' long-name records) through ``read(offset, size)``; ``tarfile`` parses
+    every field of every header, ~10x slower. The offsets asked for never decrease, so a stream that reads forward
+    (loaders.stream_io) serves them as well as ``pread`` does. ``end``: the file size, when known; without it, the
+    archive ends at the end-of-archive marker or where ``read`` returns nothing at a header."""
     offset, pending = 0, {}
-    while offset + _BLOCK <= file_size:
-        block = os.pread(fd, 2 * _BLOCK, offset)  # the header and the first data block (pax records live there)
-        header = block[:_BLOCK]
+    while end is None or offset + _BLOCK <= end:
+        header = read(offset, _BLOCK)
+        if not header and end is None:
+            return  # a stream without the end-of-archive marker, as tarfile accepts it
+        if len(header) < _BLOCK:
+            raise _ShardCut(f'a header is cut short at byte {offset}')
         if header == _ZERO_BLOCK:
             return  # end-of-archive marker
         if not _checksum_ok(header):
@@ -259,12 +265,14 @@ def _scan_headers(path: str, fd: int, file_size: int):
         kind, size = header[156:157], _octal(header[124:136])
         data_offset = offset + _BLOCK
         if kind in (b'x', b'L'):
-            data = block[_BLOCK:_BLOCK + size] if size <= _BLOCK else os.pread(fd, size, data_offset)
+            data = read(data_offset, size)
+            if len(data) < size:
+                raise _ShardCut(f'an extended header is cut short at byte {data_offset}')
             pending.update(_pax_records(data) if kind == b'x' else {'path': data.rstrip(b'\0').decode('utf-8')})
         elif kind in (b'0', b'\0', b'7'):
             size = int(pending.get('size', size))
             name = pending.get('path') or _ustar_name(header)
-            if data_offset + size > file_size:
+            if end is not None and data_offset + size > end:
                 raise _ShardCut(f'member {name!r} runs past the end of the file')
             yield name, data_offset, size
             pending = {}
@@ -273,8 +281,13 @@ def _scan_headers(path: str, fd: int, file_size: int):
         else:
             raise _Unsupported(f'header type {kind!r}')
         offset = data_offset + -(-size // _BLOCK) * _BLOCK
-    if offset < file_size and any(os.pread(fd, _BLOCK, offset)):
+    if offset < end and any(read(offset, _BLOCK)):
         raise _ShardCut(f'a header is cut short at byte {offset}')
+
+
+def _scan_headers(path: str, fd: int, file_size: int):
+    """tar_members of a local shard, by ``pread``."""
+    return tar_members(lambda offset, size: os.pread(fd, size, offset), file_size)
 
 
 def _ustar_name(header: bytes) -> str:
@@ -347,22 +360,35 @@ def _group_samples(members, fd: int, shard_name: str, samples: list, problems: l
 def _add_sample(key, found: dict, fd: int, shard_name: str, samples: list, problems: list, keys: SampleKeys) -> None:
     if key is None:
         return
-    image = next((found[e] for e in keys.image if e in found), None)
-    label = 'json' if keys.target else 'cls'
-    if image is None or label not in found:
-        problems.append(f'{shard_name}: sample {key!r} has no ' + ('image member' if image is None else f'.{label}'))
-        return
-    _, label_offset, label_size = found[label]
-    if keys.target:
-        target, why = _json_label(os.pread(fd, min(label_size, 1 << 20), label_offset), keys.target)
-    else:
-        text = os.pread(fd, min(label_size, 32), label_offset)
-        target = int(text) if text.strip().isdigit() else None
-        why = f'no valid class index in its .cls ({text[:20]!r})'
-    if target is None:
-        problems.append(f'{shard_name}: sample {key!r} has {why}')
+    image, target, why = sample_label(found, keys, lambda entry, limit: os.pread(fd, min(entry[2], limit), entry[1]))
+    if image is None:
+        problems.append(f'{shard_name}: sample {key!r} {why}')
         return
     samples.append((image[1], image[2], target, image[0]))
+
+
+def sample_label(found: dict, keys: SampleKeys,
+                 read: Callable[[tuple, int], bytes]) -> Tuple[Optional[tuple], int, str]:
+    """The rules that make members a sample, for the index and for streams (loaders.stream_io): ``found`` maps each
+    extension of one key to its member's entry ``(name, offset, size, ...)``; ``read(entry, limit)`` gives at most
+    ``limit`` bytes of that member. Returns (the image member's entry, class index, '') or (None, -1, why it is
+    not a sample)."""
+    image = next((found[e] for e in keys.image if e in found), None)
+    label = label_ext(keys)
+    if image is None or label not in found:
+        return None, -1, 'has no ' + ('image member' if image is None else f'.{label}')
+    if keys.target:
+        target, why = _json_label(read(found[label], 1 << 20), keys.target)
+    else:
+        text = read(found[label], 32)
+        target = int(text) if text.strip().isdigit() else None
+        why = f'no valid class index in its .cls ({text[:20]!r})'
+    return (None, -1, f'has {why}') if target is None else (image, target, '')
+
+
+def label_ext(keys: SampleKeys) -> str:
+    """The member that holds a sample's label: ``.cls``, or ``.json`` with a target field."""
+    return 'json' if keys.target else 'cls'
 
 
 def index_shard(path: str, keys: SampleKeys = SampleKeys()) -> Tuple[List[tuple], List[str], Optional[str]]:
