@@ -8,23 +8,25 @@ the prefetcher (loaders.prefetch), on its side stream on CUDA, so it overlaps th
 A step, in order (``augment_step`` after the decode: a fixed sequence of tensor ops for a given ``HostPlan``, no
 Python loop over images, no host sync, checked on fake CUDA tensors in tests/test_device_aug.py):
 1. decode: ``torchvision.io.decode_jpeg(list of byte tensors, device=...)`` (batched nvJPEG on CUDA, libjpeg on the
-   CPU), full size, CHW; pixels the workers decoded come as HWC;
+   CPU), full size, joined into one planar buffer (``join_decoded``); pixels the workers decoded come as HWC;
 2. reduce (``reduce_sources``): every image by its power of two (2x2 box means per stage; the CPU path's JPEG draft
    reduces by the DCT instead), into one HWC buffer;
 3. crop + resize + horizontal flip into the packed token layout (augment.device_resize, Pillow's resampling); the
    tap count comes from the step's largest remaining downscale, 4 or 8 (a bucket: the graphs do not multiply);
-4. vertical flip, RandAugment's ops layer by layer, colour jitter, grayscale (augment.device_ops); each op runs once
-   per layer on the whole batch with the images that drew it selected (``apply_B``), and only when some image of the
-   step drew it (a host fact in the plan);
-5. [MixUp/CutMix, random erasing: augment.device_mix] -- then the prefetcher normalises to float.
+4. vertical flip, RandAugment layer by layer (the geometric ops as one affine map per image and layer:
+   augment.device_geometry; the colour ops: augment.device_ops), colour jitter, grayscale; each op runs once per layer
+   on the whole batch with the images that drew it selected (``apply_B``), and only when some image of the step drew
+   it (a host fact in the plan);
+5. MixUp/CutMix and random erasing (augment.device_mix) -- then the prefetcher normalises to float.
 
 Tolerance against the CPU path: the draws are the same; decode + reduce differ from Pillow's draft decode by a few
 levels where the CPU path reduces (measured in docs/performance.md); without reduction the decoded pixels are
-libjpeg's in both; every step after that is bit-exact for the same source pixels.
+libjpeg's in both; every step after that is bit-exact for the same source pixels, except random erasing's fill
+values, drawn on the device from a generator seeded per step by the step's draws (same distribution, other values).
 
-Not yet on the device: RandAugment's geometric ops (Rotate, ShearX/Y, TranslateX/YRel: augment.device_geometry),
-MixUp/CutMix and random erasing (augment.device_mix), Gaussian blur, resize filters other than bilinear/bicubic and
-timm's padded layout; ``unsupported`` names them and the trainer refuses such a configuration in one line.
+No device version: RandAugment's GaussianBlur (the '3a' op sets), ``--gaussian-blur-prob``, nearest resampling for
+Rotate/Shear, resize filters other than bilinear/bicubic and timm's padded layout; ``unsupported`` names them and the
+trainer refuses such a configuration in one line.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from augment import device_geometry as G
+from augment import device_mix as M
 from augment import device_ops as D
 from augment.config import AugConfig
 from augment.device_resize import ResizeParams, packed_layout, resize_to_packed
@@ -68,27 +72,26 @@ DEVICE_RA_OPS: Dict[str, Callable] = {
     'Sharpness': _enhance(D.sharpness), 'SharpnessIncreasing': _enhance(D.sharpness),
     'Desaturate': _desaturate,
 }
-# Hook: augment.device_geometry's Rotate / ShearX / ShearY / TranslateXRel / TranslateYRel join DEVICE_RA_OPS here.
+# RandAugment's geometric ops go through augment.device_geometry.affine instead: one affine map per image and layer.
+GEOMETRIC = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
 
 
 def unsupported(aug: AugConfig, mixup: Optional[MixupConfig], packing: bool = True) -> List[str]:
-    """What of this configuration has no device version yet (empty: ``--device-aug`` can run it)."""
+    """What of this configuration has no device version (empty: ``--device-aug`` can run it)."""
     out = []
     if aug.aa:
-        ops = RandAugment(aug.aa).spec.ops
-        missing = [name for name in ops if name not in DEVICE_RA_OPS]
+        ra = RandAugment(aug.aa, interpolation=aug.ra_interpolation or aug.interpolation)
+        missing = [name for name in ra.spec.ops if name not in DEVICE_RA_OPS and name not in GEOMETRIC]
         if missing:
             out.append(f"RandAugment ops {', '.join(missing)} of --aa {aug.aa}")
+        if any(name in GEOMETRIC for name in ra.spec.ops) and 'nearest' in {m.value for m in ra.interps}:
+            out.append('nearest resampling of RandAugment\'s Rotate/Shear')
     if not set(aug.interpolations()) <= {'bilinear', 'bicubic'}:
         out.append(f'--train-interpolation {aug.interpolation} (bilinear, bicubic, random only)')
     if aug.gaussian_blur_prob > 0:
         out.append('--gaussian-blur-prob')
-    if aug.reprob > 0 and not aug.no_aug:
-        out.append('random erasing (--reprob)')  # hook: augment.device_mix
-    if mixup is not None and mixup.active:
-        out.append('MixUp/CutMix (--mixup, --cutmix)')  # hook: augment.device_mix
     if not packing:
-        out.append("timm's padded layout (--no-packing)")
+        out.append("timm's padded layout (--no-naflex-packing)")
     return out
 
 
@@ -132,10 +135,20 @@ def _resize_params(t: Dict[str, torch.Tensor], stages: torch.Tensor, plan: HostP
                         num_tokens=plan.num_tokens, max_seqlen=plan.max_seqlen)
 
 
-def augment_step(decoded: List[torch.Tensor], t: Dict[str, torch.Tensor], plan: HostPlan) -> Dict:
-    """The packed uint8 batch from the decoded JPEGs (CHW, in the plan's order) and the shipped parameters ``t``
-    (on the device): module docstring, steps 2-5."""
-    buf = torch.cat([x.reshape(-1) for x in decoded] + [t['pixels']]) if decoded else t['pixels']
+def join_decoded(decoded: List[torch.Tensor], device) -> torch.Tensor:
+    """uint8 [3, J]: the decoded JPEGs ([3, h, w] each, in the plan's order) side by side, one channel per row. One
+    copy kernel whatever their memory layout: ``reshape(3, -1)`` is a view of a CHW image and of an HWC one alike
+    (libjpeg's output on the CPU is HWC memory seen as CHW, nvJPEG's is CHW)."""
+    if not decoded:
+        return torch.empty(C, 0, dtype=torch.uint8, device=device)
+    return torch.cat([x.reshape(C, -1) for x in decoded], dim=1)
+
+
+def augment_step(planar: torch.Tensor, t: Dict[str, torch.Tensor], plan: HostPlan,
+                 generator: Optional[torch.Generator] = None) -> Dict:
+    """The packed uint8 batch from the decoded JPEGs (``join_decoded``) and the shipped parameters ``t`` (on the
+    device): module docstring, steps 2-5. ``generator``: on the device, for random erasing's values."""
+    buf = torch.cat([planar.view(-1), t['pixels']])
     stages = t['stages']
     src = reduce_sources(buf, stages, t['source_order'], plan.stage_pixels)
     lay = packed_layout(t['grid'], plan.num_tokens)
@@ -145,8 +158,11 @@ def augment_step(decoded: List[torch.Tensor], t: Dict[str, torch.Tensor], plan: 
     x = out['patches']
     if plan.any_vflip:
         x = D.vflip(x, layout, t['vflip'])
-    for k in range(plan.ra_layers):
+    for k in range(plan.ra_layers):  # each image has one op (or none) per layer: their order within it is free
         op_B, arg_B = t['ra_op'][:, k], t['ra_arg'][:, k]
+        if plan.affine_layers[k]:
+            x = G.affine(x, layout, t['ra_affine'][:, k], t['ra_matrix'][:, k], t['ra_bicubic'][:, k], t['fill'],
+                         filters=plan.affine_filters)
         for name in plan.ra_ops:
             x = DEVICE_RA_OPS[name](x, layout, op_B == RA_OP_INDEX[name], arg_B)
     if plan.any_jitter:
@@ -154,8 +170,10 @@ def augment_step(decoded: List[torch.Tensor], t: Dict[str, torch.Tensor], plan: 
                            with_hue=plan.jitter_hue)
     if plan.any_grayscale:
         x = D.grayscale(x, layout, t['grayscale'])
-    # Hook: MixUp/CutMix (t['mix_partner'], t['mix_cut'], t['mix_lam']) and random erasing (t['erase_boxes'],
-    # t['erase_seed']) through augment.device_mix once it exists; ``unsupported`` refuses them until then.
+    if plan.mix is not None:
+        x = M.mix(x, layout, t['mix_partner'], t['mix_cutmix'], t['mix_lam'], t['mix_box'])
+    if plan.any_erasing:
+        x = M.erase(x, layout, t['erase_boxes'], plan.erase_mode, t['erase_mean'], t['erase_std'], generator)
     out['patches'] = x
     return out
 
@@ -166,6 +184,7 @@ class DeviceAugmenter:
 
     def __init__(self, device):
         self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)  # erasing values, seeded per step from its draws
 
     def decode(self, jpeg: torch.Tensor, plan: HostPlan) -> Tuple[List[torch.Tensor], List[str]]:
         """The step's JPEGs decoded on the device (CHW uint8, full size), and the paths of any that failed."""
@@ -197,16 +216,15 @@ class DeviceAugmenter:
         copy = copy or (lambda v: v.to(self.device))
         inputs = dict(inputs)
         plan: HostPlan = inputs.pop('device_aug_plan')
-        missing = [name for name in plan.ra_ops if name not in DEVICE_RA_OPS]
-        missing += [what for what, drawn in (('Gaussian blur', plan.any_blur), ('random erasing', plan.any_erasing),
-                                             ('MixUp/CutMix', plan.mix)) if drawn]
+        missing = [name for name in plan.ra_ops if name not in DEVICE_RA_OPS] + ['Gaussian blur'] * plan.any_blur
         if missing:  # train.py refuses such a configuration up front (unsupported); a library caller learns here
-            raise ValueError(f'--device-aug: no device version yet of {", ".join(missing)}')
+            raise ValueError(f'--device-aug: no device version of {", ".join(missing)}')
         t = dict(inputs.pop('device_aug'))
         jpeg = t.pop('jpeg')  # decode_jpeg reads the bytes from host memory
         t = {k: copy(v) for k, v in t.items()}
         decoded, bad = self.decode(jpeg, plan)
-        out = augment_step(decoded, t, plan)
+        self.generator.manual_seed(plan.fill_seed)
+        out = augment_step(join_decoded(decoded, self.device), t, plan, self.generator)
         for k in ('seq_len', 'bad_files'):
             if k in inputs:
                 out[k] = inputs[k]

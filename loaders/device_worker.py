@@ -31,11 +31,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from augment.device_geometry import op_matrix
+from augment.device_mix import stack_erase_boxes, stack_mix
 from augment.device_ops import stack_color_jitter
 from augment.erasing import ErasingDraw, RandomErasing
 from augment.mixup import MixDraw, MixupConfig, draw_mix, mix_targets, mix_weights
 from augment.policy import ImageDraws
 from augment.randaugment import OPS
+from torchvision.transforms import InterpolationMode
 from augment.stages import StageHook, stage
 
 from .decode import _decode, _draft_size, open_bytes, read_encoded
@@ -43,6 +46,7 @@ from .packing import _empty_uint8
 from .pipeline import SampleDraws, TrainSampleBuilder
 
 RA_OP_INDEX = {name: i for i, name in enumerate(sorted(OPS))}  # op name <-> the integer shipped per image
+GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')  # one affine map per image and layer
 
 
 @dataclass
@@ -134,7 +138,7 @@ class HostPlan:
     jpeg_hw: List[Tuple[int, int]]
     stage_pixels: List[int]        # output pixels of each 2x reduction stage (the last one: the resize's source)
     ra_layers: int
-    ra_ops: List[str]              # the RandAugment ops some image of the step drew
+    ra_ops: List[str]              # the RandAugment ops some image of the step drew, geometric ones aside
     any_vflip: bool
     any_jitter: bool
     jitter_hue: bool
@@ -142,24 +146,31 @@ class HostPlan:
     any_blur: bool
     any_erasing: bool
     mix: Optional[str]             # None, 'mixup' or 'cutmix'
-    max_erase: int = 0
-    notes: Dict[str, int] = field(default_factory=dict)
+    affine_layers: List[bool] = field(default_factory=list)  # per RandAugment layer: some image drew a geometric op
+    affine_filters: Tuple[str, ...] = ('bilinear', 'bicubic')  # what Rotate/Shear may resample with (a setting)
+    erase_mode: str = 'pixel'
+    fill_seed: int = 0             # seeds the device's random erasing values of this step
 
 
 def _stages(samples: Sequence[DeviceSample]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
-    """The reduction stages (at least one): int64 [S, B, 10] (in offset, in h, in w, channel / row / column strides, halve, out
-    offset, out h, out w; offsets in elements in, pixels out), the images in buffer order and the output pixels per stage. Stage 1 reads the
-    decoded JPEGs (CHW, first) and the shipped pixels (HWC, after them), and writes HWC; later stages read HWC."""
+    """The reduction stages (at least one): int64 [S, B, 10] (in offset, in h, in w, channel / row / column strides,
+    halve, out offset, out h, out w; offsets in elements in, pixels out), the images in buffer order and the output
+    pixels per stage. Stage 1 reads the decoded JPEGs, planar (channel c of pixel p of the J JPEG pixels at c J + p:
+    loaders.device_step.join_decoded), then the shipped pixels (HWC); it writes HWC, which later stages read."""
     n = len(samples)
     num_stages = max([1] + [s.reduce.bit_length() - 1 for s in samples])  # stage 1 also lays every image out HWC
     order = [i for i, s in enumerate(samples) if s.jpeg is not None] + [i for i, s in enumerate(samples)
                                                                        if s.jpeg is None]
     hw = [samples[i].src_hw for i in range(n)]
     left = [samples[i].reduce for i in range(n)]
+    jpeg_pixels = sum(h * w for (h, w), s in zip(hw, samples) if s.jpeg is not None)
     in_off, off = [0] * n, 0
-    for i in order:  # the stage-1 buffer: decoded JPEGs then the pixels, each image's elements back to back
+    for i in order:  # JPEG pixels first (offsets in pixels of the planar block), then the shipped images' elements
+        if samples[i].jpeg is None and off < 3 * jpeg_pixels:
+            off = 3 * jpeg_pixels
         in_off[i] = off
-        off += 3 * hw[i][0] * hw[i][1]
+        off += hw[i][0] * hw[i][1] * (1 if samples[i].jpeg is not None else 3)
+    strides = [(jpeg_pixels, w, 1) if s.jpeg is not None else (1, 3 * w, 3) for (h, w), s in zip(hw, samples)]
     rows, totals = [], []
     for k in range(num_stages):
         out_hw = [((h + 1) // 2, (w + 1) // 2) if left[i] > 1 else (h, w) for i, (h, w) in enumerate(hw)]
@@ -170,13 +181,12 @@ def _stages(samples: Sequence[DeviceSample]) -> Tuple[torch.Tensor, torch.Tensor
         table = []
         for i in range(n):
             h, w = hw[i]
-            chw = k == 0 and samples[i].jpeg is not None
-            strides = (h * w, w, 1) if chw else (1, 3 * w, 3)
-            table.append([in_off[i], h, w, *strides, int(left[i] > 1), out_off[i], *out_hw[i]])
+            table.append([in_off[i], h, w, *strides[i], int(left[i] > 1), out_off[i], *out_hw[i]])
         rows.append(table)
         totals.append(total)
         hw, left = out_hw, [max(1, r // 2) for r in left]
         in_off = [3 * o for o in out_off]
+        strides = [(1, 3 * w, 3) for _, w in hw]
     stages = torch.tensor(rows, dtype=torch.int64).view(num_stages, n, 10)
     return stages, torch.tensor(order, dtype=torch.int64), totals
 
@@ -213,8 +223,12 @@ def build_host_step(samples: Sequence[DeviceSample], targets: Sequence[int], bui
     draws = [s.draws.image for s in samples]
     tensors = _parameter_tensors(samples, draws, mix, builder)
     tensors.update(jpeg=jpeg_buf, pixels=pixel_buf, stages=stages, source_order=order)
-    ra_ops = sorted({op.name for d in draws for op in d.ra})
+    ra_ops = sorted({op.name for d in draws for op in d.ra if op.name not in GEOMETRIC_OPS})
     erase_max = max([len(s.erasing.boxes) for s in samples if s.erasing is not None] + [0])
+    ra = builder.augment.rand_augment
+    fill_seed = 0
+    for s in samples:
+        fill_seed ^= s.erasing.seed if s.erasing is not None else 0
     plan = HostPlan(
         patch_size=P, num_tokens=sum(lens), max_seqlen=max(lens, default=0),
         taps=taps_for(2.0 if residual > 1.0 else 1.0), jpeg_lengths=[len(s.jpeg) for s in jpegs],
@@ -224,7 +238,9 @@ def build_host_step(samples: Sequence[DeviceSample], targets: Sequence[int], bui
         jitter_hue=any(d.jitter is not None and d.jitter[1][3] is not None for d in draws),
         any_grayscale=any(d.grayscale for d in draws), any_blur=any(d.blur_sigma is not None for d in draws),
         any_erasing=erase_max > 0, mix=None if mix is None else ('cutmix' if mix.cutmix else 'mixup'),
-        max_erase=erase_max)
+        affine_layers=tensors['ra_affine'].any(0).tolist(),
+        affine_filters=tuple(sorted({m.value for m in ra.interps})) if ra is not None else ('bilinear',),
+        erase_mode=builder.cfg.remode, fill_seed=fill_seed)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     cu = torch.zeros(n + 1, dtype=torch.int32)
     torch.cumsum(seq_lens, 0, out=cu[1:])
@@ -242,24 +258,29 @@ def _parameter_tensors(samples: Sequence[DeviceSample], draws, mix: Optional[Mix
     layers = ra.spec.num_layers if ra is not None else 0
     ra_op = torch.full((n, layers), -1, dtype=torch.int64)
     ra_arg = torch.zeros(n, layers, dtype=torch.float64)
-    for i, d in enumerate(draws):
+    ra_affine = torch.zeros(n, layers, dtype=torch.bool)
+    ra_matrix = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], dtype=torch.float64).repeat(n, layers, 1)
+    ra_bicubic = torch.zeros(n, layers, dtype=torch.bool)
+    for i, (s, d) in enumerate(zip(samples, draws)):
+        h, w = s.draws.out_hw
         for k, op in enumerate(d.ra):
             ra_op[i, k] = RA_OP_INDEX[op.name]
             ra_arg[i, k] = float(op.arg) if op.arg is not None else 0.0
+            if op.name in GEOMETRIC_OPS:
+                ra_affine[i, k] = True
+                ra_matrix[i, k] = torch.tensor(op_matrix(op.name, op.arg, w, h), dtype=torch.float64)
+                ra_bicubic[i, k] = op.interpolation == InterpolationMode.BICUBIC
     jitter = stack_color_jitter([d.jitter for d in draws])
-    recount = max([len(s.erasing.boxes) for s in samples if s.erasing is not None] + [1])
-    erase = torch.zeros(n, recount, 4, dtype=torch.int64)  # (top, left, h, w) in patches; h = 0: no rectangle
-    for i, s in enumerate(samples):
-        if s.erasing is not None:
-            for k, b in enumerate(s.erasing.boxes):
-                erase[i, k] = torch.tensor(b)
-    partner = torch.arange(n, dtype=torch.int64)
-    cut = torch.zeros(n, 4, dtype=torch.int64)
+    erasing = builder.augment.erasing
+    boxes = [s.erasing.boxes if s.erasing is not None else [] for s in samples]
+    erase = stack_erase_boxes(boxes, erasing.max_count if erasing is not None else 1)
+    partner, cutmix, lam, cut = stack_mix([None] * n, False, 1.0, [None] * n)
     if mix is not None:
+        partners: List[Optional[int]] = [None] * n
         for a, b in mix.pairs:
-            partner[a], partner[b] = b, a
-        for i, c in mix.cuts.items():
-            cut[i] = torch.tensor(c)
+            partners[a], partners[b] = b, a
+        partner, cutmix, lam, cut = stack_mix(partners, mix.cutmix, mix.lam, [mix.cuts.get(i) for i in range(n)])
+    fill = ra.fill if ra is not None else (0, 0, 0)
     return {
         'box': torch.tensor([s.box for s in samples], dtype=torch.float64).view(-1, 4),
         'grid': torch.tensor([s.draws.grid for s in samples], dtype=torch.int64).view(-1, 2),
@@ -267,10 +288,11 @@ def _parameter_tensors(samples: Sequence[DeviceSample], draws, mix: Optional[Mix
         'hflip': torch.tensor([d.hflip for d in draws], dtype=torch.bool),
         'vflip': torch.tensor([d.vflip for d in draws], dtype=torch.bool),
         'grayscale': torch.tensor([d.grayscale for d in draws], dtype=torch.bool),
-        'ra_op': ra_op, 'ra_arg': ra_arg,
+        'ra_op': ra_op, 'ra_arg': ra_arg, 'ra_affine': ra_affine, 'ra_matrix': ra_matrix, 'ra_bicubic': ra_bicubic,
+        'fill': torch.tensor([fill], dtype=torch.uint8).expand(n, 3).contiguous(),
         'jitter_apply': jitter[0], 'jitter_order': jitter[1], 'jitter_factor': jitter[2], 'jitter_active': jitter[3],
-        'erase_boxes': erase, 'erase_seed': torch.tensor([s.erasing.seed if s.erasing is not None else 0
-                                                          for s in samples], dtype=torch.int64),
-        'mix_partner': partner, 'mix_cut': cut,
-        'mix_lam': torch.tensor(mix.lam if mix is not None else 1.0, dtype=torch.float64),
+        'erase_boxes': erase,
+        'erase_mean': torch.tensor(builder.cfg.mean, dtype=torch.float32),
+        'erase_std': torch.tensor(builder.cfg.std, dtype=torch.float32),
+        'mix_partner': partner, 'mix_cutmix': cutmix, 'mix_lam': lam, 'mix_box': cut,
     }

@@ -24,7 +24,7 @@ from augment import AugConfig, MixupConfig
 from augment.randaugment import RAND_OPS
 from fake_cuda import StepAudit, fake_cuda
 from loaders.decode import _draft_size, decode_resized, open_image, pil_to_hwc
-from loaders.device_step import DEVICE_RA_OPS, DeviceAugmenter, augment_step, unsupported
+from loaders.device_step import DEVICE_RA_OPS, DeviceAugmenter, augment_step, join_decoded, unsupported
 from loaders.device_worker import RA_OP_INDEX, reduction
 from loaders.factory import open_dataset
 from loaders.packing import pack
@@ -35,7 +35,7 @@ COLOUR_OPS = [name for name in RAND_OPS if name in DEVICE_RA_OPS]
 P = 16
 
 
-def step_datasets(root, aug, *, seq_lens=(32, 64), batch=4, seed=0, mixup=None, colour_only=True):
+def step_datasets(root, aug, *, seq_lens=(32, 64), batch=4, seed=0, mixup=None, colour_only=False):
     """(CPU path, device path) StepDatasets over ``root/train`` with the same schedule; RandAugment limited to the
     ops the device has when ``colour_only``."""
     ds = open_dataset(root, 'train')
@@ -54,6 +54,9 @@ def run_device(inputs):
 
 AUG_RA = AugConfig(aa='rand-m9-n3-mstd0.5', vflip=0.3, grayscale_prob=0.2)
 AUG_JITTER = AugConfig(color_jitter=(0.4, 0.4, 0.4, 0.2), vflip=0.3, grayscale_prob=0.2)
+# The model card's augmentations, plus erasing with a fill whose values do not depend on a random generator.
+AUG_CARD = AugConfig(aa='rand-m8-inc1-mstd1.0', grayscale_prob=0.1, reprob=0.3, remode='const', recount=2)
+CARD_MIX = MixupConfig(num_classes=4, mixup_alpha=0.8, cutmix_alpha=1.0)
 
 
 @pytest.mark.parametrize('aug', [AUG_RA, AUG_JITTER], ids=['randaugment', 'jitter'])
@@ -86,10 +89,13 @@ def test_both_paths_use_the_same_draws(demo_dataset, aug):
     assert any(d.image.ra or d.image.jitter for d in draws), 'nothing was drawn'
 
 
-@pytest.mark.parametrize('aug', [AUG_RA, AUG_JITTER, AugConfig(no_aug=True)], ids=['randaugment', 'jitter', 'no-aug'])
-def test_device_step_equals_the_cpu_step_without_reduction(demo_dataset, aug):
-    """Demo images (24-120 px) are never reduced at these sequence lengths: every pixel is the CPU path's."""
-    cpu, dev = step_datasets(demo_dataset, aug, seed=3)
+@pytest.mark.parametrize('aug, mixup, colour_only', [
+    (AUG_RA, None, True), (AUG_JITTER, None, True), (AugConfig(no_aug=True), None, True), (AUG_CARD, CARD_MIX, False),
+], ids=['randaugment-colour', 'jitter', 'no-aug', 'card'])
+def test_device_step_equals_the_cpu_step_without_reduction(demo_dataset, aug, mixup, colour_only):
+    """Demo images (24-120 px) are never reduced at these sequence lengths: every pixel is the CPU path's, and so are
+    the (soft) targets, with the card's RandAugment (geometric ops included), MixUp/CutMix and erasing."""
+    cpu, dev = step_datasets(demo_dataset, aug, seed=3, mixup=mixup, colour_only=colour_only)
     applied = set()
     for k in range(cpu.schedule.num_steps):
         want, want_target = cpu[(0, k)]
@@ -101,8 +107,11 @@ def test_device_step_equals_the_cpu_step_without_reduction(demo_dataset, aug):
             assert torch.equal(got[key], want[key]), (k, key)
         assert got['max_seqlen'] == want['max_seqlen'] and got['seq_len'] == want['seq_len']
         assert torch.equal(target, want_target)
-        applied |= set(plan.ra_ops) | {f for f in ('any_vflip', 'any_jitter', 'any_grayscale') if getattr(plan, f)}
-    if not aug.no_aug:
+        applied |= set(plan.ra_ops) | {f for f in ('any_vflip', 'any_jitter', 'any_grayscale', 'any_erasing')
+                                       if getattr(plan, f)} | {plan.mix, 'affine' if any(plan.affine_layers) else None}
+    if mixup is not None:
+        assert {'mixup', 'cutmix', 'affine', 'any_erasing', 'any_grayscale'} <= applied, applied
+    elif not aug.no_aug:
         assert {'any_vflip', 'any_grayscale'} <= applied, applied
         assert len(applied) >= 7 if aug.aa else 'any_jitter' in applied, applied
 
@@ -129,7 +138,7 @@ def test_reduction_is_pillows_draft_rule_uncapped():
 def test_device_step_on_photos_within_tolerance(shared_data):
     """caltech101 JPEGs, most reduced before the resize: the device's 2x2 box means stand in for Pillow's reduced DCT.
     Same steps, tokens and grids; pixel differences small; per-channel mean and std within 1 % over ~200 images."""
-    cpu, dev = step_datasets(shared_data, AUG_RA, seq_lens=(16, 32), batch=16, seed=1)
+    cpu, dev = step_datasets(shared_data, AUG_CARD, seq_lens=(16, 32), batch=16, seed=1, mixup=CARD_MIX)
     a, b, diffs, images, reduced = [], [], [], 0, 0
     for k in range(cpu.schedule.num_steps):
         want, _ = cpu[(0, k)]
@@ -151,49 +160,64 @@ def test_device_step_on_photos_within_tolerance(shared_data):
         (a.mean(0), b.mean(0), a.std(0), b.std(0))
 
 
-def _fake_cuda_audit(demo_dataset, batch):
-    aug = AugConfig(hflip=1.0, vflip=1.0, grayscale_prob=1.0, color_jitter=(0.4, 0.4, 0.4, 0.2))
-    _, dev = step_datasets(demo_dataset, aug, seq_lens=(32,), batch=batch)
+def _fake_cuda_audit(demo_dataset, batch, aug):
+    mixup = MixupConfig(num_classes=4, mixup_alpha=0.8, cutmix_alpha=0.0)
+    _, dev = step_datasets(demo_dataset, aug, seq_lens=(32,), batch=batch, mixup=mixup, colour_only=False)
     host, _ = dev[(0, 0)]
     plan = host['device_aug_plan']
+    # the host facts that depend on the draws, set as a step where every op was drawn: the same ops must then run
+    # whatever the batch size
+    plan.ra_ops = sorted(set(COLOUR_OPS) & set(dev.builder.augment.rand_augment.spec.ops)) if aug.aa else []
+    plan.affine_layers = [bool(aug.aa)] * plan.ra_layers
+    plan.any_vflip = plan.any_grayscale = plan.any_erasing = True
+    plan.any_jitter = plan.jitter_hue = not aug.aa
+    assert plan.mix == 'mixup'
     t = dict(host['device_aug'])
     jpeg = t.pop('jpeg')
     decoded = DeviceAugmenter('cpu').decode(jpeg, plan)[0]
     with fake_cuda() as mode:
         t = {k: v.to('cuda', non_blocking=True) for k, v in t.items()}
-        decoded = [x.to('cuda') for x in decoded]
+        planar = join_decoded([x.to('cuda') for x in decoded], 'cuda')  # one cat of the decoder's list
         mode.allow_non_fake_inputs = False  # a host tensor reached inside the step raises
         audit = StepAudit()
         with audit:
-            out = augment_step(decoded, t, plan)
+            out = augment_step(planar, t, plan)
     return audit, out, plan
 
 
-def test_device_step_has_no_host_sync_on_fake_cuda(demo_dataset):
-    small, out, plan = _fake_cuda_audit(demo_dataset, 2)
+@pytest.mark.parametrize('aug', [
+    AugConfig(aa='rand-m8-inc1-mstd1.0', vflip=0.5, grayscale_prob=0.5, reprob=0.5, recount=2),
+    AugConfig(vflip=0.5, grayscale_prob=0.5, color_jitter=(0.4, 0.4, 0.4, 0.2), reprob=0.5, remode='rand'),
+], ids=['card', 'jitter'])
+def test_device_step_has_no_host_sync_on_fake_cuda(demo_dataset, aug):
+    """The whole device side after the decode: reduction, resize, flips, RandAugment (affine and colour ops), jitter,
+    grayscale, MixUp, erasing."""
+    small, out, plan = _fake_cuda_audit(demo_dataset, 8, aug)
     small.assert_clean(allowed_syncs=0)
     assert not small.syncs and not small.h2d_copies, (small.syncs, small.h2d_copies)
     assert out['patches'].device.type == 'cuda' and out['patches'].shape == (plan.num_tokens, P * P * 3)
-    large, _, _ = _fake_cuda_audit(demo_dataset, 6)
+    large, _, _ = _fake_cuda_audit(demo_dataset, 16, aug)
     assert [c.op for c in small.calls] == [c.op for c in large.calls], 'the ops depend on the batch size'
     assert len(small.ops('index_select')) > 10, 'nothing was recorded'
 
 
 def test_unsupported_configurations_are_named():
     assert unsupported(AugConfig(), None) == []
-    assert unsupported(AugConfig(aa='rand-m9-n2', grayscale_prob=0.1), None)  # geometric ops
-    text = ' '.join(unsupported(AugConfig(reprob=0.2, gaussian_blur_prob=0.1, interpolation='lanczos'),
-                                MixupConfig(num_classes=3), packing=False))
-    for word in ('--reprob', '--gaussian-blur-prob', 'lanczos', 'MixUp', 'padded'):
+    assert unsupported(AUG_CARD, CARD_MIX) == []
+    text = ' '.join(unsupported(AugConfig(aa='rand-m9-t3a', gaussian_blur_prob=0.1, interpolation='lanczos'),
+                                CARD_MIX, packing=False))
+    for word in ('GaussianBlur', '--gaussian-blur-prob', 'lanczos', 'padded'):
         assert word in text
+    assert 'nearest' in ' '.join(unsupported(AugConfig(aa='rand-m9', ra_interpolation='nearest'), None))
 
 
 def test_train_refuses_what_has_no_device_version_in_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        train.main(['--data-dir', str(tmp_path), '--device-aug', '--mixup', '0.8', '--model', 'naflexvit_tiny_test'])
+        train.main(['--data-dir', str(tmp_path), '--device-aug', '--gaussian-blur-prob', '0.1', '--model',
+                    'naflexvit_tiny_test'])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and '--device-aug has no device version yet of: MixUp/CutMix' in err[0], err
+    assert len(err) == 1 and '--device-aug has no device version of: --gaussian-blur-prob' in err[0], err
 
 
 TINY = ('--model naflexvit_tiny_test -b 4 -j 0 --device cpu --epochs 2 --warmup-epochs 1 --naflex-train-seq-lens 32 64 '
@@ -221,7 +245,7 @@ def test_train_with_device_aug_resumes_exactly(demo_dataset, tmp_path):
 def test_device_step_on_cuda_equals_cpu(demo_dataset):
     """On the GPU: nvJPEG's decode, the reduction, resize and colour ops give the CPU device step's batch (nvJPEG may
     differ from libjpeg by a level: the tolerance is that of the photos test), no host sync inside the step."""
-    _, dev = step_datasets(demo_dataset, AUG_RA, seed=5)
+    _, dev = step_datasets(demo_dataset, AUG_CARD, seed=5, mixup=CARD_MIX)
     for k in range(min(3, dev.schedule.num_steps)):
         host, _ = dev[(0, k)]
         want = run_device(host)
@@ -250,7 +274,7 @@ def test_profile_and_bench_scripts_run_the_device_path(demo_dataset, tmp_path):
     assert rec['pipelines']['ours']['untimed_ms_per_image'] > 0 and 'device aug True' in rec['header']
     assert set(rec['pipelines']['ours']['stages_s']) == {'read + header', 'RRC params', 'pack'}  # no pixel work
     side = rec['device_side']
-    assert side['steps'] == 1 and side['ms_per_batch'] > 0 and 'Rotate' in side['left_out']
+    assert side['steps'] == 1 and side['ms_per_batch'] > 0 and side['left_out'] == []
     best = bench_loader.main(['--data-dir', str(demo_dataset), '--only', 'ours-devaug', '-j', '0', '-b', '4',
                               '--naflex-train-seq-lens', '32', '--steps', '3'])
     assert best['ours-devaug']['img_s'] > 0

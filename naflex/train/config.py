@@ -476,7 +476,7 @@ class Config:
             from loaders.device_step import unsupported
             missing = unsupported(self.aug, self.mixup, self.loader.packing)
             if missing:
-                problems.append(f'{name("aug", "device_aug")} has no device version yet of: {"; ".join(missing)} '
+                problems.append(f'{name("aug", "device_aug")} has no device version of: {"; ".join(missing)} '
                                 '(drop those flags or --device-aug)')
         if problems:
             raise ValueError('; '.join(problems))
