@@ -11,6 +11,7 @@
   ops whatever the batch size;
 - train.py --device-aug trains end to end and resumes exactly; configurations with no device version are one line.
 """
+import dataclasses
 import io
 import random
 
@@ -138,7 +139,8 @@ def test_reduction_is_pillows_draft_rule_uncapped():
 def test_device_step_on_photos_within_tolerance(shared_data):
     """caltech101 JPEGs, most reduced before the resize: the device's 2x2 box means stand in for Pillow's reduced DCT.
     Same steps, tokens and grids; pixel differences small; per-channel mean and std within 1 % over ~200 images."""
-    cpu, dev = step_datasets(shared_data, AUG_CARD, seq_lens=(16, 32), batch=16, seed=1, mixup=CARD_MIX)
+    mixup = dataclasses.replace(CARD_MIX, num_classes=open_dataset(shared_data, 'train').num_classes)
+    cpu, dev = step_datasets(shared_data, AUG_CARD, seq_lens=(16, 32), batch=16, seed=1, mixup=mixup)
     a, b, diffs, images, reduced = [], [], [], 0, 0
     for k in range(cpu.schedule.num_steps):
         want, _ = cpu[(0, k)]
@@ -221,7 +223,8 @@ def test_train_refuses_what_has_no_device_version_in_one_line(capsys, tmp_path):
 
 
 TINY = ('--model naflexvit_tiny_test -b 4 -j 0 --device cpu --epochs 2 --warmup-epochs 1 --naflex-train-seq-lens 32 64 '
-        '--naflex-max-seq-len 64 --log-interval 1 --device-aug --vflip 0.2 --grayscale-prob 0.2').split()
+        '--naflex-max-seq-len 64 --log-interval 1 --device-aug --aa rand-m8-inc1-mstd1.0 --grayscale-prob 0.1 '
+        '--mixup 0.8 --cutmix 1.0 --reprob 0.25').split()  # the card's augmentations, and erasing's random values
 
 
 def test_train_with_device_aug_resumes_exactly(demo_dataset, tmp_path):

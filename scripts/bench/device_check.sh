@@ -28,9 +28,8 @@
 #     timm ViT without masks, the upper bound); profile (torch.profiler table of ours, eager); loader_profile
 #     (profile_loader.py: CPU ms per stage, ours vs timm); e2e_compiled (both with --torchcompile); compiled_flex
 #     (only with time left)
-#   --devaug: devaug_tests (pytest -m cuda tests/test_device_aug.py: the device step on CUDA equals the CPU one);
-#     e2e_cpuaug and e2e_devaug (bench_e2e.sh, ours only, the same flags without and with --device-aug; the
-#     augmentations are the ones with a device version: colour jitter 0.4, grayscale .1, no --aa, no MixUp/CutMix)
+#   --devaug: devaug_tests (pytest -m cuda on the device path's tests: the device step on CUDA against the CPU);
+#     e2e_cpuaug and e2e_devaug (bench_e2e.sh, ours only, the card's flags without and with --device-aug)
 # Environment: OUT (results; default bench/device_out), BUDGET_S (seconds for the steps; default 385 on GPU, 1200
 # on CPU), ONLY="eager loader" (these steps only), SKIP="e2e", REPEAT (default 3 on GPU, 1 on CPU), IMAGES (bench
 # data train images; default 2048 on GPU, 192 on CPU), PYTHON (default python3 on GPU, .venv's on CPU).
@@ -230,10 +229,12 @@ main() {
     if [ "$SET" = devaug ]; then
         # limits on the GPU: data 20 + 40 + 2 x 160 = 380 s; both runs train the same images for one epoch (on the
         # CPU the device side is ~5x slower than the workers' path: a check of the plumbing, not a measurement)
-        local DA="ONLY=ours OUT=$RUN/e2e $E2E SKIP_VALIDATE=1 AUG='--grayscale-prob .1 --reprob 0 --mixup 0 --cutmix 0'"
+        local DA="ONLY=ours OUT=$RUN/e2e $E2E SKIP_VALIDATE=1"
         local DL=(40 160 160)
         if [ "$MODE" = gpu ]; then DA="$DA IMAGES=4096"; else DL=(60 120 400); fi
-        run_step devaug_tests "${DL[0]}" 20 "$PY -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_device_aug.py"
+        local DT="tests/test_device_aug.py tests/test_device_ops.py tests/test_device_resize.py"
+        DT="$DT tests/test_device_geometry.py tests/test_device_mix.py"
+        run_step devaug_tests "${DL[0]}" 20 "$PY -m pytest -q -rs -p no:cacheprovider -m cuda $DT"
         run_step e2e_cpuaug "${DL[1]}" 60 "$DA bash scripts/bench/bench_e2e.sh $D $J"
         run_step e2e_devaug "${DL[2]}" 60 "$DA EXTRA_TRAIN_ARGS=--device-aug bash scripts/bench/bench_e2e.sh $D $J"
     elif [ "$SET" = key ]; then
