@@ -30,15 +30,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torchvision.transforms import InterpolationMode
 
 from augment.device_geometry import op_matrix
 from augment.device_mix import stack_erase_boxes, stack_mix
+from augment.device_resize import taps_for
 from augment.device_ops import stack_color_jitter
 from augment.erasing import ErasingDraw, RandomErasing
 from augment.mixup import MixDraw, MixupConfig, draw_mix, mix_targets, mix_weights
 from augment.policy import ImageDraws
 from augment.randaugment import OPS
-from torchvision.transforms import InterpolationMode
 from augment.stages import StageHook, stage
 
 from .decode import _decode, _draft_size, open_bytes, read_encoded
@@ -62,7 +63,6 @@ class DeviceSample:
     box: Tuple[float, float, float, float]
     draws: SampleDraws
     erasing: Optional[ErasingDraw]
-    target: int = 0
 
     @property
     def reduced_hw(self) -> Tuple[int, int]:
@@ -191,11 +191,20 @@ def _stages(samples: Sequence[DeviceSample]) -> Tuple[torch.Tensor, torch.Tensor
     return stages, torch.tensor(order, dtype=torch.int64), totals
 
 
+def _concat(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 arrays back to back in one tensor (in a worker: in shared memory, loaders.packing._empty_uint8)."""
+    out = _empty_uint8(sum(a.size for a in arrays))
+    view, off = out.numpy(), 0
+    for a in arrays:
+        view[off:off + a.size] = a
+        off += a.size
+    return out
+
+
 def build_host_step(samples: Sequence[DeviceSample], targets: Sequence[int], builder: TrainSampleBuilder,
                     mixup: Optional[MixupConfig], mix_rng: random.Random, *, epoch: int, seq_len: int,
                     patch_size: int, bad_files: List[str]) -> Tuple[Dict, torch.Tensor]:
     """(inputs, target) of one step for the device path (module docstring)."""
-    from augment.device_resize import taps_for
     P, n = patch_size, len(samples)
     grids = [s.draws.grid for s in samples]
     sizes = [(gh * P, gw * P) for gh, gw in grids]
@@ -205,21 +214,13 @@ def build_host_step(samples: Sequence[DeviceSample], targets: Sequence[int], bui
     else:
         target = torch.tensor(list(targets), dtype=torch.int64)
     jpegs = [s for s in samples if s.jpeg is not None]
-    jpeg_buf = _empty_uint8(sum(len(s.jpeg) for s in jpegs))
-    off = 0
-    for s in jpegs:
-        jpeg_buf[off:off + len(s.jpeg)] = torch.frombuffer(bytearray(s.jpeg), dtype=torch.uint8)
-        off += len(s.jpeg)
-    shipped = [s for s in samples if s.jpeg is None]
-    pixel_buf = _empty_uint8(sum(s.pixels.size for s in shipped))
-    off = 0
-    for s in shipped:
-        pixel_buf[off:off + s.pixels.size] = torch.from_numpy(s.pixels.reshape(-1))
-        off += s.pixels.size
+    jpeg_buf = _concat([np.frombuffer(s.jpeg, dtype=np.uint8) for s in jpegs])
+    pixel_buf = _concat([s.pixels.reshape(-1) for s in samples if s.jpeg is None])
     stages, order, stage_pixels = _stages(samples)
     lens = [gh * gw for gh, gw in grids]
-    residual = max([b[2] / o[0] for b, o in zip((s.box for s in samples), sizes)] +
-                   [b[3] / o[1] for b, o in zip((s.box for s in samples), sizes)] + [1.0])
+    # the largest downscale the resize is left with picks its tap count (augment.device_resize.taps_for): 4 taps
+    # when no image is reduced by the resize, else 8 (below 2x after the reduction, or the window is cut)
+    residual = max([1.0] + [max(s.box[2] / oh, s.box[3] / ow) for s, (oh, ow) in zip(samples, sizes)])
     draws = [s.draws.image for s in samples]
     tensors = _parameter_tensors(samples, draws, mix, builder)
     tensors.update(jpeg=jpeg_buf, pixels=pixel_buf, stages=stages, source_order=order)
