@@ -79,7 +79,10 @@ class DevicePrefetcher:
         self.loader.set_start_step(step)
 
     def _copy(self, t: torch.Tensor) -> torch.Tensor:
-        """Host -> device, asynchronous from pinned memory on CUDA (pinned here unless the DataLoader did)."""
+        """Host -> device, asynchronous from pinned memory on CUDA (pinned here unless the DataLoader did); a tensor
+        already on a device (made there by a --device-aug step) stays as it is."""
+        if t.device.type != 'cpu':
+            return t
         if self.is_cuda and not t.is_pinned():
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)

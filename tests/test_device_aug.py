@@ -281,3 +281,14 @@ def test_profile_and_bench_scripts_run_the_device_path(demo_dataset, tmp_path):
     best = bench_loader.main(['--data-dir', str(demo_dataset), '--only', 'ours-devaug', '-j', '0', '-b', '4',
                               '--naflex-train-seq-lens', '32', '--steps', '3'])
     assert best['ours-devaug']['img_s'] > 0
+
+
+def test_prefetcher_keeps_what_the_device_step_made_on_the_device():
+    """On CUDA the prefetcher pins host tensors before copying them; the device step's outputs are device tensors
+    already (pinning one would raise)."""
+    from loaders.prefetch import DevicePrefetcher
+    prefetcher = DevicePrefetcher.__new__(DevicePrefetcher)  # no CUDA stream here: only the copy rule is under test
+    prefetcher.device, prefetcher.is_cuda = torch.device('cuda'), True
+    with fake_cuda():
+        on_device = torch.zeros(4, dtype=torch.uint8, device='cuda')
+        assert prefetcher._copy(on_device) is on_device
