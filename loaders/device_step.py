@@ -30,6 +30,7 @@ trainer refuses such a configuration in one line.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -45,6 +46,7 @@ from augment.randaugment import RandAugment
 from .device_worker import RA_OP_INDEX, HostPlan
 
 C = 3
+_logger = logging.getLogger(__name__)
 
 
 def _enhance(op):
@@ -180,7 +182,9 @@ def augment_step(planar: torch.Tensor, t: Dict[str, torch.Tensor], plan: HostPla
 
 class DeviceAugmenter:
     """Turns the host step of loaders.device_worker into the packed uint8 batch on ``device`` (the prefetcher then
-    normalises it). ``bad_files`` of the step gains any JPEG the device could not decode (a grey image stands in)."""
+    normalises it). A JPEG whose header parsed but whose data the device cannot decode is known only here, after the
+    workers are done with the step: a grey image of its size stands in (the CPU path would have drawn another sample),
+    a warning names it, and the step's ``bad_files`` lists it (the epoch's count in summary.csv includes it)."""
 
     def __init__(self, device):
         self.device = torch.device(device)
@@ -201,6 +205,8 @@ class DeviceAugmenter:
             if x is None or tuple(x.shape) != (C, *hw):
                 bad.append(plan.jpeg_paths[i])
                 out[i] = torch.full((C, *hw), 128, dtype=torch.uint8, device=self.device)
+                _logger.warning(f'--device-aug: {plan.jpeg_paths[i]} could not be decoded on {self.device} (its header '
+                                'could); a grey image stands in for it in this step')
         return out, bad
 
     def _decode_one(self, data: torch.Tensor, hw) -> Optional[torch.Tensor]:

@@ -14,6 +14,7 @@
 import dataclasses
 import io
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,3 +293,23 @@ def test_prefetcher_keeps_what_the_device_step_made_on_the_device():
     with fake_cuda():
         on_device = torch.zeros(4, dtype=torch.uint8, device='cuda')
         assert prefetcher._copy(on_device) is on_device
+
+
+def test_a_jpeg_the_device_cannot_decode_is_grey_and_reported(tmp_path, caplog):
+    from loaders.demo_data import make_demo_dataset
+    root = make_demo_dataset(tmp_path / 'd', num_classes=2, per_class=4, val_per_class=1, seed=0, min_size=40,
+                             max_size=80)
+    _, dev = step_datasets(root, AugConfig(), seq_lens=(16,))
+    broken = dev.dataset.path(0)
+    data = Path(broken).read_bytes()
+    Path(broken).write_bytes(data[:len(data) // 2])  # the header parses; the scan data is cut
+    for k in range(dev.schedule.num_steps):
+        host, _ = dev[(0, k)]
+        if 0 in dev.schedule.step(0, k).indices.tolist():
+            break
+    else:
+        pytest.fail('no step holds the broken file')
+    with caplog.at_level('WARNING'):
+        out = run_device(host)
+    assert out['bad_files'] == [str(broken)] and str(broken) in caplog.text
+    assert out['patches'].shape == (host['device_aug_plan'].num_tokens, P * P * 3)
