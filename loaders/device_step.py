@@ -12,7 +12,8 @@ Python loop over images, no host sync, checked on fake CUDA tensors in tests/tes
 2. reduce (``reduce_sources``): every image by its power of two (2x2 box means per stage; the CPU path's JPEG draft
    reduces by the DCT instead), into one HWC buffer;
 3. crop + resize + horizontal flip into the packed token layout (augment.device_resize, Pillow's resampling); the
-   tap count comes from the step's largest remaining downscale, 4 or 8 (a bucket: the graphs do not multiply);
+   tap count comes from the step's largest remaining downscale and its filters, 2, 4 or 8 (a few buckets: the
+   graphs do not multiply);
 4. vertical flip, RandAugment layer by layer (the geometric ops as one affine map per image and layer:
    augment.device_geometry; the colour ops: augment.device_ops), colour jitter, grayscale; each op runs once per layer
    on the whole batch with the images that drew it selected (``apply_B``), and only when some image of the step drew

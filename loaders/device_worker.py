@@ -218,8 +218,9 @@ def build_host_step(samples: Sequence[DeviceSample], targets: Sequence[int], bui
     pixel_buf = _concat([s.pixels.reshape(-1) for s in samples if s.jpeg is None])
     stages, order, stage_pixels = _stages(samples)
     lens = [gh * gw for gh, gw in grids]
-    # the largest downscale the resize is left with picks its tap count (augment.device_resize.taps_for): 4 taps
-    # when no image is reduced by the resize, else 8 (below 2x after the reduction, or the window is cut)
+    # the largest downscale the resize is left with picks its tap count (augment.device_resize.taps_for): bicubic 4
+    # taps when no image is reduced by the resize, else 8 (below 2x after the reduction, or the window is cut);
+    # bilinear half that, when no image of the step is bicubic
     residual = max([1.0] + [max(s.box[2] / oh, s.box[3] / ow) for s, (oh, ow) in zip(samples, sizes)])
     draws = [s.draws.image for s in samples]
     tensors = _parameter_tensors(samples, draws, mix, builder)
@@ -232,7 +233,8 @@ def build_host_step(samples: Sequence[DeviceSample], targets: Sequence[int], bui
         fill_seed ^= s.erasing.seed if s.erasing is not None else 0
     plan = HostPlan(
         patch_size=P, num_tokens=sum(lens), max_seqlen=max(lens, default=0),
-        taps=taps_for(2.0 if residual > 1.0 else 1.0), jpeg_lengths=[len(s.jpeg) for s in jpegs],
+        taps=taps_for(2.0 if residual > 1.0 else 1.0, 'bicubic' if bool(tensors['bicubic'].any()) else 'bilinear'),
+        jpeg_lengths=[len(s.jpeg) for s in jpegs],
         jpeg_paths=[s.path for s in jpegs], jpeg_hw=[s.src_hw for s in jpegs], stage_pixels=stage_pixels,
         ra_layers=tensors['ra_op'].shape[1], ra_ops=ra_ops, any_vflip=any(d.vflip for d in draws),
         any_jitter=any(d.jitter is not None for d in draws),
