@@ -151,7 +151,8 @@ def draw_mix(sizes_hw: Sequence[Tuple[int, int]], cfg: MixupConfig, rng: random.
     return MixDraw(use_cutmix, lam, pairs, cuts)
 
 
-def mix_weights(sizes_hw: Sequence[Tuple[int, int]], draw: Optional[MixDraw]) -> Tuple[List[float], List[Optional[int]]]:
+def mix_weights(sizes_hw: Sequence[Tuple[int, int]],
+                draw: Optional[MixDraw]) -> Tuple[List[float], List[Optional[int]]]:
     """(own weight, partner or None) per image: the true share of its pixels that stay its own."""
     n = len(sizes_hw)
     own, partner = [1.0] * n, [None] * n

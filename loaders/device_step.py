@@ -50,10 +50,6 @@ C = 3
 _logger = logging.getLogger(__name__)
 
 
-def _enhance(op):
-    return lambda x, layout, apply_B, arg_B: op(x, layout, apply_B, arg_B)
-
-
 def _no_arg(op):
     return lambda x, layout, apply_B, arg_B: op(x, layout, apply_B)
 
@@ -62,17 +58,17 @@ def _desaturate(x, layout, apply_B, arg_B):
     return D.saturation(x, layout, apply_B, (1.0 - arg_B).clamp(0.0, 1.0))
 
 
-# RandAugment op -> (x_TD, layout, apply_B, arg_B float64) -> x_TD, as augment.randaugment.OPS on PIL images.
+# RandAugment's colour ops: (x_TD, layout, apply_B, arg_B float64) -> x_TD, as augment.randaugment.OPS on PIL images.
 DEVICE_RA_OPS: Dict[str, Callable] = {
     'AutoContrast': _no_arg(D.autocontrast), 'Equalize': _no_arg(D.equalize), 'Invert': _no_arg(D.invert),
-    'Posterize': _enhance(D.posterize), 'PosterizeIncreasing': _enhance(D.posterize),
-    'PosterizeOriginal': _enhance(D.posterize),
-    'Solarize': _enhance(D.solarize), 'SolarizeIncreasing': _enhance(D.solarize),
-    'SolarizeAdd': _enhance(D.solarize_add),
-    'Color': _enhance(D.saturation), 'ColorIncreasing': _enhance(D.saturation),
-    'Contrast': _enhance(D.contrast), 'ContrastIncreasing': _enhance(D.contrast),
-    'Brightness': _enhance(D.brightness), 'BrightnessIncreasing': _enhance(D.brightness),
-    'Sharpness': _enhance(D.sharpness), 'SharpnessIncreasing': _enhance(D.sharpness),
+    'Posterize': D.posterize, 'PosterizeIncreasing': D.posterize,
+    'PosterizeOriginal': D.posterize,
+    'Solarize': D.solarize, 'SolarizeIncreasing': D.solarize,
+    'SolarizeAdd': D.solarize_add,
+    'Color': D.saturation, 'ColorIncreasing': D.saturation,
+    'Contrast': D.contrast, 'ContrastIncreasing': D.contrast,
+    'Brightness': D.brightness, 'BrightnessIncreasing': D.brightness,
+    'Sharpness': D.sharpness, 'SharpnessIncreasing': D.sharpness,
     'Desaturate': _desaturate,
 }
 # RandAugment's geometric ops go through augment.device_geometry.affine instead: one affine map per image and layer.
@@ -98,11 +94,13 @@ def unsupported(aug: AugConfig, mixup: Optional[MixupConfig], packing: bool = Tr
     return out
 
 
-def reduce_sources(buf: torch.Tensor, stages: torch.Tensor, order: torch.Tensor, stage_pixels: List[int]) -> torch.Tensor:
+def reduce_sources(buf: torch.Tensor, stages: torch.Tensor, order: torch.Tensor,
+                   stage_pixels: List[int]) -> torch.Tensor:
     """Every image reduced by its power of two: per stage, each output pixel is the rounded mean of the 2x2 source
     pixels it covers (fewer at an odd edge) where the image halves, a copy where it does not. ``buf``: the stage-1
-    source elements (uint8, CHW or HWC per image), ``stages`` int64 [S, B, 10] (loaders.device_worker._stages),
-    ``order`` int64 [B] the images in buffer order, ``stage_pixels`` the host's output pixel counts. Returns uint8 [N, 3] HWC pixels, images back to back."""
+    source elements (uint8: the planar JPEG block, then HWC images), ``stages`` int64 [S, B, 10]
+    (loaders.device_worker._stages), ``order`` int64 [B] the images in buffer order, ``stage_pixels`` the host's
+    output pixel counts. Returns uint8 [N, 3]: HWC pixels, images back to back."""
     for k, total in enumerate(stage_pixels):
         out_off, out_h, out_w = stages[k, :, 7], stages[k, :, 8], stages[k, :, 9]
         n = torch.arange(total, device=buf.device)

@@ -234,7 +234,8 @@ def header_line(args, seq_lens, steps, n_total, aug_cfg):
             f"{platform.python_version()}, torch {torch.__version__}, Pillow {PIL.__version__}; {args.data_dir} "
             f"[{args.train_split}], L {seq_lens}, -b {args.batch_size}, aa {args.aa}, grayscale {args.grayscale_prob}, "
             f"mixup {args.mixup}/cutmix {args.cutmix}, reprob {args.reprob}, jpeg draft {aug_cfg.draft}, "
-            f"ra interpolation {aug_cfg.ra_interpolation}, device aug {aug_cfg.device_aug}; {len(steps)} steps, {n_total} images per pipeline, "
+            f"ra interpolation {aug_cfg.ra_interpolation}, device aug {aug_cfg.device_aug}; {len(steps)} steps, "
+            f"{n_total} images per pipeline, "
             f"1 thread, {args.clock} time")
 
 
