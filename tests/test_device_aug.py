@@ -228,6 +228,7 @@ TINY = ('--model naflexvit_tiny_test -b 4 -j 0 --device cpu --epochs 2 --warmup-
         '--mixup 0.8 --cutmix 1.0 --reprob 0.25').split()  # the card's augmentations, and erasing's random values
 
 
+@pytest.mark.slow
 def test_train_with_device_aug_resumes_exactly(demo_dataset, tmp_path):
     from test_train import Hooks
 
