@@ -261,6 +261,7 @@ def main(argv=None, hooks=None):
     from naflex.train.distributed import DeviceError, cleanup
     from naflex.train.evaluate import NoImagesEvaluated
     from naflex.train.metrics import NonFiniteLossError
+    from loaders.stream_io import DataSourceError
     code, message = None, None
     try:
         return run(argv, hooks)
@@ -275,7 +276,7 @@ def main(argv=None, hooks=None):
         code, message = 130, ('train.py: interrupted: stopped at once without saving; the checkpoints already '
                               'written are unchanged (continue with --resume auto)')
         traceback.clear_frames(e.__traceback__)
-    except (NonFiniteLossError, TooManyBadFiles, OutOfMemory, WriteError, NoImagesEvaluated) as e:
+    except (NonFiniteLossError, TooManyBadFiles, OutOfMemory, WriteError, NoImagesEvaluated, DataSourceError) as e:
         _logger.error(str(e))
         code, message = 1, f'train.py: error: {e}'
         # free the failed step's frames (DDP reducer included) before the process group goes away

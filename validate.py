@@ -15,7 +15,8 @@ length (NaFlex eval rule, SigLIP 2 arXiv:2502.14786; NaViT arXiv:2307.06304), ex
 are packed (no padding) by default; ``--padded`` uses timm's padded layout and gives the same metrics.
 Under ``torchrun`` each rank evaluates its own shard and every image is counted exactly once.
 Accepts our checkpoints (plain, EMA via --use-ema, training-state files) and timm's .pth/.safetensors. Reads
-image folders and WebDataset tar shards (``--dataset wds/NAME``, timm's layout; loaders.shards).
+image folders and WebDataset tar shards (``--dataset wds/NAME``, timm's layout; loaders.shards), streamed from a
+URL, bucket or ``file://`` folder as ``--data-dir`` (loaders.stream: every sample scored once across ranks).
 """
 from __future__ import annotations
 
@@ -155,6 +156,7 @@ def run_all(args) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
+    from loaders.stream_io import DataSourceError
     from naflex.train.eval_cli import ValidateError
     from naflex.train.evaluate import NoImagesEvaluated
 
@@ -163,7 +165,7 @@ def main(argv=None) -> list[dict]:
     except ValidateError as e:
         print(f"validate.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    except NoImagesEvaluated as e:  # every file undecodable: there are no metrics to report
+    except (NoImagesEvaluated, DataSourceError) as e:  # no metrics: every file undecodable, or the stream gone
         print(f"validate.py: error: {e}", file=sys.stderr)
         raise SystemExit(1)
     finally:

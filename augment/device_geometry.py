@@ -34,8 +34,9 @@ image; CUDA runs the same IEEE float64 element-wise ops one kernel each, so it i
 confirmed on a GPU; a compiler that fuses ``a * b + c`` into one FMA could move a value across an integer: 1 level).
 
 Cost: 16 taps (4 with ``filters=('bilinear',)``, a host setting) gathered per output pixel, float64 arithmetic on
-[T, P, P, 3] values, about a dozen such float64 tensors alive at the peak (docs/performance.md has the figures);
-``nearest`` is not supported (Pillow's nearest affine path accumulates positions row by row).
+[T, P, P, 3] values (the first pass's tap differences in exact int16), one row of taps held at a time, the four
+interpolated rows kept for the second pass (docs/performance.md has time and memory). ``nearest`` is not supported
+(Pillow's nearest affine path accumulates positions row by row).
 """
 from __future__ import annotations
 
@@ -107,16 +108,18 @@ def stack_affine(matrices: Sequence[Matrix | None], interpolations: Sequence[str
 
 # ------------------------------------------------------------------------------------------------- device side
 def _lerp(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Geometry.c's BILINEAR: a + (b - a) * d."""
-    return a + (b - a) * d
+    """Geometry.c's BILINEAR, a + (b - a) * d, on int16 taps (the difference exact) or float64 rows."""
+    return (b - a).to(d.dtype).mul_(d).add_(a)
 
 
 def _cubic(v1, v2, v3, v4, d):
-    """Geometry.c's BICUBIC, in its evaluation order (``-v1 + v3`` is ``v3 - v1`` exactly)."""
+    """Geometry.c's BICUBIC on int16 taps or float64 rows: p2 = v3 - v1, p3 = 2 (v1 - v2) + v3 - v4,
+    p4 = v2 - v1 - v3 + v4 (each step exact on integers, in C's order on doubles), then
+    v2 + d (p2 + d (p3 + d p4)), computed in place (the same roundings: + and * commute exactly)."""
     p2 = v3 - v1
-    p3 = (2 * (v1 - v2) + v3) - v4
-    p4 = ((v2 - v1) - v3) + v4
-    return v2 + d * (p2 + d * (p3 + d * p4))
+    p3 = (v1 - v2).mul_(2).add_(v3).sub_(v4)
+    p4 = (v2 - v1).sub_(v3).add_(v4)
+    return p4.to(d.dtype).mul_(d).add_(p3).mul_(d).add_(p2).mul_(d).add_(v2)
 
 
 def affine(x_TD: torch.Tensor, layout: PackedLayout, apply_B: torch.Tensor, matrix_B6: torch.Tensor,
@@ -160,11 +163,12 @@ def affine(x_TD: torch.Tensor, layout: PackedLayout, apply_B: torch.Tensor, matr
         row_token = base_T + torch.div(r, P, rounding_mode='floor') * gw_T
         row_pixel = (r % P) * P
         taps = [pixels.index_select(0, ((row_token + tc) * (P * P) + row_pixel + pc).view(-1)).view(T, P, P, C)
-                .to(f64) for tc, pc in cols]
+                .to(torch.int16) for tc, pc in cols]
         if j in (0, 1):
             linear_rows.append(_lerp(taps[i], taps[i + 1], dx))
         if cubic:
             cubic_rows.append(_cubic(*taps, dx))
+        del taps
     out = _lerp(*linear_rows, dy).to(torch.uint8)  # in [0, 255]: a convex combination; truncates
     if cubic:
         bicubic = _cubic(*cubic_rows, dy).clamp_(0, 255).to(torch.uint8)  # v <= 0: 0, v >= 255: 255, else truncated

@@ -20,6 +20,8 @@ Public API
     loaders.device_worker) is decoded and augmented into the packed batch there first (loaders.device_step).
 ``ImageFolderDataset(root, split)``, ``ShardDataset(root, split)`` (WebDataset tar shards, timm's ``wds/NAME``),
 ``HfDataset(name, split)`` (Hugging Face datasets, timm's ``hfds/NAME``; loaders.hfds), ``ListDataset(samples)``,
+``StreamSource`` (streamed shards: a URL, bucket or ``file://`` root, or ``hfids/NAME``; loaders.stream, whose layout
+the two factories above follow when given one),
 ``open_dataset(root, split, classes=, dataset=)``, ``SeqLenSchedule``, ``pack``/``pad``.
 Class indices are timm's (natural order of the class names), or a class map's (``read_class_map(path, root)``:
 timm's ``--class-map`` file; ``classes=`` of the datasets).
@@ -36,11 +38,12 @@ from .packing import pack, pad, patchify_hwc
 from .prefetch import DevicePrefetcher, normalize_patches
 from .schedule import SeqLenSchedule, batch_size_for
 from .shards import ShardDataset, dataset_kind
+from .stream import StreamSource
 from .train_loader import TrainLoader, UndecodableFiles
 
 __all__ = [
     'DatasetConfig', 'DevicePrefetcher', 'EvalLoaderConfig', 'ImageFolderDataset', 'IncompleteSplit', 'ListDataset',
-    'SeqLenSchedule', 'ShardDataset', 'TrainLoader', 'TrainLoaderConfig', 'UndecodableFiles', 'batch_size_for',
-    'create_eval_loader', 'create_train_loader', 'dataset_kind', 'make_eval_loader', 'normalize_patches',
-    'open_dataset', 'pack', 'pad', 'patchify_hwc', 'read_class_map', 'require_whole',
+    'SeqLenSchedule', 'ShardDataset', 'StreamSource', 'TrainLoader', 'TrainLoaderConfig', 'UndecodableFiles',
+    'batch_size_for', 'create_eval_loader', 'create_train_loader', 'dataset_kind', 'make_eval_loader',
+    'normalize_patches', 'open_dataset', 'pack', 'pad', 'patchify_hwc', 'read_class_map', 'require_whole',
 ]

@@ -26,8 +26,8 @@ def pinned_or_auto(pin_mem: bool) -> Optional[bool]:
     return True if pin_mem else None
 
 
-DATASET_KINDS = ('', 'wds', 'hfds')  # timm's --dataset TYPE/NAME types read here: image folders, WebDataset tar
-                                     # shards, Hugging Face datasets
+DATASET_KINDS = ('', 'wds', 'hfds', 'hfids')  # timm's --dataset TYPE/NAME types read here: image folders,
+                                              # WebDataset tar shards, Hugging Face datasets (map-style, streamed)
 
 
 @dataclass
@@ -38,8 +38,8 @@ class DatasetConfig:
                      help='root with one folder per split, class subfolders (hfds/: the datasets cache folder)')
     dataset: str = flag('--dataset', default='', metavar='TYPE/NAME',
                         help="'wds/NAME': WebDataset tar shards + _info.json in --data-dir (found without it too); "
-                             "'hfds/NAME': a Hugging Face dataset (Hub id, or a local folder of "
-                             "data/<split>-*.parquet); '' = image folder")
+                             "'hfds/NAME' ('hfids/NAME': streamed): a Hugging Face dataset (Hub id, or a local "
+                             "folder of data/<split>-*.parquet); '' = image folder")
     train_split: str = flag('--train-split', default='train', help='training split folder')
     val_split: str = flag('--val-split', default='validation', help="eval split folder ('val' is found too); '' = none")
     class_map: str = flag('--class-map', default='', metavar='FILE',
@@ -59,12 +59,13 @@ class DatasetConfig:
     def validate(self, name: Optional[Callable[[str], str]] = None) -> None:
         p = Problems(name)
         kind, sep, name = self.dataset.partition('/')
-        p.need(bool(self.root) or kind.lower() == 'hfds', 'root', 'is required')
+        p.need(bool(self.root) or kind.lower() in ('hfds', 'hfids'), 'root', 'is required')
         p.need(not sep or kind.lower() in DATASET_KINDS + ('folder', 'imagefolder'), 'dataset',
-               f"type {kind!r} is not read here: use wds/NAME (tar shards), hfds/NAME (Hugging Face datasets) or "
+               f"type {kind!r} is not read here: use wds/NAME (tar shards), hfds/NAME or hfids/NAME (Hugging Face "
+               "datasets) or "
                "leave it empty (image folder)")
-        p.need(kind.lower() != 'hfds' or bool(name), 'dataset',
-               'hfds/ needs a name: a Hub dataset id or a local folder')
+        p.need(kind.lower() not in ('hfds', 'hfids') or bool(name), 'dataset',
+               f'{kind}/ needs a name: a Hub dataset id or a local folder')
         p.need(self.input_img_mode in (None, 'RGB'), 'input_img_mode',
                f'{self.input_img_mode}: images are decoded to RGB here (the model takes 3 channels)')
         p.raise_any()
@@ -94,6 +95,9 @@ class TrainLoaderConfig:
     num_samples: Optional[int] = flag('--train-num-samples', default=None, group='dataset', metavar='N',
                                       help="samples per training epoch (default: the split's; fewer: another random "
                                            'subset each epoch, more: the shuffled order wraps around)')
+    shuffle_buffer: int = flag('--wds-shuffle-buffer', default=2048, group='dataset', metavar='N',
+                               help='streamed shards (--data-dir URL): samples of each window of N consecutive '
+                                    'ones per loader worker come out in a random order (0 or 1: shard order only)')
     aug_repeats: int = flag('--aug-repeats', default=0, group='aug',
                             help='repeated augmentation: copies of each image per epoch, on different ranks (0 = off)')
 
@@ -104,6 +108,7 @@ class TrainLoaderConfig:
         p.need(self.num_workers >= 0, 'num_workers', 'must be >= 0')
         p.need(self.num_samples is None or self.num_samples >= 1, 'num_samples', 'must be >= 1')
         p.need(self.aug_repeats >= 0, 'aug_repeats', 'must be >= 0')
+        p.need(self.shuffle_buffer >= 0, 'shuffle_buffer', 'must be >= 0')
         p.need(self.patch_size >= 1 and all(s >= 1 for s in self.patch_sizes or ()), 'patch_sizes', 'must be >= 1')
         p.need(self.patch_size_probs is None or (
             bool(self.patch_sizes) and len(self.patch_size_probs) == len(self.patch_sizes)

@@ -21,6 +21,7 @@ from .config import EvalLoaderConfig, resolve_pin_memory
 from .decode import UndecodableImage
 from .packing import collate
 from .pipeline import eval_sample
+from .stream import StreamSource
 from .workers import worker_init
 
 
@@ -80,6 +81,9 @@ def make_eval_loader(dataset, cfg: Optional[EvalLoaderConfig] = None, *, rank: i
                      persistent_workers: bool = False, **fields) -> DataLoader:
     """DataLoader over this rank's shard of ``dataset`` (IncompleteSplit unless it is whole); config fields may
     be given as keywords."""
+    if isinstance(dataset, StreamSource):  # streamed shards: read front to back, not by index
+        from .stream_loader import create_stream_eval_loader
+        return create_stream_eval_loader(dataset, cfg, rank=rank, world_size=world_size, **fields)
     cfg = dataclasses.replace(cfg or EvalLoaderConfig(), **fields)
     cfg.validate()
     require_whole(dataset)

@@ -45,6 +45,13 @@ class HfImage(str):
 def _load(name: str, split: str, cache_dir: Optional[str]):
     """``datasets.load_dataset`` for a Hub id or a local folder; a split named otherwise there ('val' /
     'validation') is found too. FileNotFoundError / ValueError name what is missing in one line."""
+    source, _, picked = resolve_split(name, split, cache_dir)
+    import datasets
+    return datasets.load_dataset(source, split=picked, cache_dir=cache_dir), picked
+
+
+def resolve_split(name: str, split: str, cache_dir: Optional[str]):
+    """(source, dataset builder, split name found) for a Hub id or a local folder (see ``_load``)."""
     try:
         import datasets
     except ImportError:
@@ -56,18 +63,18 @@ def _load(name: str, split: str, cache_dir: Optional[str]):
     try:
         builder = datasets.load_dataset_builder(source, cache_dir=cache_dir)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f'hfds/{name}: no such local folder or Hub dataset ({_first_line(e)})') from None
+        raise FileNotFoundError(f'hfds/{name}: no such local folder or Hub dataset ({first_line(e)})') from None
     except ConnectionError as e:
         raise FileNotFoundError(f'hfds/{name}: the Hub cannot be reached and nothing is cached '
-                                f'({_first_line(e)}); pass a local folder with data/<split>-*.parquet') from None
+                                f'({first_line(e)}); pass a local folder with data/<split>-*.parquet') from None
     splits = list(builder.config.data_files or {}) or list((builder.info.splits or {}).keys())
     picked = next((s for s in split_candidates(split) if s in splits), None) if splits else split
     if picked is None:
         raise FileNotFoundError(f'hfds/{name} has no split {split!r} (splits: {", ".join(splits)})')
-    return datasets.load_dataset(source, split=picked, cache_dir=cache_dir), picked
+    return source, builder, picked
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 

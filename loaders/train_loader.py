@@ -147,6 +147,12 @@ class StepDataset(Dataset):
             imgs.append(img)
             targets.append(t)
             rngs.append(rng)
+        return self._assemble(epoch, step_idx, L, P, imgs, targets, rngs, bad, gave_up)
+
+    def _assemble(self, epoch: int, step_idx: int, L: int, P: int, imgs, targets, rngs, bad: List[str],
+                  gave_up: bool):
+        """The step from its loaded images: MixUp/CutMix, random erasing, packing (or padding); with ``device_aug``
+        the device path's step of bytes and parameters instead (loaders.device_worker)."""
         mix_rng = random.Random(f"mix/{self.seed}/{epoch}/{step_idx}/{self.schedule.rank}")
         if self.device_aug:  # MixUp/CutMix draws, targets and the parameter tensors (loaders.device_worker)
             with stage(self.timer, 'pack'):
@@ -168,6 +174,13 @@ class StepDataset(Dataset):
         with stage(self.timer, 'pack'):
             inputs = collate(tensors, P, self.packing, L, bad)
         return _StepFailed(bad, epoch, step_idx, (inputs, target)) if gave_up else (inputs, target)
+
+
+@dataclass
+class SourceLost:
+    """What a worker returns when the data source itself is gone (loaders.stream_io.DataSourceError): the
+    main process raises ``error`` as it is, one line, instead of torch's re-raised copy with a worker traceback."""
+    error: Exception
 
 
 class TrainLoader:
@@ -205,6 +218,8 @@ class TrainLoader:
         for item in self.loader:
             if isinstance(item, _StepFailed):
                 raise UndecodableFiles(item.paths, item.epoch, item.step, item.batch)
+            if isinstance(item, SourceLost):
+                raise item.error
             yield item
 
     @property

@@ -330,3 +330,26 @@ def test_benchmark_script_runs_every_op(capsys):
     assert all('pil_best_ms' in r for r in rows if r['op'] != 'mix_targets')
     for name in bench.OPS:
         assert name in out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('mode', ['pixel', 'rand'])
+def test_random_erasing_on_cuda_without_syncing(mode):
+    """The fill drawn from a CUDA generator: no synchronisation, the same rectangles as on the CPU, and the same
+    pixels outside them."""
+    batch, _, _, erase_boxes = _inputs(9)
+    half = torch.full((3,), 0.5)
+    layout = PackedLayout.from_batch(batch)
+    on_cpu = M.erase(batch['patches'], layout, erase_boxes, mode, half, half, torch.Generator().manual_seed(0))
+    dev = {k: v.to('cuda') if torch.is_tensor(v) else v for k, v in batch.items()}
+    gen = torch.Generator(device='cuda').manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        out = M.erase(dev['patches'], PackedLayout.from_batch(dev), erase_boxes.to('cuda'), mode, half.to('cuda'),
+                      half.to('cuda'), gen)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    kept = (on_cpu == batch['patches']).all(1)  # tokens outside every rectangle
+    assert torch.equal(out.cpu()[kept], batch['patches'][kept]) and not bool(kept.all())
+    assert not torch.equal(out.cpu()[~kept], batch['patches'][~kept])

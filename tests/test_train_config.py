@@ -30,7 +30,7 @@ FROZEN_FLAGS = [
     '--torchcompile-mode', '--train-interpolation', '--train-num-samples', '--train-split', '--val-interval',
     '--val-num-samples', '--val-split', '--validation-batch-size', '--vflip', '--wandb-project',
     '--wandb-resume-id', '--wandb-tags', '--warmup-epochs', '--warmup-lr', '--warmup-prefix', '--weight-decay',
-    '--workers',
+    '--wds-shuffle-buffer', '--workers',
 ]
 
 CARD = ('--data-dir /data/imagenet/ --amp --amp-dtype bfloat16 --model naflexvit_base_patch16_gap --naflex-loader '

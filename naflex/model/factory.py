@@ -14,10 +14,11 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from . import weights
+from . import big_vision, weights
 from .features import FEATURE_CLASSES, NaFlexFeatures, features_pretrained_cfg, graph_features
 from .naflexvit import NaFlexVit, NaFlexVitCfg
-from .registry import _VARIANTS, hub_id, pretrained_cfg as registered_cfg, split_name
+from .registry import _VARIANTS, hub_id, split_name
+from .registry import get_config as registered_config, pretrained_cfg as registered_cfg
 
 # timm's parse_model_name: a source prefix of two or more characters (so 'C:\\' stays a path), then an opaque id
 _SOURCES = ('hf-hub', 'local-dir')
@@ -52,9 +53,41 @@ def parse_model_name(name: str) -> Tuple[Optional[str], str]:
 
 def read_local_dir(path: PathLike) -> Tuple[Dict[str, Any], str, Dict[str, Any]]:
     """(pretrained_cfg, architecture, model_args) of a ``save_for_hf`` folder, parsed by timm's own reader (the
-    legacy single-dict layout, label names, in_chans repairs), its cfg sourcing weights from the folder."""
+    legacy single-dict layout, label names, in_chans repairs), its cfg sourcing weights from the folder.
+    FileNotFoundError, one line, when the folder or its config.json is missing."""
     from timm.models._hub import load_model_config_from_path
-    return load_model_config_from_path(os.fspath(path))
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, 'config.json')):
+        what = 'has no config.json (a folder written by timm.models.save_for_hf holds one)' if os.path.isdir(path) \
+            else 'is not a folder'
+        raise FileNotFoundError(f'local-dir:{path}: {what}')
+    return load_model_config_from_path(path)
+
+
+def get_config(name: str) -> NaFlexVitCfg:
+    """The architecture ``name`` builds: a registered name (``NAME[.TAG]``, ``hf-hub:timm/NAME.TAG``), or a
+    ``local-dir:PATH`` folder's architecture with the config fields of its model_args laid over it (the model its
+    weights fit). ValueError, one line, for an unknown name or an unreadable folder."""
+    source, model_id = parse_model_name(name)
+    if source != 'local-dir':
+        return registered_config(name)
+    try:
+        _, arch, model_args = read_local_dir(model_id)
+    except (OSError, ValueError) as e:  # json errors are ValueErrors
+        raise ValueError(str(e).splitlines()[0]) from None
+    return dataclasses.replace(registered_config(arch), **{k: v for k, v in model_args.items() if k in _CFG_FIELDS})
+
+
+def published_state_dict(name: str) -> Tuple[Dict[str, torch.Tensor], str]:
+    """(state dict, where it came from) of the weights a model name carries without a file: the weights file of a
+    ``local-dir:`` folder (the one timm reads), else the published weights of a registered name on the Hugging
+    Face Hub (``HubUnavailable`` when neither cached nor reachable; ValueError for a name without any)."""
+    source, model_id = parse_model_name(name)
+    if source == 'local-dir':
+        path = weights.dir_weights_file(model_id)
+        return weights.read_state_dict(path), path
+    repo = hub_id(name)
+    return weights.read_hub_state_dict(repo), f'hf-hub:{repo}'
 
 
 def resolve_pretrained_cfg(arch: str, tag: str, pretrained_cfg=None, overlay: Optional[Dict] = None) -> Dict:
@@ -98,8 +131,9 @@ def weights_source(cfg: Dict) -> Tuple[str, Any]:
     return '', None
 
 
-def _load_pretrained(model: NaFlexVit, where: Tuple[str, Any]) -> None:
-    """Strict, except that a classifier of another size keeps its fresh initialization (as timm drops it)."""
+def _load_pretrained(model: NaFlexVit, where: Tuple[str, Any], custom_load: bool = False) -> None:
+    """Strict, except that a classifier of another size keeps its fresh initialization (as timm drops it). A
+    JAX / Flax .npz file (by its extension, or a file with ``custom_load``) loads as timm's ``load_pretrained``."""
     kind, loc = where
     if kind == 'hub':
         repo, filename = loc
@@ -109,6 +143,9 @@ def _load_pretrained(model: NaFlexVit, where: Tuple[str, Any]) -> None:
         state, source = weights.strip_prefixes(loc), 'the pretrained_cfg state_dict'
     else:
         path = weights.dir_weights_file(loc) if kind == 'dir' else loc
+        if custom_load or weights.is_npz(path):  # timm: custom_load files go to model.load_pretrained (.npz)
+            big_vision.load_npz(model, path)
+            return
         state, source = weights.read_state_dict(path), repr(os.fspath(path))
     weights.load_into(model, state, source=source, reinit_head=True)
 
@@ -181,7 +218,10 @@ def create_model(
     model.pretrained_cfg = cfg
     model.pretrained_model_args = dict(model_args)  # what the source folder's weights were built with
     if where[0]:
-        _load_pretrained(model, where)
+        _load_pretrained(model, where, custom_load=bool(cfg.get('custom_load')) and pretrained is True)
+    npz_checkpoint = bool(checkpoint_path) and weights.is_npz(checkpoint_path)
+    if npz_checkpoint:  # timm's load_checkpoint hands a .npz file to model.load_pretrained
+        big_vision.load_npz(model, checkpoint_path)
     if features_only and feature_cls == 'fx':
         model = graph_features(model, out_indices)
         model.pretrained_cfg = model.default_cfg = features_pretrained_cfg(cfg)
@@ -189,6 +229,6 @@ def create_model(
         model = NaFlexFeatures(model, out_indices=out_indices, norm=feature_norm)
     # what timm's get_model_args / save_for_hf read to rebuild this model (timm records the same keywords)
     model._model_args = recorded
-    if checkpoint_path:
+    if checkpoint_path and not npz_checkpoint:
         weights.load_into(model, weights.read_state_dict(checkpoint_path), source=repr(os.fspath(checkpoint_path)))
     return model

@@ -56,6 +56,7 @@ class NaFlexVitCfg:
     pos_embed_interp_mode: str = 'bicubic'
     pos_embed_ar_preserving: bool = False
     pos_embed_antialias: bool = True
+    pos_embed_align_corners: bool = False
     pre_norm: bool = False
     final_norm: bool = True
     fc_norm: Optional[bool] = None  # None: True for 'avg' pooling
@@ -337,7 +338,7 @@ class NaFlexVit(nn.Module):
             class_token=cfg.class_token, reg_tokens=cfg.reg_tokens, pos_embed=cfg.pos_embed,
             pos_embed_grid_size=tuple(cfg.pos_embed_grid_size), pos_embed_interp_mode=cfg.pos_embed_interp_mode,
             pos_embed_ar_preserving=cfg.pos_embed_ar_preserving, pos_embed_antialias=cfg.pos_embed_antialias,
-            pos_drop_rate=cfg.pos_drop_rate)
+            pos_embed_align_corners=cfg.pos_embed_align_corners, pos_drop_rate=cfg.pos_drop_rate)
         self.norm_pre = _layer_norm(cfg.embed_dim) if cfg.pre_norm else nn.Identity()
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
         self.blocks = nn.Sequential(*[Block(cfg, dpr[i]) for i in range(cfg.depth)])
@@ -367,6 +368,12 @@ class NaFlexVit(nn.Module):
                 for layer_id, blk in enumerate(self.blocks, start=1):
                     blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
                     blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str, prefix: str = '') -> None:
+        """A JAX / Flax .npz checkpoint, as timm's ``load_pretrained`` (timm's ``load_checkpoint`` calls it)."""
+        from .big_vision import load_npz
+        load_npz(self, checkpoint_path, prefix)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:

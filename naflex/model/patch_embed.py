@@ -86,6 +86,7 @@ class NaFlexEmbeds(nn.Module):
             pos_embed_interp_mode: str = 'bicubic',
             pos_embed_ar_preserving: bool = False,
             pos_embed_antialias: bool = True,
+            pos_embed_align_corners: bool = False,
             pos_drop_rate: float = 0.0,
     ):
         super().__init__()
@@ -96,6 +97,7 @@ class NaFlexEmbeds(nn.Module):
         self.pos_embed_interp_mode = pos_embed_interp_mode
         self.pos_embed_ar_preserving = pos_embed_ar_preserving
         self.pos_embed_antialias = pos_embed_antialias
+        self.pos_embed_align_corners = pos_embed_align_corners
         self.num_prefix_tokens = int(class_token) + reg_tokens
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
@@ -159,7 +161,7 @@ class NaFlexEmbeds(nn.Module):
             if self.pos_embed_type == 'learned':
                 return learned_pos_embed(
                     self.pos_embed, coord, grid, self.pos_embed_interp_mode, self.pos_embed_antialias,
-                    self.pos_embed_ar_preserving, self.pos_embed_grid_size)
+                    self.pos_embed_ar_preserving, self.pos_embed_grid_size, self.pos_embed_align_corners)
             if self.pos_embed_type == 'factorized':
                 return factorized_pos_embed(
                     self.pos_embed_y, self.pos_embed_x, coord, grid, self.pos_embed_ar_preserving,

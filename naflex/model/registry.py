@@ -5,6 +5,10 @@ same name (NaFlex from SigLIP 2, arXiv:2502.14786; packing / factorized embeddin
 arXiv:2307.06304), plus tiny variants (depth 2, width 64) for tests and the demo. An unknown name or tag is a
 ValueError listing the valid ones; ``naflex.model.factory.create_model`` builds the variants.
 
+The C-RADIO backbones (NVIDIA's RADIO, arXiv:2412.07679; v4: arXiv:2601.17237) are registered as timm registers
+them: a class token read by ``global_pool='token'``, the other per-teacher summary tokens as registers, no final
+norm, and a 128x128 position table resized bilinearly (no anti-aliasing) to a square of the larger grid side.
+
 Names follow timm: ``architecture.tag`` names a variant and its published weights
 (``naflexvit_base_patch16_gap.e300_s576_in1k``); a bare architecture means its default tag.
 """
@@ -17,19 +21,27 @@ from .naflexvit import NaFlexVitCfg
 
 _INCEPTION_MEAN = (0.5, 0.5, 0.5)
 _INCEPTION_STD = (0.5, 0.5, 0.5)
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, which the C-RADIO weights expect
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _pretrained_cfg(name: str, tag: str = '', num_classes: int = 1000) -> Dict:
     """The pretrained_cfg timm 1.0.31 gives ``name.tag`` (its ``_cfg`` with the null entries dropped, as
-    ``PretrainedCfg.to_dict`` does), so ``timm.data.resolve_model_data_config(model)`` works."""
+    ``PretrainedCfg.to_dict`` does, in its order), so ``timm.data.resolve_model_data_config(model)`` works."""
     hub = {'hf_hub_id': _HUB_WEIGHTS[f'{name}.{tag}']} if f'{name}.{tag}' in _HUB_WEIGHTS else {}
-    return {
+    radio = '_radio_' in name
+    cfg = {
         'url': '', **hub, 'architecture': name, 'tag': tag,
-        'custom_load': False, 'input_size': (3, 384, 384), 'fixed_input_size': False,
+        'custom_load': False, 'input_size': (3, 512, 512) if radio else (3, 384, 384), 'fixed_input_size': False,
         'interpolation': 'bicubic', 'crop_pct': 1.0, 'crop_mode': 'center',
-        'mean': _INCEPTION_MEAN, 'std': _INCEPTION_STD, 'num_classes': num_classes, 'pool_size': None,
-        'first_conv': 'embeds.proj', 'classifier': 'head', 'license': 'apache-2.0',
+        'mean': _CLIP_MEAN if radio else _INCEPTION_MEAN, 'std': _CLIP_STD if radio else _INCEPTION_STD,
+        'num_classes': num_classes, 'pool_size': None, 'first_conv': 'embeds.proj', 'classifier': 'head',
+        'license': 'nvidia-open-model-license' if radio else 'apache-2.0',
     }
+    if radio:
+        cfg.update(origin_url='https://github.com/NVlabs/RADIO',
+                   paper_ids='arXiv:2601.17237' if name.endswith('_v4') else 'arXiv:2412.07679')
+    return cfg
 
 
 def pretrained_cfg(name: str) -> Dict:
@@ -42,6 +54,10 @@ _BASE = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
 _SO150M2 = dict(patch_size=16, embed_dim=832, depth=21, num_heads=13, mlp_ratio=34 / 13, init_values=1e-5,
                 qkv_bias=False, reg_tokens=1)
 _TINY = dict(patch_size=16, embed_dim=64, depth=2, num_heads=4, init_values=1e-5)
+# timm's _radio_vit_cfg. pos_embed_align_corners follows each checkpoint's own code (timm's note): True for the
+# C-RADIOv3 B and H weights, False for v3 L / g (their code changed in 2025-07, same weights) and for v4.
+_RADIO = dict(patch_size=16, class_token=True, global_pool='token', final_norm=False, pos_embed_grid_size=(128, 128),
+              pos_embed_interp_mode='bilinear', pos_embed_ar_preserving=True, pos_embed_antialias=False)
 
 # name -> (config, pretrained tag, default num_classes)
 _VARIANTS: Dict[str, Tuple[NaFlexVitCfg, str, int]] = {
@@ -63,6 +79,19 @@ _VARIANTS: Dict[str, Tuple[NaFlexVitCfg, str, int]] = {
     'naflexvit_so400m_patch16_siglip': (NaFlexVitCfg(
         patch_size=16, embed_dim=1152, depth=27, num_heads=16, mlp_ratio=3.7362, act_layer='gelu_tanh',
         global_pool='map', pos_embed_interp_mode='bilinear'), 'v2_webli', 0),
+    'naflexvit_base_patch16_radio_v3': (NaFlexVitCfg(
+        **_RADIO, embed_dim=768, depth=12, num_heads=12, init_values=1e-5, reg_tokens=7, pos_embed_align_corners=True),
+        'c_radio', 0),
+    'naflexvit_large_patch16_radio_v3': (NaFlexVitCfg(
+        **_RADIO, embed_dim=1024, depth=24, num_heads=16, init_values=1e-5, reg_tokens=7), 'c_radio', 0),
+    'naflexvit_huge_patch16_radio_v3': (NaFlexVitCfg(
+        **_RADIO, embed_dim=1280, depth=32, num_heads=16, reg_tokens=7, pos_embed_align_corners=True), 'c_radio', 0),
+    'naflexvit_giant_patch16_radio_v3': (NaFlexVitCfg(
+        **_RADIO, embed_dim=1536, depth=40, num_heads=24, reg_tokens=7), 'c_radio', 0),
+    'naflexvit_so400m_patch16_radio_v4': (NaFlexVitCfg(
+        **_RADIO, embed_dim=1152, depth=27, num_heads=16, mlp_ratio=4304 / 1152, reg_tokens=9), 'c_radio', 0),
+    'naflexvit_huge_patch16_radio_v4': (NaFlexVitCfg(
+        **_RADIO, embed_dim=1280, depth=32, num_heads=16, reg_tokens=9), 'c_radio', 0),
     # tiny variants for tests / demo (same structure as the base variants above)
     'naflexvit_tiny_test': (NaFlexVitCfg(**_TINY, global_pool='avg', reg_tokens=4, fc_norm=True), '', 1000),
     'naflexvit_tiny_test_par': (NaFlexVitCfg(
@@ -82,7 +111,9 @@ DEFAULT_MODEL = 'naflexvit_base_patch16_gap'  # the model card's model: train.py
 _HUB_WEIGHTS: Dict[str, str] = {f'{name}.{tag}': f'timm/{name}.{tag}' for name, tag in (
     ('naflexvit_base_patch16_gap', 'e300_s576_in1k'), ('naflexvit_base_patch16_par_gap', 'e300_s576_in1k'),
     ('naflexvit_base_patch16_parfac_gap', 'e300_s576_in1k'), ('naflexvit_base_patch16_siglip', 'v2_webli'),
-    ('naflexvit_so400m_patch16_siglip', 'v2_webli'))}
+    ('naflexvit_so400m_patch16_siglip', 'v2_webli'),
+    *((f'naflexvit_{size}_patch16_radio_{v}', 'c_radio') for size, v in (
+        ('base', 'v3'), ('large', 'v3'), ('huge', 'v3'), ('giant', 'v3'), ('so400m', 'v4'), ('huge', 'v4'))))}
 
 
 def list_models(filter: Union[str, Sequence[str]] = '', pretrained: bool = False) -> List[str]:
@@ -139,7 +170,7 @@ def hub_id(name: str) -> str:
 
 def data_config(model: torch.nn.Module) -> Dict:
     """The input normalization and eval resize a model was trained with: ``mean``, ``std``, ``interpolation``
-    (from its ``pretrained_cfg``; the registry's variants all use SigLIP's 0.5 / 0.5 and bicubic)."""
+    (from its ``pretrained_cfg``: SigLIP's 0.5 / 0.5 for most variants, OpenAI CLIP's for C-RADIO; bicubic for all)."""
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     return {'mean': tuple(cfg.get('mean', _INCEPTION_MEAN)), 'std': tuple(cfg.get('std', _INCEPTION_STD)),
             'interpolation': cfg.get('interpolation', 'bicubic')}

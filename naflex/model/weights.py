@@ -9,6 +9,9 @@ torch.compile '_orig_mod.' prefixes are stripped. Everything loads with ``weight
 (missing file, unreadable file, no state dict, missing / unexpected / mis-shaped tensors) raises one clear
 one-line error.
 
+NVIDIA's original C-RADIO checkpoints (keys under ``radio_model.model.``) are converted to these names on reading,
+as timm's ``checkpoint_filter_fn`` converts them; JAX / Flax ``.npz`` files are read by ``naflex.model.big_vision``.
+
 Published weights (``timm/<name>.<tag>`` on the Hugging Face Hub) are fetched by timm's own loader into
 huggingface_hub's cache (``HF_HUB_CACHE`` / ``HF_HOME``), exactly as ``timm.create_model(..., pretrained=True)``
 does; ``HF_HUB_OFFLINE=1`` reads that cache without touching the network.
@@ -17,6 +20,7 @@ does; ``HF_HUB_OFFLINE=1`` reads that cache without touching the network.
 one mismatch message for ``create_model(pretrained=)``, ``validate.py``, ``--initial-checkpoint`` and ``--resume``.
 """
 import argparse
+import math
 import os
 from typing import Any, Dict, List
 
@@ -60,6 +64,44 @@ def strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
+def is_npz(path) -> bool:
+    """A JAX / Flax NumPy checkpoint, which only a model can read (``naflex.model.big_vision``), as timm decides it:
+    by the extension."""
+    return os.fspath(path).lower().endswith(('.npz', '.npy'))
+
+
+_RADIO = 'radio_model.model.'
+
+
+def convert_radio(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """NVIDIA's C-RADIO layout (``radio_model.model.*``, as in its Hugging Face repositories) in our names, with
+    timm 1.0.31's conversion: the bias-free patch projection of (C, p, p) patches becomes our (p, p, C) linear with a
+    zero bias; the flattened 128x128 position table a grid; the first of the per-teacher summary tokens the class
+    token and the others registers; layer-scale 'grandma' the 'gamma'. The input conditioner (mean / std: the
+    pretrained_cfg's), summary indices and teacher adaptor heads are dropped."""
+    out = {}
+    for key, v in state.items():
+        if not key.startswith(_RADIO):
+            continue
+        key = key[len(_RADIO):]
+        if key == 'patch_generator.embedder.weight':
+            p = math.isqrt(v.shape[1] // 3)
+            out['embeds.proj.weight'] = v.reshape(v.shape[0], 3, p, p).permute(0, 2, 3, 1).reshape(v.shape[0], -1)
+            out['embeds.proj.bias'] = v.new_zeros(v.shape[0])
+        elif key == 'patch_generator.pos_embed':
+            side = math.isqrt(v.shape[-2])
+            if v.ndim == 3 and side * side != v.shape[-2]:
+                raise ValueError(f'C-RADIO position table of {v.shape[-2]} positions is not a square grid')
+            out['embeds.pos_embed'] = v.reshape(1, side, side, v.shape[-1]) if v.ndim == 3 else v
+        elif key == 'patch_generator.cls_token.token':
+            out['embeds.cls_token'] = v[None, :1]
+            if v.shape[0] > 1:
+                out['embeds.reg_token'] = v[None, 1:]
+        elif key.startswith('blocks.'):
+            out[key.replace('.grandma', '.gamma')] = v
+    return out
+
+
 def state_dict_from(obj: Any, use_ema: bool = True, require_ema: bool = False,
                     path: str = '') -> Dict[str, torch.Tensor]:
     """The model state dict inside a loaded file: under 'state_dict_ema' / 'model_ema' (if ``use_ema``), then
@@ -75,7 +117,8 @@ def state_dict_from(obj: Any, use_ema: bool = True, require_ema: bool = False,
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f'{where} does not hold a state dict of tensors '
                          f'(also looked under {", ".join(repr(k) for k in keys)})')
-    return strip_prefixes(state)
+    state = strip_prefixes(state)
+    return convert_radio(state) if f'{_RADIO}patch_generator.embedder.weight' in state else state
 
 
 def read_state_dict(path, use_ema: bool = True, require_ema: bool = False) -> Dict[str, torch.Tensor]:
@@ -120,15 +163,17 @@ def load_into(model: nn.Module, state: Dict[str, torch.Tensor], *, source: str =
               reinit_head: bool = False) -> List[str]:
     """Load ``state`` into ``model``: every tensor must be present with its shape, nothing may be left over.
 
-    ``reinit_head``: a classifier (``head.*``) whose shape differs from the model's, or that the model does not
-    have (``num_classes=0``), keeps the model's fresh initialization instead (another ``--num-classes``).
+    ``reinit_head``: a classifier (``head.*``) whose shape differs from the model's, that the model does not have
+    (``num_classes=0``), or that the weights do not have (a backbone's, such as C-RADIO's), keeps the model's fresh
+    initialization instead (another ``--num-classes``).
     Returns the head keys skipped that way. Anything else raises ``WeightsMismatch``, one line naming up to
     five keys of each kind with their counts: the one message train.py, validate.py and ``create_model`` print.
     """
     own = model.state_dict()
     skipped = []
     if reinit_head:
-        skipped = [k for k in _HEAD_KEYS if k in state and (k not in own or own[k].shape != state[k].shape)]
+        skipped = [k for k in _HEAD_KEYS
+                   if (k in state) != (k in own) or (k in own and own[k].shape != state[k].shape)]
         state = {k: v for k, v in state.items() if k not in skipped}
     missing = sorted(k for k in own if k not in state and k not in skipped)
     unexpected = sorted(k for k in state if k not in own)
@@ -189,8 +234,3 @@ def read_hub_state_dict(repo: str, filename: str = HUB_FILE) -> Dict[str, torch.
         raise ValueError(f'could not fetch {repo} from the Hugging Face Hub: {_first_line(e)}') from None
     return state_dict_from(obj, path=f'hf-hub:{repo}')
 
-
-def load_hub_pretrained(model: nn.Module, repo: str) -> List[str]:
-    """``create_model(name, pretrained=True)``: the published weights of ``repo``, loaded like a local file
-    (strict; a classifier of another shape keeps its fresh initialization). Returns the head keys skipped."""
-    return load_into(model, read_hub_state_dict(repo), source=f'hf-hub:{repo}', reinit_head=True)

@@ -11,7 +11,8 @@ included). Once ``min(min_samples, dataset size)`` samples have been drawn (1000
 dataset, so a small dataset is judged as soon as every file had its chance) the run stops with
 ``TooManyBadFiles`` while that share exceeds ``max_fraction`` (``--bad-file-limit``, 1% by default). A loader
 that gives up on one sample (every replacement failed too: ``loaders.UndecodableFiles``) stops the run at once,
-with the same error.
+with the same error. A streamed source that is gone (``loaders.stream_io.DataSourceError``) stops the run the same
+way, with that error.
 
 With several ranks each judges its own share, and a rank that stops must not leave the others waiting for it in a
 collective: its tracker keeps the error for the trainer (``failure()``, a callback of naflex.train.callbacks) and
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from loaders import UndecodableFiles
+from loaders.stream_io import DataSourceError
 from naflex.model import batch as B
 
 from .checkpoint import writing
@@ -74,6 +76,8 @@ class BadFileTracker:
         except UndecodableFiles as e:
             self.record(e.paths, 'training')
             batch, gave_up = e.batch, f'{e}; {self._listed()}: check the files under --data-dir'
+        except DataSourceError as e:  # streamed shards whose source is gone: it ends the run, on every rank alike
+            self._stop(str(e), DataSourceError)
         if gave_up:
             self._stop(gave_up)
         if self.error is not None and batch is None:
@@ -117,8 +121,8 @@ class BadFileTracker:
     def _listed(self) -> str:
         return f'{len(self.seen_paths)} distinct files listed in {self.path or "(no output dir)"}'
 
-    def _stop(self, message: str) -> None:
-        error = TooManyBadFiles(message)
+    def _stop(self, message: str, kind: type = TooManyBadFiles) -> None:
+        error = kind(message)
         error.paths = sorted(self.seen_paths)
         if self.world_size == 1:
             raise error

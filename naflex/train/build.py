@@ -17,8 +17,10 @@ import torch
 import loaders
 import naflex
 from loaders.shards import classes_compatible
+from loaders.stream import StreamSource, wants_stream
+from loaders.stream_io import DataSourceError
 
-from .checkpoint import load_hub_weights, load_weights, recorded_model
+from .checkpoint import load_published_weights, load_weights, recorded_model
 from .cli import format_kwargs
 from .config import Config
 from .distributed import DistInfo, broadcast_object, primary_first
@@ -33,11 +35,13 @@ class UserError(Exception):
 def _open_split(cfg: Config, split: str, what: str, hint: str = '', classes=None):
     """The dataset of one split (image folder or tar shards); a missing split or one without a single image is a
     UserError."""
-    root, data = (Path(cfg.data.root) if cfg.data.root else None), cfg.data  # none: hfds/ without a cache folder
+    data = cfg.data
+    root = (data.root if wants_stream(data.root) else Path(data.root)) if data.root else None  # None: hf, no cache
     try:
         ds = loaders.open_dataset(root, split, classes=classes, cache_dir=data.cache_dir, dataset=data.dataset,
-                                  input_key=data.input_key, target_key=data.target_key)
-    except (FileNotFoundError, ValueError) as e:
+                                  input_key=data.input_key, target_key=data.target_key,
+                                  num_classes=cfg.model.num_classes)
+    except (FileNotFoundError, ValueError, DataSourceError) as e:
         raise UserError(f'no {what} images: {e}{hint}') from None
     if getattr(ds, 'skipped_classes', None):
         names = ds.skipped_classes
@@ -51,8 +55,9 @@ def _open_split(cfg: Config, split: str, what: str, hint: str = '', classes=None
 
 def _warn_empty_classes(train_ds, val_ds, data) -> None:
     """Class folders with no training image get a classifier output the model can never learn."""
-    if not getattr(train_ds, 'class_names_known', True):
-        return  # tar shards that only give class indices: an index no sample has is not a folder left empty
+    if not getattr(train_ds, 'class_names_known', True) or getattr(train_ds, 'targets', None) is None:
+        return  # shards that only give class indices (an index no sample has is not a folder left empty), or
+                # streamed ones (their labels are known only once read)
     counts = np.bincount(train_ds.targets, minlength=len(train_ds.classes))
     empty = [c for c, n in zip(train_ds.classes, counts) if n == 0]
     if not empty:
@@ -119,7 +124,8 @@ def open_datasets(cfg: Config, resume_ckpt: Optional[dict] = None):
     checkpoint written before checkpoints recorded class names had them in ``sorted()`` order, which is kept."""
     from .checkpoint import sorted_class_order, sorted_order_of
     root, data = Path(cfg.data.root), cfg.data
-    if not root.is_dir() and not (loaders.dataset_kind(data.dataset) == 'hfds' and not data.root):
+    hub = loaders.dataset_kind(data.dataset) in ('hfds', 'hfids')
+    if not wants_stream(data.root) and not root.is_dir() and not (hub and not data.root):
         raise UserError(f'--data-dir {root} does not exist')
     classes = class_map_for(cfg, resume_ckpt)
     with primary_first():  # rank 0 builds (and caches) a shard index first; the others then read it
@@ -225,13 +231,13 @@ def _load_file(model: torch.nn.Module, path: str, flag: str, fresh_head: bool = 
 
 def _load_published(model: torch.nn.Module, name: str) -> None:
     try:
-        repo = load_hub_weights(model, name)
+        source = load_published_weights(model, name)
     except naflex.HubUnavailable as e:
         raise UserError(f'--pretrained: {e}; pass --pretrained-path FILE (its model.safetensors), or fill the cache '
                         'on a machine with network and run with HF_HUB_OFFLINE=1') from None
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise UserError(f'--pretrained: {e}') from None
-    _logger.info(f'loaded weights from hf-hub:{repo}')
+    _logger.info(f'loaded weights from {source}')
 
 
 def with_recorded_model(cfg: Config, ckpt: Optional[dict]) -> Config:
@@ -296,13 +302,22 @@ def build_loaders(cfg: Config, train_ds, val_ds, num_classes: int, dist: DistInf
         _logger.info(f'--train-num-samples {cfg.loader.num_samples}: epochs of {cfg.loader.num_samples} samples '
                      f'drawn from the {len(train_ds)} of {cfg.data.train_split!r} (timm applies the flag to streamed '
                      'datasets and tar shards only, as their epoch length)')
+    if isinstance(train_ds, StreamSource):
+        buffer = cfg.loader.shuffle_buffer
+        _logger.info(f'streaming {len(train_ds)} samples in {len(train_ds.urls)} shards from {train_ds.root}: shard '
+                     f'order from (seed, epoch), each rank and loader worker a contiguous share (every sample once per '
+                     f'epoch), ' + (f'samples shuffled in windows of {buffer} (--wds-shuffle-buffer)' if buffer > 1
+                                    else 'no sample shuffle (--wds-shuffle-buffer 0)'))
     if cfg.aug.device_aug:
         _logger.info(f'--device-aug: the workers read files and draw the augmentation, {dist.device} decodes and '
                      'augments each step; a JPEG crop downscaled >= 2x is decoded in full and reduced by 2x2 means '
                      'instead of the CPU path\'s reduced-DCT decode: its pixels differ by a few grey levels')
-    train = loaders.create_train_loader(
-        train_ds, cfg=dataclasses.replace(cfg.loader, pin_memory=pin), aug=cfg.aug, mixup=cfg.mixup,
-        num_classes=num_classes, rank=dist.rank, world_size=dist.world_size)
+    try:
+        train = loaders.create_train_loader(
+            train_ds, cfg=dataclasses.replace(cfg.loader, pin_memory=pin), aug=cfg.aug, mixup=cfg.mixup,
+            num_classes=num_classes, rank=dist.rank, world_size=dist.world_size)
+    except ValueError as e:  # what the data cannot do with these flags (e.g. --aug-repeats on streamed shards)
+        raise UserError(str(e)) from None
     val = None
     if val_ds is not None:
         val = loaders.make_eval_loader(val_ds, dataclasses.replace(cfg.eval, pin_memory=pin), rank=dist.rank,

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from naflex.model import load_into
-from naflex.model.registry import hub_id
-from naflex.model.weights import EMA_KEYS, load_hub_pretrained, read_file, state_dict_from
+from naflex.model.big_vision import load_npz
+from naflex.model.factory import published_state_dict
+from naflex.model.weights import EMA_KEYS, is_npz, read_file, state_dict_from
 
 from .schedule import restore_schedule, schedule_state
 
@@ -168,20 +169,24 @@ def load_weights(model: nn.Module, path, use_ema: bool = True) -> Tuple[str, Lis
     """Weights-only start (``--initial-checkpoint`` / ``--pretrained-path``) from our, timm's or a safetensors
     file, its EMA copy when ``use_ema`` and it has one (timm's ``load_checkpoint`` default); a classifier of
     another shape (other ``--num-classes``) keeps its fresh initialization. Returns the copy read ('ema' or
-    'plain') and the classifier keys left at their initialization."""
+    'plain') and the classifier keys left at their initialization. A JAX / Flax ``.npz`` file is read for this
+    model as timm's ``load_checkpoint`` reads it (``naflex.model.big_vision``)."""
+    if is_npz(path):
+        return 'plain', [k for k in load_npz(model, path) if k.startswith('head.')]
     obj = read_file(path)
     state = state_dict_from(obj, use_ema=use_ema, path=os.fspath(path))
     ema = use_ema and isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in EMA_KEYS)
     return ('ema' if ema else 'plain'), load_into(model, state, source=f'checkpoint {path}', reinit_head=True)
 
 
-def load_hub_weights(model: nn.Module, name: str) -> str:
-    """``--pretrained``: the weights published for ``name`` (``architecture[.tag]``), through the Hugging Face
-    cache, loaded like ``load_weights``; returns the hub repository. ``HubUnavailable`` when neither cached nor
-    reachable, ValueError for a name without published weights or weights that do not fit."""
-    repo = hub_id(name)
-    _log_skipped_head(model, load_hub_pretrained(model, repo))
-    return repo
+def load_published_weights(model: nn.Module, name: str) -> str:
+    """``--pretrained``: the weights ``name`` carries (``architecture[.tag]`` or ``hf-hub:timm/NAME.TAG``: published
+    ones, through the Hugging Face cache; ``local-dir:PATH``: the folder's weights file), loaded like
+    ``load_weights``; returns where they came from ('hf-hub:<repo>' or the file). ``HubUnavailable`` when neither
+    cached nor reachable, FileNotFoundError / ValueError for a name without weights or weights that do not fit."""
+    state, source = published_state_dict(name)
+    _log_skipped_head(model, load_into(model, state, source=source, reinit_head=True))
+    return source
 
 
 def _recorded_args(ckpt) -> Dict:

@@ -88,7 +88,9 @@ def _compile_problems(backend: str, mode: Optional[str], name: Callable[[str], s
 @dataclass
 class ModelConfig:
     """Which model to build and how to start it (the architecture itself: naflex.model's registry)."""
-    name: str = flag('--model', default=DEFAULT_MODEL, help='model name (naflex.list_models()), optionally NAME.TAG')
+    name: str = flag('--model', default=DEFAULT_MODEL,
+                     help='model name (naflex.list_models()), optionally NAME.TAG, hf-hub:timm/NAME.TAG or '
+                          'local-dir:PATH (a save_for_hf folder)')
     num_classes: Optional[int] = flag('--num-classes', default=None, group='dataset',
                                       help='classifier size (default: number of class folders)')
     pretrained: bool = flag('--pretrained', default=False,

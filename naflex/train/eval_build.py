@@ -32,18 +32,27 @@ def _open_dataset(args, classes=None):
     from loaders import ImageFolderDataset, IncompleteSplit, open_dataset, require_whole
     from loaders.config import DATASET_KINDS
     from loaders.shards import dataset_kind, is_shard_source
+    from loaders.stream import wants_stream
+    from loaders.stream_io import DataSourceError
 
     root = args.data_dir or args.data
     kind = dataset_kind(args.dataset)
     if kind not in DATASET_KINDS:
-        raise ValidateError(f"--dataset {args.dataset}: only wds/NAME (tar shards), hfds/NAME (Hugging Face "
-                            "datasets) and image folders are read")
-    if kind == "hfds":  # --data-dir: the datasets cache folder, if any
+        raise ValidateError(f"--dataset {args.dataset}: only wds/NAME (tar shards), hfds/NAME or hfids/NAME (Hugging "
+                            "Face datasets) and image folders are read")
+    if kind in ("hfds", "hfids"):  # --data-dir: the datasets cache folder, if any
         try:
             return open_dataset(root, args.split, classes=classes, dataset=args.dataset, input_key=args.input_key,
                                 target_key=args.target_key)
         except (FileNotFoundError, ValueError) as e:
             raise ValidateError(str(e)) from None
+    if wants_stream(root):  # a URL, bucket or file:// folder of tar shards, read front to back
+        try:
+            ds = open_dataset(root, args.split, classes=classes, dataset=args.dataset, input_key=args.input_key,
+                              target_key=args.target_key, num_classes=args.num_classes)
+        except (FileNotFoundError, ValueError, DataSourceError) as e:
+            raise ValidateError(str(e)) from None
+        return ds
     if not Path(root).is_dir():
         raise ValidateError(f"dataset folder not found: {root}")
     try:
@@ -114,20 +123,24 @@ def _read_checkpoint(path: str, use_ema: bool) -> tuple[dict, object]:
 
 
 def read_published(name: str) -> tuple[dict, str]:
-    """(state dict, 'hf-hub:<repo>') of the weights published for ``name``; a model without any is an error."""
+    """(state dict, 'hf-hub:<repo>' or the file) of the weights ``name`` carries: published ones, or a
+    ``local-dir:`` folder's; a model without any is an error."""
     import naflex
+    from naflex.model.factory import parse_model_name, published_state_dict
     from naflex.model.registry import hub_id
-    from naflex.model.weights import read_hub_state_dict
 
     try:
-        repo = hub_id(name)
+        if parse_model_name(name)[0] != "local-dir":
+            hub_id(name)
     except ValueError as e:
         raise ValidateError(f"{e}: pass --checkpoint FILE") from None
     try:
-        return read_hub_state_dict(repo), f"hf-hub:{repo}"
+        return published_state_dict(name)
     except naflex.HubUnavailable as e:
         raise ValidateError(f"{name}'s published weights: {e}; pass --checkpoint FILE (its model.safetensors), or "
                             "fill the cache on a machine with network and run with HF_HUB_OFFLINE=1") from None
+    except FileNotFoundError as e:  # a local-dir: folder without a weights file
+        raise ValidateError(f"{name}: {e}") from None
     except ValueError as e:
         raise ValidateError(f"{name}'s published weights: {e}") from None
 
@@ -138,6 +151,7 @@ def weights_for(args) -> Weights:
     checked). A training checkpoint supplies the architecture, the --model-kwargs and the class
     names it records; flags given here win."""
     from naflex.model import DEFAULT_MODEL
+    from naflex.model.weights import is_npz
     from naflex.train.checkpoint import recorded_classes, recorded_model, sorted_class_order
     from naflex.train.cli import format_kwargs
 
@@ -149,6 +163,8 @@ def weights_for(args) -> Weights:
         raise ValidateError(f"checkpoint file not found: {path}")
     if args.pretrained:
         print("note: --checkpoint replaces the published weights --pretrained names (as in timm)")
+    if is_npz(path):  # JAX / Flax: read into the model once it is built (``create_model``)
+        return Weights({}, path, args.model or DEFAULT_MODEL, dict(args.model_kwargs))
     state, obj = _read_checkpoint(path, args.use_ema)
     arch, kwargs = recorded_model(obj)
     if kwargs:
@@ -170,8 +186,11 @@ def create_model(args, weights: Weights, num_dataset_classes: int, names_known: 
     """The model with ``weights`` loaded strictly; one-line errors for every mismatch. ``names_known`` False (tar
     shards that only give class indices): a head larger than the dataset is fine."""
     import naflex
+    from naflex.model.weights import is_npz
 
     state, source, name, kwargs = weights.state, weights.source, weights.name, weights.kwargs
+    if source and is_npz(source):
+        return _npz_model(args, weights, num_dataset_classes)
     num_classes = args.num_classes
     head = state.get("head.weight") if state else None
     if head is not None:
@@ -194,6 +213,24 @@ def create_model(args, weights: Weights, num_dataset_classes: int, names_known: 
         raise ValidateError(
             f"class-count mismatch: the dataset has {num_dataset_classes} classes but the model has "
             f"{model.num_classes} outputs" + ("" if source else f" (pass --num-classes {num_dataset_classes})"))
+    return model
+
+
+def _npz_model(args, weights: Weights, num_dataset_classes: int):
+    """The model with a JAX / Flax .npz checkpoint read into it as timm's ``load_checkpoint`` reads it: its
+    classifier loads only when its class count is the model's (--num-classes, else the dataset's), as in timm."""
+    import naflex
+    from naflex.model.big_vision import load_npz
+
+    num_classes = args.num_classes or num_dataset_classes
+    try:
+        model = naflex.create_model(weights.name, **weights.kwargs, num_classes=num_classes)
+        left = load_npz(model, weights.source)
+    except (TypeError, FileNotFoundError, ValueError) as e:
+        raise ValidateError(str(e).splitlines()[0]) from None
+    if "head.weight" in left:
+        raise ValidateError(f"{weights.source} holds no {num_classes}-class classifier (a .npz classifier loads only "
+                            "when its class count is the model's; pass --num-classes N)")
     return model
 
 

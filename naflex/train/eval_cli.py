@@ -28,16 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev, split = EvalLoaderConfig(), DatasetConfig.val_split
     p = _Parser(description="Evaluate a NaFlexViT model at one or more sequence lengths.")
     p.add_argument("data", nargs="?", default=None, help="dataset root (same as --data-dir)")
-    p.add_argument("--data-dir", default=None, help="dataset root holding <split>/<class>/*.jpg")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset root holding <split>/<class>/*.jpg, or tar shards (a URL, bucket or file:// folder "
+                        "of them is streamed)")
     p.add_argument("--split", default=split,
                    help=f"split folder under the root (default: {split}, like train.py's --val-split; 'val', "
                         "'valid', 'eval' are found too, and a root that holds the class folders is used as it is), "
                         "or a split of tar shards (a name in _info.json or NAME-validation-{00..63}.tar)")
     p.add_argument("--dataset", default="", metavar="TYPE/NAME",
                    help="'wds/NAME': WebDataset tar shards + _info.json in --data-dir (found without it too); "
-                        "default: image folder")
+                        "'hfds/NAME' ('hfids/NAME': streamed): a Hugging Face dataset; default: image folder")
     p.add_argument("--model", "-m", default=None,
-                   help=f"model name (naflex.list_models()), optionally NAME.TAG or hf-hub:timm/NAME.TAG (default: the "
+                   help=f"model name (naflex.list_models()), optionally NAME.TAG, hf-hub:timm/NAME.TAG or "
+                        f"local-dir:PATH (a save_for_hf folder, its weights by default) (default: the "
                         f"name the checkpoint stores, else {DEFAULT_MODEL}); as timm, 'all', a wildcard pattern, a "
                         "comma list or a file of names validates each with its published weights")
     p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
@@ -140,7 +143,7 @@ def check_args(args) -> None:
         problems.append("--log-freq must be >= 0")
     if args.model_dtype not in (None, "float32") and args.amp:
         problems.append(f"--model-dtype {args.model_dtype} with --amp: autocast runs float32 weights (as timm)")
-    if not (args.data_dir or args.data or args.dataset.lower().startswith("hfds/")):
+    if not (args.data_dir or args.data or args.dataset.lower().startswith(("hfds/", "hfids/"))):
         problems.append("no dataset given: pass --data-dir DIR")
     for flag, path in (("--results-file", args.results_file), ("--plot", args.plot)):
         problems += [f"{flag} {path}: {why}" for why in [_cannot_write(path)] if path and why]

@@ -8,7 +8,8 @@ length; SigLIP 2 arXiv:2502.14786) by the loader, not here.
 
 Metric sums (loss, correct@1, correct@5, images, valid tokens, bad files) are accumulated on the device
 without host syncs and all-reduced once at the end, so with torchrun every image is counted exactly once as
-long as the loader's sampler gives each image to exactly one rank (loaders.create_eval_loader does).
+long as the loader's sampler gives each image to exactly one rank (loaders.create_eval_loader does). A streamed
+source lost on some rank (``stream_io.DataSourceError``) is part of that reduction, so every rank raises it.
 """
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from loaders import DevicePrefetcher
+from loaders.stream_io import DataSourceError
 from naflex.model import batch as B
 from naflex.model import data_config
+
+from .distributed import first_failure
 
 __all__ = ["NoImagesEvaluated", "evaluate"]
 
@@ -50,9 +54,10 @@ def _batch_sums(output: torch.Tensor, target: torch.Tensor, inputs) -> torch.Ten
     ])
 
 
-def _reduce(sums: torch.Tensor, num_bad: int, elapsed: float, world_size: int, device) -> tuple:
-    """Sum the metrics over ranks (one collective) and take the slowest rank's time."""
-    totals = torch.cat([sums, torch.tensor([float(num_bad)], dtype=torch.float64, device=device)])
+def _reduce(sums: torch.Tensor, num_bad: int, lost: bool, elapsed: float, world_size: int, device) -> tuple:
+    """Sum the metrics, bad files and ranks that lost their data source over ranks (one collective) and take the
+    slowest rank's time."""
+    totals = torch.cat([sums, torch.tensor([float(num_bad), float(lost)], dtype=torch.float64, device=device)])
     if world_size > 1:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)  # gloo and nccl both reduce float64
         t = torch.tensor([elapsed], dtype=torch.float64, device=device)
@@ -95,26 +100,31 @@ def evaluate(model: torch.nn.Module, loader: Iterable, device, amp_dtype: Option
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     bad_paths: List[str] = []
     logits_out, targets_out = [], []
-    start, num_batches = time.perf_counter(), 0
-    for inputs, target in _device_batches(loader, device, mean, std):
-        bad_paths.extend(B.pop_bad_files(inputs))
-        if target.shape[0] == 0:  # every file of this batch failed to decode (shape is host-side: no sync)
-            continue
-        with autocast:
-            output = model(inputs)
-        sums += _batch_sums(output, target, inputs)
-        if collect_logits:
-            logits_out.append(output.float().cpu())
-            targets_out.append((target.argmax(-1) if target.ndim == 2 else target).cpu())
-        num_batches += 1
-        if log_interval and rank == 0 and num_batches % log_interval == 0:
-            msg = f"eval: batch {num_batches}" + (f"/{len(loader)}" if hasattr(loader, "__len__") else "")
-            (logger.info if logger else print)(msg)
+    start, num_batches, lost = time.perf_counter(), 0, None
+    try:
+        for inputs, target in _device_batches(loader, device, mean, std):
+            bad_paths.extend(B.pop_bad_files(inputs))
+            if target.shape[0] == 0:  # every file of this batch failed to decode (shape is host-side: no sync)
+                continue
+            with autocast:
+                output = model(inputs)
+            sums += _batch_sums(output, target, inputs)
+            if collect_logits:
+                logits_out.append(output.float().cpu())
+                targets_out.append((target.argmax(-1) if target.ndim == 2 else target).cpu())
+            num_batches += 1
+            if log_interval and rank == 0 and num_batches % log_interval == 0:
+                msg = f"eval: batch {num_batches}" + (f"/{len(loader)}" if hasattr(loader, "__len__") else "")
+                (logger.info if logger else print)(msg)
+    except DataSourceError as e:  # streamed shards whose source is gone: the other ranks still meet this rank below
+        lost = e
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    (loss_sum, c1, c5, n, tokens, nbad), elapsed = _reduce(sums, len(bad_paths), time.perf_counter() - start,
-                                                          world_size, device)
+    (loss_sum, c1, c5, n, tokens, nbad, nlost), elapsed = _reduce(sums, len(bad_paths), lost is not None,
+                                                                 time.perf_counter() - start, world_size, device)
     model.train(was_training)
+    if nlost:  # every rank raises the lowest failing rank's error, none waits for the others
+        raise lost if world_size == 1 else first_failure(lost)
     if n == 0:  # metrics over no image would read as a real 0 % (and could be saved as the best checkpoint)
         raise NoImagesEvaluated(
             f'evaluated no image: all {int(nbad)} files failed to decode (e.g. {", ".join(bad_paths[:3])})' if nbad
