@@ -101,6 +101,9 @@ class AugConfig:
     exif_orientation: bool = flag('--exif-orientation', default=False,
                                   help='turn images upright by their EXIF orientation tag, in training and eval '
                                        '(default: no, like timm)')
+    device_aug: bool = flag('--device-aug', default=False,
+                            help='loader workers only read the files and draw the augmentation; the training device '
+                                 'decodes the JPEGs and crops, resizes and augments the whole step (docs/training.md)')
     # Rotate/Shear resampling in RandAugment. None: like timm, ``interpolation`` itself ('random': bilinear or
     # bicubic drawn per op). 'bilinear' saves ~0.16 CPU ms/image with the documented augmentations (PIL's bicubic
     # affine costs ~1.5-2x its bilinear one; 2 shared vCPUs, 2026-12-02), at the price of a deviation from timm.

@@ -14,11 +14,19 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .config import ERASE_MODES, NORM_MEAN, NORM_STD
+
+
+@dataclass(frozen=True)
+class ErasingDraw:
+    """One image's erasing: rectangles (top, left, height, width) in patches, and the seed of the fill values."""
+    boxes: List[Tuple[int, int, int, int]]
+    seed: int
 
 
 class RandomErasing:
@@ -44,29 +52,41 @@ class RandomErasing:
         v = (self.mean + self.std * z) * 255.0
         return v.round_().clamp_(0, 255).to(torch.uint8).expand(h, w, c)
 
-    def __call__(self, img_HWC: torch.Tensor, rng: random.Random, patch_size: int = 1) -> torch.Tensor:
-        """Erase in place (and return) ``img_HWC`` uint8 [H, W, 3]; rectangles on the ``patch_size`` grid."""
+    def draw(self, rng: random.Random, grid_h: int, grid_w: int) -> Optional[ErasingDraw]:
+        """The rectangles (in patches) one image of ``grid_h`` x ``grid_w`` patches gets, or None: the one drawing
+        code of the CPU path (``__call__``) and the device path."""
         if self.prob <= 0 or rng.random() >= self.prob:
-            return img_HWC
-        H, W, c = img_HWC.shape
-        P = patch_size
-        gh, gw = H // P, W // P
-        if gh == 0 or gw == 0:
-            return img_HWC
-        total = gh * gw
+            return None
+        if grid_h == 0 or grid_w == 0:
+            return None
+        total = grid_h * grid_w
         count = rng.randint(1, self.max_count)
-        gen = torch.Generator().manual_seed(rng.getrandbits(62))
+        seed = rng.getrandbits(62)
+        boxes = []
         for _ in range(count):
             for _attempt in range(10):
                 target = rng.uniform(self.min_area, self.max_area) * total
                 aspect = math.exp(rng.uniform(*self.log_aspect))
                 h = int(round(math.sqrt(target * aspect)))
                 w = int(round(math.sqrt(target / aspect)))
-                if not (0 < h <= gh and 0 < w <= gw):
+                if not (0 < h <= grid_h and 0 < w <= grid_w):
                     continue
-                top = rng.randint(0, gh - h)
-                left = rng.randint(0, gw - w)
-                y0, x0 = top * P, left * P
-                img_HWC[y0:y0 + h * P, x0:x0 + w * P] = self._fill((h * P, w * P, c), gen)
+                boxes.append((rng.randint(0, grid_h - h), rng.randint(0, grid_w - w), h, w))
                 break
+        return ErasingDraw(boxes, seed)
+
+    def apply(self, img_HWC: torch.Tensor, draw: Optional[ErasingDraw], patch_size: int = 1) -> torch.Tensor:
+        """Erase ``draw``'s rectangles in place (and return ``img_HWC``), fill values from its seed."""
+        if draw is None:
+            return img_HWC
+        P, c = patch_size, img_HWC.shape[2]
+        gen = torch.Generator().manual_seed(draw.seed)
+        for top, left, h, w in draw.boxes:
+            y0, x0 = top * P, left * P
+            img_HWC[y0:y0 + h * P, x0:x0 + w * P] = self._fill((h * P, w * P, c), gen)
         return img_HWC
+
+    def __call__(self, img_HWC: torch.Tensor, rng: random.Random, patch_size: int = 1) -> torch.Tensor:
+        """Erase in place (and return) ``img_HWC`` uint8 [H, W, 3]; rectangles on the ``patch_size`` grid."""
+        H, W, _ = img_HWC.shape
+        return self.apply(img_HWC, self.draw(rng, H // patch_size, W // patch_size), patch_size)

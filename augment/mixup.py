@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -107,6 +107,105 @@ def _blend(own, other, lam: float):
     return torch.lerp(other.float(), own.float(), lam).add_(0.5).to(torch.uint8)  # +0.5: truncation rounds
 
 
+@dataclass(frozen=True)
+class MixDraw:
+    """A step's MixUp/CutMix draws, made from the images' sizes alone: the mode, lambda, the pairs (partners of
+    similar aspect) and, for CutMix, each image's cut (y, x, h, w) inside the pair's centred overlap. The one drawing
+    code of the CPU path (``mix_variable_size``) and the device path."""
+    cutmix: bool
+    lam: float
+    pairs: List[Tuple[int, int]]
+    cuts: Dict[int, Tuple[int, int, int, int]]
+
+
+def overlap(hw_a: Tuple[int, int], hw_b: Tuple[int, int]) -> Tuple[int, int, Tuple[int, int], Tuple[int, int]]:
+    """The centred overlap of two images: (height, width, a's top-left corner, b's top-left corner)."""
+    (ha, wa), (hb, wb) = hw_a, hw_b
+    oh, ow = min(ha, hb), min(wa, wb)
+    return oh, ow, ((ha - oh) // 2, (wa - ow) // 2), ((hb - oh) // 2, (wb - ow) // 2)
+
+
+def draw_mix(sizes_hw: Sequence[Tuple[int, int]], cfg: MixupConfig, rng: random.Random,
+             epoch: Optional[int] = None) -> Optional[MixDraw]:
+    """The draws for images of these (h, w) sizes, or None when the step is not mixed."""
+    n = len(sizes_hw)
+    off = cfg.off_epoch and epoch is not None and epoch >= cfg.off_epoch
+    if n < 2 or not cfg.active or off or rng.random() >= cfg.prob:
+        return None
+    if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
+        use_cutmix = rng.random() < cfg.switch_prob
+    else:
+        use_cutmix = cfg.cutmix_alpha > 0
+    alpha = cfg.cutmix_alpha if use_cutmix else cfg.mixup_alpha
+    lam = min(1.0, max(0.0, rng.betavariate(alpha, alpha)))
+    order = pair_by_aspect(sizes_hw, rng, cfg.local_shuffle)
+    pairs = list(zip(order[0::2], order[1::2]))
+    cuts = {}
+    if use_cutmix:
+        r = math.sqrt(1.0 - lam)
+        for a, b in pairs:
+            oh, ow, _, _ = overlap(sizes_hw[a], sizes_hw[b])
+            ch, cw = int(oh * r), int(ow * r)
+            for i in (a, b):
+                cuts[i] = (rng.randint(0, oh - ch), rng.randint(0, ow - cw), ch, cw)
+    return MixDraw(use_cutmix, lam, pairs, cuts)
+
+
+def mix_weights(sizes_hw: Sequence[Tuple[int, int]],
+                draw: Optional[MixDraw]) -> Tuple[List[float], List[Optional[int]]]:
+    """(own weight, partner or None) per image: the true share of its pixels that stay its own."""
+    n = len(sizes_hw)
+    own, partner = [1.0] * n, [None] * n
+    if draw is None:
+        return own, partner
+    for a, b in draw.pairs:
+        oh, ow, _, _ = overlap(sizes_hw[a], sizes_hw[b])
+        for i, j in ((a, b), (b, a)):
+            hi, wi = sizes_hw[i]
+            if draw.cutmix:
+                _, _, ch, cw = draw.cuts[i]
+                other_frac = (ch * cw) / float(hi * wi)
+            else:
+                other_frac = (1.0 - draw.lam) * (oh * ow) / float(hi * wi)
+            own[i], partner[i] = 1.0 - other_frac, j
+    return own, partner
+
+
+def mix_targets(targets: Sequence[int], cfg: MixupConfig, own: Sequence[float],
+                partner: Sequence[Optional[int]]) -> torch.Tensor:
+    """Soft targets [B, C] float32: each image's smoothed one-hot blended with its partner's by the own weight."""
+    base = smooth_one_hot(targets, cfg.num_classes, cfg.smoothing)
+    soft = base.clone()
+    for i, j in enumerate(partner):
+        if j is not None:
+            soft[i] = base[i] * own[i] + base[j] * (1.0 - own[i])
+    return soft
+
+
+def apply_mix(imgs: List, draw: Optional[MixDraw], inplace: bool = False) -> List:
+    """The images mixed as ``draw`` says (uint8 HWC tensors or RGB PIL images; ``inplace`` overwrites them)."""
+    if draw is None:
+        return imgs
+    sizes = [_hw(x) for x in imgs]
+    out = list(imgs)
+    for a, b in draw.pairs:
+        oh, ow, corner_a, corner_b = overlap(sizes[a], sizes[b])
+        corner = {a: corner_a, b: corner_b}
+        # Everything one image gives the other lies in its centred overlap: keep the originals of those two
+        # regions, then write each mixed image (in place when allowed, else into a copy).
+        src = {k: _region(imgs[k], corner[k][0], corner[k][1], oh, ow) for k in (a, b)}
+        for i, j in ((a, b), (b, a)):
+            ti, li = corner[i]
+            mixed = imgs[i] if inplace else _copy(imgs[i])
+            if draw.cutmix:
+                y, x, ch, cw = draw.cuts[i]
+                _paste(mixed, _region(src[j], y, x, ch, cw), ti + y, li + x)
+            else:
+                _paste(mixed, _blend(src[i], src[j], draw.lam), ti, li)
+            out[i] = mixed
+    return out
+
+
 def mix_variable_size(
         imgs: List,
         targets: Sequence[int],
@@ -120,51 +219,7 @@ def mix_variable_size(
 
     Returns (images, soft targets [B, C] float32, own-weight per image, partner index per image or None).
     """
-    n = len(imgs)
-    own = [1.0] * n
-    partner: List[Optional[int]] = [None] * n
-    base = smooth_one_hot(targets, cfg.num_classes, cfg.smoothing)
-    off = cfg.off_epoch and epoch is not None and epoch >= cfg.off_epoch
-    if n < 2 or not cfg.active or off or rng.random() >= cfg.prob:
-        return imgs, base, own, partner
-
-    if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
-        use_cutmix = rng.random() < cfg.switch_prob
-    else:
-        use_cutmix = cfg.cutmix_alpha > 0
-    alpha = cfg.cutmix_alpha if use_cutmix else cfg.mixup_alpha
-    lam = min(1.0, max(0.0, rng.betavariate(alpha, alpha)))
-
     sizes = [_hw(x) for x in imgs]
-    order = pair_by_aspect(sizes, rng, cfg.local_shuffle)
-    out = list(imgs)
-    for a, b in zip(order[0::2], order[1::2]):
-        (ha, wa), (hb, wb) = sizes[a], sizes[b]
-        oh, ow = min(ha, hb), min(wa, wb)
-        corner = {a: ((ha - oh) // 2, (wa - ow) // 2), b: ((hb - oh) // 2, (wb - ow) // 2)}
-        # Everything one image gives the other lies in its centred overlap: keep the originals of those two
-        # regions, then write each mixed image (in place when allowed, else into a copy).
-        src = {k: _region(imgs[k], corner[k][0], corner[k][1], oh, ow) for k in (a, b)}
-        for i, j in ((a, b), (b, a)):
-            hi, wi = sizes[i]
-            ti, li = corner[i]
-            mixed = imgs[i] if inplace else _copy(imgs[i])
-            if use_cutmix:
-                r = math.sqrt(1.0 - lam)
-                ch, cw = int(oh * r), int(ow * r)
-                y = rng.randint(0, oh - ch)
-                x = rng.randint(0, ow - cw)
-                _paste(mixed, _region(src[j], y, x, ch, cw), ti + y, li + x)
-                other_frac = (ch * cw) / float(hi * wi)
-            else:
-                _paste(mixed, _blend(src[i], src[j], lam), ti, li)
-                other_frac = (1.0 - lam) * (oh * ow) / float(hi * wi)
-            out[i] = mixed
-            own[i] = 1.0 - other_frac
-            partner[i] = j
-    soft = base.clone()
-    for i in range(n):
-        j = partner[i]
-        if j is not None:
-            soft[i] = base[i] * own[i] + base[j] * (1.0 - own[i])
-    return out, soft, own, partner
+    draw = draw_mix(sizes, cfg, rng, epoch)
+    own, partner = mix_weights(sizes, draw)
+    return apply_mix(imgs, draw, inplace), mix_targets(targets, cfg, own, partner), own, partner

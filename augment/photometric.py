@@ -66,10 +66,17 @@ def color_jitter(img, strength: Tuple[float, float, float, float], rng: random.R
     return apply_color_jitter(img, *sample_color_jitter(strength, rng))
 
 
+def draw_grayscale(prob: float, rng: random.Random) -> bool:
+    """Whether an image turns grey (a draw only where ``prob`` > 0, as the CPU path always did)."""
+    return prob > 0 and rng.random() < prob
+
+
+def grayscale(img):
+    return F.rgb_to_grayscale(img, num_output_channels=3)
+
+
 def random_grayscale(img, prob: float, rng: random.Random):
-    if prob > 0 and rng.random() < prob:
-        return F.rgb_to_grayscale(img, num_output_channels=3)
-    return img
+    return grayscale(img) if draw_grayscale(prob, rng) else img
 
 
 BLUR_KERNEL = 23            # timm's transforms_factory: GaussianBlur(kernel_size=23)
@@ -79,7 +86,16 @@ BLUR_SIGMA = (0.1, 2.0)     # torchvision's GaussianBlur default, drawn per imag
 def random_gaussian_blur(img, prob: float, rng: random.Random):
     """``--gaussian-blur-prob``: with probability ``prob`` a Gaussian blur of kernel 23 and sigma uniform in
     [0.1, 2.0], as timm's ``RandomApply([GaussianBlur(23)])``."""
+    sigma = draw_gaussian_blur(prob, rng)
+    return img if sigma is None else gaussian_blur(img, sigma)
+
+
+def draw_gaussian_blur(prob: float, rng: random.Random) -> Optional[float]:
+    """The blur's sigma, or None for no blur."""
     if prob > 0 and rng.random() < prob:
-        sigma = rng.uniform(*BLUR_SIGMA)
-        return F.gaussian_blur(img, [BLUR_KERNEL, BLUR_KERNEL], [sigma, sigma])
-    return img
+        return rng.uniform(*BLUR_SIGMA)
+    return None
+
+
+def gaussian_blur(img, sigma: float):
+    return F.gaussian_blur(img, [BLUR_KERNEL, BLUR_KERNEL], [sigma, sigma])

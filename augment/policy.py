@@ -10,15 +10,29 @@ mixing. The loaders call the two stages in that order; this module decides what 
 from __future__ import annotations
 
 import random
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
 
 from torchvision.transforms.v2 import functional as F
 
 from .config import AugConfig
 from .erasing import RandomErasing
-from .photometric import color_jitter, parse_color_jitter, random_gaussian_blur, random_grayscale
-from .randaugment import RandAugment
+from .photometric import (apply_color_jitter, draw_gaussian_blur, draw_grayscale, gaussian_blur, grayscale,
+                          parse_color_jitter, sample_color_jitter)
+from .randaugment import OpDraw, RandAugment
 from .stages import StageHook, stage
+
+
+@dataclass
+class ImageDraws:
+    """Every random choice of ``ImageAugment`` for one image, drawn before any pixel is touched, so that the CPU path
+    (``ImageAugment.apply``) and the device path (loaders.device_step) apply the same values."""
+    hflip: bool = False
+    vflip: bool = False
+    ra: List[OpDraw] = field(default_factory=list)
+    jitter: Optional[Tuple[Sequence[int], Sequence[Optional[float]]]] = None  # (order, factors) of ColorJitter
+    grayscale: bool = False
+    blur_sigma: Optional[float] = None
 
 
 class ImageAugment:
@@ -43,27 +57,43 @@ class ImageAugment:
         self.erasing = (RandomErasing(cfg.reprob, cfg.remode, cfg.recount, mean=cfg.mean, std=cfg.std)
                         if cfg.reprob > 0 and not cfg.no_aug else None)
 
-    def __call__(self, img, rng: random.Random):
-        cfg = self.cfg
+    def draw(self, rng: random.Random) -> ImageDraws:
+        """The draws of one image, consuming ``rng`` in the order the stages run."""
+        cfg, d = self.cfg, ImageDraws()
         if cfg.no_aug:
-            return img
+            return d
+        d.hflip = cfg.hflip > 0 and rng.random() < cfg.hflip
+        d.vflip = cfg.vflip > 0 and rng.random() < cfg.vflip  # after hflip, as timm's transform list
+        if self.rand_augment is not None:
+            d.ra = self.rand_augment.draw(rng)
+        if self.jitter is not None and (cfg.color_jitter_prob is None or rng.random() < cfg.color_jitter_prob):
+            d.jitter = sample_color_jitter(self.jitter, rng)
+        d.grayscale = draw_grayscale(cfg.grayscale_prob, rng)
+        d.blur_sigma = draw_gaussian_blur(cfg.gaussian_blur_prob, rng)
+        return d
+
+    def apply(self, img, d: ImageDraws):
+        """The stages on a PIL image or uint8 CHW tensor with the draws ``d``."""
         with stage(self.timer, 'flip'):
-            if cfg.hflip > 0 and rng.random() < cfg.hflip:
+            if d.hflip:
                 img = F.horizontal_flip(img)
-            if cfg.vflip > 0 and rng.random() < cfg.vflip:  # after hflip, as timm's transform list
+            if d.vflip:
                 img = F.vertical_flip(img)
         if self.rand_augment is not None:
             with stage(self.timer, 'RandAugment'):
-                img = self.rand_augment(img, rng)
+                img = self.rand_augment.apply(img, d.ra)
         with stage(self.timer, 'jitter/grayscale'):
-            if self.jitter is not None and (cfg.color_jitter_prob is None or rng.random() < cfg.color_jitter_prob):
-                img = color_jitter(img, self.jitter, rng)
-            if cfg.grayscale_prob > 0:
-                img = random_grayscale(img, cfg.grayscale_prob, rng)
-        if cfg.gaussian_blur_prob > 0:
+            if d.jitter is not None:
+                img = apply_color_jitter(img, *d.jitter)
+            if d.grayscale:
+                img = grayscale(img)
+        if d.blur_sigma is not None:
             with stage(self.timer, 'blur'):
-                img = random_gaussian_blur(img, cfg.gaussian_blur_prob, rng)
+                img = gaussian_blur(img, d.blur_sigma)
         return img
+
+    def __call__(self, img, rng: random.Random):
+        return self.apply(img, self.draw(rng))
 
     def after_mix(self, img_HWC, rng: random.Random, patch_size: int):
         """Random erasing (patch-aligned rectangles, in place) on a uint8 [H, W, 3] image; identity when off."""

@@ -308,11 +308,24 @@ def _with_op_set(out: RandAugmentSpec, op_set: Optional[str], increasing: bool) 
     return out
 
 
+def level_to_arg(name: str, level: float, rng: random.Random):
+    """The argument of op ``name`` at magnitude ``level`` (``rng`` draws the sign where timm negates)."""
+    level_fn = LEVEL_TO_ARG[name]
+    return level_fn(level, rng) if level_fn is not None else None
+
+
 def apply_op(name: str, img, level: float, rng: random.Random, ctx: OpContext):
     """Apply one named op at magnitude ``level`` (already sampled and clipped)."""
-    level_fn = LEVEL_TO_ARG[name]
-    arg = level_fn(level, rng) if level_fn is not None else None
-    return OPS[name](img, arg, ctx)
+    return OPS[name](img, level_to_arg(name, level, rng), ctx)
+
+
+@dataclass(frozen=True)
+class OpDraw:
+    """One op an image drew: its name, its argument (after magnitude noise, clipping and sign; TranslateX/YRel:
+    a fraction of the image's width/height) and the resampling of Rotate/Shear."""
+    name: str
+    arg: object
+    interpolation: InterpolationMode
 
 
 class RandAugment:
@@ -352,13 +365,26 @@ class RandAugment:
             weights.pop(i)
         return chosen
 
-    def __call__(self, img, rng: random.Random):
+    def draw(self, rng: random.Random) -> List[OpDraw]:
+        """The ops one image gets, in order, with every random choice made: the one drawing code of the CPU path
+        (``apply``) and the device path (loaders.device_step). The stream is consumed as timm's per-op loop does:
+        the op names first, then per op its probability, resampling, magnitude and sign."""
+        draws = []
         for name in self.choose_ops(rng):
             if self.spec.prob < 1.0 and rng.random() > self.spec.prob:
                 continue
-            ctx = OpContext(self.fill, rng.choice(self.interps))
-            img = apply_op(name, img, self.sample_level(rng), rng, ctx)
+            interpolation = rng.choice(self.interps)
+            level = self.sample_level(rng)
+            draws.append(OpDraw(name, level_to_arg(name, level, rng), interpolation))
+        return draws
+
+    def apply(self, img, draws: Sequence[OpDraw]):
+        for d in draws:
+            img = OPS[d.name](img, d.arg, OpContext(self.fill, d.interpolation))
         return img
+
+    def __call__(self, img, rng: random.Random):
+        return self.apply(img, self.draw(rng))
 
     def __repr__(self):
         return f"RandAugment({self.spec_str!r})"

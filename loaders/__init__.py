@@ -16,7 +16,8 @@ Public API
     (``make_eval_loader(dataset, ...)`` for a dataset object): every image of this rank's shard once; a split that
     cannot be scored whole (a tar shard cut short) is ``IncompleteSplit`` (``require_whole(dataset)`` checks).
 ``DevicePrefetcher(loader, device, mean, std, dtype=torch.float32)``: batches on the device, patches normalised
-    to float there.
+    to float there; a ``--device-aug`` step (``AugConfig.device_aug``: bytes and drawn parameters from the workers,
+    loaders.device_worker) is decoded and augmented into the packed batch there first (loaders.device_step).
 ``ImageFolderDataset(root, split)``, ``ShardDataset(root, split)`` (WebDataset tar shards, timm's ``wds/NAME``),
 ``HfDataset(name, split)`` (Hugging Face datasets, timm's ``hfds/NAME``; loaders.hfds), ``ListDataset(samples)``,
 ``StreamSource`` (streamed shards: a URL, bucket or ``file://`` root, or ``hfids/NAME``; loaders.stream, whose layout

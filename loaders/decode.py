@@ -71,13 +71,20 @@ def open_image(path, exif_orientation: bool = False) -> Tuple[Image.Image, int, 
     per JPEG), which also leaves no open file handle behind. ``path`` may also be anything with
     ``read_bytes()`` (a ``pathlib.Path``, a tar member: loaders.shards.ShardMember).
     """
-    data = b''
     try:
         data = read_encoded(path)
+    except Exception as e:  # OSError (missing, unreadable, a cut shard)
+        raise UndecodableImage(f'{type(e).__name__}: {e}') from e
+    return open_bytes(data, exif_orientation)
+
+
+def open_bytes(data: bytes, exif_orientation: bool = False) -> Tuple[Image.Image, int, int, int]:
+    """``open_image`` of encoded bytes already read (the device path ships them on)."""
+    try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as e:  # its own text names the in-memory buffer, not the file
         raise UndecodableImage('empty file' if not data else 'not an image format Pillow can read') from e
-    except Exception as e:  # OSError (missing, unreadable, a cut shard), PIL's DecompressionBombError, ...
+    except Exception as e:  # OSError (a cut file), PIL's DecompressionBombError, ...
         raise UndecodableImage(f'{type(e).__name__}: {e}') from e
     orientation = 1
     if exif_orientation:

@@ -75,13 +75,16 @@ def create_train_loader(root, split: str = 'train', cfg: Optional[TrainLoaderCon
     if mixup is not None and not mixup.num_classes:
         mixup = dataclasses.replace(mixup, num_classes=num_classes or dataset.num_classes)
     if isinstance(dataset, StreamSource):
+        if aug.device_aug:
+            raise ValueError('--device-aug reads image folders, tar shards and Hugging Face datasets by index; '
+                             'streamed shards are augmented on the workers (drop --device-aug)')
         return create_stream_train_loader(dataset, cfg, aug, mixup, rank, world_size, epoch)
     sizes = list(cfg.patch_sizes) if cfg.patch_sizes else [cfg.patch_size]
     schedule = SeqLenSchedule(len(dataset), cfg.seq_lens, cfg.batch_size * max(cfg.seq_lens), seed=cfg.seed,
                               rank=rank, world_size=world_size, patch_sizes=sizes,
                               patch_size_probs=cfg.patch_size_probs, epoch_samples=cfg.num_samples,
                               repeats=max(1, cfg.aug_repeats))
-    step_ds = StepDataset(dataset, schedule, aug, mixup, packing=cfg.packing, seed=cfg.seed)
+    step_ds = StepDataset(dataset, schedule, aug, mixup, packing=cfg.packing, seed=cfg.seed, device_aug=aug.device_aug)
     return TrainLoader(step_ds, num_workers=cfg.num_workers, pin_memory=resolve_pin_memory(cfg.pin_memory),
                        persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor, epoch=epoch)
 

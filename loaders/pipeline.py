@@ -14,17 +14,33 @@ EXIF orientation is applied in either only when asked for (``AugConfig`` / ``Eva
 from __future__ import annotations
 
 import random
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 
 from augment.geometry import fit_grid_to_seq, sample_rrc
 from augment.config import AugConfig
-from augment.policy import ImageAugment
+from augment.policy import ImageAugment, ImageDraws
 from augment.stages import StageHook, stage
 
 from .config import EvalLoaderConfig
 from .decode import decode_resized, open_image, pil_to_hwc
+
+
+@dataclass
+class SampleDraws:
+    """One training image's draws: the crop ``box`` (top, left, height, width; None: the whole image), its patch
+    ``grid`` (h, w), the resize filter and the per-image augmentation draws."""
+    box: Optional[Tuple[int, int, int, int]]
+    grid: Tuple[int, int]
+    patch_size: int
+    interpolation: str
+    image: ImageDraws
+
+    @property
+    def out_hw(self) -> Tuple[int, int]:
+        return self.grid[0] * self.patch_size, self.grid[1] * self.patch_size
 
 
 class TrainSampleBuilder:
@@ -43,18 +59,23 @@ class TrainSampleBuilder:
         with stage(self.timer, 'read + header'):
             opened = open_image(path, exif_orientation=self.cfg.exif_orientation)
         _, h, w, _ = opened
+        with stage(self.timer, 'RRC params'):
+            d = self.draw(h, w, seq_len, patch_size, rng)
+        img = decode_resized(path, d.box, d.out_hw, d.interpolation, draft=self.cfg.draft, opened=opened,
+                             timer=self.timer)
+        return img if self.cfg.no_aug else self.augment.apply(img, d.image)
+
+    def draw(self, h: int, w: int, seq_len: int, patch_size: int, rng: random.Random) -> SampleDraws:
+        """Every draw of one h x w (upright) image: the crop and its grid, the resampling, then ``ImageAugment``'s;
+        the one drawing code of the CPU path (``build_pil``) and the device path (loaders.device_worker)."""
         if self.cfg.no_aug:  # timm's --no-aug: the eval resize (whole image, aspect kept), no augmentation
             gh, gw = fit_grid_to_seq(h, w, patch_size, seq_len)
-            return decode_resized(path, None, (gh * patch_size, gw * patch_size), self.interps[0],
-                                  draft=self.cfg.draft, opened=opened, timer=self.timer)
-        with stage(self.timer, 'RRC params'):
-            crop = sample_rrc(h, w, rng, patch_size=patch_size, max_seq_len=seq_len,
-                              scale=self.cfg.scale, ratio=self.cfg.ratio)
-            interp = self.interps[0] if len(self.interps) == 1 else rng.choice(self.interps)
-        out_hw = (crop.grid_h * patch_size, crop.grid_w * patch_size)
-        img = decode_resized(path, (crop.top, crop.left, crop.height, crop.width), out_hw, interp,
-                             draft=self.cfg.draft, opened=opened, timer=self.timer)
-        return self.augment(img, rng)
+            return SampleDraws(None, (gh, gw), patch_size, self.interps[0], ImageDraws())
+        crop = sample_rrc(h, w, rng, patch_size=patch_size, max_seq_len=seq_len, scale=self.cfg.scale,
+                          ratio=self.cfg.ratio)
+        interp = self.interps[0] if len(self.interps) == 1 else rng.choice(self.interps)
+        return SampleDraws((crop.top, crop.left, crop.height, crop.width), (crop.grid_h, crop.grid_w), patch_size,
+                           interp, self.augment.draw(rng))
 
 
 def eval_sample(path: str, max_seq_len: int, patch_size: int, interpolation: str = EvalLoaderConfig.interpolation,

@@ -8,7 +8,9 @@ std[c]`` with ``c = last-dim index % 3`` (P-P-C layout). An event is recorded on
 each batch's copy; when a batch is handed out the consumer stream waits on that batch's own event only, so step
 k never waits for the copy of batch k+1 that is already queued behind it. Handed-out tensors are
 ``record_stream``-ed so the allocator does not reuse them early. On CPU the same code runs synchronously (used
-by the tests). Non-tensor entries ('max_seqlen', 'patch_size', 'bad_files') pass through.
+by the tests). A ``--device-aug`` step (encoded bytes and drawn parameters: loaders.device_worker) is decoded and
+augmented into the packed batch first, in the same place (loaders.device_step), so on CUDA it overlaps the previous
+step's compute like the copy does. Non-tensor entries ('max_seqlen', 'patch_size', 'bad_files') pass through.
 ``len``/``set_epoch``/``set_start_step`` forward to the loader.
 """
 from __future__ import annotations
@@ -65,6 +67,7 @@ class DevicePrefetcher:
         self.std = torch.tensor([float(s) for s in std], device=self.device)
         self.is_cuda = self.device.type == 'cuda'
         self.copy_stream = CudaCopyStream(self.device) if self.is_cuda else None
+        self.augmenter = None  # loaders.device_step.DeviceAugmenter, made for the first --device-aug step
 
     def __len__(self):
         return len(self.loader)
@@ -76,13 +79,21 @@ class DevicePrefetcher:
         self.loader.set_start_step(step)
 
     def _copy(self, t: torch.Tensor) -> torch.Tensor:
-        """Host -> device, asynchronous from pinned memory on CUDA (pinned here unless the DataLoader did)."""
+        """Host -> device, asynchronous from pinned memory on CUDA (pinned here unless the DataLoader did); a tensor
+        already on a device (made there by a --device-aug step) stays as it is."""
+        if t.device.type != 'cpu':
+            return t
         if self.is_cuda and not t.is_pinned():
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
     def _to_device(self, batch) -> Tuple[Dict, torch.Tensor]:
         inputs, target = batch
+        if 'device_aug_plan' in inputs:  # a --device-aug step: bytes + parameters -> the packed batch
+            if self.augmenter is None:
+                from .device_step import DeviceAugmenter
+                self.augmenter = DeviceAugmenter(self.device)
+            inputs = self.augmenter(inputs, copy=self._copy)
         out = {k: self._copy(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         out['patches'] = normalize_patches(out['patches'], self.mean, self.std, self.dtype)
         return out, self._copy(target)

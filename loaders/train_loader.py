@@ -41,6 +41,7 @@ from augment.mixup import MixupConfig, mix_variable_size
 from augment.stages import StageHook, stage
 
 from .decode import UndecodableImage, pil_to_hwc
+from .device_worker import build_host_step, prepare_sample, stand_in
 from .packing import collate
 from .pipeline import TrainSampleBuilder
 from .schedule import SeqLenSchedule
@@ -91,7 +92,7 @@ class StepDataset(Dataset):
     ``timer`` is an optional stage hook (augment.stages) called around every stage."""
 
     def __init__(self, dataset, schedule: SeqLenSchedule, aug: AugConfig, mixup: Optional[MixupConfig], *,
-                 packing: bool, seed: int, timer: Optional[StageHook] = None):
+                 packing: bool, seed: int, timer: Optional[StageHook] = None, device_aug: bool = False):
         self.dataset = dataset
         self.schedule = schedule
         self.builder = TrainSampleBuilder(aug, timer=timer)
@@ -99,6 +100,7 @@ class StepDataset(Dataset):
         self.packing = packing
         self.seed = seed
         self.timer = timer
+        self.device_aug = device_aug  # steps as bytes + draws for loaders.device_step (loaders.device_worker)
 
     def __len__(self) -> int:
         return self.schedule.num_steps
@@ -114,6 +116,9 @@ class StepDataset(Dataset):
             rng = random.Random(f"sample/{self.seed}/{epoch}/{key}{suffix}")
             path = self.dataset.path(picked)
             try:
+                if self.device_aug:
+                    sample = prepare_sample(self.builder, self.builder.augment.erasing, path, L, P, rng, self.timer)
+                    return sample, self.dataset.target(picked), rng
                 return self.builder.build_pil(path, L, P, rng), self.dataset.target(picked), rng
             except UndecodableImage:  # only a file that cannot be read or decoded is replaced (reported
                 bad.append(path)      # through the batch's bad_files: the trainer logs each path once)
@@ -123,8 +128,10 @@ class StepDataset(Dataset):
 
     def _stand_in(self, epoch: int, idx: int, P: int):
         """A grey one-patch image in place of a sample the loader gave up on (UndecodableFiles.batch)."""
-        return Image.new('RGB', (P, P), (128, 128, 128)), self.dataset.target(idx), random.Random(
-            f"stand-in/{self.seed}/{epoch}/{idx}")
+        rng = random.Random(f"stand-in/{self.seed}/{epoch}/{idx}")
+        if self.device_aug:
+            return stand_in(self.builder, self.builder.augment.erasing, P, rng), self.dataset.target(idx), rng
+        return Image.new('RGB', (P, P), (128, 128, 128)), self.dataset.target(idx), rng
 
     def __getitem__(self, key: Tuple[int, int]):
         epoch, step_idx = key
@@ -144,11 +151,17 @@ class StepDataset(Dataset):
 
     def _assemble(self, epoch: int, step_idx: int, L: int, P: int, imgs, targets, rngs, bad: List[str],
                   gave_up: bool):
-        """The step from its loaded images: MixUp/CutMix, random erasing, packing (or padding)."""
+        """The step from its loaded images: MixUp/CutMix, random erasing, packing (or padding); with ``device_aug``
+        the device path's step of bytes and parameters instead (loaders.device_worker)."""
+        mix_rng = random.Random(f"mix/{self.seed}/{epoch}/{step_idx}/{self.schedule.rank}")
+        if self.device_aug:  # MixUp/CutMix draws, targets and the parameter tensors (loaders.device_worker)
+            with stage(self.timer, 'pack'):
+                batch = build_host_step(imgs, targets, self.builder, self.mixup, mix_rng, epoch=epoch, seq_len=L,
+                                        patch_size=P, bad_files=bad)
+            return _StepFailed(bad, epoch, step_idx, batch) if gave_up else batch
         if self.mixup is not None:
             # From MixupConfig.off_epoch on, targets keep the soft format (smoothed one-hot) so the loss keeps its type.
             with stage(self.timer, 'MixUp/CutMix'):
-                mix_rng = random.Random(f"mix/{self.seed}/{epoch}/{step_idx}/{self.schedule.rank}")
                 imgs, target, _, _ = mix_variable_size(imgs, targets, self.mixup, mix_rng, inplace=True,
                                                        epoch=epoch)
         else:

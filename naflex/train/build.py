@@ -316,6 +316,10 @@ def build_loaders(cfg: Config, train_ds, val_ds, num_classes: int, dist: DistInf
         _logger.info(f'--wds-shuffle-buffer {cfg.loader.shuffle_buffer} has no effect: it is the sample shuffle of '
                      'streamed data (tar shards from a URL, bucket or file:// --data-dir; --dataset hfids/), and this '
                      'training set is read by random access, in a fresh order of all its samples every epoch')
+    if cfg.aug.device_aug:
+        _logger.info(f'--device-aug: the workers read files and draw the augmentation, {dist.device} decodes and '
+                     'augments each step; a JPEG crop downscaled >= 2x is decoded in full and reduced by 2x2 means '
+                     'instead of the CPU path\'s reduced-DCT decode: its pixels differ by a few grey levels')
     try:
         train = loaders.create_train_loader(
             train_ds, cfg=dataclasses.replace(cfg.loader, pin_memory=pin), aug=cfg.aug, mixup=cfg.mixup,

@@ -474,5 +474,11 @@ class Config:
                    f'{name("train", "device")} is cpu')
         problems.extend(p.items)
         problems.extend(self._attention_problems(name))
+        if self.aug.device_aug:
+            from loaders.device_step import unsupported
+            missing = unsupported(self.aug, self.mixup, self.loader.packing)
+            if missing:
+                problems.append(f'{name("aug", "device_aug")} has no device version of: {"; ".join(missing)} '
+                                '(drop those flags or --device-aug)')
         if problems:
             raise ValueError('; '.join(problems))

@@ -14,7 +14,9 @@
 #   EXTRA_TRAIN_ARGS (appended to our train.py's flags, e.g. "--torchcompile"), TIMM_TRAIN_ARGS (appended to
 #   timm's, e.g. "--torchcompile"), STEADY_SKIP (updates at the start of the last epoch left out of the
 #   steady-state figures: start-up, worker spin-up, compiles; default 10 on cuda, 3 on cpu), OURS_LOG_INTERVAL
-#   (our --log-interval, default 10: the steady figures use its windows), ONLY=ours|timm (one side only).
+#   (our --log-interval, default 10: the steady figures use its windows), ONLY=ours|timm (one side only), AUG (the
+#   augmentation flags of both runs; default the card's: --aa rand-m8-inc1-mstd1.0 --grayscale-prob .1 --reprob 0
+#   --mixup 0.8 --cutmix 1.0).
 # Runtime: GPU (H100/H200), 4096 images: ~1 min per run including start-up. CPU smoke (tiny model, 200 images,
 # 2 shared cores): ~1 min for both runs:
 #   python scripts/bench/make_bench_data.py /tmp/bench_data --train 256 --val 0 && \
@@ -79,9 +81,9 @@ EOF
 )"
 
 # The model card's command (+ EPOCHS epochs, no eval, log every step for the timm parser).
+read -r -a AUG_FLAGS <<< "${AUG:---aa rand-m8-inc1-mstd1.0 --grayscale-prob .1 --reprob 0 --mixup 0.8 --cutmix 1.0}"
 CARD=(--naflex-loader -b "$BATCH" --opt nadamw --lr 3e-4 --warmup-lr 0 --sched-on-updates
-      --aa rand-m8-inc1-mstd1.0 --weight-decay .1 --grayscale-prob .1 --drop-path 0.2 --reprob 0
-      --mixup 0.8 --cutmix 1.0 --remode pixel -j "$WORKERS" --naflex-train-seq-lens $SEQ_LENS
+      "${AUG_FLAGS[@]}" --weight-decay .1 --drop-path 0.2 --remode pixel -j "$WORKERS" --naflex-train-seq-lens $SEQ_LENS
       --epochs "$EPOCHS" --val-split "" --data-dir "$ROOT" --train-split train)
 TIMM_MODEL=(--model "$MODEL")
 if [ "$MODEL" = "naflexvit_tiny_test" ]; then  # same architecture in timm

@@ -13,6 +13,9 @@ through the webdataset package, as a streaming IterableDataset, which its NaFlex
 server (``python -m http.server`` on 127.0.0.1, in its own process, so its CPU is not counted; loaders.stream):
 ``--data-dir /tmp/cal_wds --dataset wds/caltech101 --stream-http`` (~1-2 min per --repeats).
 
+Rows: timm, ours, and ours with ``--device-aug`` ('ours-devaug': the workers' side of that path, encoded bytes and
+drawn parameters; the decode and augmentation it leaves to the training device are not in this figure, see
+profile_loader.py --device-aug for their cost on this CPU). ``--only KIND`` runs one of them.
 Both are measured at the output of the CPU DataLoader (what the workers produce; no device copy): timm's
 float32 padded batches, our uint8 packed ones. Throughput counts the time after the first batch arrives (worker
 start-up excluded for both); ``valid tokens`` = real image patches (timm: patch_valid.sum(), ours: seq_lens.sum()).
@@ -26,6 +29,7 @@ Related: NaViT arXiv:2307.06304 (packing), SigLIP 2 arXiv:2502.14786 (NaFlex).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import platform
@@ -47,11 +51,13 @@ from naflex.model import batch as B  # noqa: E402
 from naflex.train.cli import build_parser, config_from_args  # noqa: E402
 
 LOADER_FLAGS = ('dataset', 'aug', 'naflex', 'run')  # train.py's flag groups the loaders read
+KINDS = ('timm', 'ours', 'ours-devaug')
 
 
-def build_ours(args, dataset):
+def build_ours(args, dataset, device_aug=False):
     cfg = config_from_args(args, build_parser(LOADER_FLAGS))
-    return loaders.create_train_loader(dataset, cfg=cfg.loader, aug=cfg.aug, mixup=cfg.mixup,
+    aug = dataclasses.replace(cfg.aug, device_aug=device_aug or cfg.aug.device_aug)
+    return loaders.create_train_loader(dataset, cfg=cfg.loader, aug=aug, mixup=cfg.mixup,
                                        num_classes=dataset.num_classes, patch_size=16, persistent_workers=False)
 
 
@@ -136,7 +142,7 @@ def main(argv=None):
     p.description = __doc__.split('\n')[0]
     p.add_argument('--steps', type=int, default=0, help='stop each run after N steps (0 = one epoch)')
     p.add_argument('--repeats', type=int, default=1)
-    p.add_argument('--only', choices=('ours', 'timm'), default=None)
+    p.add_argument('--only', choices=KINDS, default=None)
     p.add_argument('--stream-http', action='store_true',
                    help='local tar shards: compare with the same shards streamed over HTTP from a local server')
     args = p.parse_args(argv)
@@ -150,10 +156,10 @@ def main(argv=None):
         with http_server(args.data_dir) as url:
             streamed = loaders.open_dataset(url, args.train_split)
             return _compare(args, {'shards': dataset, 'http': streamed})
-    if isinstance(dataset, loaders.ShardDataset) and args.only != 'ours':
+    if isinstance(dataset, loaders.ShardDataset) and args.only not in ('ours', 'ours-devaug'):
         raise SystemExit('bench_loader.py: timm reads tar shards only as a streaming webdataset pipeline: '
-                         'pass --only ours')
-    return _compare(args, {k: dataset for k in ([args.only] if args.only else ['timm', 'ours'])})
+                         'pass --only ours (or ours-devaug)')
+    return _compare(args, {k: dataset for k in ([args.only] if args.only else KINDS)})
 
 
 def _compare(args, datasets: dict):
@@ -166,10 +172,13 @@ def _compare(args, datasets: dict):
     for rep in range(args.repeats):
         for kind in kinds:
             ds = datasets[kind]
-            loader = build_timm(args, ds.num_classes) if kind == 'timm' else build_ours(args, ds)
+            if kind == 'timm':
+                loader = build_timm(args, ds.num_classes)
+            else:
+                loader = build_ours(args, ds, device_aug=kind == 'ours-devaug')
             r = run(loader, kind, args.steps)
             del loader
-            print(f"{kind:5s} run {rep}: {r['img_s']:8.1f} img/s {r['tok_s'] / 1e3:8.1f}k valid tok/s "
+            print(f"{kind:11s} run {rep}: {r['img_s']:8.1f} img/s {r['tok_s'] / 1e3:8.1f}k valid tok/s "
                   f"{r['tok_cpu_s'] / 1e3:7.1f}k valid tok per CPU-s ({r['steps']} steps, {r['seconds']:.1f}s wall, "
                   f"{r['cpu']:.1f} CPU-s, {r['ms_cpu_img']:.1f} CPU-ms per image)", flush=True)
             runs.setdefault(kind, []).append(r)
@@ -183,8 +192,8 @@ def _compare(args, datasets: dict):
     for kind in kinds:
         print(f"| {kind} | {best[kind]['img_s']:.1f} | {best[kind]['tok_s'] / 1e3:.1f}k | "
               f"{cpu_med[kind] / 1e3:.1f}k | {ms_med[kind]:.2f} |")
-    if len(best) == 2:
-        a, b = kinds[1], kinds[0]  # ours/timm, http/shards
+    b = kinds[0]
+    for a in kinds[1:]:  # ours/timm and ours-devaug/timm, or http/shards
         print(f"| {a}/{b} | {best[a]['img_s'] / best[b]['img_s']:.2f}x | {best[a]['tok_s'] / best[b]['tok_s']:.2f}x | "
               f"{cpu_med[a] / cpu_med[b]:.2f}x | {ms_med[a] / ms_med[b]:.2f}x |")
     return best

@@ -5,6 +5,7 @@
 # install, nothing prepared), from the repository root:
 #     timeout 430 bash scripts/bench/device_check.sh            # the key numbers, <= 420 s
 #     timeout 430 bash scripts/bench/device_check.sh --more     # the rest, <= 420 s (same machine or another)
+#     timeout 430 bash scripts/bench/device_check.sh --devaug   # training with and without --device-aug, <= 420 s
 # then read $OUT/summary.md (default bench/device_out/; one screen). A step that failed can be rerun alone:
 #     ONLY="compiled_ours" BUDGET_S=150 bash scripts/bench/device_check.sh
 # CPU dry run of the same steps from a clean clone (creates .venv as scripts/test.sh does; tiny model, 2 workers;
@@ -27,6 +28,8 @@
 #     timm ViT without masks, the upper bound); profile (torch.profiler table of ours, eager); loader_profile
 #     (profile_loader.py: CPU ms per stage, ours vs timm); e2e_compiled (both with --torchcompile); compiled_flex
 #     (only with time left)
+#   --devaug: devaug_tests (pytest -m cuda on the device path's tests: the device step on CUDA against the CPU);
+#     e2e_cpuaug and e2e_devaug (bench_e2e.sh, ours only, the card's flags without and with --device-aug)
 # Environment: OUT (results; default bench/device_out), BUDGET_S (seconds for the steps; default 385 on GPU, 1200
 # on CPU), ONLY="eager loader" (these steps only), SKIP="e2e", REPEAT (default 3 on GPU, 1 on CPU), IMAGES (bench
 # data train images; default 2048 on GPU, 192 on CPU), PYTHON (default python3 on GPU, .venv's on CPU).
@@ -41,6 +44,7 @@ for a in "$@"; do
     case "$a" in
         --cpu-smoke) MODE=cpu ;;
         --more) SET=more ;;
+        --devaug) SET=devaug ;;
         -h|--help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
         *) echo "unknown argument: $a (see --help)" >&2; exit 2 ;;
     esac
@@ -190,7 +194,8 @@ if rows:
               f"{a['valid_tokens_per_s'] / b['valid_tokens_per_s']:.2f}x")
 for name, pat in (("loader", r"^\|"), ("loader_profile", r"^(# |(ours|timm): \d+ images|ours/timm|timm dropped)"),
                   ("e2e", r"^(\s+steps|last epoch|ours |timm |ratio|validation)"),
-                  ("e2e_compiled", r"^(\s+steps|last epoch|ours |timm |ratio)")):
+                  ("e2e_compiled", r"^(\s+steps|last epoch|ours |timm |ratio)"),
+                  ("e2e_cpuaug", r"^(\s+steps|last epoch|ours )"), ("e2e_devaug", r"^(\s+steps|last epoch|ours )")):
     p = run / f"{name}.log"
     if p.exists():
         lines = [ln for ln in p.read_text().splitlines() if re.match(pat, ln)]
@@ -221,7 +226,18 @@ main() {
     # every run makes its data (seconds), whatever ONLY says: the loader and e2e steps read it
     ONLY="${ONLY:+$ONLY data}" run_step data "${L[0]}" 5 \
         "$PY scripts/bench/make_bench_data.py $DATA --train $IMAGES --val 0 -j $NPROC --repeat $REPEAT"
-    if [ "$SET" = key ]; then
+    if [ "$SET" = devaug ]; then
+        # limits on the GPU: data 20 + 40 + 2 x 160 = 380 s; both runs train the same images for one epoch (on the
+        # CPU the device side is ~5x slower than the workers' path: a check of the plumbing, not a measurement)
+        local DA="ONLY=ours OUT=$RUN/e2e $E2E SKIP_VALIDATE=1"
+        local DL=(40 160 160)
+        if [ "$MODE" = gpu ]; then DA="$DA IMAGES=4096"; else DL=(60 120 400); fi
+        local DT="tests/test_device_aug.py tests/test_device_ops.py tests/test_device_resize.py"
+        DT="$DT tests/test_device_geometry.py tests/test_device_mix.py"
+        run_step devaug_tests "${DL[0]}" 20 "$PY -m pytest -q -rs -p no:cacheprovider -m cuda $DT"
+        run_step e2e_cpuaug "${DL[1]}" 60 "$DA bash scripts/bench/bench_e2e.sh $D $J"
+        run_step e2e_devaug "${DL[2]}" 60 "$DA EXTRA_TRAIN_ARGS=--device-aug bash scripts/bench/bench_e2e.sh $D $J"
+    elif [ "$SET" = key ]; then
         run_step cuda_tests "${L[1]}" 20 "$PY -m pytest -q -rs -p no:cacheprovider -m cuda tests"
         run_step eager "${L[2]}" 30 "$BM --variants ours_packed timm_padded $STEPS --json $RUN/bench_model_eager.json"
         run_step compiled "${L[3]}" 50 "TORCH_LOGS=recompiles $BM --compile --variants ours_packed $CSTEPS --json $RUN/bench_model_compiled.json"

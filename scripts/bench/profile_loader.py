@@ -24,6 +24,10 @@ ImageDataset), each transform of timm's NaFlex train transform (create_transform
 as create_naflex_loader builds it), NaFlexMixup, Patchify, NaFlexCollator. Not included: DataLoader IPC (worker ->
 main process), pinning, the device copy.
 
+--device-aug: "ours" is the worker side of that path (read, header, draws, decoding only what the device cannot
+take, the step's parameter tensors; loaders.device_worker), and the device side (loaders.device_step) of the first
+``--device-steps`` steps is then timed on this CPU (ops with no device version, such as blur, left out and named).
+
 Stage notes. Ours decodes with JPEG draft (reduced DCT) unless --no-jpeg-draft and crops+resizes in one Pillow call
 ('decode' and 'crop + resize' are its two halves). Ours patchifies while packing (one copy into the batch buffer),
 so patchify and collate are one row. timm's RandAugment may raise on Posterize(0 bits) with Pillow >= 12: such
@@ -76,9 +80,38 @@ class PlannedSchedule:
 
 
 def our_steps(ds, steps, P, aug_cfg, mix_cfg, seed, timer=None):
-    """Run our StepDataset over ``steps`` (with ``timer`` as its stage hook); returns the valid tokens."""
-    step_ds = StepDataset(ds, PlannedSchedule(steps, P), aug_cfg, mix_cfg, packing=True, seed=seed, timer=timer)
+    """Run our StepDataset over ``steps`` (with ``timer`` as its stage hook; the worker side only with
+    ``--device-aug``); returns the valid tokens."""
+    step_ds = StepDataset(ds, PlannedSchedule(steps, P), aug_cfg, mix_cfg, packing=True, seed=seed, timer=timer,
+                          device_aug=aug_cfg.device_aug)
     return sum(int(step_ds[(0, s)][0]["seq_lens"].sum()) for s in range(len(steps)))
+
+
+def device_side(ds, steps, P, aug_cfg, mix_cfg, args):
+    """--device-aug: the device side (loaders.device_step) of the first ``--device-steps`` steps on this machine's
+    CPU, wall time per batch; ops with no device version (RandAugment's GaussianBlur, blur) are left out and named."""
+    from loaders.device_step import DEVICE_RA_OPS, DeviceAugmenter
+    step_ds = StepDataset(ds, PlannedSchedule(steps, P), aug_cfg, mix_cfg, packing=True, seed=args.seed,
+                          device_aug=True)
+    augmenter, times, images, tokens, left_out = DeviceAugmenter("cpu"), [], 0, 0, set()
+    for s in range(min(args.device_steps, len(steps))):
+        inputs, _ = step_ds[(0, s)]
+        plan = inputs["device_aug_plan"]
+        left_out |= {name for name in plan.ra_ops if name not in DEVICE_RA_OPS}
+        plan.ra_ops = [name for name in plan.ra_ops if name in DEVICE_RA_OPS]
+        plan.any_blur = False
+        t0 = time.perf_counter()
+        augmenter(inputs)
+        times.append(time.perf_counter() - t0)
+        images += inputs["seq_lens"].numel()
+        tokens += plan.num_tokens
+    missing = sorted(left_out) + (["Gaussian blur"] if aug_cfg.gaussian_blur_prob > 0 else [])
+    rec = {"steps": len(times), "images": images, "tokens": tokens, "ms_per_batch": 1e3 * sum(times) / len(times),
+           "ms_per_image": 1e3 * sum(times) / images, "left_out": missing, "threads": torch.get_num_threads()}
+    print(f"\ndevice side on this CPU ({rec['threads']} thread, wall time): {rec['ms_per_batch']:.0f} ms/batch over "
+          f"{len(times)} steps ({images / len(times):.0f} images, {tokens / len(times):.0f} tokens per batch), "
+          f"{rec['ms_per_image']:.1f} ms/image; left out (no device version): {', '.join(missing) or 'nothing'}")
+    return rec
 
 
 class TimmPipeline:
@@ -184,6 +217,8 @@ def build_args(argv):
     p.add_argument("--only", choices=("ours", "timm"), default=None)
     p.add_argument("--no-check", action="store_true", help="skip the untimed cross-check")
     p.add_argument("--json", default="", help="write stage seconds and counts to this file")
+    p.add_argument("--device-steps", type=int, default=2,
+                   help="--device-aug: steps whose device side is timed on this CPU (0: none)")
     return p, p.parse_args(argv)
 
 
@@ -199,7 +234,8 @@ def header_line(args, seq_lens, steps, n_total, aug_cfg):
             f"{platform.python_version()}, torch {torch.__version__}, Pillow {PIL.__version__}; {args.data_dir} "
             f"[{args.train_split}], L {seq_lens}, -b {args.batch_size}, aa {args.aa}, grayscale {args.grayscale_prob}, "
             f"mixup {args.mixup}/cutmix {args.cutmix}, reprob {args.reprob}, jpeg draft {aug_cfg.draft}, "
-            f"ra interpolation {aug_cfg.ra_interpolation}; {len(steps)} steps, {n_total} images per pipeline, "
+            f"ra interpolation {aug_cfg.ra_interpolation}, device aug {aug_cfg.device_aug}; {len(steps)} steps, "
+            f"{n_total} images per pipeline, "
             f"1 thread, {args.clock} time")
 
 
@@ -262,6 +298,8 @@ def main(argv=None):
                 f.read()
     for kind in [args.only] if args.only else ["ours", "timm"]:
         out["pipelines"][kind] = profile(kind, ds, steps, P, aug_cfg, mix_cfg, args, seq_lens)
+    if aug_cfg.device_aug and args.device_steps > 0 and args.only != "timm":
+        out["device_side"] = device_side(ds, steps, P, aug_cfg, mix_cfg, args)
     if len(out["pipelines"]) == 2:
         o, t = out["pipelines"]["ours"], out["pipelines"]["timm"]
         ours_ms = 1e3 * sum(o["stages_s"].values()) / o["images"]
