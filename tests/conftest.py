@@ -62,6 +62,14 @@ def _shard_index_cache_in_tmp(tmp_path_factory):
         yield
 
 
+@pytest.fixture
+def hf_offline(monkeypatch, tmp_path):
+    """The Hugging Face libraries offline, with a fresh datasets cache: nothing a test does reaches the Hub."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
 @pytest.fixture(scope="session")
 def demo_shards(demo_dataset, tmp_path_factory) -> Path:
     """``demo_dataset`` as shards of 5 samples + _info.json (scripts/make_shards.py), folder order kept: sample i

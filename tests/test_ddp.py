@@ -301,7 +301,6 @@ def test_sigterm_to_torchrun_saves_and_torchrun_exits_1(demo_dataset, tmp_path, 
 def _broken_share_worker(rank, store, argv, out_dir, share):
     """train.py's main on one of two gloo ranks; rank 1's reads fail, as on a node whose data mount broke: all of
     them (``share`` 'all': it gives up on its first sample) or those of two classes (half: the share rule)."""
-    import train
     from loaders import pipeline
     from loaders.decode import UndecodableImage
     _init_gloo(rank, store)
@@ -313,6 +312,12 @@ def _broken_share_worker(rank, store, argv, out_dir, share):
                 raise UndecodableImage('unreadable')
             return build(self, path, *args)
         pipeline.TrainSampleBuilder.build_pil = failing
+    train_and_record_exit(rank, argv, out_dir)
+
+
+def train_and_record_exit(rank, argv, out_dir):
+    """train.main(argv) on this rank; its exit code (0 when it returns) written to ``out_dir/rank{rank}.txt``."""
+    import train
     try:
         train.main(argv)
         code = 0

@@ -36,10 +36,8 @@ def hf_folder(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.setenv('HF_DATASETS_OFFLINE', '1')
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setenv('HF_DATASETS_CACHE', str(tmp_path / 'hf-cache'))
+def _offline(hf_offline):
+    """Every test here runs with the Hugging Face libraries offline."""
 
 
 def test_dataset_reads_images_labels_and_class_names(hf_folder, tmp_path):

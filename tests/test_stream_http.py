@@ -1,7 +1,6 @@
 """train.py and validate.py on tar shards served over HTTP from 127.0.0.1 (loaders.stream): two gloo ranks train
 through a corrupt member, validate.py scores what the local path scores, and a server that goes away mid-run ends
 the run with one line, quickly."""
-import os
 import time
 
 import pytest
@@ -12,7 +11,7 @@ import naflex
 import train
 import validate
 from shard_server import ShardServer, write_shards
-from test_ddp import _init_gloo
+from test_ddp import _init_gloo, train_and_record_exit
 
 TINY = ['--model', 'naflexvit_tiny_test', '--device', 'cpu', '--warmup-epochs', '0', '--naflex-max-seq-len', '32']
 
@@ -34,13 +33,7 @@ def quick_failures(monkeypatch):
 
 def _rank_main(rank, store, argv, out_dir):
     _init_gloo(rank, store)
-    try:
-        train.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    with open(os.path.join(out_dir, f'rank{rank}.txt'), 'w') as f:
-        f.write(str(code))
+    train_and_record_exit(rank, argv, out_dir)
 
 
 @pytest.mark.slow  # two processes importing torch and training: ~30 s on an idle 2-core machine
