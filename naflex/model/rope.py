@@ -80,6 +80,11 @@ def validate_rope(cfg) -> None:
                          f'{multiple}, got {head_dim}')
     if cfg.rope_type == 'mixed' and cfg.rope_rotate_half:
         raise ValueError("rope_type='mixed' needs rope_rotate_half=False (timm's rule)")
+    kv = cfg.num_kv_heads
+    if cfg.rope_type == 'mixed' and kv is not None and any(n != cfg.num_heads for n in ([kv] if isinstance(kv, int)
+                                                                                         else kv)):
+        raise ValueError("rope_type='mixed' rotates every head by its own frequencies: it needs num_kv_heads=None "
+                         "(timm fails on this combination in its first forward)")
     if cfg.rope_type == 'mrope':
         if cfg.rope_mrope_section is None or min(cfg.rope_mrope_section) < 0:
             raise ValueError("rope_type='mrope' needs rope_mrope_section=(T, H, W), three ints >= 0")
