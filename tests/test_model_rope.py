@@ -206,6 +206,7 @@ def test_switches_timm_has_are_accepted():
     assert model(dict(padded, patch_size=8)).shape == (2, 1000)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_compile_packed_rope_one_graph_no_recompiles():
     """The packed forward with per-block RoPE and grouped-query attention traces whole (no graph break) and, with
