@@ -12,7 +12,10 @@ shift
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${NAFLEX_PY:-$REPO/.venv/bin/python}"
 SRC="$(cd "$SRC" && pwd)"
-[ -f "$SRC/tests/test_models.py" ] || { echo "error: $SRC/tests/test_models.py not found (a timm source tree?)"; exit 2; }
+if [ ! -f "$SRC/tests/test_models.py" ]; then
+    echo "error: $SRC/tests/test_models.py not found (not a timm source tree?)"
+    exit 2
+fi
 
 PLUGIN_DIR="$(mktemp -d)"
 trap 'rm -rf "$PLUGIN_DIR"' EXIT

@@ -280,8 +280,8 @@ def test_bce_loss_on_fake_cuda(soft, monkeypatch):
 @pytest.mark.parametrize('packing', [True, False])
 def test_rope_step_on_fake_cuda(packing, monkeypatch):
     """RoPE with per-block learned frequencies ('mixed'), train-time coordinate augmentation, the EVA block's
-    separate q / k / v and SwiGLU, and patch dropout: positions per token on the device (augmentation drawn there too), no host sync;
-    flash attention gets q / k rotated and back in the autocast dtype."""
+    separate q / k / v and SwiGLU, and patch dropout: positions per token on the device (augmentation drawn there
+    too), no host sync; flash attention gets q / k rotated and back in the autocast dtype."""
     r = fake_step('naflexvit_tiny_test', 'varlen', 'bf16', monkeypatch, packing=packing, patch_drop_rate=0.25,
                   rope_type='mixed', rope_temperature=10.0, rope_shift_coords=1.0, rope_jitter_coords=1.2,
                   rope_rescale_coords=1.5, qkv_fused=False, swiglu_mlp=True)
