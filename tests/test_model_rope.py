@@ -225,3 +225,21 @@ def test_compile_packed_rope_one_graph_no_recompiles():
         _, packed = make_batches(grids)
         assert maxdiff(compiled(packed), model(packed)) < TOL
     assert counters['stats']['unique_graphs'] == 1
+
+
+@torch.no_grad()
+def test_intermediates_and_fx_trace_with_rope():
+    """forward_intermediates with per-block RoPE gives timm's blocks (images NCHW, padded dict at valid tokens), and
+    the image forward still traces with torch.fx."""
+    ours, ref = pair(rope_type='mixed', rope_temperature=10.0)
+    x = torch.randn(2, 3, 64, 96)
+    for a, b in zip(ours.forward_intermediates(x)[1], ref.forward_intermediates(x)[1]):
+        assert a.shape == b.shape and maxdiff(a, b) < TOL
+    padded, _ = make_batches(GRIDS)
+    valid = padded['patch_valid']
+    ours_blocks = ours.forward_intermediates(padded, output_fmt='NLC', intermediates_only=True)
+    ref_blocks = ref.forward_intermediates(padded, output_fmt='NLC', intermediates_only=True)
+    for a, b in zip(ours_blocks, ref_blocks):
+        assert maxdiff(a[valid], b[valid]) < TOL
+    traced = torch.fx.symbolic_trace(ours)
+    assert maxdiff(traced(x), ref(x)) < TOL

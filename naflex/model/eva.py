@@ -98,16 +98,15 @@ class EvaAttention(nn.Module):
 
     def _qkv(self, x: torch.Tensor):
         """[..., D] -> q [..., H, Dh], k / v [..., Hkv, Dh]."""
-        lead = x.shape[:-1]
         if self.qkv_fused:
             if self.eva_bias and hasattr(self, 'q_bias'):
                 qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
             else:
                 qkv = self.qkv(x)
-            return qkv.reshape(*lead, 3, self.num_heads, self.head_dim).unbind(-3)
-        return (self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim),
-                self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim),
-                self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim))
+            return qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
+        return (self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)),
+                self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)),
+                self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)))
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, rope: Rope = None) -> torch.Tensor:
         """x packed [T, D] or padded [B, N, D]; rope (sin, cos) broadcastable to q: [T, 1|H, Dh] packed,

@@ -404,7 +404,7 @@ class NaFlexVit(nn.Module):
         if self.rope is not None:
             image_of = None if image_grids is None else torch.arange(b, device=x.device)[:, None].expand(b, n)
             pos = self.rope.coords(coord, grid, image_of, image_grids)
-            pos = pos if pos.ndim == 3 else pos[None]  # [B|1, N, 2]
+            pos = pos if image_grids is not None else pos[None]  # [B|1, N, 2] (image tensors share [N, 2])
         if self._patch_drop_active():
             keep = padded_keep_indices(b, n, self.patch_drop_rate, x.device)
             x, valid = drop_padded(x, valid, keep, self.num_prefix_tokens)
