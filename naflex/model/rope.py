@@ -142,6 +142,9 @@ class NaFlexRope(nn.Module):
             self.register_buffer('bands', self._bands(), persistent=False)
             if rope_type == 'mrope':
                 self.register_buffer('axis', self._mrope_axis(), persistent=False)
+            if self.ref_feat_shape is not None:  # (h, w) the positions are rescaled to (EVA's fine-tuning rule)
+                self.register_buffer('ref_shape', torch.tensor(self.ref_feat_shape, dtype=torch.float32),
+                                     persistent=False)
 
     # ------------------------------------------------------------------------------------------- frequencies
     def _bands(self) -> torch.Tensor:
@@ -198,7 +201,7 @@ class NaFlexRope(nn.Module):
         elif self.rope_type == 'axial':
             pos = yx + self.grid_offset
             if self.ref_feat_shape is not None:
-                pos = pos / hw * pos.new_tensor(self.ref_feat_shape)
+                pos = pos / hw * self.ref_shape
         else:  # 'mixed', 'mrope': integer coordinates
             pos = yx
         if self.swap_xy:
@@ -209,27 +212,21 @@ class NaFlexRope(nn.Module):
 
     def _augment(self, pos: torch.Tensor, image_of: Optional[torch.Tensor], grids: Optional[torch.Tensor]):
         """timm's shift -> jitter -> rescale, one draw per distinct grid size (see the module docstring)."""
-        specs = []  # (column count, bound) in timm's RNG order
-        if self.shift_coords is not None:
-            specs.append((2, float(self.shift_coords)))
-        if self.jitter_coords is not None:
-            specs.append((2, math.log(self.jitter_coords)))
-        if self.rescale_coords is not None:
-            specs.append((1, math.log(self.rescale_coords)))
+        specs = [(kind, n, bound) for kind, n, bound in (  # (kind, columns, bound of U(-bound, bound)), RNG order
+            ('shift', 2, self.shift_coords), ('jitter', 2, self.jitter_coords), ('rescale', 1, self.rescale_coords))
+            if bound is not None]
+        specs = [(kind, n, float(b) if kind == 'shift' else math.log(b)) for kind, n, b in specs]
         num_rows = 1 if grids is None else grids.shape[0]
-        u = torch.rand(num_rows, sum(n for n, _ in specs), device=pos.device, dtype=torch.float32)
+        u = torch.rand(num_rows, sum(n for _, n, _ in specs), device=pos.device, dtype=torch.float32)
         if grids is None:
             row = torch.zeros(pos.shape[:-1], dtype=torch.long, device=pos.device)
         else:
             row = _first_appearance_rank(grids)[image_of]
         col = 0
-        for i, (n, bound) in enumerate(specs):
+        for kind, n, bound in specs:
             draw = (u[:, col:col + n] * (2 * bound) - bound)[row]  # [..., n]
             col += n
-            if self.shift_coords is not None and i == 0:
-                pos = pos + draw
-            else:
-                pos = pos * draw.exp()
+            pos = pos + draw if kind == 'shift' else pos * draw.exp()
         return pos
 
     # ------------------------------------------------------------------------------------------- embeddings
