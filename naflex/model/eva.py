@@ -74,12 +74,12 @@ class EvaAttention(nn.Module):
         self.num_kv_heads = num_kv_heads or num_heads
         self.head_dim = dim // num_heads
         self.rotate_half = rotate_half
-        self.eva_bias = eva_bias
+        self.split_bias = qkv_fused and eva_bias and qkv_bias  # q / k / v biases outside the fused linear
         attn_dim = self.head_dim * num_heads
         kv_dim = self.head_dim * self.num_kv_heads
         if qkv_fused:
             self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias and not eva_bias)
-            if eva_bias and qkv_bias:
+            if self.split_bias:
                 self.q_bias = nn.Parameter(torch.zeros(attn_dim))
                 self.register_buffer('k_bias', torch.zeros(attn_dim), persistent=False)
                 self.v_bias = nn.Parameter(torch.zeros(attn_dim))
@@ -99,7 +99,7 @@ class EvaAttention(nn.Module):
     def _qkv(self, x: torch.Tensor):
         """[..., D] -> q [..., H, Dh], k / v [..., Hkv, Dh]."""
         if self.qkv_fused:
-            if self.eva_bias and hasattr(self, 'q_bias'):
+            if self.split_bias:
                 qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
             else:
                 qkv = self.qkv(x)
