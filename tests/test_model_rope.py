@@ -193,17 +193,29 @@ def test_bad_options_give_one_clear_error(kwargs, message):
 
 
 def test_switches_timm_has_are_accepted():
-    """Every NaFlexVitCfg field of timm 1.0.31 is a field here (attn_backend is ours); the patch interpolator
-    switch is recorded but resampling always works."""
+    """Every NaFlexVitCfg field of timm 1.0.31 is a field here (attn_backend is ours). The patch interpolator
+    switch sets timm's capability flag and prewarm contract; resampling itself works either way. timm's
+    ``model(patches, patch_coord=, patch_valid=)`` call gives the padded dict's logits."""
     from dataclasses import fields
     from timm.models.naflexvit import NaFlexVitCfg as TimmCfg
     ours = {f.name for f in fields(naflex.NaFlexVitCfg)}
     missing = {f.name for f in fields(TimmCfg)} - ours - {'pos_embed_align_corners'}
     assert not missing
-    model = naflex.create_model('naflexvit_tiny_test', enable_patch_interpolator=False)
-    assert model.supports_patch_interpolation
+    fixed = naflex.create_model('naflexvit_tiny_test').eval()
+    assert not fixed.supports_patch_interpolation
+    with pytest.raises(RuntimeError, match='not supported'):
+        fixed.prewarm_patch_interpolator([(8, 8)])
+    variable = naflex.create_model('naflexvit_tiny_test', enable_patch_interpolator=True)
+    assert variable.supports_patch_interpolation
+    variable.prewarm_patch_interpolator([(8, 8), 12])
     padded, _ = make_batches(GRIDS[:2], p=8)
-    assert model(dict(padded, patch_size=8)).shape == (2, 1000)
+    assert fixed(dict(padded, patch_size=8)).shape == (2, 1000)
+    with torch.no_grad():
+        args_out = fixed(padded['patches'].reshape(2, -1, 8, 8, 3), patch_coord=padded['patch_coord'],
+                         patch_valid=padded['patch_valid'])
+        assert maxdiff(args_out, fixed(dict(padded, patch_size=8))) < TOL
+    with pytest.raises(ValueError, match='patch_valid is required'):
+        fixed(padded['patches'], patch_coord=padded['patch_coord'])
 
 
 @pytest.mark.slow

@@ -297,7 +297,8 @@ class NaFlexVit(nn.Module):
             pos_drop_rate=cfg.pos_drop_rate)
         self.norm_pre = _layer_norm(cfg.embed_dim) if cfg.pre_norm else nn.Identity()
         self.rope = build_rope(cfg)  # RoPE on q / k per token, see naflex.model.rope
-        self.supports_patch_interpolation = True  # FlexiViT resampling is built in (docs/model.md)
+        # timm's capability flag follows its switch; resampling works here either way (docs/model.md)
+        self.supports_patch_interpolation = cfg.enable_patch_interpolator
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
         self.blocks = nn.Sequential(*[EvaBlock(cfg, i, dpr[i]) if needs_eva_block(cfg) else Block(cfg, dpr[i])
                                       for i in range(cfg.depth)])
@@ -350,6 +351,14 @@ class NaFlexVit(nn.Module):
     def prewarm_patch_sizes(self, sizes) -> None:
         """Precompute FlexiViT resampling matrices for other patch sizes (before torch.compile)."""
         self.embeds.prewarm_patch_sizes(sizes)
+
+    def prewarm_patch_interpolator(self, patch_sizes) -> None:
+        """timm's name for ``prewarm_patch_sizes``, with its contract: a RuntimeError unless the model was built
+        with ``enable_patch_interpolator=True``."""
+        if not self.supports_patch_interpolation:
+            raise RuntimeError('patch interpolation is not supported by this configuration '
+                               '(enable_patch_interpolator=False); prewarm_patch_sizes() works regardless')
+        self.prewarm_patch_sizes(patch_sizes)
 
     def get_patch_size(self) -> Tuple[int, int]:
         return (self.patch_size, self.patch_size)
@@ -613,7 +622,14 @@ class NaFlexVit(nn.Module):
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Union[torch.Tensor, Dict]) -> torch.Tensor:
+    def forward(self, x: Union[torch.Tensor, Dict], patch_coord: Optional[torch.Tensor] = None,
+                patch_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Any input of the module docstring; as in timm, pre-patchified ``x`` [B, N, P*P*C] (or [B, N, Ph, Pw, C])
+        may come with ``patch_coord`` and ``patch_valid`` as arguments instead of a dict."""
+        if patch_coord is not None and not isinstance(x, dict):
+            if patch_valid is None:
+                raise ValueError('patch_valid is required with patch_coord (timm\'s NaFlex arguments)')
+            x = dict(patches=x, patch_coord=patch_coord, patch_valid=patch_valid)
         return self.forward_head(self.forward_features(x))
 
     # -------------------------------------------------------------------------------------- intermediates
