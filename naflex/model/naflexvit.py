@@ -626,7 +626,8 @@ class NaFlexVit(nn.Module):
                 patch_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Any input of the module docstring; as in timm, pre-patchified ``x`` [B, N, P*P*C] (or [B, N, Ph, Pw, C])
         may come with ``patch_coord`` and ``patch_valid`` as arguments instead of a dict."""
-        if patch_coord is not None and not isinstance(x, dict):
+        # torch.fx makes every argument a Proxy (never None): traced, this is the image-tensor forward
+        if patch_coord is not None and not isinstance(x, dict) and not torch.fx._symbolic_trace.is_fx_tracing():
             if patch_valid is None:
                 raise ValueError('patch_valid is required with patch_coord (timm\'s NaFlex arguments)')
             x = dict(patches=x, patch_coord=patch_coord, patch_valid=patch_valid)
