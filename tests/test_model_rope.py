@@ -255,3 +255,15 @@ def test_intermediates_and_fx_trace_with_rope():
         assert maxdiff(a[valid], b[valid]) < TOL
     traced = torch.fx.symbolic_trace(ours)
     assert maxdiff(traced(x), ref(x)) < TOL
+
+
+@torch.no_grad()
+def test_timm_patch_arguments_in_forward_features():
+    """timm's ``forward_features(patches, patch_coord=, patch_valid=)`` equals the padded dict's features."""
+    model = naflex.create_model('naflexvit_tiny_test', rope_type='axial').eval()
+    padded, _ = make_batches(GRIDS[:2])
+    by_args = model.forward_features(padded['patches'], patch_coord=padded['patch_coord'],
+                                     patch_valid=padded['patch_valid'])
+    by_dict = model.forward_features(padded)
+    assert torch.equal(by_args['patch_valid'], by_dict['patch_valid'])
+    assert maxdiff(by_args['patches'], by_dict['patches']) < TOL

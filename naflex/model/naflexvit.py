@@ -187,6 +187,16 @@ def _type_name(hint) -> str:
     return {int: 'an int', float: 'a number', bool: 'a bool', str: 'a string', type(None): 'None'}.get(hint, str(hint))
 
 
+def _naflex_args(x, patch_coord: Optional[torch.Tensor], patch_valid: Optional[torch.Tensor]):
+    """timm's ``forward(patches, patch_coord=, patch_valid=)`` call as the padded dict (torch.fx makes every argument
+    a Proxy, never None: traced, the forward is the image-tensor one)."""
+    if patch_coord is None or isinstance(x, dict) or torch.fx._symbolic_trace.is_fx_tracing():
+        return x
+    if patch_valid is None:
+        raise ValueError("patch_valid is required with patch_coord (timm's NaFlex arguments)")
+    return dict(patches=x, patch_coord=patch_coord, patch_valid=patch_valid)
+
+
 @torch.fx.wrap
 def check_image_size(h: int, w: int, p: int) -> None:
     """ValueError unless an h x w image splits into p x p patches. A leaf of torch.fx graphs (``fx.wrap``): symbolic
@@ -553,9 +563,12 @@ class NaFlexVit(nn.Module):
         x, valid, pos = self._embed_padded(patches, coord, grid_tok, ps, valid, grid)
         return x, valid, self._attach_rope(AttnContext.padded_from(b, self._with_prefix_valid(some_key(valid))), pos)
 
-    def forward_features(self, x: Union[torch.Tensor, Dict]) -> Union[torch.Tensor, Dict]:
-        """Image tensor -> [B, prefix + N, D]. Padded dict -> {'patches', 'patch_valid'} (timm's format).
-        Packed dict -> {'tokens': [T + B*prefix, D], plus packing metadata for ``forward_head``}."""
+    def forward_features(self, x: Union[torch.Tensor, Dict], patch_coord: Optional[torch.Tensor] = None,
+                         patch_valid: Optional[torch.Tensor] = None) -> Union[torch.Tensor, Dict]:
+        """Image tensor -> [B, prefix + N, D]. Padded dict (or timm's ``patch_coord`` / ``patch_valid`` arguments)
+        -> {'patches', 'patch_valid'} (timm's format). Packed dict -> {'tokens': [T + B*prefix, D], plus packing
+        metadata for ``forward_head``}."""
+        x = _naflex_args(x, patch_coord, patch_valid)
         if isinstance(x, dict):
             if is_packed(x):
                 tokens, ctx, meta = self._embed_packed(x)
@@ -626,12 +639,7 @@ class NaFlexVit(nn.Module):
                 patch_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Any input of the module docstring; as in timm, pre-patchified ``x`` [B, N, P*P*C] (or [B, N, Ph, Pw, C])
         may come with ``patch_coord`` and ``patch_valid`` as arguments instead of a dict."""
-        # torch.fx makes every argument a Proxy (never None): traced, this is the image-tensor forward
-        if patch_coord is not None and not isinstance(x, dict) and not torch.fx._symbolic_trace.is_fx_tracing():
-            if patch_valid is None:
-                raise ValueError('patch_valid is required with patch_coord (timm\'s NaFlex arguments)')
-            x = dict(patches=x, patch_coord=patch_coord, patch_valid=patch_valid)
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self.forward_features(_naflex_args(x, patch_coord, patch_valid)))
 
     # -------------------------------------------------------------------------------------- intermediates
     def forward_intermediates(
