@@ -4,8 +4,9 @@
 # naflex.create_model (other names still reach timm), then the tests whose id contains 'naflexvit' run.
 #   pip download timm==1.0.31 --no-binary timm --no-deps -d /tmp/timm_src && tar xzf /tmp/timm_src/*.tar.gz -C /tmp
 #   nice -n 10 bash scripts/timm_model_tests.sh /tmp/timm-1.0.31 [extra pytest args, e.g. -x or -k forward]
-# Nothing of timm is copied into this repository. Runtime: ~10-20 min on 2 shared CPU cores (about 100 tests,
-# some build the base-size models); the summary line at the end gives the pass count.
+# Nothing of timm is copied into this repository. Runtime: over an hour on 2 shared CPU cores (141 tests, most
+# build a full-size variant); `-k 'test_naflexvit_ or test_radio_checkpoint'` (the 25 NaFlexViT-specific tests)
+# takes ~2 min. The summary line at the end gives the pass count.
 set -euo pipefail
 SRC="${1:?usage: timm_model_tests.sh PATH_TO_TIMM_SRC [pytest args]}"
 shift
