@@ -396,7 +396,7 @@ def test_audit_catches_a_host_sync_a_cpu_tensor_and_a_bad_cu_seqlens(monkeypatch
         for planted, check in ((item_in_forward, lambda a: a.assert_clean()),
                                (host_arange, lambda a: a.assert_clean()),
                                (int64_cu_seqlens, lambda a: check_varlen_contract(a, batches, torch.bfloat16, 4))):
-            monkeypatch.setattr('naflex.model.naflexvit.attend', planted)
+            monkeypatch.setattr('naflex.model.blocks.attend', planted)  # the standard block's attention
             audit = StepAudit()
             with audit, torch.autocast('cuda', dtype=torch.bfloat16):
                 model(batches[0][0])
