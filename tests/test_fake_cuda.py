@@ -277,6 +277,22 @@ def test_bce_loss_on_fake_cuda(soft, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('packing', [True, False])
+def test_rope_step_on_fake_cuda(packing, monkeypatch):
+    """RoPE with per-block learned frequencies ('mixed'), train-time coordinate augmentation, the EVA block's
+    separate q / k / v and SwiGLU, and patch dropout: positions per token on the device (augmentation drawn there
+    too), no host sync; flash attention gets q / k rotated and back in the autocast dtype."""
+    r = fake_step('naflexvit_tiny_test', 'varlen', 'bf16', monkeypatch, packing=packing, patch_drop_rate=0.25,
+                  rope_type='mixed', rope_temperature=10.0, rope_shift_coords=1.0, rope_jitter_coords=1.2,
+                  rope_rescale_coords=1.5, qkv_fused=False, swiglu_mlp=True)
+    r['audit'].assert_clean()
+    assert r['syncs_per_step'] == [0] * len(STEPS)
+    assert r['audit'].ops('aten.sin') and r['audit'].ops('aten.uniform') + r['audit'].ops('aten.rand')
+    if packing:
+        assert all(a[1] == torch.bfloat16 for call in r['audit'].ops('torch_attn._varlen_attn')
+                   for a in call.args[:3])
+
+
 def test_base_model_step_on_fake_cuda(monkeypatch):
     """The model card's model (NaFlexViT-B/16) on the card's path: varlen, bf16, no host sync, nothing on the host."""
     r = fake_step('naflexvit_base_patch16_gap', 'auto', 'bf16', monkeypatch)
@@ -380,7 +396,7 @@ def test_audit_catches_a_host_sync_a_cpu_tensor_and_a_bad_cu_seqlens(monkeypatch
         for planted, check in ((item_in_forward, lambda a: a.assert_clean()),
                                (host_arange, lambda a: a.assert_clean()),
                                (int64_cu_seqlens, lambda a: check_varlen_contract(a, batches, torch.bfloat16, 4))):
-            monkeypatch.setattr('naflex.model.naflexvit.attend', planted)
+            monkeypatch.setattr('naflex.model.blocks.attend', planted)  # the standard block's attention
             audit = StepAudit()
             with audit, torch.autocast('cuda', dtype=torch.bfloat16):
                 model(batches[0][0])

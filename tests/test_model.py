@@ -35,9 +35,9 @@ def timm_twin(name: str, **overrides) -> torch.nn.Module:
     """timm NaFlexVit built with exactly our variant's config."""
     cfg = naflex.get_config(name)
     kwargs = {f.name: getattr(cfg, f.name) for f in fields(NaFlexVitCfg) if f.name != 'attn_backend'}
-    kwargs.update(overrides)
+    kwargs.update(overrides, enable_patch_interpolator=True)  # ours resamples patch sizes whatever the switch
     base = TIMM_BASE.get(name, name)
-    return timm.create_model(base, pretrained=False, enable_patch_interpolator=True, **kwargs)
+    return timm.create_model(base, pretrained=False, **kwargs)
 
 
 @torch.no_grad()

@@ -111,6 +111,9 @@ class AttnContext:
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = max_seqlen
         self.key_valid = key_valid
+        # RoPE (naflex.model.rope): the tokens' positions and the (sin, cos) all blocks share, set by the model
+        self.rope_pos: Optional[torch.Tensor] = None
+        self.rope = None
         self.dense_mask = None
         self.block_mask = None
         if packed:

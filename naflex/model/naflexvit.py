@@ -27,14 +27,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import BACKENDS, AttnContext, attend, check_backend
+from .attention import BACKENDS, AttnContext, check_backend
 from .batch import grid_coords, is_packed
+from .blocks import Block, Mlp, _layer_norm
+from .eva import EvaBlock, needs_eva_block, validate_eva
 from .features import feature_take_indices
 from .patch_drop import (drop_packed, drop_padded, packed_max_kept, padded_keep_indices, some_key)
 from .patch_embed import NaFlexEmbeds
+from .rope import build_rope, validate_rope
 
 POOL_TYPES = ('', 'avg', 'avgmax', 'max', 'token', 'map')
 ACT_LAYERS = ('gelu', 'gelu_tanh')
+# timm NaFlexVitCfg switches for other layer implementations: the default is the one this library implements
+_UNSUPPORTED = dict(pos_embed_use_grid_sample=False, patchify_channels_last=True, weight_init='',
+                    embed_proj_type='linear', input_norm_layer=None, embed_norm_layer=None, norm_layer=None,
+                    block_fn=None, mlp_layer=None, attn_layer=None)
 
 
 @dataclass
@@ -45,9 +52,13 @@ class NaFlexVitCfg:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    scale_mlp_norm: bool = False  # norm of the MLP hidden layer
+    num_kv_heads: Optional[Union[int, Tuple[int, ...]]] = None  # grouped-query attention (EVA block), or per block
     qkv_bias: bool = True
     qk_norm: bool = False
     proj_bias: bool = True
+    scale_attn_inner_norm: bool = False  # norm of the attention output before its projection
+    use_key_only_attn_mask: bool = False  # accepted: our masks are key-only already (docs/model.md)
     init_values: Optional[float] = None  # layer-scale init (enabled when not None)
     class_token: bool = False
     reg_tokens: int = 0
@@ -57,6 +68,19 @@ class NaFlexVitCfg:
     pos_embed_ar_preserving: bool = False
     pos_embed_antialias: bool = True
     pos_embed_align_corners: bool = False
+    pos_embed_use_grid_sample: bool = False  # timm's alternative resampling: not supported (True is refused)
+    rope_type: str = ''  # '' / 'none', 'axial', 'mixed', 'dinov3', 'mrope': see naflex.model.rope
+    rope_temperature: float = 10000.0
+    rope_ref_feat_shape: Optional[Tuple[int, int]] = None
+    rope_grid_offset: float = 0.0
+    rope_grid_indexing: str = 'ij'
+    rope_rotate_half: bool = False
+    rope_shift_coords: Optional[float] = None  # training only: shift in [-s, s] (rope grid units)
+    rope_jitter_coords: Optional[float] = None  # training only: per-axis scale in [1/J, J]
+    rope_rescale_coords: Optional[float] = None  # training only: shared scale in [1/R, R]
+    rope_mrope_section: Optional[Tuple[int, int, int]] = None  # rope_type='mrope': (T, H, W) channel sections
+    dynamic_img_pad: bool = False  # image tensors: pad H, W up to a multiple of the patch size
+    patchify_channels_last: bool = True  # P-P-C patch layout (False is refused)
     pre_norm: bool = False
     final_norm: bool = True
     fc_norm: Optional[bool] = None  # None: True for 'avg' pooling
@@ -64,7 +88,7 @@ class NaFlexVitCfg:
     pool_include_prefix: bool = False
     attn_pool_num_heads: Optional[int] = None
     attn_pool_mlp_ratio: Optional[float] = None
-    act_layer: str = 'gelu'
+    act_layer: Optional[str] = 'gelu'  # None: timm's default, GELU
     drop_rate: float = 0.0
     pos_drop_rate: float = 0.0
     proj_drop_rate: float = 0.0
@@ -72,6 +96,23 @@ class NaFlexVitCfg:
     drop_path_rate: float = 0.0
     patch_drop_rate: float = 0.0  # training only: see naflex.model.patch_drop
     fix_init: bool = True
+    weight_init: str = ''  # timm's default init ('jax', 'moco' are refused)
+    # timm's layer-implementation switches: only their defaults are supported
+    embed_proj_type: str = 'linear'
+    input_norm_layer: Optional[str] = None
+    embed_norm_layer: Optional[str] = None
+    norm_layer: Optional[str] = None
+    block_fn: Optional[str] = None
+    mlp_layer: Optional[str] = None
+    attn_layer: Optional[str] = None
+    # EVA block (naflex.model.eva), used for any RoPE and the options below
+    attn_type: str = 'standard'  # 'standard', 'eva', 'rope'
+    attn_gated: bool = False
+    swiglu_mlp: bool = False
+    swiglu_align_to: int = 0
+    qkv_fused: bool = True
+    attn_only_layer_scale: bool = False
+    enable_patch_interpolator: bool = False  # accepted: variable patch sizes always work here (docs/model.md)
     attn_backend: str = 'auto'
 
     def validate(self) -> None:
@@ -86,8 +127,14 @@ class NaFlexVitCfg:
             bad('pos_embed', self.pos_embed, ('learned', 'factorized', 'none'))
         if self.pos_embed_interp_mode not in ('bicubic', 'bilinear'):
             bad('pos_embed_interp_mode', self.pos_embed_interp_mode, ('bicubic', 'bilinear'))
-        if self.act_layer not in ACT_LAYERS:
+        if self.act_layer is not None and self.act_layer not in ACT_LAYERS:
             bad('act_layer', self.act_layer, ACT_LAYERS)
+        for name, default in _UNSUPPORTED.items():
+            if getattr(self, name) != default:
+                raise ValueError(f'{name}={getattr(self, name)!r} is not supported; only timm\'s default '
+                                 f'{default!r} is (see docs/model.md)')
+        validate_rope(self)
+        validate_eva(self)
         if self.attn_backend not in BACKENDS:
             bad('attn_backend', self.attn_backend, BACKENDS)
         for name in ('patch_size', 'embed_dim', 'depth', 'num_heads'):
@@ -105,36 +152,50 @@ class NaFlexVitCfg:
 
 
     def _check_types(self) -> None:
-        """Each field holds its annotated type (ints count as floats; a list of two ints as a grid size), so a
+        """Each field holds its annotated type (ints count as floats; a list of ints as a tuple of them), so a
         mistyped override (``depth=2.5``, ``embed_dim='big'``) is one ValueError instead of a crash in a layer."""
         for f in fields(self):
             value, hint = getattr(self, f.name), _FIELD_TYPES[f.name]
-            optional = get_origin(hint) is Union and type(None) in get_args(hint)
-            base = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
-            if value is None and optional:
-                continue
-            if get_origin(base) is tuple:
-                ok = isinstance(value, (tuple, list)) and len(value) == len(get_args(base)) and all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in value)
-            elif base is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            elif base is int:
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            else:
-                ok = isinstance(value, base)
-            if not ok:
+            if not _matches(value, hint):
                 raise ValueError(f'{f.name}={value!r} is not {_type_name(hint)}')
 
 
 _FIELD_TYPES = get_type_hints(NaFlexVitCfg)
 
 
+def _matches(value, hint) -> bool:
+    if get_origin(hint) is Union:
+        return any(_matches(value, a) for a in get_args(hint))
+    if get_origin(hint) is tuple:
+        args = get_args(hint)
+        if not isinstance(value, (tuple, list)):
+            return False
+        if args[-1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return value is None if hint is type(None) else isinstance(value, hint)
+
+
 def _type_name(hint) -> str:
     if get_origin(hint) is Union:
         return ' or '.join(_type_name(a) for a in get_args(hint))
     if get_origin(hint) is tuple:
-        return f'{len(get_args(hint))} ints'
+        return 'a tuple of ints' if get_args(hint)[-1] is Ellipsis else f'{len(get_args(hint))} ints'
     return {int: 'an int', float: 'a number', bool: 'a bool', str: 'a string', type(None): 'None'}.get(hint, str(hint))
+
+
+def _naflex_args(x, patch_coord: Optional[torch.Tensor], patch_valid: Optional[torch.Tensor]):
+    """timm's ``forward(patches, patch_coord=, patch_valid=)`` call as the padded dict (torch.fx makes every argument
+    a Proxy, never None: traced, the forward is the image-tensor one)."""
+    if patch_coord is None or isinstance(x, dict) or torch.fx._symbolic_trace.is_fx_tracing():
+        return x
+    if patch_valid is None:
+        raise ValueError("patch_valid is required with patch_coord (timm's NaFlex arguments)")
+    return dict(patches=x, patch_coord=patch_coord, patch_valid=patch_valid)
 
 
 @torch.fx.wrap
@@ -143,100 +204,6 @@ def check_image_size(h: int, w: int, p: int) -> None:
     tracing records the call instead of branching on traced sizes, and the traced module still checks every input."""
     if h % p or w % p:
         raise ValueError(f'image size {h}x{w} is not a multiple of the patch size {p}')
-
-
-def _layer_norm(dim: int) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=1e-6)  # timm's LayerNorm default eps
-
-
-def _act(name: str) -> nn.Module:
-    return nn.GELU(approximate='tanh') if name == 'gelu_tanh' else nn.GELU()
-
-
-def drop_path(x: torch.Tensor, p: float, training: bool, ctx: AttnContext) -> torch.Tensor:
-    """Stochastic depth (per image, scaled by 1/keep like timm); packed tokens share their image's draw."""
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty(ctx.num_images).bernoulli_(keep).div_(keep)
-    if ctx.packed:
-        return x * mask[ctx.seg_ids][:, None]
-    return x * mask[:, None, None]
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, act_layer: str = 'gelu', bias: bool = True, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.act = _act(act_layer)
-        self.drop1 = nn.Dropout(drop)
-        self.norm = nn.Identity()
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim: int, init_values: float):
-        super().__init__()
-        self.init_values = init_values
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention over packed [T, D] or padded [B, N, D] tokens (see ``naflex.attention``)."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
-                 proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = _layer_norm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = _layer_norm(self.head_dim) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.norm = nn.Identity()
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        dropout_p = self.attn_drop.p if self.training else 0.0
-        if ctx.packed:
-            num_tokens, dim = x.shape
-            q, k, v = self.qkv(x).reshape(num_tokens, 3, self.num_heads, self.head_dim).unbind(1)  # [T, H, Dh]
-            out = attend(self.q_norm(q), self.k_norm(k), v, ctx, dropout_p).reshape(num_tokens, dim)
-        else:
-            b, n, dim = x.shape
-            qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)  # [B, H, N, Dh]
-            out = attend(self.q_norm(q), self.k_norm(k), v, ctx, dropout_p).transpose(1, 2).reshape(b, n, dim)
-        return self.proj_drop(self.proj(self.norm(out)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block with optional layer scale and per-image stochastic depth (timm's Block)."""
-
-    def __init__(self, cfg: NaFlexVitCfg, drop_path_rate: float = 0.0):
-        super().__init__()
-        dim = cfg.embed_dim
-        self.norm1 = _layer_norm(dim)
-        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.qk_norm, cfg.proj_bias,
-                              cfg.attn_drop_rate, cfg.proj_drop_rate)
-        self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
-        self.norm2 = _layer_norm(dim)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.act_layer, cfg.proj_bias, cfg.proj_drop_rate)
-        self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
-        self.drop_path_rate = drop_path_rate
-
-    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x), ctx)), self.drop_path_rate, self.training, ctx)
-        x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path_rate, self.training, ctx)
-        return x
 
 
 class AttentionPoolLatent(nn.Module):
@@ -340,8 +307,12 @@ class NaFlexVit(nn.Module):
             pos_embed_ar_preserving=cfg.pos_embed_ar_preserving, pos_embed_antialias=cfg.pos_embed_antialias,
             pos_embed_align_corners=cfg.pos_embed_align_corners, pos_drop_rate=cfg.pos_drop_rate)
         self.norm_pre = _layer_norm(cfg.embed_dim) if cfg.pre_norm else nn.Identity()
+        self.rope = build_rope(cfg)  # RoPE on q / k per token, see naflex.model.rope
+        # timm's capability flag follows its switch; resampling works here either way (docs/model.md)
+        self.supports_patch_interpolation = cfg.enable_patch_interpolator
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
-        self.blocks = nn.Sequential(*[Block(cfg, dpr[i]) for i in range(cfg.depth)])
+        self.blocks = nn.Sequential(*[EvaBlock(cfg, i, dpr[i]) if needs_eva_block(cfg) else Block(cfg, dpr[i])
+                                      for i in range(cfg.depth)])
         self.feature_info = [
             dict(module=f'blocks.{i}', num_chs=cfg.embed_dim, reduction=cfg.patch_size) for i in range(cfg.depth)]
         fc_norm = cfg.fc_norm if cfg.fc_norm is not None else cfg.global_pool == 'avg'
@@ -362,6 +333,8 @@ class NaFlexVit(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+            elif hasattr(m, 'init_weights') and m is not self:  # SwiGLU gates (timm's init_weights_vit_timm)
+                m.init_weights()
         self.embeds.reset_parameters()
         if self.cfg.fix_init:
             with torch.no_grad():
@@ -377,8 +350,9 @@ class NaFlexVit(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
+        rope = {'rope.' + n for n in self.rope.no_weight_decay()} if self.rope is not None else set()
         return {'embeds.pos_embed', 'embeds.pos_embed_y', 'embeds.pos_embed_x', 'embeds.cls_token',
-                'embeds.reg_token'}
+                'embeds.reg_token'} | rope
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
@@ -394,6 +368,14 @@ class NaFlexVit(nn.Module):
     def prewarm_patch_sizes(self, sizes) -> None:
         """Precompute FlexiViT resampling matrices for other patch sizes (before torch.compile)."""
         self.embeds.prewarm_patch_sizes(sizes)
+
+    def prewarm_patch_interpolator(self, patch_sizes) -> None:
+        """timm's name for ``prewarm_patch_sizes``, with its contract: a RuntimeError unless the model was built
+        with ``enable_patch_interpolator=True``."""
+        if not self.supports_patch_interpolation:
+            raise RuntimeError('patch interpolation is not supported by this configuration '
+                               '(enable_patch_interpolator=False); prewarm_patch_sizes() works regardless')
+        self.prewarm_patch_sizes(patch_sizes)
 
     def get_patch_size(self) -> Tuple[int, int]:
         return (self.patch_size, self.patch_size)
@@ -433,20 +415,30 @@ class NaFlexVit(nn.Module):
         return self.training and self.patch_drop_rate > 0
 
     def _embed_padded(self, patches: torch.Tensor, coord: torch.Tensor, grid: torch.Tensor,
-                      patch_size: Tuple[int, int], valid: Optional[torch.Tensor] = None):
-        """patches [B, N, p*p*C], coord / grid [B, N, 2] or [N, 2] (shared), valid [B, N] or None ->
-        ([B, prefix + K, D], valid [B, K] or None); K = N unless patch dropout runs (timm's order: after the
-        position dropout, before norm_pre)."""
+                      patch_size: Tuple[int, int], valid: Optional[torch.Tensor] = None,
+                      image_grids: Optional[torch.Tensor] = None):
+        """patches [B, N, p*p*C], coord / grid [B, N, 2] or [N, 2] (shared), valid [B, N] or None, image_grids
+        [B, 2] (dict inputs) -> ([B, prefix + K, D], valid [B, K] or None, RoPE positions [B|1, prefix + K, 2] or
+        None); K = N unless patch dropout runs (timm's order: position dropout, RoPE, patch dropout, norm_pre)."""
         b, n = patches.shape[:2]
         x = self._add_pos(self.embeds.project(patches, patch_size), coord, grid)  # [B, N, D]
         prefix = self.embeds.prefix_tokens()
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype)[None].expand(b, -1, -1), x], dim=1)
         x = self.embeds.pos_drop(x)
+        pos = None
+        if self.rope is not None:
+            image_of = None if image_grids is None else torch.arange(b, device=x.device)[:, None].expand(b, n)
+            pos = self.rope.coords(coord, grid, image_of, image_grids)
+            pos = pos if image_grids is not None else pos[None]  # [B|1, N, 2] (image tensors share [N, 2])
         if self._patch_drop_active():
             keep = padded_keep_indices(b, n, self.patch_drop_rate, x.device)
             x, valid = drop_padded(x, valid, keep, self.num_prefix_tokens)
-        return self.norm_pre(x), valid
+            if pos is not None:
+                pos = pos.expand(b, -1, -1).gather(1, keep[..., None].expand(-1, -1, 2))
+        if pos is not None:  # prefix tokens: position 0, the identity rotation
+            pos = torch.cat([pos.new_zeros(pos.shape[0], self.num_prefix_tokens, 2), pos], dim=1)
+        return self.norm_pre(x), valid, pos
 
     def _embed_packed(self, batch: Dict) -> Tuple[torch.Tensor, AttnContext, Dict]:
         """Embed a packed batch and insert each image's prefix tokens in front of its patches."""
@@ -473,12 +465,14 @@ class NaFlexVit(nn.Module):
 
         x = self.embeds.project(patches, (p, p))
         x = self._add_pos(x, coord, grid_B2[seg])
+        pos = self.rope.coords(coord, grid_B2[seg], seg, grid_B2) if self.rope is not None else None
         max_len = int(batch.get('max_seqlen') or num_tokens)
 
         keep_index = None
         if self._patch_drop_active():  # per image, sizes from shapes only (see naflex.model.patch_drop)
             keep_index, seq_lens = drop_packed(cu, seg, self.patch_drop_rate)
             x, seg = x[keep_index], seg[keep_index]
+            pos = pos[keep_index] if pos is not None else None
             cu = F.pad(torch.cumsum(seq_lens, 0), (1, 0))
             num_tokens = keep_index.shape[0]
             tok = torch.arange(num_tokens, device=device)
@@ -502,20 +496,43 @@ class NaFlexVit(nn.Module):
         max_seqlen = max_len + npre
         attn_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else x.dtype
         ctx = AttnContext.packed_from(self.attn_backend, seg_all, cu2, max_seqlen, num_images, device, attn_dtype)
+        if pos is not None:  # prefix tokens: position 0, the identity rotation
+            self._attach_rope(ctx, pos.new_zeros(total, 2).index_copy(0, patch_pos, pos))
         meta = dict(patch_pos=patch_pos, seg=seg, seq_lens=seq_lens, cu_seqlens=cu2, seg_all=seg_all,
                     num_images=num_images)
         if keep_index is not None:
             meta['keep_index'] = keep_index  # input patch of each kept token
         return x, ctx, meta
 
-    def _run_block(self, blk: Block, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+    def _attach_rope(self, ctx: AttnContext, pos: Optional[torch.Tensor]) -> AttnContext:
+        """Keep the tokens' RoPE positions (packed [T, 2], padded [B|1, N, 2]) in ``ctx``, with the (sin, cos)
+        every block shares (all RoPE types but 'mixed', whose frequencies differ per block)."""
+        ctx.rope_pos = pos
+        if pos is not None and not self.rope.per_block:
+            ctx.rope = self._rope_sincos(ctx, 0)
+        return ctx
+
+    def _rope_sincos(self, ctx: AttnContext, block: int):
+        """(sin, cos) shaped for q / k: packed [T, 1|H, Dh], padded [B|1, 1|H, N, Dh]."""
+        sin, cos = self.rope.embed(ctx.rope_pos, block)
+        if ctx.packed:
+            return (sin, cos) if self.rope.per_block else (sin[:, None], cos[:, None])
+        if self.rope.per_block:  # [B, N, H, Dh] -> [B, H, N, Dh]
+            return sin.transpose(1, 2), cos.transpose(1, 2)
+        return sin[:, None], cos[:, None]
+
+    def _run_block(self, i: int, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        blk = self.blocks[i]
+        args = (x, ctx)
+        if ctx.rope_pos is not None:
+            args += (self._rope_sincos(ctx, i) if self.rope.per_block else ctx.rope,)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, ctx, use_reentrant=False)
-        return blk(x, ctx)
+            return checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
 
     def _run_blocks(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-        for blk in self.blocks:
-            x = self._run_block(blk, x, ctx)
+        for i in range(len(self.blocks)):
+            x = self._run_block(i, x, ctx)
         return x
 
     # -------------------------------------------------------------------------------------------- forward
@@ -524,15 +541,18 @@ class NaFlexVit(nn.Module):
         """[B, 2] (h, w) per image from the valid tokens' coordinates."""
         return torch.where(valid[..., None], coord, torch.zeros_like(coord)).amax(dim=1) + 1
 
-    def _image_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+    def _image_tokens(self, x: torch.Tensor) -> Tuple[torch.Tensor, AttnContext]:
         p = self.patch_size
+        if self.cfg.dynamic_img_pad:  # timm's: zeros below and right up to a multiple of the patch size
+            x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
+        b, c, h, w = x.shape
         check_image_size(h, w, p)
         nh, nw = h // p, w // p
         patches = x.reshape(b, c, nh, p, nw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, nh * nw, p * p * c)
         coord = grid_coords(nh, nw, x.device)
         grid = coord.new_tensor([nh, nw]).expand(nh * nw, 2)
-        return self._embed_padded(patches, coord, grid, (p, p))[0]
+        tokens, _, pos = self._embed_padded(patches, coord, grid, (p, p))
+        return tokens, self._attach_rope(AttnContext.padded_from(b), pos)
 
     def _padded_inputs(self, batch: Dict):
         patches = batch['patches']
@@ -547,12 +567,15 @@ class NaFlexVit(nn.Module):
         grid = self._padded_grid(coord, valid)  # [B, 2]
         b, n = valid.shape
         grid_tok = grid[:, None, :].expand(b, n, 2)
-        x, valid = self._embed_padded(patches, coord, grid_tok, ps, valid)
-        return x, valid, AttnContext.padded_from(b, self._with_prefix_valid(some_key(valid)))
+        x, valid, pos = self._embed_padded(patches, coord, grid_tok, ps, valid, grid)
+        return x, valid, self._attach_rope(AttnContext.padded_from(b, self._with_prefix_valid(some_key(valid))), pos)
 
-    def forward_features(self, x: Union[torch.Tensor, Dict]) -> Union[torch.Tensor, Dict]:
-        """Image tensor -> [B, prefix + N, D]. Padded dict -> {'patches', 'patch_valid'} (timm's format).
-        Packed dict -> {'tokens': [T + B*prefix, D], plus packing metadata for ``forward_head``}."""
+    def forward_features(self, x: Union[torch.Tensor, Dict], patch_coord: Optional[torch.Tensor] = None,
+                         patch_valid: Optional[torch.Tensor] = None) -> Union[torch.Tensor, Dict]:
+        """Image tensor -> [B, prefix + N, D]. Padded dict (or timm's ``patch_coord`` / ``patch_valid`` arguments)
+        -> {'patches', 'patch_valid'} (timm's format). Packed dict -> {'tokens': [T + B*prefix, D], plus packing
+        metadata for ``forward_head``}."""
+        x = _naflex_args(x, patch_coord, patch_valid)
         if isinstance(x, dict):
             if is_packed(x):
                 tokens, ctx, meta = self._embed_packed(x)
@@ -560,8 +583,8 @@ class NaFlexVit(nn.Module):
                 return dict(tokens=tokens, **meta)
             tokens, valid, ctx = self._padded_inputs(x)
             return {'patches': self.norm(self._run_blocks(tokens, ctx)), 'patch_valid': valid}
-        tokens = self._image_tokens(x)
-        return self.norm(self._run_blocks(tokens, AttnContext.padded_from(x.shape[0])))
+        tokens, ctx = self._image_tokens(x)
+        return self.norm(self._run_blocks(tokens, ctx))
 
     def _with_prefix_valid(self, valid: torch.Tensor) -> torch.Tensor:
         """[B, N] patch validity -> [B, prefix + N] (prefix tokens are always valid)."""
@@ -619,8 +642,11 @@ class NaFlexVit(nn.Module):
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Union[torch.Tensor, Dict]) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: Union[torch.Tensor, Dict], patch_coord: Optional[torch.Tensor] = None,
+                patch_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Any input of the module docstring; as in timm, pre-patchified ``x`` [B, N, P*P*C] (or [B, N, Ph, Pw, C])
+        may come with ``patch_coord`` and ``patch_valid`` as arguments instead of a dict."""
+        return self.forward_head(self.forward_features(_naflex_args(x, patch_coord, patch_valid)))
 
     # -------------------------------------------------------------------------------------- intermediates
     def forward_intermediates(
@@ -674,13 +700,14 @@ class NaFlexVit(nn.Module):
             if self._patch_drop_active() and output_fmt == 'NCHW':
                 raise ValueError('output_fmt="NCHW" needs every patch token: patch dropout is active (train mode), '
                                  'use "NLC" or eval()')
-            grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-            tokens = self._image_tokens(x)
-            ctx = AttnContext.padded_from(x.shape[0])
+            p = self.patch_size
+            grid = (-(-x.shape[-2] // p), -(-x.shape[-1] // p)) if self.cfg.dynamic_img_pad else (
+                x.shape[-2] // p, x.shape[-1] // p)
+            tokens, ctx = self._image_tokens(x)
 
         intermediates = []
-        for i, blk in enumerate(self.blocks[:max_index + 1] if stop_early else self.blocks):
-            tokens = self._run_block(blk, tokens, ctx)
+        for i in range(max_index + 1 if stop_early else len(self.blocks)):
+            tokens = self._run_block(i, tokens, ctx)
             if i in take:
                 intermediates.append(self.norm(tokens) if norm else tokens)
 
