@@ -164,7 +164,8 @@ def test_pool_include_prefix_matches_timm():
 @pytest.mark.parametrize('overrides', [
     dict(qk_norm=True), dict(pre_norm=True), dict(pos_embed_antialias=False),
     dict(pos_embed_interp_mode='bilinear'), dict(pos_embed='none'), dict(pos_embed_grid_size=(12, 20)),
-    dict(act_layer='gelu_tanh', mlp_ratio=3.0, qkv_bias=False), dict(init_values=0.0, reg_tokens=0)])  # None would be dropped by timm.create_model
+    dict(act_layer='gelu_tanh', mlp_ratio=3.0, qkv_bias=False),
+    dict(init_values=0.0, reg_tokens=0)])  # init_values=None would be dropped by timm.create_model
 @torch.no_grad()
 def test_config_overrides_match_timm(overrides):
     ours, ref = pair('naflexvit_tiny_test_par', **overrides)

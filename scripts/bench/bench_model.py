@@ -154,7 +154,8 @@ def host_batches(L: int, num_images: int, model, num_classes: int, seed: int, wi
            "figures": (num_images, sum(h * w for h, w in grids), flops_per_step(model, grids, model.num_prefix_tokens))}
     if with_plain:
         h, w = square_grid(L)
-        out["image"] = {"patches": torch.randint(0, 256, (num_images, h * P, w * P, 3), dtype=torch.uint8, generator=gen)}
+        shape = (num_images, h * P, w * P, 3)
+        out["image"] = {"patches": torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)}
         out["plain_figures"] = (num_images, num_images * L, flops_per_step(model, [(h, w)] * num_images,
                                                                              model.num_prefix_tokens))
     return out
