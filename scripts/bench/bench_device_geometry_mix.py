@@ -20,10 +20,8 @@ batch of PIL images, RandomErasing on uint8 tensors): what the loader workers sp
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
-import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -40,7 +38,7 @@ from augment.device_ops import PackedLayout  # noqa: E402
 from augment.erasing import RandomErasing  # noqa: E402
 from augment.mixup import MixupConfig, mix_variable_size, smooth_one_hot  # noqa: E402
 from augment.randaugment import OPS as RA_OPS, OpContext  # noqa: E402
-from bench_device_ops import make_images, time_call  # noqa: E402
+from bench_device_ops import device_name, make_images, time_table  # noqa: E402
 from loaders.packing import pack  # noqa: E402
 
 OPS = ('affine_bilinear', 'affine_random', 'mixup', 'cutmix', 'mix_targets', 'erase_pixel', 'erase_rand',
@@ -148,26 +146,10 @@ def main(argv=None) -> List[Dict]:
     batch = pack(imgs, args.patch_size)
     d = draws(imgs, args.patch_size)
     T, D_ = batch['patches'].shape
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
     print(f"{args.images} images, {T} tokens of {args.patch_size}x{args.patch_size} ({T * D_ / 1e6:.1f}M uint8 values) "
-          f"on {name}; torch {torch.__version__}; median and best of {args.repeats} calls")
-    calls = device_calls(batch, imgs, d, device)
+          f"on {device_name(device)}; torch {torch.__version__}; median and best of {args.repeats} calls")
     pil = pil_calls(imgs, d, args.patch_size) if args.pil else {}
-    rows = []
-    for op in args.ops:
-        times = time_call(calls[op], device, args.repeats)
-        row = {'op': op, 'ms': statistics.median(times), 'best_ms': min(times), 'device': name, 'tokens': T,
-               'images': args.images}
-        line = f"{op:16s} {row['ms']:10.2f} ms/batch (median) {row['best_ms']:10.2f} (best)"
-        if op in pil:
-            row['pil_best_ms'] = min(time_call(pil[op], torch.device('cpu'), args.repeats))
-            line += f"   CPU path, one thread: {row['pil_best_ms']:9.2f} (best)"
-        rows.append(row)
-        print(line, flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    return rows
-
+    return time_table(device_calls(batch, imgs, d, device), pil, args, device, T)
 
 if __name__ == '__main__':
     main()

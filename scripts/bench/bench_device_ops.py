@@ -170,6 +170,32 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int) -> L
     return times
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
+
+
+def time_table(calls: Dict[str, Callable[[], object]], pil: Dict[str, Callable[[], object]], args, device: torch.device,
+               tokens: int, pil_label: str = 'CPU path, one thread:') -> List[Dict]:
+    """Times ``calls[op]`` for each of ``args.ops`` (and ``pil[op]`` where there is one): one printed line and one
+    row each; the rows also go to ``args.json`` when it is set."""
+    name = device_name(device)
+    width = max(map(len, args.ops)) + 2
+    rows = []
+    for op in args.ops:
+        times = time_call(calls[op], device, args.repeats)
+        row = {'op': op, 'ms': statistics.median(times), 'best_ms': min(times), 'device': name, 'tokens': tokens,
+               'images': args.images}
+        line = f"{op:{width}s} {row['ms']:10.2f} ms/batch (median) {row['best_ms']:10.2f} (best)"
+        if op in pil:
+            row['pil_best_ms'] = min(time_call(pil[op], torch.device('cpu'), args.repeats))
+            line += f"   {pil_label} {row['pil_best_ms']:9.2f} (best)"
+        rows.append(row)
+        print(line, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def main(argv=None) -> List[Dict]:
     args = parse_args(argv)
     if args.threads:
@@ -179,26 +205,11 @@ def main(argv=None) -> List[Dict]:
     batch = pack(imgs, args.patch_size)
     params = draw_params(args.images)
     T, D_ = batch['patches'].shape
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'
     print(f"{args.images} images, {T} tokens of {args.patch_size}x{args.patch_size} ({T * D_ / 1e6:.1f}M uint8 values) "
-          f"on {name}; torch {torch.__version__}; median and best of {args.repeats} calls")
-    calls = op_calls(batch, params, device)
+          f"on {device_name(device)}; torch {torch.__version__}; median and best of {args.repeats} calls")
     pil = pil_calls(imgs, params) if args.pil else {}
-    rows = []
-    for op in args.ops:
-        times = time_call(calls[op], device, args.repeats)
-        row = {'op': op, 'ms': statistics.median(times), 'best_ms': min(times), 'device': name, 'tokens': T,
-               'images': args.images}
-        line = f"{op:18s} {row['ms']:10.2f} ms/batch (median) {row['best_ms']:10.2f} (best)"
-        if op in pil:
-            row['pil_best_ms'] = min(time_call(pil[op], torch.device('cpu'), args.repeats))
-            line += f"   PIL, one thread, {sum(params['apply'])} images: {row['pil_best_ms']:9.2f} (best)"
-        rows.append(row)
-        print(line, flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    return rows
-
+    return time_table(op_calls(batch, params, device), pil, args, device, T,
+                      pil_label=f"PIL, one thread, {sum(params['apply'])} images:")
 
 if __name__ == '__main__':
     main()
