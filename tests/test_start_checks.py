@@ -325,10 +325,10 @@ def test_only_unreadable_files_are_bad_images(demo_dataset, monkeypatch):
 
     import augment.policy
 
-    def broken(self, img, rng):
+    def broken(self, img, draws):
         raise ZeroDivisionError('a bug in an augmentation')
 
-    monkeypatch.setattr(augment.policy.ImageAugment, '__call__', broken)
+    monkeypatch.setattr(augment.policy.ImageAugment, 'apply', broken)
     with pytest.raises(ZeroDivisionError):
         StepDataset(ds, schedule, AugConfig(), None, packing=True, seed=0)[(0, 0)]
 
