@@ -205,3 +205,16 @@ def test_features_only_is_timms_feature_getter(kwargs):
 def test_other_feature_classes_are_refused():
     with pytest.raises(ValueError, match="feature_cls='hook' is not available for NaFlexViT; valid: getter"):
         naflex.create_model('naflexvit_tiny_test', features_only=True, feature_cls='hook')
+
+
+def test_img_size_is_timms_keyword():
+    """timm's constructor takes ``img_size`` (classic-ViT call sites pass it): with a position-table grid set, as
+    every registered variant has, it changes nothing, in both libraries, and is recorded as timm records it. A grid
+    of None (kept here, where timm drops a None keyword) takes ``img_size // patch_size``; neither is an error."""
+    ours, theirs = both(img_size=(64, 96), **SMALL)
+    assert ours.embeds.pos_embed.shape == theirs.embeds.pos_embed.shape
+    assert timm.models.get_model_args(ours) == timm.models.get_model_args(theirs)
+    sized = naflex.create_model(ARCH, embed_dim=64, depth=1, num_heads=2, img_size=(64, 96), pos_embed_grid_size=None)
+    assert sized.embeds.pos_embed.shape[1:3] == (4, 6)
+    with pytest.raises(ValueError, match='needs img_size'):
+        naflex.create_model(ARCH, embed_dim=64, depth=1, num_heads=2, pos_embed_grid_size=None)

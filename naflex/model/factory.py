@@ -30,7 +30,7 @@ _CFG_FIELDS = tuple(f.name for f in dataclasses.fields(NaFlexVitCfg))
 # how the model runs, not what it is: left out of the recorded model args (timm leaves out device and dtype), so a
 # save_for_hf folder stays readable by timm
 _RUNTIME_KWARGS = ('attn_backend',)
-_MODEL_KWARGS = ('num_classes', 'in_chans', 'features_only', 'out_indices', 'feature_cls', 'feature_norm')
+_MODEL_KWARGS = ('num_classes', 'in_chans', 'img_size', 'features_only', 'out_indices', 'feature_cls', 'feature_norm')
 PathLike = Union[str, os.PathLike]
 
 
@@ -174,7 +174,8 @@ def create_model(
         pretrained_cfg_overlay: entries replacing those of the pretrained_cfg, e.g. ``dict(file=PATH)``.
         checkpoint_path: a file loaded after creation, as timm's ``load_checkpoint`` (EMA copy first, strict).
         device / dtype: where the parameters are created / the dtype they are cast to.
-        **kwargs: any ``NaFlexVitCfg`` field and num_classes, in_chans (default: the pretrained_cfg's),
+        **kwargs: any ``NaFlexVitCfg`` field and num_classes, in_chans (default: the pretrained_cfg's), img_size
+            (timm's: sizes the position table only when pos_embed_grid_size is None),
             features_only (with out_indices, feature_norm and feature_cls: 'getter', ``NaFlexFeatures``, timm's
             FeatureGetterNet; or 'fx', timm's FeatureGraphNet over the traced model). Another key is a TypeError.
     """

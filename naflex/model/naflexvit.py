@@ -262,9 +262,12 @@ class NaFlexVit(nn.Module):
     """NaFlexViT classifier / backbone; see module docstring for inputs."""
 
     def __init__(self, cfg: Optional[NaFlexVitCfg] = None, in_chans: int = 3, num_classes: int = 1000,
+                 img_size: Union[int, Tuple[int, int], None] = None,
                  device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None, **kwargs):
         """timm's constructor: ``kwargs`` are ``NaFlexVitCfg`` fields laid over ``cfg`` (another key is a
-        TypeError, as in timm); the parameters are created on ``device`` and cast to ``dtype``."""
+        TypeError, as in timm); the parameters are created on ``device`` and cast to ``dtype``. ``img_size``
+        (timm's, for classic-ViT call sites) only sizes the position-embedding table when ``pos_embed_grid_size``
+        is None: ``img_size // patch_size``, as timm; with a grid size set it has no effect, as in timm."""
         super().__init__()
         cfg = cfg or NaFlexVitCfg()
         unknown = sorted(set(kwargs) - set(_FIELD_TYPES))
@@ -272,6 +275,11 @@ class NaFlexVit(nn.Module):
             raise TypeError(f'{type(self).__name__}.__init__() got unexpected keyword argument(s): {unknown}; '
                             f'valid config fields: {", ".join(_FIELD_TYPES)}')
         cfg = replace(cfg, **kwargs)
+        if cfg.pos_embed_grid_size is None:
+            if img_size is None:
+                raise ValueError('pos_embed_grid_size=None needs img_size (the table is img_size // patch_size)')
+            h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+            cfg = replace(cfg, pos_embed_grid_size=(h // cfg.patch_size, w // cfg.patch_size))
         cfg.validate()
         cfg = replace(cfg, pos_embed_grid_size=tuple(cfg.pos_embed_grid_size))  # a list from JSON / YAML
         with torch.device(device) if device is not None else contextlib.nullcontext():
