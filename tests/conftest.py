@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from repo_scripts import load_script
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -74,10 +76,7 @@ def hf_offline(monkeypatch, tmp_path):
 def demo_shards(demo_dataset, tmp_path_factory) -> Path:
     """``demo_dataset`` as shards of 5 samples + _info.json (scripts/make_shards.py), folder order kept: sample i
     of a split is image i of its folder, so a run on the shards is the same run as on the folder."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("make_shards", REPO_ROOT / "scripts" / "make_shards.py")
-    make_shards = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_shards)
+    make_shards = load_script("scripts/make_shards.py")
     out = tmp_path_factory.mktemp("demo_wds")
     make_shards.make_shards(demo_dataset, out, name="demo", samples_per_shard=5, shuffle=False)
     return out

@@ -11,9 +11,7 @@ erased token is the rectangles' union exactly, and the fill's distribution match
 On fake CUDA tensors (tests/fake_cuda.py) the ops run with no host sync, no host tensor and the same sequence of
 tensor ops for 3 images as for 9; on a GPU (``-m cuda``) they give the CPU's pixels without syncing.
 """
-import importlib.util
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,10 +25,10 @@ from augment.erasing import RandomErasing
 from augment.mixup import MixupConfig, mix_variable_size, smooth_one_hot
 from fake_cuda import StepAudit, fake_cuda
 from loaders.packing import pack
+from repo_scripts import load_script
 from test_device_ops import caltech_batch, generated_image, unpack
 
 NUM_CLASSES = 10
-REPO = Path(__file__).resolve().parents[1]
 KINDS = ['photo', 'vivid', 'flat', 'dim', 'two', 'photo', 'vivid']
 
 
@@ -319,10 +317,7 @@ def test_op_on_cuda_equals_cpu_without_syncing(name):
 # ------------------------------------------------------------------------------------------------- benchmark
 def test_benchmark_script_runs_every_op(capsys):
     """scripts/bench/bench_device_geometry_mix.py (geometric ops, mixing, erasing) on a tiny batch, PIL rows too."""
-    path = REPO / 'scripts' / 'bench' / 'bench_device_geometry_mix.py'
-    spec = importlib.util.spec_from_file_location('bench_device_geometry_mix', path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script('scripts/bench/bench_device_geometry_mix.py')
     rows = bench.main(['--images', '4', '--tokens', '4', '--patch-size', '4', '--repeats', '1', '--device', 'cpu',
                        '--pil'])
     out = capsys.readouterr().out

@@ -10,9 +10,7 @@ unchanged, and at least one applied image must change (an op that does nothing f
 no host-to-device copy, and the same sequence of tensor ops for a batch of 3 images as for one of 9. On a GPU
 (``-m cuda``), each op gives the CPU's pixels without synchronising. The benchmark script runs on a tiny batch.
 """
-import importlib.util
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,9 +25,9 @@ from augment.randaugment import OPS, OpContext
 from fake_cuda import StepAudit, fake_cuda
 from loaders import prefetch
 from loaders.packing import pack
+from repo_scripts import load_script
 
 CTX = OpContext((128, 128, 128), InterpolationMode.BILINEAR)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _enhance_factor(rng):  # RandAugment's range (0.1..1.9), jitter's (0..2), and the blend's special values
@@ -294,10 +292,7 @@ def test_op_on_cuda_equals_cpu_without_syncing(name):
 
 # ------------------------------------------------------------------------------------------------- benchmark
 def test_benchmark_script_runs_every_op(capsys):
-    path = REPO / 'scripts' / 'bench' / 'bench_device_ops.py'
-    spec = importlib.util.spec_from_file_location('bench_device_ops', path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script('scripts/bench/bench_device_ops.py')
     rows = bench.main(['--images', '3', '--tokens', '4', '--patch-size', '4', '--repeats', '1', '--device', 'cpu'])
     out = capsys.readouterr().out
     assert {r['op'] for r in rows} == set(bench.OPS) and all(r['ms'] > 0 for r in rows)

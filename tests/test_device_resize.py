@@ -10,11 +10,8 @@ CPU path's own decode (loaders.decode.decode_resized) when ``shared_data`` is pr
 (tests/fake_cuda.py) the resize runs with no host sync, no host tensor, no host-to-device copy, and the same
 sequence of tensor ops for 3 images as for 9. On a GPU (``-m cuda``) it gives the CPU's pixels without syncing.
 """
-import importlib.util
 import random
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -24,9 +21,9 @@ from augment.geometry import sample_rrc
 from fake_cuda import StepAudit, fake_cuda
 from loaders.decode import decode_resized, open_image, pil_to_hwc
 from loaders.packing import pack
+from repo_scripts import load_script
 from test_device_ops import generated_image
 
-REPO = Path(__file__).resolve().parents[1]
 FILTERS = {'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC}
 KINDS = ['photo', 'vivid', 'flat', 'dim', 'two', 'photo']
 
@@ -270,10 +267,7 @@ def test_resize_on_cuda_equals_cpu_without_syncing():
 
 # ------------------------------------------------------------------------------------------------- benchmark
 def test_benchmark_script_runs(capsys):
-    path = REPO / 'scripts' / 'bench' / 'bench_device_resize.py'
-    spec = importlib.util.spec_from_file_location('bench_device_resize', path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script('scripts/bench/bench_device_resize.py')
     row = bench.main(['--images', '3', '--tokens', '4', '--patch-size', '4', '--repeats', '1', '--device', 'cpu',
                       '--pil'])
     assert row['ms'] > 0 and row['pil_ms'] > 0 and row['exact']

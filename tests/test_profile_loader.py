@@ -1,9 +1,7 @@
 """Stage hooks in the real train pipeline (augment.stages) and scripts/bench/profile_loader.py, which times through
 them: a timed step is bit-identical to an untimed one, every stage reports, and the profiler runs the loader's own
 StepDataset. NaViT arXiv:2307.06304 / SigLIP 2 arXiv:2502.14786 NaFlex data pipeline."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,17 +11,14 @@ from augment.mixup import MixupConfig
 from augment.policy import AugConfig
 from augment.stages import StageTimer, stage
 from loaders.train_loader import StepDataset
+from repo_scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "profile_loader.py"
 SAMPLE_STAGES = ['read + header', 'RRC params', 'decode', 'crop + resize', 'flip', 'RandAugment', 'jitter/grayscale']
 STEP_STAGES = ['MixUp/CutMix', 'to uint8 tensor', 'random erasing', 'pack']
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("profile_loader", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("scripts/bench/profile_loader.py")
 
 
 def _loader(root, aug):

@@ -1,7 +1,6 @@
 """scripts/bench/timm_train.py, timm's NaFlex training loop from timm's pip package: bench_e2e.sh's regex parses
 one Train: line per update, every image is trained on once per epoch, the logged LR is timm's scheduler's, the
 loss is scaled by timm's rule and stays finite."""
-import importlib.util
 import logging
 import math
 import re
@@ -12,10 +11,10 @@ import pytest
 import torch
 from timm.scheduler import create_scheduler_v2
 
+from repo_scripts import load_script
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("timm_train", REPO_ROOT / "scripts" / "bench" / "timm_train.py")
-timm_train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(timm_train)
+timm_train = load_script("scripts/bench/timm_train.py")
 
 # the pattern bench_e2e.sh parses timm's log with, read from the script so that the two cannot drift apart
 _E2E = (REPO_ROOT / "scripts" / "bench" / "bench_e2e.sh").read_text()
