@@ -19,7 +19,6 @@ batch of PIL images, RandomErasing on uint8 tensors): what the loader workers sp
 """
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import sys
@@ -38,7 +37,7 @@ from augment.device_ops import PackedLayout  # noqa: E402
 from augment.erasing import RandomErasing  # noqa: E402
 from augment.mixup import MixupConfig, mix_variable_size, smooth_one_hot  # noqa: E402
 from augment.randaugment import OPS as RA_OPS, OpContext  # noqa: E402
-from bench_device_ops import device_name, make_images, time_table  # noqa: E402
+from bench_device_ops import batch_parser, device_name, make_images, time_table  # noqa: E402
 from loaders.packing import pack  # noqa: E402
 
 OPS = ('affine_bilinear', 'affine_random', 'mixup', 'cutmix', 'mix_targets', 'erase_pixel', 'erase_rand',
@@ -48,17 +47,9 @@ FILL = (128, 128, 128)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Milliseconds per batch of the device-side geometric, mixing and "
-                                            "erasing ops.")
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--images', type=int, default=64, help='images per batch')
-    p.add_argument('--tokens', type=int, default=576, help='patches per image (about: grids keep their aspect)')
-    p.add_argument('--patch-size', type=int, default=16)
-    p.add_argument('--repeats', type=int, default=3, help='timed calls per op (the median is reported)')
-    p.add_argument('--threads', type=int, default=None, help="torch CPU threads (default: torch's)")
+    p = batch_parser("Milliseconds per batch of the device-side geometric, mixing and erasing ops.", repeats=3)
     p.add_argument('--ops', nargs='+', default=list(OPS), choices=OPS)
     p.add_argument('--pil', action='store_true', help='also time the CPU path on the same work')
-    p.add_argument('--json', default=None, help='write the rows here')
     return p.parse_args(argv)
 
 

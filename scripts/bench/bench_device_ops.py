@@ -50,17 +50,24 @@ JITTER, JITTER_HUE = (0.4, 0.4, 0.4, 0.0), (0.4, 0.4, 0.4, 0.1)  # --color-jitte
 ASPECTS = (1.0, 0.75, 4 / 3, 9 / 16, 16 / 9)  # w / h of the images' patch grids, in turn
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Milliseconds per batch of each device-side photometric op.")
+def batch_parser(description: str, repeats: int,
+                 tokens_help: str = 'patches per image (about: grids keep their aspect)') -> argparse.ArgumentParser:
+    """The arguments every device-op bench takes: where, how big a batch, how many timed calls, the JSON file."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--images', type=int, default=64, help='images per batch')
-    p.add_argument('--tokens', type=int, default=576, help='patches per image (about: grids keep their aspect)')
+    p.add_argument('--tokens', type=int, default=576, help=tokens_help)
     p.add_argument('--patch-size', type=int, default=16)
-    p.add_argument('--repeats', type=int, default=5, help='timed calls per op (the median is reported)')
+    p.add_argument('--repeats', type=int, default=repeats, help='timed calls (the median is reported)')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
+    p.add_argument('--json', default=None, help='write the results here')
+    return p
+
+
+def parse_args(argv=None):
+    p = batch_parser("Milliseconds per batch of each device-side photometric op.", repeats=5)
     p.add_argument('--ops', nargs='+', default=list(OPS), choices=OPS)
     p.add_argument('--pil', action='store_true', help='also time the CPU path (PIL, per image) on the same images')
-    p.add_argument('--json', default=None, help='write the rows here')
     return p.parse_args(argv)
 
 

@@ -18,7 +18,6 @@ crops today. The run also checks the batch against Pillow bit for bit (``exact``
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark's timer
 
 from augment import device_resize as R  # noqa: E402
-from bench_device_ops import time_call  # noqa: E402
+from bench_device_ops import batch_parser, time_call  # noqa: E402
 from augment.geometry import sample_rrc  # noqa: E402
 from loaders.packing import pack  # noqa: E402
 
@@ -43,16 +42,10 @@ FILTERS = {'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BI
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Milliseconds per batch of the device-side crop + resize.")
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--images', type=int, default=64, help='images per batch')
-    p.add_argument('--tokens', type=int, default=576, help='the step\'s sequence length (each crop fits it)')
-    p.add_argument('--patch-size', type=int, default=16)
+    p = batch_parser("Milliseconds per batch of the device-side crop + resize.", repeats=3,
+                     tokens_help='the step\'s sequence length (each crop fits it)')
     p.add_argument('--max-downscale', type=float, default=2.0, help='sets the tap count (taps_for)')
-    p.add_argument('--repeats', type=int, default=3)
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
     p.add_argument('--pil', action='store_true', help='also time Pillow per image on the same crops')
-    p.add_argument('--json', default=None, help='write the row here')
     return p.parse_args(argv)
 
 
